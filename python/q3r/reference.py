@@ -1,0 +1,206 @@
+"""Pure-PyTorch reference math of Q3R: the specification, the CPU fallback, the test oracle.
+
+Everything here follows ../shared/SPEC.md sections 2 and 3. Shapes use a leading batch
+dimension "..." wherever it costs nothing, so the same functions serve one target or a stack
+of same-shaped targets. All arithmetic runs in float32 (or float64 when the input is float64)
+whatever the dtype of the weights, because the reweighting operator is a difference of
+nearly equal terms for triplets close to eps.
+
+The operator is represented by the leading singular triplets of the anchor W' and eps:
+
+    U (..., d1, k), V (..., d2, k), sigma (..., k), eps (...,)
+
+with any k >= r_env: triplets whose sigma <= eps get d_i = 0 and so contribute nothing
+(SPEC fact 4). Zero-width factors (k = 0) give R = I.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "compute_dtype",
+    "envelope_rank",
+    "reweighting_coefficients",
+    "project",
+    "apply_reweighting",
+    "penalty_value",
+    "anchor_factors",
+    "resolve_rank",
+    "canonical_schedule",
+    "next_eps",
+    "SCHEDULE_ALIASES",
+    "RANK_RULES",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is promoted to float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as_eps(eps, like: Tensor) -> Tensor:
+    eps = torch.as_tensor(eps, dtype=like.dtype, device=like.device)
+    return eps.unsqueeze(-1)  # broadcast against the triplet dimension
+
+
+def envelope_rank(sigma: Tensor, eps) -> Tensor:
+    """r_env = #{i : sigma_i > eps} (strict), counted along the last dimension."""
+    return (sigma > _as_eps(eps, sigma)).sum(dim=-1)
+
+
+def reweighting_coefficients(sigma: Tensor, eps) -> Tensor:
+    """d_i = eps / sigma_i - 1 for sigma_i > eps, else 0.  Shape (..., k).
+
+    d lies in (-1, 0): the operator shrinks the directions of the large singular values.
+    eps = +inf gives d = 0 (R = I), the state of the `min` schedule before its first refresh.
+    """
+    eps_b = _as_eps(eps, sigma)
+    active = sigma > eps_b
+    safe_sigma = torch.where(active, sigma, torch.ones_like(sigma))
+    return torch.where(active, eps_b / safe_sigma - 1.0, torch.zeros_like(sigma))
+
+
+def project(X: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+    """A = U^T X  (..., k, d2) and B = X V  (..., d1, k): the only reads of X that R needs."""
+    X = X.to(compute_dtype(X.dtype))
+    return U.transpose(-1, -2) @ X, X @ V
+
+
+def apply_reweighting(X: Tensor, U: Tensor, V: Tensor, d: Tensor) -> Tensor:
+    """R(X) = (I + U diag(d) U^T) X (I + V diag(d) V^T), in O(d1 d2 k).
+
+    R(X) = X + (U diag d)(A + C diag(d) V^T) + B diag(d) V^T  with A = U^T X, B = X V, C = A V.
+    Returns the compute dtype (float32 or float64); the caller casts.
+    """
+    X = X.to(compute_dtype(X.dtype))
+    A, B = project(X, U, V)
+    C = A @ V
+    Vt = V.transpose(-1, -2)
+    dd = d.unsqueeze(-2)  # (..., 1, k): scales columns
+    inner = A + (C * dd) @ Vt
+    return X + (U * dd) @ inner + (B * dd) @ Vt
+
+
+def penalty_value(X: Tensor, U: Tensor, V: Tensor, d: Tensor) -> Tensor:
+    """<X, R(X)> = ||X||^2 + sum_ij d_i C_ij^2 d_j + sum_j d_j ||B_j||^2 + sum_i d_i ||A_i||^2.
+
+    Differentiable in X (the factors are constants between refreshes), with gradient 2 R(X).
+    Shape (...,).
+    """
+    X = X.to(compute_dtype(X.dtype))
+    A, B = project(X, U, V)
+    C = A @ V
+    dd = d.unsqueeze(-1) * d.unsqueeze(-2)
+    return (
+        X.square().sum(dim=(-1, -2))
+        + (dd * C.square()).sum(dim=(-1, -2))
+        + (B.square().sum(dim=-2) * d).sum(dim=-1)
+        + (A.square().sum(dim=-1) * d).sum(dim=-1)
+    )
+
+
+def anchor_factors(W: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Exact SVD of the anchor W' (..., d1, d2) in the compute dtype.
+
+    Returns U (..., d1, k), sigma (..., k), V (..., d2, k) for the k leading triplets
+    (all min(d1, d2) when k is None) and the full spectrum (..., min(d1, d2)).
+    """
+    W = W.to(compute_dtype(W.dtype))
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    k = S.shape[-1] if k is None else k
+    return U[..., :k], S[..., :k], Vh[..., :k, :].transpose(-1, -2), S
+
+
+RANK_RULES = ("params", "reference")
+
+
+def resolve_rank(target_rank, d1: int, d2: int, rule: str = "params", name: str = "target") -> int:
+    """The integer target rank of a d1 x d2 target (SPEC section 3).
+
+    rule "params": an int r is r; a float f in (0, 1) is floor(f d1 d2 / (d1 + d2)), the rank
+    at which the factors d1 x r + r x d2 keep a fraction f of the parameters.
+    rule "reference" (the published code): float f -> int(f max(d1, d2)),
+    int r -> int(r max(d1, d2) / min(d1, d2)).
+    The result must satisfy 1 <= r < min(d1, d2).
+    """
+    if rule not in RANK_RULES:
+        raise ValueError(f"rank_rule must be one of {RANK_RULES}, got {rule!r}")
+    if isinstance(target_rank, bool) or not isinstance(target_rank, (int, float)):
+        raise TypeError(f"target_rank of {name} must be an int or a float, got {target_rank!r}")
+    lo, hi = min(d1, d2), max(d1, d2)
+    if isinstance(target_rank, float):
+        if not (0.0 < target_rank < 1.0):
+            raise ValueError(f"target_rank of {name} as a fraction must lie in (0, 1), got {target_rank!r}")
+        rank = int(target_rank * hi) if rule == "reference" else math.floor(target_rank * d1 * d2 / (d1 + d2))
+    else:
+        if target_rank < 1:
+            raise ValueError(f"target_rank of {name} must be >= 1, got {target_rank!r}")
+        rank = int(target_rank * hi / lo) if rule == "reference" else target_rank
+    if not (1 <= rank < lo):
+        raise ValueError(
+            f"target_rank of {name} resolves to rank {rank} for a {d1}x{d2} matrix; "
+            f"it must satisfy 1 <= rank < {lo} (got target_rank={target_rank!r}, rank_rule={rule!r})"
+        )
+    return rank
+
+
+SCHEDULE_ALIASES = {
+    "min": "min",
+    "default": "min",
+    "DEFAULT": "min",
+    "geometric": "geometric",
+    "linear": "geometric",
+    "track": "track",
+    "exploration": "track",
+    "constant": "constant",
+}
+
+
+def canonical_schedule(name: str) -> str:
+    """Our name of an eps schedule; the reference implementation's names are aliases."""
+    if not isinstance(name, str) or name not in SCHEDULE_ALIASES:
+        raise ValueError(f"eps_schedule must be one of {sorted(set(SCHEDULE_ALIASES))}, got {name!r}")
+    return SCHEDULE_ALIASES[name]
+
+
+def next_eps(
+    schedule: str,
+    eps: float,
+    sigma_next: float,
+    refresh_index: int,
+    eps0: float = math.nan,
+    eps_value: float | None = None,
+    eps_floor: float | None = None,
+    num_refreshes: int | None = None,
+) -> tuple[float, float]:
+    """eps after a refresh (SPEC section 3).  Returns (eps, eps0).
+
+    sigma_next is sigma_{r+1} of the current weights; refresh_index counts refreshes from 0.
+      min:       min(eps, sigma_next); eps starts at +inf, so it never increases.
+      geometric: eps0 = sigma_next at refresh 0, then eps * c down to eps_floor,
+                 c = (eps_floor / eps0) ** (1 / num_refreshes).
+      track:     sigma_next.
+      constant:  eps_value.
+    eps is kept >= the smallest positive float so that R stays positive definite on
+    rank-deficient weights (sigma_next = 0).
+    """
+    schedule = canonical_schedule(schedule)
+    tiny = torch.finfo(torch.float32).tiny
+    if schedule == "min":
+        new = min(eps, sigma_next)
+    elif schedule == "track":
+        new = sigma_next
+    elif schedule == "constant":
+        new = float(eps_value)
+    else:
+        if refresh_index == 0 or not math.isfinite(eps0):
+            eps0 = max(sigma_next, tiny)
+            new = eps0
+        else:
+            c = (eps_floor / eps0) ** (1.0 / num_refreshes)
+            new = max(eps * c, eps_floor)
+    return max(new, tiny), eps0
