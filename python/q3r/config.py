@@ -1,0 +1,81 @@
+"""Q3R options shared by AdamQ3R's param groups and the Q3R regularizer, and their validation.
+
+Every check raises before any state changes (SPEC section 5) and names the option and value.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from . import reference
+from .refresh import REFRESH_METHODS, SliceConfig
+from .targets import resolve_slice_ranks, slice_shapes, validate_slices
+
+Q3R_DEFAULTS = {
+    "lmbda": 0.1,
+    "steps": 5,
+    "target_rank": 0.2,
+    "rank_rule": "params",
+    "eps_schedule": "min",
+    "eps_value": None,
+    "eps_floor": None,
+    "num_refreshes": None,
+    "refresh": "exact",
+    "slices": None,
+    "slice_dim": 0,
+    "names": None,
+}
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def validate_q3r_options(opts: dict, where: str = "Q3R") -> None:
+    """Check the scalar options (lambda, period, schedule, rank rule, refresh method)."""
+    lmbda = opts["lmbda"]
+    if not _is_real(lmbda) or not math.isfinite(lmbda) or lmbda < 0:
+        raise ValueError(f"{where}: lmbda must be a finite number >= 0, got {lmbda!r}")
+    steps = opts["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{where}: steps (the refresh period) must be an int >= 1, got {steps!r}")
+    schedule = reference.canonical_schedule(opts["eps_schedule"])
+    if opts["rank_rule"] not in reference.RANK_RULES:
+        raise ValueError(f"{where}: rank_rule must be one of {reference.RANK_RULES}, got {opts['rank_rule']!r}")
+    if opts["refresh"] not in REFRESH_METHODS:
+        raise ValueError(f"{where}: refresh must be one of {REFRESH_METHODS}, got {opts['refresh']!r}")
+    if schedule == "constant":
+        v = opts["eps_value"]
+        if not _is_real(v) or not (0 < v < math.inf):
+            raise ValueError(f"{where}: eps_schedule='constant' needs eps_value > 0, got eps_value={v!r}")
+    if schedule == "geometric":
+        floor, n = opts["eps_floor"], opts["num_refreshes"]
+        if not _is_real(floor) or not (0 < floor < math.inf):
+            raise ValueError(f"{where}: eps_schedule='geometric' needs eps_floor > 0, got eps_floor={floor!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{where}: eps_schedule='geometric' needs num_refreshes >= 1, got num_refreshes={n!r}")
+
+
+def default_names(prefix: str, slices) -> list[str]:
+    if slices is None:
+        return [prefix]
+    return [f"{prefix}[{a}:{b}]" for a, b in slices]
+
+
+def slice_configs(shape, opts: dict, names: list[str]) -> list[SliceConfig]:
+    """One SliceConfig per slice of a weight of ``shape`` (validates shape, slices and ranks)."""
+    label = names[0].split("[")[0] if names else "target"
+    if len(shape) != 2:
+        raise ValueError(
+            f"Q3R target {label} has shape {tuple(shape)}; only 2-D weights (or slices of them) can be targets"
+        )
+    slices = validate_slices(shape, opts["slice_dim"], opts["slices"], label)
+    if len(names) != len(slice_shapes(shape, opts["slice_dim"], slices)):
+        raise ValueError(f"names of {label} must give one name per slice, got {names!r}")
+    ranks = resolve_slice_ranks(shape, opts["slice_dim"], slices, opts["target_rank"], opts["rank_rule"], label)
+    schedule = reference.canonical_schedule(opts["eps_schedule"])
+    return [
+        SliceConfig(name, rank, schedule, opts["eps_value"], opts["eps_floor"], opts["num_refreshes"])
+        for name, rank in zip(names, ranks)
+    ]

@@ -1,0 +1,36 @@
+"""Per-target diagnostics: how far each target is from its prescribed rank."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .refresh import operator_of
+
+
+@torch.no_grad()
+def slice_diagnostics(W: Tensor, state: dict[str, Tensor], rank: int, lmbda: float) -> dict[str, float]:
+    """Diagnostics of one target slice W under its current operator.
+
+    envelope_rank: #{sigma_i > eps} of the anchor (the operator's rank);
+    eps: the smoothing parameter;  sigma_next: sigma_{r+1} of the current weights;
+    effective_rank: exp(entropy of sigma / sum sigma) of the current weights (Roy & Vetterli);
+    tail_energy: fraction of ||W||_F^2 outside the leading ``rank`` singular values
+    (what truncation to the target rank throws away); penalty: lmbda <W, R(W)>.
+    """
+    W32 = W.detach().to(reference.compute_dtype(W.dtype))
+    sv = torch.linalg.svdvals(W32).double()
+    energy = sv.square()
+    total = float(energy.sum())
+    p = sv / sv.sum() if float(sv.sum()) > 0 else sv
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    U, V, d = operator_of(state)
+    return {
+        "envelope_rank": float(reference.envelope_rank(state["sigma"], state["eps"])),
+        "eps": float(state["eps"]),
+        "sigma_next": float(sv[rank]) if sv.numel() > rank else 0.0,
+        "effective_rank": float(entropy.exp()),
+        "tail_energy": 0.0 if total == 0 else float(energy[rank:].sum()) / total,
+        "penalty": float(lmbda * reference.penalty_value(W32, U, V, d)),
+    }

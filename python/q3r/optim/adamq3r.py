@@ -1,0 +1,238 @@
+"""AdamQ3R: Adam with the Q3R rank regularizer applied as a decoupled term (SPEC sections 3-4)."""
+
+from __future__ import annotations
+
+import math
+import torch
+from torch.optim import Optimizer
+
+from ..config import Q3R_DEFAULTS, default_names, slice_configs, validate_q3r_options
+from ..diagnostics import slice_diagnostics
+from ..refresh import new_slice_state, operator_of, refresh_slices_
+from ..targets import slice_shapes, slice_views
+from .functional import ParamWork, adamq3r_step_
+
+__all__ = ["AdamQ3R"]
+
+
+def _check_hyperparameters(group: dict, where: str) -> None:
+    lr, eps, wd, betas = group["lr"], group["eps"], group["weight_decay"], group["betas"]
+    if isinstance(lr, torch.Tensor) or not (0.0 <= lr < math.inf):
+        raise ValueError(f"{where}: invalid learning rate lr={lr!r}")
+    if not 0.0 <= eps:
+        raise ValueError(f"{where}: invalid epsilon eps={eps!r}")
+    if not 0.0 <= wd:
+        raise ValueError(f"{where}: invalid weight_decay={wd!r}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"{where}: invalid betas={betas!r}; need two values in [0, 1)")
+
+
+class AdamQ3R(Optimizer):
+    """Adam whose ``q3r=True`` param groups are pushed towards low rank by Q3R.
+
+    One step (SPEC section 3): every ``steps`` steps (starting with the first) each target's
+    reweighting operator R is refreshed from an SVD of its current weights; then plain
+    bias-corrected Adam on the task gradient, then W <- W - lr * 2 * lmbda * R(W_prev).
+    ``weight_decay`` is decoupled (AdamW); :func:`q3r.param_groups` sets it to 0 on targets.
+
+    Q3R group options: lmbda, steps, target_rank (int, fraction, or a list per slice),
+    rank_rule ("params" or "reference"), eps_schedule ("min", "geometric", "track",
+    "constant"), eps_value, eps_floor, num_refreshes, refresh, slices + slice_dim (one slicing
+    for every parameter of the group), names (one per slice, for diagnostics and errors).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        **q3r_defaults,
+    ):
+        unknown = set(q3r_defaults) - set(Q3R_DEFAULTS) - {"q3r"}
+        if unknown:
+            raise TypeError(f"AdamQ3R got unknown arguments {sorted(unknown)}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, q3r=False)
+        defaults.update(Q3R_DEFAULTS)
+        defaults.update(q3r_defaults)
+        self._nonfinite_warned: set[str] = set()
+        self._load_stash: dict = {}
+        super().__init__(params, defaults)
+        self.register_load_state_dict_pre_hook(AdamQ3R._validate_and_stash_q3r_state)
+        self.register_load_state_dict_post_hook(AdamQ3R._restore_q3r_state)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("q3r", False)
+            for key, value in Q3R_DEFAULTS.items():
+                group.setdefault(key, value)
+        self.__dict__.setdefault("_nonfinite_warned", set())
+        self.__dict__.setdefault("_load_stash", {})
+
+    # ----------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict) -> None:
+        """Validate the whole group first, so a bad group leaves the optimizer untouched."""
+        where = f"AdamQ3R param group {len(self.param_groups)}"
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        merged = {**self.defaults, **param_group}
+        _check_hyperparameters(merged, where)
+        if merged.get("q3r"):
+            validate_q3r_options(merged, where)
+            for p in params:
+                slice_configs(p.shape, merged, self._names(merged, params, p, where))
+        super().add_param_group(param_group)
+
+    @staticmethod
+    def _names(group: dict, params, p, where: str) -> list[str]:
+        """Slice names of parameter p: from the group's ``names`` (flat, per slice) or made up."""
+        index = next(i for i, q in enumerate(params) if q is p)
+        n_slices = len(slice_shapes(p.shape, group["slice_dim"], group["slices"])) if p.dim() == 2 else 1
+        if group.get("names"):
+            return list(group["names"][index * n_slices : (index + 1) * n_slices])
+        return default_names(f"{where} param {index}", group["slices"])
+
+    def _group_configs(self, group: dict, p):
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        where = f"AdamQ3R param group {index}"
+        return slice_configs(p.shape, group, self._names(group, group["params"], p, where))
+
+    # ------------------------------------------------------------------- step
+    def _init_state(self, p, group) -> dict:
+        state = self.state[p]
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["q3r"]:
+            shapes = slice_shapes(p.shape, group["slice_dim"], group["slices"])
+            state["q3r"] = [new_slice_state(d1, d2, p.device) for d1, d2 in shapes]
+        return state
+
+    def refresh(self, due: list[tuple[torch.Tensor, dict]]) -> None:
+        """Refresh the factors of the given (parameter, group) pairs from their current weights."""
+        by_method: dict[str, tuple[list, list, list]] = {}
+        for p, group in due:
+            views = slice_views(p.detach(), group["slice_dim"], group["slices"])
+            bucket = by_method.setdefault(group["refresh"], ([], [], []))
+            bucket[0].extend(views)
+            bucket[1].extend(self.state[p]["q3r"])
+            bucket[2].extend(self._group_configs(group, p))
+        for method, (weights, states, configs) in by_method.items():
+            refresh_slices_(weights, states, configs, method=method, warned=self._nonfinite_warned)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError("AdamQ3R does not support sparse gradients")
+        works, due, q3r_works = [], [], []
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p] or self._init_state(p, group)
+                work = ParamWork(
+                    p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                    group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                )
+                if group["q3r"]:
+                    if int(state["step"]) % group["steps"] == 0:
+                        due.append((p, group))
+                    work.lmbda, work.slice_dim, work.slices = group["lmbda"], group["slice_dim"], group["slices"]
+                    q3r_works.append((work, state))
+                works.append(work)
+        self.refresh(due)
+        for work, state in q3r_works:
+            work.operators = [operator_of(s) for s in state["q3r"]]
+        adamq3r_step_(works)
+        return loss
+
+    # ------------------------------------------------------------ diagnostics
+    def diagnostics(self) -> dict[str, float]:
+        """Per target slice: envelope rank, eps, sigma_{r+1}, effective rank, penalty,
+        energy outside the target rank; flat {"<name>/<metric>": float} for loggers."""
+        out: dict[str, float] = {}
+        for group in self.param_groups:
+            if not group["q3r"]:
+                continue
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or "q3r" not in state:
+                    continue
+                views = slice_views(p.detach(), group["slice_dim"], group["slices"])
+                for view, s, cfg in zip(views, state["q3r"], self._group_configs(group, p)):
+                    for key, value in slice_diagnostics(view, s, cfg.rank, group["lmbda"]).items():
+                        out[f"{cfg.name}/{key}"] = value
+        return out
+
+    # -------------------------------------------------------------- load hooks
+    def _validate_and_stash_q3r_state(self, state_dict: dict) -> dict:
+        """Reject a state dict from another model before anything changes, and keep the
+        float32 factors out of torch's cast-to-param-dtype on load."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups but this optimizer has "
+                f"{len(self.param_groups)}: it comes from a different model or optimizer"
+            )
+        mapping = {}
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"state_dict param group {gi} has {len(saved['params'])} parameters, this optimizer's has "
+                    f"{len(group['params'])}: it comes from a different model or optimizer"
+                )
+            merged = {**self.defaults, **saved}
+            for pid, p in zip(saved["params"], group["params"]):
+                mapping[pid] = p
+                self._check_saved_param_state(state_dict["state"].get(pid), p, merged, f"group {gi}")
+        stash, new_state = {}, {}
+        for pid, st in state_dict["state"].items():
+            if isinstance(st, dict) and "q3r" in st:
+                st = dict(st)
+                stash[pid] = (mapping[pid], st.pop("q3r"))
+            new_state[pid] = st
+        self._load_stash = stash
+        return {**state_dict, "state": new_state}
+
+    @staticmethod
+    def _check_saved_param_state(st, p, group: dict, where: str) -> None:
+        if st is None:
+            return
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st and tuple(st[key].shape) != tuple(p.shape):
+                raise ValueError(
+                    f"state_dict {where}: {key} has shape {tuple(st[key].shape)} but the parameter has "
+                    f"{tuple(p.shape)}: it comes from a different model"
+                )
+        if not group.get("q3r"):
+            if "q3r" in st:
+                raise ValueError(f"state_dict {where}: Q3R state for a parameter of a non-Q3R group")
+            return
+        validate_q3r_options(group, f"state_dict {where}")
+        shapes = slice_shapes(p.shape, group["slice_dim"], group["slices"])
+        slices = st.get("q3r", [])
+        if "q3r" in st and len(slices) != len(shapes):
+            raise ValueError(f"state_dict {where}: {len(slices)} Q3R slice states for {len(shapes)} slices")
+        for s, (d1, d2) in zip(slices, shapes):
+            k = s["sigma"].shape[0]
+            if tuple(s["U"].shape) != (d1, k) or tuple(s["V"].shape) != (d2, k):
+                raise ValueError(
+                    f"state_dict {where}: factors of shapes U {tuple(s['U'].shape)}, V {tuple(s['V'].shape)} "
+                    f"do not fit a {d1}x{d2} slice: it comes from a different model"
+                )
+
+    def _restore_q3r_state(self) -> None:
+        for p, slices in self._load_stash.values():
+            self.state[p]["q3r"] = [
+                {key: value.detach().clone().to(device=p.device) for key, value in s.items()} for s in slices
+            ]
+        self._load_stash = {}

@@ -1,0 +1,83 @@
+"""The AdamQ3R update as functions of tensors (no optimizer object), reference path.
+
+One step for a parameter W with gradient g (SPEC section 3, decoupled):
+
+    T_j   = 2 lambda R_j(W_prev[slice j])          (evaluated before anything moves)
+    W    <- W (1 - lr wd)                          (decoupled weight decay, if any)
+    W    <- Adam(W, g)                             (bias-corrected, torch.optim.Adam arithmetic)
+    W[j] <- W[j] - lr T_j
+
+The Q3R term never enters the Adam moments, so with lambda = 0 this is torch.optim.Adam
+(weight_decay = 0) or AdamW (weight_decay > 0) bit for bit on the reference path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..targets import slice_views
+
+
+@dataclass
+class ParamWork:
+    """Everything one parameter's update needs; built by AdamQ3R.step, consumed by a backend."""
+
+    param: Tensor
+    grad: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    step: Tensor  # float32 scalar, incremented here
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    lmbda: float = 0.0
+    slice_dim: int = 0
+    slices: list | None = None
+    operators: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # (U, V, d) per slice
+
+
+def q3r_terms(work: ParamWork) -> list[Tensor]:
+    """2 lambda R_j(W_j) per slice, in float32, from the weights as they are now."""
+    if work.lmbda == 0 or not work.operators:
+        return []
+    views = slice_views(work.param, work.slice_dim, work.slices)
+    return [
+        reference.apply_reweighting(view, U, V, d).mul_(2.0 * work.lmbda)
+        for view, (U, V, d) in zip(views, work.operators)
+    ]
+
+
+def adam_update_(work: ParamWork) -> None:
+    """torch.optim.Adam's single-tensor update (decoupled weight decay as in AdamW)."""
+    param, grad, exp_avg, exp_avg_sq = work.param, work.grad, work.exp_avg, work.exp_avg_sq
+    work.step += 1
+    if work.weight_decay != 0:
+        param.mul_(1 - work.lr * work.weight_decay)
+    exp_avg.lerp_(grad, 1 - work.beta1)
+    exp_avg_sq.mul_(work.beta2).addcmul_(grad, grad, value=1 - work.beta2)
+    step = float(work.step)
+    bias_correction1 = 1 - work.beta1**step
+    bias_correction2 = 1 - work.beta2**step
+    step_size = work.lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(work.eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def adamq3r_reference_(works: list[ParamWork]) -> None:
+    """The reference AdamQ3R step over many parameters, one after another."""
+    for work in works:
+        terms = q3r_terms(work)  # at W_prev: before the Adam update moves W
+        adam_update_(work)
+        for view, term in zip(slice_views(work.param, work.slice_dim, work.slices), terms):
+            view.sub_(term.to(view.dtype), alpha=work.lr)
+
+
+def adamq3r_step_(works: list[ParamWork]) -> None:
+    """Apply one AdamQ3R step to every parameter in ``works`` with the chosen backend."""
+    adamq3r_reference_(works)

@@ -1,0 +1,156 @@
+"""Q3R as a regularizer for any optimizer (SGD, AdamW, ...).
+
+Two honest modes, pick one per training step:
+
+* ``loss = task_loss + reg.penalty()`` -- a differentiable lambda * sum <W, R(W)>; autograd
+  adds 2 lambda R(W) to each target's gradient (R is self-adjoint, its factors are constants).
+* ``reg.add_grad_()`` after ``backward()`` -- adds 2 lambda R(W) to ``.grad`` in place without
+  autograd (coupled: the optimizer then sees it, e.g. in Adam's moments). ``reg.attach(opt)``
+  makes ``opt.step()`` call it for you.
+
+Each call counts one training step; the operator is refreshed inside it every ``steps``
+steps (starting with the first), so the training loop needs no extra call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .config import Q3R_DEFAULTS, slice_configs, validate_q3r_options
+from .diagnostics import slice_diagnostics
+from .refresh import new_slice_state, operator_of, refresh_slices_
+from .targets import Target, slice_shapes, slice_views
+
+__all__ = ["Q3R"]
+
+_SCALAR_OPTIONS = ("lmbda", "steps", "rank_rule", "eps_schedule", "eps_value", "eps_floor", "num_refreshes", "refresh")
+
+
+class Q3R:
+    """The Q3R regularizer over a list of :class:`q3r.Target` (see :func:`q3r.find_targets`)."""
+
+    def __init__(self, targets: list[Target], **options):
+        unknown = set(options) - set(_SCALAR_OPTIONS)
+        if unknown:
+            raise TypeError(f"Q3R got unknown arguments {sorted(unknown)}")
+        self.options = {key: options.get(key, Q3R_DEFAULTS[key]) for key in _SCALAR_OPTIONS}
+        validate_q3r_options({**Q3R_DEFAULTS, **self.options}, "Q3R")
+        targets = list(targets)
+        if not targets:
+            raise ValueError("Q3R needs at least one target, got an empty list")
+        names = [t.name for t in targets]
+        if len(set(names)) != len(names) or len({id(t.param) for t in targets}) != len(targets):
+            raise ValueError(f"Q3R targets must be distinct parameters with distinct names, got {names}")
+        self.targets = targets
+        self.configs = [slice_configs(t.param.shape, self._target_options(t), t.slice_names()) for t in targets]
+        self.state = {
+            t.name: [new_slice_state(d1, d2, t.param.device) for d1, d2 in slice_shapes(t.param.shape, t.slice_dim, t.slices)]
+            for t in targets
+        }
+        self.num_steps = 0
+        self._nonfinite_warned: set[str] = set()
+
+    @property
+    def lmbda(self) -> float:
+        return self.options["lmbda"]
+
+    def _target_options(self, t: Target) -> dict:
+        return {**Q3R_DEFAULTS, **self.options, "slices": t.slices, "slice_dim": t.slice_dim, "target_rank": t.target_rank}
+
+    # ---------------------------------------------------------------- refresh
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Rebuild every target's operator from the current weights (done automatically)."""
+        weights, states, configs = [], [], []
+        for t, cfgs in zip(self.targets, self.configs):
+            weights.extend(slice_views(t.param.detach(), t.slice_dim, t.slices))
+            states.extend(self.state[t.name])
+            configs.extend(cfgs)
+        refresh_slices_(weights, states, configs, method=self.options["refresh"], warned=self._nonfinite_warned)
+
+    def _begin_step(self) -> None:
+        if self.num_steps % self.options["steps"] == 0:
+            self.refresh()
+        self.num_steps += 1
+
+    # ------------------------------------------------------------------ modes
+    def penalty(self) -> Tensor:
+        """lambda * sum over target slices of <W, R(W)>, differentiable in the weights."""
+        self._begin_step()
+        total = None
+        for t in self.targets:
+            for view, s in zip(slice_views(t.param, t.slice_dim, t.slices), self.state[t.name]):
+                value = reference.penalty_value(view, *operator_of(s))
+                total = value if total is None else total + value
+        return self.lmbda * total
+
+    @torch.no_grad()
+    def add_grad_(self) -> None:
+        """Add 2 lambda R(W) to each target's ``.grad`` slice in place (targets without a
+        gradient are skipped, as optimizers skip them)."""
+        self._begin_step()
+        if self.lmbda == 0:
+            return
+        for t in self.targets:
+            if t.param.grad is None:
+                continue
+            weights = slice_views(t.param.detach(), t.slice_dim, t.slices)
+            grads = slice_views(t.param.grad, t.slice_dim, t.slices)
+            for w, g, s in zip(weights, grads, self.state[t.name]):
+                g.add_(reference.apply_reweighting(w, *operator_of(s)).to(g.dtype), alpha=2.0 * self.lmbda)
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Make ``optimizer.step()`` call :meth:`add_grad_` first. Returns the hook handle."""
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for t in self.targets:
+            if id(t.param) not in owned:
+                raise ValueError(f"Q3R target {t.name} is not among the optimizer's parameters")
+        return optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.add_grad_())
+
+    # ------------------------------------------------------------- inspection
+    def diagnostics(self) -> dict[str, float]:
+        """Per target slice: envelope rank, eps, sigma_{r+1}, effective rank, tail energy,
+        penalty, as {"<name>/<metric>": float}."""
+        out: dict[str, float] = {}
+        for t, cfgs in zip(self.targets, self.configs):
+            views = slice_views(t.param.detach(), t.slice_dim, t.slices)
+            for view, s, cfg in zip(views, self.state[t.name], cfgs):
+                for key, value in slice_diagnostics(view, s, cfg.rank, self.lmbda).items():
+                    out[f"{cfg.name}/{key}"] = value
+        return out
+
+    # ----------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict:
+        """Plain tensors and Python scalars only: loads with torch.load(weights_only=True)."""
+        return {
+            "num_steps": self.num_steps,
+            "options": dict(self.options),
+            "targets": {name: [dict(s) for s in slices] for name, slices in self.state.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore factors and the step count; validates everything before changing anything."""
+        saved = state_dict.get("targets", {})
+        if set(saved) != set(self.state):
+            raise ValueError(
+                f"Q3R state_dict targets {sorted(saved)} do not match this regularizer's {sorted(self.state)}: "
+                "it comes from a different model"
+            )
+        for t in self.targets:
+            shapes = slice_shapes(t.param.shape, t.slice_dim, t.slices)
+            if len(saved[t.name]) != len(shapes):
+                raise ValueError(f"Q3R state_dict has {len(saved[t.name])} slices for {t.name}, expected {len(shapes)}")
+            for s, (d1, d2) in zip(saved[t.name], shapes):
+                k = s["sigma"].shape[0]
+                if tuple(s["U"].shape) != (d1, k) or tuple(s["V"].shape) != (d2, k):
+                    raise ValueError(f"Q3R state_dict factors of {t.name} do not fit its {d1}x{d2} slices")
+        num_steps = state_dict.get("num_steps")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+            raise ValueError(f"Q3R state_dict num_steps must be an int >= 0, got {num_steps!r}")
+        self.state = {
+            t.name: [{k: v.detach().clone().to(t.param.device) for k, v in s.items()} for s in saved[t.name]]
+            for t in self.targets
+        }
+        self.num_steps = num_steps

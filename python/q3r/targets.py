@@ -1,0 +1,217 @@
+"""Choosing which weights Q3R regularizes, and how fused weights split into slices.
+
+A target is a 2-D weight, or a set of non-overlapping slices of one (rows of timm's fused
+``qkv`` (3d, d), columns of Hugging Face GPT-2's ``Conv1D`` ``c_attn`` (d, 3d)). Each slice is
+regularized on its own, with its own rank, factors and eps. Slices are views (``narrow``):
+no zero-padded full-size copy of a slice or of its gradient is ever made.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import reference
+
+__all__ = ["Target", "find_targets", "param_groups", "validate_slices", "slice_views", "slice_shapes"]
+
+# Patterns users commonly mean: every Linear / Conv1D except the classifier head.
+SLICE_DIM_NAMES = {0: "rows", 1: "columns"}
+
+
+@dataclass
+class Target:
+    """One regularized weight: its name, the parameter, and how it is sliced.
+
+    slices is None for the whole weight, else a list of (start, stop) along slice_dim;
+    target_rank is one rank spec for every slice, or a list with one per slice.
+    """
+
+    name: str
+    param: nn.Parameter
+    slice_dim: int = 0
+    slices: list[tuple[int, int]] | None = None
+    target_rank: int | float | list = 0.2
+    slice_labels: list[str] = field(default_factory=list)
+
+    def slice_names(self) -> list[str]:
+        if self.slices is None:
+            return [self.name]
+        labels = self.slice_labels or [f"{a}:{b}" for a, b in self.slices]
+        return [f"{self.name}[{label}]" for label in labels]
+
+
+def validate_slices(shape, slice_dim, slices, name: str) -> list[tuple[int, int]] | None:
+    """Check slices of a 2-D weight: in bounds, non-empty, non-overlapping (SPEC section 5)."""
+    if slice_dim not in (0, 1):
+        raise ValueError(f"slice_dim of {name} must be 0 (rows) or 1 (columns), got {slice_dim!r}")
+    if slices is None:
+        return None
+    if isinstance(slices, (str, bytes)) or not hasattr(slices, "__iter__"):
+        raise TypeError(f"slices of {name} must be a list of (start, stop) pairs, got {slices!r}")
+    extent = shape[slice_dim]
+    out = []
+    for item in slices:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
+            raise TypeError(f"slices of {name} must be (start, stop) pairs of ints, got {item!r}")
+        start, stop = item
+        if not (0 <= start < stop <= extent):
+            raise ValueError(
+                f"slice {item!r} of {name} is out of bounds: need 0 <= start < stop <= {extent} "
+                f"along {SLICE_DIM_NAMES[slice_dim]} of a {tuple(shape)} weight"
+            )
+        out.append((start, stop))
+    if not out:
+        raise ValueError(f"slices of {name} must not be empty (use None for the whole weight)")
+    ordered = sorted(out)
+    for (a0, b0), (a1, b1) in zip(ordered, ordered[1:]):
+        if a1 < b0:
+            raise ValueError(f"slices {(a0, b0)} and {(a1, b1)} of {name} overlap")
+    return out
+
+
+def slice_shapes(shape, slice_dim: int, slices) -> list[tuple[int, int]]:
+    """(d1, d2) of each slice of a 2-D weight (the whole weight when slices is None)."""
+    if slices is None:
+        return [(shape[0], shape[1])]
+    if slice_dim == 0:
+        return [(b - a, shape[1]) for a, b in slices]
+    return [(shape[0], b - a) for a, b in slices]
+
+
+def slice_views(t: Tensor, slice_dim: int, slices) -> list[Tensor]:
+    """2-D views of each slice of t (the weight, or its gradient): narrow, never a copy."""
+    if slices is None:
+        return [t]
+    return [t.narrow(slice_dim, a, b - a) for a, b in slices]
+
+
+def resolve_slice_ranks(shape, slice_dim, slices, target_rank, rank_rule, name) -> list[int]:
+    """The integer rank of every slice; target_rank is one spec or a list per slice."""
+    shapes = slice_shapes(shape, slice_dim, slices)
+    if isinstance(target_rank, (list, tuple)):
+        if len(target_rank) != len(shapes):
+            raise ValueError(
+                f"target_rank of {name} lists {len(target_rank)} ranks for {len(shapes)} slices: {target_rank!r}"
+            )
+        specs = list(target_rank)
+    else:
+        specs = [target_rank] * len(shapes)
+    return [reference.resolve_rank(s, d1, d2, rank_rule, name) for s, (d1, d2) in zip(specs, shapes)]
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """Exact name, a dotted suffix ("attn.qkv" matches "blocks.0.attn.qkv"), or a regex fullmatch."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def _auto_fused(parent: nn.Module | None, child_name: str, module: nn.Module):
+    """(slice_dim, slices, labels) for fused QKV weights we recognize, else None.
+
+    timm Attention: ``qkv`` Linear of an attention block (it has ``num_heads``), weight (3d, d):
+    row slices. Hugging Face GPT-2: ``c_attn`` Conv1D (weight (d, 3d), ``nf`` attribute):
+    column slices.
+    """
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.dim() != 2:
+        return None
+    if child_name == "qkv" and parent is not None and hasattr(parent, "num_heads") and weight.shape[0] % 3 == 0:
+        third = weight.shape[0] // 3
+        return 0, [(0, third), (third, 2 * third), (2 * third, 3 * third)], ["q", "k", "v"]
+    if child_name == "c_attn" and type(module).__name__ == "Conv1D" and weight.shape[1] % 3 == 0:
+        third = weight.shape[1] // 3
+        return 1, [(0, third), (third, 2 * third), (2 * third, 3 * third)], ["q", "k", "v"]
+    return None
+
+
+def find_targets(
+    model: nn.Module,
+    include,
+    exclude=(),
+    *,
+    target_rank: int | float = 0.2,
+    rank_overrides: dict | None = None,
+    fused: str = "auto",
+    slices: dict | None = None,
+) -> list[Target]:
+    """Select target weights of ``model`` by module-name patterns.
+
+    include / exclude: patterns (or one pattern) matched against module names by exact name,
+    dotted suffix, or regex fullmatch. The module's ``weight`` is the target; it must be 2-D.
+    rank_overrides: {pattern: rank spec}, first matching pattern wins over target_rank.
+    fused: "auto" slices timm ``qkv`` and GPT-2 ``c_attn`` into Q, K, V; "none" never slices.
+    slices: {module pattern: (slice_dim, [(start, stop), ...])} for anything else; wins over auto.
+    """
+    if fused not in ("auto", "none"):
+        raise ValueError(f"fused must be 'auto' or 'none', got {fused!r}")
+    include = [include] if isinstance(include, str) else list(include)
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+    rank_overrides = dict(rank_overrides or {})
+    slices = dict(slices or {})
+    parents = {name: mod for name, mod in model.named_modules()}
+    targets, used = [], set()
+    for name, module in model.named_modules():
+        if not name or not any(_matches(p, name) for p in include) or any(_matches(p, name) for p in exclude):
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        if weight.dim() != 2:
+            raise ValueError(
+                f"target {name}.weight has shape {tuple(weight.shape)}; only 2-D weights can be targets "
+                "(no reshape rule is defined for other shapes)"
+            )
+        if id(weight) in used:
+            continue  # tied weights are regularized once
+        used.add(id(weight))
+        rank = next((r for p, r in rank_overrides.items() if _matches(p, name)), target_rank)
+        parent_name, _, child = name.rpartition(".")
+        spec = next((s for p, s in slices.items() if _matches(p, name)), None)
+        labels: list[str] = []
+        if spec is not None:
+            slice_dim, cuts = spec
+        elif fused == "auto" and (auto := _auto_fused(parents.get(parent_name), child, module)) is not None:
+            slice_dim, cuts, labels = auto
+        else:
+            slice_dim, cuts = 0, None
+        pname = f"{name}.weight"
+        cuts = validate_slices(weight.shape, slice_dim, cuts, pname)
+        resolve_slice_ranks(weight.shape, slice_dim, cuts, rank, "params", pname)
+        targets.append(Target(pname, weight, slice_dim, cuts, rank, labels))
+    if not targets:
+        raise ValueError(f"include patterns {include!r} matched no module with a 2-D weight")
+    return targets
+
+
+def param_groups(model: nn.Module, targets: list[Target], weight_decay: float = 0.0, **q3r_options) -> list[dict]:
+    """Optimizer param groups: one Q3R group per target and one group for all other parameters.
+
+    q3r_options (lmbda, steps, eps_schedule, rank_rule, refresh, ...) go into every Q3R group.
+    weight_decay applies to the non-target parameters only: on targets the Q3R term is the
+    (reweighted) decay.
+    """
+    target_ids = {id(t.param) for t in targets}
+    rest = [p for p in model.parameters() if id(p) not in target_ids and p.requires_grad]
+    groups = [{"params": rest, "weight_decay": weight_decay}] if rest else []
+    for t in targets:
+        groups.append(
+            {
+                "params": [t.param],
+                "q3r": True,
+                "weight_decay": 0.0,
+                "slices": None if t.slices is None else [tuple(s) for s in t.slices],
+                "slice_dim": t.slice_dim,
+                "target_rank": list(t.target_rank) if isinstance(t.target_rank, (list, tuple)) else t.target_rank,
+                "names": t.slice_names(),
+                **q3r_options,
+            }
+        )
+    return groups
