@@ -1,0 +1,404 @@
+"""Compression: cut each target (or slice) to a low rank by an exact SVD and swap in factored layers.
+
+``compress(model, targets, fraction=0.4)`` replaces every target module, in place, by a
+factored module whose output equals the layer with SVD-truncated weights:
+
+* a plain ``nn.Linear`` (or an unsliced HF ``Conv1D``) becomes a :class:`LowRankLinear`
+  ``y = up @ (down @ x) + bias``;
+* a fused weight cut into slices (timm ``qkv`` rows, GPT-2 ``c_attn`` columns) becomes a
+  :class:`LowRankFusedLinear` holding one factor pair per slice and producing the same fused
+  output layout; parts of the weight outside every slice stay dense.
+
+Biases are kept (the published code's truncation drops them, which changes the model).
+HF ``Conv1D`` stores its weight transposed (in, out) and computes ``x @ W + b``; it is
+converted to the Linear convention first, so its column slices become output slices.
+
+Ranks (per slice, d1 x d2): ``fraction`` f in (0, 1) gives r = floor(f d1 d2 / (d1 + d2)),
+the same parameter-fraction rule training uses (:func:`q3r.reference.resolve_rank`), so a
+model trained with ``target_rank=f`` is cut where it was pushed; ``fraction=1.0`` keeps the
+dense weight untouched. ``rank`` (an int, 1 <= r <= min(d1, d2)) gives that rank everywhere;
+with neither, each target's own ``target_rank`` is used.
+"""
+
+from __future__ import annotations
+
+import copy as copy_module
+import json
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import reference
+from .targets import Target, find_targets, slice_shapes, slice_views, validate_slices
+
+__all__ = [
+    "LowRankLinear",
+    "LowRankFusedLinear",
+    "CompressionReport",
+    "SliceRecord",
+    "compress",
+    "svd_truncate",
+    "truncate_weights_",
+    "count_parameters",
+    "save_compressed",
+    "load_compressed",
+]
+
+
+def svd_truncate(W: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Balanced rank-``rank`` factors (up (d1, r), down (r, d2)) of W (d1, d2): up @ down = W_r.
+
+    The SVD runs in fp32 (SPEC: precision); sqrt(sigma) goes to each side so neither factor
+    is badly scaled if the factored layer is trained further.
+    """
+    U, sigma, V, _ = reference.anchor_factors(W.detach(), rank)
+    root = sigma.sqrt()
+    return (U * root).to(W.dtype), (V * root).T.contiguous().to(W.dtype)
+
+
+class LowRankLinear(nn.Module):
+    """``y = x down^T up^T + bias``: a Linear whose (out, in) weight is up (out, r) @ down (r, in)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if not (isinstance(rank, int) and rank >= 1):
+            raise ValueError(f"rank of LowRankLinear must be an int >= 1, got {rank!r}")
+        kw = dict(device=device, dtype=dtype)
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.up = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Init so that up @ down has roughly nn.Linear's output scale (LoRA-from-scratch needs it)."""
+        nn.init.normal_(self.down, std=self.in_features ** -0.5)
+        nn.init.normal_(self.up, std=(3.0 * self.rank) ** -0.5)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.down), self.up, self.bias)
+
+    def dense_weight(self) -> Tensor:
+        return self.up @ self.down
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+class _DenseBlock(nn.Module):
+    """A dense part of a fused weight that no slice covers (kept exactly)."""
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
+def _segments(extent: int, slices: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+    """Partition [0, extent) into the slices (True) and the gaps between them (False)."""
+    out, pos = [], 0
+    for a, b in sorted(slices):
+        if a > pos:
+            out.append((pos, a, False))
+        out.append((a, b, True))
+        pos = b
+    if pos < extent:
+        out.append((pos, extent, False))
+    return out
+
+
+class LowRankFusedLinear(nn.Module):
+    """A fused Linear (e.g. QKV) with one factor pair per slice and the original output layout.
+
+    ``slice_dim`` is in the Linear convention: 0 slices output features (the rows of an
+    (out, in) weight: timm ``qkv``, GPT-2 ``c_attn`` after transposing), whose outputs are
+    concatenated; 1 slices input features, whose contributions are summed.
+    ``ranks`` has one int per slice, in the order of ``slices``.
+    """
+
+    def __init__(self, in_features, out_features, slice_dim, slices, ranks, bias=True, device=None, dtype=None):
+        super().__init__()
+        slices = [tuple(s) for s in slices]
+        if len(ranks) != len(slices):
+            raise ValueError(f"LowRankFusedLinear needs one rank per slice, got ranks={ranks!r} for slices={slices!r}")
+        extent = (out_features, in_features)[slice_dim]
+        validate_slices((out_features, in_features), slice_dim, slices, "LowRankFusedLinear")
+        self.in_features, self.out_features, self.slice_dim = in_features, out_features, slice_dim
+        self.slices, self.ranks = slices, [int(r) for r in ranks]
+        self.segments = _segments(extent, slices)
+        rank_of = dict(zip(slices, self.ranks))
+        kw = dict(device=device, dtype=dtype)
+        blocks = []
+        for a, b, factored in self.segments:
+            n_out, n_in = (b - a, in_features) if slice_dim == 0 else (out_features, b - a)
+            if factored:
+                blocks.append(LowRankLinear(n_in, n_out, rank_of[(a, b)], bias=False, **kw))
+            else:
+                blocks.append(_DenseBlock(n_in, n_out, **kw))
+        self.blocks = nn.ModuleList(blocks)
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.slice_dim == 0:
+            y = torch.cat([block(x) for block in self.blocks], dim=-1)
+        else:
+            y = sum(block(x[..., a:b]) for block, (a, b, _) in zip(self.blocks, self.segments))
+        return y if self.bias is None else y + self.bias
+
+    def dense_weight(self) -> Tensor:
+        parts = [blk.dense_weight() if isinstance(blk, LowRankLinear) else blk.weight for blk in self.blocks]
+        return torch.cat(parts, dim=self.slice_dim)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, slice_dim={self.slice_dim}, slices={self.slices}, ranks={self.ranks}"
+
+
+# ------------------------------------------------------------------ accounting
+
+
+@dataclass
+class SliceRecord:
+    """One target slice: its shape, the rank kept (None = dense) and its parameter counts."""
+
+    name: str
+    shape: tuple[int, int]
+    rank: int | None
+    dense_params: int
+    kept_params: int
+
+
+@dataclass
+class CompressionReport:
+    """Per-slice and whole-model parameter counts before and after compression."""
+
+    slices: list[SliceRecord] = field(default_factory=list)
+    model_params_before: int = 0
+    model_params_after: int = 0
+
+    @property
+    def target_params_before(self) -> int:
+        return sum(s.dense_params for s in self.slices)
+
+    @property
+    def target_params_after(self) -> int:
+        return sum(s.kept_params for s in self.slices)
+
+    @property
+    def target_fraction_kept(self) -> float:
+        return self.target_params_after / max(self.target_params_before, 1)
+
+    @property
+    def model_fraction_kept(self) -> float:
+        return self.model_params_after / max(self.model_params_before, 1)
+
+    def table(self) -> str:
+        rows = [("target", "shape", "rank", "dense", "kept", "kept %")]
+        for s in self.slices:
+            rows.append((s.name, f"{s.shape[0]}x{s.shape[1]}", "dense" if s.rank is None else str(s.rank),
+                         f"{s.dense_params:,}", f"{s.kept_params:,}", f"{100 * s.kept_params / s.dense_params:.1f}"))
+        rows.append(("all targets", "", "", f"{self.target_params_before:,}", f"{self.target_params_after:,}",
+                     f"{100 * self.target_fraction_kept:.1f}"))
+        rows.append(("whole model", "", "", f"{self.model_params_before:,}", f"{self.model_params_after:,}",
+                     f"{100 * self.model_fraction_kept:.1f}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.insert(len(lines) - 2, "-" * len(lines[0]))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "slices": [s.__dict__ | {"shape": list(s.shape)} for s in self.slices],
+            "target_params_before": self.target_params_before,
+            "target_params_after": self.target_params_after,
+            "model_params_before": self.model_params_before,
+            "model_params_after": self.model_params_after,
+        }
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters of the model (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------ compress
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # HF GPT-2's Conv1D: weight (in, out) = (nx, nf), y = x @ W + b. Matched by name, so
+    # transformers is never imported.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _slice_ranks(t: Target, fraction, rank, rank_rule: str) -> list[int | None]:
+    """The rank of each slice of target t; None means keep it dense."""
+    shapes = slice_shapes(t.param.shape, t.slice_dim, t.slices)
+    if fraction is not None:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (0.0 < fraction <= 1.0):
+            raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+        if fraction == 1.0:
+            return [None] * len(shapes)
+        return [reference.resolve_rank(float(fraction), d1, d2, "params", t.name) for d1, d2 in shapes]
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"rank must be an int, got {rank!r}")
+        for d1, d2 in shapes:
+            if not (1 <= rank <= min(d1, d2)):
+                raise ValueError(f"rank={rank} is out of range for a {d1}x{d2} slice of {t.name}: need 1 <= rank <= {min(d1, d2)}")
+        return [rank] * len(shapes)
+    specs = t.target_rank if isinstance(t.target_rank, (list, tuple)) else [t.target_rank] * len(shapes)
+    return [reference.resolve_rank(s, d1, d2, rank_rule, t.name) for s, (d1, d2) in zip(specs, shapes)]
+
+
+def _linear_view(module: nn.Module, t: Target):
+    """(weight (out, in), slice_dim in the Linear convention) of a Linear or an HF Conv1D."""
+    W = module.weight.detach()
+    if _is_conv1d(module):
+        return W.T, 1 - t.slice_dim
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"compress handles nn.Linear and HF Conv1D targets; {t.name} belongs to a {type(module).__name__}")
+    return W, t.slice_dim
+
+
+def _factored_module(module: nn.Module, t: Target, ranks: list[int]) -> nn.Module:
+    W, slice_dim = _linear_view(module, t)
+    out_f, in_f = W.shape
+    bias = getattr(module, "bias", None)
+    kw = dict(device=W.device, dtype=W.dtype)
+    if t.slices is None:
+        new = LowRankLinear(in_f, out_f, ranks[0], bias=bias is not None, **kw)
+        new.up.data, new.down.data = svd_truncate(W, ranks[0])
+    else:
+        new = LowRankFusedLinear(in_f, out_f, slice_dim, t.slices, ranks, bias=bias is not None, **kw)
+        for (a, b, factored), block in zip(new.segments, new.blocks):
+            part = W.narrow(slice_dim, a, b - a)
+            if factored:
+                block.up.data, block.down.data = svd_truncate(part, block.rank)
+            else:
+                block.weight.data.copy_(part)
+    if bias is not None:
+        new.bias.data.copy_(bias.detach())
+    new.train(module.training)
+    return new
+
+
+def _resolve_targets(model: nn.Module, targets) -> list[Target]:
+    if isinstance(targets, (str, list, tuple)) and all(isinstance(t, str) for t in ([targets] if isinstance(targets, str) else targets)):
+        return find_targets(model, targets, fused="auto")
+    targets = list(targets)
+    if not all(isinstance(t, Target) for t in targets):
+        raise TypeError("targets must be a list of q3r.Target (see q3r.find_targets) or module-name patterns")
+    return targets
+
+
+def _module_name(t: Target) -> str:
+    if not t.name.endswith(".weight"):
+        raise ValueError(f"target {t.name} is not the .weight of a module; compress replaces whole modules")
+    return t.name[: -len(".weight")]
+
+
+def compress(model: nn.Module, targets, *, fraction=None, rank=None, rank_rule: str = "params", copy: bool = False):
+    """Truncate every target (each slice on its own) by an exact SVD; swap in factored modules.
+
+    targets: a list of :class:`q3r.Target` (from :func:`q3r.find_targets`) or module-name
+    patterns (fused QKV sliced automatically). Targets are looked up by name, so targets
+    found on the original model also work with ``copy=True``.
+    fraction: f in (0, 1) keeps r = floor(f d1 d2 / (d1 + d2)) per slice; 1.0 keeps targets dense.
+    rank: one int rank for every slice (min(d1, d2) is allowed and is exact).
+    Neither: each target's ``target_rank`` under ``rank_rule``.
+    copy: compress a deep copy and leave ``model`` untouched (default: in place).
+
+    Returns (compressed model, :class:`CompressionReport`).
+    """
+    if fraction is not None and rank is not None:
+        raise ValueError(f"give fraction or rank, not both (got fraction={fraction!r}, rank={rank!r})")
+    targets = _resolve_targets(model, targets)
+    plans = [(t, _module_name(t), _slice_ranks(t, fraction, rank, rank_rule)) for t in targets]  # validate first
+    report = CompressionReport(model_params_before=count_parameters(model))
+    if copy:
+        model = copy_module.deepcopy(model)
+    for t, mod_name, ranks in plans:
+        module = model.get_submodule(mod_name)
+        for name, (d1, d2), r in zip(t.slice_names(), slice_shapes(t.param.shape, t.slice_dim, t.slices), ranks):
+            report.slices.append(SliceRecord(name, (d1, d2), r, d1 * d2, d1 * d2 if r is None else r * (d1 + d2)))
+        if all(r is None for r in ranks):
+            continue
+        parent_name, _, child = mod_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _factored_module(module, t, ranks))
+    report.model_params_after = count_parameters(model)
+    return model, report
+
+
+@torch.no_grad()
+def truncate_weights_(model: nn.Module, targets, *, fraction=None, rank=None, rank_rule: str = "params") -> nn.Module:
+    """The dense twin of :func:`compress`: overwrite each target slice by its SVD truncation.
+
+    Keeps the architecture (and parameter count); the outputs equal those of the compressed
+    model, which is what the tests check. Targets are looked up in ``model`` by name.
+    """
+    for t in _resolve_targets(model, targets):
+        ranks = _slice_ranks(t, fraction, rank, rank_rule)
+        param = model.get_parameter(t.name)  # by name, so targets found on another copy work
+        for view, r in zip(slice_views(param, t.slice_dim, t.slices), ranks):
+            if r is not None:
+                up, down = svd_truncate(view, r)
+                view.copy_(up @ down)
+    return model
+
+
+# ------------------------------------------------------------------ save / load
+
+_METADATA_KEY = "q3r.compressed"
+
+
+def _layout(model: nn.Module) -> dict:
+    """What load_compressed needs to rebuild the factored modules on a fresh dense model."""
+    layout = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LowRankFusedLinear):
+            layout[name] = dict(kind="fused", in_features=m.in_features, out_features=m.out_features,
+                                slice_dim=m.slice_dim, slices=[list(s) for s in m.slices], ranks=m.ranks, bias=m.bias is not None)
+        elif isinstance(m, LowRankLinear) and not any(name.startswith(f + ".") for f in layout):
+            layout[name] = dict(kind="linear", in_features=m.in_features, out_features=m.out_features,
+                                rank=m.rank, bias=m.bias is not None)
+    return layout
+
+
+def save_compressed(model: nn.Module, path: str, metadata: dict | None = None) -> None:
+    """Save a compressed model's weights and its factored layout to one safetensors file."""
+    from safetensors.torch import save_model
+
+    meta = {_METADATA_KEY: json.dumps(_layout(model))}
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    save_model(model, str(path), metadata=meta)
+
+
+def load_compressed(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
+    """Load a file from :func:`save_compressed` into a freshly built dense model of the same
+    architecture: the factored modules are rebuilt from the file's layout, then filled."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if _METADATA_KEY not in meta:
+        raise ValueError(f"{path} was not written by q3r.save_compressed (no {_METADATA_KEY!r} metadata)")
+    ref = next(iter(model.parameters()))
+    kw = dict(device=ref.device, dtype=ref.dtype)
+    for name, spec in json.loads(meta[_METADATA_KEY]).items():
+        if spec["kind"] == "fused":
+            new = LowRankFusedLinear(spec["in_features"], spec["out_features"], spec["slice_dim"],
+                                     [tuple(s) for s in spec["slices"]], spec["ranks"], bias=spec["bias"], **kw)
+        else:
+            new = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"], **kw)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    load_model(model, str(path), strict=strict)
+    return model

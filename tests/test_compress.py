@@ -1,0 +1,189 @@
+"""q3r.compress: factored modules reproduce the SVD-truncated dense model; full rank is exact."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import q3r
+from q3r.compress import (
+    LowRankFusedLinear,
+    LowRankLinear,
+    compress,
+    count_parameters,
+    load_compressed,
+    save_compressed,
+    svd_truncate,
+    truncate_weights_,
+)
+
+
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's Conv1D (weight (nx, nf), y = x @ W + b), re-declared so the test
+    needs no transformers; compress recognizes it by class name and ``nf``."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads  # makes find_targets slice qkv into Q, K, V rows
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj(torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v)
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.c_attn = Conv1D(3 * dim, dim)
+        self.c_proj = Conv1D(dim, dim)
+
+    def forward(self, x):
+        q, k, v = self.c_attn(x).split(x.shape[-1], dim=-1)
+        return self.c_proj(torch.softmax(q @ k.transpose(-1, -2), -1) @ v)
+
+
+class Toy(nn.Module):
+    def __init__(self, dim=24):
+        super().__init__()
+        self.attn = Attention(dim, num_heads=2)
+        self.gpt = GPTBlock(dim)
+        self.fc1 = nn.Linear(dim, 40)
+        self.fc2 = nn.Linear(40, 7)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        x = x + self.gpt(x)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+PATTERNS = ["attn.qkv", "gpt.c_attn", "gpt.c_proj", "fc1"]
+
+
+@pytest.fixture
+def model_and_input():
+    torch.manual_seed(0)
+    return Toy().double().eval(), torch.randn(3, 5, 24, dtype=torch.double)
+
+
+def test_svd_truncate_is_the_best_rank_r_approximation():
+    torch.manual_seed(1)
+    W = torch.randn(17, 11, dtype=torch.double)
+    up, down = svd_truncate(W, 4)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    torch.testing.assert_close(up @ down, U[:, :4] @ torch.diag(S[:4]) @ Vh[:4])
+
+
+@pytest.mark.parametrize("fraction", [0.6, 0.4, 0.2, 0.1])
+def test_compressed_outputs_equal_truncated_dense(model_and_input, fraction):
+    model, x = model_and_input
+    targets = q3r.find_targets(model, PATTERNS)
+    dense = truncate_weights_(copy.deepcopy(model), PATTERNS, fraction=fraction)
+    small, report = compress(model, targets, fraction=fraction, copy=True)
+    torch.testing.assert_close(small(x), dense(x))
+    assert isinstance(small.attn.qkv, LowRankFusedLinear) and isinstance(small.gpt.c_attn, LowRankFusedLinear)
+    assert isinstance(small.fc1, LowRankLinear) and isinstance(small.gpt.c_proj, LowRankLinear)
+    assert isinstance(model.attn.qkv, nn.Linear)  # copy=True leaves the original alone
+    # Each slice gets r = floor(f d1 d2 / (d1 + d2)) and the counts add up.
+    for s in report.slices:
+        d1, d2 = s.shape
+        assert s.rank == int(fraction * d1 * d2 // (d1 + d2)) and s.kept_params == s.rank * (d1 + d2)
+    assert report.model_params_after == count_parameters(small)
+    assert report.model_params_before - report.model_params_after == report.target_params_before - report.target_params_after
+    assert report.target_fraction_kept <= fraction
+    assert "whole model" in report.table() and "attn.qkv.weight[q]" in report.table()
+
+
+def test_full_rank_equals_original_and_bias_is_kept(model_and_input):
+    model, x = model_and_input
+    expected = model(x)
+    small, _ = compress(model, PATTERNS, rank=24)
+    assert small is model  # in place by default
+    torch.testing.assert_close(small(x), expected)
+    assert small.attn.qkv.bias is not None and small.gpt.c_attn.bias is not None
+
+
+def test_fraction_one_keeps_dense_weights(model_and_input):
+    model, x = model_and_input
+    expected = model(x)
+    small, report = compress(model, PATTERNS, fraction=1.0)
+    assert isinstance(small.attn.qkv, nn.Linear)
+    assert report.model_params_after == report.model_params_before
+    torch.testing.assert_close(small(x), expected)
+
+
+def test_target_rank_is_used_when_neither_given(model_and_input):
+    model, _ = model_and_input
+    targets = q3r.find_targets(model, ["fc1"], target_rank=3)
+    small, report = compress(model, targets)
+    assert small.fc1.rank == 3 and report.slices[0].rank == 3
+
+
+def test_partial_slices_leave_gaps_dense():
+    torch.manual_seed(2)
+    lin = nn.Sequential(nn.Linear(10, 12)).double()
+    x = torch.randn(4, 10, dtype=torch.double)
+    for slice_dim, cuts in [(0, [(2, 6), (8, 12)]), (1, [(0, 4), (5, 9)])]:
+        model = copy.deepcopy(lin)
+        targets = q3r.find_targets(model, ["0"], target_rank=1, slices={"0": (slice_dim, cuts)})
+        dense = truncate_weights_(copy.deepcopy(model), targets, rank=2)
+        small, _ = compress(model, targets, rank=2)
+        assert isinstance(small[0], LowRankFusedLinear)
+        torch.testing.assert_close(small(x), dense(x))
+        torch.testing.assert_close(small[0].dense_weight(), dense[0].weight)
+
+
+def test_save_and_load_roundtrip(tmp_path, model_and_input):
+    model, x = model_and_input
+    fresh = copy.deepcopy(model)
+    small, _ = compress(model, PATTERNS, fraction=0.3)
+    path = tmp_path / "small.safetensors"
+    save_compressed(small, path, metadata={"fraction": 0.3})
+    loaded = load_compressed(fresh, path)
+    torch.testing.assert_close(loaded(x), small(x))
+    assert count_parameters(loaded) == count_parameters(small)
+
+
+def test_load_rejects_plain_safetensors(tmp_path, model_and_input):
+    from safetensors.torch import save_model
+
+    model, _ = model_and_input
+    save_model(model, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="save_compressed"):
+        load_compressed(copy.deepcopy(model), tmp_path / "plain.safetensors")
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(fraction=0.0), ValueError),
+    (dict(fraction=1.5), ValueError),
+    (dict(rank=25), ValueError),
+    (dict(rank=2.5), TypeError),
+    (dict(fraction=0.5, rank=2), ValueError),
+])
+def test_bad_arguments_fail_before_any_change(model_and_input, kwargs, error):
+    model, _ = model_and_input
+    with pytest.raises(error):
+        compress(model, PATTERNS, **kwargs)
+    assert isinstance(model.attn.qkv, nn.Linear) and isinstance(model.fc1, nn.Linear)
+
+
+def test_compressed_model_trains_and_keeps_bf16():
+    torch.manual_seed(3)
+    model = Toy().to(torch.bfloat16)
+    small, _ = compress(model, PATTERNS, fraction=0.4)
+    assert small.fc1.up.dtype == torch.bfloat16
+    small(torch.randn(2, 5, 24, dtype=torch.bfloat16)).float().sum().backward()
+    assert small.attn.qkv.blocks[0].up.grad is not None
