@@ -67,7 +67,7 @@ def reweighting_coefficients(sigma: Tensor, eps) -> Tensor:
 def project(X: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
     """A = U^T X  (..., k, d2) and B = X V  (..., d1, k): the only reads of X that R needs."""
     X = X.to(compute_dtype(X.dtype))
-    return U.transpose(-1, -2) @ X, X @ V
+    return U.to(X.dtype).transpose(-1, -2) @ X, X @ V.to(X.dtype)
 
 
 def apply_reweighting(X: Tensor, U: Tensor, V: Tensor, d: Tensor) -> Tensor:
@@ -77,6 +77,7 @@ def apply_reweighting(X: Tensor, U: Tensor, V: Tensor, d: Tensor) -> Tensor:
     Returns the compute dtype (float32 or float64); the caller casts.
     """
     X = X.to(compute_dtype(X.dtype))
+    U, V, d = U.to(X.dtype), V.to(X.dtype), d.to(X.dtype)
     A, B = project(X, U, V)
     C = A @ V
     Vt = V.transpose(-1, -2)
@@ -92,6 +93,7 @@ def penalty_value(X: Tensor, U: Tensor, V: Tensor, d: Tensor) -> Tensor:
     Shape (...,).
     """
     X = X.to(compute_dtype(X.dtype))
+    U, V, d = U.to(X.dtype), V.to(X.dtype), d.to(X.dtype)
     A, B = project(X, U, V)
     C = A @ V
     dd = d.unsqueeze(-1) * d.unsqueeze(-2)

@@ -1,0 +1,223 @@
+"""AdamQ3R against torch.optim.Adam, against a hand-written decoupled step, and across resume."""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+import q3r
+from helpers import TinyViT, dense_reweighting, sigma_next
+
+
+def _batch(seed, n=6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _train(model, opt, steps, start=0, closure=False):
+    for i in range(start, start + steps):
+        x, y = _batch(i)
+
+        def loss_fn():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        if closure:
+            opt.step(loss_fn)
+        else:
+            loss_fn()
+            opt.step()
+
+
+def _targets(model, rank=3):
+    return q3r.find_targets(model, ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"], target_rank=rank)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_lambda_zero_is_adam_bit_for_bit(weight_decay):
+    torch.manual_seed(0)
+    a = TinyViT()
+    b = copy.deepcopy(a)
+    groups = q3r.param_groups(a, _targets(a), weight_decay=weight_decay, lmbda=0.0, steps=2)
+    ours = q3r.AdamQ3R(groups, lr=3e-3, betas=(0.8, 0.99), eps=1e-7)
+    target_ids = {id(p) for g in groups if g.get("q3r") for p in g["params"]}
+    names = {id(p): n for n, p in a.named_parameters()}
+    b_params = dict(b.named_parameters())
+    theirs = torch.optim.AdamW(
+        [
+            {"params": [b_params[names[id(p)]] for p in a.parameters() if id(p) not in target_ids], "weight_decay": weight_decay},
+            {"params": [b_params[names[id(p)]] for p in a.parameters() if id(p) in target_ids], "weight_decay": 0.0},
+        ],
+        lr=3e-3, betas=(0.8, 0.99), eps=1e-7, foreach=False,
+    )
+    _train(a, ours, 7)
+    _train(b, theirs, 7)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+
+
+def _hand_written_run(model, steps, lr, lmbda, T, rank, betas=(0.9, 0.999), adam_eps=1e-3):
+    """Independent decoupled AdamQ3R: float64 dense R per slice, min schedule.
+
+    adam_eps is large because the K-part of a qkv bias gets a gradient of pure rounding noise
+    (softmax ignores it), which Adam with a tiny eps would amplify into O(lr) differences.
+    """
+    slicing = {id(t.param): t.slices or [None] for t in _targets(model, rank)}
+    m = {id(p): torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()}
+    v = {id(p): torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()}
+    eps, anchor = {}, {}
+    for t in range(steps):
+        x, y = _batch(t)
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                k, g, W_prev = id(p), p.grad.double(), p.detach().double().clone()
+                m[k] = betas[0] * m[k] + (1 - betas[0]) * g
+                v[k] = betas[1] * v[k] + (1 - betas[1]) * g * g
+                mhat = m[k] / (1 - betas[0] ** (t + 1))
+                vhat = v[k] / (1 - betas[1] ** (t + 1))
+                new = W_prev - lr * mhat / (vhat.sqrt() + adam_eps)
+                for j, cut in enumerate(slicing.get(k, [])):
+                    rows = slice(None) if cut is None else slice(*cut)
+                    if t % T == 0:
+                        eps[k, j] = min(eps.get((k, j), math.inf), sigma_next(W_prev[rows], rank))
+                        anchor[k, j] = W_prev[rows]
+                    new[rows] -= lr * 2 * lmbda * dense_reweighting(anchor[k, j], eps[k, j], W_prev[rows])
+                p.copy_(new.to(p.dtype))
+
+
+def test_lambda_positive_matches_hand_written_decoupled_step():
+    torch.manual_seed(1)
+    a = TinyViT()
+    b = copy.deepcopy(a)
+    opt = q3r.AdamQ3R(q3r.param_groups(a, _targets(a), lmbda=0.5, steps=3), lr=1e-2, eps=1e-3)
+    _train(a, opt, 8)
+    _hand_written_run(b, 8, lr=1e-2, lmbda=0.5, T=3, rank=3)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_q3r_term_is_evaluated_at_pre_step_weights_and_skips_adam_moments():
+    W = torch.nn.Parameter(torch.randn(8, 6))
+    opt = q3r.AdamQ3R([{"params": [W], "q3r": True, "target_rank": 2, "lmbda": 0.3}], lr=0.1)
+    W.grad = torch.randn(8, 6)
+    W_prev, g = W.detach().double(), W.grad.double()
+    opt.step()
+    eps = sigma_next(W_prev, 2)
+    adam = W_prev - 0.1 * g / (g.abs() + 1e-8)  # first Adam step: m_hat / sqrt(v_hat) = g / |g|
+    expected = adam - 0.1 * 2 * 0.3 * dense_reweighting(W_prev, eps, W_prev)
+    torch.testing.assert_close(W.detach().double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(opt.state[W]["exp_avg"].double(), 0.1 * g)  # no Q3R term in the moments
+
+
+def test_refresh_every_T_steps_from_step_zero_and_frozen_between():
+    torch.manual_seed(2)
+    model = TinyViT()
+    opt = q3r.AdamQ3R(q3r.param_groups(model, _targets(model), lmbda=0.1, steps=4), lr=1e-2)
+    qkv = model.blocks[0].attn.qkv.weight
+    seen = []
+    for t in range(9):
+        _train(model, opt, 1, start=t)
+        s = opt.state[qkv]["q3r"][0]
+        seen.append((int(s["refreshes"]), s["U"].clone()))
+    assert [r for r, _ in seen] == [1, 1, 1, 1, 2, 2, 2, 2, 3]
+    assert torch.equal(seen[0][1], seen[3][1]) and not torch.equal(seen[3][1], seen[4][1])
+
+
+def test_fused_slices_are_independent_targets():
+    torch.manual_seed(3)
+    model = TinyViT()
+    targets = q3r.find_targets(model, ["attn.qkv"], target_rank=2)
+    opt = q3r.AdamQ3R(q3r.param_groups(model, targets, lmbda=0.2, steps=2), lr=1e-2)
+    _train(model, opt, 3)
+    qkv = model.blocks[1].attn.qkv.weight
+    states = opt.state[qkv]["q3r"]
+    assert len(states) == 3
+    for j, s in enumerate(states):
+        W_slice = qkv.detach()[24 * j : 24 * (j + 1)]
+        assert s["U"].shape[0] == 24 and s["V"].shape[0] == 24
+        assert int((s["sigma"] > s["eps"]).sum()) >= 2
+    diag = opt.diagnostics()
+    assert "blocks.1.attn.qkv.weight[k]/envelope_rank" in diag and "blocks.1.attn.qkv.weight[v]/penalty" in diag
+    assert all(isinstance(v, float) and math.isfinite(v) for v in diag.values())
+
+
+def _build(seed=4, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = TinyViT().to(dtype)
+    opt = q3r.AdamQ3R(q3r.param_groups(model, _targets(model), weight_decay=0.01, lmbda=0.1, steps=3), lr=1e-2)
+    return model, opt
+
+
+def test_save_load_resume_is_bitwise_identical():
+    model, opt = _build()
+    _train(model, opt, 4)
+    buf_model, buf_opt = io.BytesIO(), io.BytesIO()
+    torch.save(model.state_dict(), buf_model)
+    torch.save(opt.state_dict(), buf_opt)
+    _train(model, opt, 6, start=4)  # uninterrupted
+
+    model2, opt2 = _build(seed=99)  # fresh objects, different init
+    buf_model.seek(0), buf_opt.seek(0)
+    model2.load_state_dict(torch.load(buf_model, weights_only=True))
+    opt2.load_state_dict(torch.load(buf_opt, weights_only=True))
+    _train(model2, opt2, 6, start=4)
+    for (n, p), q in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_state_dict_keeps_fp32_factors_for_bf16_weights():
+    model, opt = _build(dtype=torch.bfloat16)
+    for i in range(2):
+        x, y = _batch(i)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x.bfloat16()).float(), y).backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    model2, opt2 = _build(dtype=torch.bfloat16)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    s_old = opt.state[model.blocks[0].mlp.fc1.weight]["q3r"][0]
+    s_new = opt2.state[model2.blocks[0].mlp.fc1.weight]["q3r"][0]
+    assert s_new["U"].dtype == torch.float32 and s_new["eps"].dtype == torch.float32
+    for key in s_old:
+        torch.testing.assert_close(s_old[key], s_new[key], rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+def test_closure_and_params_without_grad():
+    model, opt = _build()
+    frozen = model.head.weight
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    _train(model, opt, 2, closure=True)
+    assert torch.equal(frozen, before) and frozen not in opt.state
+    assert int(opt.state[model.blocks[0].mlp.fc2.weight]["step"]) == 2
+
+
+def test_group_options_round_trip_through_state_dict():
+    model, opt = _build()
+    _train(model, opt, 1)
+    sd = opt.state_dict()
+    q_groups = [g for g in sd["param_groups"] if g.get("q3r")]
+    assert q_groups and all(g["steps"] == 3 and g["lmbda"] == 0.1 and g["eps_schedule"] == "min" for g in q_groups)
+    assert q_groups[0]["slices"] == [(0, 24), (24, 48), (48, 72)]
+
+
+@pytest.mark.parametrize("schedule, extra", [("geometric", dict(eps_floor=1e-2, num_refreshes=3)), ("track", {}), ("constant", dict(eps_value=0.3))])
+def test_eps_schedules_in_optimizer(schedule, extra):
+    model, _ = _build()
+    opt = q3r.AdamQ3R(q3r.param_groups(model, _targets(model), lmbda=0.1, steps=1, eps_schedule=schedule, **extra), lr=1e-2)
+    _train(model, opt, 4)
+    s = opt.state[model.blocks[0].mlp.fc1.weight]["q3r"][0]
+    if schedule == "geometric":
+        assert math.isclose(float(s["eps"]), max(float(s["eps0"]) * (1e-2 / float(s["eps0"])) ** (3 / 3), 1e-2), rel_tol=1e-5)
+    elif schedule == "constant":
+        assert math.isclose(float(s["eps"]), 0.3, rel_tol=1e-6)
+    else:
+        assert math.isclose(float(s["eps"]), float(s["sigma_next"]), rel_tol=1e-6)
