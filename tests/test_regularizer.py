@@ -1,0 +1,162 @@
+"""Q3R for any optimizer: autograd penalty, in-place gradient, attach, checkpoints."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+import q3r
+from q3r import reference
+from helpers import TinyViT, dense_reweighting, sigma_next
+
+INCLUDE = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+
+def _batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(6, 4, 5, generator=g), torch.randint(0, 3, (6,), generator=g)
+
+
+def _task_loss(model, seed):
+    x, y = _batch(seed)
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def test_penalty_gradient_is_two_lambda_R():
+    torch.manual_seed(0)
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.7, steps=5)
+    value = reg.penalty()
+    value.backward()
+    qkv = model.blocks[0].attn.qkv.weight
+    for j in range(3):
+        W = qkv.detach()[24 * j : 24 * (j + 1)]
+        eps = sigma_next(W, 3)
+        expected = 2 * 0.7 * dense_reweighting(W, eps, W)
+        torch.testing.assert_close(qkv.grad[24 * j : 24 * (j + 1)].double(), expected, rtol=1e-5, atol=1e-6)
+    # the value is lambda * sum <W, R(W)>, and non-target parameters get no gradient
+    assert model.head.weight.grad is None and model.blocks[0].attn.qkv.bias.grad is None
+    expected_value = sum(
+        0.7 * float((W * dense_reweighting(W, sigma_next(W, 3), W)).sum())
+        for t in reg.targets
+        for W in q3r.targets.slice_views(t.param.detach(), t.slice_dim, t.slices)
+    )
+    assert abs(float(value) - expected_value) < 1e-4 * expected_value
+
+
+def test_in_place_mode_equals_autograd_mode():
+    torch.manual_seed(1)
+    a = TinyViT()
+    b = copy.deepcopy(a)
+    reg_a = q3r.Q3R(q3r.find_targets(a, INCLUDE, target_rank=3), lmbda=0.3, steps=2)
+    reg_b = q3r.Q3R(q3r.find_targets(b, INCLUDE, target_rank=3), lmbda=0.3, steps=2)
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.05)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.05)
+    for step in range(5):
+        opt_a.zero_grad()
+        (_task_loss(a, step) + reg_a.penalty()).backward()
+        opt_a.step()
+        opt_b.zero_grad()
+        _task_loss(b, step).backward()
+        reg_b.add_grad_()
+        opt_b.step()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    assert reg_a.num_steps == reg_b.num_steps == 5
+
+
+def test_attach_adds_gradient_inside_step_and_refreshes_every_T():
+    torch.manual_seed(2)
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.2, steps=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    reg.attach(opt)
+    fc1 = model.blocks[0].mlp.fc1.weight
+    refreshes = []
+    for step in range(7):
+        opt.zero_grad()
+        _task_loss(model, step).backward()
+        grad_before = fc1.grad.clone()
+        W = fc1.detach().clone()
+        opt.step()
+        s = reg.state["blocks.0.mlp.fc1.weight"][0]
+        refreshes.append(int(s["refreshes"]))
+        added = fc1.grad - grad_before
+        torch.testing.assert_close(added, 0.4 * reference.apply_reweighting(W, *q3r.refresh.operator_of(s)), rtol=1e-5, atol=1e-7)
+    assert refreshes == [1, 1, 1, 2, 2, 2, 3]
+
+
+def test_attach_rejects_target_outside_optimizer():
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3))
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="blocks.0.attn.qkv.weight is not among the optimizer's parameters"):
+        reg.attach(opt)
+
+
+def test_in_place_gradient_touches_only_the_slices_and_keeps_the_buffer():
+    torch.manual_seed(3)
+    W = torch.nn.Parameter(torch.randn(37, 53))
+    target = q3r.Target("w", W, slice_dim=0, slices=[(0, 11), (11, 24), (26, 37)], target_rank=[2, 3, 4])
+    reg = q3r.Q3R([target], lmbda=0.5)
+    W.grad = torch.randn(37, 53)
+    before, storage = W.grad.clone(), W.grad.data_ptr()
+    reg.add_grad_()
+    assert W.grad.data_ptr() == storage
+    assert torch.equal(W.grad[24:26], before[24:26])  # the uncovered rows are untouched
+    for (a, b), rank in zip(target.slices, [2, 3, 4]):
+        Wj = W.detach()[a:b]
+        expected = before[a:b].double() + 2 * 0.5 * dense_reweighting(Wj, sigma_next(Wj, rank), Wj)
+        torch.testing.assert_close(W.grad[a:b].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_column_slices():
+    torch.manual_seed(4)
+    W = torch.nn.Parameter(torch.randn(20, 45))
+    target = q3r.Target("c_attn", W, slice_dim=1, slices=[(0, 15), (15, 30), (30, 45)], target_rank=3)
+    reg = q3r.Q3R([target], lmbda=1.0)
+    reg.penalty().backward()
+    for a, b in target.slices:
+        Wj = W.detach()[:, a:b]
+        torch.testing.assert_close(W.grad[:, a:b].double(), 2 * dense_reweighting(Wj, sigma_next(Wj, 3), Wj), rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_round_trip_resumes_identically():
+    torch.manual_seed(5)
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.2, steps=3)
+    for _ in range(4):
+        reg.penalty()
+    buf = io.BytesIO()
+    torch.save(reg.state_dict(), buf)
+    buf.seek(0)
+    reg2 = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.2, steps=3)
+    reg2.load_state_dict(torch.load(buf, weights_only=True))
+    assert reg2.num_steps == 4
+    for _ in range(3):
+        assert torch.equal(reg.penalty(), reg2.penalty())
+
+
+def test_state_dict_from_other_model_is_rejected_without_change():
+    reg = q3r.Q3R(q3r.find_targets(TinyViT(dim=24), INCLUDE, target_rank=3))
+    other = q3r.Q3R(q3r.find_targets(TinyViT(dim=32), INCLUDE, target_rank=3))
+    other.penalty()
+    before = {k: [dict(s) for s in v] for k, v in reg.state.items()}
+    with pytest.raises(ValueError, match="do not fit"):
+        reg.load_state_dict(other.state_dict())
+    assert reg.num_steps == 0 and all(before[k][0]["U"] is reg.state[k][0]["U"] for k in before)
+
+
+def test_diagnostics_report_every_slice():
+    torch.manual_seed(6)
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.1)
+    reg.penalty()
+    diag = reg.diagnostics()
+    assert diag["blocks.0.attn.qkv.weight[q]/envelope_rank"] == 3.0
+    W = model.blocks[0].attn.qkv.weight.detach()[:24]
+    assert abs(diag["blocks.0.attn.qkv.weight[q]/sigma_next"] - sigma_next(W, 3)) < 1e-5
+    s = torch.linalg.svdvals(W.double())
+    assert abs(diag["blocks.0.attn.qkv.weight[q]/tail_energy"] - float(s[3:].square().sum() / s.square().sum())) < 1e-6
+    assert 1 <= diag["blocks.0.attn.qkv.weight[q]/effective_rank"] <= 24

@@ -1,0 +1,177 @@
+"""Target selection (patterns, fused QKV) and every bad input of SPEC section 5."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import q3r
+from helpers import TinyViT
+
+
+def test_patterns_exact_suffix_and_regex():
+    model = TinyViT(depth=3)
+    names = [t.name for t in q3r.find_targets(model, ["mlp.fc1"])]
+    assert names == [f"blocks.{i}.mlp.fc1.weight" for i in range(3)]
+    names = [t.name for t in q3r.find_targets(model, [r"blocks\.[02]\.attn\.proj"])]
+    assert names == ["blocks.0.attn.proj.weight", "blocks.2.attn.proj.weight"]
+    names = [t.name for t in q3r.find_targets(model, r"blocks\.\d+\.mlp\.fc\d", exclude=["blocks.1.mlp.fc2"])]
+    assert "blocks.1.mlp.fc2.weight" not in names and len(names) == 5
+
+
+def test_timm_style_qkv_is_split_into_row_slices():
+    model = TinyViT(dim=24)
+    (t,) = q3r.find_targets(model, ["blocks.0.attn.qkv"])
+    assert (t.slice_dim, t.slices) == (0, [(0, 24), (24, 48), (48, 72)])
+    assert t.slice_names() == [f"blocks.0.attn.qkv.weight[{x}]" for x in "qkv"]
+    (t,) = q3r.find_targets(model, ["blocks.0.attn.qkv"], fused="none")
+    assert t.slices is None
+
+
+def test_rank_overrides_and_per_slice_ranks():
+    model = TinyViT(dim=24)
+    targets = q3r.find_targets(model, ["attn.qkv", "mlp.fc1"], target_rank=0.25, rank_overrides={"mlp.fc1": 5})
+    assert {t.name: t.target_rank for t in targets}["blocks.0.mlp.fc1.weight"] == 5
+    opt = q3r.AdamQ3R(q3r.param_groups(model, targets), lr=1e-3)
+    qkv_group = next(g for g in opt.param_groups if (g.get("names") or [""])[0].startswith("blocks.0.attn.qkv"))
+    assert qkv_group["target_rank"] == 0.25
+
+
+def test_hugging_face_gpt2_c_attn_is_split_into_column_slices():
+    transformers = pytest.importorskip("transformers", reason="transformers is installed by .ci/run")
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=50)
+    model = transformers.GPT2LMHeadModel(config)
+    targets = q3r.find_targets(model, ["attn.c_attn", "mlp.c_fc"], target_rank=4)
+    c_attn = next(t for t in targets if t.name.endswith("h.0.attn.c_attn.weight"))
+    assert (c_attn.slice_dim, c_attn.slices) == (1, [(0, 32), (32, 64), (64, 96)])
+    opt = q3r.AdamQ3R(q3r.param_groups(model, targets, lmbda=0.1, steps=2), lr=1e-3)
+    ids = torch.randint(0, 50, (2, 8))
+    for _ in range(3):
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    states = opt.state[c_attn.param]["q3r"]
+    assert [tuple(s["U"].shape[:1]) + tuple(s["V"].shape[:1]) for s in states] == [(32, 32)] * 3
+    assert all(int((s["sigma"] > s["eps"]).sum()) >= 4 for s in states)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_non_2d_target_is_rejected():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match=r"0\.weight has shape \(4, 3, 3, 3\)"):
+        q3r.find_targets(model, ["0"])
+    bias = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        q3r.AdamQ3R([{"params": [bias], "q3r": True}])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"lmbda": -0.1}, "lmbda must be a finite number >= 0, got -0.1"),
+        ({"lmbda": float("nan")}, "lmbda"),
+        ({"steps": 0}, "steps .* got 0"),
+        ({"steps": 2.5}, "steps .* got 2.5"),
+        ({"eps_schedule": "cosine"}, "eps_schedule .* got 'cosine'"),
+        ({"eps_schedule": "constant"}, "eps_value"),
+        ({"eps_schedule": "geometric", "eps_floor": 1e-3}, "num_refreshes"),
+        ({"target_rank": 8}, "target_rank .* rank 8 for a 10x8 matrix"),
+        ({"target_rank": 1.5}, r"target_rank .* \(0, 1\), got 1.5"),
+        ({"rank_rule": "max"}, "rank_rule"),
+        ({"refresh": "magic"}, "refresh"),
+        ({"slices": [(0, 6), (5, 10)], "target_rank": 2}, "overlap"),
+        ({"slices": [(0, 11)], "target_rank": 2}, "out of bounds"),
+        ({"slices": [(4, 4)], "target_rank": 2}, "out of bounds"),
+        ({"slice_dim": 2, "slices": [(0, 5)]}, "slice_dim"),
+    ],
+)
+def test_bad_q3r_options_raise_and_change_nothing(options, message):
+    p = torch.nn.Parameter(torch.randn(10, 8))
+    q = torch.nn.Parameter(torch.randn(3))
+    opt = q3r.AdamQ3R([{"params": [q]}], lr=1e-3)
+    before = copy.deepcopy(opt.param_groups)
+    with pytest.raises((ValueError, TypeError), match=message):
+        opt.add_param_group({"params": [p], "q3r": True, **options})
+    assert len(opt.param_groups) == len(before) and opt.param_groups[0]["params"][0] is q
+    with pytest.raises((ValueError, TypeError), match=message):
+        q3r.AdamQ3R([{"params": [p], "q3r": True, **options}])
+    regularizer_options = {k: v for k, v in options.items() if k not in ("slices", "slice_dim", "target_rank")}
+    if regularizer_options:
+        with pytest.raises((ValueError, TypeError), match=message):
+            q3r.Q3R([q3r.Target("p", p)], **regularizer_options)
+
+
+def test_bad_optimizer_hyperparameters():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    for kwargs, message in [({"lr": -1.0}, "lr=-1.0"), ({"betas": (0.9, 1.0)}, "betas"), ({"eps": -1.0}, "eps=-1.0"), ({"weight_decay": -0.1}, "weight_decay")]:
+        with pytest.raises(ValueError, match=message):
+            q3r.AdamQ3R([p], **kwargs)
+    with pytest.raises(TypeError, match="unknown arguments"):
+        q3r.AdamQ3R([p], lambda_=0.1)
+
+
+def test_bad_target_selection():
+    model = TinyViT()
+    with pytest.raises(ValueError, match="matched no module"):
+        q3r.find_targets(model, ["does.not.exist"])
+    with pytest.raises(ValueError, match="overlap"):
+        q3r.find_targets(model, ["blocks.0.mlp.fc1"], slices={"fc1": (0, [(0, 30), (20, 48)])})
+    with pytest.raises(ValueError, match="target_rank"):
+        q3r.find_targets(model, ["mlp.fc1"], target_rank=24)
+    with pytest.raises(ValueError, match="fused"):
+        q3r.find_targets(model, ["mlp.fc1"], fused="yes")
+
+
+def _trained(seed, dim=24):
+    torch.manual_seed(seed)
+    model = TinyViT(dim=dim)
+    targets = q3r.find_targets(model, ["attn.qkv", "mlp.fc1"], target_rank=3)
+    opt = q3r.AdamQ3R(q3r.param_groups(model, targets, lmbda=0.1, steps=2), lr=1e-2)
+    x = torch.randn(4, 3, 5)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+    return model, opt
+
+
+def test_state_dict_from_a_different_model_is_rejected_before_any_change():
+    _, opt = _trained(0)
+    _, other = _trained(1, dim=32)
+    snapshot = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in opt.state.items()}
+    with pytest.raises(ValueError, match="different model"):
+        opt.load_state_dict(other.state_dict())
+    for p, s in opt.state.items():
+        assert torch.equal(s["exp_avg"], snapshot[id(p)]["exp_avg"])
+        if "q3r" in s:
+            assert s["q3r"][0]["U"].shape == snapshot[id(p)]["q3r"][0]["U"].shape
+    fewer = other.state_dict()
+    fewer["param_groups"] = fewer["param_groups"][:-1]
+    with pytest.raises(ValueError, match="param groups"):
+        opt.load_state_dict(fewer)
+
+
+def test_non_finite_weights_skip_the_refresh_keep_factors_and_warn_once():
+    model, opt = _trained(2)  # 2 steps with period 2: the next step refreshes
+    fc1 = model.blocks[0].mlp.fc1.weight
+    good = {k: v.clone() for k, v in opt.state[fc1]["q3r"][0].items()}
+    with torch.no_grad():
+        fc1[0, 0] = float("nan")
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):  # two refreshes fall in these steps
+            for p in model.parameters():  # finite gradients, so only fc1 is non-finite
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+    messages = [str(w.message) for w in caught if "non-finite" in str(w.message)]
+    assert len(messages) == 1 and "blocks.0.mlp.fc1.weight" in messages[0]
+    state = opt.state[fc1]["q3r"][0]
+    for key in ("U", "V", "sigma", "eps", "refreshes"):
+        assert torch.equal(state[key], good[key]), key
+    assert int(opt.state[fc1]["step"]) == 6  # the steps themselves still ran
+    other = opt.state[model.blocks[1].mlp.fc1.weight]["q3r"][0]
+    assert int(other["refreshes"]) == 3 and bool(torch.isfinite(other["U"]).all())
