@@ -6,6 +6,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
+from .. import distributed
 from ..config import Q3R_DEFAULTS, default_names, slice_configs, validate_q3r_options
 from ..diagnostics import slice_diagnostics
 from ..refresh import new_slice_state, operator_of, refresh_slices_
@@ -112,6 +113,14 @@ class AdamQ3R(Optimizer):
 
     def refresh(self, due: list[tuple[torch.Tensor, dict]]) -> None:
         """Refresh the factors of the given (parameter, group) pairs from their current weights."""
+        sharded = [(p, group) for p, group in due if distributed.is_sharded(p)]
+        if sharded:  # FSDP2: a randomized refresh on the local rows (q3r.distributed.sharded)
+            distributed.refresh_sharded_(
+                [p for p, _ in sharded], [(g["slice_dim"], g["slices"]) for _, g in sharded],
+                [self.state[p]["q3r"] for p, _ in sharded], [self._group_configs(g, p) for p, g in sharded],
+                warned=self._nonfinite_warned,
+            )
+            due = [(p, group) for p, group in due if not distributed.is_sharded(p)]
         by_method: dict[str, tuple[list, list, list]] = {}
         for p, group in due:
             views = slice_views(p.detach(), group["slice_dim"], group["slices"])
@@ -120,7 +129,8 @@ class AdamQ3R(Optimizer):
             bucket[1].extend(self.state[p]["q3r"])
             bucket[2].extend(self._group_configs(group, p))
         for method, (weights, states, configs) in by_method.items():
-            refresh_slices_(weights, states, configs, method=method, warned=self._nonfinite_warned)
+            # divided across ranks under DDP, plain refresh_slices_ otherwise
+            distributed.refresh_slices_(weights, states, configs, method=method, warned=self._nonfinite_warned)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -152,7 +162,10 @@ class AdamQ3R(Optimizer):
         self.refresh(due)
         for work, state in q3r_works:
             work.operators = [operator_of(s) for s in state["q3r"]]
-        adamq3r_step_(works)
+        if any(distributed.is_sharded(w.param) for w in works):
+            distributed.sharded_adamq3r_step_(works)  # FSDP2: local shards, one all-reduce per step
+        else:
+            adamq3r_step_(works)
         return loss
 
     # ------------------------------------------------------------ diagnostics
@@ -224,7 +237,8 @@ class AdamQ3R(Optimizer):
             raise ValueError(f"state_dict {where}: {len(slices)} Q3R slice states for {len(shapes)} slices")
         for s, (d1, d2) in zip(slices, shapes):
             k = s["sigma"].shape[0]
-            if tuple(s["U"].shape) != (d1, k) or tuple(s["V"].shape) != (d2, k):
+            rows = p.shape[0] if distributed.is_sharded(s["U"]) else d1  # sharded U: parameter rows
+            if tuple(s["U"].shape) != (rows, k) or tuple(s["V"].shape) != (d2, k):
                 raise ValueError(
                     f"state_dict {where}: factors of shapes U {tuple(s['U'].shape)}, V {tuple(s['V'].shape)} "
                     f"do not fit a {d1}x{d2} slice: it comes from a different model"

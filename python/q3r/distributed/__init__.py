@@ -1,0 +1,82 @@
+"""Q3R under torch.distributed: DDP (replicated weights) and FSDP2 (row-sharded DTensors).
+
+* Replicated (DDP, or any run in which every rank holds the same weights): a refresh divides
+  the targets among the ranks, balanced by decomposition cost, and exchanges the new factors
+  in two all_gathers; between refreshes nothing is communicated
+  (:func:`refresh_slices_`, :mod:`.replicated`).
+* Sharded (FSDP2 ``fully_shard``: DTensor parameters with Shard(0)): the per-step term needs one
+  all-reduce of the small U^T W matrices for all targets; the refresh is a randomized range finder
+  on the local rows with all-reduces of k x k and k x d2 matrices (:mod:`.sharded`).
+
+AdamQ3R and Q3R dispatch here by themselves; users only set up DDP / FSDP2 as usual.
+:mod:`.comm` counts every collective q3r issues.
+"""
+
+from __future__ import annotations
+
+from . import comm
+from .replicated import assign_by_cost, refresh_cost, refresh_slices_replicated_
+from .sharded import (
+    SKETCH,
+    ShardedTerms,
+    SketchOptions,
+    is_sharded,
+    refresh_sharded_,
+    sharded_add_grad_,
+    sharded_adamq3r_step_,
+)
+
+__all__ = [
+    "SKETCH",
+    "ShardedTerms",
+    "SketchOptions",
+    "assign_by_cost",
+    "comm",
+    "configure",
+    "is_replicated_distributed",
+    "is_sharded",
+    "refresh_cost",
+    "refresh_sharded_",
+    "refresh_slices_",
+    "refresh_slices_replicated_",
+    "sharded_add_grad_",
+    "sharded_adamq3r_step_",
+]
+
+_REPLICATED = {"enabled": True, "group": None}
+
+
+def configure(*, replicated: bool | None = None, group=None, oversample: int | None = None,
+              power_iters: int | None = None, seed: int | None = None) -> None:
+    """Process-wide settings.
+
+    replicated: divide refreshes of plain (non-DTensor) targets across ranks when
+    torch.distributed is initialized (default True; set False when ranks train different
+    weights, e.g. independent runs that share a process group). group: the process group of
+    the replicas (default: the world). oversample / power_iters / seed: the randomized
+    refresh of sharded targets (sketch width = rank + oversample, capped at min(d1, d2)).
+    """
+    if replicated is not None:
+        _REPLICATED["enabled"] = bool(replicated)
+    if group is not None:
+        _REPLICATED["group"] = group
+    for name, value in (("oversample", oversample), ("power_iters", power_iters), ("seed", seed)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"q3r.distributed.configure: {name} must be an int >= 0, got {value!r}")
+        setattr(SKETCH, name, value)
+
+
+def is_replicated_distributed() -> bool:
+    """True when refreshes of plain targets are divided across ranks (world size > 1)."""
+    return _REPLICATED["enabled"] and comm.world_size(_REPLICATED["group"]) > 1
+
+
+def refresh_slices_(weights, states, configs, method: str = "exact", warned: set | None = None) -> list[bool]:
+    """:func:`q3r.refresh.refresh_slices_`, divided across ranks when running data-parallel."""
+    if is_replicated_distributed():
+        return refresh_slices_replicated_(weights, states, configs, method, warned, _REPLICATED["group"])
+    from ..refresh import refresh_slices_ as local
+
+    return local(weights, states, configs, method=method, warned=warned)

@@ -1,0 +1,281 @@
+"""Q3R on weights sharded by FSDP2 (``fully_shard``): DTensors with ``Shard(0)`` on a 1-D mesh.
+
+Nothing ever gathers a full weight. Each rank holds rows [start, stop) of a target W (torch.chunk
+layout). For a slice with factors U (d1 x k, row-sharded like W), V (d2 x k, replicated), d:
+
+    A = U^T X = sum_r U_r^T X_r          one all-reduce of k x d2 (all targets batched: one
+                                          collective per step)
+    B_r = X_r V,  C = A V                 local
+    R(X)_r = X_r + (U_r diag d)(A + C diag(d) V^T) + B_r diag(d) V^T      local
+
+The refresh runs the randomized range finder of :mod:`.rangefinder` on the local rows.
+
+Layout of the factors, chosen so that torch.distributed.checkpoint saves and reshards them:
+U of every slice is a DTensor of shape (rows of the *parameter*, k), Shard(0), i.e. stored in
+the parameter's row coordinates and sharded exactly like the weight; for a row slice
+(timm qkv) the rows outside the slice are zero. The width k is the sketch width
+(target rank + oversampling), fixed for the whole run, so a checkpoint template built before
+loading has the shapes of the saved factors. V, sigma and the scalars are plain tensors,
+identical on every rank (DCP treats them as replicated).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..refresh import SliceConfig, _warn_nonfinite
+from ..targets import slice_shapes
+from . import comm
+from .rangefinder import gaussian_sketch, range_finder_svd, sketch_width
+
+try:  # DTensor is public since torch 2.4; keep `import q3r` working without it
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover
+    DTensor, Shard = None, None
+
+__all__ = ["SketchOptions", "SKETCH", "is_sharded", "row_range", "local_slices", "refresh_sharded_", "ShardedTerms"]
+
+
+@dataclass
+class SketchOptions:
+    """Randomized refresh of sharded targets: sketch width = rank + oversample (capped at
+    min(d1, d2); a cap reached means the exact SVD up to rounding), ``power_iters`` passes."""
+
+    oversample: int = 16
+    power_iters: int = 2
+    seed: int = 0
+
+
+SKETCH = SketchOptions()
+
+
+def is_sharded(t) -> bool:
+    """True for a DTensor (FSDP2 parameter, its gradient or optimizer state)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _group(p):
+    return p.device_mesh.get_group()
+
+
+def row_range(p) -> tuple[int, int]:
+    """Rows [start, stop) of the parameter p held by this rank (torch.chunk layout of Shard(0))."""
+    mesh = p.device_mesh
+    if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise NotImplementedError(
+            f"q3r supports sharded targets as DTensors with placements (Shard(0),) on a 1-D mesh "
+            f"(FSDP2 fully_shard defaults), got placements {tuple(p.placements)} on a {mesh.ndim}-D mesh"
+        )
+    n, world, me = p.shape[0], mesh.size(), mesh.get_local_rank()
+    chunk = -(-n // world)
+    start = min(me * chunk, n)
+    stop = min(start + chunk, n)
+    if p.to_local().shape[0] != stop - start:
+        raise NotImplementedError(f"q3r: unexpected uneven sharding of a {tuple(p.shape)} target (local rows {p.to_local().shape[0]})")
+    return start, stop
+
+
+def local_slices(local: Tensor, start: int, slice_dim: int, slices) -> list[tuple[Tensor, int, int]]:
+    """Per slice: (this rank's part of the slice, a view of ``local``; first and past-last local
+    row it covers). A row slice that crosses a shard boundary is split between the ranks; a
+    rank that holds none of its rows gets an empty view."""
+    n = local.shape[0]
+    if slices is None:
+        return [(local, 0, n)]
+    out = []
+    for a, b in slices:
+        if slice_dim == 1:
+            out.append((local.narrow(1, a, b - a), 0, n))
+        else:
+            lo = min(max(a - start, 0), n)
+            hi = max(min(b - start, n), lo)
+            out.append((local.narrow(0, lo, hi - lo), lo, hi))
+    return out
+
+
+def _seed(name: str, refreshes: int) -> int:
+    """The same on every rank: depends only on the slice's name and refresh count."""
+    return (SKETCH.seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + refreshes) % (2**63 - 1)
+
+
+def _local_U(U, lo: int, hi: int) -> Tensor:
+    return U.to_local()[lo:hi] if is_sharded(U) else U[lo:hi]
+
+
+@torch.no_grad()
+def refresh_sharded_(
+    params: list,
+    slicings: list[tuple[int, list | None]],
+    states: list[list[dict[str, Tensor]]],
+    configs: list[list[SliceConfig]],
+    warned: set | None = None,
+) -> None:
+    """Refresh the factors of sharded targets in place: params[i] is a DTensor, slicings[i]
+    its (slice_dim, slices), states[i] / configs[i] one entry per slice. Collective: every rank
+    calls it with the same targets in the same order."""
+    by_group: dict[int, list] = {}
+    for p, (slice_dim, slices), sts, cfgs in zip(params, slicings, states, configs):
+        start, _ = row_range(p)
+        local = p.to_local().detach()
+        shapes = slice_shapes(p.shape, slice_dim, slices)
+        for (x, lo, hi), shape, s, cfg in zip(local_slices(local, start, slice_dim, slices), shapes, sts, cfgs):
+            by_group.setdefault(id(_group(p)), []).append((p, x, lo, hi, s, cfg, shape))
+    for items in by_group.values():
+        group = _group(items[0][0])
+        reduce = lambda t: comm.all_reduce_(t, group)  # noqa: E731
+        # agree on which slices are finite everywhere before any factorization
+        bad = reduce(torch.stack([(~torch.isfinite(item[1])).any().to(torch.float32) for item in items]))
+        live = []
+        for item, flag in zip(items, bad.tolist()):
+            if flag > 0:
+                if comm.rank(group) == 0:  # one warning, not one per rank
+                    _warn_nonfinite(item[5].name, warned)
+            else:
+                live.append(item)
+        Xs, omegas = [], []
+        for p, x, lo, hi, s, cfg, (d1, d2) in live:
+            k = sketch_width(cfg.rank, d1, d2, SKETCH.oversample)
+            omegas.append(gaussian_sketch(d2, k, _seed(cfg.name, int(s["refreshes"])), x.device, s["V"]))
+            Xs.append(x)
+        results = range_finder_svd(Xs, omegas, reduce, SKETCH.power_iters)
+        for (p, x, lo, hi, s, cfg, _), (U_loc, S, V, frob2) in zip(live, results):
+            _commit_(s, cfg, p, lo, hi, U_loc, S, V, float(frob2))
+
+
+def _commit_(s: dict, cfg: SliceConfig, p, lo: int, hi: int, U_loc: Tensor, S: Tensor, V: Tensor, frob2: float) -> None:
+    """Schedule eps and store the k triplets (fixed width: the ones at or below eps get d = 0)."""
+    sigma_next = float(S[cfg.rank])
+    eps, eps0 = reference.next_eps(
+        cfg.schedule, float(s["eps"]), sigma_next, int(s["refreshes"]), float(s["eps0"]),
+        cfg.eps_value, cfg.eps_floor, cfg.num_refreshes,
+    )
+    head = float(S[: cfg.rank].double().square().sum())
+    k = S.shape[0]
+    local = p.to_local()
+    U_rows = torch.zeros(local.shape[0], k, dtype=torch.float32, device=local.device)
+    U_rows[lo:hi] = U_loc
+    s["U"] = DTensor.from_local(U_rows, p.device_mesh, [Shard(0)], run_check=False, shape=(p.shape[0], k), stride=(k, 1))
+    s["V"] = V.to(torch.float32).contiguous()
+    s["sigma"] = S.to(torch.float32).contiguous()
+    s["eps"].fill_(eps)
+    s["eps0"].fill_(eps0)
+    s["sigma_next"].fill_(sigma_next)
+    s["tail_energy"].fill_(0.0 if frob2 == 0 else max(frob2 - head, 0.0) / frob2)
+    s["refreshes"].add_(1)
+
+
+def _udv(op) -> tuple[Tensor, Tensor, Tensor]:
+    """(U, V, d) from an operator given as (U, V, d) or (U, V, sigma, eps)."""
+    if len(op) == 4:
+        U, V, sigma, eps = op
+        return U, V, reference.reweighting_coefficients(sigma, eps)
+    return op
+
+
+class ShardedTerms:
+    """2 lambda R(X) on the local rows of sharded targets, with one all-reduce for all of them.
+
+    entries: (param DTensor, slice_dim, slices, operators per slice, scale); an operator
+    is (U, V, d) or (U, V, sigma, eps).
+    Construction computes every partial A_r = U_r^T X_r and sums them in one collective (per
+    process group); :meth:`terms` then gives, per parameter, (local view, scale * R(X)_r) for
+    each slice, evaluated at the weights as they were at construction.
+    """
+
+    def __init__(self, entries):
+        self._plans: dict[int, list] = {}
+        pending: dict[int, list] = {}
+        for p, slice_dim, slices, operators, scale in entries:
+            start, _ = row_range(p)
+            views = local_slices(p.to_local().detach(), start, slice_dim, slices)
+            plan = []
+            for (x, lo, hi), op in zip(views, operators):
+                U, V, d = _udv(op)
+                if scale == 0:
+                    plan.append([x, None, 0.0])
+                    continue
+                if U.shape[-1] == 0:
+                    plan.append([x, "identity", scale])  # no factors yet: R = I, nothing to sum
+                    continue
+                Ur = _local_U(U, lo, hi)
+                A = Ur.transpose(0, 1) @ x.to(torch.float32)
+                plan.append([x, Ur, V, d, A, scale])
+                pending.setdefault(id(_group(p)), [_group(p), []])[1].append(plan[-1])
+            self._plans[id(p)] = (p, slice_dim, slices, views, operators, scale, plan)
+        for group, items in pending.values():
+            flat = comm.all_reduce_(torch.cat([it[4].reshape(-1) for it in items]), group)
+            offset = 0
+            for it in items:
+                n = it[4].numel()
+                it[4] = flat[offset : offset + n].view_as(it[4])
+                offset += n
+
+    def terms(self, p) -> list[tuple[Tensor, Tensor | None]]:
+        """Per slice of p: (local view of the slice, scale * R(X) on those rows in float32, or
+        None when the scale is 0)."""
+        if id(p) not in self._plans:
+            return []
+        out = []
+        for item in self._plans[id(p)][-1]:
+            if item[1] is None:
+                out.append((item[0], None))
+                continue
+            if isinstance(item[1], str):
+                out.append((item[0], item[0].to(torch.float32) * item[2]))
+                continue
+            x, Ur, V, d, A, scale = item
+            X = x.to(torch.float32)
+            dd = d.unsqueeze(0)
+            Vt = V.transpose(0, 1)
+            C = A @ V
+            R = X + (Ur * dd) @ (A + (C * dd) @ Vt) + ((X @ V) * dd) @ Vt
+            out.append((x, R.mul_(scale)))
+        return out
+
+
+def _local(t):
+    return t.to_local() if is_sharded(t) else t
+
+
+def sharded_adamq3r_step_(works) -> None:
+    """The AdamQ3R step (SPEC section 3) for parameters that may be DTensors: Adam on the
+    local shards (it is elementwise), the Q3R term from :class:`ShardedTerms` (one all-reduce
+    per step for all targets), evaluated before the Adam update moves the weights."""
+    import dataclasses
+
+    from ..optim.functional import adam_update_, adamq3r_reference_
+
+    entries = [
+        (w.param, w.slice_dim, w.slices, w.operators, 2.0 * w.lmbda)
+        for w in works
+        if is_sharded(w.param) and w.lmbda != 0 and w.operators
+    ]
+    terms = ShardedTerms(entries)
+    for w in works:
+        if not is_sharded(w.param):
+            adamq3r_reference_([w])
+            continue
+        todo = terms.terms(w.param)
+        local = dataclasses.replace(
+            w, param=w.param.to_local(), grad=_local(w.grad), exp_avg=_local(w.exp_avg), exp_avg_sq=_local(w.exp_avg_sq)
+        )
+        adam_update_(local)
+        for view, term in todo:
+            if term is not None:
+                view.sub_(term.to(view.dtype), alpha=w.lr)
+
+
+def sharded_add_grad_(entries, grads) -> None:
+    """Q3R.add_grad_ for sharded targets: entries as for :class:`ShardedTerms`, grads the
+    parameters' (DTensor) gradients; adds scale * R(X) to each slice of the local gradient."""
+    terms = ShardedTerms(entries)
+    for (p, slice_dim, slices, _, _), g in zip(entries, grads):
+        start, _ = row_range(p)
+        for (gv, _, _), (_, term) in zip(local_slices(_local(g), start, slice_dim, slices), terms.terms(p)):
+            if term is not None:
+                gv.add_(term.to(gv.dtype))
