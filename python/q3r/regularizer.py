@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from . import distributed
 from .config import Q3R_DEFAULTS, slice_configs, validate_q3r_options
 from .diagnostics import slice_diagnostics
 from .refresh import new_slice_state, operator_of, refresh_slices_
@@ -63,12 +64,21 @@ class Q3R:
     @torch.no_grad()
     def refresh(self) -> None:
         """Rebuild every target's operator from the current weights (done automatically)."""
+        sharded = [(t, cfgs) for t, cfgs in zip(self.targets, self.configs) if distributed.is_sharded(t.param)]
+        if sharded:  # FSDP2: a randomized refresh on the local rows (q3r.distributed.sharded)
+            distributed.refresh_sharded_(
+                [t.param for t, _ in sharded], [(t.slice_dim, t.slices) for t, _ in sharded],
+                [self.state[t.name] for t, _ in sharded], [cfgs for _, cfgs in sharded], warned=self._nonfinite_warned,
+            )
         weights, states, configs = [], [], []
         for t, cfgs in zip(self.targets, self.configs):
+            if distributed.is_sharded(t.param):
+                continue
             weights.extend(slice_views(t.param.detach(), t.slice_dim, t.slices))
             states.extend(self.state[t.name])
             configs.extend(cfgs)
-        refresh_slices_(weights, states, configs, method=self.options["refresh"], warned=self._nonfinite_warned)
+        # divided across ranks under DDP, plain refresh_slices_ otherwise
+        distributed.refresh_slices_(weights, states, configs, method=self.options["refresh"], warned=self._nonfinite_warned)
 
     def _begin_step(self) -> None:
         if self.num_steps % self.options["steps"] == 0:
@@ -78,6 +88,11 @@ class Q3R:
     # ------------------------------------------------------------------ modes
     def penalty(self) -> Tensor:
         """lambda * sum over target slices of <W, R(W)>, differentiable in the weights."""
+        if any(distributed.is_sharded(t.param) for t in self.targets):
+            raise NotImplementedError(
+                "Q3R.penalty() does not support FSDP2-sharded targets; use add_grad_() / attach(optimizer) "
+                "or AdamQ3R, which apply the same gradient 2 lambda R(W) on the local shards"
+            )
         self._begin_step()
         total = None
         for t in self.targets:
@@ -93,8 +108,15 @@ class Q3R:
         self._begin_step()
         if self.lmbda == 0:
             return
+        sharded = [t for t in self.targets if distributed.is_sharded(t.param) and t.param.grad is not None]
+        if sharded:  # FSDP2: local rows, one all-reduce for all targets
+            distributed.sharded_add_grad_(
+                [(t.param, t.slice_dim, t.slices, [operator_of(s) for s in self.state[t.name]], 2.0 * self.lmbda)
+                 for t in sharded],
+                [t.param.grad for t in sharded],
+            )
         for t in self.targets:
-            if t.param.grad is None:
+            if t.param.grad is None or distributed.is_sharded(t.param):
                 continue
             weights = slice_views(t.param.detach(), t.slice_dim, t.slices)
             grads = slice_views(t.param.grad, t.slice_dim, t.slices)
@@ -144,7 +166,8 @@ class Q3R:
                 raise ValueError(f"Q3R state_dict has {len(saved[t.name])} slices for {t.name}, expected {len(shapes)}")
             for s, (d1, d2) in zip(saved[t.name], shapes):
                 k = s["sigma"].shape[0]
-                if tuple(s["U"].shape) != (d1, k) or tuple(s["V"].shape) != (d2, k):
+                rows = t.param.shape[0] if distributed.is_sharded(s["U"]) else d1  # sharded U: parameter rows
+                if tuple(s["U"].shape) != (rows, k) or tuple(s["V"].shape) != (d2, k):
                     raise ValueError(f"Q3R state_dict factors of {t.name} do not fit its {d1}x{d2} slices")
         num_steps = state_dict.get("num_steps")
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
