@@ -85,7 +85,7 @@ def refresh_slices_replicated_(
     (the owner warns once).
     """
     world = comm.world_size(group)
-    if world == 1:
+    if world == 1 or not weights:  # every rank has the same (empty) list: nothing to exchange
         return _refresh_local_(weights, states, configs, method=method, warned=warned)
     me = comm.rank(group)
     shapes = [tuple(w.shape) for w in weights]

@@ -1,0 +1,248 @@
+"""Worker processes for the distributed tests (spawned by tests/test_distributed_*.py).
+
+A tiny GPT-style model (fused timm-style qkv with row slices, an MLP whose second weight is cut
+into column slices and whose first has a row count that does not split evenly) is trained for a
+few steps under DDP or FSDP2 with gloo on CPU; rank 0 writes the final weights, the collective
+counts and the checkpoint-resume results to a file that the test compares with a
+single-process run of the same global batch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import q3r
+from q3r.distributed import comm
+
+VOCAB, WIDTH, HIDDEN, SEQ = 17, 32, 75, 8
+# CPU + gloo by default; Q3R_TEST_DEVICE=cuda runs the same workers with NCCL (one GPU per rank)
+DEVICE = os.environ.get("Q3R_TEST_DEVICE", "cpu")
+STEPS, PERIOD, GLOBAL_BATCH = 5, 2, 4
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, num_heads: int = 4):
+        super().__init__()
+        self.num_heads = num_heads  # makes "qkv" a timm-style fused target (row slices)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)  # a key bias gets no gradient: Adam would amplify noise
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = Attention(width)
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab=VOCAB, width=WIDTH, hidden=HIDDEN, depth=2, seq=SEQ):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.randn(seq, width) * 0.02)
+        self.blocks = nn.ModuleList(Block(width, hidden) for _ in range(depth))
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos[: idx.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def make_model() -> TinyGPT:
+    torch.manual_seed(0)
+    return TinyGPT().to(DEVICE)
+
+
+def make_targets(model):
+    return q3r.find_targets(
+        model, ["qkv", "proj", "fc1", "fc2"], target_rank=0.3,
+        slices={"fc2": (1, [(0, 40), (40, HIDDEN)])},
+    )
+
+
+def batches(n=STEPS, batch=GLOBAL_BATCH, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (batch, SEQ + 1), generator=gen) for _ in range(n)]
+
+
+def loss_of(model, tokens):
+    logits = model(tokens[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+
+def make_adamq3r(model):
+    groups = q3r.param_groups(model, make_targets(model), lmbda=0.05, steps=PERIOD)
+    return q3r.AdamQ3R(groups, lr=3e-3)
+
+
+def make_regularized_adamw(model):
+    reg = q3r.Q3R(make_targets(model), lmbda=0.05, steps=PERIOD)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    reg.attach(opt)
+    return opt
+
+
+def train(model, opt, data, rank=0, world=1, logs=None):
+    """Each rank takes its contiguous part of every global batch."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    for step, tokens in enumerate(data):
+        part = tokens.chunk(world)[rank].to(DEVICE)
+        opt.zero_grad(set_to_none=True)
+        loss_of(model, part).backward()
+        with comm.counting() as log, CommDebugMode() as every:
+            opt.step()
+        if logs is not None:
+            logs.append({"step": step, "q3r_calls": log.calls, "q3r_bytes": log.bytes,
+                         "ops": [op for op, _ in log.entries], "all_calls": every.get_total_counts()})
+
+
+def full_state(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name.replace("module.", "")] = t.detach().cpu().clone()
+    return out
+
+
+def single_process(kind: str) -> dict[str, torch.Tensor]:
+    model = make_model()
+    opt = make_adamq3r(model) if kind == "adamq3r" else make_regularized_adamw(model)
+    train(model, opt, batches())
+    return full_state(model)
+
+
+# ------------------------------------------------------------------ workers
+def _init(rank, world, port):
+    if DEVICE == "cuda":
+        torch.cuda.set_device(rank)
+    backend = "nccl" if DEVICE == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
+
+def ddp_worker(rank, world, port, out_path, init=True):
+    if init:
+        _init(rank, world, port)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    results = {}
+    for kind in ("adamq3r", "q3r_adamw"):
+        model = make_model()
+        ddp = DDP(model, device_ids=[rank] if DEVICE == "cuda" else None)
+        opt = make_adamq3r(model) if kind == "adamq3r" else make_regularized_adamw(model)
+        logs = []
+        train(ddp, opt, batches(), rank, world, logs)
+        results[kind] = {"weights": full_state(model), "logs": logs}
+    # ranks that do not hold replicas must be refused, not silently mixed
+    from q3r.refresh import SliceConfig, new_slice_state
+
+    w = torch.full((6, 4), float(rank), device=DEVICE)
+    try:
+        q3r.distributed.refresh_slices_([w], [new_slice_state(6, 4, DEVICE)], [SliceConfig("w", 2)])
+        results["not_replicas"] = "no error"
+    except RuntimeError as err:
+        results["not_replicas"] = str(err)
+    if rank == 0:
+        torch.save(results, out_path)
+    if init:
+        dist.destroy_process_group()
+
+
+def _fsdp_model():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(DEVICE, (dist.get_world_size(),))
+    model = make_model()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def fsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, init=True):
+    if init:
+        _init(rank, world, port)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    q3r.distributed.configure(oversample=oversample)
+    results = {}
+    for kind in ("adamq3r", "q3r_adamw"):
+        model = _fsdp_model()
+        opt = make_adamq3r(model) if kind == "adamq3r" else make_regularized_adamw(model)
+        logs = []
+        train(model, opt, batches(), rank, world, logs)
+        results[kind] = {"weights": full_state(model), "logs": logs}
+
+    # save after 3 steps, continue 2; a fresh model + optimizer restored from the checkpoint must
+    # continue identically
+    data = batches()
+    model = _fsdp_model()
+    opt = make_adamq3r(model)
+    train(model, opt, data[:3], rank, world)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
+    train(model, opt, data[3:], rank, world)
+    straight = full_state(model)
+    model2 = _fsdp_model()
+    opt2 = make_adamq3r(model2)
+    msd2, osd2 = get_state_dict(model2, opt2)  # template (initializes the optimizer state)
+    sd = {"model": msd2, "optim": osd2}
+    dcp.load(sd, checkpoint_id=ckpt_dir)
+    set_state_dict(model2, opt2, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    train(model2, opt2, data[3:], rank, world)
+    resumed = full_state(model2)
+    # factors are sharded like the weights
+    qkv = model.blocks[0].attn.qkv.weight
+    s = opt.state[qkv]["q3r"][1]
+    results["resume"] = {
+        "straight": straight, "resumed": resumed,
+        "U_type": type(s["U"]).__name__, "U_shape": tuple(s["U"].shape),
+        "U_local_rows": s["U"].to_local().shape[0], "W_local_rows": qkv.to_local().shape[0],
+    }
+    if rank == 0:
+        torch.save(results, out_path)
+    if init:
+        dist.destroy_process_group()
+
+
+def both_worker(rank, world, port, ddp_path, fsdp_path, ckpt_dir, oversample):
+    """DDP then FSDP2 in one process group: one spawn (process start-up dominates on CPU)."""
+    _init(rank, world, port)
+    ddp_worker(rank, world, port, ddp_path, init=False)
+    fsdp_worker(rank, world, port, fsdp_path, ckpt_dir, oversample, init=False)
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world, *args):
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
