@@ -1,0 +1,31 @@
+"""Triton kernels for the per-step work of Q3R (imports torch and triton only, never q3r).
+
+One op, one name, the signature of its q3r.reference counterpart:
+
+    project(X, U, V) -> (A, B)                 A = U^T X, B = X V
+    apply_reweighting(X, U, V, d) -> R(X)      float32
+
+and the grouped forms the library uses (many blocks -- weights or row / column slices of
+fused weights, given as strided views -- per launch):
+
+    project_blocks, add_reweighting_ (out += alpha R(X), in place), adamq3r_update_
+    (the fused AdamQ3R step). Tile sizes and dot precision: q3r_kernels.CONFIG.
+"""
+
+from ._meta import CONFIG, TileConfig
+from .adam import AdamRegion, adam_hyper, adamq3r_update_, check_region
+from .apply import add_reweighting_, apply_reweighting
+from .project import project, project_blocks
+
+__all__ = [
+    "CONFIG",
+    "TileConfig",
+    "AdamRegion",
+    "adam_hyper",
+    "adamq3r_update_",
+    "check_region",
+    "add_reweighting_",
+    "apply_reweighting",
+    "project",
+    "project_blocks",
+]

@@ -1,0 +1,165 @@
+"""Public functional ops of Q3R: validate, pick a backend (see _backend), call it.
+
+Each op has the signature of its q3r.reference counterpart; the grouped ones take lists so
+that the Triton backend serves a whole model's targets in a handful of launches:
+
+    project(X, U, V) -> (A, B)
+    apply_reweighting(X, U, V, d) -> R(X)   (float32 / float64)
+    add_reweighting_(outs, weights, factors, alpha)        outs[i] += alpha R_i(weights[i])
+    adamq3r_fused_(works) -> works it did not take          the fused AdamQ3R step
+
+q3r_kernels (and so triton) is imported only when the Triton backend is chosen.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._backend import backend_for
+
+__all__ = ["project", "apply_reweighting", "add_reweighting_", "adamq3r_fused_"]
+
+
+def _kernels():
+    import q3r_kernels
+
+    return q3r_kernels
+
+
+def _check(X: Tensor, U: Tensor, V: Tensor, d: Tensor | None = None) -> None:
+    if X.dim() < 2:
+        raise ValueError(f"X must have at least 2 dimensions, got shape {tuple(X.shape)}")
+    d1, d2 = X.shape[-2:]
+    if U.dim() < 2 or V.dim() < 2 or U.shape[-2] != d1 or V.shape[-2] != d2 or U.shape[-1] != V.shape[-1]:
+        raise ValueError(
+            f"factors U {tuple(U.shape)} and V {tuple(V.shape)} do not fit X {tuple(X.shape)}: "
+            "need U (..., d1, k) and V (..., d2, k)"
+        )
+    if d is not None and d.shape[-1] != U.shape[-1]:
+        raise ValueError(f"d of shape {tuple(d.shape)} does not fit factors of width {U.shape[-1]}")
+    for name, t in (("U", U), ("V", V), ("d", d)):
+        if t is not None and t.device != X.device:
+            raise ValueError(f"{name} is on {t.device} but X is on {X.device}")
+
+
+def _fast(X: Tensor, U: Tensor) -> bool:
+    return backend_for(X.device, X.dtype) == "triton" and U.dtype == torch.float32
+
+
+def project(X: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+    """A = U^T X (..., k, d2), B = X V (..., d1, k) in the compute dtype."""
+    _check(X, U, V)
+    if _fast(X, U):
+        return _kernels().project(X, U, V)
+    return reference.project(X, U, V)
+
+
+def apply_reweighting(X: Tensor, U: Tensor, V: Tensor, d: Tensor) -> Tensor:
+    """R(X) = (I + U diag d U^T) X (I + V diag d V^T) in the compute dtype."""
+    _check(X, U, V, d)
+    if _fast(X, U):
+        return _kernels().apply_reweighting(X, U, V, d.to(torch.float32).contiguous())
+    return reference.apply_reweighting(X, U, V, d)
+
+
+def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tuple], alpha: float) -> None:
+    """outs[i] += alpha * R_i(weights[i]) in place, for 2-D (views of) weights.
+
+    factors[i] is (U, V, d), or (U, V, sigma, eps) (d is then derived as in
+    q3r.reference.reweighting_coefficients, on the device when the kernels run).
+    """
+    if len(outs) != len(weights) or len(weights) != len(factors):
+        raise ValueError(f"add_reweighting_ needs as many outs, weights and factors, got {len(outs)}, "
+                         f"{len(weights)}, {len(factors)}")
+    fast = []
+    for out, W, f in zip(outs, weights, factors):
+        _check(W, f[0], f[1])
+        if tuple(out.shape) != tuple(W.shape):
+            raise ValueError(f"out of shape {tuple(out.shape)} for a weight of shape {tuple(W.shape)}")
+        fast.append(W.dim() == 2 and out.dtype in (torch.float32, torch.bfloat16, torch.float16) and _fast(W, f[0]))
+    slow = [i for i, ok in enumerate(fast) if not ok]
+    for i in slow:
+        U, V, *rest = factors[i]
+        d = rest[0] if len(rest) == 1 else reference.reweighting_coefficients(*rest)
+        outs[i].add_(reference.apply_reweighting(weights[i], U, V, d).to(outs[i].dtype), alpha=alpha)
+    take = [i for i, ok in enumerate(fast) if ok]
+    for n in (3, 4):  # d given, or derived from sigma and eps on the device
+        idx = [i for i in take if len(factors[i]) == n]
+        if not idx:
+            continue
+        third = [factors[i][2].to(torch.float32).contiguous() for i in idx]
+        _kernels().add_reweighting_(
+            [outs[i] for i in idx], [weights[i] for i in idx], [factors[i][0] for i in idx],
+            [factors[i][1] for i in idx], third if n == 3 else None, [alpha] * len(idx),
+            sigmas=third if n == 4 else None, epss=[factors[i][3] for i in idx] if n == 4 else None,
+        )
+
+
+# ------------------------------------------------------------------ fused AdamQ3R step
+def _complement(extent: int, slices) -> list[tuple[int, int]]:
+    """Ranges along the slice dimension that no slice covers (they get plain Adam)."""
+    out, pos = [], 0
+    for a, b in sorted(slices):
+        if a > pos:
+            out.append((pos, a))
+        pos = max(pos, b)
+    if pos < extent:
+        out.append((pos, extent))
+    return out
+
+
+def _regions(work, K, hyper_plain, hyper_q3r):
+    """The fused kernel's regions of one parameter, or None if its layout does not fit."""
+    tensors = (work.param, work.grad, work.exp_avg, work.exp_avg_sq)
+    operators = work.operators if work.lmbda != 0 else []
+    if not operators:
+        if all(t.is_contiguous() for t in tensors):
+            return [K.AdamRegion(*(t.view(-1) for t in tensors), hyper_plain)]
+        return [K.AdamRegion(*tensors, hyper_plain)] if work.param.dim() == 2 else None
+    if work.param.dim() != 2:
+        return None
+    dim, slices = work.slice_dim, work.slices
+    spans = [(0, work.param.shape[dim])] if slices is None else list(slices)
+    if len(spans) != len(operators):
+        return None
+    regions = [K.AdamRegion(*(t.narrow(dim, a, b - a) for t in tensors), hyper_q3r, tuple(op))
+               for (a, b), op in zip(spans, operators)]
+    regions += [K.AdamRegion(*(t.narrow(dim, a, b - a) for t in tensors), hyper_plain)
+                for a, b in _complement(work.param.shape[dim], spans)]
+    return regions
+
+
+def adamq3r_fused_(works: list) -> list:
+    """One AdamQ3R step (q3r.optim.functional arithmetic) for every work the Triton backend
+    can take, in a few grouped launches; returns the works left for the reference path.
+
+    A work is a q3r.optim.functional.ParamWork; its ``operators`` hold (U, V, d) or
+    (U, V, sigma, eps) per slice. The Q3R term is evaluated at the weights before the step.
+    """
+    if not works:
+        return []
+    K, taken, rest, regions = None, [], [], []
+    for work in works:
+        p = work.param
+        if backend_for(p.device, p.dtype) != "triton" or any(op[0].dtype != torch.float32 for op in work.operators):
+            rest.append(work)
+            continue
+        K = K or _kernels()
+        step = float(work.step) + 1  # the reference increments the same counter first
+        args = (work.lr, work.beta1, work.beta2, work.eps, work.weight_decay, step)
+        mine = _regions(work, K, K.adam_hyper(*args), K.adam_hyper(*args, scale=2.0 * work.lmbda))
+        if mine is None or not all(K.check_region(r) for r in mine):
+            rest.append(work)
+            continue
+        taken.append(work)
+        regions.extend(mine)
+    by_device: dict = {}
+    for region in regions:
+        by_device.setdefault(region.param.device, []).append(region)
+    for group in by_device.values():
+        K.adamq3r_update_(group)
+    for work in taken:
+        work.step += 1
+    return rest

@@ -1,0 +1,153 @@
+"""Host-side bookkeeping shared by the Q3R kernels: block tables, workspace, tile settings.
+
+Every kernel here is *grouped*: one launch serves many "blocks", a block being one 2-D
+target (a whole weight or a row / column slice of a fused one, given as a strided view)
+with its own factors U (rows, k), V (cols, k) and its own k. What a program needs about
+its block is read from a small int64 table of raw addresses, strides and sizes, so blocks
+of different shapes, different k and different tensors share one launch (the pattern of
+Triton's grouped-GEMM tutorial). Programs are mapped to (block, tile) through a flat
+schedule, so a launch has exactly as many programs as there are tiles.
+
+This module imports torch and triton only, never q3r.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Fields of a block's row in the int64 table (kernels read them with tl.load(meta + i)).
+F_X, F_X_SR, F_X_SC, F_ROWS, F_COLS, F_K = 0, 1, 2, 3, 4, 5
+F_U, F_U_SR, F_U_SK, F_V, F_V_SR, F_V_SK = 6, 7, 8, 9, 10, 11
+F_A, F_B, F_C, F_D = 12, 13, 14, 15  # workspace: A (k, cols), B then G (rows, k), C (k, k), d (k)
+F_DSRC, F_EPS = 16, 17  # d itself, or sigma and eps (then d is derived on the device)
+F_Y, F_Y_SR, F_Y_SC = 18, 19, 20  # apply: output; Adam: gradient
+F_M, F_S = 21, 22  # Adam: exp_avg, exp_avg_sq (same strides as X)
+F_NUMEL = 23  # linear bound, for flat tensors viewed as (ceil(n / w), w)
+NF = 24
+
+# Fields of a block's row in the float32 table (apply: only G_SCALE = alpha; Adam: scale =
+# 2 lambda, w1 = 1 - beta1 as lerp's weight, decay = 1 - lr * weight_decay).
+G_SCALE, G_LR, G_W1, G_BETA2, G_ONE_MINUS_BETA2, G_EPS, G_DECAY, G_STEP_SIZE, G_BC2_SQRT = range(9)
+NG = 9
+
+TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@dataclass
+class TileConfig:
+    """Tile sizes and dot precision. Tests shrink the tiles so that small awkward shapes
+    span several tiles with ragged edges; all block sizes must be powers of two >= 16."""
+
+    block_m: int = 64
+    block_n: int = 128
+    block_k: int = 32
+    num_warps: int = 8
+    # fp32 dots: "tf32x3" is within a few ulp of fp32 at ~1/3 of tf32 speed; "tf32" is
+    # fastest; "ieee" is exact fp32 FMA (and what the CPU interpreter does anyway).
+    precision: str = "tf32x3"
+
+
+CONFIG = TileConfig()
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dot_precision() -> str:
+    return "ieee" if interpreting() else CONFIG.precision
+
+
+def tl_dtype(dtype: torch.dtype):
+    if dtype not in TORCH_TO_TL:
+        raise TypeError(f"q3r_kernels: unsupported dtype {dtype}; expected float32, bfloat16 or float16")
+    return TORCH_TO_TL[dtype]
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def workspace_sizes(rows: int, cols: int, k: int) -> tuple[int, int, int, int]:
+    """Element counts of A (k, cols), B/G (rows, k), C (k, k), d (k) of one block."""
+    return k * cols, rows * k, k * k, k
+
+
+class Workspace:
+    """One float32 allocation carved into every block's A, B/G, C and d."""
+
+    def __init__(self, shapes: list[tuple[int, int, int]], device):
+        offsets, total = [], 0
+        for rows, cols, k in shapes:
+            sizes = workspace_sizes(rows, cols, k)
+            starts = []
+            for n in sizes:
+                starts.append(total)
+                total += n + (-n) % 4  # keep each piece 16-byte aligned
+            offsets.append(starts)
+        self.buffer = torch.empty(max(total, 1), dtype=torch.float32, device=device)
+        self.offsets = offsets
+        self.shapes = shapes
+
+    def address(self, block: int, piece: int) -> int:
+        return self.buffer.data_ptr() + 4 * self.offsets[block][piece]
+
+    def view(self, block: int, piece: int) -> torch.Tensor:
+        rows, cols, k = self.shapes[block]
+        shape = [(k, cols), (rows, k), (k, k), (k,)][piece]
+        n = workspace_sizes(rows, cols, k)[piece]
+        start = self.offsets[block][piece]
+        return self.buffer[start : start + n].view(shape)
+
+
+def tile_schedule(counts: list[int], device) -> tuple[torch.Tensor, int]:
+    """Flat program -> (block, tile) map: int32 (2, total) = [block ids; tile ids]."""
+    total = sum(counts)
+    blocks = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.int64))
+    starts = torch.cumsum(torch.tensor([0] + counts[:-1], dtype=torch.int64), 0)
+    tiles = torch.arange(total) - torch.repeat_interleave(starts, torch.tensor(counts, dtype=torch.int64))
+    sched = torch.stack([blocks, tiles]).to(torch.int32)
+    return sched.to(device), total
+
+
+def new_table(n: int) -> list[list[int]]:
+    return [[0] * NF for _ in range(n)]
+
+
+def put_matrix(row: list[int], fields: tuple[int, int, int], t: torch.Tensor) -> None:
+    """Address and the two strides of a 2-D tensor (a view is fine: no copy is made)."""
+    f_ptr, f_s0, f_s1 = fields
+    row[f_ptr], row[f_s0], row[f_s1] = t.data_ptr(), t.stride(0), t.stride(1)
+
+
+def to_device_table(rows: list[list], dtype: torch.dtype, device) -> torch.Tensor:
+    table = torch.tensor(rows, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
+    return table
+
+
+def check_factors(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor, d: torch.Tensor | None = None) -> None:
+    if X.dim() != 2:
+        raise ValueError(f"q3r_kernels: a block must be 2-D, got X of shape {tuple(X.shape)}")
+    rows, cols = X.shape
+    k = U.shape[-1]
+    if tuple(U.shape) != (rows, k) or tuple(V.shape) != (cols, k):
+        raise ValueError(
+            f"q3r_kernels: factors U {tuple(U.shape)}, V {tuple(V.shape)} do not fit X {tuple(X.shape)}"
+        )
+    if U.dtype != torch.float32 or V.dtype != torch.float32:
+        raise TypeError(f"q3r_kernels: factors must be float32, got U {U.dtype}, V {V.dtype}")
+    if d is not None and (tuple(d.shape) != (k,) or d.dtype != torch.float32 or (k > 1 and d.stride(0) != 1)):
+        raise ValueError(f"q3r_kernels: d (or sigma) must be contiguous float32 of shape ({k},), got {d.dtype} {tuple(d.shape)}")
+    for t in (X, U, V) + ((d,) if d is not None else ()):
+        if t.device != X.device:
+            raise ValueError(f"q3r_kernels: all tensors must be on {X.device}, got one on {t.device}")
+
+
+__all__ = ["CONFIG", "TileConfig", "Workspace", "tile_schedule", "triton"]

@@ -1,0 +1,191 @@
+"""Fused AdamQ3R update: one pass over param, grad, exp_avg, exp_avg_sq per tile.
+
+One step (SPEC section 3, decoupled; the arithmetic of torch.optim.Adam's single-tensor
+path, done in float32 whatever the storage dtype):
+
+    r  = R(W_prev) on this tile            (X plus a rank-2k update from A, G, U, V, d,
+                                            all formed from W_prev before this pass)
+    W  = W_prev * (1 - lr wd)
+    m  = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2
+    W  = W - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)
+    W  = W - lr * (2 lambda r)
+
+Every region (a Q3R slice with its factors, or a plain parameter / an uncovered part of a
+sliced one) is a block of the same grouped launch machinery as the apply kernel, so a whole
+model costs one launch for its Q3R regions and one for the rest (per dtype combination),
+plus the three small preparation launches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _meta as m
+from ._meta import (F_COLS, F_M, F_NUMEL, F_ROWS, F_S, F_X, F_X_SC, F_X_SR, F_Y, F_Y_SC, F_Y_SR, G_BC2_SQRT,
+                    G_DECAY, G_EPS, G_LR, G_ONE_MINUS_BETA2, G_SCALE, G_STEP_SIZE, G_W1, G_BETA2, NF, NG)
+from .apply import lowrank_tile, prepare, tile_counts
+from .project import fill_factor_fields
+
+
+@triton.jit
+def _adamq3r_kernel(meta, floats, sched, n_programs, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                    S_DTYPE: tl.constexpr, HAS_Q3R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    blk = tl.load(sched + pid).to(tl.int64)
+    tile = tl.load(sched + n_programs + pid)
+    row = meta + blk * NF
+    hp = floats + blk * NG
+    rows = tl.load(row + F_ROWS)
+    cols = tl.load(row + F_COLS)
+    n_ct = tl.cdiv(cols, BN)
+    offs_m = (tile // n_ct) * BM + tl.arange(0, BM)
+    offs_n = (tile % n_ct) * BN + tl.arange(0, BN)
+    # the linear bound serves flat tensors viewed as (ceil(n / cols), cols)
+    mask = (offs_m[:, None] < rows) & (offs_n[None, :] < cols)
+    mask = mask & (offs_m[:, None] * cols + offs_n[None, :] < tl.load(row + F_NUMEL))
+    offs = offs_m[:, None] * tl.load(row + F_X_SR) + offs_n[None, :] * tl.load(row + F_X_SC)
+    p_ptrs = tl.load(row + F_X).to(tl.pointer_type(P_DTYPE)) + offs
+    m_ptrs = tl.load(row + F_M).to(tl.pointer_type(S_DTYPE)) + offs
+    s_ptrs = tl.load(row + F_S).to(tl.pointer_type(S_DTYPE)) + offs
+    g_ptrs = (tl.load(row + F_Y).to(tl.pointer_type(G_DTYPE))
+              + offs_m[:, None] * tl.load(row + F_Y_SR) + offs_n[None, :] * tl.load(row + F_Y_SC))
+    p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    exp_avg = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
+    exp_avg_sq = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
+
+    if HAS_Q3R:
+        # the regularizer's term at W_prev, before anything on this tile moves
+        term = (p + lowrank_tile(row, offs_m, offs_n, rows, cols, BM, BN, BK, PRECISION)) * tl.load(hp + G_SCALE)
+    p = p * tl.load(hp + G_DECAY)
+    w1 = tl.load(hp + G_W1)
+    diff = g - exp_avg
+    # torch's lerp switches formula at weight 0.5 for accuracy; follow it for parity
+    exp_avg = tl.where(w1 < 0.5, exp_avg + w1 * diff, g - diff * (1.0 - w1))
+    exp_avg_sq = exp_avg_sq * tl.load(hp + G_BETA2) + tl.load(hp + G_ONE_MINUS_BETA2) * g * g
+    denom = tl.sqrt(exp_avg_sq) / tl.load(hp + G_BC2_SQRT) + tl.load(hp + G_EPS)
+    p = p + (-tl.load(hp + G_STEP_SIZE)) * exp_avg / denom
+    if HAS_Q3R:
+        p = p - tl.load(hp + G_LR) * term
+    tl.store(p_ptrs, p.to(P_DTYPE), mask=mask)
+    tl.store(m_ptrs, exp_avg.to(S_DTYPE), mask=mask)
+    tl.store(s_ptrs, exp_avg_sq.to(S_DTYPE), mask=mask)
+
+
+@dataclass
+class AdamRegion:
+    """A 2-D region of one parameter updated by the fused kernel.
+
+    param / grad / exp_avg / exp_avg_sq: 2-D views of the same region (param, exp_avg and
+    exp_avg_sq with the same strides; grad may differ). For a flat (contiguous) tensor give
+    the 1-D tensors: it is viewed as rows of ``block_n``. factors: (U, V, d) of the slice's
+    operator, or None for a region without a Q3R term. hyper: the float table row, see
+    :func:`adam_hyper`.
+    """
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    hyper: list
+    factors: tuple | None = None
+
+
+def adam_hyper(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: float,
+               scale: float = 0.0) -> list:
+    """The float table row for a region, with the scalars torch's Adam computes in Python."""
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    row = [0.0] * NG
+    row[G_SCALE], row[G_LR], row[G_W1], row[G_BETA2] = scale, lr, 1 - beta1, beta2
+    row[G_ONE_MINUS_BETA2], row[G_EPS], row[G_DECAY] = 1 - beta2, eps, 1 - lr * weight_decay
+    row[G_STEP_SIZE], row[G_BC2_SQRT] = lr / bias_correction1, bias_correction2**0.5
+    return row
+
+
+def _region_row(reg: AdamRegion, row: list[int]) -> None:
+    p = reg.param
+    if p.dim() == 1:  # a flat contiguous tensor as (ceil(n / w), w) rows
+        w = m.CONFIG.block_n
+        row[F_X], row[F_X_SR], row[F_X_SC] = p.data_ptr(), w, 1
+        row[F_Y], row[F_Y_SR], row[F_Y_SC] = reg.grad.data_ptr(), w, 1
+        row[F_ROWS], row[F_COLS], row[F_NUMEL] = m.cdiv(p.numel(), w), w, p.numel()
+    else:
+        m.put_matrix(row, (F_X, F_X_SR, F_X_SC), p)
+        m.put_matrix(row, (F_Y, F_Y_SR, F_Y_SC), reg.grad)
+        row[F_ROWS], row[F_COLS], row[F_NUMEL] = p.shape[0], p.shape[1], p.numel()
+    row[F_M], row[F_S] = reg.exp_avg.data_ptr(), reg.exp_avg_sq.data_ptr()
+
+
+def check_region(reg: AdamRegion) -> bool:
+    """Whether the fused kernel can take this region as it is laid out."""
+    p = reg.param
+    tensors = (p, reg.grad, reg.exp_avg, reg.exp_avg_sq)
+    if p.dtype not in m.TORCH_TO_TL or reg.grad.dtype not in m.TORCH_TO_TL:
+        return False
+    if reg.exp_avg.dtype not in m.TORCH_TO_TL or reg.exp_avg_sq.dtype != reg.exp_avg.dtype:
+        return False
+    if any(t.shape != p.shape or t.device != p.device for t in tensors):
+        return False
+    if p.dim() == 1:
+        return all(t.is_contiguous() for t in tensors)
+    return p.dim() == 2 and reg.exp_avg.stride() == p.stride() and reg.exp_avg_sq.stride() == p.stride()
+
+
+def adamq3r_update_(regions: list[AdamRegion]) -> None:
+    """Apply the fused update to every region: per (dtypes) group, the preparation launches
+    for its Q3R regions, one launch for them and one for the regions without a term."""
+    if not regions:
+        return
+    device = regions[0].param.device
+    groups: dict[tuple, list[int]] = {}
+    for i, reg in enumerate(regions):
+        key = (reg.param.dtype, reg.grad.dtype, reg.exp_avg.dtype, len(reg.factors or ()))
+        groups.setdefault(key, []).append(i)
+    cfg = m.CONFIG
+    for (p_dtype, g_dtype, s_dtype, n_factors), idx in groups.items():
+        has_q3r = n_factors > 0
+        table, floats, shapes = m.new_table(len(idx)), [], []
+        ws = None
+        if has_q3r:
+            shapes = [(regions[i].param.shape[0], regions[i].param.shape[1], regions[i].factors[0].shape[1]) for i in idx]
+            ws = m.Workspace(shapes, device)
+        for j, (row, i) in enumerate(zip(table, idx)):
+            reg = regions[i]
+            if has_q3r:
+                U, V = reg.factors[:2]
+                m.check_factors(reg.param, U, V, reg.factors[2])
+                if n_factors == 4 and (reg.factors[3].numel() != 1 or reg.factors[3].dtype != torch.float32):
+                    raise ValueError("q3r_kernels: eps must be a one-element float32 tensor")
+                fill_factor_fields(row, reg.param, U, V, ws, j)
+                row[m.F_DSRC] = reg.factors[2].data_ptr()
+                if n_factors == 4:
+                    row[m.F_EPS] = reg.factors[3].data_ptr()
+            _region_row(reg, row)
+            floats.append(reg.hyper)
+        table = m.to_device_table(table, torch.int64, device)
+        floats = m.to_device_table(floats, torch.float32, device)
+        if has_q3r:
+            prepare(table, shapes, p_dtype, n_factors == 4, device)
+        counts = tile_counts(shapes) if has_q3r else [
+            m.cdiv(table_rows, cfg.block_m) * m.cdiv(table_cols, cfg.block_n)
+            for table_rows, table_cols in (_rows_cols(regions[i].param) for i in idx)
+        ]
+        sched, total = m.tile_schedule(counts, device)
+        if total:
+            _adamq3r_kernel[(total,)](
+                table, floats, sched, total, m.tl_dtype(p_dtype), m.tl_dtype(g_dtype), m.tl_dtype(s_dtype),
+                has_q3r, cfg.block_m, cfg.block_n, cfg.block_k, m.dot_precision(), num_warps=cfg.num_warps,
+            )
+        del ws
+
+
+def _rows_cols(p: torch.Tensor) -> tuple[int, int]:
+    if p.dim() == 1:
+        return m.cdiv(p.numel(), m.CONFIG.block_n), m.CONFIG.block_n
+    return p.shape[0], p.shape[1]

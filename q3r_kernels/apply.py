@@ -1,0 +1,234 @@
+"""R(X) = X + (U diag d) A + G V^T, tile by tile, for many blocks in one launch.
+
+With A = U^T X, B = X V and C = A V (k x k), SPEC section 2 writes
+
+    R(X) = X + (U diag d)(A + C diag(d) V^T) + B diag(d) V^T = X + (U diag d) A + G V^T,
+    G = (B + (U diag d) C) diag d   (rows x k).
+
+So after three small stages (projection; C and d; G, written over B) R is X plus a rank-2k
+update whose factors [U diag d | G] and [A ; V^T] are all small: a tile of R needs a tile of
+X and four thin strips, never anything of full size. The apply kernel writes
+out = alpha * R(X) (+ out, to add 2 lambda R(W) into a gradient in place).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _meta as m
+from ._meta import (F_A, F_B, F_C, F_COLS, F_D, F_DSRC, F_EPS, F_K, F_NUMEL, F_ROWS, F_U, F_U_SK, F_U_SR, F_V,
+                    F_V_SK, F_V_SR, F_X, F_X_SC, F_X_SR, F_Y, F_Y_SC, F_Y_SR, G_SCALE, NF, NG)
+from .project import fill_factor_fields, launch_project
+
+
+@triton.jit
+def _gram_kernel(meta, sched, n_programs, D_FROM_SIGMA: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """C[ic, jc] = A[ic, :] @ V[:, jc]; tile 0 of each block also writes d."""
+    pid = tl.program_id(0)
+    blk = tl.load(sched + pid).to(tl.int64)
+    tile = tl.load(sched + n_programs + pid)
+    row = meta + blk * NF
+    cols = tl.load(row + F_COLS)
+    k = tl.load(row + F_K)
+    n_kc = tl.cdiv(k, BK)
+    if tile == 0:
+        d_ptr = tl.load(row + F_D).to(tl.pointer_type(tl.float32))
+        src = tl.load(row + F_DSRC).to(tl.pointer_type(tl.float32))
+        for k0 in range(0, k, BK):
+            offs = k0 + tl.arange(0, BK)
+            s = tl.load(src + offs, mask=offs < k, other=0.0)
+            if D_FROM_SIGMA:
+                # d = eps / sigma - 1 above eps, 0 at or below (q3r.reference.reweighting_coefficients)
+                eps = tl.load(tl.load(row + F_EPS).to(tl.pointer_type(tl.float32)))
+                active = s > eps
+                s = tl.where(active, eps / tl.where(active, s, 1.0) - 1.0, 0.0)
+            tl.store(d_ptr + offs, s, mask=offs < k)
+    a_ptr = tl.load(row + F_A).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(row + F_V).to(tl.pointer_type(tl.float32))
+    v_sr = tl.load(row + F_V_SR)
+    v_sk = tl.load(row + F_V_SK)
+    offs_i = (tile // n_kc) * BK + tl.arange(0, BK)
+    offs_j = (tile % n_kc) * BK + tl.arange(0, BK)
+    acc = tl.zeros((BK, BK), dtype=tl.float32)
+    for c0 in range(0, cols, BN):
+        offs_n = c0 + tl.arange(0, BN)
+        a = tl.load(a_ptr + offs_i[:, None] * cols + offs_n[None, :],
+                    mask=(offs_i[:, None] < k) & (offs_n[None, :] < cols), other=0.0)
+        v = tl.load(v_ptr + offs_n[:, None] * v_sr + offs_j[None, :] * v_sk,
+                    mask=(offs_n[:, None] < cols) & (offs_j[None, :] < k), other=0.0)
+        acc = tl.dot(a, v, acc, input_precision=PRECISION)
+    c_ptr = tl.load(row + F_C).to(tl.pointer_type(tl.float32))
+    tl.store(c_ptr + offs_i[:, None] * k + offs_j[None, :], acc, mask=(offs_i[:, None] < k) & (offs_j[None, :] < k))
+
+
+@triton.jit
+def _left_kernel(meta, sched, n_programs, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    """G[rt, jc] = (B[rt, jc] + (U[rt, :] diag d) @ C[:, jc]) * d[jc], written over B[rt, jc]
+    (each program reads only its own tile of B, so in place is safe)."""
+    pid = tl.program_id(0)
+    blk = tl.load(sched + pid).to(tl.int64)
+    tile = tl.load(sched + n_programs + pid)
+    row = meta + blk * NF
+    rows = tl.load(row + F_ROWS)
+    k = tl.load(row + F_K)
+    n_kc = tl.cdiv(k, BK)
+    u_ptr = tl.load(row + F_U).to(tl.pointer_type(tl.float32))
+    u_sr = tl.load(row + F_U_SR)
+    u_sk = tl.load(row + F_U_SK)
+    c_ptr = tl.load(row + F_C).to(tl.pointer_type(tl.float32))
+    d_ptr = tl.load(row + F_D).to(tl.pointer_type(tl.float32))
+    b_ptr = tl.load(row + F_B).to(tl.pointer_type(tl.float32))
+    offs_m = (tile // n_kc) * BM + tl.arange(0, BM)
+    offs_j = (tile % n_kc) * BK + tl.arange(0, BK)
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    for k0 in range(0, k, BK):
+        offs_i = k0 + tl.arange(0, BK)
+        u = tl.load(u_ptr + offs_m[:, None] * u_sr + offs_i[None, :] * u_sk,
+                    mask=(offs_m[:, None] < rows) & (offs_i[None, :] < k), other=0.0)
+        di = tl.load(d_ptr + offs_i, mask=offs_i < k, other=0.0)
+        c = tl.load(c_ptr + offs_i[:, None] * k + offs_j[None, :],
+                    mask=(offs_i[:, None] < k) & (offs_j[None, :] < k), other=0.0)
+        acc = tl.dot(u * di[None, :], c, acc, input_precision=PRECISION)
+    mask = (offs_m[:, None] < rows) & (offs_j[None, :] < k)
+    b = tl.load(b_ptr + offs_m[:, None] * k + offs_j[None, :], mask=mask, other=0.0)
+    dj = tl.load(d_ptr + offs_j, mask=offs_j < k, other=0.0)
+    tl.store(b_ptr + offs_m[:, None] * k + offs_j[None, :], (b + acc) * dj[None, :], mask=mask)
+
+
+@triton.jit
+def lowrank_tile(row, offs_m, offs_n, rows, cols, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """(U diag d) A + G V^T on one (BM, BN) tile of a block, in float32."""
+    k = tl.load(row + F_K)
+    u_ptr = tl.load(row + F_U).to(tl.pointer_type(tl.float32))
+    u_sr = tl.load(row + F_U_SR)
+    u_sk = tl.load(row + F_U_SK)
+    v_ptr = tl.load(row + F_V).to(tl.pointer_type(tl.float32))
+    v_sr = tl.load(row + F_V_SR)
+    v_sk = tl.load(row + F_V_SK)
+    a_ptr = tl.load(row + F_A).to(tl.pointer_type(tl.float32))
+    g_ptr = tl.load(row + F_B).to(tl.pointer_type(tl.float32))
+    d_ptr = tl.load(row + F_D).to(tl.pointer_type(tl.float32))
+    in_m = offs_m[:, None] < rows
+    in_n = offs_n[None, :] < cols
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, k, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        in_k = offs_k < k
+        u = tl.load(u_ptr + offs_m[:, None] * u_sr + offs_k[None, :] * u_sk, mask=in_m & in_k[None, :], other=0.0)
+        dk = tl.load(d_ptr + offs_k, mask=in_k, other=0.0)
+        a = tl.load(a_ptr + offs_k[:, None] * cols + offs_n[None, :], mask=in_k[:, None] & in_n, other=0.0)
+        acc = tl.dot(u * dk[None, :], a, acc, input_precision=PRECISION)
+        g = tl.load(g_ptr + offs_m[:, None] * k + offs_k[None, :], mask=in_m & in_k[None, :], other=0.0)
+        vt = tl.load(v_ptr + offs_k[:, None] * v_sk + offs_n[None, :] * v_sr, mask=in_k[:, None] & in_n, other=0.0)
+        acc = tl.dot(g, vt, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _apply_kernel(meta, floats, sched, n_programs, X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr,
+                  ACCUMULATE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """out = alpha * R(X) (+ out when ACCUMULATE) on one tile."""
+    pid = tl.program_id(0)
+    blk = tl.load(sched + pid).to(tl.int64)
+    tile = tl.load(sched + n_programs + pid)
+    row = meta + blk * NF
+    rows = tl.load(row + F_ROWS)
+    cols = tl.load(row + F_COLS)
+    n_ct = tl.cdiv(cols, BN)
+    offs_m = (tile // n_ct) * BM + tl.arange(0, BM)
+    offs_n = (tile % n_ct) * BN + tl.arange(0, BN)
+    mask = (offs_m[:, None] < rows) & (offs_n[None, :] < cols)
+    x_ptr = tl.load(row + F_X).to(tl.pointer_type(X_DTYPE))
+    x = tl.load(x_ptr + offs_m[:, None] * tl.load(row + F_X_SR) + offs_n[None, :] * tl.load(row + F_X_SC),
+                mask=mask, other=0.0).to(tl.float32)
+    r = x + lowrank_tile(row, offs_m, offs_n, rows, cols, BM, BN, BK, PRECISION)
+    alpha = tl.load(floats + blk * NG + G_SCALE)
+    y_ptr = tl.load(row + F_Y).to(tl.pointer_type(Y_DTYPE))
+    y_ptrs = y_ptr + offs_m[:, None] * tl.load(row + F_Y_SR) + offs_n[None, :] * tl.load(row + F_Y_SC)
+    out = alpha * r
+    if ACCUMULATE:
+        out = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + out
+    tl.store(y_ptrs, out.to(Y_DTYPE), mask=mask)
+
+
+def prepare(table: torch.Tensor, shapes, x_dtype: torch.dtype, d_from_sigma: bool, device) -> None:
+    """Run the three small stages for every block of ``table``: A and B, then C and d, then G."""
+    cfg = m.CONFIG
+    launch_project(table, shapes, x_dtype, device)
+    prec = m.dot_precision()
+    sched, total = m.tile_schedule([m.cdiv(k, cfg.block_k) ** 2 for _, _, k in shapes], device)
+    if total:
+        _gram_kernel[(total,)](table, sched, total, d_from_sigma, cfg.block_n, cfg.block_k, prec, num_warps=4)
+    sched, total = m.tile_schedule([m.cdiv(r, cfg.block_m) * m.cdiv(k, cfg.block_k) for r, _, k in shapes], device)
+    if total:
+        _left_kernel[(total,)](table, sched, total, cfg.block_m, cfg.block_k, prec, num_warps=4)
+
+
+def tile_counts(shapes) -> list[int]:
+    cfg = m.CONFIG
+    return [m.cdiv(r, cfg.block_m) * m.cdiv(c, cfg.block_n) for r, c, _ in shapes]
+
+
+def add_reweighting_(outs, Xs, Us, Vs, ds, alphas, accumulate: bool = True, sigmas=None, epss=None) -> None:
+    """outs[i] (+)= alphas[i] * R_i(Xs[i]) for 2-D blocks, grouped: four launches per dtype pair.
+
+    R_i is given by (Us[i], Vs[i], ds[i]), or by (Us[i], Vs[i]) with sigmas[i], epss[i] (0-d
+    float32 tensor) when ds is None, in which case d is derived on the device. outs[i] may
+    be a strided view (a gradient slice), or Xs[i] itself: a tile of X is read only by the
+    program that writes the same tile of out, after A and B were formed.
+    """
+    if not Xs:
+        return
+    from_sigma = ds is None
+    device = Xs[0].device
+    shapes = [(X.shape[0], X.shape[1], U.shape[1]) for X, U in zip(Xs, Us)]
+    ws = m.Workspace(shapes, device)
+    groups: dict[tuple, list[int]] = {}
+    for i, (X, U, V, Y) in enumerate(zip(Xs, Us, Vs, outs)):
+        m.check_factors(X, U, V, None if from_sigma else ds[i])
+        if tuple(Y.shape) != tuple(X.shape):
+            raise ValueError(f"q3r_kernels: output of shape {tuple(Y.shape)} for X of shape {tuple(X.shape)}")
+        groups.setdefault((X.dtype, Y.dtype), []).append(i)
+    for (x_dtype, y_dtype), idx in groups.items():
+        rows, floats = m.new_table(len(idx)), []
+        for row, i in zip(rows, idx):
+            fill_factor_fields(row, Xs[i], Us[i], Vs[i], ws, i)
+            m.put_matrix(row, (m.F_Y, m.F_Y_SR, m.F_Y_SC), outs[i])
+            if from_sigma:
+                row[F_DSRC], row[F_EPS] = sigmas[i].data_ptr(), epss[i].data_ptr()
+            else:
+                row[F_DSRC] = ds[i].data_ptr()
+            floats.append([float(alphas[i])] + [0.0] * (NG - 1))
+        table = m.to_device_table(rows, torch.int64, device)
+        floats = m.to_device_table(floats, torch.float32, device)
+        sub_shapes = [shapes[i] for i in idx]
+        prepare(table, sub_shapes, x_dtype, from_sigma, device)
+        sched, total = m.tile_schedule(tile_counts(sub_shapes), device)
+        if total:
+            cfg = m.CONFIG
+            _apply_kernel[(total,)](
+                table, floats, sched, total, m.tl_dtype(x_dtype), m.tl_dtype(y_dtype), accumulate,
+                cfg.block_m, cfg.block_n, cfg.block_k, m.dot_precision(), num_warps=cfg.num_warps,
+            )
+    del ws  # kernels are queued on the stream; the caching allocator keeps the order safe
+
+
+def apply_reweighting(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """R(X) in float32, q3r.reference.apply_reweighting on the device (leading batch dims OK)."""
+    batch, (d1, d2), k = X.shape[:-2], X.shape[-2:], U.shape[-1]
+    n = math.prod(batch)
+    Xs = X.reshape(n, d1, d2)
+    Us = U.expand(*batch, d1, k).reshape(n, d1, k)
+    Vs = V.expand(*batch, d2, k).reshape(n, d2, k)
+    ds = d.expand(*batch, k).reshape(n, k)
+    out = torch.empty(Xs.shape, dtype=torch.float32, device=X.device)
+    add_reweighting_(list(out), list(Xs), list(Us), list(Vs), [t.contiguous() for t in ds], [1.0] * n,
+                     accumulate=False)
+    return out.reshape(X.shape)

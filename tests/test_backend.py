@@ -1,0 +1,86 @@
+"""Backend choice: the Q3R_BACKEND override, errors for unavailable backends, lazy imports."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from q3r import _backend, ops, reference
+
+from _kernel_utils import DEVICE, K, factors, tile_settings
+
+
+@pytest.fixture(autouse=True)
+def fresh_probes():
+    _backend.reset()
+    yield
+    _backend.reset()
+
+
+def test_import_q3r_does_not_import_triton_or_touch_cuda():
+    code = ("import sys, q3r, torch; assert 'triton' not in sys.modules, 'triton imported'; "
+            "assert not torch.cuda.is_initialized(), 'CUDA initialized'")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "Q3R_BACKEND": ""})
+
+
+def test_auto_picks_reference_for_cpu_tensors(monkeypatch):
+    monkeypatch.delenv("Q3R_BACKEND", raising=False)
+    assert _backend.backend_for("cpu") == "reference"
+
+
+def test_forced_reference_and_invalid_value(monkeypatch):
+    monkeypatch.setenv("Q3R_BACKEND", "reference")
+    assert _backend.backend_for(DEVICE) == "reference"
+    monkeypatch.setenv("Q3R_BACKEND", "cuda-please")
+    with pytest.raises(ValueError, match="Q3R_BACKEND"):
+        _backend.backend_for(DEVICE)
+
+
+def test_forced_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.setenv("Q3R_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(_backend.BackendUnavailableError, match="TRITON_INTERPRET"):
+        _backend.backend_for("cpu")
+
+
+def test_forced_triton_rejects_float64(monkeypatch):
+    monkeypatch.setenv("Q3R_BACKEND", "triton")
+    with pytest.raises(_backend.BackendUnavailableError, match="float64"):
+        _backend.backend_for(DEVICE, torch.float64)
+
+
+def test_missing_triton_falls_back_with_one_log_line(monkeypatch, caplog):
+    monkeypatch.delenv("Q3R_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "_triton_import", lambda: (False, "no triton here"))
+    with caplog.at_level("WARNING", logger="q3r"):
+        assert _backend.backend_for("cuda") == "reference"
+        assert _backend.backend_for("cuda") == "reference"
+    assert [r.getMessage() for r in caplog.records].count(
+        "q3r: Triton kernels unavailable (no triton here); using the reference path") == 1
+    monkeypatch.setenv("Q3R_BACKEND", "triton")
+    with pytest.raises(_backend.BackendUnavailableError, match="no triton here"):
+        _backend.backend_for("cuda")
+
+
+@pytest.mark.skipif(K is None, reason="triton not importable")
+def test_ops_dispatch_to_kernels_when_forced(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(21, 35, generator=gen).to(DEVICE)
+    U, V, d = factors(21, 35, 6, gen)
+    monkeypatch.setenv("Q3R_BACKEND", "triton")
+    with tile_settings(True):
+        A, B = ops.project(X, U, V)
+        R = ops.apply_reweighting(X, U, V, d)
+    A_ref, B_ref = reference.project(X, U, V)
+    torch.testing.assert_close(A, A_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(B, B_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(R, reference.apply_reweighting(X, U, V, d), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        ops.project(X, V, U)
+
+
+def test_info_module_runs():
+    out = subprocess.run([sys.executable, "-m", "q3r.info"], check=True, capture_output=True, text=True).stdout
+    assert "torch" in out and "Triton kernels on cuda tensors" in out and "native extension" in out
