@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import reference
+from . import ops, reference
 from . import distributed
 from .config import Q3R_DEFAULTS, slice_configs, validate_q3r_options
 from .diagnostics import slice_diagnostics
@@ -115,13 +115,15 @@ class Q3R:
                  for t in sharded],
                 [t.param.grad for t in sharded],
             )
+        weights, grads, factors = [], [], []
         for t in self.targets:
             if t.param.grad is None or distributed.is_sharded(t.param):
                 continue
-            weights = slice_views(t.param.detach(), t.slice_dim, t.slices)
-            grads = slice_views(t.param.grad, t.slice_dim, t.slices)
-            for w, g, s in zip(weights, grads, self.state[t.name]):
-                g.add_(reference.apply_reweighting(w, *operator_of(s)).to(g.dtype), alpha=2.0 * self.lmbda)
+            weights += slice_views(t.param.detach(), t.slice_dim, t.slices)
+            grads += slice_views(t.param.grad, t.slice_dim, t.slices)
+            factors += [(s["U"], s["V"], s["sigma"], s["eps"]) for s in self.state[t.name]]
+        # all targets at once: grouped Triton launches on GPU, the reference loop elsewhere
+        ops.add_reweighting_(grads, weights, factors, 2.0 * self.lmbda)
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Make ``optimizer.step()`` call :meth:`add_grad_` first. Returns the hook handle."""

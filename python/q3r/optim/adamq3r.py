@@ -9,7 +9,7 @@ from torch.optim import Optimizer
 from .. import distributed
 from ..config import Q3R_DEFAULTS, default_names, slice_configs, validate_q3r_options
 from ..diagnostics import slice_diagnostics
-from ..refresh import new_slice_state, operator_of, refresh_slices_
+from ..refresh import new_slice_state, refresh_slices_
 from ..targets import slice_shapes, slice_views
 from .functional import ParamWork, adamq3r_step_
 
@@ -161,7 +161,7 @@ class AdamQ3R(Optimizer):
                 works.append(work)
         self.refresh(due)
         for work, state in q3r_works:
-            work.operators = [operator_of(s) for s in state["q3r"]]
+            work.operators = [(s["U"], s["V"], s["sigma"], s["eps"]) for s in state["q3r"]]
         if any(distributed.is_sharded(w.param) for w in works):
             distributed.sharded_adamq3r_step_(works)  # FSDP2: local shards, one all-reduce per step
         else:

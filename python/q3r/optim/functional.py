@@ -39,7 +39,16 @@ class ParamWork:
     lmbda: float = 0.0
     slice_dim: int = 0
     slices: list | None = None
-    operators: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # (U, V, d) per slice
+    # per slice (U, V, d), or (U, V, sigma, eps): d is then derived where it is used (on the
+    # device by the fused kernels, which saves a handful of tiny launches per slice per step)
+    operators: list[tuple[Tensor, ...]] = field(default_factory=list)
+
+
+def _udv(op: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    if len(op) == 4:
+        U, V, sigma, eps = op
+        return U, V, reference.reweighting_coefficients(sigma, eps)
+    return op
 
 
 def q3r_terms(work: ParamWork) -> list[Tensor]:
@@ -48,8 +57,8 @@ def q3r_terms(work: ParamWork) -> list[Tensor]:
         return []
     views = slice_views(work.param, work.slice_dim, work.slices)
     return [
-        reference.apply_reweighting(view, U, V, d).mul_(2.0 * work.lmbda)
-        for view, (U, V, d) in zip(views, work.operators)
+        reference.apply_reweighting(view, *_udv(op)).mul_(2.0 * work.lmbda)
+        for view, op in zip(views, work.operators)
     ]
 
 
@@ -79,5 +88,8 @@ def adamq3r_reference_(works: list[ParamWork]) -> None:
 
 
 def adamq3r_step_(works: list[ParamWork]) -> None:
-    """Apply one AdamQ3R step to every parameter in ``works`` with the chosen backend."""
-    adamq3r_reference_(works)
+    """Apply one AdamQ3R step to every parameter in ``works`` with the chosen backend: the
+    fused Triton update (q3r.ops) takes what it can, the reference path the rest."""
+    from ..ops import adamq3r_fused_  # q3r_kernels / triton load only once a kernel runs
+
+    adamq3r_reference_(adamq3r_fused_(works))
