@@ -1,0 +1,185 @@
+"""The experiment's plan and driver: sizes, the list of runs, resumable execution, outputs.
+
+Each finished run writes ``runs/<run_id>.json`` in the output folder and an unfinished one
+keeps an epoch checkpoint in ``checkpoints/``; running the same command again skips the
+finished runs and continues the others from their last epoch. After every finished run the
+aggregate outputs (results.json, results.csv, results.md, results.png) are rewritten, so a
+run cut short still leaves a table of what finished.
+
+Tuning: every method gets the same small budget, two values of its own main knob (dense:
+weight decay; Q3R: lambda; LoRA: learning rate; LoRITa: weight decay on its factors), each
+a full training run; the value is chosen by accuracy on a validation split held out from the
+training set (never the test set). See report.py for how the table picks among them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import torch
+
+from . import fashion_mnist, report
+from .training import RunSpec, seed_generator, train_run
+
+EVAL_FRACTIONS = [1.0, 0.6, 0.4, 0.2, 0.1]
+
+BASE = dict(
+    seed=0, lr=1e-3, base_wd=0.05, warmup=0.05, label_smoothing=0.1, q3r_steps=5,
+    eval_fractions=EVAL_FRACTIONS,
+)
+
+SIZES = {
+    # CI: a tiny model on a data subset; checks the pipeline, not the claim.
+    "smoke": dict(
+        model=dict(patch_size=7, dim=32, depth=2, num_heads=2), n_train=3072, n_val=512, n_test=1000,
+        epochs=4, batch_size=128, lr=3e-3, warmup=0.02, cpu_threads=1,
+        grid=dict(dense=dict(wd=[0.05]), q3r=dict(lmbda=[0.5]), lora=dict(lr=[2e-3]), lorita=dict(wd=[0.05], depth=[2])),
+        q3r_fractions=[0.2], lora_fractions=[0.2],
+    ),
+    # A CPU run that still means something (ViT at 1/4 width, half depth, fewer epochs).
+    "cpu": dict(
+        model=dict(patch_size=4, dim=96, depth=6, num_heads=3), n_train=20000, n_val=5000, n_test=10000,
+        epochs=3, batch_size=128,
+        grid=dict(dense=dict(wd=[0.05]), q3r=dict(lmbda=[1.0]), lora=dict(lr=[1e-3]), lorita=dict(wd=[0.5], depth=[2])),
+        q3r_fractions=[0.4, 0.2], lora_fractions=[0.4, 0.2],
+    ),
+    # The experiment: ViT-Tiny shape, all of Fashion-MNIST (55k train / 5k val / 10k test), one GPU.
+    "full": dict(
+        model=dict(patch_size=4, dim=192, depth=12, num_heads=3), n_train=55000, n_val=5000, n_test=10000,
+        epochs=8, batch_size=256,
+        grid=dict(dense=dict(wd=[0.05, 0.5]), q3r=dict(lmbda=[0.3, 1.0]), lora=dict(lr=[1e-3, 3e-3]),
+                  lorita=dict(wd=[0.05, 0.5], depth=[2])),
+        q3r_fractions=[0.4, 0.2, 0.1], lora_fractions=[0.4, 0.2, 0.1],
+    ),
+}
+
+
+def make_config(size: str, **overrides) -> dict:
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    cfg = copy.deepcopy({**BASE, **SIZES[size], "size": size})
+    for key, value in overrides.items():
+        if value is not None:
+            cfg[key] = value
+    return cfg
+
+
+def _grid(values: dict) -> list[dict]:
+    combos = [{}]
+    for key, options in values.items():
+        combos = [{**c, key: v} for c in combos for v in options]
+    return combos
+
+
+def plan(cfg: dict) -> list[RunSpec]:
+    """All runs, most important first (so a run cut short has the claim's cells)."""
+    g = cfg["grid"]
+    sets = ["qkv", "qkv+mlp"]
+    specs = [RunSpec("dense", None, None, h) for h in _grid(g["dense"])]
+    for f in sorted(set(cfg["q3r_fractions"]) | set(cfg["lora_fractions"]), reverse=True):
+        for s in sets:
+            if f in cfg["q3r_fractions"]:
+                specs += [RunSpec("q3r", s, f, h) for h in _grid(g["q3r"])]
+            if f in cfg["lora_fractions"]:
+                specs += [RunSpec("lora", s, f, h) for h in _grid(g["lora"])]
+        if f == max(cfg["q3r_fractions"]):
+            specs += [RunSpec("lorita", s, None, h) for s in sets for h in _grid(g["lorita"])]
+    return specs
+
+
+def load_data(cfg: dict, data_dir, device) -> dict:
+    """Train / validation (held out from train by a seeded permutation) / test, on ``device``."""
+    raw = fashion_mnist.load(data_dir)
+    perm = torch.randperm(len(raw["train_labels"]), generator=seed_generator(cfg["seed"], 99))
+    train_idx, val_idx = perm[: cfg["n_train"]], perm[len(perm) - cfg["n_val"]:]
+    if cfg["n_train"] + cfg["n_val"] > len(perm):
+        raise ValueError(f"n_train + n_val = {cfg['n_train'] + cfg['n_val']} exceeds the {len(perm)} training images")
+    return {k: v.to(device) for k, v in dict(
+        train_images=raw["train_images"][train_idx], train_labels=raw["train_labels"][train_idx],
+        val_images=raw["train_images"][val_idx], val_labels=raw["train_labels"][val_idx],
+        test_images=raw["test_images"][: cfg["n_test"]], test_labels=raw["test_labels"][: cfg["n_test"]],
+    ).items()}
+
+
+_WORKER_DATA: dict = {}
+
+
+def _run_in_worker(cfg, spec, data_dir, device, checkpoint_dir, threads):
+    """Process-pool entry point: each worker loads the data once and trains one run at a time."""
+    torch.set_num_threads(threads)
+    key = (str(data_dir), str(device))
+    if key not in _WORKER_DATA:
+        _WORKER_DATA[key] = load_data(cfg, data_dir, device)
+    return train_run(cfg, spec, _WORKER_DATA[key], device, checkpoint_dir)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def run_experiment(cfg: dict, out_dir, data_dir=None, device="auto", workers=1, fresh=False, meta=None, log=print) -> dict:
+    """Run (or resume) every planned run and write the outputs; returns the summary dict."""
+    device = resolve_device(device)
+    out = Path(out_dir)
+    runs_dir, ckpt_dir = out / "runs", out / "checkpoints"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    fashion_mnist.data_dir(data_dir)  # fail early, with the install hint, if the data is missing
+    config_file = out / "config.json"
+    if config_file.exists() and not fresh and json.loads(config_file.read_text()) != json.loads(json.dumps(cfg)):
+        raise ValueError(f"{out} holds runs of a different configuration; use another --out or --fresh")
+    if fresh:
+        for f in list(runs_dir.glob("*.json")) + list(ckpt_dir.glob("*.pt")):
+            f.unlink()
+    config_file.write_text(json.dumps(cfg, indent=1))
+    if torch.device(device).type == "cpu" and cfg.get("cpu_threads"):
+        # A tiny model gains nothing from threads, and on a busy machine they cost a lot.
+        torch.set_num_threads(min(torch.get_num_threads(), cfg["cpu_threads"]))
+    meta = dict(meta or {}, device=_device_name(device), torch=torch.__version__, size=cfg["size"])
+    specs = plan(cfg)
+    results = {p.stem: json.loads(p.read_text()) for p in runs_dir.glob("*.json")}
+    todo = [s for s in specs if s.run_id not in results]
+    log(f"{len(specs)} runs planned, {len(specs) - len(todo)} already finished; device {meta['device']}, {workers} worker(s)")
+
+    def finished(result):
+        (runs_dir / f"{result['run']}.json").write_text(json.dumps(result, indent=1))
+        results[result["run"]] = result
+        (ckpt_dir / f"{result['run']}.pt").unlink(missing_ok=True)
+        report.write_outputs(out, cfg, [results[s.run_id] for s in specs if s.run_id in results], meta)
+        best = max(e["test_acc"] for e in result["evals"])
+        log(f"finished {result['run']} in {result['train_seconds']:.0f}s (best test acc {best:.4f})")
+
+    start = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    if workers <= 1:
+        data = load_data(cfg, data_dir, device)
+        steps = len(data["train_labels"]) // cfg["batch_size"] * cfg["epochs"]
+        with tqdm(total=steps * len(todo), desc="vit-fmnist", unit="step", mininterval=2.0) as bar:
+            for spec in todo:
+                finished(train_run(cfg, spec, data, device, ckpt_dir, progress=bar))
+    else:
+        threads = max(1, (os.cpu_count() or 2) // workers)
+        ctx = torch.multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool, tqdm(total=len(todo), desc="vit-fmnist runs", unit="run") as bar:
+            futures = {pool.submit(_run_in_worker, cfg, s, data_dir, device, ckpt_dir, threads): s for s in todo}
+            for fut in as_completed(futures):
+                finished(fut.result())
+                bar.update(1)
+    ordered = [results[s.run_id] for s in specs if s.run_id in results]
+    summary = report.write_outputs(out, cfg, ordered, dict(meta, wall_seconds=round(time.perf_counter() - start, 1)))
+    log(summary["markdown"])
+    return summary
+
+
+def _device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name()}"
+    return f"cpu ({os.cpu_count()} cores)"
