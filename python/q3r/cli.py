@@ -1,0 +1,60 @@
+"""The ``q3r`` command: ``q3r demo``, ``q3r info``, and subcommands registered by subpackages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(epochs=args.epochs, lmbda=args.lmbda, target_rank=args.target_rank, seed=args.seed)
+    result = run_demo(cfg)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _info(args) -> int:
+    from . import info
+
+    info.main()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="q3r", description="Q3R: low-rank training with a reweighted rank regularizer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    defaults = __import__("q3r.demo", fromlist=["DemoConfig"]).DemoConfig()
+    demo = sub.add_parser("demo", help="train a small MLP on bundled digits with AdamW and AdamQ3R, truncate, compare")
+    demo.add_argument("--epochs", type=int, default=defaults.epochs)
+    demo.add_argument("--lmbda", type=float, default=defaults.lmbda, help="Q3R strength lambda")
+    demo.add_argument("--target-rank", type=float, default=defaults.target_rank, help="parameter fraction to train towards")
+    demo.add_argument("--seed", type=int, default=defaults.seed)
+    demo.add_argument("--json", help="also write the result table to this JSON file")
+    demo.set_defaults(func=_demo)
+    info = sub.add_parser("info", help="which backends (Triton, native extension) are available and why not")
+    info.set_defaults(func=_info)
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub) -> None:
+    """Subcommands that live in subpackages (they import only when run)."""
+    try:
+        from .experiments.cli import add_parser as add_experiment
+    except ImportError:
+        return
+    add_experiment(sub)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
