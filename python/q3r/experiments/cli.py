@@ -7,6 +7,7 @@ subparsers; ``main(argv)`` runs it standalone (``python -m q3r.experiments.cli v
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ def run_vit_fmnist(args) -> int:
     cfg = make_config(args.size, epochs=args.epochs, seed=args.seed)
     out = args.out or f"runs/vit-fmnist-{args.size}"
     meta = dict(command="q3r experiment vit-fmnist " + " ".join(sys.argv[sys.argv.index("vit-fmnist") + 1:]) if "vit-fmnist" in sys.argv else "",
-                commit=_git_commit())
+                commit=os.environ.get("Q3R_COMMIT") or _git_commit())  # a copied tree has no .git
     try:
         run_experiment(cfg, out, data_dir=args.data_dir, device=args.device, workers=args.workers, fresh=args.fresh, meta=meta)
     except FileNotFoundError as err:

@@ -51,9 +51,9 @@ SIZES = {
     # The experiment: ViT-Tiny shape, all of Fashion-MNIST (55k train / 5k val / 10k test), one GPU.
     "full": dict(
         model=dict(patch_size=4, dim=192, depth=12, num_heads=3), n_train=55000, n_val=5000, n_test=10000,
-        epochs=8, batch_size=256,
-        grid=dict(dense=dict(wd=[0.05, 0.5]), q3r=dict(lmbda=[0.3, 1.0]), lora=dict(lr=[1e-3, 3e-3]),
-                  lorita=dict(wd=[0.05, 0.5], depth=[2])),
+        epochs=6, batch_size=256,
+        grid=dict(dense=dict(wd=[0.05, 1.0]), q3r=dict(lmbda=[1.0, 4.0]), lora=dict(lr=[1e-3, 3e-3]),
+                  lorita=dict(wd=[0.1, 1.0], depth=[2])),
         q3r_fractions=[0.4, 0.2, 0.1], lora_fractions=[0.4, 0.2, 0.1],
     ),
 }
@@ -171,8 +171,11 @@ def run_experiment(cfg: dict, out_dir, data_dir=None, device="auto", workers=1, 
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool, tqdm(total=len(todo), desc="vit-fmnist runs", unit="run") as bar:
             futures = {pool.submit(_run_in_worker, cfg, s, data_dir, device, ckpt_dir, threads): s for s in todo}
             for fut in as_completed(futures):
-                finished(fut.result())
                 bar.update(1)
+                try:
+                    finished(fut.result())
+                except Exception as err:  # one failed run must not lose the others' results
+                    log(f"run {futures[fut].run_id} failed: {type(err).__name__}: {err}")
     ordered = [results[s.run_id] for s in specs if s.run_id in results]
     summary = report.write_outputs(out, cfg, ordered, dict(meta, wall_seconds=round(time.perf_counter() - start, 1)))
     log(summary["markdown"])

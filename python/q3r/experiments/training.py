@@ -201,6 +201,8 @@ def train_run(cfg: dict, spec: RunSpec, data: dict, device, checkpoint_dir: Path
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"run {spec.run_id}: loss became {loss.item()} in epoch {epoch}")
         seconds += time.perf_counter() - t0
+        if progress is None:  # worker processes: one line per epoch instead of a bar
+            print(f"{spec.run_id}: epoch {epoch + 1}/{epochs} loss {loss.item():.3f} ({seconds:.0f}s)", flush=True)
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "epoch": epoch + 1, "seconds": seconds}, checkpoint)
     if spec.method == "lorita":
