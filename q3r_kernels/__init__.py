@@ -13,13 +13,14 @@ fused weights, given as strided views -- per launch):
 """
 
 from ._meta import CONFIG, TileConfig
-from .adam import AdamRegion, adam_hyper, adamq3r_update_, check_region
+from .adam import AdamQ3RPlan, AdamRegion, adam_hyper, adamq3r_update_, check_region
 from .apply import add_reweighting_, apply_reweighting
-from .project import project, project_blocks
+from .projection import project, project_blocks
 
 __all__ = [
     "CONFIG",
     "TileConfig",
+    "AdamQ3RPlan",
     "AdamRegion",
     "adam_hyper",
     "adamq3r_update_",

@@ -13,6 +13,7 @@ This module imports torch and triton only, never q3r.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -106,13 +107,16 @@ class Workspace:
 
 
 def tile_schedule(counts: list[int], device) -> tuple[torch.Tensor, int]:
-    """Flat program -> (block, tile) map: int32 (2, total) = [block ids; tile ids]."""
-    total = sum(counts)
-    blocks = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.int64))
-    starts = torch.cumsum(torch.tensor([0] + counts[:-1], dtype=torch.int64), 0)
-    tiles = torch.arange(total) - torch.repeat_interleave(starts, torch.tensor(counts, dtype=torch.int64))
-    sched = torch.stack([blocks, tiles]).to(torch.int32)
-    return sched.to(device), total
+    """Flat program -> (block, tile) map: int32 (2, total) = [block ids; tile ids].
+    It depends on shapes and tiles only, so it is built once per layout and kept."""
+    return _tile_schedule(tuple(counts), torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _tile_schedule(counts: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, int]:
+    blocks = [b for b, n in enumerate(counts) for _ in range(n)]
+    tiles = [t for n in counts for t in range(n)]
+    return torch.tensor([blocks, tiles], dtype=torch.int32).to(device), len(tiles)
 
 
 def new_table(n: int) -> list[list[int]]:

@@ -28,7 +28,7 @@ from . import _meta as m
 from ._meta import (F_COLS, F_M, F_NUMEL, F_ROWS, F_S, F_X, F_X_SC, F_X_SR, F_Y, F_Y_SC, F_Y_SR, G_BC2_SQRT,
                     G_DECAY, G_EPS, G_LR, G_ONE_MINUS_BETA2, G_SCALE, G_STEP_SIZE, G_W1, G_BETA2, NF, NG)
 from .apply import lowrank_tile, prepare, tile_counts
-from .project import fill_factor_fields
+from .projection import fill_factor_fields
 
 
 @triton.jit
@@ -137,24 +137,29 @@ def check_region(reg: AdamRegion) -> bool:
     return p.dim() == 2 and reg.exp_avg.stride() == p.stride() and reg.exp_avg_sq.stride() == p.stride()
 
 
-def adamq3r_update_(regions: list[AdamRegion]) -> None:
-    """Apply the fused update to every region: per (dtypes) group, the preparation launches
-    for its Q3R regions, one launch for them and one for the regions without a term."""
-    if not regions:
-        return
-    device = regions[0].param.device
-    groups: dict[tuple, list[int]] = {}
-    for i, reg in enumerate(regions):
-        key = (reg.param.dtype, reg.grad.dtype, reg.exp_avg.dtype, len(reg.factors or ()))
-        groups.setdefault(key, []).append(i)
-    cfg = m.CONFIG
-    for (p_dtype, g_dtype, s_dtype, n_factors), idx in groups.items():
+class AdamQ3RPlan:
+    """Device tables, tile schedules and workspace for a fixed set of regions.
+
+    Building them costs Python time per region; a training loop whose tensors stay put (the
+    usual case: parameters, states and factors keep their storage between refreshes) builds
+    a plan once and then only calls :meth:`run` with the per-step scalars.
+    """
+
+    def __init__(self, regions: list[AdamRegion]):
+        self.device = regions[0].param.device if regions else None
+        self.config = (m.CONFIG.block_m, m.CONFIG.block_n, m.CONFIG.block_k, m.CONFIG.num_warps, m.dot_precision())
+        by_key: dict[tuple, list[int]] = {}
+        for i, reg in enumerate(regions):
+            by_key.setdefault((reg.param.dtype, reg.grad.dtype, reg.exp_avg.dtype, len(reg.factors or ())), []).append(i)
+        self.groups = [self._group(key, idx, regions) for key, idx in by_key.items()]
+
+    def _group(self, key, idx, regions) -> dict:
+        p_dtype, g_dtype, s_dtype, n_factors = key
         has_q3r = n_factors > 0
-        table, floats, shapes = m.new_table(len(idx)), [], []
-        ws = None
+        table, shapes, ws = m.new_table(len(idx)), [], None
         if has_q3r:
             shapes = [(regions[i].param.shape[0], regions[i].param.shape[1], regions[i].factors[0].shape[1]) for i in idx]
-            ws = m.Workspace(shapes, device)
+            ws = m.Workspace(shapes, self.device)
         for j, (row, i) in enumerate(zip(table, idx)):
             reg = regions[i]
             if has_q3r:
@@ -167,22 +172,33 @@ def adamq3r_update_(regions: list[AdamRegion]) -> None:
                 if n_factors == 4:
                     row[m.F_EPS] = reg.factors[3].data_ptr()
             _region_row(reg, row)
-            floats.append(reg.hyper)
-        table = m.to_device_table(table, torch.int64, device)
-        floats = m.to_device_table(floats, torch.float32, device)
-        if has_q3r:
-            prepare(table, shapes, p_dtype, n_factors == 4, device)
         counts = tile_counts(shapes) if has_q3r else [
-            m.cdiv(table_rows, cfg.block_m) * m.cdiv(table_cols, cfg.block_n)
-            for table_rows, table_cols in (_rows_cols(regions[i].param) for i in idx)
+            m.cdiv(r, self.config[0]) * m.cdiv(c, self.config[1]) for r, c in (_rows_cols(regions[i].param) for i in idx)
         ]
-        sched, total = m.tile_schedule(counts, device)
-        if total:
-            _adamq3r_kernel[(total,)](
-                table, floats, sched, total, m.tl_dtype(p_dtype), m.tl_dtype(g_dtype), m.tl_dtype(s_dtype),
-                has_q3r, cfg.block_m, cfg.block_n, cfg.block_k, m.dot_precision(), num_warps=cfg.num_warps,
-            )
-        del ws
+        sched, total = m.tile_schedule(counts, self.device)
+        return dict(idx=idx, dtypes=(p_dtype, g_dtype, s_dtype), n_factors=n_factors, shapes=shapes, workspace=ws,
+                    table=m.to_device_table(table, torch.int64, self.device), sched=sched, total=total)
+
+    def run(self, hypers: list[list]) -> None:
+        """One fused step; hypers[i] is region i's float row (see :func:`adam_hyper`)."""
+        block_m, block_n, block_k, num_warps, precision = self.config
+        for g in self.groups:
+            floats = m.to_device_table([hypers[i] for i in g["idx"]], torch.float32, self.device)
+            has_q3r = g["n_factors"] > 0
+            if has_q3r:
+                prepare(g["table"], g["shapes"], g["dtypes"][0], g["n_factors"] == 4, self.device)
+            if g["total"]:
+                _adamq3r_kernel[(g["total"],)](
+                    g["table"], floats, g["sched"], g["total"], *(m.tl_dtype(t) for t in g["dtypes"]),
+                    has_q3r, block_m, block_n, block_k, precision, num_warps=num_warps,
+                )
+
+
+def adamq3r_update_(regions: list[AdamRegion]) -> None:
+    """Apply the fused update to every region: per (dtypes) group, the preparation launches
+    for its Q3R regions, one launch for them and one for the regions without a term."""
+    if regions:
+        AdamQ3RPlan(regions).run([reg.hyper for reg in regions])
 
 
 def _rows_cols(p: torch.Tensor) -> tuple[int, int]:

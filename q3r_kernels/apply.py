@@ -22,7 +22,7 @@ import triton.language as tl
 from . import _meta as m
 from ._meta import (F_A, F_B, F_C, F_COLS, F_D, F_DSRC, F_EPS, F_K, F_NUMEL, F_ROWS, F_U, F_U_SK, F_U_SR, F_V,
                     F_V_SK, F_V_SR, F_X, F_X_SC, F_X_SR, F_Y, F_Y_SC, F_Y_SR, G_SCALE, NF, NG)
-from .project import fill_factor_fields, launch_project
+from .projection import fill_factor_fields, launch_project
 
 
 @triton.jit

@@ -103,8 +103,8 @@ def test_k_step_parity_fused_vs_reference_adamq3r(dtype, monkeypatch):
     """Identical gradients for K steps (two refreshes in between): parameters agree."""
     steps, K_steps = 3, 7
     models, calls = {}, []
-    fused = K.adamq3r_update_
-    monkeypatch.setattr(K, "adamq3r_update_", lambda regions: calls.append(len(regions)) or fused(regions))
+    run = K.AdamQ3RPlan.run
+    monkeypatch.setattr(K.AdamQ3RPlan, "run", lambda plan, hypers: calls.append(len(hypers)) or run(plan, hypers))
     for backend in ("reference", "triton"):
         monkeypatch.setenv("Q3R_BACKEND", backend)
         params, groups = _model_groups(dtype)

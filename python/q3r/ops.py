@@ -13,6 +13,8 @@ q3r_kernels (and so triton) is imported only when the Triton backend is chosen.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import Tensor
 
@@ -111,6 +113,7 @@ def _complement(extent: int, slices) -> list[tuple[int, int]]:
 
 
 def _regions(work, K, hyper_plain, hyper_q3r):
+    # (hyper rows are filled per step by adamq3r_fused_; only the layout matters here)
     """The fused kernel's regions of one parameter, or None if its layout does not fit."""
     tensors = (work.param, work.grad, work.exp_avg, work.exp_avg_sq)
     operators = work.operators if work.lmbda != 0 else []
@@ -131,35 +134,76 @@ def _regions(work, K, hyper_plain, hyper_q3r):
     return regions
 
 
+_PLANS: OrderedDict = OrderedDict()  # layout key -> (plan, per-region (work index, has term)), LRU
+_MAX_PLANS = 4
+
+
+def _layout_key(works: list) -> tuple:
+    """Everything a plan's tables depend on: storage addresses, shapes, strides, slicing,
+    and the tile settings. Unchanged between refreshes in an ordinary training loop."""
+    K = _kernels()
+    cfg = (K.CONFIG.block_m, K.CONFIG.block_n, K.CONFIG.block_k, K.CONFIG.num_warps, K.CONFIG.precision)
+    return cfg, tuple(
+        (w.param.data_ptr(), w.param.shape, w.param.stride(), w.param.dtype, w.grad.data_ptr(), w.grad.stride(),
+         w.grad.dtype, w.exp_avg.data_ptr(), w.exp_avg_sq.data_ptr(), w.exp_avg.dtype, w.lmbda != 0, w.slice_dim,
+         None if w.slices is None else tuple(map(tuple, w.slices)),
+         tuple((len(op), op[0].shape[1]) + tuple(t.data_ptr() for t in op) for op in w.operators))
+        for w in works
+    )
+
+
+def _build_plan(works: list):
+    """Regions of every work the kernels can take; returns (plan, region_map, rejected)."""
+    K = _kernels()
+    regions, region_map, rejected = [], [], []
+    for i, work in enumerate(works):
+        mine = _regions(work, K, None, True)
+        if mine is None or not all(K.check_region(r) for r in mine):
+            rejected.append(i)
+            continue
+        regions += mine
+        region_map += [(i, r.factors is not None) for r in mine]
+    return K.AdamQ3RPlan(regions), region_map, rejected
+
+
 def adamq3r_fused_(works: list) -> list:
     """One AdamQ3R step (q3r.optim.functional arithmetic) for every work the Triton backend
     can take, in a few grouped launches; returns the works left for the reference path.
 
     A work is a q3r.optim.functional.ParamWork; its ``operators`` hold (U, V, d) or
     (U, V, sigma, eps) per slice. The Q3R term is evaluated at the weights before the step.
+    The tables the kernels read are cached per layout (see _layout_key), so a step in a
+    steady training loop costs little more Python than the launches themselves.
     """
-    if not works:
-        return []
-    K, taken, rest, regions = None, [], [], []
+    rest, taken, verdict = [], [], {}
     for work in works:
         p = work.param
-        if backend_for(p.device, p.dtype) != "triton" or any(op[0].dtype != torch.float32 for op in work.operators):
+        where = (p.device, p.dtype)
+        if where not in verdict:
+            verdict[where] = backend_for(p.device, p.dtype) == "triton"
+        if verdict[where] and all(op[0].dtype == torch.float32 for op in work.operators):
+            taken.append(work)
+        else:
             rest.append(work)
-            continue
-        K = K or _kernels()
-        step = float(work.step) + 1  # the reference increments the same counter first
-        args = (work.lr, work.beta1, work.beta2, work.eps, work.weight_decay, step)
-        mine = _regions(work, K, K.adam_hyper(*args), K.adam_hyper(*args, scale=2.0 * work.lmbda))
-        if mine is None or not all(K.check_region(r) for r in mine):
-            rest.append(work)
-            continue
-        taken.append(work)
-        regions.extend(mine)
-    by_device: dict = {}
-    for region in regions:
-        by_device.setdefault(region.param.device, []).append(region)
-    for group in by_device.values():
-        K.adamq3r_update_(group)
+    if not taken:
+        return rest
+    key = _layout_key(taken)
+    if key in _PLANS:
+        _PLANS.move_to_end(key)
+    else:
+        _PLANS[key] = _build_plan(taken)
+        while len(_PLANS) > _MAX_PLANS:
+            _PLANS.popitem(last=False)
+    plan, region_map, rejected = _PLANS[key]
+    K = _kernels()
+    hypers, memo = [], {}
     for work in taken:
-        work.step += 1
-    return rest
+        args = (work.lr, work.beta1, work.beta2, work.eps, work.weight_decay, float(work.step) + 1, work.lmbda)
+        if args not in memo:  # groups usually share their scalars: build each row once
+            memo[args] = (K.adam_hyper(*args[:-1]), K.adam_hyper(*args[:-1], scale=2.0 * work.lmbda))
+        hypers.append(memo[args])
+    plan.run([hypers[i][has_term] for i, has_term in region_map])
+    skipped = set(rejected)
+    done = [w for i, w in enumerate(taken) if i not in skipped]
+    torch._foreach_add_([w.step for w in done], 1.0)  # the reference increments the same counter
+    return rest + [taken[i] for i in rejected]
