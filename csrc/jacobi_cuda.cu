@@ -1,0 +1,214 @@
+// CUDA implementation of the batched parallel-order cyclic Jacobi eigensolver: one thread
+// block per matrix.  Same rounds, pairs, thresholds and rotations as jacobi_cpu.cpp.
+//
+// Memory: A lives in dynamic shared memory when k*k floats fit (opt-in limit, 227 KB on
+// H100: k <= ~235); larger k work on a global copy of A (it stays hot in L2).  The
+// eigenvector accumulator Vt always lives in global memory, rows contiguous, so the row
+// rotations of a round are coalesced.
+//
+// A round: (1) threads m/2 plan the disjoint rotations from the current A; (2) every 2 x 2
+// block (pair a rows, pair b columns) gets J_a^T X J_b in registers -- no second pass and no
+// barrier between the row and column updates; (3) the rows of Vt are rotated.  Blocks whose
+// two pairs are both idle are skipped, which is what makes warm-started (nearly diagonal)
+// inputs cheap.
+
+#include <algorithm>
+
+#include "jacobi_common.h"
+#include "jacobi_cuda.h"
+
+namespace q3r_jacobi {
+namespace {
+
+constexpr int kMaxThreads = 1024;
+
+struct SharedPlan {
+  float* c;
+  float* s;
+  float* new_pp;
+  float* new_qq;
+  int* p;
+  int* q;
+  int* rank;
+};
+
+__device__ SharedPlan carve_plan(float* base, int m, int k) {
+  SharedPlan plan;
+  int half = m / 2;
+  plan.c = base;
+  plan.s = base + half;
+  plan.new_pp = base + 2 * half;
+  plan.new_qq = base + 3 * half;
+  plan.p = reinterpret_cast<int*>(base + 4 * half);
+  plan.q = plan.p + half;
+  plan.rank = plan.q + half;  // k entries, used at the end
+  return plan;
+}
+
+__host__ __device__ long plan_floats(int k) {
+  int m = k + (k & 1);
+  return 6L * (m / 2) + k;
+}
+
+__global__ void jacobi_kernel(const float* __restrict__ G, float* __restrict__ evals,
+                              float* __restrict__ evecs, int* __restrict__ sweeps_out,
+                              float* __restrict__ vt_work, float* __restrict__ a_work, int k,
+                              int max_sweeps, float tol, bool a_in_shared) {
+  extern __shared__ float smem[];
+  __shared__ unsigned int max_diag_bits;
+  const long kk = static_cast<long>(k) * k;
+  const int b = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const int m = k + (k & 1);
+  const int half = m / 2;
+
+  SharedPlan plan = carve_plan(smem, m, k);
+  float* A = a_in_shared ? smem + plan_floats(k) : a_work + b * kk;
+  float* Vt = vt_work + b * kk;
+  const float* Gb = G + b * kk;
+
+  if (tid == 0) max_diag_bits = 0u;
+  __syncthreads();
+  for (long e = tid; e < kk; e += nthreads) {
+    int i = static_cast<int>(e / k), j = static_cast<int>(e % k);
+    float g = Gb[e];
+    A[e] = g;
+    Vt[e] = (i == j) ? 1.0f : 0.0f;
+    // |x| of a float orders like its bit pattern, so an integer max finds the largest diagonal
+    if (i == j) atomicMax(&max_diag_bits, __float_as_uint(fabsf(g)));
+  }
+  __syncthreads();
+  const float floor = absolute_floor(__uint_as_float(max_diag_bits));
+
+  int sweep = 0;
+  for (; k >= 2 && sweep < max_sweeps; ++sweep) {
+    int above = 0;
+    for (long e = tid; e < kk && !above; e += nthreads) {
+      int i = static_cast<int>(e / k), j = static_cast<int>(e % k);
+      if (j > i && needs_rotation(A[i * k + i], A[j * k + j], A[e], tol, floor)) above = 1;
+    }
+    if (!__syncthreads_or(above)) break;
+
+    for (int round = 0; round < m - 1; ++round) {
+      for (int table = tid; table < half; table += nthreads) {
+        int p, q;
+        round_pair(table, round, m, &p, &q);
+        float c = 1.0f, s = 0.0f, npp = 0.0f, nqq = 0.0f;
+        if (q < k) {
+          float app = A[p * k + p], aqq = A[q * k + q], apq = A[p * k + q];
+          if (needs_rotation(app, aqq, apq, tol, floor)) {
+            float t;
+            rotation(app, aqq, apq, &c, &s, &t);
+            npp = app - t * apq;
+            nqq = aqq + t * apq;
+          }
+        }
+        plan.c[table] = c;
+        plan.s[table] = s;
+        plan.new_pp[table] = npp;
+        plan.new_qq[table] = nqq;
+        plan.p[table] = p;
+        plan.q[table] = q;
+      }
+      __syncthreads();
+
+      const long blocks = static_cast<long>(half) * half;
+      for (long e = tid; e < blocks; e += nthreads) {
+        int ta = static_cast<int>(e / half), tb = static_cast<int>(e % half);
+        float ca = plan.c[ta], sa = plan.s[ta], cb = plan.c[tb], sb = plan.s[tb];
+        bool act_a = sa != 0.0f, act_b = sb != 0.0f;
+        if (!act_a && !act_b) continue;
+        int pa = plan.p[ta], qa = plan.q[ta], pb = plan.p[tb], qb = plan.q[tb];
+        if (ta == tb) {  // the rotated 2 x 2 block is known exactly
+          A[pa * k + pa] = plan.new_pp[ta];
+          A[qa * k + qa] = plan.new_qq[ta];
+          A[pa * k + qa] = 0.0f;
+          A[qa * k + pa] = 0.0f;
+          continue;
+        }
+        bool qa_ok = qa < k, qb_ok = qb < k;  // idle dummy pairs have c = 1, s = 0
+        float x00 = A[pa * k + pb];
+        float x01 = qb_ok ? A[pa * k + qb] : 0.0f;
+        float x10 = qa_ok ? A[qa * k + pb] : 0.0f;
+        float x11 = (qa_ok && qb_ok) ? A[qa * k + qb] : 0.0f;
+        // right: columns (pb, qb) <- (c x_p - s x_q, s x_p + c x_q)
+        float y00 = cb * x00 - sb * x01, y01 = sb * x00 + cb * x01;
+        float y10 = cb * x10 - sb * x11, y11 = sb * x10 + cb * x11;
+        // left: rows (pa, qa) likewise
+        A[pa * k + pb] = ca * y00 - sa * y10;
+        if (qb_ok) A[pa * k + qb] = ca * y01 - sa * y11;
+        if (qa_ok) A[qa * k + pb] = sa * y00 + ca * y10;
+        if (qa_ok && qb_ok) A[qa * k + qb] = sa * y01 + ca * y11;
+      }
+
+      const long vt_items = static_cast<long>(half) * k;
+      for (long e = tid; e < vt_items; e += nthreads) {
+        int ta = static_cast<int>(e / k), j = static_cast<int>(e % k);
+        float ca = plan.c[ta], sa = plan.s[ta];
+        if (sa == 0.0f) continue;
+        int p = plan.p[ta], q = plan.q[ta];
+        float x = Vt[p * k + j], y = Vt[q * k + j];
+        Vt[p * k + j] = ca * x - sa * y;
+        Vt[q * k + j] = sa * x + ca * y;
+      }
+      __syncthreads();
+    }
+  }
+
+  // Sort descending by counting: rank(i) = #{j : d_j > d_i, or d_j == d_i and j < i}.
+  for (int i = tid; i < k; i += nthreads) {
+    float di = A[i * k + i];
+    int r = 0;
+    for (int j = 0; j < k; ++j) {
+      float dj = A[j * k + j];
+      r += (dj > di) || (dj == di && j < i);
+    }
+    plan.rank[i] = r;
+  }
+  __syncthreads();
+  for (int i = tid; i < k; i += nthreads) evals[static_cast<long>(b) * k + plan.rank[i]] = A[i * k + i];
+  for (long e = tid; e < kk; e += nthreads) {
+    int i = static_cast<int>(e / k), row = static_cast<int>(e % k);  // Vt row i = eigenvector i
+    evecs[b * kk + static_cast<long>(row) * k + plan.rank[i]] = Vt[e];
+  }
+  if (tid == 0) sweeps_out[b] = sweep;
+}
+
+size_t shared_bytes(int k, bool a_in_shared) {
+  size_t floats = plan_floats(k) + (a_in_shared ? static_cast<size_t>(k) * k : 0);
+  return floats * sizeof(float);
+}
+
+bool fits_shared(int k, int device) {
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+    return false;
+  // leave room for the kernel's static __shared__ word
+  return shared_bytes(k, true) + 64 <= static_cast<size_t>(optin);
+}
+
+}  // namespace
+
+long cuda_global_floats_per_matrix(int k, int device) {
+  return fits_shared(k, device) ? 0L : static_cast<long>(k) * k;
+}
+
+cudaError_t batched_eigh_cuda(const float* G, float* evals, float* evecs, int* sweeps,
+                              float* vt_work, float* a_work, long batch, int k, int max_sweeps,
+                              float tol, int device, cudaStream_t stream) {
+  if (batch == 0 || k == 0) return cudaSuccess;
+  bool in_shared = fits_shared(k, device);
+  size_t smem = shared_bytes(k, in_shared);
+  cudaError_t err = cudaFuncSetAttribute(jacobi_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  int m = k + (k & 1);
+  long work = std::max(static_cast<long>(m / 2) * (m / 2), static_cast<long>(k));
+  int threads = static_cast<int>(std::min<long>(kMaxThreads, ((work + 31) / 32) * 32));
+  jacobi_kernel<<<static_cast<unsigned int>(batch), threads, smem, stream>>>(
+      G, evals, evecs, sweeps, vt_work, a_work, k, max_sweeps, tol, in_shared);
+  return cudaGetLastError();
+}
+
+}  // namespace q3r_jacobi

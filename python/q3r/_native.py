@@ -1,0 +1,103 @@
+"""Lazy, memoized access to the optional compiled extension q3r._C (csrc/).
+
+`import q3r` never loads it.  The first call of `load()` tries once; if the module is missing
+or fails to import, one RuntimeWarning says so and every caller takes the pure-PyTorch path.
+
+    batched_eigh(G, max_sweeps=..., tol=...) -> (evals, evecs)
+        eigenvalues descending (b, k) and eigenvectors as columns (b, k, k) of a batch of
+        symmetric float32 matrices; the native Jacobi solver where it is built for G's device,
+        else torch.linalg.eigh.
+    status() -> str   one line per part: built or not, and why.
+
+Build: `pip install --no-build-isolation -e .` (see setup.py for the switches).
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch
+from torch import Tensor
+
+DEFAULT_MAX_SWEEPS = 30
+DEFAULT_TOL = 1e-7  # relative: rotate while |a_pq| > tol * sqrt(a_pp a_qq)
+
+_state: dict = {}
+
+
+class NativeUnavailable(RuntimeError):
+    """The compiled extension, or its part for the requested device, is not available."""
+
+
+def load():
+    """The compiled module, or None (memoized; warns once when it cannot be imported)."""
+    if "module" not in _state:
+        try:
+            _state["module"] = importlib.import_module("q3r._C")
+            _state["error"] = None
+        except ImportError as exc:  # missing, or built against another torch
+            _state["module"] = None
+            _state["error"] = f"{type(exc).__name__}: {exc}"
+            if "No module named" not in str(exc):
+                warnings.warn(f"q3r: native extension q3r._C failed to import ({exc}); "
+                              "refreshes use torch.linalg.eigh", RuntimeWarning, stacklevel=2)
+    return _state["module"]
+
+
+def build_info() -> dict:
+    """{'cpu': bool, 'cuda': bool} of the compiled module ({} when it is not there)."""
+    module = load()
+    return dict(module.build_info()) if module is not None else {}
+
+
+def available(device: torch.device | str = "cpu") -> bool:
+    """Whether the native solver runs on tensors of this device."""
+    info = build_info()
+    return bool(info.get(torch.device(device).type, False))
+
+
+def status() -> str:
+    """What `python -m q3r.info` prints about the native extension."""
+    module = load()
+    if module is None:
+        reason = _state["error"] or "not imported"
+        if "No module named" in reason:
+            reason = ("not built (install with `pip install --no-build-isolation -e .` "
+                      "where torch is importable at build time)")
+        return f"native extension q3r._C: unavailable: {reason}; refresh eigensolver: torch.linalg.eigh"
+    info = build_info()
+    if info.get("cuda"):
+        cuda = "CUDA part: built"
+    elif torch.version.cuda is None:
+        cuda = "CUDA part: not built (this torch is a CPU-only build)"
+    else:
+        cuda = "CUDA part: not built (no nvcc / CUDA_HOME at build time, or Q3R_BUILD_CUDA=0)"
+    return f"native extension q3r._C: loaded; CPU part: built; {cuda}"
+
+
+def batched_eigh(G: Tensor, max_sweeps: int = DEFAULT_MAX_SWEEPS, tol: float = DEFAULT_TOL,
+                 require_native: bool = False) -> tuple[Tensor, Tensor]:
+    """Eigen-decomposition of symmetric G (b, k, k) -> (evals (b, k) descending, evecs (b, k, k)).
+
+    Runs parallel-order cyclic Jacobi (csrc/) in float32 when the extension holds a part for
+    G's device; otherwise torch.linalg.eigh in G's compute dtype (or NativeUnavailable when
+    require_native).  Jacobi is cheap when G is nearly diagonal, as it is after a warm start.
+    """
+    if G.dim() != 3 or G.shape[-1] != G.shape[-2]:
+        raise ValueError(f"G must have shape (batch, k, k), got {tuple(G.shape)}")
+    if available(G.device) and G.dtype == torch.float32:
+        evals, evecs, _ = load().batched_eigh(G, int(max_sweeps), float(tol))
+        return evals, evecs
+    if require_native:
+        raise NativeUnavailable(f"native batched_eigh is not available for {G.device} / {G.dtype}; {status()}")
+    evals, evecs = torch.linalg.eigh(G)
+    return evals.flip(-1), evecs.flip(-1)
+
+
+def batched_eigh_with_sweeps(G: Tensor, max_sweeps: int = DEFAULT_MAX_SWEEPS,
+                             tol: float = DEFAULT_TOL) -> tuple[Tensor, Tensor, Tensor]:
+    """Like batched_eigh with the native solver only, also returning sweeps per matrix (int32)."""
+    if not available(G.device):
+        raise NativeUnavailable(status())
+    return load().batched_eigh(G, int(max_sweeps), float(tol))

@@ -1,0 +1,145 @@
+"""Randomized, warm-started, batched leading-triplet estimation for refreshes (issue 4).
+
+A refresh needs the triplets of W' above eps plus sigma_{r+1}: about r + 1 of them, not a
+full SVD.  For a stack of same-shaped targets W (b, d1, d2) and a start basis P (b, d2, k):
+
+    Q = orth(W P)                       range finder (P: previous V = warm start, or Gaussian)
+    repeat q times:  Q = orth(W orth(W^T Q))    power (subspace) iteration
+    B = Q^T W                           (b, k, d2)
+    G = B B^T = E diag(lambda) E^T      Rayleigh-Ritz through the k x k Gram matrix
+    sigma = sqrt(lambda),  U = Q E,  V = normalize_columns(B^T E)
+
+Everything but the k x k eigenproblem is a batched matmul; the eigenproblem is solved by
+torch.linalg.eigh or by the native Jacobi solver (q3r._native), which is fast exactly when
+G is nearly diagonal, i.e. after a warm start.  orth() is Cholesky-QR applied twice after
+scaling the columns to unit norm (a warm-start Y = W V_prev has columns of norm ~sigma_i and
+nearly orthogonal directions, so scaling alone makes it well conditioned); members whose
+Gram matrix is too ill-conditioned for that fall back to Householder QR.
+
+Each matrix is scaled by its largest |entry| first, so tiny and huge norms neither underflow
+nor overflow in the squared quantities.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import _native, reference
+
+EIGENSOLVERS = ("torch", "native")
+
+# Orthogonality of the first Cholesky-QR pass below which the second pass is trusted
+# (CholeskyQR2 is accurate when cond(Y) << eps^-1/2; ||Q1^T Q1 - I|| measures that).
+_CHOLQR_MAX_DEFECT = 0.1
+
+
+def _tiny(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).tiny
+
+
+def _cholesky_qr(Y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One Cholesky-QR pass: Q = Y L^-T with L L^T = Y^T Y.  Returns (Q, ok (b,), Gram)."""
+    gram = Y.mT @ Y
+    L, info = torch.linalg.cholesky_ex(gram)
+    ok = (info == 0) & torch.isfinite(L).all(dim=(-1, -2))
+    L = torch.where(ok[:, None, None], L, torch.eye(L.shape[-1], dtype=L.dtype, device=L.device))
+    Q = torch.linalg.solve_triangular(L.mT, Y, upper=True, left=False)
+    return Q, ok, gram
+
+
+def orthonormalize(Y: Tensor) -> Tensor:
+    """Orthonormal basis (b, n, k) of the columns of Y (b, n, k), n >= k.
+
+    CholeskyQR2 on column-normalized Y; Householder QR for members where the first pass
+    failed or left Q too far from orthonormal (ill-conditioned or rank-deficient Y).
+    """
+    norms = Y.norm(dim=-2, keepdim=True)
+    Y = Y / norms.clamp_min(_tiny(Y.dtype))
+    Q1, ok1, _ = _cholesky_qr(Y)
+    Q, ok2, gram2 = _cholesky_qr(Q1)
+    eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
+    defect = (gram2 - eye).abs().amax(dim=(-1, -2))
+    bad = ~(ok1 & ok2 & (defect < _CHOLQR_MAX_DEFECT))
+    if bool(bad.any()):
+        Q = Q.clone()
+        Q[bad] = torch.linalg.qr(Y[bad]).Q
+    return Q
+
+
+def range_basis(W: Tensor, P: Tensor, power_iters: int) -> Tensor:
+    """Orthonormal Q (b, d1, k) approximating the leading left subspace: orth(W (W^T W)^q P)."""
+    Q = orthonormalize(W @ P)
+    for _ in range(power_iters):
+        Q = orthonormalize(W @ orthonormalize(W.mT @ Q))
+    return Q
+
+
+Eigh = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def eigensolver(name: str, max_sweeps: int = _native.DEFAULT_MAX_SWEEPS, tol: float = _native.DEFAULT_TOL) -> Eigh:
+    """A batched symmetric eigensolver returning (evals descending, evecs as columns)."""
+    if name == "torch":
+        def solve(G: Tensor) -> tuple[Tensor, Tensor]:
+            evals, evecs = torch.linalg.eigh(G)
+            return evals.flip(-1), evecs.flip(-1)
+        return solve
+    if name == "native":
+        return lambda G: _native.batched_eigh(G, max_sweeps=max_sweeps, tol=tol)
+    raise ValueError(f"eigensolver must be one of {EIGENSOLVERS}, got {name!r}")
+
+
+def ritz_triplets(W: Tensor, Q: Tensor, eigh: Eigh) -> tuple[Tensor, Tensor, Tensor]:
+    """Rayleigh-Ritz in span(Q): U (b, d1, k), sigma (b, k) descending, V (b, d2, k)."""
+    B = Q.mT @ W
+    G = B @ B.mT
+    G = 0.5 * (G + G.mT)  # exactly symmetric for the solver
+    lam, E = eigh(G)
+    sigma = lam.clamp_min(0.0).sqrt()
+    U = Q @ E
+    Z = B.mT @ E  # = W^T U = V diag(sigma), computed without dividing by small sigma
+    V = Z / Z.norm(dim=-2, keepdim=True).clamp_min(_tiny(Z.dtype))
+    return U, sigma, V
+
+
+def start_basis(W: Tensor, k: int, warm: list[Tensor | None], generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Start basis P (b, d2, k): each member's warm columns (d2, <=k), topped up with Gaussian
+    columns.  Returns (P, cold (b,) bool: members with no warm columns)."""
+    b, _, d2 = W.shape
+    P = torch.randn(b, d2, k, dtype=W.dtype, device=W.device, generator=generator)
+    cold = torch.ones(b, dtype=torch.bool)
+    for j, Vw in enumerate(warm):
+        if Vw is not None and Vw.shape[-1] > 0:
+            width = min(Vw.shape[-1], k)
+            P[j, :, :width] = Vw[:, :width].to(W.dtype)
+            cold[j] = False
+    return P, cold
+
+
+def randomized_triplets(
+    W: Tensor,
+    k: int,
+    warm: list[Tensor | None],
+    eigh: Eigh,
+    cold_power_iters: int = 3,
+    warm_power_iters: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """k leading approximate triplets of each W[j] (b, d1, d2), in W's compute dtype.
+
+    Members with a warm basis get warm_power_iters power iterations, the others
+    cold_power_iters (the whole stack takes the larger count when they are mixed).
+    Returns U (b, d1, k), sigma (b, k) descending, V (b, d2, k), at W's scale.
+    """
+    W = W.to(reference.compute_dtype(W.dtype))
+    scale = W.abs().amax(dim=(-1, -2))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    Ws = W / scale[:, None, None]
+    P, cold = start_basis(Ws, k, warm, generator)
+    iters = cold_power_iters if bool(cold.any()) else warm_power_iters
+    Q = range_basis(Ws, P, iters)
+    U, sigma, V = ritz_triplets(Ws, Q, eigh)
+    return U, sigma * scale[:, None], V

@@ -1,0 +1,147 @@
+"""The native batched Jacobi eigensolver (csrc/) against a float64 torch.linalg.eigh oracle.
+
+The CPU part runs the same algorithm as the CUDA kernel, so these tests check the native
+numerics on every CI run; the CUDA cases skip cleanly without a GPU or a CUDA build.
+"""
+
+import pytest
+import torch
+
+from q3r import _native
+
+needs_cpu_native = pytest.mark.skipif(not _native.available("cpu"), reason=_native.status())
+needs_cuda_native = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _native.available("cuda")), reason="needs CUDA and the CUDA part of q3r._C"
+)
+
+
+def _random_orthogonal(k, batch, gen):
+    return torch.linalg.qr(torch.randn(batch, k, k, dtype=torch.float64, generator=gen)).Q
+
+
+def _with_spectrum(evals, gen):
+    """Symmetric float64 matrices Q diag(evals) Q^T with random orthogonal Q."""
+    Q = _random_orthogonal(evals.shape[-1], evals.shape[0], gen)
+    return (Q * evals[:, None, :]) @ Q.mT
+
+
+def make_case(kind, k, batch=3, seed=0):
+    gen = torch.Generator().manual_seed(seed + 7919 * k)
+    if kind == "spd":  # Wishart: a Gram matrix like the refresh's
+        X = torch.randn(batch, k, k + 7, dtype=torch.float64, generator=gen)
+        return X @ X.mT
+    if kind == "nearly_diagonal":  # what a warm start produces: graded diagonal + small coupling
+        d = torch.logspace(0, -4, k, dtype=torch.float64).expand(batch, k)
+        E = 1e-3 * torch.randn(batch, k, k, dtype=torch.float64, generator=gen)
+        E = E * (d[:, :, None] * d[:, None, :]).sqrt()
+        return torch.diag_embed(d) + 0.5 * (E + E.mT)
+    if kind == "repeated":
+        base = torch.tensor([4.0, 4.0, 4.0, 1.0, 1.0, 0.25], dtype=torch.float64)
+        evals = base.repeat(k // base.numel() + 1)[:k].expand(batch, k)
+        return _with_spectrum(evals, gen)
+    if kind == "rank_deficient":
+        m = max(k // 3, 1)
+        X = torch.randn(batch, k, m, dtype=torch.float64, generator=gen)
+        return X @ X.mT
+    if kind == "indefinite":
+        A = torch.randn(batch, k, k, dtype=torch.float64, generator=gen)
+        return 0.5 * (A + A.mT)
+    raise ValueError(kind)
+
+
+def check_decomposition(G64, evals, evecs, rtol=2e-5):
+    """Eigenvalues (sorted descending), residual and orthogonality against the float64 oracle."""
+    ref = torch.linalg.eigvalsh(G64).flip(-1)
+    scale = G64.abs().amax(dim=(-1, -2)).clamp_min(1e-300)[:, None]
+    w, E = evals.double(), evecs.double()
+    k = G64.shape[-1]
+    assert evals.shape == G64.shape[:2] and evecs.shape == G64.shape
+    assert torch.all(w[:, :-1] >= w[:, 1:]), "eigenvalues must be sorted descending"
+    assert ((w - ref).abs() / scale).max() <= rtol * k**0.5
+    residual = (G64 @ E - E * w[:, None, :]).norm(dim=(-1, -2)) / (scale[:, 0] * k**0.5)
+    assert residual.max() <= 10 * rtol * k**0.5
+    orth = (E.mT @ E - torch.eye(k, dtype=torch.float64)).abs().max()
+    assert orth <= 10 * rtol * k**0.5
+
+
+KINDS = ["spd", "nearly_diagonal", "repeated", "rank_deficient", "indefinite"]
+
+
+@needs_cpu_native
+@pytest.mark.parametrize("k", [1, 2, 17, 169])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_matches_float64_eigh(kind, k):
+    G = make_case(kind, k, batch=3 if k < 100 else 1)
+    evals, evecs = _native.batched_eigh(G.float(), require_native=True)
+    check_decomposition(G.float().double(), evals, evecs)
+
+
+@needs_cpu_native
+def test_cpu_large_k():
+    G = make_case("nearly_diagonal", 257, batch=1)
+    evals, evecs = _native.batched_eigh(G.float(), require_native=True)
+    check_decomposition(G.float().double(), evals, evecs)
+
+
+@needs_cpu_native
+def test_nearly_diagonal_converges_in_few_sweeps():
+    G = make_case("nearly_diagonal", 64, batch=2)
+    _, _, sweeps = _native.batched_eigh_with_sweeps(G.float())
+    cold = make_case("spd", 64, batch=2)
+    _, _, cold_sweeps = _native.batched_eigh_with_sweeps(cold.float())
+    assert sweeps.max() <= 4 < cold_sweeps.min()
+
+
+@needs_cpu_native
+def test_small_eigenvalues_keep_relative_accuracy():
+    """Jacobi with a relative threshold resolves a graded Gram matrix's small eigenvalues."""
+    G = make_case("nearly_diagonal", 40, batch=2).float()
+    evals, _ = _native.batched_eigh(G, require_native=True)
+    ref = torch.linalg.eigvalsh(G.double()).flip(-1)
+    assert ((evals.double() - ref).abs() / ref).max() < 1e-4
+
+
+@needs_cpu_native
+def test_zero_and_empty_batches():
+    evals, evecs = _native.batched_eigh(torch.zeros(2, 5, 5), require_native=True)
+    assert torch.equal(evals, torch.zeros(2, 5)) and torch.equal(evecs, torch.eye(5).expand(2, 5, 5))
+    evals, evecs = _native.batched_eigh(torch.zeros(0, 4, 4), require_native=True)
+    assert evals.shape == (0, 4) and evecs.shape == (0, 4, 4)
+
+
+def test_bad_input_is_rejected():
+    with pytest.raises(ValueError, match="shape"):
+        _native.batched_eigh(torch.zeros(3, 4))
+    if _native.available("cpu"):
+        with pytest.raises(RuntimeError, match="float32"):
+            _native.load().batched_eigh(torch.zeros(1, 3, 3, dtype=torch.float64), 5, 1e-7)
+
+
+def test_fallback_matches_contract():
+    """float64 input (or no extension) goes through torch.linalg.eigh, same output contract."""
+    G = make_case("spd", 9)
+    evals, evecs = _native.batched_eigh(G)
+    check_decomposition(G, evals, evecs, rtol=1e-12)
+
+
+def test_status_is_a_line():
+    text = _native.status()
+    assert text.startswith("native extension q3r._C:") and "\n" not in text
+
+
+@needs_cuda_native
+@pytest.mark.parametrize("k", [1, 2, 17, 169, 300, 1024])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_matches_float64_eigh(kind, k):
+    G = make_case(kind, k, batch=2)
+    evals, evecs = _native.batched_eigh(G.float().cuda(), require_native=True)
+    check_decomposition(G.float().double(), evals.cpu(), evecs.cpu())
+
+
+@needs_cuda_native
+def test_cuda_agrees_with_cpu_part():
+    G = make_case("nearly_diagonal", 169, batch=4).float()
+    w_cpu, _, s_cpu = _native.batched_eigh_with_sweeps(G)
+    w_gpu, _, s_gpu = _native.batched_eigh_with_sweeps(G.cuda())
+    assert torch.allclose(w_cpu, w_gpu.cpu(), rtol=1e-5, atol=1e-7 * float(w_cpu.abs().max()))
+    assert (s_cpu - s_gpu.cpu()).abs().max() <= 1
