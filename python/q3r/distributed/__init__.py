@@ -47,20 +47,22 @@ _REPLICATED = {"enabled": True, "group": None}
 
 
 def configure(*, replicated: bool | None = None, group=None, oversample: int | None = None,
-              power_iters: int | None = None, seed: int | None = None) -> None:
+              power_iters: int | None = None, cold_power_iters: int | None = None,
+              seed: int | None = None) -> None:
     """Process-wide settings.
 
     replicated: divide refreshes of plain (non-DTensor) targets across ranks when
     torch.distributed is initialized (default True; set False when ranks train different
     weights, e.g. independent runs that share a process group). group: the process group of
-    the replicas (default: the world). oversample / power_iters / seed: the randomized
-    refresh of sharded targets (sketch width = rank + oversample, capped at min(d1, d2)).
+    the replicas (default: the world). oversample / power_iters / cold_power_iters / seed:
+    the randomized refresh of sharded targets (see :class:`SketchOptions`).
     """
     if replicated is not None:
         _REPLICATED["enabled"] = bool(replicated)
     if group is not None:
         _REPLICATED["group"] = group
-    for name, value in (("oversample", oversample), ("power_iters", power_iters), ("seed", seed)):
+    options = {"oversample": oversample, "power_iters": power_iters, "cold_power_iters": cold_power_iters, "seed": seed}
+    for name, value in options.items():
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -14,7 +14,7 @@ width k (target rank + oversampling) and q power iterations:
 
 Every stage is batched over all slices: one collective per stage whatever the number of
 targets. Cholesky-QR squares the condition number, so the Gram matrix is accumulated and
-factored in float64, the first pass adds a tiny shift (so a rank-deficient sketch, e.g. zero
+factored in float64, each pass adds a tiny shift (so a rank-deficient sketch, e.g. zero
 weights or a sketch as wide as the matrix, still factors), and the passes are repeated
 (CholeskyQR2/3) until Q is orthonormal to float32 rounding. When k reaches min(d1, d2) the
 result is the exact SVD up to rounding.
@@ -69,10 +69,10 @@ def cholesky_qr(Ys: list[Tensor], all_reduce: AllReduce, passes: int = 2) -> lis
         out = []
         for y, g in zip(Ys, grams):
             k = g.shape[0]
-            if p == 0:
-                # relative shift: keeps Cholesky defined for a singular Gram; later passes fix the rest
-                shift = 1e-12 * float(torch.diagonal(g).sum()) / max(k, 1) + 1e-300
-                g = g + shift * torch.eye(k, dtype=g.dtype, device=g.device)
+            # a tiny relative shift keeps Cholesky defined for a singular Gram (zero weights, a
+            # sketch wider than the rank); on a well-conditioned pass it changes nothing in fp32
+            shift = 1e-12 * float(torch.diagonal(g).sum()) / max(k, 1) + 1e-300
+            g = g + shift * torch.eye(k, dtype=g.dtype, device=g.device)
             L = torch.linalg.cholesky(g)
             # Q = Y L^{-T}: solve Q L^T = Y
             q = torch.linalg.solve_triangular(L.transpose(0, 1), y.double(), upper=True, left=False)

@@ -44,10 +44,15 @@ __all__ = ["SketchOptions", "SKETCH", "is_sharded", "row_range", "local_slices",
 @dataclass
 class SketchOptions:
     """Randomized refresh of sharded targets: sketch width = rank + oversample (capped at
-    min(d1, d2); a cap reached means the exact SVD up to rounding), ``power_iters`` passes."""
+    min(d1, d2); a cap reached means the exact SVD up to rounding). A refresh warm-started from
+    the previous right singular vectors runs ``power_iters`` power iterations; the first (cold)
+    refresh of a target runs ``cold_power_iters``, since a Gaussian start on a slowly decaying
+    spectrum (random initial weights) needs more to pin down sigma_{r+1}. Across warm refreshes
+    this is subspace iteration continued over training, which is why 2 suffice then."""
 
     oversample: int = 16
     power_iters: int = 2
+    cold_power_iters: int = 6
     seed: int = 0
 
 
@@ -142,7 +147,8 @@ def refresh_sharded_(
             k = sketch_width(cfg.rank, d1, d2, SKETCH.oversample)
             omegas.append(gaussian_sketch(d2, k, _seed(cfg.name, int(s["refreshes"])), x.device, s["V"]))
             Xs.append(x)
-        results = range_finder_svd(Xs, omegas, reduce, SKETCH.power_iters)
+        warm = all(item[4]["V"].shape[-1] > 0 for item in live)
+        results = range_finder_svd(Xs, omegas, reduce, SKETCH.power_iters if warm else SKETCH.cold_power_iters)
         for (p, x, lo, hi, s, cfg, _), (U_loc, S, V, frob2) in zip(live, results):
             _commit_(s, cfg, p, lo, hi, U_loc, S, V, float(frob2))
 

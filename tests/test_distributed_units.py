@@ -1,0 +1,99 @@
+"""Single-process tests of q3r.distributed: assignment by cost, the range finder's accuracy
+against an exact SVD (judged by R(X), SPEC fact 7), and the no-op paths without a process group."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import q3r
+from q3r import reference
+from q3r.distributed import assign_by_cost, comm, refresh_cost
+from q3r.distributed.rangefinder import cholesky_qr, gaussian_sketch, range_finder_svd, sketch_width
+from q3r.distributed.sharded import SKETCH
+from q3r.refresh import SliceConfig, new_slice_state, refresh_slices_
+
+
+def _matrix(d1, d2, decay, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = min(d1, d2)
+    U = torch.linalg.qr(torch.randn(d1, n, generator=gen))[0]
+    V = torch.linalg.qr(torch.randn(d2, n, generator=gen))[0]
+    return (U * torch.arange(1, n + 1, dtype=torch.float32) ** -decay) @ V.T
+
+
+def _rel_error_of_R(W, X, U, S, V, rank):
+    """Relative error of R(X) built from approximate triplets, against the exact operator."""
+    Ue, Se, Ve, spectrum = reference.anchor_factors(W)
+    exact = reference.apply_reweighting(X, Ue, Ve, reference.reweighting_coefficients(Se, float(spectrum[rank])))
+    approx = reference.apply_reweighting(X, U, V, reference.reweighting_coefficients(S, float(S[rank])))
+    return float((approx - exact).norm() / exact.norm())
+
+
+def _identity(t):
+    return t
+
+
+def test_assign_by_cost_balances_cost_not_count():
+    costs = [refresh_cost((d, d), 1) for d in (2048, 512, 512, 512, 512, 512, 512, 512, 512)]
+    owner = assign_by_cost(costs, 2)
+    load = [sum(c for c, o in zip(costs, owner) if o == r) for r in range(2)]
+    assert owner[0] != owner[1] or owner.count(owner[0]) == 1  # the big one is alone with few others
+    assert max(load) == costs[0]  # the 2048 slice outweighs all eight 512 slices together
+    assert assign_by_cost(costs, 2) == owner  # deterministic: every rank computes the same
+
+
+@pytest.mark.parametrize("d1,d2,decay", [(256, 192, 1.0), (160, 400, 0.5)])
+def test_range_finder_accuracy_cold_and_warm(d1, d2, decay):
+    W = _matrix(d1, d2, decay)
+    rank = reference.resolve_rank(0.2, d1, d2)
+    k = sketch_width(rank, d1, d2, SKETCH.oversample)
+    gen = torch.Generator().manual_seed(1)
+    noise = lambda: torch.randn(d1, d2, generator=gen) * W.norm() / math.sqrt(W.numel())  # noqa: E731
+    (U, S, V, frob2), = range_finder_svd([W], [gaussian_sketch(d2, k, 0, "cpu")], _identity, SKETCH.cold_power_iters)
+    assert math.isclose(float(frob2), float(W.square().sum()), rel_tol=1e-5)
+    assert torch.allclose(U.T @ U, torch.eye(k), atol=1e-5)
+    assert _rel_error_of_R(W, W + 0.1 * noise(), U, S, V, rank) < 1e-2
+    # warm refreshes while the weights drift: subspace iteration continued across refreshes
+    for step in range(4):
+        W = W + 0.01 * noise()
+        (U, S, V, _), = range_finder_svd([W], [gaussian_sketch(d2, k, step + 1, "cpu", V)], _identity, SKETCH.power_iters)
+    assert _rel_error_of_R(W, W + 0.1 * noise(), U, S, V, rank) < 1e-3
+
+
+def test_full_width_sketch_is_the_exact_svd():
+    W = _matrix(40, 24, 0.7)
+    (U, S, V, _), = range_finder_svd([W], [gaussian_sketch(24, 24, 0, "cpu")], _identity, 1)
+    assert torch.allclose(S, torch.linalg.svdvals(W), rtol=1e-4, atol=1e-6)
+    assert torch.allclose((U * S) @ V.T, W, atol=1e-5)
+
+
+def test_cholesky_qr_survives_rank_deficient_and_zero_sketches():
+    Y = torch.randn(50, 3) @ torch.randn(3, 8)  # rank 3, width 8
+    Q = cholesky_qr([Y], _identity, passes=3)[0]
+    assert torch.isfinite(Q).all()
+    assert torch.allclose(Q @ (Q.T @ Y), Y, atol=1e-4)  # Q spans Y
+    assert torch.isfinite(cholesky_qr([torch.zeros(10, 4)], _identity)[0]).all()
+
+
+def test_without_a_process_group_nothing_is_communicated():
+    assert not comm.initialized() and comm.world_size() == 1
+    W = torch.randn(12, 9)
+    a, b = new_slice_state(12, 9), new_slice_state(12, 9)
+    cfg = [SliceConfig("w", 3)]
+    with comm.counting() as log:
+        q3r.distributed.refresh_slices_([W], [a], cfg)
+        comm.all_reduce_(torch.ones(2))
+    refresh_slices_([W], [b], cfg)
+    assert log.calls == 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, equal_nan=True)
+
+
+def test_configure_validates():
+    with pytest.raises(ValueError, match="oversample"):
+        q3r.distributed.configure(oversample=-1)
+    with pytest.raises(ValueError, match="power_iters"):
+        q3r.distributed.configure(power_iters=1.5)
