@@ -9,8 +9,20 @@ The per-target state is a dict of plain tensors (so optimizer state dicts load w
     sigma_next () float32   -- sigma_{r+1} of the anchor
     tail_energy () float32  -- fraction of ||W'||_F^2 outside the leading r triplets
     refreshes () int64      -- how many refreshes have been applied
+    V_tail (d2, j) float32  -- right singular vectors just below the kept ones: with V, the
+                               warm start of the next randomized refresh (inert in R)
 
 Targets of the same shape are stacked and decomposed in one batched call.
+
+Methods (``refresh_slices_(..., method=...)``):
+    exact       full fp32 SVD per target (the specification)
+    randomized  warm-started randomized range finder + Rayleigh-Ritz (randomized.py) with
+                torch.linalg.eigh for the k x k eigenproblems
+    native      the same with the native Jacobi eigensolver (csrc/); torch.linalg.eigh where
+                the extension or its part for the device is missing
+    auto        native on CUDA tensors when its CUDA part is built, else randomized
+Staggering (``stagger_phases``, ``due_for_refresh``) spreads the refreshes of a period over
+its steps so that no single step pays all of them.
 """
 
 from __future__ import annotations
@@ -22,9 +34,44 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import reference
+from . import _native, randomized, reference
 
-REFRESH_METHODS = ("exact",)
+REFRESH_METHODS = ("exact", "randomized", "native", "auto")
+
+
+@dataclass(frozen=True)
+class SketchOptions:
+    """Knobs of the randomized refresh.
+
+    oversampling      sketch width k = max(r, previous r_env) + oversampling
+    warm_power_iters  power iterations when starting from the previous V (0: one pass)
+    cold_power_iters  power iterations of a first refresh, whose sketch is also wider:
+                      r + max(2 oversampling, r) columns, because random-init spectra are
+                      flat near sigma_{r+1} and need the gap to converge -- and under the
+                      `min` schedule the first eps is never raised again, so its error stays
+    exact_fraction    a target whose needed width exceeds this fraction of min(d1, d2)
+                      gets an exact SVD instead (the sketch would not be cheaper)
+    max_widenings     retries with a wider sketch when the Ritz values did not reach eps
+    resolvable_ratio  the k x k Gram matrix holds sigma^2 in fp32, so it resolves sigma_{r+1}
+                      only down to about sqrt(fp32 eps) sigma_1; a target whose estimated
+                      sigma_{r+1} / sigma_1 is below this ratio gets an exact SVD instead
+    max_sweeps, tol   of the native Jacobi solver
+    seed              of the private generator for Gaussian sketches (the global RNG is
+                      never touched, so training randomness does not depend on refreshes)
+    """
+
+    oversampling: int = 16
+    warm_power_iters: int = 0
+    cold_power_iters: int = 8
+    exact_fraction: float = 0.5
+    max_widenings: int = 2
+    resolvable_ratio: float = 1e-2
+    max_sweeps: int = _native.DEFAULT_MAX_SWEEPS
+    tol: float = _native.DEFAULT_TOL
+    seed: int = 0x51E5
+
+
+DEFAULT_SKETCH = SketchOptions()
 
 
 @dataclass(frozen=True)
@@ -51,6 +98,7 @@ def new_slice_state(d1: int, d2: int, device=None) -> dict[str, Tensor]:
         "sigma_next": torch.tensor(math.nan, **f32),
         "tail_energy": torch.tensor(math.nan, **f32),
         "refreshes": torch.tensor(0, dtype=torch.int64, device=device),
+        "V_tail": torch.zeros(d2, 0, **f32),
     }
 
 
@@ -92,6 +140,7 @@ def _commit_refresh(
     head = float(spectrum[: cfg.rank].double().square().sum())
     state["U"] = U[:, :r_env].to(torch.float32).contiguous()
     state["V"] = V[:, :r_env].to(torch.float32).contiguous()
+    state["V_tail"] = V[:, r_env : r_env + DEFAULT_SKETCH.oversampling].to(torch.float32).contiguous()
     state["sigma"] = S[:r_env].to(torch.float32).contiguous()
     state["eps"].fill_(eps)
     state["eps0"].fill_(eps0)
@@ -100,32 +149,210 @@ def _commit_refresh(
     state["refreshes"].add_(1)
 
 
+def resolve_method(method: str, device: torch.device) -> str:
+    """The concrete method for tensors on ``device`` ("auto" -> "native" or "randomized")."""
+    if method not in REFRESH_METHODS:
+        raise ValueError(f"refresh method must be one of {REFRESH_METHODS}, got {method!r}")
+    if method == "auto":
+        return "native" if device.type == "cuda" and _native.available(device) else "randomized"
+    return method
+
+
 def refresh_slices_(
     weights: list[Tensor],
     states: list[dict[str, Tensor]],
     configs: list[SliceConfig],
     method: str = "exact",
     warned: set | None = None,
+    options: SketchOptions | None = None,
 ) -> list[bool]:
     """Refresh each target's factors in place from its current weights.
 
     weights[i] is a 2-D view of target i (any dtype); states[i] its state dict (updated in
     place); returns, per target, whether it was refreshed (False: non-finite weights, the
-    old factors are kept and one warning per target name is issued).
+    old factors are kept and one warning per target name is issued).  ``method``: see the
+    module docstring; ``options`` tune the randomized methods.
     """
     if method not in REFRESH_METHODS:
         raise ValueError(f"refresh method must be one of {REFRESH_METHODS}, got {method!r}")
+    options = options or DEFAULT_SKETCH
     done = [False] * len(weights)
     groups: dict[tuple, list[int]] = {}
+    finite = _all_finite(weights)
     for i, W in enumerate(weights):
-        if not bool(torch.isfinite(W).all()):
+        if not finite[i]:
             _warn_nonfinite(configs[i].name, warned)
             continue
         groups.setdefault((tuple(W.shape), W.device), []).append(i)
-    for idx in groups.values():
-        stack = torch.stack([weights[i].detach().to(torch.float32) for i in idx])
-        U, S, V, spectrum = reference.anchor_factors(stack)
-        for j, i in enumerate(idx):
-            _commit_refresh(states[i], configs[i], spectrum[j], U[j], S[j], V[j])
+    for (_, device), idx in groups.items():
+        concrete = resolve_method(method, device)
+        if concrete == "exact":
+            _refresh_exact(weights, states, configs, idx)
+        else:
+            _refresh_sketched(weights, states, configs, idx, concrete, options)
+        for i in idx:
             done[i] = True
     return done
+
+
+def _all_finite(weights: list[Tensor]) -> list[bool]:
+    """isfinite of every weight with one host sync per device, not one per target."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, W in enumerate(weights):
+        by_device.setdefault(W.device, []).append(i)
+    out = [True] * len(weights)
+    for idx in by_device.values():
+        flags = torch.stack([torch.isfinite(weights[i]).all() for i in idx]).tolist()
+        for i, ok in zip(idx, flags):
+            out[i] = bool(ok)
+    return out
+
+
+def _refresh_exact(weights, states, configs, idx) -> None:
+    stack = torch.stack([weights[i].detach().to(torch.float32) for i in idx])
+    U, S, V, spectrum = reference.anchor_factors(stack)
+    for j, i in enumerate(idx):
+        _commit_refresh(states[i], configs[i], spectrum[j], U[j], S[j], V[j])
+
+
+# ------------------------------------------------------------------ randomized refresh
+def _warm_basis(state: dict[str, Tensor]) -> Tensor | None:
+    """Previous V and its tail (d2, j), or None before the first refresh."""
+    V = state["V"]
+    tail = state.get("V_tail")
+    if tail is not None and tail.shape[-1] > 0:
+        V = torch.cat([V, tail.to(V.device)], dim=-1)
+    return V if V.shape[-1] > 0 else None
+
+
+def _sketch_width(rank: int, prev_env: int, cold: bool, n: int, opts: SketchOptions) -> int:
+    k = max(rank, prev_env) + opts.oversampling
+    if cold:
+        k = max(k, rank + max(2 * opts.oversampling, rank))
+    return min(k, n)
+
+
+def _refresh_sketched(weights, states, configs, idx, method, opts: SketchOptions) -> None:
+    """Randomized refresh of one same-shaped group; widen or fall back to exact SVD per target."""
+    d1, d2 = weights[idx[0]].shape
+    n = min(d1, d2)
+    cap = int(opts.exact_fraction * n)
+    eigh = randomized.eigensolver("native" if method == "native" else "torch", opts.max_sweeps, opts.tol)
+    pending: dict[int, tuple[int, Tensor | None]] = {}  # target -> (width, start basis)
+    for i in idx:
+        warm = _warm_basis(states[i])
+        prev_env = states[i]["sigma"].shape[0]
+        pending[i] = (_sketch_width(configs[i].rank, prev_env, warm is None, n, opts), warm)
+    exact: list[int] = []
+    for attempt in range(opts.max_widenings + 1):
+        exact += [i for i, (k, _) in pending.items() if k > cap]
+        todo = {i: v for i, v in pending.items() if i not in exact}
+        pending = {}
+        # one batch per (cold, warm): cold members take more power iterations
+        for cold in (True, False):
+            members = [i for i, (_, warm) in todo.items() if (warm is None) == cold]
+            if not members:
+                continue
+            k = max(todo[i][0] for i in members)
+            stack = torch.stack([weights[i].detach() for i in members])
+            gen = torch.Generator(device=stack.device).manual_seed(opts.seed + 7919 * attempt)
+            U, S, V = randomized.randomized_triplets(
+                stack, k, [todo[i][1] for i in members], eigh,
+                cold_power_iters=opts.cold_power_iters, warm_power_iters=opts.warm_power_iters, generator=gen)
+            retry = _commit_sketch(stack, members, states, configs, U, S, V, opts, final=k >= n)
+            for i, width in retry.items():
+                if width is None:
+                    exact.append(i)
+                else:
+                    pending[i] = (min(width, n), V[members.index(i)])
+        if not pending:
+            break
+    exact += list(pending)  # still not wide enough after max_widenings
+    if exact:
+        _refresh_exact(weights, states, configs, exact)
+
+
+def _commit_sketch(stack, members, states, configs, U, S, V, opts: SketchOptions, final: bool) -> dict[int, int | None]:
+    """Commit the members whose sketch reached eps; return {target: wider width, or None where
+    only an exact SVD resolves sigma_{r+1}} for the rest.
+
+    A sketch is wide enough when at most k - oversampling / 2 Ritz values lie above the new
+    eps, so the kept triplets had at least half the oversampling below them.  All scalars
+    of the group cross to the host in one transfer.
+    """
+    b, k = S.shape
+    energy = torch.linalg.vector_norm(stack, dim=(-1, -2), dtype=torch.float64).square()
+    prev = [torch.stack([states[i][key] for i in members]).to(device=S.device, dtype=torch.float64)
+            for key in ("eps", "eps0", "refreshes")]
+    host = torch.cat([S.double(), energy[:, None], *(p[:, None] for p in prev)], dim=1).cpu()
+    margin = max(opts.oversampling // 2, 1)
+    retry, commits = {}, []
+    for j, i in enumerate(members):
+        cfg, row = configs[i], host[j]
+        sigma = row[:k]
+        eps, eps0 = reference.next_eps(cfg.schedule, float(row[k + 1]), float(sigma[cfg.rank]),
+                                       int(row[k + 3]), float(row[k + 2]),
+                                       cfg.eps_value, cfg.eps_floor, cfg.num_refreshes)
+        r_env = int((sigma > eps).sum())
+        if not final and float(sigma[cfg.rank]) < opts.resolvable_ratio * float(sigma[0]):
+            retry[i] = None
+            continue
+        if not final and r_env > k - margin:
+            retry[i] = r_env + opts.oversampling
+            continue
+        total = float(row[k])
+        head = float(sigma[: cfg.rank].square().sum())
+        tail = 0.0 if total == 0 else min(max(total - head, 0.0) / total, 1.0)
+        commits.append((j, i, r_env, [eps, eps0, float(sigma[cfg.rank]), tail]))
+    if commits:
+        device = states[members[0]]["eps"].device
+        scalars = torch.tensor([c[3] for c in commits], dtype=torch.float32).to(device)
+        counts = torch.stack([states[i]["refreshes"] for _, i, _, _ in commits]) + 1
+        for row, (j, i, r_env, _) in enumerate(commits):
+            state = states[i]
+            state["U"] = U[j, :, :r_env].to(torch.float32).contiguous()
+            state["V"] = V[j, :, :r_env].to(torch.float32).contiguous()
+            state["sigma"] = S[j, :r_env].to(torch.float32)
+            state["V_tail"] = V[j, :, r_env : r_env + opts.oversampling].to(torch.float32)
+            # views of one small tensor: no kernel launch per scalar and target
+            state["eps"], state["eps0"], state["sigma_next"], state["tail_energy"] = scalars[row].unbind()
+            state["refreshes"] = counts[row]
+    return retry
+
+
+# ------------------------------------------------------------------------ staggering
+def refresh_cost(d1: int, d2: int, rank: int, oversampling: int = DEFAULT_SKETCH.oversampling) -> float:
+    """Flops (up to a constant) of a warm randomized refresh: the sketch passes over the
+    d1 x d2 weights plus the k x k eigenproblem, k = rank + oversampling."""
+    k = min(rank + oversampling, min(d1, d2))
+    return float(d1) * d2 * k + float(k) ** 3
+
+
+def stagger_phases(costs: list[float], period: int) -> list[int]:
+    """Phase in [0, period) of each target, balancing the summed cost per phase.
+
+    Longest-processing-time greedy (largest first, to the lightest phase); deterministic,
+    so the assignment is the same on every rank and after a resume.
+    """
+    if not isinstance(period, int) or period < 1:
+        raise ValueError(f"period must be an int >= 1, got {period!r}")
+    load = [0.0] * period
+    phases = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        slot = min(range(period), key=lambda p: (load[p], p))
+        phases[i] = slot
+        load[slot] += costs[i]
+    return phases
+
+
+def due_for_refresh(step: int, period: int, phase: int | None = None) -> bool:
+    """Whether a target is refreshed at ``step`` (0-based).
+
+    Without staggering (phase None) every target is due at steps 0, T, 2T, ...  With a phase
+    p from stagger_phases the target is due at step 0 (so no target starts with R = I for
+    longer than needed) and then at steps p, p + T, p + 2T, ...: each step of a period
+    refreshes about 1/T of the total cost.
+    """
+    if phase is None:
+        return step % period == 0
+    return step == 0 or step % period == phase

@@ -1,0 +1,236 @@
+"""Accuracy contract of the fast refresh (issue 4): the operator built from the randomized
+refresh (torch.linalg.eigh or native Jacobi eigensolver) must reproduce the one built from the
+exact SVD: relative Frobenius error of R(X) <= 1e-3 on random X and sigma_{r+1} within 1%,
+cold and over warm-started sequences on slowly drifting float32 weights, for realistic and
+adversarial spectra and all eps schedules."""
+
+import math
+
+import pytest
+import torch
+
+from q3r import _native, reference
+from q3r.refresh import (
+    REFRESH_METHODS, SketchOptions, SliceConfig, due_for_refresh, new_slice_state, operator_of,
+    refresh_cost, refresh_slices_, stagger_phases,
+)
+
+D1, D2, RANK = 120, 96, 16
+FAST = ["randomized", "native"]
+
+
+def _orthonormal(n, m, gen):
+    return torch.linalg.qr(torch.randn(n, m, dtype=torch.float64, generator=gen)).Q
+
+
+def with_spectrum(sigma, gen, d1=D1, d2=D2):
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    m = sigma.numel()
+    return ((_orthonormal(d1, m, gen) * sigma) @ _orthonormal(d2, m, gen).T).float()
+
+
+def spectrum_case(kind, gen):
+    n = min(D1, D2)
+    i = torch.arange(n, dtype=torch.float64)
+    if kind == "random_init":  # what a fresh layer looks like: Marchenko-Pastur, flat near r
+        return torch.randn(D1, D2, generator=gen) / math.sqrt(D2)
+    if kind == "trained_decay":  # power law over a noise floor, as after some training
+        return with_spectrum((1 + i) ** -0.8 + 0.02 * torch.rand(n, dtype=torch.float64, generator=gen), gen)
+    if kind == "exp_decay":
+        return with_spectrum(torch.exp(-i / 12), gen)
+    if kind == "steep_decay":  # sigma_{r+1} / sigma_1 ~ 5e-3: below what the fp32 Gram resolves
+        return with_spectrum(torch.exp(-i / 3), gen)
+    if kind == "repeated_at_threshold":  # sigma_r = sigma_{r+1}: eps sits inside a cluster
+        return with_spectrum(torch.cat([torch.full((10,), 3.0), torch.full((20,), 1.0), 0.3 * torch.rand(n - 30, dtype=torch.float64, generator=gen)]), gen)
+    if kind == "repeated_top":
+        return with_spectrum(torch.cat([torch.full((12,), 2.0), torch.linspace(1.0, 0.1, n - 12, dtype=torch.float64)]), gen)
+    if kind == "rank_deficient":  # rank r + 4: sigma_{r+1} > 0, the rest exactly zero
+        return with_spectrum(torch.linspace(2.0, 0.5, RANK + 4, dtype=torch.float64), gen)
+    if kind == "tiny_norm":
+        return spectrum_case("trained_decay", gen) * 1e-30
+    if kind == "huge_norm":
+        return spectrum_case("trained_decay", gen) * 1e30
+    raise ValueError(kind)
+
+
+SCHEDULES = {
+    "min": dict(schedule="min"),
+    "geometric": dict(schedule="geometric", eps_floor=None, num_refreshes=4),  # floor set per case
+    "track": dict(schedule="track"),
+    "constant": dict(schedule="constant", eps_value=None),  # value set per case
+}
+
+
+def configs_for(W, schedule, count):
+    sigma = torch.linalg.svdvals(W.double())
+    kw = dict(SCHEDULES[schedule])
+    if schedule == "geometric":
+        kw["eps_floor"] = float(sigma[RANK + 2])  # eps walks down past sigma_{r+1}: r_env grows
+    if schedule == "constant":
+        kw["eps_value"] = float(sigma[RANK + 9])  # r_env = r + 9: the first sketch must widen
+    return [SliceConfig(f"t{j}", RANK, **kw) for j in range(count)]
+
+
+def operator_error(fast, exact, X):
+    Rf = reference.apply_reweighting(X, *operator_of(fast))
+    Re = reference.apply_reweighting(X, *operator_of(exact))
+    return float((Rf - Re).norm() / Re.norm())
+
+
+def check_against_exact(fast_states, exact_states, X):
+    for f, e in zip(fast_states, exact_states):
+        assert operator_error(f, e, X) <= 1e-3
+        sf, se = float(f["sigma_next"]), float(e["sigma_next"])
+        assert abs(sf - se) <= 1e-2 * se
+        assert int(f["refreshes"]) == int(e["refreshes"])
+
+
+def run_sequence(method, weights, configs, refreshes, drift, gen, options=None):
+    """Refresh fast and exact side by side on drifting weights; check after every refresh."""
+    fast = [new_slice_state(*w.shape) for w in weights]
+    exact = [new_slice_state(*w.shape) for w in weights]
+    X = torch.randn(*weights[0].shape, generator=gen)
+    for _ in range(refreshes):
+        assert all(refresh_slices_(weights, fast, configs, method=method, options=options))
+        refresh_slices_(weights, exact, configs, method="exact")
+        check_against_exact(fast, exact, X)
+        weights = [w + float(drift * w.double().norm() / math.sqrt(w.numel())) * torch.randn(w.shape, generator=gen, device=w.device)
+                   for w in weights]
+    return fast, exact
+
+
+@pytest.mark.parametrize("method", FAST)
+@pytest.mark.parametrize("kind", ["random_init", "trained_decay", "exp_decay", "steep_decay", "repeated_at_threshold",
+                                  "repeated_top", "rank_deficient", "tiny_norm", "huge_norm"])
+def test_cold_and_warm_sequence_matches_exact(method, kind):
+    gen = torch.Generator().manual_seed(hash(kind) % 1000)
+    weights = [spectrum_case(kind, gen) for _ in range(3)]
+    run_sequence(method, weights, configs_for(weights[0], "min", 3), refreshes=4, drift=3e-3, gen=gen)
+
+
+@pytest.mark.parametrize("method", FAST)
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_every_eps_schedule(method, schedule):
+    gen = torch.Generator().manual_seed(11)
+    weights = [spectrum_case("trained_decay", gen) for _ in range(2)]
+    run_sequence(method, weights, configs_for(weights[0], schedule, 2), refreshes=5, drift=5e-3, gen=gen)
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_min_schedule_widens_when_weights_grow(method):
+    """eps stays at the old sigma_{r+1} while the weights grow: r_env exceeds the sketch."""
+    gen = torch.Generator().manual_seed(3)
+    W = spectrum_case("exp_decay", gen)
+    cfg = configs_for(W, "min", 1)
+    fast, exact = [new_slice_state(D1, D2)], [new_slice_state(D1, D2)]
+    X = torch.randn(D1, D2, generator=gen)
+    for scale in (1.0, 1.5, 3.0):  # 1.5: widened sketch; 3.0: beyond half of min(d1, d2): exact
+        refresh_slices_([W * scale], fast, cfg, method=method)
+        refresh_slices_([W * scale], exact, cfg, method="exact")
+        check_against_exact(fast, exact, X)
+    assert fast[0]["sigma"].shape[0] > RANK + SketchOptions().oversampling // 2
+
+
+def test_mixed_shapes_dtypes_and_cold_warm_members_in_one_call():
+    gen = torch.Generator().manual_seed(5)
+    weights = [spectrum_case("trained_decay", gen), spectrum_case("trained_decay", gen).T.contiguous(),
+               spectrum_case("trained_decay", gen).to(torch.bfloat16)]
+    configs = [SliceConfig(f"t{j}", RANK) for j in range(3)]
+    fast = [new_slice_state(*w.shape) for w in weights]
+    exact = [new_slice_state(*w.shape) for w in weights]
+    refresh_slices_(weights[:1], fast[:1], configs[:1], method="randomized")  # member 0 warm, others cold
+    refresh_slices_(weights[:1], exact[:1], configs[:1], method="exact")
+    refresh_slices_(weights, fast, configs, method="randomized")
+    refresh_slices_(weights, exact, configs, method="exact")
+    for f, e, w in zip(fast, exact, weights):
+        assert f["U"].dtype == torch.float32 and f["U"].shape[0] == w.shape[0]
+        X = torch.randn(w.shape, generator=gen)
+        assert operator_error(f, e, X) <= 1e-3
+
+
+def test_rank_below_target_stays_finite():
+    """rank(W) < r + 1: sigma_{r+1} is rounding noise (the fast path hands such targets to
+    the exact SVD, whose noise is smaller); nothing may blow up."""
+    gen = torch.Generator().manual_seed(8)
+    W = with_spectrum(torch.linspace(2.0, 1.0, RANK // 2, dtype=torch.float64), gen)
+    state = new_slice_state(D1, D2)
+    for _ in range(2):
+        refresh_slices_([W], [state], [SliceConfig("w", RANK)], method="randomized")
+    assert all(bool(torch.isfinite(state[k]).all()) for k in ("U", "V", "sigma", "eps"))
+    assert 0 < float(state["eps"]) <= 1e-5 * 2.0 and int(state["refreshes"]) == 2
+
+
+@pytest.mark.parametrize("method", FAST + ["auto"])
+def test_nonfinite_weights_keep_last_good_factors(method):
+    gen = torch.Generator().manual_seed(9)
+    W = spectrum_case("trained_decay", gen)
+    state = new_slice_state(D1, D2)
+    cfg = [SliceConfig("bad", RANK)]
+    refresh_slices_([W], [state], cfg, method=method)
+    before = {k: v.clone() for k, v in state.items()}
+    warned = set()
+    bad = W.clone()
+    bad[3, 4] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert refresh_slices_([bad, W], [state, new_slice_state(D1, D2)], cfg * 2, method=method, warned=warned) == [False, True]
+    for key in before:
+        torch.testing.assert_close(state[key], before[key], rtol=0, atol=0, equal_nan=True)
+    assert warned == {"bad"}
+
+
+def test_unknown_method_is_rejected():
+    with pytest.raises(ValueError, match="refresh method"):
+        refresh_slices_([torch.ones(4, 3)], [new_slice_state(4, 3)], [SliceConfig("w", 1)], method="svd")
+    assert {"exact", "randomized", "native", "auto"} <= set(REFRESH_METHODS)
+
+
+def test_refresh_does_not_touch_global_rng():
+    gen = torch.Generator().manual_seed(1)
+    W = spectrum_case("random_init", gen)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    refresh_slices_([W], [new_slice_state(D1, D2)], [SliceConfig("w", RANK)], method="randomized")
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.skipif(not _native.available("cpu"), reason=_native.status())
+def test_native_and_torch_eigensolvers_agree():
+    gen = torch.Generator().manual_seed(4)
+    weights = [spectrum_case("trained_decay", gen) for _ in range(2)]
+    configs = configs_for(weights[0], "min", 2)
+    a = [new_slice_state(D1, D2) for _ in weights]
+    b = [new_slice_state(D1, D2) for _ in weights]
+    for _ in range(2):
+        refresh_slices_(weights, a, configs, method="randomized")
+        refresh_slices_(weights, b, configs, method="native")
+    X = torch.randn(D1, D2, generator=gen)
+    for sa, sb in zip(a, b):
+        assert operator_error(sa, sb, X) <= 1e-4
+
+
+def test_stagger_phases_balance_cost():
+    costs = [refresh_cost(768, 768, 153)] * 48 + [refresh_cost(3072, 768, 153)] * 24
+    phases = stagger_phases(costs, 5)
+    load = [sum(c for c, p in zip(costs, phases) if p == s) for s in range(5)]
+    assert max(load) <= 1.1 * min(load)
+    assert stagger_phases(costs, 5) == phases  # deterministic
+    with pytest.raises(ValueError, match="period"):
+        stagger_phases(costs, 0)
+
+
+def test_due_for_refresh():
+    assert [due_for_refresh(s, 5) for s in range(11)] == [s % 5 == 0 for s in range(11)]
+    assert [s for s in range(12) if due_for_refresh(s, 5, phase=3)] == [0, 3, 8]
+    assert [s for s in range(12) if due_for_refresh(s, 5, phase=0)] == [0, 5, 10]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", FAST)
+@pytest.mark.parametrize("kind", ["random_init", "trained_decay", "repeated_at_threshold", "rank_deficient", "huge_norm"])
+def test_gpu_sequence_matches_exact(method, kind):
+    gen = torch.Generator().manual_seed(21)
+    weights = [spectrum_case(kind, gen).cuda() for _ in range(3)]
+    fast, exact = run_sequence(method, weights, configs_for(weights[0].cpu(), "min", 3), refreshes=4, drift=3e-3,
+                               gen=torch.Generator(device="cuda").manual_seed(2))
+    assert fast[0]["U"].is_cuda
