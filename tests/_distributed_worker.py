@@ -88,15 +88,26 @@ def loss_of(model, tokens):
 
 
 def make_adamq3r(model):
-    groups = q3r.param_groups(model, make_targets(model), lmbda=0.05, steps=PERIOD)
+    groups = q3r.param_groups(model, make_targets(model), lmbda=0.05, steps=PERIOD, refresh="exact")
     return q3r.AdamQ3R(groups, lr=3e-3)
 
 
 def make_regularized_adamw(model):
-    reg = q3r.Q3R(make_targets(model), lmbda=0.05, steps=PERIOD)
+    reg = q3r.Q3R(make_targets(model), lmbda=0.05, steps=PERIOD, refresh="exact")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     reg.attach(opt)
+    opt.q3r_regularizer = reg  # for refresh_count
     return opt
+
+
+def refresh_count(opt) -> int:
+    """Refreshes applied so far, summed over every target slice (AdamQ3R or an attached Q3R)."""
+    reg = getattr(opt, "q3r_regularizer", None)
+    if reg is not None:
+        slices = [s for ss in reg.state.values() for s in ss]
+    else:
+        slices = [s for st in opt.state.values() for s in st.get("q3r", [])]
+    return sum(int(s["refreshes"]) for s in slices)
 
 
 def train(model, opt, data, rank=0, world=1, logs=None):
@@ -107,11 +118,14 @@ def train(model, opt, data, rank=0, world=1, logs=None):
         part = tokens.chunk(world)[rank].to(DEVICE)
         opt.zero_grad(set_to_none=True)
         loss_of(model, part).backward()
+        before = refresh_count(opt)
         with comm.counting() as log, CommDebugMode() as every:
             opt.step()
         if logs is not None:
+            # which steps refresh is the optimizer's business (period, staggering): read it off
             logs.append({"step": step, "q3r_calls": log.calls, "q3r_bytes": log.bytes,
-                         "ops": [op for op, _ in log.entries], "all_calls": every.get_total_counts()})
+                         "ops": [op for op, _ in log.entries], "all_calls": every.get_total_counts(),
+                         "refreshed": refresh_count(opt) > before, "first_refresh": before == 0})
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
@@ -160,6 +174,25 @@ def ddp_worker(rank, world, port, out_path, init=True):
         results["not_replicas"] = "no error"
     except RuntimeError as err:
         results["not_replicas"] = str(err)
+    # the factor exchange by padded all_gather and by one broadcast per owner give the same states
+    from q3r.distributed import replicated
+    from q3r.refresh import refresh_slices_
+
+    gen = torch.Generator().manual_seed(5)
+    ws = [torch.randn(*shape, generator=gen).to(DEVICE) for shape in [(40, 12), (12, 30), (20, 20)]]
+    cfgs = [SliceConfig(f"w{i}", 3) for i in range(len(ws))]
+    paths = {}
+    for name, limit in (("gather", 2.0), ("broadcast", 0.0), ("local", None)):
+        states = [new_slice_state(*w.shape, DEVICE) for w in ws]
+        with comm.counting() as log:
+            if limit is None:
+                refresh_slices_(ws, states, cfgs)
+            else:
+                replicated.PADDING_LIMIT = limit
+                replicated.refresh_slices_replicated_(ws, states, cfgs)
+        paths[name] = {"ops": [op for op, _ in log.entries], "states": [{k: v.cpu() for k, v in st.items()} for st in states]}
+    replicated.PADDING_LIMIT = 2.0
+    results["paths"] = paths
     if rank == 0:
         torch.save(results, out_path)
     if init:

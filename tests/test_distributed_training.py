@@ -59,10 +59,12 @@ def test_matches_single_process(runs, engine, kind):
 def test_ddp_collectives(runs, kind):
     slices = _slices(worker.make_model())
     target_bytes = 4 * sum(d1 * d2 for d1, d2, _ in slices)
-    for log in runs["ddp"][kind]["logs"]:
+    logs = runs["ddp"][kind]["logs"]
+    assert any(log["refreshed"] for log in logs) and not all(log["refreshed"] for log in logs)
+    for log in logs:
         # CommDebugMode sees every collective inside opt.step(), ours or not
         assert log["all_calls"] == log["q3r_calls"]
-        if log["step"] % worker.PERIOD:
+        if not log["refreshed"]:
             assert log["q3r_calls"] == 0  # no per-step collective under DDP
         else:
             assert log["ops"] == ["all_gather", "all_gather"]  # header + factors
@@ -76,19 +78,26 @@ def test_fsdp_collectives(runs, kind):
     slices = _slices(worker.make_model())
     widths = [sketch_width(r, d1, d2, FULL_WIDTH) for d1, d2, r in slices]
     a_bytes = 4 * sum(k * d2 for (d1, d2, _), k in zip(slices, widths))
+    r_bytes = 4 * sum(r * d2 for d1, d2, r in slices)
     def refresh_calls(q):
         # finite flags, first orthonormalization (2 passes), per power iteration one Z + its
         # orthonormalization (2 passes, the last 3), B = Q^T X
         return 1 + 2 + sum(1 + (3 if i == q - 1 else 2) for i in range(q)) + 1
 
-    for log in runs["fsdp"][kind]["logs"]:
+    logs = runs["fsdp"][kind]["logs"]
+    assert logs[0]["refreshed"] and not logs[1]["refreshed"]
+    for log in logs:
         assert log["all_calls"] == log["q3r_calls"]  # no hidden DTensor redistribution / gather
         assert set(log["ops"]) == {"all_reduce"}
-        if log["step"] % worker.PERIOD:
-            assert log["q3r_calls"] == 1 and log["q3r_bytes"] == a_bytes  # one r x d2 per target, batched
+        if not log["refreshed"]:
+            # one collective for all targets, of the r_env x d2 matrices A = U^T W: right after
+            # the first refresh r_env = r (min schedule), later r <= r_env <= k
+            assert log["q3r_calls"] == 1
+            assert (log["q3r_bytes"] == r_bytes) if log["step"] == 1 else (r_bytes <= log["q3r_bytes"] <= a_bytes)
+        elif log["first_refresh"]:
+            assert log["q3r_calls"] == refresh_calls(SKETCH.cold_power_iters) + 1  # + the step's A = U^T W
         else:
-            q = SKETCH.cold_power_iters if log["step"] == 0 else SKETCH.power_iters  # warm after the first
-            assert log["q3r_calls"] == refresh_calls(q) + 1  # + the step's A = U^T W
+            assert log["q3r_calls"] == refresh_calls(SKETCH.power_iters) + 1  # warm start
 
 
 def test_fsdp_checkpoint_resumes_identically(runs):
@@ -103,3 +112,13 @@ def test_fsdp_checkpoint_resumes_identically(runs):
 
 def test_ddp_refuses_ranks_that_are_not_replicas(runs):
     assert "differ across ranks" in runs["ddp"]["not_replicas"]
+
+
+def test_ddp_factor_exchange_paths_agree(runs):
+    paths = runs["ddp"]["paths"]
+    assert paths["gather"]["ops"] == ["all_gather", "all_gather"]
+    assert paths["broadcast"]["ops"] == ["all_gather"] + ["broadcast"] * WORLD  # one per owner
+    for name in ("broadcast", "local"):
+        for got, ref in zip(paths[name]["states"], paths["gather"]["states"]):
+            for key in ref:
+                torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0, equal_nan=True)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["CommLog", "counting", "world_size", "rank", "all_reduce_", "all_gather"]
+__all__ = ["CommLog", "counting", "world_size", "rank", "all_reduce_", "all_gather", "broadcast_"]
 
 
 @dataclass
@@ -84,3 +84,11 @@ def all_gather(t: Tensor, group=None) -> list[Tensor]:
     out = [torch.empty_like(t) for _ in range(n)]
     dist.all_gather(out, t.contiguous(), group=group)
     return out
+
+
+def broadcast_(t: Tensor, src: int, group=None) -> Tensor:
+    """t from rank src (a rank of group) to every rank of group, in place."""
+    if world_size(group) > 1:
+        _record("broadcast", t)
+        dist.broadcast(t, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+    return t

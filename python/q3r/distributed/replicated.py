@@ -6,12 +6,14 @@ a refresh (every T steps): the targets are assigned to ranks balanced by the cos
 decomposition, each rank refreshes its share, and the new factors (U, V, sigma, eps and
 the scalar state) are exchanged in two collectives:
 
-1. an all_gather of a small header per rank: the width k of each slice it refreshed
-   (-1: not its slice or skipped) and a float64 checksum of every slice's weights, which
+1. an all_gather of a small header per rank: the shapes of every state entry of each slice
+   it refreshed (the widths k vary per slice and refresh) and a float64 checksum of every slice's weights, which
    must agree across ranks (else the ranks do not hold replicas, and splitting the work
    would be wrong: we raise instead of silently mixing factors);
-2. an all_gather of one flat float32 buffer per rank holding its slices' factors and
-   scalars, padded to the largest rank's buffer.
+2. an all_gather of one flat float32 buffer per rank holding its slices' state entries
+   (U, V, sigma, eps, ... -- whatever refresh.py keeps), padded to the largest rank's buffer -- unless the padding would more than double
+   the bytes (many more ranks than slices, or one slice much larger than the rest): then one
+   broadcast per owning rank instead, which moves exactly the factors.
 
 Between refreshes each rank applies the Q3R term to its own replica: no per-step collective.
 """
@@ -21,12 +23,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..refresh import SliceConfig, refresh_slices_ as _refresh_local_
+from ..refresh import SliceConfig, new_slice_state, refresh_slices_ as _refresh_local_
 from . import comm
 
 __all__ = ["refresh_cost", "assign_by_cost", "refresh_slices_replicated_"]
 
-_SCALARS = ("eps", "eps0", "sigma_next", "tail_energy", "refreshes")
+# all_gather pads every rank's buffer to the largest; above this many bytes per useful byte,
+# the factors go out by one broadcast per owner instead
+PADDING_LIMIT = 2.0
 
 
 def refresh_cost(shape, rank: int, method: str = "exact") -> float:
@@ -48,26 +52,51 @@ def assign_by_cost(costs: list[float], world: int) -> list[int]:
     return owner
 
 
-def _pack(state: dict[str, Tensor]) -> Tensor:
-    parts = [state["U"].reshape(-1), state["V"].reshape(-1), state["sigma"].reshape(-1)]
-    parts += [state[key].reshape(1).to(torch.float32) for key in _SCALARS]
-    return torch.cat([p.to(torch.float32) for p in parts])
+def _state_keys() -> list[str]:
+    """Every key of a slice state, in an order all ranks share (new keys of refresh.py included)."""
+    return sorted(new_slice_state(1, 1))
 
 
-def _unpack_(state: dict[str, Tensor], flat: Tensor, d1: int, d2: int, k: int) -> None:
-    """Replace the factors and overwrite the scalars of ``state`` from a packed buffer."""
-    u, v = d1 * k, d2 * k
-    device = state["eps"].device
-    flat = flat.to(device)
-    state["U"] = flat[:u].reshape(d1, k).clone()
-    state["V"] = flat[u : u + v].reshape(d2, k).clone()
-    state["sigma"] = flat[u + v : u + v + k].clone()
-    for j, key in enumerate(_SCALARS):
-        state[key].fill_(flat[u + v + k + j].item() if key != "refreshes" else round(flat[u + v + k + j].item()))
+def _shapes_row(state: dict[str, Tensor], keys: list[str]) -> list[float]:
+    """(ndim, size0, size1) per key: the header that lets other ranks size the payload.
+    ndim -1 marks a key this state lacks."""
+    row = []
+    for key in keys:
+        t = state.get(key)
+        if t is None:
+            row += [-1, 0, 0]
+            continue
+        if t.dim() > 2:
+            raise ValueError(f"q3r: slice state entry {key!r} has {t.dim()} dims; at most 2 are exchanged")
+        row += [t.dim(), *(list(t.shape) + [0, 0])[:2]]
+    return row
 
 
-def _packed_size(d1: int, d2: int, k: int) -> int:
-    return (d1 + d2 + 1) * k + len(_SCALARS)
+def _numel(row: list[int]) -> int:
+    total = 0
+    for ndim, a, b in zip(row[0::3], row[1::3], row[2::3]):
+        total += 0 if ndim < 0 else 1 if ndim == 0 else a if ndim == 1 else a * b
+    return total
+
+
+def _pack(state: dict[str, Tensor], keys: list[str]) -> Tensor:
+    return torch.cat([state[k].reshape(-1).to(torch.float32) for k in keys if k in state])
+
+
+def _unpack_(state: dict[str, Tensor], flat: Tensor, row: list[int], keys: list[str]) -> None:
+    """Replace every entry of ``state`` by the owner's (float32 on the wire; int64 counters
+    are exact there below 2**24 refreshes)."""
+    offset = 0
+    for key, ndim, a, b in zip(keys, row[0::3], row[1::3], row[2::3]):
+        if ndim < 0:
+            continue
+        shape = [(), (a,), (a, b)][ndim]
+        n = _numel([ndim, a, b])
+        like = state.get(key)
+        dtype = like.dtype if like is not None else torch.float32
+        value = flat[offset : offset + n].reshape(shape)
+        state[key] = (value.round() if not dtype.is_floating_point else value).to(dtype).clone()
+        offset += n
 
 
 def refresh_slices_replicated_(
@@ -95,15 +124,16 @@ def refresh_slices_replicated_(
         [weights[i] for i in mine], [states[i] for i in mine], [configs[i] for i in mine], method=method, warned=warned
     )
     device = weights[0].device if weights else torch.device("cpu")
-    n = len(weights)
-    header = torch.full((2 * n,), -1.0, dtype=torch.float64, device=device)
+    n, keys = len(weights), _state_keys()
+    width = 3 * len(keys)
+    # per slice: the shapes of its new state (owner) or -2 (not refreshed here); then checksums
+    header = torch.full((n * width + n,), -2.0, dtype=torch.float64, device=device)
     for i, ok in zip(mine, done_mine):
         if ok:
-            header[i] = states[i]["sigma"].shape[0]
-    for i, w in enumerate(weights):
-        header[n + i] = torch.sum(w.detach(), dtype=torch.float64)
-    headers = torch.stack(comm.all_gather(header, group))
-    sums = headers[:, n:]
+            header[i * width : (i + 1) * width] = torch.tensor(_shapes_row(states[i], keys), dtype=torch.float64)
+    header[n * width :] = torch.stack([torch.sum(w.detach(), dtype=torch.float64) for w in weights])
+    headers = torch.stack(comm.all_gather(header, group)).cpu()
+    sums = headers[:, n * width :]
     same = (sums == sums[0]) | (torch.isnan(sums) & torch.isnan(sums[0]))
     if not bool(same.all()):
         bad = [configs[i].name for i in range(n) if not bool(same[:, i].all())]
@@ -112,25 +142,37 @@ def refresh_slices_replicated_(
             "a distributed refresh needs identical weights (wrap the model in DDP), or call "
             "q3r.distributed.configure(replicated=False) to refresh on every rank independently"
         )
-    widths = [int(headers[owner[i], i]) for i in range(n)]
+    rows = [[int(v) for v in headers[owner[i], i * width : (i + 1) * width].tolist()] for i in range(n)]
+    done = [row[0] != -2 for row in rows]
     sizes = [0] * world
     for i in range(n):
-        if widths[i] >= 0:
-            sizes[owner[i]] += _packed_size(*shapes[i], widths[i])
-    buf = torch.zeros(max(sizes), dtype=torch.float32, device=device)
+        if done[i]:
+            sizes[owner[i]] += _numel(rows[i])
+    gather = world * max(sizes) <= PADDING_LIMIT * sum(sizes)
+    buf = torch.zeros(max(sizes) if gather else sizes[me], dtype=torch.float32, device=device)
     offset = 0
     for i in mine:
-        if widths[i] >= 0:
-            packed = _pack(states[i])
+        if done[i]:
+            packed = _pack(states[i], keys)
             buf[offset : offset + packed.numel()] = packed
             offset += packed.numel()
-    gathered = comm.all_gather(buf, group) if max(sizes) > 0 else []
+    if max(sizes) == 0:
+        gathered = []
+    elif gather:
+        gathered = comm.all_gather(buf, group)
+    else:
+        gathered = [
+            buf if r == me else torch.empty(sizes[r], dtype=torch.float32, device=device) for r in range(world)
+        ]
+        for r in range(world):
+            if sizes[r]:
+                comm.broadcast_(gathered[r], r, group)
     offsets = [0] * world
     for i in range(n):
-        if widths[i] < 0:
+        if not done[i]:
             continue
-        src, size = owner[i], _packed_size(*shapes[i], widths[i])
+        src, size = owner[i], _numel(rows[i])
         if src != me:
-            _unpack_(states[i], gathered[src][offsets[src] : offsets[src] + size], *shapes[i], widths[i])
+            _unpack_(states[i], gathered[src][offsets[src] : offsets[src] + size], rows[i], keys)
         offsets[src] += size
-    return [w >= 0 for w in widths]
+    return done

@@ -196,23 +196,32 @@ class ShardedTerms:
     def __init__(self, entries):
         self._plans: dict[int, list] = {}
         pending: dict[int, list] = {}
-        for p, slice_dim, slices, operators, scale in entries:
+        operators = [[_udv(op) for op in entry[3]] for entry in entries]
+        # only the triplets above eps (d != 0) enter R, and they lead (sigma is sorted): sum
+        # U^T X over those alone -- r_env <= k columns. One host sync for all slices.
+        flat_d = [d for ops in operators for _, _, d in ops if d.numel()]
+        counts = iter(torch.stack([(d != 0).sum() for d in flat_d]).tolist() if flat_d else [])
+        for (p, slice_dim, slices, _, scale), ops in zip(entries, operators):
             start, _ = row_range(p)
             views = local_slices(p.to_local().detach(), start, slice_dim, slices)
             plan = []
-            for (x, lo, hi), op in zip(views, operators):
-                U, V, d = _udv(op)
+            for (x, lo, hi), (U, V, d) in zip(views, ops):
+                if d.numel():
+                    m = int(next(counts))
+                    V, d, U_cols = V[:, :m], d[:m], m
+                else:
+                    U_cols = 0
                 if scale == 0:
                     plan.append([x, None, 0.0])
                     continue
-                if U.shape[-1] == 0:
-                    plan.append([x, "identity", scale])  # no factors yet: R = I, nothing to sum
+                if U_cols == 0:
+                    plan.append([x, "identity", scale])  # no triplet above eps: R = I, nothing to sum
                     continue
-                Ur = _local_U(U, lo, hi)
+                Ur = _local_U(U, lo, hi)[:, :U_cols]
                 A = Ur.transpose(0, 1) @ x.to(torch.float32)
                 plan.append([x, Ur, V, d, A, scale])
                 pending.setdefault(id(_group(p)), [_group(p), []])[1].append(plan[-1])
-            self._plans[id(p)] = (p, slice_dim, slices, views, operators, scale, plan)
+            self._plans[id(p)] = (p, slice_dim, slices, views, ops, scale, plan)
         for group, items in pending.values():
             flat = comm.all_reduce_(torch.cat([it[4].reshape(-1) for it in items]), group)
             offset = 0
