@@ -129,8 +129,8 @@ def put_matrix(row: list[int], fields: tuple[int, int, int], t: torch.Tensor) ->
     row[f_ptr], row[f_s0], row[f_s1] = t.data_ptr(), t.stride(0), t.stride(1)
 
 
-def to_device_table(rows: list[list], dtype: torch.dtype, device) -> torch.Tensor:
-    table = torch.tensor(rows, dtype=dtype)
+def to_device_table(rows, dtype: torch.dtype, device) -> torch.Tensor:
+    table = rows if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=dtype)
     if torch.device(device).type == "cuda":
         table = table.pin_memory().to(device, non_blocking=True)
     return table

@@ -177,12 +177,21 @@ class AdamQ3RPlan:
         ]
         sched, total = m.tile_schedule(counts, self.device)
         return dict(idx=idx, dtypes=(p_dtype, g_dtype, s_dtype), n_factors=n_factors, shapes=shapes, workspace=ws,
-                    table=m.to_device_table(table, torch.int64, self.device), sched=sched, total=total)
+                    host=torch.tensor(table, dtype=torch.int64), table=m.to_device_table(table, torch.int64, self.device),
+                    sched=sched, total=total)
 
-    def run(self, hypers: list[list]) -> None:
-        """One fused step; hypers[i] is region i's float row (see :func:`adam_hyper`)."""
+    def run(self, hypers: list[list], grad_ptrs: list[int] | None = None) -> None:
+        """One fused step; hypers[i] is region i's float row (see :func:`adam_hyper`).
+
+        grad_ptrs[i], when given, is the address of region i's gradient now: gradients are
+        often reallocated every step (zero_grad(set_to_none=True)) while everything else
+        stays put, so only that column of the table is sent again.
+        """
         block_m, block_n, block_k, num_warps, precision = self.config
         for g in self.groups:
+            if grad_ptrs is not None:
+                g["host"][:, m.F_Y] = torch.tensor([grad_ptrs[i] for i in g["idx"]], dtype=torch.int64)
+                g["table"] = m.to_device_table(g["host"], torch.int64, self.device)
             floats = m.to_device_table([hypers[i] for i in g["idx"]], torch.float32, self.device)
             has_q3r = g["n_factors"] > 0
             if has_q3r:

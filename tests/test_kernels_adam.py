@@ -104,23 +104,27 @@ def test_k_step_parity_fused_vs_reference_adamq3r(dtype, monkeypatch):
     steps, K_steps = 3, 7
     models, calls = {}, []
     run = K.AdamQ3RPlan.run
-    monkeypatch.setattr(K.AdamQ3RPlan, "run", lambda plan, hypers: calls.append(len(hypers)) or run(plan, hypers))
-    for backend in ("reference", "triton"):
+    monkeypatch.setattr(K.AdamQ3RPlan, "run", lambda plan, hypers, ptrs=None: calls.append(len(hypers)) or run(plan, hypers, ptrs))
+    runs = [("reference", dtype), ("triton", dtype)] + ([("reference", torch.float32)] if dtype != torch.float32 else [])
+    for backend, run_dtype in runs:
         monkeypatch.setenv("Q3R_BACKEND", backend)
-        params, groups = _model_groups(dtype)
+        params, groups = _model_groups(run_dtype)
         opt = AdamQ3R(groups, lr=1e-2, lmbda=0.1, steps=steps)
         gen = torch.Generator().manual_seed(11)
         with tile_settings(True):
             for _ in range(K_steps):
                 for p in params.values():
-                    p.grad = torch.randn(p.shape, generator=gen).to(DEVICE, dtype)
+                    p.grad = torch.randn(p.shape, generator=gen).to(DEVICE, run_dtype)
                 opt.step()
-        models[backend] = params
-    # every step went through the fused kernels: 3 + 3 + 1 Q3R regions, 1 gap, 1 bias
+        models[backend if run_dtype == dtype else "float32"] = params
+    # every step of the triton run went through the fused kernels: 3 + 3 + 1 Q3R regions,
+    # the uncovered columns, the bias
     assert calls == [9] * K_steps
     for name, p_ref in models["reference"].items():
-        p_fast = models["triton"][name]
-        diff = float((p_fast.detach().double() - p_ref.detach().double()).abs().max())
-        rel = rel_err(p_fast.detach(), p_ref.detach())
-        tol = 1e-5 if dtype == torch.float32 else 2e-2
-        assert rel <= tol, f"{name}: max abs diff {diff:.3e}, rel {rel:.3e}"
+        p_fast = models["triton"][name].detach()
+        if dtype != torch.float32:  # judged against the float32 run, by STYLE.md's 2x rule
+            assert_rule(p_fast, p_ref.detach(), models["float32"][name].detach(), floor=1e-3)
+            continue
+        diff = float((p_fast.double() - p_ref.detach().double()).abs().max())
+        rel = rel_err(p_fast, p_ref.detach())
+        assert rel <= 1e-5, f"{name}: max abs diff {diff:.3e}, rel {rel:.3e}"

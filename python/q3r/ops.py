@@ -112,39 +112,40 @@ def _complement(extent: int, slices) -> list[tuple[int, int]]:
     return out
 
 
-def _regions(work, K, hyper_plain, hyper_q3r):
-    # (hyper rows are filled per step by adamq3r_fused_; only the layout matters here)
-    """The fused kernel's regions of one parameter, or None if its layout does not fit."""
+def _regions(work, K):
+    """The fused kernel's regions of one parameter, or None if its layout does not fit
+    (their float rows are filled per step by adamq3r_fused_; only the layout matters here)."""
     tensors = (work.param, work.grad, work.exp_avg, work.exp_avg_sq)
     operators = work.operators if work.lmbda != 0 else []
     if not operators:
         if all(t.is_contiguous() for t in tensors):
-            return [K.AdamRegion(*(t.view(-1) for t in tensors), hyper_plain)]
-        return [K.AdamRegion(*tensors, hyper_plain)] if work.param.dim() == 2 else None
+            return [K.AdamRegion(*(t.view(-1) for t in tensors), None)]
+        return [K.AdamRegion(*tensors, None)] if work.param.dim() == 2 else None
     if work.param.dim() != 2:
         return None
     dim, slices = work.slice_dim, work.slices
     spans = [(0, work.param.shape[dim])] if slices is None else list(slices)
     if len(spans) != len(operators):
         return None
-    regions = [K.AdamRegion(*(t.narrow(dim, a, b - a) for t in tensors), hyper_q3r, tuple(op))
+    regions = [K.AdamRegion(*(t.narrow(dim, a, b - a) for t in tensors), None, tuple(op))
                for (a, b), op in zip(spans, operators)]
-    regions += [K.AdamRegion(*(t.narrow(dim, a, b - a) for t in tensors), hyper_plain)
+    regions += [K.AdamRegion(*(t.narrow(dim, a, b - a) for t in tensors), None)
                 for a, b in _complement(work.param.shape[dim], spans)]
     return regions
 
 
-_PLANS: OrderedDict = OrderedDict()  # layout key -> (plan, per-region (work index, has term)), LRU
+_PLANS: OrderedDict = OrderedDict()  # layout key -> (plan, [(work index, has term, grad offset)], rejected)
 _MAX_PLANS = 4
 
 
 def _layout_key(works: list) -> tuple:
     """Everything a plan's tables depend on: storage addresses, shapes, strides, slicing,
-    and the tile settings. Unchanged between refreshes in an ordinary training loop."""
+    and the tile settings. Unchanged between refreshes in an ordinary training loop.
+    Gradient addresses are left out: they are sent with every step (see AdamQ3RPlan.run)."""
     K = _kernels()
     cfg = (K.CONFIG.block_m, K.CONFIG.block_n, K.CONFIG.block_k, K.CONFIG.num_warps, K.CONFIG.precision)
     return cfg, tuple(
-        (w.param.data_ptr(), w.param.shape, w.param.stride(), w.param.dtype, w.grad.data_ptr(), w.grad.stride(),
+        (w.param.data_ptr(), w.param.shape, w.param.stride(), w.param.dtype, w.grad.stride(),
          w.grad.dtype, w.exp_avg.data_ptr(), w.exp_avg_sq.data_ptr(), w.exp_avg.dtype, w.lmbda != 0, w.slice_dim,
          None if w.slices is None else tuple(map(tuple, w.slices)),
          tuple((len(op), op[0].shape[1]) + tuple(t.data_ptr() for t in op) for op in w.operators))
@@ -157,12 +158,13 @@ def _build_plan(works: list):
     K = _kernels()
     regions, region_map, rejected = [], [], []
     for i, work in enumerate(works):
-        mine = _regions(work, K, None, True)
+        mine = _regions(work, K)
         if mine is None or not all(K.check_region(r) for r in mine):
             rejected.append(i)
             continue
         regions += mine
-        region_map += [(i, r.factors is not None) for r in mine]
+        base = work.grad.data_ptr()
+        region_map += [(i, r.factors is not None, r.grad.data_ptr() - base) for r in mine]
     return K.AdamQ3RPlan(regions), region_map, rejected
 
 
@@ -202,7 +204,9 @@ def adamq3r_fused_(works: list) -> list:
         if args not in memo:  # groups usually share their scalars: build each row once
             memo[args] = (K.adam_hyper(*args[:-1]), K.adam_hyper(*args[:-1], scale=2.0 * work.lmbda))
         hypers.append(memo[args])
-    plan.run([hypers[i][has_term] for i, has_term in region_map])
+    grad_base = [w.grad.data_ptr() for w in taken]
+    plan.run([hypers[i][has_term] for i, has_term, _ in region_map],
+             [grad_base[i] + offset for i, _, offset in region_map])
     skipped = set(rejected)
     done = [w for i, w in enumerate(taken) if i not in skipped]
     torch._foreach_add_([w.step for w in done], 1.0)  # the reference increments the same counter

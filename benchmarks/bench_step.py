@@ -1,0 +1,217 @@
+"""Per-step cost of Q3R against fused AdamW, on the models of BENCH.md, in one run.
+
+For each model (bf16 autocast forward + backward, fp32 weights; 20% ranks, r = 0.2 min(d1, d2)
+per slice; Q/K/V as separate slices; T = 5, lambda = 0.1) it reports:
+
+  fwd_bwd_ms                 forward + backward
+  adamw_step_ms              torch.optim.AdamW(fused=True).step()
+  adamq3r_{ref,fast}_step_ms AdamQ3R.step() on the reference path / the Triton path, refresh excluded
+  adamq3r_fast_lmbda0_step_ms  the fused kernel with lambda = 0 (its plain-Adam cost)
+  q3r_work_{ref,fast}_ms     the per-step Q3R work alone: 2 lambda R(W) added into every target's
+                             gradient (what Q3R.add_grad_ does), reference / Triton
+  train_{adamw,adamq3r_ref,adamq3r_fast}_ms   a whole training step (fwd + bwd + optimizer)
+  peak_{...}_bytes           peak allocated CUDA memory during that training step
+  factor_bytes               the U, V factors of all targets
+and the ratios. Refreshes are replaced by random factors of the target rank (sigma in (1, 2],
+eps = 1, so every triplet is active): this benchmark is about the steps between refreshes;
+bench_refresh.py measures refreshes. Timings: CUDA events, median, after warm-up.
+
+    python benchmarks/bench_step.py [--models vit_b16,gpt2_small,llama_1b] [--sweep]
+        [--csv benchmarks/results/bench_step.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+if "--dry-run" in sys.argv:  # the interpreter must be chosen before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+import q3r  # noqa: E402
+from q3r import ops  # noqa: E402
+from q3r.targets import slice_shapes, slice_views  # noqa: E402
+
+LMBDA, T, RANK_FRACTION = 0.1, 5, 0.2
+
+
+def q3r_targets(targets):
+    out = []
+    for name, p, dim, slices in targets:
+        ranks = [int(RANK_FRACTION * min(d1, d2)) for d1, d2 in slice_shapes(p.shape, dim, slices)]
+        out.append(q3r.Target(name, p, dim, slices, target_rank=ranks if slices else ranks[0]))
+    return out
+
+
+def fake_refresh(opt):
+    """Replace the refresh by random factors of the target rank (see the module docstring)."""
+
+    def refresh(due):
+        for p, group in due:
+            for state in opt.state[p]["q3r"]:
+                d1, d2 = state["U"].shape[0], state["V"].shape[0]
+                k = int(RANK_FRACTION * min(d1, d2))
+                state["U"] = torch.linalg.qr(torch.randn(d1, k, device=p.device))[0]
+                state["V"] = torch.linalg.qr(torch.randn(d2, k, device=p.device))[0]
+                state["sigma"] = torch.sort(1 + torch.rand(k, device=p.device), descending=True).values
+                state["eps"] = torch.tensor(1.0, device=p.device)
+
+    opt.refresh = refresh
+
+
+def set_backend(name: str) -> None:
+    os.environ["Q3R_BACKEND"] = name
+
+
+def bench_model(key: str, sweep: bool, tiny: bool = False) -> tuple[str, list[tuple[str, float, str]]]:
+    device = "cpu" if tiny else "cuda"
+    model, make_batch, loss_fn, targets, label = C.MODELS[key](device=device, tiny=tiny)
+    params = [p for p in model.parameters() if p.requires_grad]
+    data = make_batch()
+    res: list[tuple[str, float, str]] = []
+
+    def fwd_bwd():
+        for p in params:
+            p.grad = None
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=not tiny):
+            loss = loss_fn(model, data)
+        loss.backward()
+
+    res.append(("fwd_bwd_ms", C.cuda_time_ms(fwd_bwd), "ms"))
+
+    # ---- fused AdamW
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=not tiny)
+    fwd_bwd()
+    opt.step()
+    res.append(("adamw_step_ms", C.cuda_time_ms(opt.step), "ms"))
+
+    def train_adamw():
+        fwd_bwd()
+        opt.step()
+
+    res.append(("train_adamw_ms", C.cuda_time_ms(train_adamw, warmup=2, iters=8), "ms"))
+    res.append(("peak_adamw_bytes", C.peak_bytes(train_adamw), "bytes"))
+    del opt
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    # ---- AdamQ3R
+    tq = q3r_targets(targets)
+    groups = q3r.param_groups(model, tq, weight_decay=0.05, lmbda=LMBDA, steps=T)
+    opt = q3r.AdamQ3R(groups, lr=1e-4)
+    fake_refresh(opt)
+    fwd_bwd()
+    set_backend("triton")
+    opt.step()  # refresh (random factors), plan, compilation
+    for g in opt.param_groups:
+        g["steps"] = 10**9  # no refresh inside the timed steps
+    factor_bytes = sum(s["U"].numel() * 4 + s["V"].numel() * 4 for st in opt.state.values() for s in st.get("q3r", []))
+    res.append(("factor_bytes", factor_bytes, "bytes"))
+    res.append(("adamq3r_fast_step_ms", C.cuda_time_ms(opt.step), "ms"))
+    set_backend("reference")
+    res.append(("adamq3r_ref_step_ms", C.cuda_time_ms(opt.step, warmup=1, iters=5), "ms"))
+
+    def train_q3r():
+        fwd_bwd()
+        opt.step()
+
+    set_backend("triton")
+    res.append(("train_adamq3r_fast_ms", C.cuda_time_ms(train_q3r, warmup=2, iters=8), "ms"))
+    res.append(("peak_adamq3r_fast_bytes", C.peak_bytes(train_q3r), "bytes"))
+    set_backend("reference")
+    res.append(("train_adamq3r_ref_ms", C.cuda_time_ms(train_q3r, warmup=1, iters=4), "ms"))
+    res.append(("peak_adamq3r_ref_bytes", C.peak_bytes(train_q3r), "bytes"))
+
+    # ---- the per-step Q3R work alone: 2 lambda R(W) into every target gradient
+    weights, grads, factors = [], [], []
+    for t in tq:
+        weights += slice_views(t.param.detach(), t.slice_dim, t.slices)
+        grads += slice_views(t.param.grad, t.slice_dim, t.slices)
+        factors += [(s["U"], s["V"], s["sigma"], s["eps"]) for s in opt.state[t.param]["q3r"]]
+    res.append(("q3r_work_ref_ms", C.cuda_time_ms(lambda: ops.add_reweighting_(grads, weights, factors, 2 * LMBDA),
+                                                  warmup=1, iters=5), "ms"))
+    set_backend("triton")
+    work_fast = lambda: ops.add_reweighting_(grads, weights, factors, 2 * LMBDA)  # noqa: E731
+    res.append(("q3r_work_fast_ms", C.cuda_time_ms(work_fast), "ms"))
+
+    # ---- the fused kernel's own plain-Adam cost (lambda = 0 -> no Q3R regions)
+    for g in opt.param_groups:
+        g["_lmbda"], g["lmbda"] = g["lmbda"], 0.0 if g.get("q3r") else g["lmbda"]
+    res.append(("adamq3r_fast_lmbda0_step_ms", C.cuda_time_ms(opt.step), "ms"))
+    for g in opt.param_groups:
+        g["lmbda"] = g.pop("_lmbda")
+
+    if sweep:
+        res += sweep_configs(opt, work_fast)
+
+    v = dict((n, x) for n, x, _ in res)
+    res += [
+        ("ratio_q3r_work_ref_over_fast", v["q3r_work_ref_ms"] / v["q3r_work_fast_ms"], "x"),
+        ("ratio_step_fast_over_adamw", v["adamq3r_fast_step_ms"] / v["adamw_step_ms"], "x"),
+        ("ratio_train_fast_over_adamw", v["train_adamq3r_fast_ms"] / v["train_adamw_ms"], "x"),
+        ("ratio_train_ref_over_adamw", v["train_adamq3r_ref_ms"] / v["train_adamw_ms"], "x"),
+        ("peak_fast_above_adamw_bytes", v["peak_adamq3r_fast_bytes"] - v["peak_adamw_bytes"], "bytes"),
+        ("peak_fast_above_adamw_minus_factors_frac",
+         (v["peak_adamq3r_fast_bytes"] - v["peak_adamw_bytes"] - factor_bytes) / max(v["peak_adamw_bytes"], 1), "frac"),
+        ("peak_ref_above_adamw_bytes", v["peak_adamq3r_ref_bytes"] - v["peak_adamw_bytes"], "bytes"),
+    ]
+    del opt, model, params, grads, weights, factors
+    gc.collect()
+    torch.cuda.empty_cache()
+    return label, res
+
+
+def sweep_configs(opt, work_fast) -> list[tuple[str, float, str]]:
+    """Tile shapes and dot precision of the kernels (each new setting compiles afresh)."""
+    import q3r_kernels as K
+
+    saved = (K.CONFIG.block_m, K.CONFIG.block_n, K.CONFIG.block_k, K.CONFIG.num_warps, K.CONFIG.precision)
+    out = []
+    for bm, bn, bk, warps, prec in [(64, 128, 32, 8, "tf32"), (128, 128, 32, 8, "tf32x3"), (64, 64, 32, 4, "tf32x3"),
+                                    (128, 64, 32, 8, "tf32x3"), (64, 128, 64, 8, "tf32x3")]:
+        K.CONFIG.block_m, K.CONFIG.block_n, K.CONFIG.block_k, K.CONFIG.num_warps, K.CONFIG.precision = bm, bn, bk, warps, prec
+        tag = f"{bm}x{bn}x{bk}_w{warps}_{prec}"
+        try:
+            out.append((f"sweep_q3r_work_fast_ms[{tag}]", C.cuda_time_ms(work_fast), "ms"))
+            out.append((f"sweep_adamq3r_fast_step_ms[{tag}]", C.cuda_time_ms(opt.step), "ms"))
+        except Exception as exc:  # a setting that does not compile is a result too
+            print(f"sweep {tag}: {type(exc).__name__}: {exc}", flush=True)
+    K.CONFIG.block_m, K.CONFIG.block_n, K.CONFIG.block_k, K.CONFIG.num_warps, K.CONFIG.precision = saved
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="vit_b16,gpt2_small,llama_1b")
+    ap.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_step.csv"))
+    ap.add_argument("--sweep", action="store_true", help="also time a few tile settings (first model only)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="tiny models on CPU under TRITON_INTERPRET=1, no CSV: checks the script, measures nothing")
+    args = ap.parse_args()
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("bench_step.py needs a CUDA device (or --dry-run)")
+    torch.manual_seed(0)
+    meta = C.metadata()
+    print(f"# {meta}", flush=True)
+    for i, key in enumerate(args.models.split(",")):
+        t0 = time.time()
+        label, res = bench_model(key, sweep=args.sweep and i == 0, tiny=args.dry_run)
+        if not args.dry_run:
+            C.append_csv(args.csv, [{**meta, "benchmark": "bench_step", "model": label, "measure": n,
+                                  "value": f"{x:.6g}", "unit": u} for n, x, u in res])
+        print(f"\n## {label}  ({time.time() - t0:.0f} s)")
+        for n, x, u in res:
+            shown = f"{x / 2**20:.1f} MiB" if u == "bytes" else f"{x:.4g} {u}"
+            print(f"  {n:<48} {shown}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
