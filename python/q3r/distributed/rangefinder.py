@@ -4,19 +4,19 @@ For a slice X (d1 x d2) whose rows are spread over the ranks (X_r on rank r), wi
 width k (target rank + oversampling) and q power iterations:
 
     Y_r = X_r Omega                      local (Omega d2 x k, identical on every rank)
-    Q   = orth(Y)                        Cholesky-QR: G = sum_r Y_r^T Y_r (all-reduce k x k)
     repeat q times:
-      Z = sum_r X_r^T Q_r                all-reduce d2 x k, then a local QR (replicated)
-      Q = orth(X Z)                      local matmul + Cholesky-QR
+      Z = sum_r X_r^T Y_r                all-reduce d2 x k, then a local QR (replicated)
+      Y_r = X_r Z                        local
+    Q   = orth(Y)                        Cholesky-QR: G = sum_r Y_r^T Y_r (all-reduce k x k), twice
     B = sum_r Q_r^T X_r                  all-reduce k x d2
     B = Ub S Vh                          small SVD, replicated
     U_r = Q_r Ub,  V = Vh^T              U stays row-sharded like X
 
 Every stage is batched over all slices: one collective per stage whatever the number of
-targets. Cholesky-QR squares the condition number, so the Gram matrix is accumulated and
+targets, q + 3 per refresh. Cholesky-QR squares the condition number, so the Gram matrix is accumulated and
 factored in float64, each pass adds a tiny shift (so a rank-deficient sketch, e.g. zero
 weights or a sketch as wide as the matrix, still factors), and the passes are repeated
-(CholeskyQR2/3) until Q is orthonormal to float32 rounding. When k reaches min(d1, d2) the
+(CholeskyQR2), which leaves Q orthonormal to float32 rounding. When k reaches min(d1, d2) the
 result is the exact SVD up to rounding.
 """
 
@@ -90,11 +90,14 @@ def range_finder_svd(
     ||X||_F^2 of the whole slice (summed over ranks, for the tail energy).
     """
     Xs = [x.to(torch.float32) for x in Xs]
-    Q = cholesky_qr([x @ om for x, om in zip(Xs, omegas)], all_reduce, passes=3 if power_iters == 0 else 2)
-    for it in range(power_iters):
-        Zs = _flat_sum([x.transpose(0, 1) @ q for x, q in zip(Xs, Q)], all_reduce)
-        Zs = [torch.linalg.qr(z)[0] for z in Zs]  # replicated: identical on every rank
-        Q = cholesky_qr([x @ z for x, z in zip(Xs, Zs)], all_reduce, passes=3 if it == power_iters - 1 else 2)
+    Ys = [x @ om for x, om in zip(Xs, omegas)]
+    for _ in range(power_iters):
+        # Z = X^T Y is replicated after its all-reduce, so orthonormalizing it is a local QR
+        # and costs no collective; Y itself is orthonormalized only once, at the end (its
+        # condition number is that of X on an orthonormal Z, so Cholesky-QR copes)
+        Zs = _flat_sum([x.transpose(0, 1) @ y for x, y in zip(Xs, Ys)], all_reduce)
+        Ys = [x @ torch.linalg.qr(z)[0] for x, z in zip(Xs, Zs)]
+    Q = cholesky_qr(Ys, all_reduce, passes=2)
     # B = Q^T X and ||X||^2 in one collective
     parts = []
     for x, q in zip(Xs, Q):
