@@ -1,0 +1,34 @@
+"""The main job end to end at a reduced size, and the CLI wiring."""
+
+import json
+
+import pytest
+
+from q3r import cli
+from q3r.demo import FRACTIONS, DemoConfig, run_demo
+
+pytest.importorskip("sklearn", reason="the demo's data comes with scikit-learn (installed by .ci/run)")
+
+
+def test_demo_trains_truncates_and_reports(capsys):
+    result = run_demo(DemoConfig(epochs=3, width=128))
+    rows = result["rows"]
+    assert [r["fraction"] for r in rows] == list(FRACTIONS)
+    for r in rows:
+        assert 0.0 <= r["adamw"] <= 1.0 and 0.0 <= r["adamq3r"] <= 1.0
+    assert rows[0]["adamw"] > 0.5 and rows[0]["adamq3r"] > 0.5  # 3 epochs already learn digits
+    params = [r["target_params"] for r in rows]
+    assert params == sorted(params, reverse=True) and params[0] == 2 * 128 * 128
+    out = capsys.readouterr().out
+    assert "AdamQ3R + SVD" in out and "100%" in out
+
+
+def test_cli_demo_writes_json(tmp_path):
+    path = tmp_path / "demo.json"
+    assert cli.main(["demo", "--epochs", "1", "--json", str(path)]) == 0
+    assert len(json.loads(path.read_text())["rows"]) == len(FRACTIONS)
+
+
+def test_cli_rejects_unknown_command():
+    with pytest.raises(SystemExit):
+        cli.main(["frobnicate"])
