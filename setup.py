@@ -23,8 +23,8 @@ import sys
 from setuptools import setup
 
 PACKAGES = dict(
-    packages=["q3r", "q3r.optim", "q3r_kernels"],
-    package_dir={"q3r": "python/q3r", "q3r.optim": "python/q3r/optim", "q3r_kernels": "q3r_kernels"},
+    packages=["q3r", "q3r.optim", "q3r.experiments", "q3r_kernels"],
+    package_dir={"q3r": "python/q3r", "q3r.optim": "python/q3r/optim", "q3r.experiments": "python/q3r/experiments", "q3r_kernels": "q3r_kernels"},
 )
 
 

@@ -41,11 +41,12 @@ SIZES = {
         grid=dict(dense=dict(wd=[0.05]), q3r=dict(lmbda=[0.5]), lora=dict(lr=[2e-3]), lorita=dict(wd=[0.05], depth=[2])),
         q3r_fractions=[0.2], lora_fractions=[0.2],
     ),
-    # A CPU run that still means something (ViT at 1/4 width, half depth, fewer epochs).
+    # A reduced CPU run (2 cores): a 4-block, width-64 ViT on 10k images, one value per knob
+    # (no tuning); small enough to finish in minutes, big enough that truncation matters.
     "cpu": dict(
-        model=dict(patch_size=4, dim=96, depth=6, num_heads=3), n_train=20000, n_val=5000, n_test=10000,
-        epochs=3, batch_size=128,
-        grid=dict(dense=dict(wd=[0.05]), q3r=dict(lmbda=[1.0]), lora=dict(lr=[1e-3]), lorita=dict(wd=[0.5], depth=[2])),
+        model=dict(patch_size=7, dim=64, depth=4, num_heads=2), n_train=10000, n_val=2000, n_test=10000,
+        epochs=4, batch_size=128, lr=3e-3, warmup=0.02, cpu_threads=1,
+        grid=dict(dense=dict(wd=[0.05]), q3r=dict(lmbda=[4.0]), lora=dict(lr=[3e-3]), lorita=dict(wd=[1.0], depth=[2])),
         q3r_fractions=[0.4, 0.2], lora_fractions=[0.4, 0.2],
     ),
     # The experiment: ViT-Tiny shape, all of Fashion-MNIST (55k train / 5k val / 10k test), one GPU.
