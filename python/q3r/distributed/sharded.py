@@ -168,11 +168,13 @@ def _commit_(s: dict, cfg: SliceConfig, p, lo: int, hi: int, U_loc: Tensor, S: T
     s["U"] = DTensor.from_local(U_rows, p.device_mesh, [Shard(0)], run_check=False, shape=(p.shape[0], k), stride=(k, 1))
     s["V"] = V.to(torch.float32).contiguous()
     s["sigma"] = S.to(torch.float32).contiguous()
-    s["eps"].fill_(eps)
-    s["eps0"].fill_(eps0)
-    s["sigma_next"].fill_(sigma_next)
-    s["tail_energy"].fill_(0.0 if frob2 == 0 else max(frob2 - head, 0.0) / frob2)
-    s["refreshes"].add_(1)
+    # fresh scalars rather than fill_: the old ones may be views shared with other state
+    scalar = dict(dtype=torch.float32, device=s["eps"].device)
+    s["eps"] = torch.tensor(eps, **scalar)
+    s["eps0"] = torch.tensor(eps0, **scalar)
+    s["sigma_next"] = torch.tensor(sigma_next, **scalar)
+    s["tail_energy"] = torch.tensor(0.0 if frob2 == 0 else max(frob2 - head, 0.0) / frob2, **scalar)
+    s["refreshes"] = s["refreshes"] + 1
 
 
 def _udv(op) -> tuple[Tensor, Tensor, Tensor]:
