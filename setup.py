@@ -63,13 +63,13 @@ def _native_extension():
     with_cuda = want_cuda != "0" and cuda_ok
 
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # at::parallel_for over the batch
-    cxx = ["-O3", "-std=c++17", *openmp]
+    cxx = ["-O3", *openmp]  # the C++ standard is torch's choice
     sources = ["csrc/binding.cpp", "csrc/jacobi_cpu.cpp"]
     if with_cuda:
         sources.append("csrc/jacobi_cuda.cu")
         ext = cpp_extension.CUDAExtension(
             "q3r._C", sources, define_macros=[("Q3R_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
             extra_link_args=openmp)
     else:
         ext = cpp_extension.CppExtension("q3r._C", sources, extra_compile_args=cxx, extra_link_args=openmp)

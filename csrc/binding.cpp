@@ -11,7 +11,7 @@
 #include "jacobi_cpu.h"
 
 #ifdef Q3R_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "jacobi_cuda.h"
@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eigh_cuda(const at::Tensor& G, in
       Gc.data_ptr<float>(), evals.data_ptr<float>(), evecs.data_ptr<float>(), sweeps.data_ptr<int>(),
       vt_work.data_ptr<float>(), a_floats > 0 ? a_work.data_ptr<float>() : nullptr, batch,
       static_cast<int>(k), static_cast<int>(max_sweeps), static_cast<float>(tol), device,
-      at::cuda::getCurrentCUDAStream());
+      c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "batched_eigh (CUDA): ", cudaGetErrorString(err));
   return {evals, evecs, sweeps};
 }

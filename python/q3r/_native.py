@@ -65,7 +65,7 @@ def status() -> str:
         if "No module named" in reason:
             reason = ("not built (install with `pip install --no-build-isolation -e .` "
                       "where torch is importable at build time)")
-        return f"native extension q3r._C: unavailable: {reason}; refresh eigensolver: torch.linalg.eigh"
+        return f"q3r._C unavailable: {reason}; refreshes use torch.linalg.eigh"
     info = build_info()
     if info.get("cuda"):
         cuda = "CUDA part: built"
@@ -73,7 +73,7 @@ def status() -> str:
         cuda = "CUDA part: not built (this torch is a CPU-only build)"
     else:
         cuda = "CUDA part: not built (no nvcc / CUDA_HOME at build time, or Q3R_BUILD_CUDA=0)"
-    return f"native extension q3r._C: loaded; CPU part: built; {cuda}"
+    return f"q3r._C loaded; CPU part: built; {cuda}"
 
 
 def batched_eigh(G: Tensor, max_sweeps: int = DEFAULT_MAX_SWEEPS, tol: float = DEFAULT_TOL,

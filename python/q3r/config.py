@@ -22,6 +22,7 @@ Q3R_DEFAULTS = {
     "eps_floor": None,
     "num_refreshes": None,
     "refresh": "exact",
+    "stagger": False,
     "slices": None,
     "slice_dim": 0,
     "names": None,
@@ -45,6 +46,8 @@ def validate_q3r_options(opts: dict, where: str = "Q3R") -> None:
         raise ValueError(f"{where}: rank_rule must be one of {reference.RANK_RULES}, got {opts['rank_rule']!r}")
     if opts["refresh"] not in REFRESH_METHODS:
         raise ValueError(f"{where}: refresh must be one of {REFRESH_METHODS}, got {opts['refresh']!r}")
+    if not isinstance(opts.get("stagger", False), bool):
+        raise ValueError(f"{where}: stagger must be True or False, got {opts['stagger']!r}")
     if schedule == "constant":
         v = opts["eps_value"]
         if not _is_real(v) or not (0 < v < math.inf):

@@ -313,7 +313,7 @@ def _commit_sketch(stack, members, states, configs, U, S, V, opts: SketchOptions
             state["U"] = U[j, :, :r_env].to(torch.float32).contiguous()
             state["V"] = V[j, :, :r_env].to(torch.float32).contiguous()
             state["sigma"] = S[j, :r_env].to(torch.float32)
-            state["V_tail"] = V[j, :, r_env : r_env + opts.oversampling].to(torch.float32)
+            state["V_tail"] = V[j, :, r_env : r_env + opts.oversampling].to(torch.float32).contiguous()
             # views of one small tensor: no kernel launch per scalar and target
             state["eps"], state["eps0"], state["sigma_next"], state["tail_energy"] = scalars[row].unbind()
             state["refreshes"] = counts[row]

@@ -21,12 +21,12 @@ from . import ops, reference
 from . import distributed
 from .config import Q3R_DEFAULTS, slice_configs, validate_q3r_options
 from .diagnostics import slice_diagnostics
-from .refresh import new_slice_state, operator_of, refresh_slices_
+from .refresh import due_for_refresh, new_slice_state, operator_of, refresh_cost, refresh_slices_, stagger_phases
 from .targets import Target, slice_shapes, slice_views
 
 __all__ = ["Q3R"]
 
-_SCALAR_OPTIONS = ("lmbda", "steps", "rank_rule", "eps_schedule", "eps_value", "eps_floor", "num_refreshes", "refresh")
+_SCALAR_OPTIONS = ("lmbda", "steps", "rank_rule", "eps_schedule", "eps_value", "eps_floor", "num_refreshes", "refresh", "stagger")
 
 
 class Q3R:
@@ -62,16 +62,18 @@ class Q3R:
 
     # ---------------------------------------------------------------- refresh
     @torch.no_grad()
-    def refresh(self) -> None:
-        """Rebuild every target's operator from the current weights (done automatically)."""
-        sharded = [(t, cfgs) for t, cfgs in zip(self.targets, self.configs) if distributed.is_sharded(t.param)]
+    def refresh(self, names: set[str] | None = None) -> None:
+        """Rebuild every target's operator (or only those in ``names``) from the current
+        weights (done automatically)."""
+        chosen = [(t, cfgs) for t, cfgs in zip(self.targets, self.configs) if names is None or t.name in names]
+        sharded = [(t, cfgs) for t, cfgs in chosen if distributed.is_sharded(t.param)]
         if sharded:  # FSDP2: a randomized refresh on the local rows (q3r.distributed.sharded)
             distributed.refresh_sharded_(
                 [t.param for t, _ in sharded], [(t.slice_dim, t.slices) for t, _ in sharded],
                 [self.state[t.name] for t, _ in sharded], [cfgs for _, cfgs in sharded], warned=self._nonfinite_warned,
             )
         weights, states, configs = [], [], []
-        for t, cfgs in zip(self.targets, self.configs):
+        for t, cfgs in chosen:
             if distributed.is_sharded(t.param):
                 continue
             weights.extend(slice_views(t.param.detach(), t.slice_dim, t.slices))
@@ -81,9 +83,24 @@ class Q3R:
         distributed.refresh_slices_(weights, states, configs, method=self.options["refresh"], warned=self._nonfinite_warned)
 
     def _begin_step(self) -> None:
-        if self.num_steps % self.options["steps"] == 0:
+        period = self.options["steps"]
+        if self.options["stagger"]:  # each target at its own phase of the period
+            phases = self._stagger_phases()
+            due = {name for name, phase in phases.items() if due_for_refresh(self.num_steps, period, phase)}
+            if due:
+                self.refresh(due)
+        elif self.num_steps % period == 0:
             self.refresh()
         self.num_steps += 1
+
+    def _stagger_phases(self) -> dict[str, int]:
+        """Refresh phase of each target, balancing the refresh cost over the period's steps."""
+        if getattr(self, "_phases", None) is None:
+            costs = [sum(refresh_cost(*shape, cfg.rank) for shape, cfg in
+                         zip(slice_shapes(t.param.shape, t.slice_dim, t.slices), cfgs))
+                     for t, cfgs in zip(self.targets, self.configs)]
+            self._phases = dict(zip((t.name for t in self.targets), stagger_phases(costs, self.options["steps"])))
+        return self._phases
 
     # ------------------------------------------------------------------ modes
     def penalty(self) -> Tensor:

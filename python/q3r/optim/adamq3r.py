@@ -9,7 +9,7 @@ from torch.optim import Optimizer
 from .. import distributed
 from ..config import Q3R_DEFAULTS, default_names, slice_configs, validate_q3r_options
 from ..diagnostics import slice_diagnostics
-from ..refresh import new_slice_state, refresh_slices_
+from ..refresh import due_for_refresh, new_slice_state, refresh_cost, refresh_slices_, stagger_phases
 from ..targets import slice_shapes, slice_views
 from .functional import ParamWork, adamq3r_step_
 
@@ -38,7 +38,7 @@ class AdamQ3R(Optimizer):
 
     Q3R group options: lmbda, steps, target_rank (int, fraction, or a list per slice),
     rank_rule ("params" or "reference"), eps_schedule ("min", "geometric", "track",
-    "constant"), eps_value, eps_floor, num_refreshes, refresh, slices + slice_dim (one slicing
+    "constant"), eps_value, eps_floor, num_refreshes, refresh, stagger, slices + slice_dim (one slicing
     for every parameter of the group), names (one per slice, for diagnostics and errors).
     """
 
@@ -132,6 +132,21 @@ class AdamQ3R(Optimizer):
             # divided across ranks under DDP, plain refresh_slices_ otherwise
             distributed.refresh_slices_(weights, states, configs, method=method, warned=self._nonfinite_warned)
 
+    def _refresh_due(self, p, group: dict, step: int) -> bool:
+        """Every ``steps`` steps; with ``stagger=True`` each parameter at its own phase of the
+        period (balanced by refresh cost within the group), so no step pays all refreshes."""
+        if not group.get("stagger"):
+            return step % group["steps"] == 0
+        cache = self.__dict__.setdefault("_stagger_phases", {})
+        signature = (tuple(id(q) for q in group["params"]), group["steps"])
+        if cache.get(id(group), (None,))[0] != signature:
+            costs = [sum(refresh_cost(*shape, cfg.rank) for shape, cfg in
+                         zip(slice_shapes(q.shape, group["slice_dim"], group["slices"]), self._group_configs(group, q)))
+                     for q in group["params"]]
+            phases = stagger_phases(costs, group["steps"])
+            cache[id(group)] = (signature, {id(q): ph for q, ph in zip(group["params"], phases)})
+        return due_for_refresh(step, group["steps"], cache[id(group)][1][id(p)])
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -154,7 +169,7 @@ class AdamQ3R(Optimizer):
                     group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
                 )
                 if group["q3r"]:
-                    if int(state["step"]) % group["steps"] == 0:
+                    if self._refresh_due(p, group, int(state["step"])):
                         due.append((p, group))
                     work.lmbda, work.slice_dim, work.slices = group["lmbda"], group["slice_dim"], group["slices"]
                     q3r_works.append((work, state))
