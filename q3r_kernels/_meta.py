@@ -22,19 +22,55 @@ import triton
 import triton.language as tl
 
 # Fields of a block's row in the int64 table (kernels read them with tl.load(meta + i)).
-F_X, F_X_SR, F_X_SC, F_ROWS, F_COLS, F_K = 0, 1, 2, 3, 4, 5
-F_U, F_U_SR, F_U_SK, F_V, F_V_SR, F_V_SK = 6, 7, 8, 9, 10, 11
-F_A, F_B, F_C, F_D = 12, 13, 14, 15  # workspace: A (k, cols), B then G (rows, k), C (k, k), d (k)
-F_DSRC, F_EPS = 16, 17  # d itself, or sigma and eps (then d is derived on the device)
-F_Y, F_Y_SR, F_Y_SC = 18, 19, 20  # apply: output; Adam: gradient
-F_M, F_S = 21, 22  # Adam: exp_avg, exp_avg_sq (same strides as X)
-F_NUMEL = 23  # linear bound, for flat tensors viewed as (ceil(n / w), w)
-NF = 24
+# They are tl.constexpr because a @triton.jit function may only read constexpr globals;
+# constexpr also indexes Python lists on the host side.
+_C = tl.constexpr
+F_X, F_X_SR, F_X_SC, F_ROWS, F_COLS, F_K = _C(0), _C(1), _C(2), _C(3), _C(4), _C(5)
+F_U, F_U_SR, F_U_SK, F_V, F_V_SR, F_V_SK = _C(6), _C(7), _C(8), _C(9), _C(10), _C(11)
+F_A, F_B, F_C, F_D = _C(12), _C(13), _C(14), _C(15)  # workspace: A (k, cols), B then G (rows, k), C (k, k), d (k)
+F_DSRC, F_EPS = _C(16), _C(17)  # d itself, or sigma and eps (then d is derived on the device)
+F_Y, F_Y_SR, F_Y_SC = _C(18), _C(19), _C(20)  # apply: output; Adam: gradient
+F_M, F_S = _C(21), _C(22)  # Adam: exp_avg, exp_avg_sq (same strides as X)
+F_NUMEL = _C(23)  # linear bound, for flat tensors viewed as (ceil(n / w), w)
+NF = _C(24)
 
 # Fields of a block's row in the float32 table (apply: only G_SCALE = alpha; Adam: scale =
 # 2 lambda, w1 = 1 - beta1 as lerp's weight, decay = 1 - lr * weight_decay).
-G_SCALE, G_LR, G_W1, G_BETA2, G_ONE_MINUS_BETA2, G_EPS, G_DECAY, G_STEP_SIZE, G_BC2_SQRT = range(9)
-NG = 9
+G_SCALE, G_LR, G_W1, G_BETA2, G_ONE_MINUS_BETA2, G_EPS, G_DECAY, G_STEP_SIZE, G_BC2_SQRT = (_C(i) for i in range(9))
+NG = _C(9)
+
+@triton.jit
+def pointer(row, field, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """A typed pointer from a raw address in the table. ALIGNED promises 16-byte alignment
+    (host-checked); the hint must sit on the pointer itself for Triton to use 128-bit
+    accesses (on the integer it is lost in the conversion)."""
+    ptr = tl.load(row + field).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def tile_offsets(row, f_sr, f_sc, offs_m, offs_n, ALIGNED: tl.constexpr):
+    """int32 element offsets of a (BM, BN) tile within its block. ALIGNED promises a unit
+    column stride and a row stride that is a multiple of 16 (host-checked)."""
+    sr = tl.load(row + f_sr).to(tl.int32)
+    if ALIGNED:
+        return offs_m[:, None] * tl.multiple_of(sr, 16) + offs_n[None, :]
+    return offs_m[:, None] * sr + offs_n[None, :] * tl.load(row + f_sc).to(tl.int32)
+
+
+def aligned(*tensors: torch.Tensor) -> bool:
+    """Whether 2-D tensors (or 1-D contiguous ones) meet what ALIGNED kernels assume."""
+    for t in tensors:
+        if t.data_ptr() % 16:
+            return False
+        if t.dim() == 2 and (t.stride(1) != 1 or t.stride(0) % 16):
+            return False
+        if t.dim() == 1 and t.stride(0) != 1:
+            return False
+    return True
+
 
 TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -44,10 +80,17 @@ class TileConfig:
     """Tile sizes and dot precision. Tests shrink the tiles so that small awkward shapes
     span several tiles with ragged edges; all block sizes must be powers of two >= 16."""
 
+    # apply / fused Adam tiles: 64x64 with k in chunks of 16 keeps the fused Adam kernel
+    # under ~180 registers without spills on sm_90 (checked with cuobjdump --dump-resource-usage)
     block_m: int = 64
-    block_n: int = 128
-    block_k: int = 32
+    block_n: int = 64
+    block_k: int = 16
     num_warps: int = 8
+    # projection tiles: wider k chunks, so a strip of X is re-read (from L2) fewer times
+    proj_block_m: int = 64
+    proj_block_n: int = 64
+    proj_block_k: int = 64
+    proj_num_warps: int = 8
     # fp32 dots: "tf32x3" is within a few ulp of fp32 at ~1/3 of tf32 speed; "tf32" is
     # fastest; "ieee" is exact fp32 FMA (and what the CPU interpreter does anyway).
     precision: str = "tf32x3"
@@ -120,12 +163,15 @@ def _tile_schedule(counts: tuple[int, ...], device: torch.device) -> tuple[torch
 
 
 def new_table(n: int) -> list[list[int]]:
-    return [[0] * NF for _ in range(n)]
+    return [[0] * int(NF) for _ in range(n)]
 
 
 def put_matrix(row: list[int], fields: tuple[int, int, int], t: torch.Tensor) -> None:
     """Address and the two strides of a 2-D tensor (a view is fine: no copy is made)."""
     f_ptr, f_s0, f_s1 = fields
+    if (t.shape[0] - 1) * abs(t.stride(0)) + (t.shape[1] - 1) * abs(t.stride(1)) >= 2**31:
+        raise ValueError(f"q3r_kernels: a block of shape {tuple(t.shape)} spans 2**31 elements or more; "
+                         "the kernels index within a block in int32")
     row[f_ptr], row[f_s0], row[f_s1] = t.data_ptr(), t.stride(0), t.stride(1)
 
 

@@ -5,10 +5,12 @@ path, done in float32 whatever the storage dtype):
 
     r  = R(W_prev) on this tile            (X plus a rank-2k update from A, G, U, V, d,
                                             all formed from W_prev before this pass)
-    W  = W_prev * (1 - lr wd)
+    W  = W_prev * (1 - lr wd) - lr * (2 lambda r)
     m  = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2
     W  = W - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)
-    W  = W - lr * (2 lambda r)
+
+(the reference subtracts the term last; the sum is the same up to rounding, and applying it
+first lets the kernel drop the term's registers before it loads the Adam tensors)
 
 Every region (a Q3R slice with its factors, or a plain parameter / an uncovered part of a
 sliced one) is a block of the same grouped launch machinery as the apply kernel, so a whole
@@ -28,50 +30,59 @@ from . import _meta as m
 from ._meta import (F_COLS, F_M, F_NUMEL, F_ROWS, F_S, F_X, F_X_SC, F_X_SR, F_Y, F_Y_SC, F_Y_SR, G_BC2_SQRT,
                     G_DECAY, G_EPS, G_LR, G_ONE_MINUS_BETA2, G_SCALE, G_STEP_SIZE, G_W1, G_BETA2, NF, NG)
 from .apply import lowrank_tile, prepare, tile_counts
+from ._meta import pointer, tile_offsets
 from .projection import fill_factor_fields
 
 
 @triton.jit
 def _adamq3r_kernel(meta, floats, sched, n_programs, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                    S_DTYPE: tl.constexpr, HAS_Q3R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, PRECISION: tl.constexpr):
+                    S_DTYPE: tl.constexpr, HAS_Q3R: tl.constexpr, ALIGNED: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     blk = tl.load(sched + pid).to(tl.int64)
     tile = tl.load(sched + n_programs + pid)
     row = meta + blk * NF
     hp = floats + blk * NG
-    rows = tl.load(row + F_ROWS)
-    cols = tl.load(row + F_COLS)
+    rows = tl.load(row + F_ROWS).to(tl.int32)
+    cols = tl.load(row + F_COLS).to(tl.int32)
+    numel = tl.load(row + F_NUMEL).to(tl.int32)
+    if ALIGNED:  # widths in multiples of 16 keep the mask constant over a vector
+        cols = tl.multiple_of(cols, 16)
+        numel = tl.multiple_of(numel, 16)
     n_ct = tl.cdiv(cols, BN)
     offs_m = (tile // n_ct) * BM + tl.arange(0, BM)
     offs_n = (tile % n_ct) * BN + tl.arange(0, BN)
     # the linear bound serves flat tensors viewed as (ceil(n / cols), cols)
     mask = (offs_m[:, None] < rows) & (offs_n[None, :] < cols)
-    mask = mask & (offs_m[:, None] * cols + offs_n[None, :] < tl.load(row + F_NUMEL))
-    offs = offs_m[:, None] * tl.load(row + F_X_SR) + offs_n[None, :] * tl.load(row + F_X_SC)
-    p_ptrs = tl.load(row + F_X).to(tl.pointer_type(P_DTYPE)) + offs
-    m_ptrs = tl.load(row + F_M).to(tl.pointer_type(S_DTYPE)) + offs
-    s_ptrs = tl.load(row + F_S).to(tl.pointer_type(S_DTYPE)) + offs
-    g_ptrs = (tl.load(row + F_Y).to(tl.pointer_type(G_DTYPE))
-              + offs_m[:, None] * tl.load(row + F_Y_SR) + offs_n[None, :] * tl.load(row + F_Y_SC))
+    mask = mask & (offs_m[:, None] * cols + offs_n[None, :] < numel)
+    offs = tile_offsets(row, F_X_SR, F_X_SC, offs_m, offs_n, ALIGNED)
+    p_ptrs = pointer(row, F_X, P_DTYPE, ALIGNED) + offs
+    m_ptrs = pointer(row, F_M, S_DTYPE, ALIGNED) + offs
+    s_ptrs = pointer(row, F_S, S_DTYPE, ALIGNED) + offs
+    g_ptrs = pointer(row, F_Y, G_DTYPE, ALIGNED) + tile_offsets(row, F_Y_SR, F_Y_SC, offs_m, offs_n, ALIGNED)
+    # Order matters for registers: the low-rank part of the term is accumulated first, then
+    # the weights are loaded and the term applied, and only then the Adam tensors, so that
+    # the dot operands and the four full tiles are never live at once.
+    if HAS_Q3R:
+        lowrank = lowrank_tile(row, offs_m, offs_n, rows, cols, BM, BN, BK, PRECISION)
     p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Q3R:
+        # the regularizer's term at W_prev, before anything on this tile moves
+        term = (p + lowrank) * tl.load(hp + G_SCALE)
+        p = p * tl.load(hp + G_DECAY) - tl.load(hp + G_LR) * term
+    else:
+        p = p * tl.load(hp + G_DECAY)
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     exp_avg = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
     exp_avg_sq = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
-
-    if HAS_Q3R:
-        # the regularizer's term at W_prev, before anything on this tile moves
-        term = (p + lowrank_tile(row, offs_m, offs_n, rows, cols, BM, BN, BK, PRECISION)) * tl.load(hp + G_SCALE)
-    p = p * tl.load(hp + G_DECAY)
     w1 = tl.load(hp + G_W1)
     diff = g - exp_avg
     # torch's lerp switches formula at weight 0.5 for accuracy; follow it for parity
     exp_avg = tl.where(w1 < 0.5, exp_avg + w1 * diff, g - diff * (1.0 - w1))
     exp_avg_sq = exp_avg_sq * tl.load(hp + G_BETA2) + tl.load(hp + G_ONE_MINUS_BETA2) * g * g
-    denom = tl.sqrt(exp_avg_sq) / tl.load(hp + G_BC2_SQRT) + tl.load(hp + G_EPS)
-    p = p + (-tl.load(hp + G_STEP_SIZE)) * exp_avg / denom
-    if HAS_Q3R:
-        p = p - tl.load(hp + G_LR) * term
+    # IEEE-rounded sqrt and divisions, as torch computes them (tl.sqrt is the fast one)
+    denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), tl.load(hp + G_BC2_SQRT)) + tl.load(hp + G_EPS)
+    p = p + tl.div_rn(-tl.load(hp + G_STEP_SIZE) * exp_avg, denom)
     tl.store(p_ptrs, p.to(P_DTYPE), mask=mask)
     tl.store(m_ptrs, exp_avg.to(S_DTYPE), mask=mask)
     tl.store(s_ptrs, exp_avg_sq.to(S_DTYPE), mask=mask)
@@ -101,7 +112,7 @@ def adam_hyper(lr: float, beta1: float, beta2: float, eps: float, weight_decay: 
     """The float table row for a region, with the scalars torch's Adam computes in Python."""
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
-    row = [0.0] * NG
+    row = [0.0] * int(NG)
     row[G_SCALE], row[G_LR], row[G_W1], row[G_BETA2] = scale, lr, 1 - beta1, beta2
     row[G_ONE_MINUS_BETA2], row[G_EPS], row[G_DECAY] = 1 - beta2, eps, 1 - lr * weight_decay
     row[G_STEP_SIZE], row[G_BC2_SQRT] = lr / bias_correction1, bias_correction2**0.5
@@ -132,8 +143,8 @@ def check_region(reg: AdamRegion) -> bool:
         return False
     if any(t.shape != p.shape or t.device != p.device for t in tensors):
         return False
-    if p.dim() == 1:
-        return all(t.is_contiguous() for t in tensors)
+    if p.dim() == 1:  # int32 indexing inside a block
+        return p.numel() < 2**31 and all(t.is_contiguous() for t in tensors)
     return p.dim() == 2 and reg.exp_avg.stride() == p.stride() and reg.exp_avg_sq.stride() == p.stride()
 
 
@@ -150,11 +161,12 @@ class AdamQ3RPlan:
         self.config = (m.CONFIG.block_m, m.CONFIG.block_n, m.CONFIG.block_k, m.CONFIG.num_warps, m.dot_precision())
         by_key: dict[tuple, list[int]] = {}
         for i, reg in enumerate(regions):
-            by_key.setdefault((reg.param.dtype, reg.grad.dtype, reg.exp_avg.dtype, len(reg.factors or ())), []).append(i)
+            by_key.setdefault((reg.param.dtype, reg.grad.dtype, reg.exp_avg.dtype, len(reg.factors or ()),
+                               _aligned(reg)), []).append(i)
         self.groups = [self._group(key, idx, regions) for key, idx in by_key.items()]
 
     def _group(self, key, idx, regions) -> dict:
-        p_dtype, g_dtype, s_dtype, n_factors = key
+        p_dtype, g_dtype, s_dtype, n_factors, aligned = key
         has_q3r = n_factors > 0
         table, shapes, ws = m.new_table(len(idx)), [], None
         if has_q3r:
@@ -176,7 +188,8 @@ class AdamQ3RPlan:
             m.cdiv(r, self.config[0]) * m.cdiv(c, self.config[1]) for r, c in (_rows_cols(regions[i].param) for i in idx)
         ]
         sched, total = m.tile_schedule(counts, self.device)
-        return dict(idx=idx, dtypes=(p_dtype, g_dtype, s_dtype), n_factors=n_factors, shapes=shapes, workspace=ws,
+        return dict(idx=idx, dtypes=(p_dtype, g_dtype, s_dtype), n_factors=n_factors, aligned=aligned,
+                    shapes=shapes, workspace=ws,
                     host=torch.tensor(table, dtype=torch.int64), table=m.to_device_table(table, torch.int64, self.device),
                     sched=sched, total=total)
 
@@ -190,16 +203,16 @@ class AdamQ3RPlan:
         block_m, block_n, block_k, num_warps, precision = self.config
         for g in self.groups:
             if grad_ptrs is not None:
-                g["host"][:, m.F_Y] = torch.tensor([grad_ptrs[i] for i in g["idx"]], dtype=torch.int64)
+                g["host"][:, int(m.F_Y)] = torch.tensor([grad_ptrs[i] for i in g["idx"]], dtype=torch.int64)
                 g["table"] = m.to_device_table(g["host"], torch.int64, self.device)
             floats = m.to_device_table([hypers[i] for i in g["idx"]], torch.float32, self.device)
             has_q3r = g["n_factors"] > 0
             if has_q3r:
-                prepare(g["table"], g["shapes"], g["dtypes"][0], g["n_factors"] == 4, self.device)
+                prepare(g["table"], g["shapes"], g["dtypes"][0], g["n_factors"] == 4, self.device, g["aligned"])
             if g["total"]:
                 _adamq3r_kernel[(g["total"],)](
                     g["table"], floats, g["sched"], g["total"], *(m.tl_dtype(t) for t in g["dtypes"]),
-                    has_q3r, block_m, block_n, block_k, precision, num_warps=num_warps,
+                    has_q3r, g["aligned"], block_m, block_n, block_k, precision, num_warps=num_warps,
                 )
 
 
@@ -208,6 +221,13 @@ def adamq3r_update_(regions: list[AdamRegion]) -> None:
     for its Q3R regions, one launch for them and one for the regions without a term."""
     if regions:
         AdamQ3RPlan(regions).run([reg.hyper for reg in regions])
+
+
+def _aligned(reg: AdamRegion) -> bool:
+    """Whether the region can take the ALIGNED kernels (128-bit accesses; see _meta.aligned)."""
+    tensors = (reg.param, reg.grad, reg.exp_avg, reg.exp_avg_sq)
+    width_ok = reg.param.numel() % 16 == 0 if reg.param.dim() == 1 else reg.param.shape[1] % 16 == 0
+    return width_ok and m.aligned(*tensors)
 
 
 def _rows_cols(p: torch.Tensor) -> tuple[int, int]:

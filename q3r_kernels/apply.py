@@ -22,6 +22,7 @@ import triton.language as tl
 from . import _meta as m
 from ._meta import (F_A, F_B, F_C, F_COLS, F_D, F_DSRC, F_EPS, F_K, F_NUMEL, F_ROWS, F_U, F_U_SK, F_U_SR, F_V,
                     F_V_SK, F_V_SR, F_X, F_X_SC, F_X_SR, F_Y, F_Y_SC, F_Y_SR, G_SCALE, NF, NG)
+from ._meta import pointer, tile_offsets
 from .projection import fill_factor_fields, launch_project
 
 
@@ -33,8 +34,8 @@ def _gram_kernel(meta, sched, n_programs, D_FROM_SIGMA: tl.constexpr, BN: tl.con
     blk = tl.load(sched + pid).to(tl.int64)
     tile = tl.load(sched + n_programs + pid)
     row = meta + blk * NF
-    cols = tl.load(row + F_COLS)
-    k = tl.load(row + F_K)
+    cols = tl.load(row + F_COLS).to(tl.int32)
+    k = tl.load(row + F_K).to(tl.int32)
     n_kc = tl.cdiv(k, BK)
     if tile == 0:
         d_ptr = tl.load(row + F_D).to(tl.pointer_type(tl.float32))
@@ -50,8 +51,8 @@ def _gram_kernel(meta, sched, n_programs, D_FROM_SIGMA: tl.constexpr, BN: tl.con
             tl.store(d_ptr + offs, s, mask=offs < k)
     a_ptr = tl.load(row + F_A).to(tl.pointer_type(tl.float32))
     v_ptr = tl.load(row + F_V).to(tl.pointer_type(tl.float32))
-    v_sr = tl.load(row + F_V_SR)
-    v_sk = tl.load(row + F_V_SK)
+    v_sr = tl.load(row + F_V_SR).to(tl.int32)
+    v_sk = tl.load(row + F_V_SK).to(tl.int32)
     offs_i = (tile // n_kc) * BK + tl.arange(0, BK)
     offs_j = (tile % n_kc) * BK + tl.arange(0, BK)
     acc = tl.zeros((BK, BK), dtype=tl.float32)
@@ -74,12 +75,12 @@ def _left_kernel(meta, sched, n_programs, BM: tl.constexpr, BK: tl.constexpr, PR
     blk = tl.load(sched + pid).to(tl.int64)
     tile = tl.load(sched + n_programs + pid)
     row = meta + blk * NF
-    rows = tl.load(row + F_ROWS)
-    k = tl.load(row + F_K)
+    rows = tl.load(row + F_ROWS).to(tl.int32)
+    k = tl.load(row + F_K).to(tl.int32)
     n_kc = tl.cdiv(k, BK)
     u_ptr = tl.load(row + F_U).to(tl.pointer_type(tl.float32))
-    u_sr = tl.load(row + F_U_SR)
-    u_sk = tl.load(row + F_U_SK)
+    u_sr = tl.load(row + F_U_SR).to(tl.int32)
+    u_sk = tl.load(row + F_U_SK).to(tl.int32)
     c_ptr = tl.load(row + F_C).to(tl.pointer_type(tl.float32))
     d_ptr = tl.load(row + F_D).to(tl.pointer_type(tl.float32))
     b_ptr = tl.load(row + F_B).to(tl.pointer_type(tl.float32))
@@ -104,13 +105,13 @@ def _left_kernel(meta, sched, n_programs, BM: tl.constexpr, BK: tl.constexpr, PR
 def lowrank_tile(row, offs_m, offs_n, rows, cols, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  PRECISION: tl.constexpr):
     """(U diag d) A + G V^T on one (BM, BN) tile of a block, in float32."""
-    k = tl.load(row + F_K)
+    k = tl.load(row + F_K).to(tl.int32)
     u_ptr = tl.load(row + F_U).to(tl.pointer_type(tl.float32))
-    u_sr = tl.load(row + F_U_SR)
-    u_sk = tl.load(row + F_U_SK)
+    u_sr = tl.load(row + F_U_SR).to(tl.int32)
+    u_sk = tl.load(row + F_U_SK).to(tl.int32)
     v_ptr = tl.load(row + F_V).to(tl.pointer_type(tl.float32))
-    v_sr = tl.load(row + F_V_SR)
-    v_sk = tl.load(row + F_V_SK)
+    v_sr = tl.load(row + F_V_SR).to(tl.int32)
+    v_sk = tl.load(row + F_V_SK).to(tl.int32)
     a_ptr = tl.load(row + F_A).to(tl.pointer_type(tl.float32))
     g_ptr = tl.load(row + F_B).to(tl.pointer_type(tl.float32))
     d_ptr = tl.load(row + F_D).to(tl.pointer_type(tl.float32))
@@ -132,36 +133,37 @@ def lowrank_tile(row, offs_m, offs_n, rows, cols, BM: tl.constexpr, BN: tl.const
 
 @triton.jit
 def _apply_kernel(meta, floats, sched, n_programs, X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr,
-                  ACCUMULATE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  ACCUMULATE: tl.constexpr, ALIGNED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                  BK: tl.constexpr, PRECISION: tl.constexpr):
     """out = alpha * R(X) (+ out when ACCUMULATE) on one tile."""
     pid = tl.program_id(0)
     blk = tl.load(sched + pid).to(tl.int64)
     tile = tl.load(sched + n_programs + pid)
     row = meta + blk * NF
-    rows = tl.load(row + F_ROWS)
-    cols = tl.load(row + F_COLS)
+    rows = tl.load(row + F_ROWS).to(tl.int32)
+    cols = tl.load(row + F_COLS).to(tl.int32)
+    if ALIGNED:  # see _meta.aligned: 128-bit loads and stores
+        cols = tl.multiple_of(cols, 16)
     n_ct = tl.cdiv(cols, BN)
     offs_m = (tile // n_ct) * BM + tl.arange(0, BM)
     offs_n = (tile % n_ct) * BN + tl.arange(0, BN)
     mask = (offs_m[:, None] < rows) & (offs_n[None, :] < cols)
-    x_ptr = tl.load(row + F_X).to(tl.pointer_type(X_DTYPE))
-    x = tl.load(x_ptr + offs_m[:, None] * tl.load(row + F_X_SR) + offs_n[None, :] * tl.load(row + F_X_SC),
-                mask=mask, other=0.0).to(tl.float32)
-    r = x + lowrank_tile(row, offs_m, offs_n, rows, cols, BM, BN, BK, PRECISION)
+    lowrank = lowrank_tile(row, offs_m, offs_n, rows, cols, BM, BN, BK, PRECISION)
+    x_ptrs = pointer(row, F_X, X_DTYPE, ALIGNED) + tile_offsets(row, F_X_SR, F_X_SC, offs_m, offs_n, ALIGNED)
+    r = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32) + lowrank
     alpha = tl.load(floats + blk * NG + G_SCALE)
-    y_ptr = tl.load(row + F_Y).to(tl.pointer_type(Y_DTYPE))
-    y_ptrs = y_ptr + offs_m[:, None] * tl.load(row + F_Y_SR) + offs_n[None, :] * tl.load(row + F_Y_SC)
+    y_ptrs = pointer(row, F_Y, Y_DTYPE, ALIGNED) + tile_offsets(row, F_Y_SR, F_Y_SC, offs_m, offs_n, ALIGNED)
     out = alpha * r
     if ACCUMULATE:
         out = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + out
     tl.store(y_ptrs, out.to(Y_DTYPE), mask=mask)
 
 
-def prepare(table: torch.Tensor, shapes, x_dtype: torch.dtype, d_from_sigma: bool, device) -> None:
+def prepare(table: torch.Tensor, shapes, x_dtype: torch.dtype, d_from_sigma: bool, device,
+            aligned: bool = False) -> None:
     """Run the three small stages for every block of ``table``: A and B, then C and d, then G."""
     cfg = m.CONFIG
-    launch_project(table, shapes, x_dtype, device)
+    launch_project(table, shapes, x_dtype, device, aligned)
     prec = m.dot_precision()
     sched, total = m.tile_schedule([m.cdiv(k, cfg.block_k) ** 2 for _, _, k in shapes], device)
     if total:
@@ -195,8 +197,8 @@ def add_reweighting_(outs, Xs, Us, Vs, ds, alphas, accumulate: bool = True, sigm
         m.check_factors(X, U, V, None if from_sigma else ds[i])
         if tuple(Y.shape) != tuple(X.shape):
             raise ValueError(f"q3r_kernels: output of shape {tuple(Y.shape)} for X of shape {tuple(X.shape)}")
-        groups.setdefault((X.dtype, Y.dtype), []).append(i)
-    for (x_dtype, y_dtype), idx in groups.items():
+        groups.setdefault((X.dtype, Y.dtype, m.aligned(X, Y) and X.shape[1] % 16 == 0), []).append(i)
+    for (x_dtype, y_dtype, aligned), idx in groups.items():
         rows, floats = m.new_table(len(idx)), []
         for row, i in zip(rows, idx):
             fill_factor_fields(row, Xs[i], Us[i], Vs[i], ws, i)
@@ -205,16 +207,16 @@ def add_reweighting_(outs, Xs, Us, Vs, ds, alphas, accumulate: bool = True, sigm
                 row[F_DSRC], row[F_EPS] = sigmas[i].data_ptr(), epss[i].data_ptr()
             else:
                 row[F_DSRC] = ds[i].data_ptr()
-            floats.append([float(alphas[i])] + [0.0] * (NG - 1))
+            floats.append([float(alphas[i])] + [0.0] * (int(NG) - 1))
         table = m.to_device_table(rows, torch.int64, device)
         floats = m.to_device_table(floats, torch.float32, device)
         sub_shapes = [shapes[i] for i in idx]
-        prepare(table, sub_shapes, x_dtype, from_sigma, device)
+        prepare(table, sub_shapes, x_dtype, from_sigma, device, aligned)
         sched, total = m.tile_schedule(tile_counts(sub_shapes), device)
         if total:
             cfg = m.CONFIG
             _apply_kernel[(total,)](
-                table, floats, sched, total, m.tl_dtype(x_dtype), m.tl_dtype(y_dtype), accumulate,
+                table, floats, sched, total, m.tl_dtype(x_dtype), m.tl_dtype(y_dtype), accumulate, aligned,
                 cfg.block_m, cfg.block_n, cfg.block_k, m.dot_precision(), num_warps=cfg.num_warps,
             )
     del ws  # kernels are queued on the stream; the caching allocator keeps the order safe

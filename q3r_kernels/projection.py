@@ -17,78 +17,93 @@ import triton
 import triton.language as tl
 
 from . import _meta as m
+from ._meta import pointer
 from ._meta import F_A, F_B, F_COLS, F_K, F_ROWS, F_U, F_U_SK, F_U_SR, F_V, F_V_SK, F_V_SR, F_X, F_X_SC, F_X_SR, NF
 
 
 @triton.jit
-def _project_kernel(meta, sched, n_programs, X_DTYPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, PRECISION: tl.constexpr):
+def _project_kernel(meta, sched, n_programs, X_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     blk = tl.load(sched + pid).to(tl.int64)
     tile = tl.load(sched + n_programs + pid)
     row = meta + blk * NF
-    x_ptr = tl.load(row + F_X).to(tl.pointer_type(X_DTYPE))
-    x_sr = tl.load(row + F_X_SR)
-    x_sc = tl.load(row + F_X_SC)
-    rows = tl.load(row + F_ROWS)
-    cols = tl.load(row + F_COLS)
-    k = tl.load(row + F_K)
+    x_ptr = pointer(row, F_X, X_DTYPE, ALIGNED)
+    x_sr = tl.load(row + F_X_SR).to(tl.int32)
+    x_sc = tl.load(row + F_X_SC).to(tl.int32)
+    if ALIGNED:  # unit column stride, rows and widths in multiples of 16: 128-bit loads
+        x_sr = tl.multiple_of(x_sr, 16)
+    rows = tl.load(row + F_ROWS).to(tl.int32)
+    cols = tl.load(row + F_COLS).to(tl.int32)
+    if ALIGNED:
+        cols = tl.multiple_of(cols, 16)
+    k = tl.load(row + F_K).to(tl.int32)
     n_kc = tl.cdiv(k, BK)
     n_b = tl.cdiv(rows, BM) * n_kc
+    # (the two branches name their accumulators apart: Triton types a name across an if)
     if tile < n_b:
         # B[rt, kc] = sum over column tiles of X[rt, c] @ V[c, kc]
         v_ptr = tl.load(row + F_V).to(tl.pointer_type(tl.float32))
-        v_sr = tl.load(row + F_V_SR)
-        v_sk = tl.load(row + F_V_SK)
+        v_sr = tl.load(row + F_V_SR).to(tl.int32)
+        v_sk = tl.load(row + F_V_SK).to(tl.int32)
         offs_m = (tile // n_kc) * BM + tl.arange(0, BM)
         offs_k = (tile % n_kc) * BK + tl.arange(0, BK)
-        acc = tl.zeros((BM, BK), dtype=tl.float32)
+        acc_b = tl.zeros((BM, BK), dtype=tl.float32)
         for c0 in range(0, cols, BN):
             offs_n = c0 + tl.arange(0, BN)
-            x = tl.load(x_ptr + offs_m[:, None] * x_sr + offs_n[None, :] * x_sc,
+            x = tl.load(x_ptr + x_offsets(offs_m, offs_n, x_sr, x_sc, ALIGNED),
                         mask=(offs_m[:, None] < rows) & (offs_n[None, :] < cols), other=0.0).to(tl.float32)
             v = tl.load(v_ptr + offs_n[:, None] * v_sr + offs_k[None, :] * v_sk,
                         mask=(offs_n[:, None] < cols) & (offs_k[None, :] < k), other=0.0)
-            acc = tl.dot(x, v, acc, input_precision=PRECISION)
+            acc_b = tl.dot(x, v, acc_b, input_precision=PRECISION)
         b_ptr = tl.load(row + F_B).to(tl.pointer_type(tl.float32))
-        tl.store(b_ptr + offs_m[:, None] * k + offs_k[None, :], acc,
+        tl.store(b_ptr + offs_m[:, None] * k + offs_k[None, :], acc_b,
                  mask=(offs_m[:, None] < rows) & (offs_k[None, :] < k))
     else:
         # A[kc, ct] = sum over row tiles of U[r, kc]^T @ X[r, ct]
         u_ptr = tl.load(row + F_U).to(tl.pointer_type(tl.float32))
-        u_sr = tl.load(row + F_U_SR)
-        u_sk = tl.load(row + F_U_SK)
+        u_sr = tl.load(row + F_U_SR).to(tl.int32)
+        u_sk = tl.load(row + F_U_SK).to(tl.int32)
         t = tile - n_b
         offs_n = (t // n_kc) * BN + tl.arange(0, BN)
         offs_k = (t % n_kc) * BK + tl.arange(0, BK)
-        acc = tl.zeros((BK, BN), dtype=tl.float32)
+        acc_a = tl.zeros((BK, BN), dtype=tl.float32)
         for r0 in range(0, rows, BM):
             offs_m = r0 + tl.arange(0, BM)
             # U^T loaded directly as a (BK, BM) tile: no transpose in registers
             ut = tl.load(u_ptr + offs_k[:, None] * u_sk + offs_m[None, :] * u_sr,
                          mask=(offs_k[:, None] < k) & (offs_m[None, :] < rows), other=0.0)
-            x = tl.load(x_ptr + offs_m[:, None] * x_sr + offs_n[None, :] * x_sc,
+            x = tl.load(x_ptr + x_offsets(offs_m, offs_n, x_sr, x_sc, ALIGNED),
                         mask=(offs_m[:, None] < rows) & (offs_n[None, :] < cols), other=0.0).to(tl.float32)
-            acc = tl.dot(ut, x, acc, input_precision=PRECISION)
+            acc_a = tl.dot(ut, x, acc_a, input_precision=PRECISION)
         a_ptr = tl.load(row + F_A).to(tl.pointer_type(tl.float32))
-        tl.store(a_ptr + offs_k[:, None] * cols + offs_n[None, :], acc,
+        tl.store(a_ptr + offs_k[:, None] * cols + offs_n[None, :], acc_a,
                  mask=(offs_k[:, None] < k) & (offs_n[None, :] < cols))
+
+
+@triton.jit
+def x_offsets(offs_m, offs_n, x_sr, x_sc, ALIGNED: tl.constexpr):
+    if ALIGNED:
+        return offs_m[:, None] * x_sr + offs_n[None, :]
+    return offs_m[:, None] * x_sr + offs_n[None, :] * x_sc
 
 
 def project_tile_counts(shapes: list[tuple[int, int, int]]) -> list[int]:
     cfg = m.CONFIG
-    return [(m.cdiv(r, cfg.block_m) + m.cdiv(c, cfg.block_n)) * m.cdiv(k, cfg.block_k) for r, c, k in shapes]
+    return [(m.cdiv(r, cfg.proj_block_m) + m.cdiv(c, cfg.proj_block_n)) * m.cdiv(k, cfg.proj_block_k) for r, c, k in shapes]
 
 
-def launch_project(table: torch.Tensor, shapes: list[tuple[int, int, int]], x_dtype: torch.dtype, device) -> None:
-    """Fill A and B of every block of ``table`` (rows built by the caller, all X of x_dtype)."""
+def launch_project(table: torch.Tensor, shapes: list[tuple[int, int, int]], x_dtype: torch.dtype, device,
+                   aligned: bool = False) -> None:
+    """Fill A and B of every block of ``table`` (rows built by the caller, all X of x_dtype;
+    ``aligned``: every X passes _meta.aligned and has a width that is a multiple of 16)."""
     sched, total = m.tile_schedule(project_tile_counts(shapes), device)
     if total == 0:
         return
     cfg = m.CONFIG
     _project_kernel[(total,)](
-        table, sched, total, m.tl_dtype(x_dtype), cfg.block_m, cfg.block_n, cfg.block_k,
-        m.dot_precision(), num_warps=cfg.num_warps,
+        table, sched, total, m.tl_dtype(x_dtype), aligned, cfg.proj_block_m, cfg.proj_block_n, cfg.proj_block_k,
+        m.dot_precision(), num_warps=cfg.proj_num_warps,
     )
 
 

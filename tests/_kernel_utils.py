@@ -25,13 +25,16 @@ DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
 
 
 @contextlib.contextmanager
-def tiles(block_m=16, block_n=16, block_k=16, num_warps=4):
-    saved = (K.CONFIG.block_m, K.CONFIG.block_n, K.CONFIG.block_k, K.CONFIG.num_warps)
-    K.CONFIG.block_m, K.CONFIG.block_n, K.CONFIG.block_k, K.CONFIG.num_warps = block_m, block_n, block_k, num_warps
+def tiles(size=16, num_warps=4):
+    """Every tile dimension of every kernel set to ``size``."""
+    saved = dict(vars(K.CONFIG))
+    for name in ("block_m", "block_n", "block_k", "proj_block_m", "proj_block_n", "proj_block_k"):
+        setattr(K.CONFIG, name, size)
+    K.CONFIG.num_warps = K.CONFIG.proj_num_warps = num_warps
     try:
         yield
     finally:
-        K.CONFIG.block_m, K.CONFIG.block_n, K.CONFIG.block_k, K.CONFIG.num_warps = saved
+        vars(K.CONFIG).update(saved)
 
 
 def tile_settings(small: bool):
