@@ -89,7 +89,7 @@ def run_sequence(method, weights, configs, refreshes, drift, gen, options=None):
     """Refresh fast and exact side by side on drifting weights; check after every refresh."""
     fast = [new_slice_state(*w.shape) for w in weights]
     exact = [new_slice_state(*w.shape) for w in weights]
-    X = torch.randn(*weights[0].shape, generator=gen)
+    X = torch.randn(*weights[0].shape, generator=gen, device=weights[0].device)
     for _ in range(refreshes):
         assert all(refresh_slices_(weights, fast, configs, method=method, options=options))
         refresh_slices_(weights, exact, configs, method="exact")

@@ -56,6 +56,11 @@ class SketchOptions:
                       only down to about sqrt(fp32 eps) sigma_1; a target whose estimated
                       sigma_{r+1} / sigma_1 is below this ratio gets an exact SVD instead
     max_sweeps, tol   of the native Jacobi solver
+    native_max_k      "native" uses the Jacobi solver only for sketches up to this width and
+                      torch.linalg.eigh above: one thread block per matrix wins for many
+                      small matrices (H100, 48 x 169^2 warm: 4.4 ms vs 45 ms) and loses
+                      badly for a few large ones (one 835^2 matrix: ~200 ms vs ~10 ms),
+                      and k <= ~235 is where A fits the block's shared memory
     seed              of the private generator for Gaussian sketches (the global RNG is
                       never touched, so training randomness does not depend on refreshes)
     """
@@ -68,6 +73,7 @@ class SketchOptions:
     resolvable_ratio: float = 1e-2
     max_sweeps: int = _native.DEFAULT_MAX_SWEEPS
     tol: float = _native.DEFAULT_TOL
+    native_max_k: int = 256
     seed: int = 0x51E5
 
 
@@ -237,7 +243,7 @@ def _refresh_sketched(weights, states, configs, idx, method, opts: SketchOptions
     d1, d2 = weights[idx[0]].shape
     n = min(d1, d2)
     cap = int(opts.exact_fraction * n)
-    eigh = randomized.eigensolver("native" if method == "native" else "torch", opts.max_sweeps, opts.tol)
+    solvers = {name: randomized.eigensolver(name, opts.max_sweeps, opts.tol) for name in ("torch", "native")}
     pending: dict[int, tuple[int, Tensor | None]] = {}  # target -> (width, start basis)
     for i in idx:
         warm = _warm_basis(states[i])
@@ -256,6 +262,7 @@ def _refresh_sketched(weights, states, configs, idx, method, opts: SketchOptions
             k = max(todo[i][0] for i in members)
             stack = torch.stack([weights[i].detach() for i in members])
             gen = torch.Generator(device=stack.device).manual_seed(opts.seed + 7919 * attempt)
+            eigh = solvers["native" if method == "native" and k <= opts.native_max_k else "torch"]
             U, S, V = randomized.randomized_triplets(
                 stack, k, [todo[i][1] for i in members], eigh,
                 cold_power_iters=opts.cold_power_iters, warm_power_iters=opts.warm_power_iters, generator=gen)
