@@ -20,11 +20,12 @@ Switches (environment variables):
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 PACKAGES = dict(
-    packages=["q3r", "q3r.optim", "q3r.experiments", "q3r_kernels"],
-    package_dir={"q3r": "python/q3r", "q3r.optim": "python/q3r/optim", "q3r.experiments": "python/q3r/experiments", "q3r_kernels": "q3r_kernels"},
+    # every subpackage of python/q3r, found rather than listed, so a new one cannot be left out
+    packages=["q3r", *(f"q3r.{p}" for p in find_packages("python/q3r")), "q3r_kernels"],
+    package_dir={"q3r": "python/q3r", "q3r_kernels": "q3r_kernels"},
 )
 
 
