@@ -42,7 +42,7 @@ def test_penalty_gradient_is_two_lambda_R():
         for t in reg.targets
         for W in q3r.targets.slice_views(t.param.detach(), t.slice_dim, t.slices)
     )
-    assert abs(float(value) - expected_value) < 1e-4 * expected_value
+    assert abs(value.detach().item() - expected_value) < 1e-4 * expected_value
 
 
 def test_in_place_mode_equals_autograd_mode():
