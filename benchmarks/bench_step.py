@@ -16,8 +16,8 @@ and the ratios. Refreshes are replaced by random factors of the target rank (sig
 eps = 1, so every triplet is active): this benchmark is about the steps between refreshes;
 bench_refresh.py measures refreshes. Timings: CUDA events, median, after warm-up.
 
-    python benchmarks/bench_step.py [--models vit_b16,gpt2_small,llama_1b] [--sweep]
-        [--csv benchmarks/results/bench_step.csv]
+    python benchmarks/bench_step.py [--models vit_b16,gpt2_small,llama_1b] [--sweep] [--profile]
+        [--csv benchmarks/results/bench_step.csv] [--dry-run]
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def set_backend(name: str) -> None:
     os.environ["Q3R_BACKEND"] = name
 
 
-def bench_model(key: str, sweep: bool, tiny: bool = False) -> tuple[str, list[tuple[str, float, str]]]:
+def bench_model(key: str, sweep: bool, tiny: bool = False, profile: bool = False) -> tuple[str, list]:
     device = "cpu" if tiny else "cuda"
     model, make_batch, loss_fn, targets, label = C.MODELS[key](device=device, tiny=tiny)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -114,6 +114,8 @@ def bench_model(key: str, sweep: bool, tiny: bool = False) -> tuple[str, list[tu
     for g in opt.param_groups:
         g["steps"] = 10**9  # no refresh inside the timed steps
     factor_bytes = sum(s["U"].numel() * 4 + s["V"].numel() * 4 for st in opt.state.values() for s in st.get("q3r", []))
+    if profile:  # a separate pass: where the fast step's time goes, kernel by kernel
+        return label, profile_step(opt)
     if sweep:  # a separate pass: only the tile settings
         weights, grads, factors = [], [], []
         for t in tq:
@@ -174,6 +176,21 @@ def bench_model(key: str, sweep: bool, tiny: bool = False) -> tuple[str, list[tu
     return label, res
 
 
+def profile_step(opt, steps: int = 3) -> list[tuple[str, float, str]]:
+    """Device time per kernel over a few fast AdamQ3R steps (torch.profiler), per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            opt.step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+    events.sort(key=lambda e: -e.device_time_total)
+    return [(f"profile_device_ms[{e.key[:60]}]", e.device_time_total / 1e3 / steps, "ms") for e in events[:12]]
+
+
 def sweep_configs(opt, work_fast) -> list[tuple[str, float, str]]:
     """A few tile settings and the dot precision (each new setting compiles afresh)."""
     import q3r_kernels as K
@@ -199,6 +216,7 @@ def main() -> None:
     ap.add_argument("--models", default="vit_b16,gpt2_small,llama_1b")
     ap.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_step.csv"))
     ap.add_argument("--sweep", action="store_true", help="then time a few tile settings on ViT-B/16")
+    ap.add_argument("--profile", action="store_true", help="then profile the fast step of each model, per kernel")
     ap.add_argument("--dry-run", action="store_true",
                     help="tiny models on CPU under TRITON_INTERPRET=1, no CSV: checks the script, measures nothing")
     args = ap.parse_args()
@@ -207,10 +225,12 @@ def main() -> None:
     torch.manual_seed(0)
     meta = C.metadata()
     print(f"# {meta}", flush=True)
-    runs = [(key, False) for key in args.models.split(",")] + ([("vit_b16", True)] if args.sweep else [])
-    for key, sweep in runs:  # the sweep last: the main table must not wait for its compilations
+    runs = [(key, "") for key in args.models.split(",")]
+    runs += [(key, "profile") for key in args.models.split(",") if args.profile]
+    runs += [("vit_b16", "sweep")] if args.sweep else []
+    for key, extra in runs:  # extras last: the main table must not wait for their compilations
         t0 = time.time()
-        label, res = bench_model(key, sweep=sweep, tiny=args.dry_run)
+        label, res = bench_model(key, sweep=extra == "sweep", tiny=args.dry_run, profile=extra == "profile")
         if not args.dry_run:
             C.append_csv(args.csv, [{**meta, "benchmark": "bench_step", "model": label, "measure": n,
                                   "value": f"{x:.6g}", "unit": u} for n, x, u in res])
