@@ -9,6 +9,12 @@ that the Triton backend serves a whole model's targets in a handful of launches:
     adamq3r_fused_(works) -> works it did not take          the fused AdamQ3R step
 
 q3r_kernels (and so triton) is imported only when the Triton backend is chosen.
+
+Automatic choice and factor width: on an H100 (benchmarks/results/bench_step_h100_5884638.md)
+the Triton step was 2-3x faster than the reference path at factor width 153 (ViT-B/16,
+GPT-2-small) but 3.1x slower at width 409 (LLaMA-1B-like). Until the kernels are faster at
+large widths, automatic dispatch sends targets whose factors are wider than
+Q3R_TRITON_MAX_WIDTH (default 256) to the reference path; Q3R_BACKEND=triton forces them.
 """
 
 from __future__ import annotations
@@ -18,10 +24,33 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
+import os
+
 from . import reference
-from ._backend import backend_for
+from ._backend import backend_for, requested
 
 __all__ = ["project", "apply_reweighting", "add_reweighting_", "adamq3r_fused_"]
+
+
+AUTO_MAX_WIDTH_DEFAULT = 256
+
+
+def auto_max_width() -> int:
+    """Widest factor (columns of U) that automatic dispatch gives to the Triton kernels."""
+    value = os.environ.get("Q3R_TRITON_MAX_WIDTH", str(AUTO_MAX_WIDTH_DEFAULT))
+    try:
+        width = int(value)
+    except ValueError:
+        raise ValueError(f"Q3R_TRITON_MAX_WIDTH must be an int, got {value!r}") from None
+    return width
+
+
+def _width_ok(factors) -> bool:
+    """False when automatic dispatch should keep these factors on the reference path."""
+    if requested() == "triton":
+        return True
+    limit = auto_max_width()
+    return all(f[0].shape[-1] <= limit for f in factors)
 
 
 def _kernels():
@@ -80,7 +109,8 @@ def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tu
         _check(W, f[0], f[1])
         if tuple(out.shape) != tuple(W.shape):
             raise ValueError(f"out of shape {tuple(out.shape)} for a weight of shape {tuple(W.shape)}")
-        fast.append(W.dim() == 2 and out.dtype in (torch.float32, torch.bfloat16, torch.float16) and _fast(W, f[0]))
+        fast.append(W.dim() == 2 and out.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                    and _fast(W, f[0]) and _width_ok([f]))
     slow = [i for i, ok in enumerate(fast) if not ok]
     for i in slow:
         U, V, *rest = factors[i]
@@ -183,7 +213,7 @@ def adamq3r_fused_(works: list) -> list:
         where = (p.device, p.dtype)
         if where not in verdict:
             verdict[where] = backend_for(p.device, p.dtype) == "triton"
-        if verdict[where] and all(op[0].dtype == torch.float32 for op in work.operators):
+        if verdict[where] and all(op[0].dtype == torch.float32 for op in work.operators) and _width_ok(work.operators):
             taken.append(work)
         else:
             rest.append(work)
