@@ -335,21 +335,26 @@ def refresh_cost(d1: int, d2: int, rank: int, oversampling: int = DEFAULT_SKETCH
     return float(d1) * d2 * k + float(k) ** 3
 
 
-def stagger_phases(costs: list[float], period: int) -> list[int]:
-    """Phase in [0, period) of each target, balancing the summed cost per phase.
+def balance_by_cost(costs: list[float], bins: int) -> list[int]:
+    """Bin in [0, bins) of each item so that the summed cost per bin is balanced.
 
-    Longest-processing-time greedy (largest first, to the lightest phase); deterministic,
-    so the assignment is the same on every rank and after a resume.
+    Longest-processing-time greedy (largest first, to the lightest bin); ties broken by
+    index, so it is deterministic: the same on every rank and after a resume.
     """
+    load = [0.0] * bins
+    chosen = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        slot = min(range(bins), key=lambda b: (load[b], b))
+        chosen[i] = slot
+        load[slot] += costs[i]
+    return chosen
+
+
+def stagger_phases(costs: list[float], period: int) -> list[int]:
+    """Phase in [0, period) of each target, balancing the summed refresh cost per phase."""
     if not isinstance(period, int) or period < 1:
         raise ValueError(f"period must be an int >= 1, got {period!r}")
-    load = [0.0] * period
-    phases = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        slot = min(range(period), key=lambda p: (load[p], p))
-        phases[i] = slot
-        load[slot] += costs[i]
-    return phases
+    return balance_by_cost(costs, period)
 
 
 def due_for_refresh(step: int, period: int, phase: int | None = None) -> bool:

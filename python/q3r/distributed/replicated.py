@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..refresh import SliceConfig, new_slice_state, refresh_slices_ as _refresh_local_
+from ..refresh import SliceConfig, balance_by_cost, new_slice_state, refresh_slices_ as _refresh_local_
 from . import comm
 
 __all__ = ["refresh_cost", "assign_by_cost", "refresh_slices_replicated_"]
@@ -41,15 +41,10 @@ def refresh_cost(shape, rank: int, method: str = "exact") -> float:
 
 
 def assign_by_cost(costs: list[float], world: int) -> list[int]:
-    """Owner rank of each item: longest-processing-time greedy (largest first, to the least
-    loaded rank). Deterministic, so every rank computes the same assignment without talking."""
-    load = [0.0] * world
-    owner = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        r = min(range(world), key=lambda j: (load[j], j))
-        owner[i] = r
-        load[r] += costs[i]
-    return owner
+    """Owner rank of each item, balancing the summed cost per rank (see
+    q3r.refresh.balance_by_cost): deterministic, so every rank computes the same assignment
+    without talking."""
+    return balance_by_cost(costs, world)
 
 
 def _state_keys() -> list[str]:
