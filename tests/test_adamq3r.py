@@ -221,3 +221,22 @@ def test_eps_schedules_in_optimizer(schedule, extra):
         assert math.isclose(float(s["eps"]), 0.3, rel_tol=1e-6)
     else:
         assert math.isclose(float(s["eps"]), float(s["sigma_next"]), rel_tol=1e-6)
+
+
+def test_stagger_spreads_refreshes_across_per_target_groups():
+    """q3r.param_groups makes one group per target: staggering must balance across groups."""
+    torch.manual_seed(7)
+    model = TinyViT(depth=3)
+    opt = q3r.AdamQ3R(q3r.param_groups(model, _targets(model), lmbda=0.1, steps=4, stagger=True), lr=1e-2)
+    targets = [p for g in opt.param_groups if g["q3r"] for p in g["params"]]
+    first_refresh = {}
+    for t in range(8):
+        _train(model, opt, 1, start=t)
+        for p in targets:
+            if int(opt.state[p]["q3r"][0]["refreshes"]) >= 2 and id(p) not in first_refresh:
+                first_refresh[id(p)] = t  # the step of the second refresh reveals the phase
+    phases = sorted(first_refresh.values())
+    assert len(first_refresh) == len(targets)
+    assert len(set(phases)) == 4  # 12 targets spread over all 4 phases of the period
+    # every target was refreshed at step 0 too, so none trained with R = I
+    assert all(int(opt.state[p]["q3r"][0]["refreshes"]) in (2, 3) for p in targets)

@@ -134,18 +134,31 @@ class AdamQ3R(Optimizer):
 
     def _refresh_due(self, p, group: dict, step: int) -> bool:
         """Every ``steps`` steps; with ``stagger=True`` each parameter at its own phase of the
-        period (balanced by refresh cost within the group), so no step pays all refreshes."""
+        period, balanced by refresh cost over all staggered groups with the same period
+        (q3r.param_groups makes one group per target, so balancing within a group would
+        leave every target at phase 0), so no step pays all refreshes."""
         if not group.get("stagger"):
             return step % group["steps"] == 0
-        cache = self.__dict__.setdefault("_stagger_phases", {})
-        signature = (tuple(id(q) for q in group["params"]), group["steps"])
-        if cache.get(id(group), (None,))[0] != signature:
-            costs = [sum(refresh_cost(*shape, cfg.rank) for shape, cfg in
-                         zip(slice_shapes(q.shape, group["slice_dim"], group["slices"]), self._group_configs(group, q)))
-                     for q in group["params"]]
-            phases = stagger_phases(costs, group["steps"])
-            cache[id(group)] = (signature, {id(q): ph for q, ph in zip(group["params"], phases)})
-        return due_for_refresh(step, group["steps"], cache[id(group)][1][id(p)])
+        return due_for_refresh(step, group["steps"], self._stagger_phase_table()[id(p)])
+
+    def _stagger_phase_table(self) -> dict[int, int]:
+        """{id(param): phase}, recomputed only when the staggered groups change."""
+        staggered = [g for g in self.param_groups if g["q3r"] and g.get("stagger")]
+        signature = tuple((id(g), g["steps"], tuple(id(q) for q in g["params"])) for g in staggered)
+        cached = self.__dict__.get("_stagger_cache")
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        table: dict[int, int] = {}
+        for period in {g["steps"] for g in staggered}:
+            members = [(q, g) for g in staggered if g["steps"] == period for q in g["params"]]
+            costs = [
+                sum(refresh_cost(*shape, cfg.rank) for shape, cfg in
+                    zip(slice_shapes(q.shape, g["slice_dim"], g["slices"]), self._group_configs(g, q)))
+                for q, g in members
+            ]
+            table.update({id(q): phase for (q, _), phase in zip(members, stagger_phases(costs, period))})
+        self._stagger_cache = (signature, table)
+        return table
 
     @torch.no_grad()
     def step(self, closure=None):
