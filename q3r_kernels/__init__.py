@@ -9,10 +9,11 @@ and the grouped forms the library uses (many blocks -- weights or row / column s
 fused weights, given as strided views -- per launch):
 
     project_blocks, add_reweighting_ (out += alpha R(X), in place), adamq3r_update_
-    (the fused AdamQ3R step). Tile sizes and dot precision: q3r_kernels.CONFIG.
+    (the fused AdamQ3R step). Tile sizes and dot precision: q3r_kernels.CONFIG
+(fp32 dots follow torch.get_float32_matmul_precision() unless CONFIG.precision names one).
 """
 
-from ._meta import CONFIG, TileConfig
+from ._meta import CONFIG, TileConfig, dot_precision, gpu_dot_precision
 from .adam import AdamQ3RPlan, AdamRegion, adam_hyper, adamq3r_update_, check_region
 from .apply import add_reweighting_, apply_reweighting
 from .projection import project, project_blocks
@@ -20,6 +21,8 @@ from .projection import project, project_blocks
 __all__ = [
     "CONFIG",
     "TileConfig",
+    "dot_precision",
+    "gpu_dot_precision",
     "AdamQ3RPlan",
     "AdamRegion",
     "adam_hyper",

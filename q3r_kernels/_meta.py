@@ -92,8 +92,10 @@ class TileConfig:
     proj_block_k: int = 64
     proj_num_warps: int = 8
     # fp32 dots: "tf32x3" is within a few ulp of fp32 at ~1/3 of tf32 speed; "tf32" is
-    # fastest; "ieee" is exact fp32 FMA (and what the CPU interpreter does anyway).
-    precision: str = "tf32x3"
+    # fastest; "ieee" is exact fp32 FMA (and what the CPU interpreter does anyway). "auto"
+    # follows torch.get_float32_matmul_precision(), as torch's own fp32 matmuls do: "highest"
+    # (torch's default) -> "tf32x3", "high" / "medium" (the user allowed TF32) -> "tf32".
+    precision: str = "auto"
 
 
 CONFIG = TileConfig()
@@ -103,8 +105,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+PRECISIONS = ("auto", "tf32x3", "tf32", "ieee")
+
+
+def gpu_dot_precision() -> str:
+    """The input_precision of fp32 dots on the GPU, resolved now (see TileConfig.precision)."""
+    if CONFIG.precision not in PRECISIONS:
+        raise ValueError(f"q3r_kernels.CONFIG.precision must be one of {PRECISIONS}, got {CONFIG.precision!r}")
+    if CONFIG.precision == "auto":
+        return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return CONFIG.precision
+
+
 def dot_precision() -> str:
-    return "ieee" if interpreting() else CONFIG.precision
+    """What the kernels pass as input_precision now: the interpreter computes fp32 exactly."""
+    precision = gpu_dot_precision()  # validates CONFIG.precision under the interpreter too
+    return "ieee" if interpreting() else precision
 
 
 def tl_dtype(dtype: torch.dtype):

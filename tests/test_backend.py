@@ -84,3 +84,48 @@ def test_ops_dispatch_to_kernels_when_forced(monkeypatch):
 def test_info_module_runs():
     out = subprocess.run([sys.executable, "-m", "q3r.info"], check=True, capture_output=True, text=True).stdout
     assert "torch" in out and "Triton kernels on cuda tensors" in out and "native extension" in out
+
+
+@pytest.fixture
+def matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def test_fp32_dot_precision_follows_torch_matmul_precision(monkeypatch, matmul_precision):
+    monkeypatch.setattr(K.CONFIG, "precision", "auto")
+    torch.set_float32_matmul_precision("highest")
+    assert K.gpu_dot_precision() == "tf32x3"
+    torch.set_float32_matmul_precision("high")  # the user allowed TF32 for fp32 matmuls
+    assert K.gpu_dot_precision() == "tf32"
+    torch.set_float32_matmul_precision("medium")
+    assert K.gpu_dot_precision() == "tf32"
+    monkeypatch.setattr(K.CONFIG, "precision", "tf32x3")  # an explicit setting wins
+    assert K.gpu_dot_precision() == "tf32x3"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert K.dot_precision() == "ieee"  # the interpreter's dots are exact fp32 anyway
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert K.dot_precision() == "tf32x3"
+
+
+def test_bad_dot_precision_names_the_setting(monkeypatch):
+    monkeypatch.setattr(K.CONFIG, "precision", "fp8")
+    with pytest.raises(ValueError, match="CONFIG.precision"):
+        K.dot_precision()
+
+
+def test_cached_fused_plans_are_keyed_by_the_resolved_precision(monkeypatch, matmul_precision):
+    # a plan built under one precision must not serve a step after the user changes it
+    from q3r.optim.functional import ParamWork
+
+    monkeypatch.setattr(K.CONFIG, "precision", "auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # resolve as on a GPU; nothing is launched here
+    W = torch.randn(6, 5)
+    U, V, d = factors(6, 5, 2, torch.Generator().manual_seed(0), device="cpu")
+    work = ParamWork(W, torch.randn(6, 5), torch.zeros(6, 5), torch.zeros(6, 5), torch.zeros(()),
+                     1e-3, 0.9, 0.999, 1e-8, 0.0, lmbda=0.5, operators=[(U, V, d)])
+    torch.set_float32_matmul_precision("highest")
+    key_highest = ops._layout_key([work])
+    torch.set_float32_matmul_precision("high")
+    assert ops._layout_key([work]) != key_highest

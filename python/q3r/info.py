@@ -32,6 +32,11 @@ def report() -> str:
         import triton
 
         lines.append(f"triton: {triton.__version__}")
+        import q3r_kernels
+
+        lines.append(f"fp32 dots in the kernels on CUDA: {q3r_kernels.gpu_dot_precision()}"
+                     f" (q3r_kernels.CONFIG.precision={q3r_kernels.CONFIG.precision!r}, "
+                     f"torch.get_float32_matmul_precision()={torch.get_float32_matmul_precision()!r})")
     except Exception as exc:
         lines.append(f"triton: not importable ({type(exc).__name__}: {exc})")
     for device_type in ("cuda", "cpu"):

@@ -173,7 +173,7 @@ def _layout_key(works: list) -> tuple:
     and the tile settings. Unchanged between refreshes in an ordinary training loop.
     Gradient addresses are left out: they are sent with every step (see AdamQ3RPlan.run)."""
     K = _kernels()
-    cfg = tuple(vars(K.CONFIG).values())
+    cfg = tuple(vars(K.CONFIG).values()) + (K.dot_precision(),)  # "auto" resolves per call
     return cfg, tuple(
         (w.param.data_ptr(), w.param.shape, w.param.stride(), w.param.dtype, w.grad.stride(),
          w.grad.dtype, w.exp_avg.data_ptr(), w.exp_avg_sq.data_ptr(), w.exp_avg.dtype, w.lmbda != 0, w.slice_dim,
