@@ -17,7 +17,11 @@ eps = 1, so every triplet is active): this benchmark is about the steps between 
 bench_refresh.py measures refreshes. Timings: CUDA events, median, after warm-up.
 
     python benchmarks/bench_step.py [--models vit_b16,gpt2_small,llama_1b] [--sweep] [--profile]
-        [--csv benchmarks/results/bench_step.csv] [--dry-run]
+        [--fp32-matmul highest|high] [--csv benchmarks/results/bench_step.csv] [--dry-run]
+
+--fp32-matmul sets torch.set_float32_matmul_precision for the whole run (the model's fp32
+matmuls and, through q3r_kernels.CONFIG.precision = "auto", the kernels' fp32 dots:
+highest -> tf32x3, high -> tf32); rows of a "high" run are named bench_step[fp32_matmul=high].
 """
 
 from __future__ import annotations
@@ -217,14 +221,17 @@ def main() -> None:
     ap.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_step.csv"))
     ap.add_argument("--sweep", action="store_true", help="then time a few tile settings on ViT-B/16")
     ap.add_argument("--profile", action="store_true", help="then profile the fast step of each model, per kernel")
+    ap.add_argument("--fp32-matmul", choices=["highest", "high"], default="highest",
+                    help="torch.set_float32_matmul_precision for the run (default: torch's own, highest)")
     ap.add_argument("--dry-run", action="store_true",
                     help="tiny models on CPU under TRITON_INTERPRET=1, no CSV: checks the script, measures nothing")
     args = ap.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("bench_step.py needs a CUDA device (or --dry-run)")
     torch.manual_seed(0)
+    torch.set_float32_matmul_precision(args.fp32_matmul)
     meta = C.metadata()
-    print(f"# {meta}", flush=True)
+    print(f"# {meta} fp32_matmul={args.fp32_matmul}", flush=True)
     runs = [(key, "") for key in args.models.split(",")]
     runs += [(key, "profile") for key in args.models.split(",") if args.profile]
     runs += [("vit_b16", "sweep")] if args.sweep else []
@@ -232,7 +239,8 @@ def main() -> None:
         t0 = time.time()
         label, res = bench_model(key, sweep=extra == "sweep", tiny=args.dry_run, profile=extra == "profile")
         if not args.dry_run:
-            C.append_csv(args.csv, [{**meta, "benchmark": "bench_step", "model": label, "measure": n,
+            name = "bench_step" if args.fp32_matmul == "highest" else f"bench_step[fp32_matmul={args.fp32_matmul}]"
+            C.append_csv(args.csv, [{**meta, "benchmark": name, "model": label, "measure": n,
                                   "value": f"{x:.6g}", "unit": u} for n, x, u in res])
         print(f"\n## {label}  ({time.time() - t0:.0f} s)")
         for n, x, u in res:
