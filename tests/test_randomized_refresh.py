@@ -279,3 +279,16 @@ def test_q3r_regularizer_stagger():
     assert any(sum(b) - sum(a) not in (0, 3) for a, b in zip(counts[1:], counts[2:]))  # not all at once
     with pytest.raises(ValueError, match="stagger"):
         q3r.Q3R(targets, stagger="yes")
+
+
+def test_default_refresh_is_auto_and_resolves_to_randomized_on_cpu():
+    # the fast refresh is the default; "exact" (the specification, full SVD) is opt-in
+    import q3r
+    from q3r.config import Q3R_DEFAULTS
+    from q3r.refresh import resolve_method
+
+    assert Q3R_DEFAULTS["refresh"] == "auto"
+    assert resolve_method("auto", torch.device("cpu")) == "randomized"
+    W = torch.nn.Parameter(torch.randn(12, 10))
+    opt = q3r.AdamQ3R([{"params": [W], "q3r": True, "target_rank": 2}])
+    assert opt.param_groups[0]["refresh"] == "auto"

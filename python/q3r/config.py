@@ -21,7 +21,7 @@ Q3R_DEFAULTS = {
     "eps_value": None,
     "eps_floor": None,
     "num_refreshes": None,
-    "refresh": "exact",
+    "refresh": "auto",
     "stagger": False,
     "slices": None,
     "slice_dim": 0,

@@ -38,7 +38,9 @@ class AdamQ3R(Optimizer):
 
     Q3R group options: lmbda, steps, target_rank (int, fraction, or a list per slice),
     rank_rule ("params" or "reference"), eps_schedule ("min", "geometric", "track",
-    "constant"), eps_value, eps_floor, num_refreshes, refresh, stagger, slices + slice_dim (one slicing
+    "constant"), eps_value, eps_floor, num_refreshes, refresh ("auto" by default: the native Jacobi
+    solver on CUDA when built, the randomized refresh elsewhere; "exact" for full SVDs), stagger,
+    slices + slice_dim (one slicing
     for every parameter of the group), names (one per slice, for diagnostics and errors).
     """
 
