@@ -19,6 +19,13 @@ bench_refresh.py measures refreshes. Timings: CUDA events, median, after warm-up
     python benchmarks/bench_step.py [--models vit_b16,gpt2_small,llama_1b] [--sweep] [--profile]
         [--fp32-matmul highest|high] [--csv benchmarks/results/bench_step.csv] [--dry-run]
 
+--cycle adds, per model, whole training steps over T-step cycles with real refreshes
+(refresh="auto", weights moving under training), without and with stagger=True:
+  cycle_{plain,stagger}_phase{p}_ms   median over cycles of the step at phase p of the cycle
+  cycle_{plain,stagger}_max_over_median  slowest phase / median phase (issue: <= 1.1 staggered)
+  cycle_{plain,stagger}_mean_over_adamw  mean training step, refreshes included / AdamW's
+                                         (BENCH.md: <= 1.05x at T = 5)
+
 --fp32-matmul sets torch.set_float32_matmul_precision for the whole run (the model's fp32
 matmuls and, through q3r_kernels.CONFIG.precision = "auto", the kernels' fp32 dots:
 highest -> tf32x3, high -> tf32); rows of a "high" run are named bench_step[fp32_matmul=high].
@@ -195,6 +202,67 @@ def profile_step(opt, steps: int = 3) -> list[tuple[str, float, str]]:
     return [(f"profile_device_ms[{e.key[:60]}]", e.device_time_total / 1e3 / steps, "ms") for e in events[:12]]
 
 
+def step_times_ms(fn, n: int) -> list[float]:
+    """Wall time of each of n consecutive calls of fn (CUDA events; perf_counter on CPU)."""
+    out = []
+    for _ in range(n):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            out.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(1e3 * (time.perf_counter() - t0))
+    return out
+
+
+def bench_cycle(key: str, tiny: bool = False, cycles: int = 3, warm_cycles: int = 2) -> tuple[str, list]:
+    """Whole training steps with real refreshes, step by step over T-step cycles."""
+    set_backend("auto")  # what a user gets: Triton on CUDA, the reference path elsewhere
+    device = "cpu" if tiny else "cuda"
+    model, make_batch, loss_fn, targets, label = C.MODELS[key](device=device, tiny=tiny)
+    params = [p for p in model.parameters() if p.requires_grad]
+    data = make_batch()
+    initial = [p.detach().clone() for p in params]
+    res: list[tuple[str, float, str]] = []
+
+    def train_step(opt):
+        for p in params:
+            p.grad = None
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=not tiny):
+            loss = loss_fn(model, data)
+        loss.backward()
+        opt.step()
+
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=not tiny)
+    adamw = C.cuda_time_ms(lambda: train_step(opt), warmup=2, iters=8)
+    res.append(("cycle_train_adamw_ms", adamw, "ms"))
+    del opt
+    for stagger in (False, True):
+        with torch.no_grad():
+            for p, p0 in zip(params, initial):
+                p.copy_(p0)
+        groups = q3r.param_groups(model, q3r_targets(targets), weight_decay=0.05, lmbda=LMBDA, steps=T,
+                                  refresh="auto", stagger=stagger)
+        opt = q3r.AdamQ3R(groups, lr=1e-4)
+        tag = "stagger" if stagger else "plain"
+        step_times_ms(lambda: train_step(opt), warm_cycles * T)  # first (cold) refreshes, plans, compilation
+        times = step_times_ms(lambda: train_step(opt), cycles * T)
+        phases = [sorted(times[p::T])[len(times[p::T]) // 2] for p in range(T)]
+        res += [(f"cycle_{tag}_phase{p}_ms", t, "ms") for p, t in enumerate(phases)]
+        res.append((f"cycle_{tag}_max_over_median", max(phases) / sorted(phases)[T // 2], "x"))
+        res.append((f"cycle_{tag}_mean_over_adamw", sum(times) / len(times) / adamw, "x"))
+        del opt
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return label + " cycle", res
+
+
 def sweep_configs(opt, work_fast) -> list[tuple[str, float, str]]:
     """A few tile settings and the dot precision (each new setting compiles afresh)."""
     import q3r_kernels as K
@@ -221,6 +289,8 @@ def main() -> None:
     ap.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_step.csv"))
     ap.add_argument("--sweep", action="store_true", help="then time a few tile settings on ViT-B/16")
     ap.add_argument("--profile", action="store_true", help="then profile the fast step of each model, per kernel")
+    ap.add_argument("--cycle", action="store_true",
+                    help="then time whole training steps over T-step cycles with real refreshes, plain and staggered")
     ap.add_argument("--fp32-matmul", choices=["highest", "high"], default="highest",
                     help="torch.set_float32_matmul_precision for the run (default: torch's own, highest)")
     ap.add_argument("--dry-run", action="store_true",
@@ -234,10 +304,14 @@ def main() -> None:
     print(f"# {meta} fp32_matmul={args.fp32_matmul}", flush=True)
     runs = [(key, "") for key in args.models.split(",")]
     runs += [(key, "profile") for key in args.models.split(",") if args.profile]
+    runs += [(key, "cycle") for key in args.models.split(",") if args.cycle]
     runs += [("vit_b16", "sweep")] if args.sweep else []
     for key, extra in runs:  # extras last: the main table must not wait for their compilations
         t0 = time.time()
-        label, res = bench_model(key, sweep=extra == "sweep", tiny=args.dry_run, profile=extra == "profile")
+        if extra == "cycle":
+            label, res = bench_cycle(key, tiny=args.dry_run, **(dict(cycles=1, warm_cycles=1) if args.dry_run else {}))
+        else:
+            label, res = bench_model(key, sweep=extra == "sweep", tiny=args.dry_run, profile=extra == "profile")
         if not args.dry_run:
             name = "bench_step" if args.fp32_matmul == "highest" else f"bench_step[fp32_matmul={args.fp32_matmul}]"
             C.append_csv(args.csv, [{**meta, "benchmark": name, "model": label, "measure": n,
