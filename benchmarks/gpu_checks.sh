@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU checks this project owes, in one command for one lent GPU machine (no network).
+# Run from the repository root; results go to $OUT (default: ./gpu-checks-out).
+#
+#   bash benchmarks/gpu_checks.sh [build] [tests] [step] [refresh] [experiment]   (default: all)
+#
+#   build       the native extension with its CUDA part (sm_90), then `python -m q3r.info`
+#   tests       the suite's CUDA tests: kernels at real sizes in fp32/bf16, native solver,
+#               randomized refresh on CUDA, NCCL world size 1 (not the multi-process/CPU ones)
+#   step        bench_step.py on ViT-B/16 and GPT-2-small: per-step work, step ratios, memory,
+#               whole-step T-cycles with real refreshes (plain and staggered); fp32 dots at
+#               torch's "highest" and "high" precision
+#   refresh     bench_refresh.py (ViT-B/16, GPT-2-small, LLaMA-1B-like, LLaMA-7B-sized)
+#   experiment  `q3r experiment vit-fmnist --size full` on the fast path, resumable: run it
+#               again in the next call while the machine is still warm; needs the four
+#               Fashion-MNIST IDX files in .data/fashion-mnist (carry .data)
+#
+# Each part writes its log (and CSV) under $OUT; the device tool brings back at most 8 files
+# per call, so run "build tests step refresh" in one call and "experiment" in others. The commit is taken from Q3R_COMMIT when
+# the tree has no .git (the device tool copies the tree without it).
+set -u -o pipefail
+OUT=${OUT:-$PWD/gpu-checks-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/python:$PWD PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(build tests step refresh experiment)
+has() { [[ " ${parts[*]} " == *" $1 "* ]]; }
+
+if has build; then
+  (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} Q3R_BUILD_NATIVE=1 \
+     $PY -m pip install --no-build-isolation --no-deps --no-index -e . && $PY -m q3r.info) \
+     >"$OUT/build.log" 2>&1
+  echo "build rc=$?"; tail -3 "$OUT/build.log"
+fi
+if has tests; then
+  $PY -m pytest -q -rs tests/test_kernels_project.py tests/test_kernels_apply.py tests/test_kernels_adam.py \
+      tests/test_backend.py tests/test_native_eigh.py tests/test_randomized_refresh.py tests/test_auto_width.py \
+      tests/test_distributed_gpu.py >"$OUT/gpu_tests.log" 2>&1
+  echo "tests rc=$?"; tail -3 "$OUT/gpu_tests.log"
+fi
+if has step; then
+  $PY benchmarks/bench_step.py --models vit_b16,gpt2_small --cycle --csv "$OUT/bench_step.csv" \
+      >"$OUT/bench_step.log" 2>&1
+  echo "bench_step (highest) rc=$?"
+  $PY benchmarks/bench_step.py --models vit_b16,gpt2_small --fp32-matmul high --csv "$OUT/bench_step.csv" \
+      >>"$OUT/bench_step.log" 2>&1
+  echo "bench_step (high) rc=$?"; grep -E "ratio_|max_over|mean_over|work_fast" "$OUT/bench_step.log" | head -40
+fi
+if has refresh; then
+  $PY benchmarks/bench_refresh.py --reps 5 --csv "$OUT/refresh.csv" >"$OUT/refresh.log" 2>&1
+  echo "bench_refresh rc=$?"; tail -30 "$OUT/refresh.log"
+fi
+if has experiment; then
+  # --workers: the ViT-Tiny runs leave an H100 mostly idle; the harness resumes finished runs
+  timeout "${EXPERIMENT_SECONDS:-480}" $PY -m q3r.experiments.cli vit-fmnist --size full --device cuda \
+      --workers "${EXPERIMENT_WORKERS:-8}" --data-dir .data/fashion-mnist --out "${EXPERIMENT_DIR:-/tmp/vit-fmnist-full}" \
+      >>"$OUT/experiment.log" 2>&1
+  echo "experiment rc=$? (124: time limit; call again to resume)"
+  mkdir -p "$OUT/experiment" && cp "${EXPERIMENT_DIR:-/tmp/vit-fmnist-full}"/results.* "$OUT/experiment"/ 2>/dev/null
+  tail -5 "$OUT/experiment.log"
+fi
