@@ -70,28 +70,33 @@ def append_csv(path: str, rows: list[dict]) -> None:
 # ------------------------------------------------------------------------------ timing
 
 
-def cuda_time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
-    """Median wall time of fn() in ms, each call bracketed by CUDA events (perf_counter
-    without CUDA: only for dry runs of the scripts)."""
-    if not torch.cuda.is_available():
-        times = []
-        for _ in range(max(1, min(iters, 2))):
+def step_times_ms(fn, n: int) -> list[float]:
+    """Wall time in ms of each of n consecutive calls of fn, each bracketed by CUDA events
+    (perf_counter without CUDA: only for dry runs of the scripts)."""
+    out = []
+    for _ in range(n):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            out.append(start.elapsed_time(end))
+        else:
             t0 = time.perf_counter()
             fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(times)
+            out.append(1e3 * (time.perf_counter() - t0))
+    return out
+
+
+def cuda_time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Median wall time of fn() in ms after warm-up (see step_times_ms; on CPU at most 2 calls)."""
+    if not torch.cuda.is_available():
+        return statistics.median(step_times_ms(fn, max(1, min(iters, 2))))
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(step_times_ms(fn, iters))
 
 
 def peak_bytes(fn) -> int:

@@ -202,24 +202,6 @@ def profile_step(opt, steps: int = 3) -> list[tuple[str, float, str]]:
     return [(f"profile_device_ms[{e.key[:60]}]", e.device_time_total / 1e3 / steps, "ms") for e in events[:12]]
 
 
-def step_times_ms(fn, n: int) -> list[float]:
-    """Wall time of each of n consecutive calls of fn (CUDA events; perf_counter on CPU)."""
-    out = []
-    for _ in range(n):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            out.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append(1e3 * (time.perf_counter() - t0))
-    return out
-
-
 def bench_cycle(key: str, tiny: bool = False, cycles: int = 3, warm_cycles: int = 2) -> tuple[str, list]:
     """Whole training steps with real refreshes, step by step over T-step cycles."""
     set_backend("auto")  # what a user gets: Triton on CUDA, the reference path elsewhere
@@ -250,8 +232,8 @@ def bench_cycle(key: str, tiny: bool = False, cycles: int = 3, warm_cycles: int 
                                   refresh="auto", stagger=stagger)
         opt = q3r.AdamQ3R(groups, lr=1e-4)
         tag = "stagger" if stagger else "plain"
-        step_times_ms(lambda: train_step(opt), warm_cycles * T)  # first (cold) refreshes, plans, compilation
-        times = step_times_ms(lambda: train_step(opt), cycles * T)
+        C.step_times_ms(lambda: train_step(opt), warm_cycles * T)  # first (cold) refreshes, plans, compilation
+        times = C.step_times_ms(lambda: train_step(opt), cycles * T)
         phases = [sorted(times[p::T])[len(times[p::T]) // 2] for p in range(T)]
         res += [(f"cycle_{tag}_phase{p}_ms", t, "ms") for p, t in enumerate(phases)]
         res.append((f"cycle_{tag}_max_over_median", max(phases) / sorted(phases)[T // 2], "x"))
