@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 TARGET_SET_TITLES = {"qkv": "Q, K, V (separate slices)", "qkv+mlp": "Q, K, V + fc1 + fc2"}
@@ -57,17 +58,27 @@ def _hparams(results, method):
     return [r["spec"]["hparams"] for r in results if r["spec"]["method"] == method]
 
 
-def check_claims(cells) -> list[dict]:
+def two_standard_errors(p1: float, p2: float, n: int | None) -> float | None:
+    """2 s.e. (accuracy points) of the difference of two accuracies, each measured on n test
+    images, treated as independent: conservative for two evaluations of one model."""
+    if not n:
+        return None
+    return 200 * math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / n)
+
+
+def check_claims(cells, n_test: int | None = None) -> list[dict]:
     """The claim, cell by cell: Q3R's drop against its own untruncated model, and whether it
-    beats every baseline at the same parameter count."""
+    beats every baseline at the same parameter count; each with 2 s.e. of test-set noise."""
     checks = []
     for s, rows in cells.items():
         for f, limit in CLAIM_DROPS.items():
             row = rows.get(f"Q3R (trained at {f:.0%})")
             if row and row.get(1.0) and row.get(f):
-                drop = 100 * (row[1.0][1]["test_acc"] - row[f][1]["test_acc"])
+                full, cut = row[1.0][1]["test_acc"], row[f][1]["test_acc"]
+                drop = 100 * (full - cut)
                 checks.append(dict(target_set=s, fraction=f, claim=f"Q3R loses <= {limit} points at {f:.0%} kept",
-                                   value=round(drop, 2), holds=drop <= limit))
+                                   value=round(drop, 2), holds=drop <= limit,
+                                   two_se=_rounded(two_standard_errors(full, cut, n_test)), margin=limit - drop))
         for label, row in rows.items():
             if not label.startswith("Q3R (trained at "):
                 continue
@@ -80,8 +91,22 @@ def check_claims(cells) -> list[dict]:
                     continue
                 theirs = orow[f][1]["test_acc"]
                 checks.append(dict(target_set=s, fraction=f, claim=f"Q3R beats {other} at {f:.0%} kept",
-                                   value=round(100 * (mine - theirs), 2), holds=mine > theirs))
+                                   value=round(100 * (mine - theirs), 2), holds=mine > theirs,
+                                   two_se=_rounded(two_standard_errors(mine, theirs, n_test)),
+                                   margin=100 * (mine - theirs)))
+    for c in checks:  # a verdict whose margin is inside the noise is reported as such
+        margin = c.pop("margin")
+        c["within_noise"] = c["two_se"] is not None and abs(margin) < c["two_se"]
     return checks
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
+
+
+def _verdict(c: dict) -> str:
+    word = "yes" if c["holds"] else "**no**"
+    return word + (" (within 2 s.e.)" if c.get("within_noise") else "")
 
 
 def markdown(cells, checks, meta) -> str:
@@ -99,8 +124,12 @@ def markdown(cells, checks, meta) -> str:
         lines.append("| target params kept | " + " | ".join(f"{ref[f][1]['target_params']:,}" if ref.get(f) else "—" for f in fr) + " |")
         lines.append("")
     if checks:
-        lines += ["### The claim, cell by cell (test accuracy points)", "", "| targets | claim | value | holds |", "|---|---|---:|---|"]
-        lines += [f"| {c['target_set']} | {c['claim']} | {c['value']:+.2f} | {'yes' if c['holds'] else '**no**'} |" for c in checks]
+        lines += ["### The claim, cell by cell (test accuracy points)", "",
+                  "2 s.e.: test-set noise of the difference (two independent binomial accuracies on the "
+                  "test images; conservative for a model against its own truncation).", "",
+                  "| targets | claim | value | 2 s.e. | holds |", "|---|---|---:|---:|---|"]
+        lines += [f"| {c['target_set']} | {c['claim']} | {c['value']:+.2f} | "
+                  f"{'—' if c.get('two_se') is None else format(c['two_se'], '.2f')} | {_verdict(c)} |" for c in checks]
         lines.append("")
     lines.append("Device: {device}; torch {torch}; size {size}.".format(**{k: meta.get(k, "?") for k in ("device", "torch", "size")}))
     return "\n".join(lines)
@@ -135,7 +164,7 @@ def plot(cells, path: Path) -> None:
 def write_outputs(out_dir, cfg, results, meta) -> dict:
     out = Path(out_dir)
     cells = select_cells(results, cfg)
-    checks = check_claims(cells)
+    checks = check_claims(cells, cfg.get("n_test"))
     md = markdown(cells, checks, meta)
     flat = []
     for s, rows in cells.items():
