@@ -108,6 +108,59 @@ def test_cold_and_warm_sequence_matches_exact(method, kind):
     run_sequence(method, weights, configs_for(weights[0], "min", 2), refreshes=3, drift=3e-3, gen=gen)
 
 
+def _q3r_trained(tail_ratio, gen):
+    """What Q3R leaves behind: r_env leading values of order 1, the rest pushed to tail_ratio."""
+    n = min(D1, D2)
+    head = torch.linspace(1.0, 0.3, RANK, dtype=torch.float64)
+    tail = tail_ratio * torch.linspace(1.0, 0.2, n - RANK, dtype=torch.float64)
+    return with_spectrum(torch.cat([head, tail]), gen)
+
+
+@pytest.mark.parametrize("method", FAST)
+@pytest.mark.parametrize("tail_ratio", [3e-3, 1e-3, 3e-4])
+def test_deep_tails_are_resolved_without_exact_svd(method, tail_ratio, monkeypatch):
+    # sigma_{r+1} / sigma_1 below what the fp32 Gram matrix resolves: the Rayleigh-Ritz step is
+    # redone in float64 on the same subspace instead of an exact SVD of the whole weight
+    import q3r.refresh as R
+
+    calls = []
+    exact = R._refresh_exact
+    monkeypatch.setattr(R, "_refresh_exact", lambda w, s, c, idx: (calls.append(list(idx)), exact(w, s, c, idx)))
+    gen = torch.Generator().manual_seed(7)
+    weights = [_q3r_trained(tail_ratio, gen) for _ in range(3)]
+    configs = configs_for(weights[0], "min", 3)
+    fast = [new_slice_state(*w.shape) for w in weights]
+    for _ in range(3):  # cold, then warm on drifting weights whose tail stays deep
+        assert all(refresh_slices_(weights, fast, configs, method=method))
+        weights = [w + 1e-3 * tail_ratio * torch.randn(w.shape, generator=gen) for w in weights]
+    assert calls == []  # no target took the exact path
+    monkeypatch.setattr(R, "_refresh_exact", exact)
+    refresh_slices_(weights, fast, configs, method=method)
+    # the oracle: an exact SVD in float64 (an fp32 SVD itself errs by ~1e-7 sigma_1 absolute,
+    # 1% of sigma_{r+1} at a 1e-5 tail), at the same eps history
+    reference_states = [new_slice_state(*w.shape) for w in weights]
+    refresh_slices_([w.double() for w in weights], reference_states, configs, method="exact")
+    for f, e in zip(fast, reference_states):
+        e["eps"].fill_(float(f["eps"]))
+    X = torch.randn(D1, D2, generator=gen)
+    for f, e in zip(fast, reference_states):
+        assert abs(float(f["sigma_next"]) - float(e["sigma_next"])) <= 1e-2 * float(e["sigma_next"])
+        assert operator_error(f, e, X) <= 1e-3
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_tails_below_what_fp32_sketches_resolve_take_the_exact_svd(method, monkeypatch):
+    import q3r.refresh as R
+
+    calls = []
+    exact = R._refresh_exact
+    monkeypatch.setattr(R, "_refresh_exact", lambda w, s, c, idx: (calls.append(list(idx)), exact(w, s, c, idx)))
+    gen = torch.Generator().manual_seed(8)
+    weights = [_q3r_trained(1e-5, gen)]
+    run_sequence(method, weights, configs_for(weights[0], "min", 1), refreshes=2, drift=0.0, gen=gen)
+    assert calls  # sigma_{r+1} / sigma_1 = 1e-5 < resolvable_ratio_fp64: fp32 sketches cannot resolve it
+
+
 @pytest.mark.parametrize("method", FAST)
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_every_eps_schedule(method, schedule):

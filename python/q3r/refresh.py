@@ -54,7 +54,13 @@ class SketchOptions:
     max_widenings     retries with a wider sketch when the Ritz values did not reach eps
     resolvable_ratio  the k x k Gram matrix holds sigma^2 in fp32, so it resolves sigma_{r+1}
                       only down to about sqrt(fp32 eps) sigma_1; a target whose estimated
-                      sigma_{r+1} / sigma_1 is below this ratio gets an exact SVD instead
+                      sigma_{r+1} / sigma_1 is below this ratio has its Rayleigh-Ritz step
+                      redone in float64 on the same subspace (a k x k problem), which is
+                      what a Q3R-trained weight needs: its tail falls far below sigma_1
+    resolvable_ratio_fp64  the limit of that float64 step: its subspace still comes from fp32
+                      sketches (W @ P), which resolve tail directions to 1% down to about
+                      3e-5 sigma_1 (tests/test_randomized_refresh.py); below this ratio a
+                      target gets an exact SVD
     max_sweeps, tol   of the native Jacobi solver
     native_max_k      "native" uses the Jacobi solver only for sketches up to this width and
                       torch.linalg.eigh above: one thread block per matrix wins for many
@@ -71,6 +77,7 @@ class SketchOptions:
     exact_fraction: float = 0.5
     max_widenings: int = 2
     resolvable_ratio: float = 1e-2
+    resolvable_ratio_fp64: float = 1e-4
     max_sweeps: int = _native.DEFAULT_MAX_SWEEPS
     tol: float = _native.DEFAULT_TOL
     native_max_k: int = 256
@@ -267,10 +274,19 @@ def _refresh_sketched(weights, states, configs, idx, method, opts: SketchOptions
                 stack, k, [todo[i][1] for i in members], eigh,
                 cold_power_iters=opts.cold_power_iters, warm_power_iters=opts.warm_power_iters, generator=gen)
             retry = _commit_sketch(stack, members, states, configs, U, S, V, opts, final=k >= n)
+            refine = [i for i, width in retry.items() if width == _REFINE]
+            if refine:  # the same subspace, its k x k problem in float64 (see SketchOptions)
+                rows = torch.tensor([members.index(i) for i in refine], device=stack.device)
+                U2, S2, V2 = randomized.ritz_triplets(
+                    stack.index_select(0, rows).double(), U.index_select(0, rows).double(), solvers["torch"])
+                retry.update(_commit_sketch(stack.index_select(0, rows), refine, states, configs, U2, S2, V2, opts,
+                                            final=k >= n, precise=True))
+                U, V = U.clone(), V.clone()  # warm starts of a widened retry come from the refined V
+                U[rows], V[rows] = U2.to(U.dtype), V2.to(V.dtype)
             for i, width in retry.items():
                 if width is None:
                     exact.append(i)
-                else:
+                elif width != _REFINE:
                     pending[i] = (min(width, n), V[members.index(i)])
         if not pending:
             break
@@ -279,9 +295,14 @@ def _refresh_sketched(weights, states, configs, idx, method, opts: SketchOptions
         _refresh_exact(weights, states, configs, exact)
 
 
-def _commit_sketch(stack, members, states, configs, U, S, V, opts: SketchOptions, final: bool) -> dict[int, int | None]:
-    """Commit the members whose sketch reached eps; return {target: wider width, or None where
-    only an exact SVD resolves sigma_{r+1}} for the rest.
+_REFINE = -1  # _commit_sketch's answer for "redo the Rayleigh-Ritz step in float64"
+
+
+def _commit_sketch(stack, members, states, configs, U, S, V, opts: SketchOptions, final: bool,
+                   precise: bool = False) -> dict[int, int | None]:
+    """Commit the members whose sketch reached eps; return {target: wider width, _REFINE where
+    the fp32 Ritz values cannot resolve sigma_{r+1}, or None where only an exact SVD does}
+    for the rest (``precise``: U, S, V come from the float64 Rayleigh-Ritz step).
 
     A sketch is wide enough when at most k - oversampling / 2 Ritz values lie above the new
     eps, so the kept triplets had at least half the oversampling below them.  All scalars
@@ -301,8 +322,8 @@ def _commit_sketch(stack, members, states, configs, U, S, V, opts: SketchOptions
                                        int(row[k + 3]), float(row[k + 2]),
                                        cfg.eps_value, cfg.eps_floor, cfg.num_refreshes)
         r_env = int((sigma > eps).sum())
-        if not final and float(sigma[cfg.rank]) < opts.resolvable_ratio * float(sigma[0]):
-            retry[i] = None
+        if not final and float(sigma[cfg.rank]) < (opts.resolvable_ratio_fp64 if precise else opts.resolvable_ratio) * float(sigma[0]):
+            retry[i] = None if precise else _REFINE
             continue
         if not final and r_env > k - margin:
             retry[i] = r_env + opts.oversampling
