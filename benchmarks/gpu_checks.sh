@@ -13,7 +13,10 @@
 #   refresh     bench_refresh.py (ViT-B/16, GPT-2-small, LLaMA-1B-like, LLaMA-7B-sized)
 #   experiment  `q3r experiment vit-fmnist --size full` on the fast path, resumable: run it
 #               again in the next call while the machine is still warm; needs the four
-#               Fashion-MNIST IDX files in .data/fashion-mnist (carry .data)
+#               Fashion-MNIST IDX files in .data/fashion-mnist, carried with the tree:
+#                 apt-get install -y dataset-fashion-mnist && mkdir -p .data && \
+#                 cp -r /usr/share/datasets/fashion-mnist .data/ && echo /.data/ >> .git/info/exclude
+#               (then name .data in the device tool's carry)
 #
 # Each part writes its log (and CSV) under $OUT; the device tool brings back at most 8 files
 # per call, so run "build tests step refresh" in one call and "experiment" in others. The commit is taken from Q3R_COMMIT when
