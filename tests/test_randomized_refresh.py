@@ -116,9 +116,13 @@ def _q3r_trained(tail_ratio, gen):
     return with_spectrum(torch.cat([head, tail]), gen)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", FAST)
 @pytest.mark.parametrize("tail_ratio", [3e-3, 1e-3, 3e-4])
-def test_deep_tails_are_resolved_without_exact_svd(method, tail_ratio, monkeypatch):
+def test_deep_tails_are_resolved_without_exact_svd(method, tail_ratio, device, monkeypatch):
     # sigma_{r+1} / sigma_1 below what the fp32 Gram matrix resolves: the Rayleigh-Ritz step is
     # redone in float64 on the same subspace instead of an exact SVD of the whole weight
     import q3r.refresh as R
@@ -129,13 +133,14 @@ def test_deep_tails_are_resolved_without_exact_svd(method, tail_ratio, monkeypat
     gen = torch.Generator().manual_seed(7)
     weights = [_q3r_trained(tail_ratio, gen) for _ in range(3)]
     configs = configs_for(weights[0], "min", 3)
-    fast = [new_slice_state(*w.shape) for w in weights]
+    fast = [new_slice_state(*w.shape, device=device) for w in weights]
     for _ in range(3):  # cold, then warm on drifting weights whose tail stays deep
-        assert all(refresh_slices_(weights, fast, configs, method=method))
+        assert all(refresh_slices_([w.to(device) for w in weights], fast, configs, method=method))
         weights = [w + 1e-3 * tail_ratio * torch.randn(w.shape, generator=gen) for w in weights]
     assert calls == []  # no target took the exact path
     monkeypatch.setattr(R, "_refresh_exact", exact)
-    refresh_slices_(weights, fast, configs, method=method)
+    refresh_slices_([w.to(device) for w in weights], fast, configs, method=method)
+    fast = [{key: t.cpu() for key, t in st.items()} for st in fast]
     # the oracle: an exact SVD in float64 (an fp32 SVD itself errs by ~1e-7 sigma_1 absolute,
     # 1% of sigma_{r+1} at a 1e-5 tail), at the same eps history
     reference_states = [new_slice_state(*w.shape) for w in weights]
@@ -280,7 +285,8 @@ def test_due_for_refresh():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", FAST)
-@pytest.mark.parametrize("kind", ["random_init", "trained_decay", "repeated_at_threshold", "rank_deficient", "huge_norm"])
+@pytest.mark.parametrize("kind", ["random_init", "trained_decay", "steep_decay", "repeated_at_threshold", "rank_deficient",
+                                  "huge_norm"])
 def test_gpu_sequence_matches_exact(method, kind):
     gen = torch.Generator().manual_seed(21)
     weights = [spectrum_case(kind, gen).cuda() for _ in range(3)]
