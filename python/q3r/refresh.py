@@ -274,20 +274,19 @@ def _refresh_sketched(weights, states, configs, idx, method, opts: SketchOptions
                 stack, k, [todo[i][1] for i in members], eigh,
                 cold_power_iters=opts.cold_power_iters, warm_power_iters=opts.warm_power_iters, generator=gen)
             retry = _commit_sketch(stack, members, states, configs, U, S, V, opts, final=k >= n)
+            refined_V = {}  # a widened retry of a refined member starts from its refined V
             refine = [i for i, width in retry.items() if width == _REFINE]
             if refine:  # the same subspace, its k x k problem in float64 (see SketchOptions)
                 rows = torch.tensor([members.index(i) for i in refine], device=stack.device)
-                U2, S2, V2 = randomized.ritz_triplets(
-                    stack.index_select(0, rows).double(), U.index_select(0, rows).double(), solvers["torch"])
-                retry.update(_commit_sketch(stack.index_select(0, rows), refine, states, configs, U2, S2, V2, opts,
-                                            final=k >= n, precise=True))
-                U, V = U.clone(), V.clone()  # warm starts of a widened retry come from the refined V
-                U[rows], V[rows] = U2.to(U.dtype), V2.to(V.dtype)
+                sub = stack.index_select(0, rows)
+                U2, S2, V2 = randomized.ritz_triplets(sub.double(), U.index_select(0, rows).double(), solvers["torch"])
+                retry.update(_commit_sketch(sub, refine, states, configs, U2, S2, V2, opts, final=k >= n, precise=True))
+                refined_V = {i: V2[j].to(V.dtype) for j, i in enumerate(refine)}
             for i, width in retry.items():
                 if width is None:
                     exact.append(i)
                 elif width != _REFINE:
-                    pending[i] = (min(width, n), V[members.index(i)])
+                    pending[i] = (min(width, n), refined_V[i] if i in refined_V else V[members.index(i)])
         if not pending:
             break
     exact += list(pending)  # still not wide enough after max_widenings
@@ -322,7 +321,8 @@ def _commit_sketch(stack, members, states, configs, U, S, V, opts: SketchOptions
                                        int(row[k + 3]), float(row[k + 2]),
                                        cfg.eps_value, cfg.eps_floor, cfg.num_refreshes)
         r_env = int((sigma > eps).sum())
-        if not final and float(sigma[cfg.rank]) < (opts.resolvable_ratio_fp64 if precise else opts.resolvable_ratio) * float(sigma[0]):
+        resolvable = opts.resolvable_ratio_fp64 if precise else opts.resolvable_ratio
+        if not final and float(sigma[cfg.rank]) < resolvable * float(sigma[0]):
             retry[i] = None if precise else _REFINE
             continue
         if not final and r_env > k - margin:
