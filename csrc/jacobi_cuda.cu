@@ -3,8 +3,12 @@
 //
 // Memory: A lives in dynamic shared memory when k*k floats fit (opt-in limit, 227 KB on
 // H100: k <= ~235); larger k work on a global copy of A (it stays hot in L2).  The
-// eigenvector accumulator Vt always lives in global memory, rows contiguous, so the row
-// rotations of a round are coalesced.
+// eigenvector accumulator Vt joins A in shared memory when both fit (k <= 169 on H100, the
+// sketch width of a rank-153 ViT-B / GPT-2 target), else it lives in global memory, rows
+// contiguous, so the row rotations of a round are coalesced.
+//
+// Index spaces are walked with Walk2D (no integer division inside the loops): a 64-bit
+// division per element cost more than the rotation itself.
 //
 // A round: (1) threads m/2 plan the disjoint rotations from the current A; (2) every 2 x 2
 // block (pair a rows, pair b columns) gets J_a^T X J_b in registers -- no second pass and no
@@ -45,6 +49,22 @@ __device__ SharedPlan carve_plan(float* base, int m, int k) {
   return plan;
 }
 
+// Row-major walk of a rows x cols index space with a stride of nthreads elements, starting
+// at element `start`: i, j advance by a precomputed step, so the loop body divides nothing.
+struct Walk2D {
+  int i, j, di, dj, cols;
+  __device__ Walk2D(int start, int stride, int cols_)
+      : i(start / cols_), j(start % cols_), di(stride / cols_), dj(stride % cols_), cols(cols_) {}
+  __device__ void next() {
+    i += di;
+    j += dj;
+    if (j >= cols) {
+      j -= cols;
+      ++i;
+    }
+  }
+};
+
 __host__ __device__ long plan_floats(int k) {
   int m = k + (k & 1);
   return 6L * (m / 2) + k;
@@ -53,7 +73,8 @@ __host__ __device__ long plan_floats(int k) {
 __global__ void jacobi_kernel(const float* __restrict__ G, float* __restrict__ evals,
                               float* __restrict__ evecs, int* __restrict__ sweeps_out,
                               float* __restrict__ vt_work, float* __restrict__ a_work, int k,
-                              int max_sweeps, float tol, bool a_in_shared) {
+                              int max_sweeps, float tol, bool a_in_shared,
+                              bool vt_in_shared) {
   extern __shared__ float smem[];
   __shared__ unsigned int max_diag_bits;
   const long kk = static_cast<long>(k) * k;
@@ -65,13 +86,13 @@ __global__ void jacobi_kernel(const float* __restrict__ G, float* __restrict__ e
 
   SharedPlan plan = carve_plan(smem, m, k);
   float* A = a_in_shared ? smem + plan_floats(k) : a_work + b * kk;
-  float* Vt = vt_work + b * kk;
+  float* Vt = vt_in_shared ? smem + plan_floats(k) + kk : vt_work + b * kk;
   const float* Gb = G + b * kk;
 
   if (tid == 0) max_diag_bits = 0u;
   __syncthreads();
-  for (long e = tid; e < kk; e += nthreads) {
-    int i = static_cast<int>(e / k), j = static_cast<int>(e % k);
+  for (Walk2D w(tid, nthreads, k); w.i < k; w.next()) {
+    const int i = w.i, j = w.j, e = i * k + j;
     float g = Gb[e];
     A[e] = g;
     Vt[e] = (i == j) ? 1.0f : 0.0f;
@@ -84,9 +105,9 @@ __global__ void jacobi_kernel(const float* __restrict__ G, float* __restrict__ e
   int sweep = 0;
   for (; k >= 2 && sweep < max_sweeps; ++sweep) {
     int above = 0;
-    for (long e = tid; e < kk && !above; e += nthreads) {
-      int i = static_cast<int>(e / k), j = static_cast<int>(e % k);
-      if (j > i && needs_rotation(A[i * k + i], A[j * k + j], A[e], tol, floor)) above = 1;
+    for (Walk2D w(tid, nthreads, k); w.i < k && !above; w.next()) {
+      const int i = w.i, j = w.j;
+      if (j > i && needs_rotation(A[i * k + i], A[j * k + j], A[i * k + j], tol, floor)) above = 1;
     }
     if (!__syncthreads_or(above)) break;
 
@@ -113,9 +134,8 @@ __global__ void jacobi_kernel(const float* __restrict__ G, float* __restrict__ e
       }
       __syncthreads();
 
-      const long blocks = static_cast<long>(half) * half;
-      for (long e = tid; e < blocks; e += nthreads) {
-        int ta = static_cast<int>(e / half), tb = static_cast<int>(e % half);
+      for (Walk2D w(tid, nthreads, half); w.i < half; w.next()) {
+        const int ta = w.i, tb = w.j;
         float ca = plan.c[ta], sa = plan.s[ta], cb = plan.c[tb], sb = plan.s[tb];
         bool act_a = sa != 0.0f, act_b = sb != 0.0f;
         if (!act_a && !act_b) continue;
@@ -142,9 +162,8 @@ __global__ void jacobi_kernel(const float* __restrict__ G, float* __restrict__ e
         if (qa_ok && qb_ok) A[qa * k + qb] = sa * y01 + ca * y11;
       }
 
-      const long vt_items = static_cast<long>(half) * k;
-      for (long e = tid; e < vt_items; e += nthreads) {
-        int ta = static_cast<int>(e / k), j = static_cast<int>(e % k);
+      for (Walk2D w(tid, nthreads, k); w.i < half; w.next()) {
+        const int ta = w.i, j = w.j;
         float ca = plan.c[ta], sa = plan.s[ta];
         if (sa == 0.0f) continue;
         int p = plan.p[ta], q = plan.q[ta];
@@ -168,37 +187,41 @@ __global__ void jacobi_kernel(const float* __restrict__ G, float* __restrict__ e
   }
   __syncthreads();
   for (int i = tid; i < k; i += nthreads) evals[static_cast<long>(b) * k + plan.rank[i]] = A[i * k + i];
-  for (long e = tid; e < kk; e += nthreads) {
-    int i = static_cast<int>(e / k), row = static_cast<int>(e % k);  // Vt row i = eigenvector i
-    evecs[b * kk + static_cast<long>(row) * k + plan.rank[i]] = Vt[e];
+  for (Walk2D w(tid, nthreads, k); w.i < k; w.next()) {
+    const int i = w.i, row = w.j;  // Vt row i = eigenvector i
+    evecs[b * kk + static_cast<long>(row) * k + plan.rank[i]] = Vt[i * k + row];
   }
   if (tid == 0) sweeps_out[b] = sweep;
 }
 
-size_t shared_bytes(int k, bool a_in_shared) {
-  size_t floats = plan_floats(k) + (a_in_shared ? static_cast<size_t>(k) * k : 0);
+// matrices_in_shared: 0 (plan only), 1 (A), 2 (A and Vt)
+size_t shared_bytes(int k, int matrices_in_shared) {
+  size_t floats = plan_floats(k) + static_cast<size_t>(matrices_in_shared) * k * k;
   return floats * sizeof(float);
 }
 
-bool fits_shared(int k, int device) {
+// How many of the k x k matrices (A, then Vt) fit in the opt-in shared memory of a block.
+int matrices_in_shared(int k, int device) {
   int optin = 0;
   if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
-    return false;
+    return 0;
   // leave room for the kernel's static __shared__ word
-  return shared_bytes(k, true) + 64 <= static_cast<size_t>(optin);
+  for (int n = 2; n > 0; --n)
+    if (shared_bytes(k, n) + 64 <= static_cast<size_t>(optin)) return n;
+  return 0;
 }
 
 }  // namespace
 
 long cuda_global_floats_per_matrix(int k, int device) {
-  return fits_shared(k, device) ? 0L : static_cast<long>(k) * k;
+  return matrices_in_shared(k, device) >= 1 ? 0L : static_cast<long>(k) * k;
 }
 
 cudaError_t batched_eigh_cuda(const float* G, float* evals, float* evecs, int* sweeps,
                               float* vt_work, float* a_work, long batch, int k, int max_sweeps,
                               float tol, int device, cudaStream_t stream) {
   if (batch == 0 || k == 0) return cudaSuccess;
-  bool in_shared = fits_shared(k, device);
+  const int in_shared = matrices_in_shared(k, device);
   size_t smem = shared_bytes(k, in_shared);
   cudaError_t err = cudaFuncSetAttribute(jacobi_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
@@ -207,7 +230,7 @@ cudaError_t batched_eigh_cuda(const float* G, float* evals, float* evecs, int* s
   long work = std::max(static_cast<long>(m / 2) * (m / 2), static_cast<long>(k));
   int threads = static_cast<int>(std::min<long>(kMaxThreads, ((work + 31) / 32) * 32));
   jacobi_kernel<<<static_cast<unsigned int>(batch), threads, smem, stream>>>(
-      G, evals, evecs, sweeps, vt_work, a_work, k, max_sweeps, tol, in_shared);
+      G, evals, evecs, sweeps, vt_work, a_work, k, max_sweeps, tol, in_shared >= 1, in_shared == 2);
   return cudaGetLastError();
 }
 

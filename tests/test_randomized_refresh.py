@@ -267,6 +267,39 @@ def test_native_and_torch_eigensolvers_agree():
         assert operator_error(sa, sb, X) <= 1e-4
 
 
+@pytest.mark.skipif(not _native.available("cpu"), reason=_native.status())
+def test_native_solves_all_shape_groups_of_a_width_in_one_call(monkeypatch):
+    """Three shape groups: their k x k problems of one width go to the native solver in one
+    call (its cost is one block's latency, whatever the batch), with the same factors as
+    refreshing the groups one by one."""
+    gen = torch.Generator().manual_seed(12)
+    weights = [spectrum_case("trained_decay", gen), spectrum_case("trained_decay", gen),
+               spectrum_case("trained_decay", gen).T.contiguous(),
+               with_spectrum(torch.logspace(0, -3, 100), gen, 112, 100)]
+    groups = [[0, 1], [2], [3]]
+    configs = [SliceConfig(f"t{j}", RANK) for j in range(len(weights))]
+    together = [new_slice_state(*w.shape) for w in weights]
+    apart = [new_slice_state(*w.shape) for w in weights]
+    calls = []
+    real = _native.batched_eigh
+
+    def counting(G, **kw):
+        calls.append(G.shape[0])
+        return real(G, **kw)
+    monkeypatch.setattr(_native, "batched_eigh", counting)
+    for refresh in range(3):
+        calls.clear()
+        refresh_slices_(weights, together, configs, method="native")
+        if refresh == 0:  # cold: every target has the width r + max(2 oversampling, r)
+            assert calls == [len(weights)]
+        assert sum(calls) == len(weights) and len(calls) <= len(groups)
+        for g in groups:
+            refresh_slices_([weights[i] for i in g], [apart[i] for i in g], [configs[i] for i in g], method="native")
+        for a, b in zip(together, apart):
+            for key in ("U", "V", "sigma", "eps", "sigma_next"):
+                torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
 def test_stagger_phases_balance_cost():
     costs = [refresh_cost(768, 768, 153)] * 48 + [refresh_cost(3072, 768, 153)] * 24
     phases = stagger_phases(costs, 5)

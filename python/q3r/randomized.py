@@ -22,6 +22,7 @@ nor overflow in the squared quantities.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -97,17 +98,27 @@ def eigensolver(name: str, max_sweeps: int = _native.DEFAULT_MAX_SWEEPS, tol: fl
     raise ValueError(f"eigensolver must be one of {EIGENSOLVERS}, got {name!r}")
 
 
-def ritz_triplets(W: Tensor, Q: Tensor, eigh: Eigh) -> tuple[Tensor, Tensor, Tensor]:
-    """Rayleigh-Ritz in span(Q): U (b, d1, k), sigma (b, k) descending, V (b, d2, k)."""
+def gram(W: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+    """B = Q^T W (b, k, d2) and its exactly symmetric Gram matrix G = B B^T (b, k, k)."""
     B = Q.mT @ W
     G = B @ B.mT
-    G = 0.5 * (G + G.mT)  # exactly symmetric for the solver
-    lam, E = eigh(G)
+    return B, 0.5 * (G + G.mT)  # exactly symmetric for the solver
+
+
+def ritz_from_eig(Q: Tensor, B: Tensor, lam: Tensor, E: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """U (b, d1, k), sigma (b, k), V (b, d2, k) from the eigenpairs (lam, E) of B B^T."""
     sigma = lam.clamp_min(0.0).sqrt()
     U = Q @ E
     Z = B.mT @ E  # = W^T U = V diag(sigma), computed without dividing by small sigma
     V = Z / Z.norm(dim=-2, keepdim=True).clamp_min(_tiny(Z.dtype))
     return U, sigma, V
+
+
+def ritz_triplets(W: Tensor, Q: Tensor, eigh: Eigh) -> tuple[Tensor, Tensor, Tensor]:
+    """Rayleigh-Ritz in span(Q): U (b, d1, k), sigma (b, k) descending, V (b, d2, k)."""
+    B, G = gram(W, Q)
+    lam, E = eigh(G)
+    return ritz_from_eig(Q, B, lam, E)
 
 
 def start_basis(W: Tensor, k: int, warm: list[Tensor | None], generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -124,6 +135,49 @@ def start_basis(W: Tensor, k: int, warm: list[Tensor | None], generator: torch.G
     return P, cold
 
 
+@dataclass
+class Sketch:
+    """A stack's sketch up to its k x k Gram matrices: what remains is one eigensolve.
+
+    Kept apart so that the Gram matrices of several stacks can go to the eigensolver in one
+    batch (the native solver's cost is one thread block's latency, whatever the batch).
+    """
+
+    Q: Tensor  # (b, d1, k) orthonormal basis of the range
+    B: Tensor  # (b, k, d2) = Q^T W / scale
+    G: Tensor  # (b, k, k) = B B^T
+    scale: Tensor  # (b,) max |W| of each member
+
+    def triplets(self, lam: Tensor, E: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """U, sigma, V at W's scale from the eigenpairs of G (evals descending)."""
+        U, sigma, V = ritz_from_eig(self.Q, self.B, lam, E)
+        return U, sigma * self.scale[:, None], V
+
+
+def sketch(
+    W: Tensor,
+    k: int,
+    warm: list[Tensor | None],
+    cold_power_iters: int = 3,
+    warm_power_iters: int = 0,
+    generator: torch.Generator | None = None,
+) -> Sketch:
+    """Range finder and Gram matrices of a stack W (b, d1, d2) in W's compute dtype.
+
+    Members with a warm basis get warm_power_iters power iterations, the others
+    cold_power_iters (the whole stack takes the larger count when they are mixed).
+    """
+    W = W.to(reference.compute_dtype(W.dtype))
+    scale = W.abs().amax(dim=(-1, -2))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    Ws = W / scale[:, None, None]
+    P, cold = start_basis(Ws, k, warm, generator)
+    iters = cold_power_iters if bool(cold.any()) else warm_power_iters
+    Q = range_basis(Ws, P, iters)
+    B, G = gram(Ws, Q)
+    return Sketch(Q, B, G, scale)
+
+
 def randomized_triplets(
     W: Tensor,
     k: int,
@@ -133,18 +187,9 @@ def randomized_triplets(
     warm_power_iters: int = 0,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """k leading approximate triplets of each W[j] (b, d1, d2), in W's compute dtype.
-
-    Members with a warm basis get warm_power_iters power iterations, the others
-    cold_power_iters (the whole stack takes the larger count when they are mixed).
-    Returns U (b, d1, k), sigma (b, k) descending, V (b, d2, k), at W's scale.
+    """k leading approximate triplets of each W[j] (b, d1, d2), in W's compute dtype:
+    ``sketch`` and then the eigensolve.  Returns U (b, d1, k), sigma (b, k) descending,
+    V (b, d2, k), at W's scale.
     """
-    W = W.to(reference.compute_dtype(W.dtype))
-    scale = W.abs().amax(dim=(-1, -2))
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    Ws = W / scale[:, None, None]
-    P, cold = start_basis(Ws, k, warm, generator)
-    iters = cold_power_iters if bool(cold.any()) else warm_power_iters
-    Q = range_basis(Ws, P, iters)
-    U, sigma, V = ritz_triplets(Ws, Q, eigh)
-    return U, sigma * scale[:, None], V
+    sk = sketch(W, k, warm, cold_power_iters, warm_power_iters, generator)
+    return sk.triplets(*eigh(sk.G))

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -197,14 +197,17 @@ def refresh_slices_(
             _warn_nonfinite(configs[i].name, warned)
             continue
         groups.setdefault((tuple(W.shape), W.device), []).append(i)
+    sketched = []
     for (_, device), idx in groups.items():
         concrete = resolve_method(method, device)
         if concrete == "exact":
             _refresh_exact(weights, states, configs, idx)
         else:
-            _refresh_sketched(weights, states, configs, idx, concrete, options)
+            sketched.append(_SketchGroup(idx, concrete, min(weights[idx[0]].shape)))
         for i in idx:
             done[i] = True
+    if sketched:
+        _refresh_sketched(weights, states, configs, sketched, options)
     return done
 
 
@@ -245,59 +248,126 @@ def _sketch_width(rank: int, prev_env: int, cold: bool, n: int, opts: SketchOpti
     return min(k, n)
 
 
-def _refresh_sketched(weights, states, configs, idx, method, opts: SketchOptions) -> None:
-    """Randomized refresh of one same-shaped group; widen or fall back to exact SVD per target."""
-    d1, d2 = weights[idx[0]].shape
-    n = min(d1, d2)
-    cap = int(opts.exact_fraction * n)
+@dataclass
+class _SketchGroup:
+    """One same-shaped group of a sketched refresh and its targets still to do."""
+
+    idx: list[int]
+    method: str  # "randomized" or "native"
+    n: int  # min(d1, d2)
+    pending: dict = field(default_factory=dict)  # target -> (width, start basis)
+    exact: list = field(default_factory=list)  # targets that get an exact SVD
+
+
+@dataclass
+class _Job:
+    """One stack of a group's members, sketched and waiting for its eigensolve."""
+
+    group: _SketchGroup
+    members: list[int]
+    k: int
+    solver: str
+    sketch: randomized.Sketch
+    energy: Tensor  # (b,) float64 ||W||_F^2
+    eig: tuple = ()
+
+
+def _refresh_sketched(weights, states, configs, groups: list[_SketchGroup], opts: SketchOptions) -> None:
+    """Randomized refresh of same-shaped groups; widen or fall back to exact SVD per target.
+
+    Each attempt sketches every group first and then solves the k x k problems of all
+    stacks that share a solver, a width and a device in one call: the native solver costs
+    one thread block's latency per call, whatever the batch, so three shape groups (a ViT's
+    attention, fc1, fc2) in three calls cost three times one.  Stacks for torch.linalg.eigh
+    are solved one by one as they are sketched, so that a large model's refresh never holds
+    the sketches of all its targets at once.
+    """
     solvers = {name: randomized.eigensolver(name, opts.max_sweeps, opts.tol) for name in ("torch", "native")}
-    pending: dict[int, tuple[int, Tensor | None]] = {}  # target -> (width, start basis)
-    for i in idx:
-        warm = _warm_basis(states[i])
-        prev_env = states[i]["sigma"].shape[0]
-        pending[i] = (_sketch_width(configs[i].rank, prev_env, warm is None, n, opts), warm)
-    exact: list[int] = []
+    for g in groups:
+        for i in g.idx:
+            warm = _warm_basis(states[i])
+            prev_env = states[i]["sigma"].shape[0]
+            g.pending[i] = (_sketch_width(configs[i].rank, prev_env, warm is None, g.n, opts), warm)
     for attempt in range(opts.max_widenings + 1):
-        exact += [i for i, (k, _) in pending.items() if k > cap]
-        todo = {i: v for i, v in pending.items() if i not in exact}
-        pending = {}
-        # one batch per (cold, warm): cold members take more power iterations
-        for cold in (True, False):
-            members = [i for i, (_, warm) in todo.items() if (warm is None) == cold]
-            if not members:
-                continue
-            k = max(todo[i][0] for i in members)
-            stack = torch.stack([weights[i].detach() for i in members])
-            gen = torch.Generator(device=stack.device).manual_seed(opts.seed + 7919 * attempt)
-            eigh = solvers["native" if method == "native" and k <= opts.native_max_k else "torch"]
-            U, S, V = randomized.randomized_triplets(
-                stack, k, [todo[i][1] for i in members], eigh,
-                cold_power_iters=opts.cold_power_iters, warm_power_iters=opts.warm_power_iters, generator=gen)
-            retry = _commit_sketch(stack, members, states, configs, U, S, V, opts, final=k >= n)
-            refined_V = {}  # a widened retry of a refined member starts from its refined V
-            refine = [i for i, width in retry.items() if width == _REFINE]
-            if refine:  # the same subspace, its k x k problem in float64 (see SketchOptions)
-                rows = torch.tensor([members.index(i) for i in refine], device=stack.device)
-                sub = stack.index_select(0, rows)
-                U2, S2, V2 = randomized.ritz_triplets(sub.double(), U.index_select(0, rows).double(), solvers["torch"])
-                retry.update(_commit_sketch(sub, refine, states, configs, U2, S2, V2, opts, final=k >= n, precise=True))
-                refined_V = {i: V2[j].to(V.dtype) for j, i in enumerate(refine)}
-            for i, width in retry.items():
-                if width is None:
-                    exact.append(i)
-                elif width != _REFINE:
-                    pending[i] = (min(width, n), refined_V[i] if i in refined_V else V[members.index(i)])
-        if not pending:
+        deferred = []
+        for g in groups:
+            for job in _sketch_jobs(weights, g, attempt, opts):
+                if job.solver == "native":
+                    deferred.append(job)
+                else:
+                    job.eig = solvers["torch"](job.sketch.G)
+                    _finish_job(weights, states, configs, job, solvers, opts)
+        for jobs in _by_key(deferred, lambda j: (j.k, j.sketch.G.device)):
+            evals, evecs = solvers["native"](torch.cat([j.sketch.G for j in jobs]))
+            sizes = [len(j.members) for j in jobs]
+            for job, lam, E in zip(jobs, evals.split(sizes), evecs.split(sizes)):
+                job.eig = (lam, E)
+                _finish_job(weights, states, configs, job, solvers, opts)
+        if not any(g.pending for g in groups):
             break
-    exact += list(pending)  # still not wide enough after max_widenings
-    if exact:
-        _refresh_exact(weights, states, configs, exact)
+    for g in groups:
+        exact = g.exact + list(g.pending)  # still not wide enough after max_widenings
+        if exact:
+            _refresh_exact(weights, states, configs, exact)
+
+
+def _by_key(items: list, key) -> list[list]:
+    buckets: dict = {}
+    for item in items:
+        buckets.setdefault(key(item), []).append(item)
+    return list(buckets.values())
+
+
+def _sketch_jobs(weights, g: _SketchGroup, attempt: int, opts: SketchOptions) -> list[_Job]:
+    """Sketch the group's pending targets (one stack per cold / warm); clears g.pending."""
+    cap = int(opts.exact_fraction * g.n)
+    g.exact += [i for i, (k, _) in g.pending.items() if k > cap]
+    todo = {i: v for i, v in g.pending.items() if v[0] <= cap}
+    g.pending = {}
+    jobs = []
+    # one batch per (cold, warm): cold members take more power iterations
+    for cold in (True, False):
+        members = [i for i, (_, warm) in todo.items() if (warm is None) == cold]
+        if not members:
+            continue
+        k = max(todo[i][0] for i in members)
+        stack = torch.stack([weights[i].detach() for i in members])
+        gen = torch.Generator(device=stack.device).manual_seed(opts.seed + 7919 * attempt)
+        sk = randomized.sketch(stack, k, [todo[i][1] for i in members],
+                               cold_power_iters=opts.cold_power_iters, warm_power_iters=opts.warm_power_iters,
+                               generator=gen)
+        energy = torch.linalg.vector_norm(stack, dim=(-1, -2), dtype=torch.float64).square()
+        solver = "native" if g.method == "native" and k <= opts.native_max_k else "torch"
+        jobs.append(_Job(g, members, k, solver, sk, energy))
+    return jobs
+
+
+def _finish_job(weights, states, configs, job: _Job, solvers, opts: SketchOptions) -> None:
+    """Commit a solved stack; queue its retries (wider sketch) or exact SVDs on its group."""
+    g, members, k = job.group, job.members, job.k
+    U, S, V = job.sketch.triplets(*job.eig)
+    final = k >= g.n
+    retry = _commit_sketch(job.energy, members, states, configs, U, S, V, opts, final=final)
+    refined_V = {}  # a widened retry of a refined member starts from its refined V
+    refine = [i for i, width in retry.items() if width == _REFINE]
+    if refine:  # the same subspace, its k x k problem in float64 (see SketchOptions)
+        rows = torch.tensor([members.index(i) for i in refine], device=U.device)
+        sub = torch.stack([weights[i].detach() for i in refine]).double()
+        U2, S2, V2 = randomized.ritz_triplets(sub, U.index_select(0, rows).double(), solvers["torch"])
+        retry.update(_commit_sketch(job.energy.index_select(0, rows), refine, states, configs, U2, S2, V2, opts,
+                                    final=final, precise=True))
+        refined_V = {i: V2[j].to(V.dtype) for j, i in enumerate(refine)}
+    for i, width in retry.items():
+        if width is None:
+            g.exact.append(i)
+        elif width != _REFINE:
+            g.pending[i] = (min(width, g.n), refined_V[i] if i in refined_V else V[members.index(i)])
 
 
 _REFINE = -1  # _commit_sketch's answer for "redo the Rayleigh-Ritz step in float64"
 
 
-def _commit_sketch(stack, members, states, configs, U, S, V, opts: SketchOptions, final: bool,
+def _commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions, final: bool,
                    precise: bool = False) -> dict[int, int | None]:
     """Commit the members whose sketch reached eps; return {target: wider width, _REFINE where
     the fp32 Ritz values cannot resolve sigma_{r+1}, or None where only an exact SVD does}
@@ -308,7 +378,6 @@ def _commit_sketch(stack, members, states, configs, U, S, V, opts: SketchOptions
     of the group cross to the host in one transfer.
     """
     b, k = S.shape
-    energy = torch.linalg.vector_norm(stack, dim=(-1, -2), dtype=torch.float64).square()
     prev = [torch.stack([states[i][key] for i in members]).to(device=S.device, dtype=torch.float64)
             for key in ("eps", "eps0", "refreshes")]
     host = torch.cat([S.double(), energy[:, None], *(p[:, None] for p in prev)], dim=1).cpu()
