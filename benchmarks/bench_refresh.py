@@ -24,11 +24,13 @@ import datetime
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import git_commit  # noqa: E402
 
 from q3r import _native, randomized
 from q3r.refresh import (SliceConfig, due_for_refresh, new_slice_state, refresh_cost,
@@ -200,11 +202,7 @@ def row(model, shape, count, method, phase, ms, ms_per_matrix, extrapolated=0, n
 
 
 def environment(device):
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = git_commit()  # Q3R_COMMIT first: a copied tree's .git may not be the tree's commit
     try:
         import triton
         triton_version = triton.__version__

@@ -23,3 +23,25 @@ def test_bench_step_dry_run_prints_every_measure():
                     "q3r_work_ref_ms", "q3r_work_fast_ms", "ratio_train_fast_over_adamw",
                     "cycle_plain_phase4_ms", "cycle_stagger_max_over_median", "cycle_stagger_mean_over_adamw"):
         assert measure in out.stdout, f"{measure} missing from:\n{out.stdout[-3000:]}"
+
+
+def test_profile_refresh_runs_on_cpu():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_refresh.py"), "--model", "tiny", "--method", "randomized",
+         "--device", "cpu", "--rows", "5"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("warm refresh:") == 3 and "aten::" in out.stdout and "kept widths" in out.stdout
+
+
+def test_bench_refresh_takes_the_commit_from_q3r_commit():
+    """A copied tree's .git can name another commit (it did on the device machine)."""
+    env = {**os.environ, "Q3R_COMMIT": "feedbeef"}
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, torch; sys.path.insert(0, 'benchmarks'); import bench_refresh; "
+         "print(bench_refresh.environment(torch.device('cpu'))['commit'])"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "feedbeef"
