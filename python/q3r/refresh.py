@@ -383,34 +383,37 @@ def _commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOption
     host = torch.cat([S.double(), energy[:, None], *(p[:, None] for p in prev)], dim=1).cpu()
     margin = max(opts.oversampling // 2, 1)
     retry, commits = {}, []
-    for j, i in enumerate(members):
-        cfg, row = configs[i], host[j]
+    # Python floats from here on: the per-target arithmetic below is a few hundred scalars, and
+    # indexing a host tensor costs an op dispatch per scalar (thousands per refresh)
+    for j, (i, row) in enumerate(zip(members, host.tolist())):
+        cfg = configs[i]
         sigma = row[:k]
-        eps, eps0 = reference.next_eps(cfg.schedule, float(row[k + 1]), float(sigma[cfg.rank]),
-                                       int(row[k + 3]), float(row[k + 2]),
+        sigma_next = sigma[cfg.rank]
+        eps, eps0 = reference.next_eps(cfg.schedule, row[k + 1], sigma_next, int(row[k + 3]), row[k + 2],
                                        cfg.eps_value, cfg.eps_floor, cfg.num_refreshes)
-        r_env = int((sigma > eps).sum())
+        r_env = sum(1 for value in sigma if value > eps)
         resolvable = opts.resolvable_ratio_fp64 if precise else opts.resolvable_ratio
-        if not final and float(sigma[cfg.rank]) < resolvable * float(sigma[0]):
+        if not final and sigma_next < resolvable * sigma[0]:
             retry[i] = None if precise else _REFINE
             continue
         if not final and r_env > k - margin:
             retry[i] = r_env + opts.oversampling
             continue
-        total = float(row[k])
-        head = float(sigma[: cfg.rank].square().sum())
+        total = row[k]
+        head = math.fsum(value * value for value in sigma[: cfg.rank])
         tail = 0.0 if total == 0 else min(max(total - head, 0.0) / total, 1.0)
-        commits.append((j, i, r_env, [eps, eps0, float(sigma[cfg.rank]), tail]))
+        commits.append((j, i, r_env, [eps, eps0, sigma_next, tail]))
     if commits:
         device = states[members[0]]["eps"].device
         scalars = torch.tensor([c[3] for c in commits], dtype=torch.float32).to(device)
         counts = torch.stack([states[i]["refreshes"] for _, i, _, _ in commits]) + 1
+        U, S, V = (t.to(torch.float32) for t in (U, S, V))  # once per stack, not per target
         for row, (j, i, r_env, _) in enumerate(commits):
             state = states[i]
-            state["U"] = U[j, :, :r_env].to(torch.float32).contiguous()
-            state["V"] = V[j, :, :r_env].to(torch.float32).contiguous()
-            state["sigma"] = S[j, :r_env].to(torch.float32)
-            state["V_tail"] = V[j, :, r_env : r_env + opts.oversampling].to(torch.float32).contiguous()
+            state["U"] = U[j, :, :r_env].contiguous()
+            state["V"] = V[j, :, :r_env].contiguous()
+            state["sigma"] = S[j, :r_env]
+            state["V_tail"] = V[j, :, r_env : r_env + opts.oversampling].contiguous()
             # views of one small tensor: no kernel launch per scalar and target
             state["eps"], state["eps0"], state["sigma_next"], state["tail_energy"] = scalars[row].unbind()
             state["refreshes"] = counts[row]

@@ -155,7 +155,8 @@ def plot(cells, path: Path) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"ViT on Fashion-MNIST: {TARGET_SET_TITLES[s]}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # partial results (a run in progress) may have no curve yet
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
