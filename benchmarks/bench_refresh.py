@@ -46,6 +46,8 @@ def model_shapes(name: str) -> list[tuple[str, int, int, int]]:
     if name == "llama1b":
         return [("q / o", 2048, 2048, 32), ("k / v", 512, 2048, 32), ("gate / up", 8192, 2048, 32),
                 ("down", 2048, 8192, 16)]
+    if name == "vit_mini":  # the ViT-B/16 layout at 1/8 width: host overhead on a CPU
+        return [("qkv slice / proj", 96, 96, 48), ("fc1", 384, 96, 12), ("fc2", 96, 384, 12)]
     if name == "tiny":  # smoke test of this script
         return [("tiny", 96, 64, 6), ("tiny^T", 64, 96, 3)]
     if name == "llama7b":

@@ -2,7 +2,7 @@
 
     python benchmarks/profile_refresh.py [--model vit] [--method native] [--device cuda]
 
-Prints three timed warm refreshes (wall clock, synchronized), then two profiler tables of one
+Prints --reps timed warm refreshes (wall clock, synchronized), then two profiler tables of one
 more: by device time (which kernels) and by host time (launches, copies to the host, Python
 glue).  When the wall clock is well above the device total, the refresh is bound by the host.
 The shapes, ranks and weight drift are those of bench_refresh.py.
@@ -31,6 +31,7 @@ def main(argv=None) -> None:
     ap.add_argument("--method", default="native")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--reps", type=int, default=5, help="timed warm refreshes before the profiled one")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -43,15 +44,20 @@ def main(argv=None) -> None:
     for i in range(4):  # a cold refresh, then warm ones
         refresh_slices_(weights if i % 2 else drifted, states, configs, method=args.method)
     sync()
-    for i in range(3):
+    times = []
+    for i in range(args.reps):
         t0 = time.perf_counter()
         refresh_slices_(weights if i % 2 else drifted, states, configs, method=args.method)
         sync()
-        print(f"warm refresh: {(time.perf_counter() - t0) * 1e3:.2f} ms")
+        times.append((time.perf_counter() - t0) * 1e3)
+    print("warm refresh ms: " + " ".join(f"{t:.2f}" for t in times) + f"; median {sorted(times)[len(times) // 2]:.2f}")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=activities) as prof:
         refresh_slices_(weights, states, configs, method=args.method)
         sync()
+    top_level = [e for e in prof.events() if e.name.startswith("aten::")
+                 and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    print(f"top-level aten ops in one warm refresh: {len(top_level)} (each a host dispatch; on CUDA most launch)")
     averages = prof.key_averages()
     if dev.type == "cuda":
         print(averages.table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=50))

@@ -28,11 +28,12 @@ def test_bench_step_dry_run_prints_every_measure():
 def test_profile_refresh_runs_on_cpu():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "profile_refresh.py"), "--model", "tiny", "--method", "randomized",
-         "--device", "cpu", "--rows", "5"],
+         "--device", "cpu", "--rows", "5", "--reps", "2"],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("warm refresh:") == 3 and "aten::" in out.stdout and "kept widths" in out.stdout
+    assert "warm refresh ms:" in out.stdout and "top-level aten ops in one warm refresh" in out.stdout
+    assert "aten::" in out.stdout and "kept widths" in out.stdout
 
 
 def test_bench_refresh_takes_the_commit_from_q3r_commit():
