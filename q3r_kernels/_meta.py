@@ -201,19 +201,26 @@ def to_device_table(rows, dtype: torch.dtype, device) -> torch.Tensor:
 def check_factors(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor, d: torch.Tensor | None = None) -> None:
     if X.dim() != 2:
         raise ValueError(f"q3r_kernels: a block must be 2-D, got X of shape {tuple(X.shape)}")
-    rows, cols = X.shape
+    check_block_factors(tuple(X.shape), X.device, U, V, d)
+
+
+def check_block_factors(shape: tuple[int, int], device, U: torch.Tensor, V: torch.Tensor,
+                        d: torch.Tensor | None = None) -> None:
+    """check_factors for a block known by its shape and device only (a cached plan keeps no
+    tensors of its blocks, yet re-checks the new factors a refresh brings)."""
+    rows, cols = shape
     k = U.shape[-1]
     if tuple(U.shape) != (rows, k) or tuple(V.shape) != (cols, k):
         raise ValueError(
-            f"q3r_kernels: factors U {tuple(U.shape)}, V {tuple(V.shape)} do not fit X {tuple(X.shape)}"
+            f"q3r_kernels: factors U {tuple(U.shape)}, V {tuple(V.shape)} do not fit X {(rows, cols)}"
         )
     if U.dtype != torch.float32 or V.dtype != torch.float32:
         raise TypeError(f"q3r_kernels: factors must be float32, got U {U.dtype}, V {V.dtype}")
     if d is not None and (tuple(d.shape) != (k,) or d.dtype != torch.float32 or (k > 1 and d.stride(0) != 1)):
         raise ValueError(f"q3r_kernels: d (or sigma) must be contiguous float32 of shape ({k},), got {d.dtype} {tuple(d.shape)}")
-    for t in (X, U, V) + ((d,) if d is not None else ()):
-        if t.device != X.device:
-            raise ValueError(f"q3r_kernels: all tensors must be on {X.device}, got one on {t.device}")
+    for t in (U, V) + ((d,) if d is not None else ()):
+        if t.device != device:
+            raise ValueError(f"q3r_kernels: all tensors must be on {device}, got one on {t.device}")
 
 
 __all__ = ["CONFIG", "TileConfig", "Workspace", "tile_schedule", "triton"]

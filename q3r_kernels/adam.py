@@ -31,7 +31,7 @@ from ._meta import (F_COLS, F_M, F_NUMEL, F_ROWS, F_S, F_X, F_X_SC, F_X_SR, F_Y,
                     G_DECAY, G_EPS, G_LR, G_ONE_MINUS_BETA2, G_SCALE, G_STEP_SIZE, G_W1, G_BETA2, NF, NG)
 from .apply import lowrank_tile, prepare, tile_counts
 from ._meta import pointer, tile_offsets
-from .projection import fill_factor_fields
+from .projection import put_factor_fields, put_workspace_fields
 
 
 @triton.jit
@@ -152,8 +152,9 @@ class AdamQ3RPlan:
     """Device tables, tile schedules and workspace for a fixed set of regions.
 
     Building them costs Python time per region; a training loop whose tensors stay put (the
-    usual case: parameters, states and factors keep their storage between refreshes) builds
-    a plan once and then only calls :meth:`run` with the per-step scalars.
+    usual case: parameters and states keep their storage) builds a plan once and then only
+    calls :meth:`run` with the per-step scalars, and :meth:`update_factors` after a refresh
+    (which brings new factor tensors, often of a new width).
     """
 
     def __init__(self, regions: list[AdamRegion]):
@@ -164,34 +165,85 @@ class AdamQ3RPlan:
             by_key.setdefault((reg.param.dtype, reg.grad.dtype, reg.exp_avg.dtype, len(reg.factors or ()),
                                _aligned(reg)), []).append(i)
         self.groups = [self._group(key, idx, regions) for key, idx in by_key.items()]
+        self._where = [None] * len(regions)  # region -> (its group, its row there)
+        for gi, g in enumerate(self.groups):
+            for j, i in enumerate(g["idx"]):
+                self._where[i] = (gi, j)
 
     def _group(self, key, idx, regions) -> dict:
         p_dtype, g_dtype, s_dtype, n_factors, aligned = key
-        has_q3r = n_factors > 0
-        table, shapes, ws = m.new_table(len(idx)), [], None
-        if has_q3r:
-            shapes = [(regions[i].param.shape[0], regions[i].param.shape[1], regions[i].factors[0].shape[1]) for i in idx]
-            ws = m.Workspace(shapes, self.device)
-        for j, (row, i) in enumerate(zip(table, idx)):
-            reg = regions[i]
-            if has_q3r:
-                U, V = reg.factors[:2]
-                m.check_factors(reg.param, U, V, reg.factors[2])
-                if n_factors == 4 and (reg.factors[3].numel() != 1 or reg.factors[3].dtype != torch.float32):
-                    raise ValueError("q3r_kernels: eps must be a one-element float32 tensor")
-                fill_factor_fields(row, reg.param, U, V, ws, j)
-                row[m.F_DSRC] = reg.factors[2].data_ptr()
-                if n_factors == 4:
-                    row[m.F_EPS] = reg.factors[3].data_ptr()
-            _region_row(reg, row)
-        counts = tile_counts(shapes) if has_q3r else [
+        table = m.new_table(len(idx))
+        g = dict(idx=idx, dtypes=(p_dtype, g_dtype, s_dtype), n_factors=n_factors, aligned=aligned,
+                 blocks=[], shapes=[], workspace=None)
+        if n_factors:  # Q3R slices: 2-D, with factors checked against (rows, cols) in _factor_fields
+            g["blocks"] = [tuple(regions[i].param.shape) for i in idx]
+            if any(len(b) != 2 for b in g["blocks"]):
+                raise ValueError(f"q3r_kernels: a block must be 2-D, got X of shape "
+                                 f"{next(b for b in g['blocks'] if len(b) != 2)}")
+            g["shapes"] = [None] * len(idx)  # every row is new: _factor_fields fills them all
+            first = {j: regions[i].factors for j, i in enumerate(idx)}
+            g["shapes"], g["workspace"] = self._factor_fields(g, table, first)
+        for row, i in zip(table, idx):
+            _region_row(regions[i], row)
+        counts = tile_counts(g["shapes"]) if n_factors else [
             m.cdiv(r, self.config[0]) * m.cdiv(c, self.config[1]) for r, c in (_rows_cols(regions[i].param) for i in idx)
         ]
-        sched, total = m.tile_schedule(counts, self.device)
-        return dict(idx=idx, dtypes=(p_dtype, g_dtype, s_dtype), n_factors=n_factors, aligned=aligned,
-                    shapes=shapes, workspace=ws,
-                    host=torch.tensor(table, dtype=torch.int64), table=m.to_device_table(table, torch.int64, self.device),
-                    sched=sched, total=total)
+        g["sched"], g["total"] = m.tile_schedule(counts, self.device)  # depends on rows and cols only, not on k
+        g["host"] = torch.tensor(table, dtype=torch.int64)
+        g["table"] = m.to_device_table(g["host"], torch.int64, self.device)
+        return g
+
+    def _factor_fields(self, g: dict, table: list[list[int]], new: dict[int, tuple]):
+        """Check the new factors of some rows j of a Q3R group, then write the fields that
+        depend on them into ``table`` (the group's rows, in place). Returns (shapes,
+        workspace) for the whole group; raises before writing anything."""
+        n = g["n_factors"]
+        for j, f in new.items():
+            if f is None or len(f) != n:
+                raise ValueError(f"q3r_kernels: a Q3R region needs {n} factor tensors, got "
+                                 f"{None if f is None else len(f)}; the layout changed: build a new plan")
+            m.check_block_factors(g["blocks"][j], self.device, *f[:3])
+            if n == 4 and (f[3].numel() != 1 or f[3].dtype != torch.float32 or f[3].device != self.device):
+                raise ValueError("q3r_kernels: eps must be a one-element float32 tensor on the device of its block")
+        shapes = list(g["shapes"])
+        for j, f in new.items():
+            shapes[j] = g["blocks"][j] + (f[0].shape[1],)
+        ws, moved = g["workspace"], g["workspace"] is None or g["workspace"].shapes != shapes
+        if moved:  # a new width moves the pieces of every block after it
+            ws = m.Workspace(shapes, self.device)
+        for j in range(len(table)) if moved else new:
+            put_workspace_fields(table[j], ws, j)
+        for j, f in new.items():
+            put_factor_fields(table[j], f[0], f[1])
+            table[j][m.F_DSRC] = f[2].data_ptr()
+            if n == 4:
+                table[j][m.F_EPS] = f[3].data_ptr()
+        return shapes, ws
+
+    def update_factors(self, new: dict[int, tuple]) -> None:
+        """Point the plan at new factors after a refresh: new[i] is region i's (U, V, d) or
+        (U, V, sigma, eps); regions not named keep theirs.
+
+        Only the rows of those regions, the workspace (when a width changed) and the shapes
+        prepare() schedules from are rewritten; the fused launch's tile schedules depend on
+        rows and columns only. Everything is checked before anything is written, so a bad
+        factor raises ValueError and leaves the plan as it was.
+        """
+        by_group: dict[int, dict[int, tuple]] = {}
+        for i, f in new.items():
+            gi, j = self._where[i] if 0 <= i < len(self._where) else (None, None)
+            if gi is None or not self.groups[gi]["n_factors"]:
+                raise ValueError(f"q3r_kernels: region {i} of this plan has no Q3R term; "
+                                 "the layout changed: build a new plan")
+            by_group.setdefault(gi, {})[j] = f
+        staged = []
+        for gi, rows in by_group.items():
+            g = self.groups[gi]
+            table = g["host"].tolist()
+            shapes, ws = self._factor_fields(g, table, rows)
+            staged.append((g, shapes, ws, torch.tensor(table, dtype=torch.int64)))
+        for g, shapes, ws, host in staged:  # every group checked: commit
+            g.update(shapes=shapes, workspace=ws, host=host, table=m.to_device_table(host, torch.int64, self.device))
 
     def run(self, hypers: list[list], grad_ptrs: list[int] | None = None) -> None:
         """One fused step; hypers[i] is region i's float row (see :func:`adam_hyper`).

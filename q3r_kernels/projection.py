@@ -131,10 +131,20 @@ def project_blocks(Xs: list[torch.Tensor], Us: list[torch.Tensor], Vs: list[torc
 def fill_factor_fields(row: list[int], X, U, V, ws: m.Workspace, i: int) -> None:
     """The table fields every stage reads: X, its size, the factors and the workspace."""
     m.put_matrix(row, (m.F_X, m.F_X_SR, m.F_X_SC), X)
-    row[m.F_ROWS], row[m.F_COLS], row[m.F_K] = X.shape[0], X.shape[1], U.shape[1]
+    row[m.F_ROWS], row[m.F_COLS] = X.shape[0], X.shape[1]
     row[m.F_NUMEL] = X.shape[0] * X.shape[1]
+    put_factor_fields(row, U, V)
+    put_workspace_fields(row, ws, i)
+
+
+def put_factor_fields(row: list[int], U, V) -> None:
+    """The fields of the factors themselves (a refresh replaces them): k, U and V."""
+    row[m.F_K] = U.shape[1]
     m.put_matrix(row, (m.F_U, m.F_U_SR, m.F_U_SK), U)
     m.put_matrix(row, (m.F_V, m.F_V_SR, m.F_V_SK), V)
+
+
+def put_workspace_fields(row: list[int], ws: m.Workspace, i: int) -> None:
     for piece, field in enumerate((m.F_A, m.F_B, m.F_C, m.F_D)):
         row[field] = ws.address(i, piece)
 

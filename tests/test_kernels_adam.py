@@ -100,18 +100,21 @@ def _model_groups(dtype, seed=0):
     return params, groups
 
 
+@pytest.mark.parametrize("stagger", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_k_step_parity_fused_vs_reference_adamq3r(dtype, monkeypatch):
-    """Identical gradients for K steps (two refreshes in between): parameters agree."""
+def test_k_step_parity_fused_vs_reference_adamq3r(dtype, stagger, monkeypatch):
+    """Identical gradients for K steps (two refreshes in between; staggered: some target
+    refreshes at most steps, and the cached plan follows its new factors): parameters agree."""
     steps, K_steps = 3, 7
-    models, calls = {}, []
-    run = K.AdamQ3RPlan.run
+    models, calls, updates = {}, [], []
+    run, update = K.AdamQ3RPlan.run, K.AdamQ3RPlan.update_factors
     monkeypatch.setattr(K.AdamQ3RPlan, "run", lambda plan, hypers, ptrs=None: calls.append(len(hypers)) or run(plan, hypers, ptrs))
+    monkeypatch.setattr(K.AdamQ3RPlan, "update_factors", lambda plan, new: updates.append(len(new)) or update(plan, new))
     runs = [("reference", dtype), ("triton", dtype)] + ([("reference", torch.float32)] if dtype != torch.float32 else [])
     for backend, run_dtype in runs:
         monkeypatch.setenv("Q3R_BACKEND", backend)
         params, groups = _model_groups(run_dtype)
-        opt = AdamQ3R(groups, lr=1e-2, lmbda=0.1, steps=steps)
+        opt = AdamQ3R(groups, lr=1e-2, lmbda=0.1, steps=steps, stagger=stagger)
         gen = torch.Generator().manual_seed(11)
         with tile_settings(True):
             for _ in range(K_steps):
@@ -122,6 +125,7 @@ def test_k_step_parity_fused_vs_reference_adamq3r(dtype, monkeypatch):
     # every step of the triton run went through the fused kernels: 3 + 3 + 1 Q3R regions,
     # the uncovered columns, the bias
     assert calls == [9] * K_steps
+    assert updates and (min(updates) < 7 if stagger else set(updates) == {7})  # 7 Q3R slices in all
     for name, p_ref in models["reference"].items():
         p_fast = models["triton"][name].detach()
         if dtype != torch.float32:  # judged against the float32 run, by STYLE.md's 2x rule
@@ -130,3 +134,130 @@ def test_k_step_parity_fused_vs_reference_adamq3r(dtype, monkeypatch):
         diff = float((p_fast.double() - p_ref.detach().double()).abs().max())
         rel = rel_err(p_fast, p_ref.detach())
         assert rel <= 1e-5, f"{name}: max abs diff {diff:.3e}, rel {rel:.3e}"
+
+
+# ------------------------------------------------- the cached plan across refreshes
+# Awkward slices, a whole matrix whose width crosses the 16-wide k chunks (the preparation
+# launches' schedules follow k) and a plain matrix; the second work's operators come as
+# (U, V, sigma, eps), as AdamQ3R gives them, so both kinds of Q3R groups are updated.
+REFRESH_LAYOUT = [
+    ((37, 53), 0, [(0, 11), (11, 24), (24, 37)], [5, 10, 3], 0.0),
+    ((23, 53), 1, [(0, 17), (17, 34), (40, 53)], [7, 3, 9], 0.0),
+    ((29, 35), 0, None, [16], 0.0),
+    ((19, 21), 0, None, None, 0.01),
+]
+
+
+def _new_operators(work, widths, gen, sigma_form):
+    """New factor tensors of the given widths, as a refresh makes them."""
+    ops_ = []
+    for (rows, cols), k in zip(_slice_shapes(work), widths):
+        U, V, d = factors(rows, cols, k, gen)
+        if sigma_form:  # d = eps / sigma - 1 above eps, 0 at or below it
+            sigma = torch.linspace(3.0, 0.5, k, device=DEVICE)
+            ops_.append((U, V, sigma, torch.tensor(1.0, device=DEVICE)))
+        else:
+            ops_.append((U, V, d))
+    return ops_
+
+
+def _slice_shapes(work):
+    spans = [(0, work.param.shape[work.slice_dim])] if work.slices is None else work.slices
+    return [(b - a, work.param.shape[1]) if work.slice_dim == 0 else (work.param.shape[0], b - a) for a, b in spans]
+
+
+def _fused_and_reference_step(works, refs, gen):
+    """One step on both paths from the same state and gradients; returns the cached entry."""
+    for w, r in zip(works, refs):
+        w.grad.copy_(torch.randn(w.grad.shape, generator=gen).to(DEVICE))
+        for name in ("param", "grad", "exp_avg", "exp_avg_sq"):
+            getattr(r, name).copy_(getattr(w, name))
+        r.step.copy_(w.step)
+        r.operators, r.lmbda = w.operators, w.lmbda
+    with tile_settings(True):
+        assert ops.adamq3r_fused_(works) == []
+    F.adamq3r_reference_(refs)
+    for w, r in zip(works, refs):
+        for name in ("param", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(getattr(w, name), getattr(r, name), rtol=2e-5, atol=2e-6)
+    with tile_settings(True):
+        return ops._PLANS[ops._layout_key(works)]
+
+
+def test_refreshes_update_the_cached_plan_and_keep_parity(monkeypatch):
+    monkeypatch.setenv("Q3R_BACKEND", "triton")
+    monkeypatch.setattr(ops, "_PLANS", type(ops._PLANS)())
+    builds, updates = [], []
+    init, update = K.AdamQ3RPlan.__init__, K.AdamQ3RPlan.update_factors
+    monkeypatch.setattr(K.AdamQ3RPlan, "__init__", lambda plan, regions: builds.append(1) or init(plan, regions))
+    monkeypatch.setattr(K.AdamQ3RPlan, "update_factors", lambda plan, f: updates.append(len(f)) or update(plan, f))
+    works = make_works(REFRESH_LAYOUT, torch.float32, seed=3)
+    refs = clone_works(works)
+    gen = torch.Generator().manual_seed(5)
+    base = [[5, 10, 3], [7, 3, 9], [16]]
+
+    def refresh(dk, only=None):  # new tensors for every operator, widths moved by dk
+        for n, (w, ks) in enumerate(zip(works[:3], base)):
+            if only is None or n == only:
+                w.operators = _new_operators(w, [k + dk for k in ks], gen, sigma_form=n == 1)
+
+    refresh(0)
+    plan = _fused_and_reference_step(works, refs, gen).plan
+    assert (len(builds), updates) == (1, [])
+    # factors of width k+1, k-2, k, then the same width again (new tensors, same shapes: the
+    # workspaces are kept), then a staggered refresh of the first target only (its 3 slices
+    # are rewritten, the other rows keep their factors and follow the moved workspace)
+    for n, (dk, only) in enumerate([(1, None), (-2, None), (0, None), (0, None), (1, 0)]):
+        spaces = [g["workspace"] for g in plan.groups]
+        refresh(dk, only)
+        assert _fused_and_reference_step(works, refs, gen).plan is plan and len(builds) == 1
+        assert ([g["workspace"] for g in plan.groups] == spaces) == (n == 3)
+    assert updates == [7, 7, 7, 7, 3]
+    # a step with the factors unchanged: neither
+    _fused_and_reference_step(works, refs, gen)
+    assert (len(builds), len(updates)) == (1, 5)
+    # which works have a term is part of the layout: a new plan, and the old one is cached
+    works[1].lmbda = 0.0
+    assert _fused_and_reference_step(works, refs, gen).plan is not plan and len(builds) == 2
+    works[1].lmbda = 0.1
+    refresh(2)
+    assert _fused_and_reference_step(works, refs, gen).plan is plan and len(builds) == 2
+    # a new optimizer-state storage is a new layout too
+    works[0].exp_avg = works[0].exp_avg.clone()
+    refs[0].exp_avg = refs[0].exp_avg.clone()
+    assert _fused_and_reference_step(works, refs, gen).plan is not plan and len(builds) == 3
+
+
+@pytest.mark.parametrize("bad", ["U rows", "V width", "eps", "sigma"])
+def test_bad_factors_in_the_update_raise_and_leave_the_plan_usable(bad, monkeypatch):
+    monkeypatch.setenv("Q3R_BACKEND", "triton")
+    monkeypatch.setattr(ops, "_PLANS", type(ops._PLANS)())
+    works = make_works(REFRESH_LAYOUT, torch.float32, seed=4)
+    refs = clone_works(works)
+    gen = torch.Generator().manual_seed(6)
+    works[1].operators = _new_operators(works[1], [7, 3, 9], gen, sigma_form=True)
+    entry = _fused_and_reference_step(works, refs, gen)
+    good = [list(w.operators) for w in works]
+    host = [g["host"].clone() for g in entry.plan.groups]
+    # a refresh whose last target is bad: the first one's new factors are fine
+    works[0].operators = _new_operators(works[0], [6, 11, 4], gen, sigma_form=False)
+    new = _new_operators(works[1], [8, 4, 13], gen, sigma_form=True)
+    U, V, sigma, eps = new[2]
+    new[2] = {"U rows": (U[1:], V, sigma, eps), "V width": (U, V[:, 1:], sigma, eps),
+              "eps": (U, V, sigma, torch.ones(2, device=DEVICE)), "sigma": (U, V, sigma[1:], eps)}[bad]
+    works[1].operators = new
+    before = [w.param.clone() for w in works]
+    with pytest.raises(ValueError, match="eps must be" if bad == "eps" else "do not fit|must be contiguous"):
+        with tile_settings(True):
+            ops.adamq3r_fused_(works)
+    for w, p in zip(works, before):  # nothing ran
+        assert torch.equal(w.param, p) and float(w.step) == 4.0
+    with tile_settings(True):
+        assert ops._PLANS[ops._layout_key(works)] is entry
+    assert all(torch.equal(g["host"], h) for g, h in zip(entry.plan.groups, host))
+    # the old factors still match the tables; new good ones are taken up
+    for w, ops_ in zip(works, good):
+        w.operators = ops_
+    assert _fused_and_reference_step(works, refs, gen) is entry
+    works[1].operators = _new_operators(works[1], [6, 2, 11], gen, sigma_form=True)
+    assert _fused_and_reference_step(works, refs, gen) is entry

@@ -20,6 +20,7 @@ Q3R_TRITON_MAX_WIDTH (default 256) to the reference path; Q3R_BACKEND=triton for
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -164,27 +165,47 @@ def _regions(work, K):
     return regions
 
 
-_PLANS: OrderedDict = OrderedDict()  # layout key -> (plan, [(work index, has term, grad offset)], rejected)
+@dataclass
+class _CachedPlan:
+    plan: object  # q3r_kernels.AdamQ3RPlan
+    region_map: list  # per region of the plan: (work index, operator index or None, grad offset)
+    rejected: list  # indices of the works the kernels cannot take
+    factors: tuple  # the _factor_key the plan's tables point at
+
+
+_PLANS: OrderedDict = OrderedDict()  # _layout_key -> _CachedPlan, least recently used first
 _MAX_PLANS = 4
 
 
 def _layout_key(works: list) -> tuple:
-    """Everything a plan's tables depend on: storage addresses, shapes, strides, slicing,
-    and the tile settings. Unchanged between refreshes in an ordinary training loop.
-    Gradient addresses are left out: they are sent with every step (see AdamQ3RPlan.run)."""
+    """What a plan is built for: storage addresses, shapes, strides, slicing, which works
+    have a Q3R term and how many operators of which kind, and the tile settings. Unchanged
+    in an ordinary training loop. Gradient addresses are left out: they are sent with every
+    step (see AdamQ3RPlan.run); so are the factors: see _factor_key."""
     K = _kernels()
     cfg = tuple(vars(K.CONFIG).values()) + (K.dot_precision(),)  # "auto" resolves per call
     return cfg, tuple(
         (w.param.data_ptr(), w.param.shape, w.param.stride(), w.param.dtype, w.grad.stride(),
          w.grad.dtype, w.exp_avg.data_ptr(), w.exp_avg_sq.data_ptr(), w.exp_avg.dtype, w.lmbda != 0, w.slice_dim,
          None if w.slices is None else tuple(map(tuple, w.slices)),
-         tuple((len(op), op[0].shape[1]) + tuple(t.data_ptr() for t in op) for op in w.operators))
+         tuple(len(op) for op in w.operators) if w.lmbda != 0 else ())
         for w in works
     )
 
 
-def _build_plan(works: list):
-    """Regions of every work the kernels can take; returns (plan, region_map, rejected)."""
+def _factor_key(works: list) -> tuple:
+    """What the Q3R fields of a plan's tables point at: every operator's width, factor
+    strides and addresses. A refresh changes it (new tensors, a new width) and
+    AdamQ3RPlan.update_factors follows, far cheaper than building the plan again."""
+    return tuple(
+        tuple((op[0].shape[1], op[0].stride(), op[1].stride()) + tuple(t.data_ptr() for t in op)
+              for op in w.operators) if w.lmbda != 0 else ()
+        for w in works
+    )
+
+
+def _build_plan(works: list) -> _CachedPlan:
+    """A plan for the regions of every work the kernels can take."""
     K = _kernels()
     regions, region_map, rejected = [], [], []
     for i, work in enumerate(works):
@@ -194,8 +215,31 @@ def _build_plan(works: list):
             continue
         regions += mine
         base = work.grad.data_ptr()
-        region_map += [(i, r.factors is not None, r.grad.data_ptr() - base) for r in mine]
-    return K.AdamQ3RPlan(regions), region_map, rejected
+        # _regions lists a work's operator regions first, in operator order
+        region_map += [(i, None if r.factors is None else j, r.grad.data_ptr() - base) for j, r in enumerate(mine)]
+    return _CachedPlan(K.AdamQ3RPlan(regions), region_map, rejected, _factor_key(works))
+
+
+def _plan_for(works: list) -> _CachedPlan:
+    """The cached plan for this layout, its factor fields brought up to date, or a new one."""
+    key = _layout_key(works)
+    entry = _PLANS.get(key)
+    if entry is None:
+        entry = _PLANS[key] = _build_plan(works)
+        while len(_PLANS) > _MAX_PLANS:
+            _PLANS.popitem(last=False)
+        return entry
+    _PLANS.move_to_end(key)
+    factors = _factor_key(works)
+    if factors != entry.factors:  # after a refresh; raises and changes nothing on bad factors
+        # the layout key fixes how many operators each work has: compare them one by one, so
+        # that a staggered refresh of a few targets rewrites only their rows
+        changed = {(i, j) for i, (old, now) in enumerate(zip(entry.factors, factors)) if old != now
+                   for j, (a, b) in enumerate(zip(old, now)) if a != b}
+        entry.plan.update_factors({r: tuple(works[i].operators[j]) for r, (i, j, _) in enumerate(entry.region_map)
+                                   if (i, j) in changed})
+        entry.factors = factors
+    return entry
 
 
 def adamq3r_fused_(works: list) -> list:
@@ -204,8 +248,9 @@ def adamq3r_fused_(works: list) -> list:
 
     A work is a q3r.optim.functional.ParamWork; its ``operators`` hold (U, V, d) or
     (U, V, sigma, eps) per slice. The Q3R term is evaluated at the weights before the step.
-    The tables the kernels read are cached per layout (see _layout_key), so a step in a
-    steady training loop costs little more Python than the launches themselves.
+    The tables the kernels read are cached per layout (see _layout_key) and only their
+    factor fields follow a refresh (see _factor_key), so a step in a steady training loop,
+    refreshes included, costs little more Python than the launches themselves.
     """
     rest, taken, verdict = [], [], {}
     for work in works:
@@ -219,14 +264,8 @@ def adamq3r_fused_(works: list) -> list:
             rest.append(work)
     if not taken:
         return rest
-    key = _layout_key(taken)
-    if key in _PLANS:
-        _PLANS.move_to_end(key)
-    else:
-        _PLANS[key] = _build_plan(taken)
-        while len(_PLANS) > _MAX_PLANS:
-            _PLANS.popitem(last=False)
-    plan, region_map, rejected = _PLANS[key]
+    entry = _plan_for(taken)
+    region_map, rejected = entry.region_map, entry.rejected
     K = _kernels()
     hypers, memo = [], {}
     for work in taken:
@@ -235,8 +274,8 @@ def adamq3r_fused_(works: list) -> list:
             memo[args] = (K.adam_hyper(*args[:-1]), K.adam_hyper(*args[:-1], scale=2.0 * work.lmbda))
         hypers.append(memo[args])
     grad_base = [w.grad.data_ptr() for w in taken]
-    plan.run([hypers[i][has_term] for i, has_term, _ in region_map],
-             [grad_base[i] + offset for i, _, offset in region_map])
+    entry.plan.run([hypers[i][j is not None] for i, j, _ in region_map],
+                   [grad_base[i] + offset for i, _, offset in region_map])
     skipped = set(rejected)
     done = [w for i, w in enumerate(taken) if i not in skipped]
     torch._foreach_add_([w.step for w in done], 1.0)  # the reference increments the same counter
