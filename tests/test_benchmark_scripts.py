@@ -46,3 +46,11 @@ def test_bench_refresh_takes_the_commit_from_q3r_commit():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "feedbeef"
+
+
+def test_plan_overhead_runs_on_cpu():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plan_overhead.py")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for line in ("step, cached plan", "plan rebuilt from scratch", "(staggered)", "control"):
+        assert line in out.stdout, out.stdout[-2000:]
