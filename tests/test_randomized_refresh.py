@@ -218,19 +218,22 @@ def test_rank_below_target_stays_finite():
     assert 0 < float(state["eps"]) <= 1e-5 * 2.0 and int(state["refreshes"]) == 2
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", FAST + ["auto"])
-def test_nonfinite_weights_keep_last_good_factors(method):
+@pytest.mark.parametrize("bad_value", [float("nan"), float("-inf")])
+def test_nonfinite_weights_keep_last_good_factors(method, device, bad_value):
     gen = torch.Generator().manual_seed(9)
-    W = spectrum_case("trained_decay", gen)
-    state = new_slice_state(D1, D2)
+    W = spectrum_case("trained_decay", gen).to(device)
+    state = new_slice_state(D1, D2, device=device)
     cfg = [SliceConfig("bad", RANK)]
     refresh_slices_([W], [state], cfg, method=method)
     before = {k: v.clone() for k, v in state.items()}
     warned = set()
     bad = W.clone()
-    bad[3, 4] = float("nan")
+    bad[3, 4] = bad_value
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        assert refresh_slices_([bad, W], [state, new_slice_state(D1, D2)], cfg * 2, method=method, warned=warned) == [False, True]
+        assert refresh_slices_([bad, W], [state, new_slice_state(D1, D2, device=device)], cfg * 2, method=method,
+                               warned=warned) == [False, True]
     for key in before:
         torch.testing.assert_close(state[key], before[key], rtol=0, atol=0, equal_nan=True)
     assert warned == {"bad"}
