@@ -270,37 +270,68 @@ def test_native_and_torch_eigensolvers_agree():
         assert operator_error(sa, sb, X) <= 1e-4
 
 
-@pytest.mark.skipif(not _native.available("cpu"), reason=_native.status())
-def test_native_solves_all_shape_groups_of_a_width_in_one_call(monkeypatch):
-    """Three shape groups: their k x k problems of one width go to the native solver in one
-    call (its cost is one block's latency, whatever the batch), with the same factors as
-    refreshing the groups one by one."""
-    gen = torch.Generator().manual_seed(12)
+def _three_shape_groups(gen):
     weights = [spectrum_case("trained_decay", gen), spectrum_case("trained_decay", gen),
                spectrum_case("trained_decay", gen).T.contiguous(),
                with_spectrum(torch.logspace(0, -3, 100), gen, 112, 100)]
-    groups = [[0, 1], [2], [3]]
-    configs = [SliceConfig(f"t{j}", RANK) for j in range(len(weights))]
-    together = [new_slice_state(*w.shape) for w in weights]
-    apart = [new_slice_state(*w.shape) for w in weights]
+    return weights, [[0, 1], [2], [3]], [SliceConfig(f"t{j}", RANK) for j in range(len(weights))]
+
+
+def _count_native_calls(monkeypatch) -> list:
     calls = []
     real = _native.batched_eigh
 
     def counting(G, **kw):
-        calls.append(G.shape[0])
+        calls.append((G.shape[0], G.shape[-1]))
         return real(G, **kw)
     monkeypatch.setattr(_native, "batched_eigh", counting)
+    return calls
+
+
+@pytest.mark.skipif(not _native.available("cpu"), reason=_native.status())
+def test_native_solves_all_shape_groups_of_a_width_in_one_call(monkeypatch):
+    """Three shape groups: their k x k problems of one width go to the native solver in one
+    call (its cost is one block's latency, whatever the batch), with the same factors as
+    refreshing the groups one by one (width alignment off, so that the widths are the same)."""
+    weights, groups, configs = _three_shape_groups(torch.Generator().manual_seed(12))
+    opts = SketchOptions(align_width=0)
+    together = [new_slice_state(*w.shape) for w in weights]
+    apart = [new_slice_state(*w.shape) for w in weights]
+    calls = _count_native_calls(monkeypatch)
     for refresh in range(3):
         calls.clear()
-        refresh_slices_(weights, together, configs, method="native")
+        refresh_slices_(weights, together, configs, method="native", options=opts)
         if refresh == 0:  # cold: every target has the width r + max(2 oversampling, r)
-            assert calls == [len(weights)]
-        assert sum(calls) == len(weights) and len(calls) <= len(groups)
+            assert [b for b, _ in calls] == [len(weights)]
+        assert sum(b for b, _ in calls) == len(weights) and len(calls) <= len(groups)
         for g in groups:
-            refresh_slices_([weights[i] for i in g], [apart[i] for i in g], [configs[i] for i in g], method="native")
+            refresh_slices_([weights[i] for i in g], [apart[i] for i in g], [configs[i] for i in g], method="native",
+                            options=opts)
         for a, b in zip(together, apart):
             for key in ("U", "V", "sigma", "eps", "sigma_next"):
                 torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not _native.available("cpu"), reason=_native.status())
+def test_native_widths_within_align_width_share_one_call(monkeypatch):
+    """Warm stacks whose widths differ by a few columns are widened to the widest: one native
+    call per refresh, and the operator still matches the exact refresh."""
+    gen = torch.Generator().manual_seed(13)
+    weights, _, configs = _three_shape_groups(gen)
+    fast = [new_slice_state(*w.shape) for w in weights]
+    exact = [new_slice_state(*w.shape) for w in weights]
+    calls = _count_native_calls(monkeypatch)
+    saw_different_envelopes = False
+    for _ in range(4):
+        calls.clear()
+        needed = {max(RANK, s["sigma"].shape[0]) + SketchOptions().oversampling for s in fast}
+        saw_different_envelopes |= len(needed) > 1 and max(needed) - min(needed) <= SketchOptions().align_width
+        refresh_slices_(weights, fast, configs, method="native")
+        refresh_slices_(weights, exact, configs, method="exact")
+        assert len(calls) == 1 and calls[0][0] == len(weights)
+        for f, e, w in zip(fast, exact, weights):
+            assert operator_error(f, e, torch.randn(w.shape, generator=gen)) <= 1e-3
+    assert saw_different_envelopes  # the case the alignment is for did occur
 
 
 def test_stagger_phases_balance_cost():

@@ -67,6 +67,8 @@ class SketchOptions:
                       small matrices (H100, 48 x 169^2 warm: 4.4 ms vs 45 ms) and loses
                       badly for a few large ones (one 835^2 matrix: ~200 ms vs ~10 ms),
                       and k <= ~235 is where A fits the block's shared memory
+    align_width       native stacks up to this many columns narrower than another one are
+                      widened to its width, so that both go to the native solver in one call
     seed              of the private generator for Gaussian sketches (the global RNG is
                       never touched, so training randomness does not depend on refreshes)
     """
@@ -81,6 +83,7 @@ class SketchOptions:
     max_sweeps: int = _native.DEFAULT_MAX_SWEEPS
     tol: float = _native.DEFAULT_TOL
     native_max_k: int = 256
+    align_width: int = 8
     seed: int = 0x51E5
 
 
@@ -290,13 +293,15 @@ def _refresh_sketched(weights, states, configs, groups: list[_SketchGroup], opts
             g.pending[i] = (_sketch_width(configs[i].rank, prev_env, warm is None, g.n, opts), warm)
     for attempt in range(opts.max_widenings + 1):
         deferred = []
-        for g in groups:
-            for job in _sketch_jobs(weights, g, attempt, opts):
-                if job.solver == "native":
-                    deferred.append(job)
-                else:
-                    job.eig = solvers["torch"](job.sketch.G)
-                    _finish_job(weights, states, configs, job, solvers, opts)
+        stacks = [st for g in groups for st in _plan_stacks(g, opts)]
+        _align_native_widths(stacks, weights, opts)
+        for st in stacks:
+            job = _sketch_stack(weights, st, attempt, opts)
+            if job.solver == "native":
+                deferred.append(job)
+            else:
+                job.eig = solvers["torch"](job.sketch.G)
+                _finish_job(weights, states, configs, job, solvers, opts)
         for jobs in _by_key(deferred, lambda j: (j.k, j.sketch.G.device)):
             evals, evecs = solvers["native"](torch.cat([j.sketch.G for j in jobs]))
             sizes = [len(j.members) for j in jobs]
@@ -318,28 +323,56 @@ def _by_key(items: list, key) -> list[list]:
     return list(buckets.values())
 
 
-def _sketch_jobs(weights, g: _SketchGroup, attempt: int, opts: SketchOptions) -> list[_Job]:
-    """Sketch the group's pending targets (one stack per cold / warm); clears g.pending."""
+@dataclass
+class _Stack:
+    """A planned stack: a group's cold or warm members and the sketch width they share."""
+
+    group: _SketchGroup
+    members: list[int]
+    starts: list  # each member's warm start basis (or None)
+    k: int
+    native: bool  # its k x k problems go to the native solver
+
+
+def _plan_stacks(g: _SketchGroup, opts: SketchOptions) -> list[_Stack]:
+    """Split the group's pending targets into stacks (one per cold / warm); clears g.pending."""
     cap = int(opts.exact_fraction * g.n)
     g.exact += [i for i, (k, _) in g.pending.items() if k > cap]
     todo = {i: v for i, v in g.pending.items() if v[0] <= cap}
     g.pending = {}
-    jobs = []
+    stacks = []
     # one batch per (cold, warm): cold members take more power iterations
     for cold in (True, False):
         members = [i for i, (_, warm) in todo.items() if (warm is None) == cold]
-        if not members:
-            continue
-        k = max(todo[i][0] for i in members)
-        stack = torch.stack([weights[i].detach() for i in members])
-        gen = torch.Generator(device=stack.device).manual_seed(opts.seed + 7919 * attempt)
-        sk = randomized.sketch(stack, k, [todo[i][1] for i in members],
-                               cold_power_iters=opts.cold_power_iters, warm_power_iters=opts.warm_power_iters,
-                               generator=gen)
-        energy = torch.linalg.vector_norm(stack, dim=(-1, -2), dtype=torch.float64).square()
-        solver = "native" if g.method == "native" and k <= opts.native_max_k else "torch"
-        jobs.append(_Job(g, members, k, solver, sk, energy))
-    return jobs
+        if members:
+            k = max(todo[i][0] for i in members)
+            stacks.append(_Stack(g, members, [todo[i][1] for i in members], k,
+                                 g.method == "native" and k <= opts.native_max_k))
+    return stacks
+
+
+def _align_native_widths(stacks: list[_Stack], weights, opts: SketchOptions) -> None:
+    """Widen native stacks to a wider one's width when that is at most opts.align_width more
+    columns (and within their own limits), so that they share one native call: warm targets'
+    envelopes differ by a column or two between shape groups, and each distinct width costs a
+    whole launch (a block's latency).  A wider sketch is never less accurate."""
+    native = sorted((s for s in stacks if s.native), key=lambda s: -s.k)
+    for wide in native:
+        device = weights[wide.members[0]].device
+        for s in native:
+            limit = min(int(opts.exact_fraction * s.group.n), s.group.n)
+            if (s.k < wide.k <= min(s.k + opts.align_width, limit)
+                    and weights[s.members[0]].device == device):
+                s.k = wide.k
+
+
+def _sketch_stack(weights, st: _Stack, attempt: int, opts: SketchOptions) -> _Job:
+    stack = torch.stack([weights[i].detach() for i in st.members])
+    gen = torch.Generator(device=stack.device).manual_seed(opts.seed + 7919 * attempt)
+    sk = randomized.sketch(stack, st.k, st.starts, cold_power_iters=opts.cold_power_iters,
+                           warm_power_iters=opts.warm_power_iters, generator=gen)
+    energy = torch.linalg.vector_norm(stack, dim=(-1, -2), dtype=torch.float64).square()
+    return _Job(st.group, st.members, st.k, "native" if st.native else "torch", sk, energy)
 
 
 def _finish_job(weights, states, configs, job: _Job, solvers, opts: SketchOptions) -> None:
