@@ -10,7 +10,8 @@
 #   step        bench_step.py on ViT-B/16 and GPT-2-small: per-step work, step ratios, memory,
 #               whole-step T-cycles with real refreshes (plain and staggered); fp32 dots at
 #               torch's "highest" and "high" precision
-#   refresh     bench_refresh.py (ViT-B/16, GPT-2-small, LLaMA-1B-like, LLaMA-7B-sized)
+#   refresh     bench_refresh.py (ViT-B/16, GPT-2-small, LLaMA-1B-like, LLaMA-7B-sized), then
+#               profile_refresh.py (where a warm ViT-B refresh spends its time)
 #   experiment  `q3r experiment vit-fmnist --size full` on the fast path, resumable: run it
 #               again in the next call while the machine is still warm; needs the four
 #               Fashion-MNIST IDX files in .data/fashion-mnist, carried with the tree:
@@ -53,6 +54,8 @@ fi
 if has refresh; then
   $PY benchmarks/bench_refresh.py --reps 5 --csv "$OUT/refresh.csv" >"$OUT/refresh.log" 2>&1
   echo "bench_refresh rc=$?"; tail -30 "$OUT/refresh.log"
+  $PY benchmarks/profile_refresh.py --model vit >"$OUT/profile_refresh.txt" 2>&1
+  echo "profile_refresh rc=$?"; grep -E "warm refresh|top-level" "$OUT/profile_refresh.txt"
 fi
 if has experiment; then
   # --workers: the ViT-Tiny runs leave an H100 mostly idle; the harness resumes finished runs
