@@ -261,18 +261,9 @@ class _SketchGroup:
     pending: dict = field(default_factory=dict)  # target -> (width, start basis)
     exact: list = field(default_factory=list)  # targets that get an exact SVD
 
-
-@dataclass
-class _Job:
-    """One stack of a group's members, sketched and waiting for its eigensolve."""
-
-    group: _SketchGroup
-    members: list[int]
-    k: int
-    solver: str
-    sketch: randomized.Sketch
-    energy: Tensor  # (b,) float64 ||W||_F^2
-    eig: tuple = ()
+    def cap(self, opts: SketchOptions) -> int:
+        """The widest sketch worth taking; wider targets get an exact SVD."""
+        return int(opts.exact_fraction * self.n)
 
 
 def _refresh_sketched(weights, states, configs, groups: list[_SketchGroup], opts: SketchOptions) -> None:
@@ -296,18 +287,18 @@ def _refresh_sketched(weights, states, configs, groups: list[_SketchGroup], opts
         stacks = [st for g in groups for st in _plan_stacks(g, opts)]
         _align_native_widths(stacks, weights, opts)
         for st in stacks:
-            job = _sketch_stack(weights, st, attempt, opts)
-            if job.solver == "native":
-                deferred.append(job)
+            _sketch_stack_(weights, st, attempt, opts)
+            if st.native:
+                deferred.append(st)
             else:
-                job.eig = solvers["torch"](job.sketch.G)
-                _finish_job(weights, states, configs, job, solvers, opts)
-        for jobs in _by_key(deferred, lambda j: (j.k, j.sketch.G.device)):
-            evals, evecs = solvers["native"](torch.cat([j.sketch.G for j in jobs]))
-            sizes = [len(j.members) for j in jobs]
-            for job, lam, E in zip(jobs, evals.split(sizes), evecs.split(sizes)):
-                job.eig = (lam, E)
-                _finish_job(weights, states, configs, job, solvers, opts)
+                st.eig = solvers["torch"](st.sketch.G)
+                _finish_stack(weights, states, configs, st, solvers, opts)
+        for batch in _by_key(deferred, lambda st: (st.k, st.sketch.G.device)):
+            evals, evecs = solvers["native"](torch.cat([st.sketch.G for st in batch]))
+            sizes = [len(st.members) for st in batch]
+            for st, lam, E in zip(batch, evals.split(sizes), evecs.split(sizes)):
+                st.eig = (lam, E)
+                _finish_stack(weights, states, configs, st, solvers, opts)
         if not any(g.pending for g in groups):
             break
     for g in groups:
@@ -332,11 +323,14 @@ class _Stack:
     starts: list  # each member's warm start basis (or None)
     k: int
     native: bool  # its k x k problems go to the native solver
+    sketch: randomized.Sketch | None = None  # filled by _sketch_stack_
+    energy: Tensor | None = None  # (b,) float64 ||W||_F^2
+    eig: tuple = ()  # (evals, evecs) of sketch.G
 
 
 def _plan_stacks(g: _SketchGroup, opts: SketchOptions) -> list[_Stack]:
     """Split the group's pending targets into stacks (one per cold / warm); clears g.pending."""
-    cap = int(opts.exact_fraction * g.n)
+    cap = g.cap(opts)
     g.exact += [i for i, (k, _) in g.pending.items() if k > cap]
     todo = {i: v for i, v in g.pending.items() if v[0] <= cap}
     g.pending = {}
@@ -360,34 +354,34 @@ def _align_native_widths(stacks: list[_Stack], weights, opts: SketchOptions) -> 
     for wide in native:
         device = weights[wide.members[0]].device
         for s in native:
-            limit = min(int(opts.exact_fraction * s.group.n), s.group.n)
+            limit = min(s.group.cap(opts), s.group.n)
             if (s.k < wide.k <= min(s.k + opts.align_width, limit)
                     and weights[s.members[0]].device == device):
                 s.k = wide.k
 
 
-def _sketch_stack(weights, st: _Stack, attempt: int, opts: SketchOptions) -> _Job:
+def _sketch_stack_(weights, st: _Stack, attempt: int, opts: SketchOptions) -> None:
+    """Range finder and Gram matrices of the stack; what remains is its eigensolve."""
     stack = torch.stack([weights[i].detach() for i in st.members])
     gen = torch.Generator(device=stack.device).manual_seed(opts.seed + 7919 * attempt)
-    sk = randomized.sketch(stack, st.k, st.starts, cold_power_iters=opts.cold_power_iters,
-                           warm_power_iters=opts.warm_power_iters, generator=gen)
-    energy = torch.linalg.vector_norm(stack, dim=(-1, -2), dtype=torch.float64).square()
-    return _Job(st.group, st.members, st.k, "native" if st.native else "torch", sk, energy)
+    st.sketch = randomized.sketch(stack, st.k, st.starts, cold_power_iters=opts.cold_power_iters,
+                                  warm_power_iters=opts.warm_power_iters, generator=gen)
+    st.energy = torch.linalg.vector_norm(stack, dim=(-1, -2), dtype=torch.float64).square()
 
 
-def _finish_job(weights, states, configs, job: _Job, solvers, opts: SketchOptions) -> None:
+def _finish_stack(weights, states, configs, st: _Stack, solvers, opts: SketchOptions) -> None:
     """Commit a solved stack; queue its retries (wider sketch) or exact SVDs on its group."""
-    g, members, k = job.group, job.members, job.k
-    U, S, V = job.sketch.triplets(*job.eig)
+    g, members, k = st.group, st.members, st.k
+    U, S, V = st.sketch.triplets(*st.eig)
     final = k >= g.n
-    retry = _commit_sketch(job.energy, members, states, configs, U, S, V, opts, final=final)
+    retry = _commit_sketch(st.energy, members, states, configs, U, S, V, opts, final=final)
     refined_V = {}  # a widened retry of a refined member starts from its refined V
     refine = [i for i, width in retry.items() if width == _REFINE]
     if refine:  # the same subspace, its k x k problem in float64 (see SketchOptions)
         rows = torch.tensor([members.index(i) for i in refine], device=U.device)
         sub = torch.stack([weights[i].detach() for i in refine]).double()
         U2, S2, V2 = randomized.ritz_triplets(sub, U.index_select(0, rows).double(), solvers["torch"])
-        retry.update(_commit_sketch(job.energy.index_select(0, rows), refine, states, configs, U2, S2, V2, opts,
+        retry.update(_commit_sketch(st.energy.index_select(0, rows), refine, states, configs, U2, S2, V2, opts,
                                     final=final, precise=True))
         refined_V = {i: V2[j].to(V.dtype) for j, i in enumerate(refine)}
     for i, width in retry.items():
