@@ -51,35 +51,43 @@ def _cholesky_qr(Y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return Q, ok, gram
 
 
-def orthonormalize(Y: Tensor) -> Tensor:
+def orthonormalize(Y: Tensor, active: Tensor | None = None) -> Tensor:
     """Orthonormal basis (b, n, k) of the columns of Y (b, n, k), n >= k.
 
     Cholesky-QR on column-normalized Y.  One pass suffices when the Gram matrix is close to
     the identity (Gershgorin: off-diagonal row sums < 1/2 bound cond(Y)^2 by 3), which is
     the warm-start case; otherwise a second pass (CholeskyQR2), and Householder QR for
-    members where the first pass failed or left Q too far from orthonormal.
+    members where the first pass failed or left Q too far from orthonormal.  ``active``
+    (b,) bool marks the members that count: the others (non-finite weights, whose result is
+    discarded) neither force the second pass nor get the Householder fallback.
     """
     norms = Y.norm(dim=-2, keepdim=True)
     Y = Y / norms.clamp_min(_tiny(Y.dtype))
     Q1, ok1, gram1 = _cholesky_qr(Y)
     eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
     spread = (gram1 - eye).abs().sum(dim=-1).amax(dim=-1)
-    if bool((ok1 & (spread < 0.5)).all()):
+    good1 = ok1 & (spread < 0.5)
+    if active is not None:
+        good1 = good1 | ~active
+    if bool(good1.all()):
         return Q1
     Q, ok2, gram2 = _cholesky_qr(Q1)
     defect = (gram2 - eye).abs().amax(dim=(-1, -2))
     bad = ~(ok1 & ok2 & (defect < _CHOLQR_MAX_DEFECT))
+    if active is not None:
+        bad = bad & active
     if bool(bad.any()):
         Q = Q.clone()
         Q[bad] = torch.linalg.qr(Y[bad]).Q
     return Q
 
 
-def range_basis(W: Tensor, P: Tensor, power_iters: int) -> Tensor:
-    """Orthonormal Q (b, d1, k) approximating the leading left subspace: orth(W (W^T W)^q P)."""
-    Q = orthonormalize(W @ P)
+def range_basis(W: Tensor, P: Tensor, power_iters: int, active: Tensor | None = None) -> Tensor:
+    """Orthonormal Q (b, d1, k) approximating the leading left subspace: orth(W (W^T W)^q P)
+    (``active``: see orthonormalize)."""
+    Q = orthonormalize(W @ P, active)
     for _ in range(power_iters):
-        Q = orthonormalize(W @ orthonormalize(W.mT @ Q))
+        Q = orthonormalize(W @ orthonormalize(W.mT @ Q, active), active)
     return Q
 
 
@@ -121,18 +129,52 @@ def ritz_triplets(W: Tensor, Q: Tensor, eigh: Eigh) -> tuple[Tensor, Tensor, Ten
     return ritz_from_eig(Q, B, lam, E)
 
 
-def start_basis(W: Tensor, k: int, warm: list[Tensor | None], generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+Start = Tensor | tuple[Tensor, ...] | None  # a warm start: columns, or column blocks to join
+
+
+def start_basis(W: Tensor, k: int, warm: list[Start], generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Start basis P (b, d2, k): each member's warm columns (d2, <=k), topped up with Gaussian
-    columns.  Returns (P, cold (b,) bool: members with no warm columns)."""
+    columns.  A warm start is a tensor (d2, w) or a tuple of column blocks whose concatenation
+    it is (a state's V and V_tail), of which the first k columns are used.  Returns (P, cold
+    (b,) bool on the CPU: members with no warm columns).
+
+    Members whose blocks have the same widths are copied in together (a stack and one copy
+    per block), not member by member: a refresh of a whole model has one such set per stack.
+    """
     b, _, d2 = W.shape
     P = torch.randn(b, d2, k, dtype=W.dtype, device=W.device, generator=generator)
-    cold = torch.ones(b, dtype=torch.bool)
-    for j, Vw in enumerate(warm):
-        if Vw is not None and Vw.shape[-1] > 0:
-            width = min(Vw.shape[-1], k)
-            P[j, :, :width] = Vw[:, :width].to(W.dtype)
-            cold[j] = False
+    by_widths: dict[tuple[int, ...], list[tuple[int, list[Tensor]]]] = {}
+    for j, start in enumerate(warm):
+        blocks = _leading_blocks(start, k)
+        if blocks:
+            by_widths.setdefault(tuple(t.shape[-1] for t in blocks), []).append((j, blocks))
+    for widths, entries in by_widths.items():
+        rows = [j for j, _ in entries]
+        index = None if len(rows) == b else torch.tensor(rows, device=W.device)
+        offset = 0
+        for pos, width in enumerate(widths):
+            value = torch.stack([blocks[pos].to(device=W.device, dtype=W.dtype) for _, blocks in entries])
+            if index is None:
+                P[:, :, offset : offset + width] = value
+            else:
+                P[index, :, offset : offset + width] = value
+            offset += width
+    warm_rows = {j for entries in by_widths.values() for j, _ in entries}
+    cold = torch.tensor([j not in warm_rows for j in range(b)], dtype=torch.bool)
     return P, cold
+
+
+def _leading_blocks(start: Start, k: int) -> list[Tensor]:
+    """The column blocks of a warm start cut to its first k columns (empty blocks dropped)."""
+    if start is None:
+        return []
+    blocks, left = [], k
+    for t in (start,) if isinstance(start, Tensor) else start:
+        width = min(t.shape[-1], left)
+        if width > 0:
+            blocks.append(t if width == t.shape[-1] else t[:, :width])
+            left -= width
+    return blocks
 
 
 @dataclass
@@ -145,8 +187,9 @@ class Sketch:
 
     Q: Tensor  # (b, d1, k) orthonormal basis of the range
     B: Tensor  # (b, k, d2) = Q^T W / scale
-    G: Tensor  # (b, k, k) = B B^T
+    G: Tensor  # (b, k, k) = B B^T (zero for members with non-finite weights)
     scale: Tensor  # (b,) max |W| of each member
+    finite: Tensor  # (b,) bool: the member's weights are all finite (else its results are void)
 
     def triplets(self, lam: Tensor, E: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """U, sigma, V at W's scale from the eigenpairs of G (evals descending)."""
@@ -157,7 +200,7 @@ class Sketch:
 def sketch(
     W: Tensor,
     k: int,
-    warm: list[Tensor | None],
+    warm: list[Start],
     cold_power_iters: int = 3,
     warm_power_iters: int = 0,
     generator: torch.Generator | None = None,
@@ -166,22 +209,30 @@ def sketch(
 
     Members with a warm basis get warm_power_iters power iterations, the others
     cold_power_iters (the whole stack takes the larger count when they are mixed).
+
+    Non-finite weights are found on the way, without a host sync of their own: the largest
+    |entry| that scales each member is NaN or inf exactly then (min and max propagate NaN).
+    Such members are marked in ``Sketch.finite``; they take no part in the stack's decisions
+    and their Gram matrices are zeroed, so no solver ever sees a NaN.
     """
     W = W.to(reference.compute_dtype(W.dtype))
-    scale = W.abs().amax(dim=(-1, -2))
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    low, high = W.flatten(1).aminmax(dim=1)  # one pass, no |W| temporary of full size
+    scale = torch.maximum(high, -low)
+    finite = torch.isfinite(scale)
+    scale = torch.where(finite & (scale > 0), scale, torch.ones_like(scale))
     Ws = W / scale[:, None, None]
     P, cold = start_basis(Ws, k, warm, generator)
     iters = cold_power_iters if bool(cold.any()) else warm_power_iters
-    Q = range_basis(Ws, P, iters)
+    Q = range_basis(Ws, P, iters, finite)
     B, G = gram(Ws, Q)
-    return Sketch(Q, B, G, scale)
+    G = torch.where(finite[:, None, None], G, torch.zeros((), dtype=G.dtype, device=G.device))
+    return Sketch(Q, B, G, scale, finite)
 
 
 def randomized_triplets(
     W: Tensor,
     k: int,
-    warm: list[Tensor | None],
+    warm: list[Start],
     eigh: Eigh,
     cold_power_iters: int = 3,
     warm_power_iters: int = 0,

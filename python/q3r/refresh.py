@@ -174,6 +174,7 @@ def resolve_method(method: str, device: torch.device) -> str:
     return method
 
 
+@torch.no_grad()
 def refresh_slices_(
     weights: list[Tensor],
     states: list[dict[str, Tensor]],
@@ -192,26 +193,23 @@ def refresh_slices_(
     if method not in REFRESH_METHODS:
         raise ValueError(f"refresh method must be one of {REFRESH_METHODS}, got {method!r}")
     options = options or DEFAULT_SKETCH
-    done = [False] * len(weights)
     groups: dict[tuple, list[int]] = {}
-    finite = _all_finite(weights)
     for i, W in enumerate(weights):
-        if not finite[i]:
-            _warn_nonfinite(configs[i].name, warned)
-            continue
         groups.setdefault((tuple(W.shape), W.device), []).append(i)
-    sketched = []
+    exact, sketched = [], []
     for (_, device), idx in groups.items():
         concrete = resolve_method(method, device)
         if concrete == "exact":
-            _refresh_exact(weights, states, configs, idx)
+            exact.append(idx)
         else:
             sketched.append(_SketchGroup(idx, concrete, min(weights[idx[0]].shape)))
-        for i in idx:
-            done[i] = True
+    # the sketched path finds non-finite weights inside its own passes (no sync of its own)
+    nonfinite = _refresh_exact_groups(weights, states, configs, exact)
     if sketched:
-        _refresh_sketched(weights, states, configs, sketched, options)
-    return done
+        nonfinite |= _refresh_sketched(weights, states, configs, sketched, options)
+    for i in sorted(nonfinite):
+        _warn_nonfinite(configs[i].name, warned)
+    return [i not in nonfinite for i in range(len(weights))]
 
 
 def _all_finite(weights: list[Tensor]) -> list[bool]:
@@ -227,6 +225,17 @@ def _all_finite(weights: list[Tensor]) -> list[bool]:
     return out
 
 
+def _refresh_exact_groups(weights, states, configs, groups: list[list[int]]) -> set[int]:
+    """Exact SVDs of same-shaped groups of targets; returns the non-finite ones (skipped)."""
+    flat = [i for idx in groups for i in idx]
+    finite = dict(zip(flat, _all_finite([weights[i] for i in flat])))
+    for idx in groups:
+        ok = [i for i in idx if finite[i]]
+        if ok:
+            _refresh_exact(weights, states, configs, ok)
+    return {i for i in flat if not finite[i]}
+
+
 def _refresh_exact(weights, states, configs, idx) -> None:
     stack = torch.stack([weights[i].detach().to(torch.float32) for i in idx])
     U, S, V, spectrum = reference.anchor_factors(stack)
@@ -235,13 +244,11 @@ def _refresh_exact(weights, states, configs, idx) -> None:
 
 
 # ------------------------------------------------------------------ randomized refresh
-def _warm_basis(state: dict[str, Tensor]) -> Tensor | None:
-    """Previous V and its tail (d2, j), or None before the first refresh."""
-    V = state["V"]
-    tail = state.get("V_tail")
-    if tail is not None and tail.shape[-1] > 0:
-        V = torch.cat([V, tail.to(V.device)], dim=-1)
-    return V if V.shape[-1] > 0 else None
+def _warm_basis(state: dict[str, Tensor]) -> tuple[Tensor, ...] | None:
+    """Previous V and its tail (d2, j) as column blocks (randomized.Start), or None before the
+    first refresh.  Not joined here: start_basis copies the blocks of a whole stack at once."""
+    blocks = tuple(t for t in (state["V"], state.get("V_tail")) if t is not None and t.shape[-1] > 0)
+    return blocks or None
 
 
 def _sketch_width(rank: int, prev_env: int, cold: bool, n: int, opts: SketchOptions) -> int:
@@ -260,14 +267,16 @@ class _SketchGroup:
     n: int  # min(d1, d2)
     pending: dict = field(default_factory=dict)  # target -> (width, start basis)
     exact: list = field(default_factory=list)  # targets that get an exact SVD
+    nonfinite: list = field(default_factory=list)  # targets found with non-finite weights
 
     def cap(self, opts: SketchOptions) -> int:
         """The widest sketch worth taking; wider targets get an exact SVD."""
         return int(opts.exact_fraction * self.n)
 
 
-def _refresh_sketched(weights, states, configs, groups: list[_SketchGroup], opts: SketchOptions) -> None:
+def _refresh_sketched(weights, states, configs, groups: list[_SketchGroup], opts: SketchOptions) -> set[int]:
     """Randomized refresh of same-shaped groups; widen or fall back to exact SVD per target.
+    Returns the targets skipped for non-finite weights.
 
     Each attempt sketches every group first and then solves the k x k problems of all
     stacks that share a solver, a width and a device in one call: the native solver costs
@@ -301,10 +310,11 @@ def _refresh_sketched(weights, states, configs, groups: list[_SketchGroup], opts
                 _finish_stack(weights, states, configs, st, solvers, opts)
         if not any(g.pending for g in groups):
             break
-    for g in groups:
-        exact = g.exact + list(g.pending)  # still not wide enough after max_widenings
-        if exact:
-            _refresh_exact(weights, states, configs, exact)
+    nonfinite = {i for g in groups for i in g.nonfinite}
+    # the too-wide ones (never sketched, so not yet checked for non-finite weights) and those
+    # still not wide enough after max_widenings
+    exact = [g.exact + list(g.pending) for g in groups if g.exact or g.pending]
+    return nonfinite | _refresh_exact_groups(weights, states, configs, exact)
 
 
 def _by_key(items: list, key) -> list[list]:
@@ -362,7 +372,7 @@ def _align_native_widths(stacks: list[_Stack], weights, opts: SketchOptions) -> 
 
 def _sketch_stack_(weights, st: _Stack, attempt: int, opts: SketchOptions) -> None:
     """Range finder and Gram matrices of the stack; what remains is its eigensolve."""
-    stack = torch.stack([weights[i].detach() for i in st.members])
+    stack = torch.stack([weights[i] for i in st.members])  # refresh_slices_ runs under no_grad
     gen = torch.Generator(device=stack.device).manual_seed(opts.seed + 7919 * attempt)
     st.sketch = randomized.sketch(stack, st.k, st.starts, cold_power_iters=opts.cold_power_iters,
                                   warm_power_iters=opts.warm_power_iters, generator=gen)
@@ -374,7 +384,8 @@ def _finish_stack(weights, states, configs, st: _Stack, solvers, opts: SketchOpt
     g, members, k = st.group, st.members, st.k
     U, S, V = st.sketch.triplets(*st.eig)
     final = k >= g.n
-    retry = _commit_sketch(st.energy, members, states, configs, U, S, V, opts, final=final)
+    retry = _commit_sketch(st.energy, members, states, configs, U, S, V, opts, final=final,
+                           finite=st.sketch.finite)
     refined_V = {}  # a widened retry of a refined member starts from its refined V
     refine = [i for i, width in retry.items() if width == _REFINE]
     if refine:  # the same subspace, its k x k problem in float64 (see SketchOptions)
@@ -387,18 +398,22 @@ def _finish_stack(weights, states, configs, st: _Stack, solvers, opts: SketchOpt
     for i, width in retry.items():
         if width is None:
             g.exact.append(i)
+        elif width == _NONFINITE:
+            g.nonfinite.append(i)
         elif width != _REFINE:
             g.pending[i] = (min(width, g.n), refined_V[i] if i in refined_V else V[members.index(i)])
 
 
 _REFINE = -1  # _commit_sketch's answer for "redo the Rayleigh-Ritz step in float64"
+_NONFINITE = -2  # ... and for "skipped: the weights are not finite"
 
 
 def _commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions, final: bool,
-                   precise: bool = False) -> dict[int, int | None]:
+                   precise: bool = False, finite: Tensor | None = None) -> dict[int, int | None]:
     """Commit the members whose sketch reached eps; return {target: wider width, _REFINE where
-    the fp32 Ritz values cannot resolve sigma_{r+1}, or None where only an exact SVD does}
-    for the rest (``precise``: U, S, V come from the float64 Rayleigh-Ritz step).
+    the fp32 Ritz values cannot resolve sigma_{r+1}, None where only an exact SVD does, or
+    _NONFINITE where ``finite`` (b,) says the weights were not} for the rest (``precise``:
+    U, S, V come from the float64 Rayleigh-Ritz step).
 
     A sketch is wide enough when at most k - oversampling / 2 Ritz values lie above the new
     eps, so the kept triplets had at least half the oversampling below them.  All scalars
@@ -407,12 +422,18 @@ def _commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOption
     b, k = S.shape
     prev = [torch.stack([states[i][key] for i in members]).to(device=S.device, dtype=torch.float64)
             for key in ("eps", "eps0", "refreshes")]
-    host = torch.cat([S.double(), energy[:, None], *(p[:, None] for p in prev)], dim=1).cpu()
+    if finite is None:
+        finite = torch.ones(b, dtype=torch.bool, device=S.device)
+    columns = [S.double(), energy[:, None], *(p[:, None] for p in prev), finite.double()[:, None]]
+    host = torch.cat(columns, dim=1).cpu()
     margin = max(opts.oversampling // 2, 1)
     retry, commits = {}, []
     # Python floats from here on: the per-target arithmetic below is a few hundred scalars, and
     # indexing a host tensor costs an op dispatch per scalar (thousands per refresh)
     for j, (i, row) in enumerate(zip(members, host.tolist())):
+        if not row[k + 4]:
+            retry[i] = _NONFINITE
+            continue
         cfg = configs[i]
         sigma = row[:k]
         sigma_next = sigma[cfg.rank]
@@ -431,20 +452,50 @@ def _commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOption
         tail = 0.0 if total == 0 else min(max(total - head, 0.0) / total, 1.0)
         commits.append((j, i, r_env, [eps, eps0, sigma_next, tail]))
     if commits:
-        device = states[members[0]]["eps"].device
-        scalars = torch.tensor([c[3] for c in commits], dtype=torch.float32).to(device)
-        counts = torch.stack([states[i]["refreshes"] for _, i, _, _ in commits]) + 1
-        U, S, V = (t.to(torch.float32) for t in (U, S, V))  # once per stack, not per target
-        for row, (j, i, r_env, _) in enumerate(commits):
-            state = states[i]
-            state["U"] = U[j, :, :r_env].contiguous()
-            state["V"] = V[j, :, :r_env].contiguous()
-            state["sigma"] = S[j, :r_env]
-            state["V_tail"] = V[j, :, r_env : r_env + opts.oversampling].contiguous()
-            # views of one small tensor: no kernel launch per scalar and target
-            state["eps"], state["eps0"], state["sigma_next"], state["tail_energy"] = scalars[row].unbind()
-            state["refreshes"] = counts[row]
+        _store_commits(commits, states, U, S, V, opts)
     return retry
+
+
+def _store_commits(commits, states, U, S, V, opts: SketchOptions) -> None:
+    """Write the committed members' factors and scalars into their states.
+
+    Members that keep the same number of triplets share one copy per factor (a gather of
+    their rows, cut to width): each state then holds a contiguous view of it, so a stack
+    costs a handful of kernel launches, not three per target.  The views share storage as
+    sigma always did; all members of a stack are refreshed together, so it is freed together.
+    """
+    device = states[commits[0][1]]["eps"].device
+    # views from a few unbind calls: slicing row by row costs a dispatch per view and target
+    scalars = torch.tensor([c[3] for c in commits], dtype=torch.float32).to(device)
+    eps, eps0, sigma_next, tail = (column.unbind(0) for column in scalars.t().unbind(0))
+    counts = (torch.stack([states[i]["refreshes"] for _, i, _, _ in commits]) + 1).unbind(0)
+    U, S, V = (t.to(torch.float32) for t in (U, S, V))  # once per stack, not per target
+    by_width: dict[int, list[tuple[int, int, int]]] = {}
+    for row, (j, i, r_env, _) in enumerate(commits):
+        by_width.setdefault(r_env, []).append((row, j, i))
+    for r_env, entries in by_width.items():
+        rows = [j for _, j, _ in entries]
+        parts = {
+            "U": _gather_columns(U, rows, 0, r_env).unbind(0),
+            "V": _gather_columns(V, rows, 0, r_env).unbind(0),
+            "V_tail": _gather_columns(V, rows, r_env, min(r_env + opts.oversampling, V.shape[-1])).unbind(0),
+        }
+        sigmas = S[:, :r_env].unbind(0)
+        for n, (row, j, i) in enumerate(entries):
+            state = states[i]
+            for key, views in parts.items():
+                state[key] = views[n]
+            state["sigma"] = sigmas[j]
+            state["eps"], state["eps0"], state["sigma_next"] = eps[row], eps0[row], sigma_next[row]
+            state["tail_energy"], state["refreshes"] = tail[row], counts[row]
+
+
+def _gather_columns(T: Tensor, rows: list[int], start: int, stop: int) -> Tensor:
+    """T[rows, :, start:stop] (T: (b, d, k)) as one new contiguous tensor, in one kernel."""
+    block = T[:, :, start:stop]
+    if rows == list(range(T.shape[0])):
+        return block.contiguous()
+    return block.index_select(0, torch.tensor(rows, device=T.device))
 
 
 # ------------------------------------------------------------------------ staggering
