@@ -252,7 +252,9 @@ def sweep_configs(opt, work_fast) -> list[tuple[str, float, str]]:
     saved = dict(vars(K.CONFIG))
     out = []
     for change in [dict(precision="tf32"), dict(block_m=32, block_n=128), dict(block_k=32),
-                   dict(block_m=64, block_n=32, block_k=32, num_warps=4), dict(proj_block_k=32, proj_num_warps=4)]:
+                   dict(block_m=64, block_n=32, block_k=32, num_warps=4), dict(proj_block_k=32, proj_num_warps=4),
+                   dict(num_stages=2), dict(num_stages=4), dict(proj_num_stages=2), dict(proj_num_stages=4),
+                   dict(proj_block_m=128, proj_block_n=32)]:
         vars(K.CONFIG).update(saved)
         vars(K.CONFIG).update(change)
         tag = ",".join(f"{k}={v}" for k, v in change.items())

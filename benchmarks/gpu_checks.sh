@@ -8,8 +8,8 @@
 #   tests       the suite's CUDA tests: kernels at real sizes in fp32/bf16, native solver,
 #               randomized refresh on CUDA, NCCL world size 1 (not the multi-process/CPU ones)
 #   step        bench_step.py on ViT-B/16 and GPT-2-small: per-step work, step ratios, memory,
-#               whole-step T-cycles with real refreshes (plain and staggered); fp32 dots at
-#               torch's "highest" and "high" precision
+#               whole-step T-cycles with real refreshes (plain and staggered), device time per
+#               kernel, a sweep of tile settings; fp32 dots at torch's "highest" and "high" precision
 #   refresh     bench_refresh.py (ViT-B/16, GPT-2-small, LLaMA-1B-like, LLaMA-7B-sized), then
 #               profile_refresh.py (where a warm ViT-B refresh spends its time)
 #   experiment  `q3r experiment vit-fmnist --size full` on the fast path, resumable: run it
@@ -44,12 +44,12 @@ if has tests; then
   echo "tests rc=$?"; tail -3 "$OUT/gpu_tests.log"
 fi
 if has step; then
-  $PY benchmarks/bench_step.py --models vit_b16,gpt2_small --cycle --csv "$OUT/bench_step.csv" \
+  $PY benchmarks/bench_step.py --models vit_b16,gpt2_small --cycle --profile --sweep --csv "$OUT/bench_step.csv" \
       >"$OUT/bench_step.log" 2>&1
   echo "bench_step (highest) rc=$?"
   $PY benchmarks/bench_step.py --models vit_b16,gpt2_small --fp32-matmul high --csv "$OUT/bench_step.csv" \
       >>"$OUT/bench_step.log" 2>&1
-  echo "bench_step (high) rc=$?"; grep -E "ratio_|max_over|mean_over|work_fast" "$OUT/bench_step.log" | head -40
+  echo "bench_step (high) rc=$?"; grep -E "ratio_|max_over|mean_over|work_fast|profile_device" "$OUT/bench_step.log" | head -60
 fi
 if has refresh; then
   $PY benchmarks/bench_refresh.py --reps 5 --csv "$OUT/refresh.csv" >"$OUT/refresh.log" 2>&1

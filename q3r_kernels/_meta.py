@@ -27,7 +27,7 @@ import triton.language as tl
 _C = tl.constexpr
 F_X, F_X_SR, F_X_SC, F_ROWS, F_COLS, F_K = _C(0), _C(1), _C(2), _C(3), _C(4), _C(5)
 F_U, F_U_SR, F_U_SK, F_V, F_V_SR, F_V_SK = _C(6), _C(7), _C(8), _C(9), _C(10), _C(11)
-F_A, F_B, F_C, F_D = _C(12), _C(13), _C(14), _C(15)  # workspace: A (k, cols), B then G (rows, k), C (k, k), d (k)
+F_A, F_B, F_C, F_D = _C(12), _C(13), _C(14), _C(15)  # workspace: A or diag(d) A (k, cols), B then G (rows, k), C (k, k), d (k)
 F_DSRC, F_EPS = _C(16), _C(17)  # d itself, or sigma and eps (then d is derived on the device)
 F_Y, F_Y_SR, F_Y_SC = _C(18), _C(19), _C(20)  # apply: output; Adam: gradient
 F_M, F_S = _C(21), _C(22)  # Adam: exp_avg, exp_avg_sq (same strides as X)
@@ -48,6 +48,19 @@ def pointer(row, field, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
+
+
+@triton.jit
+def coefficients(row, offs, k, D_FROM_SIGMA: tl.constexpr):
+    """d[offs] of a block (0 beyond k): the table's d itself, or eps / sigma - 1 above eps and
+    0 at or below it (q3r.reference.reweighting_coefficients) from its sigma and eps."""
+    src = tl.load(row + F_DSRC).to(tl.pointer_type(tl.float32))
+    s = tl.load(src + offs, mask=offs < k, other=0.0)
+    if D_FROM_SIGMA:
+        eps = tl.load(tl.load(row + F_EPS).to(tl.pointer_type(tl.float32)))
+        active = s > eps
+        s = tl.where(active, eps / tl.where(active, s, 1.0) - 1.0, 0.0)
+    return s
 
 
 @triton.jit
@@ -91,6 +104,10 @@ class TileConfig:
     proj_block_n: int = 64
     proj_block_k: int = 64
     proj_num_warps: int = 8
+    # software-pipelining depth of the apply / fused Adam loop and of the projection loop
+    # (0: Triton's default for the device)
+    num_stages: int = 0
+    proj_num_stages: int = 0
     # fp32 dots: "tf32x3" is within a few ulp of fp32 at ~1/3 of tf32 speed; "tf32" is
     # fastest; "ieee" is exact fp32 FMA (and what the CPU interpreter does anyway). "auto"
     # follows torch.get_float32_matmul_precision(), as torch's own fp32 matmuls do: "highest"
@@ -99,6 +116,11 @@ class TileConfig:
 
 
 CONFIG = TileConfig()
+
+
+def launch_options(num_warps: int, num_stages: int) -> dict:
+    """Keyword arguments of a kernel launch (num_stages only when set: 0 keeps Triton's)."""
+    return dict(num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}))
 
 
 def interpreting() -> bool:

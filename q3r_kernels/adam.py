@@ -159,7 +159,8 @@ class AdamQ3RPlan:
 
     def __init__(self, regions: list[AdamRegion]):
         self.device = regions[0].param.device if regions else None
-        self.config = (m.CONFIG.block_m, m.CONFIG.block_n, m.CONFIG.block_k, m.CONFIG.num_warps, m.dot_precision())
+        self.config = (m.CONFIG.block_m, m.CONFIG.block_n, m.CONFIG.block_k, m.CONFIG.num_warps, m.CONFIG.num_stages,
+                       m.dot_precision())
         by_key: dict[tuple, list[int]] = {}
         for i, reg in enumerate(regions):
             by_key.setdefault((reg.param.dtype, reg.grad.dtype, reg.exp_avg.dtype, len(reg.factors or ()),
@@ -252,7 +253,7 @@ class AdamQ3RPlan:
         often reallocated every step (zero_grad(set_to_none=True)) while everything else
         stays put, so only that column of the table is sent again.
         """
-        block_m, block_n, block_k, num_warps, precision = self.config
+        block_m, block_n, block_k, num_warps, num_stages, precision = self.config
         for g in self.groups:
             if grad_ptrs is not None:
                 g["host"][:, int(m.F_Y)] = torch.tensor([grad_ptrs[i] for i in g["idx"]], dtype=torch.int64)
@@ -264,7 +265,7 @@ class AdamQ3RPlan:
             if g["total"]:
                 _adamq3r_kernel[(g["total"],)](
                     g["table"], floats, g["sched"], g["total"], *(m.tl_dtype(t) for t in g["dtypes"]),
-                    has_q3r, g["aligned"], block_m, block_n, block_k, precision, num_warps=num_warps,
+                    has_q3r, g["aligned"], block_m, block_n, block_k, precision, **m.launch_options(num_warps, num_stages),
                 )
 
 

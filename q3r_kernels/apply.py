@@ -1,14 +1,15 @@
-"""R(X) = X + (U diag d) A + G V^T, tile by tile, for many blocks in one launch.
+"""R(X) = X + U A' + G V^T, tile by tile, for many blocks in one launch.
 
-With A = U^T X, B = X V and C = A V (k x k), SPEC section 2 writes
+With A = U^T X, B = X V and C = U^T B (k x k), SPEC section 2 writes
 
-    R(X) = X + (U diag d)(A + C diag(d) V^T) + B diag(d) V^T = X + (U diag d) A + G V^T,
-    G = (B + (U diag d) C) diag d   (rows x k).
+    R(X) = X + (U diag d)(A + C diag(d) V^T) + B diag(d) V^T = X + U A' + G V^T,
+    A' = diag(d) A  (k x cols),   G = (B + (U diag d) C) diag d   (rows x k).
 
-So after three small stages (projection; C and d; G, written over B) R is X plus a rank-2k
-update whose factors [U diag d | G] and [A ; V^T] are all small: a tile of R needs a tile of
-X and four thin strips, never anything of full size. The apply kernel writes
-out = alpha * R(X) (+ out, to add 2 lambda R(W) into a gradient in place).
+So after three small stages (projection, which writes A' and B; C and d; G, written over B)
+R is X plus a rank-2k update whose factors [U | G] and [A' ; V^T] are all small: a tile of R
+needs a tile of X and four thin strips, never anything of full size, and its inner loop
+multiplies tiles exactly as they are loaded. The apply kernel writes out = alpha * R(X)
+(+ out, to add 2 lambda R(W) into a gradient in place).
 """
 
 from __future__ import annotations
@@ -22,47 +23,40 @@ import triton.language as tl
 from . import _meta as m
 from ._meta import (F_A, F_B, F_C, F_COLS, F_D, F_DSRC, F_EPS, F_K, F_NUMEL, F_ROWS, F_U, F_U_SK, F_U_SR, F_V,
                     F_V_SK, F_V_SR, F_X, F_X_SC, F_X_SR, F_Y, F_Y_SC, F_Y_SR, G_SCALE, NF, NG)
-from ._meta import pointer, tile_offsets
+from ._meta import coefficients, pointer, tile_offsets
 from .projection import fill_factor_fields, launch_project
 
 
 @triton.jit
-def _gram_kernel(meta, sched, n_programs, D_FROM_SIGMA: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+def _gram_kernel(meta, sched, n_programs, D_FROM_SIGMA: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                  PRECISION: tl.constexpr):
-    """C[ic, jc] = A[ic, :] @ V[:, jc]; tile 0 of each block also writes d."""
+    """C[ic, jc] = U[:, ic]^T @ B[:, jc] (= U^T X V); tile 0 of each block also writes d."""
     pid = tl.program_id(0)
     blk = tl.load(sched + pid).to(tl.int64)
     tile = tl.load(sched + n_programs + pid)
     row = meta + blk * NF
-    cols = tl.load(row + F_COLS).to(tl.int32)
+    rows = tl.load(row + F_ROWS).to(tl.int32)
     k = tl.load(row + F_K).to(tl.int32)
     n_kc = tl.cdiv(k, BK)
     if tile == 0:
         d_ptr = tl.load(row + F_D).to(tl.pointer_type(tl.float32))
-        src = tl.load(row + F_DSRC).to(tl.pointer_type(tl.float32))
         for k0 in range(0, k, BK):
             offs = k0 + tl.arange(0, BK)
-            s = tl.load(src + offs, mask=offs < k, other=0.0)
-            if D_FROM_SIGMA:
-                # d = eps / sigma - 1 above eps, 0 at or below (q3r.reference.reweighting_coefficients)
-                eps = tl.load(tl.load(row + F_EPS).to(tl.pointer_type(tl.float32)))
-                active = s > eps
-                s = tl.where(active, eps / tl.where(active, s, 1.0) - 1.0, 0.0)
-            tl.store(d_ptr + offs, s, mask=offs < k)
-    a_ptr = tl.load(row + F_A).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(row + F_V).to(tl.pointer_type(tl.float32))
-    v_sr = tl.load(row + F_V_SR).to(tl.int32)
-    v_sk = tl.load(row + F_V_SK).to(tl.int32)
+            tl.store(d_ptr + offs, coefficients(row, offs, k, D_FROM_SIGMA), mask=offs < k)
+    u_ptr = tl.load(row + F_U).to(tl.pointer_type(tl.float32))
+    u_sr = tl.load(row + F_U_SR).to(tl.int32)
+    u_sk = tl.load(row + F_U_SK).to(tl.int32)
+    b_ptr = tl.load(row + F_B).to(tl.pointer_type(tl.float32))
     offs_i = (tile // n_kc) * BK + tl.arange(0, BK)
     offs_j = (tile % n_kc) * BK + tl.arange(0, BK)
     acc = tl.zeros((BK, BK), dtype=tl.float32)
-    for c0 in range(0, cols, BN):
-        offs_n = c0 + tl.arange(0, BN)
-        a = tl.load(a_ptr + offs_i[:, None] * cols + offs_n[None, :],
-                    mask=(offs_i[:, None] < k) & (offs_n[None, :] < cols), other=0.0)
-        v = tl.load(v_ptr + offs_n[:, None] * v_sr + offs_j[None, :] * v_sk,
-                    mask=(offs_n[:, None] < cols) & (offs_j[None, :] < k), other=0.0)
-        acc = tl.dot(a, v, acc, input_precision=PRECISION)
+    for r0 in range(0, rows, BM):
+        offs_m = r0 + tl.arange(0, BM)
+        ut = tl.load(u_ptr + offs_i[:, None] * u_sk + offs_m[None, :] * u_sr,
+                     mask=(offs_i[:, None] < k) & (offs_m[None, :] < rows), other=0.0)
+        b = tl.load(b_ptr + offs_m[:, None] * k + offs_j[None, :],
+                    mask=(offs_m[:, None] < rows) & (offs_j[None, :] < k), other=0.0)
+        acc = tl.dot(ut, b, acc, input_precision=PRECISION)
     c_ptr = tl.load(row + F_C).to(tl.pointer_type(tl.float32))
     tl.store(c_ptr + offs_i[:, None] * k + offs_j[None, :], acc, mask=(offs_i[:, None] < k) & (offs_j[None, :] < k))
 
@@ -104,7 +98,7 @@ def _left_kernel(meta, sched, n_programs, BM: tl.constexpr, BK: tl.constexpr, PR
 @triton.jit
 def lowrank_tile(row, offs_m, offs_n, rows, cols, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  PRECISION: tl.constexpr):
-    """(U diag d) A + G V^T on one (BM, BN) tile of a block, in float32."""
+    """U A' + G V^T (= (U diag d) A + G V^T) on one (BM, BN) tile of a block, in float32."""
     k = tl.load(row + F_K).to(tl.int32)
     u_ptr = tl.load(row + F_U).to(tl.pointer_type(tl.float32))
     u_sr = tl.load(row + F_U_SR).to(tl.int32)
@@ -114,7 +108,6 @@ def lowrank_tile(row, offs_m, offs_n, rows, cols, BM: tl.constexpr, BN: tl.const
     v_sk = tl.load(row + F_V_SK).to(tl.int32)
     a_ptr = tl.load(row + F_A).to(tl.pointer_type(tl.float32))
     g_ptr = tl.load(row + F_B).to(tl.pointer_type(tl.float32))
-    d_ptr = tl.load(row + F_D).to(tl.pointer_type(tl.float32))
     in_m = offs_m[:, None] < rows
     in_n = offs_n[None, :] < cols
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -122,9 +115,8 @@ def lowrank_tile(row, offs_m, offs_n, rows, cols, BM: tl.constexpr, BN: tl.const
         offs_k = k0 + tl.arange(0, BK)
         in_k = offs_k < k
         u = tl.load(u_ptr + offs_m[:, None] * u_sr + offs_k[None, :] * u_sk, mask=in_m & in_k[None, :], other=0.0)
-        dk = tl.load(d_ptr + offs_k, mask=in_k, other=0.0)
         a = tl.load(a_ptr + offs_k[:, None] * cols + offs_n[None, :], mask=in_k[:, None] & in_n, other=0.0)
-        acc = tl.dot(u * dk[None, :], a, acc, input_precision=PRECISION)
+        acc = tl.dot(u, a, acc, input_precision=PRECISION)  # a holds diag(d) A
         g = tl.load(g_ptr + offs_m[:, None] * k + offs_k[None, :], mask=in_m & in_k[None, :], other=0.0)
         vt = tl.load(v_ptr + offs_k[:, None] * v_sk + offs_n[None, :] * v_sr, mask=in_k[:, None] & in_n, other=0.0)
         acc = tl.dot(g, vt, acc, input_precision=PRECISION)
@@ -161,13 +153,14 @@ def _apply_kernel(meta, floats, sched, n_programs, X_DTYPE: tl.constexpr, Y_DTYP
 
 def prepare(table: torch.Tensor, shapes, x_dtype: torch.dtype, d_from_sigma: bool, device,
             aligned: bool = False) -> None:
-    """Run the three small stages for every block of ``table``: A and B, then C and d, then G."""
+    """Run the three small stages for every block of ``table``: diag(d) A and B, then C and d,
+    then G."""
     cfg = m.CONFIG
-    launch_project(table, shapes, x_dtype, device, aligned)
+    launch_project(table, shapes, x_dtype, device, aligned, scale_a=True, d_from_sigma=d_from_sigma)
     prec = m.dot_precision()
     sched, total = m.tile_schedule([m.cdiv(k, cfg.block_k) ** 2 for _, _, k in shapes], device)
     if total:
-        _gram_kernel[(total,)](table, sched, total, d_from_sigma, cfg.block_n, cfg.block_k, prec, num_warps=4)
+        _gram_kernel[(total,)](table, sched, total, d_from_sigma, cfg.block_m, cfg.block_k, prec, num_warps=4)
     sched, total = m.tile_schedule([m.cdiv(r, cfg.block_m) * m.cdiv(k, cfg.block_k) for r, _, k in shapes], device)
     if total:
         _left_kernel[(total,)](table, sched, total, cfg.block_m, cfg.block_k, prec, num_warps=4)
@@ -217,7 +210,7 @@ def add_reweighting_(outs, Xs, Us, Vs, ds, alphas, accumulate: bool = True, sigm
             cfg = m.CONFIG
             _apply_kernel[(total,)](
                 table, floats, sched, total, m.tl_dtype(x_dtype), m.tl_dtype(y_dtype), accumulate, aligned,
-                cfg.block_m, cfg.block_n, cfg.block_k, m.dot_precision(), num_warps=cfg.num_warps,
+                cfg.block_m, cfg.block_n, cfg.block_k, m.dot_precision(), **m.launch_options(cfg.num_warps, cfg.num_stages),
             )
     del ws  # kernels are queued on the stream; the caching allocator keeps the order safe
 

@@ -1,7 +1,8 @@
 """Projection A = U^T X, B = X V for many blocks (slices, weights) in one launch.
 
-These two skinny products are the only reads of X that R(X) needs (SPEC section 2). A
-program owns either a (BM x BK) tile of B, reducing along a strip of X's rows, or a
+These two skinny products are the only reads of X that R(X) needs (SPEC section 2). For R
+itself (apply.prepare) the kernel writes diag(d) A instead of A, so that the hot loop of the
+apply and fused Adam kernels multiplies tiles straight from memory. A program owns either a (BM x BK) tile of B, reducing along a strip of X's rows, or a
 (BK x BN) tile of A, reducing down a strip of X's columns; both reductions finish inside
 the program, so the result is deterministic (no atomics) and no partial sums hit memory.
 Programs for the same strip of X and different k-chunks are adjacent in the schedule, so
@@ -17,13 +18,14 @@ import triton
 import triton.language as tl
 
 from . import _meta as m
-from ._meta import pointer
+from ._meta import coefficients, pointer
 from ._meta import F_A, F_B, F_COLS, F_K, F_ROWS, F_U, F_U_SK, F_U_SR, F_V, F_V_SK, F_V_SR, F_X, F_X_SC, F_X_SR, NF
 
 
 @triton.jit
 def _project_kernel(meta, sched, n_programs, X_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+                    BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, SCALE_A: tl.constexpr,
+                    D_FROM_SIGMA: tl.constexpr):
     pid = tl.program_id(0)
     blk = tl.load(sched + pid).to(tl.int64)
     tile = tl.load(sched + n_programs + pid)
@@ -76,6 +78,8 @@ def _project_kernel(meta, sched, n_programs, X_DTYPE: tl.constexpr, ALIGNED: tl.
             x = tl.load(x_ptr + x_offsets(offs_m, offs_n, x_sr, x_sc, ALIGNED),
                         mask=(offs_m[:, None] < rows) & (offs_n[None, :] < cols), other=0.0).to(tl.float32)
             acc_a = tl.dot(ut, x, acc_a, input_precision=PRECISION)
+        if SCALE_A:  # diag(d) A: the row scaling (U diag d) A would need in the apply loop
+            acc_a = acc_a * coefficients(row, offs_k, k, D_FROM_SIGMA)[:, None]
         a_ptr = tl.load(row + F_A).to(tl.pointer_type(tl.float32))
         tl.store(a_ptr + offs_k[:, None] * cols + offs_n[None, :], acc_a,
                  mask=(offs_k[:, None] < k) & (offs_n[None, :] < cols))
@@ -94,16 +98,17 @@ def project_tile_counts(shapes: list[tuple[int, int, int]]) -> list[int]:
 
 
 def launch_project(table: torch.Tensor, shapes: list[tuple[int, int, int]], x_dtype: torch.dtype, device,
-                   aligned: bool = False) -> None:
+                   aligned: bool = False, scale_a: bool = False, d_from_sigma: bool = False) -> None:
     """Fill A and B of every block of ``table`` (rows built by the caller, all X of x_dtype;
-    ``aligned``: every X passes _meta.aligned and has a width that is a multiple of 16)."""
+    ``aligned``: every X passes _meta.aligned and has a width that is a multiple of 16;
+    ``scale_a``: write diag(d) A, d from the rows' d or (``d_from_sigma``) sigma and eps)."""
     sched, total = m.tile_schedule(project_tile_counts(shapes), device)
     if total == 0:
         return
     cfg = m.CONFIG
     _project_kernel[(total,)](
         table, sched, total, m.tl_dtype(x_dtype), aligned, cfg.proj_block_m, cfg.proj_block_n, cfg.proj_block_k,
-        m.dot_precision(), num_warps=cfg.proj_num_warps,
+        m.dot_precision(), scale_a, d_from_sigma, **m.launch_options(cfg.proj_num_warps, cfg.proj_num_stages),
     )
 
 
