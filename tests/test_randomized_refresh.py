@@ -219,7 +219,7 @@ def test_rank_below_target_stays_finite():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", FAST + ["auto"])
+@pytest.mark.parametrize("method", FAST + ["auto", "exact"])
 @pytest.mark.parametrize("bad_value", [float("nan"), float("-inf")])
 def test_nonfinite_weights_keep_last_good_factors(method, device, bad_value):
     gen = torch.Generator().manual_seed(9)

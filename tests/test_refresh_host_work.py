@@ -1,7 +1,8 @@
 """Host-side work of a sketched refresh (issue 4): a warm refresh of a whole model was bound by
 the host on the H100 (1,172 launches and 49 blocking copies around 15.5 ms of device work), so
-its per-target work is batched per stack.  These tests pin that down on the CPU: the number of
-dispatched ops does not grow with the number of same-shaped targets, and the batched pieces
+its per-target work is batched per stack (and per group on the exact path).  These tests pin
+that down on the CPU: the number of dispatched ops (kernel launches and host syncs on a GPU)
+does not grow with the number of same-shaped targets, and the batched pieces
 (warm starts, non-finite detection, factor copies) give exactly what the per-target code gave.
 """
 
@@ -38,7 +39,7 @@ def _targets(n, seed=0):
 METHODS = ["randomized"] + (["native"] if _native.available("cpu") else [])
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + ["exact"])
 def test_warm_refresh_dispatches_the_same_ops_for_4_and_16_targets(method):
     counts = {}
     for n in (4, 16):

@@ -185,6 +185,15 @@ def _leading_blocks(start: Start, k: int) -> list[Tensor]:
     return blocks
 
 
+def max_abs(W: Tensor) -> tuple[Tensor, Tensor]:
+    """Largest |entry| (b,) of each member of a stack W (b, ...) and whether it is finite,
+    i.e. whether the member has no NaN or inf: min and max propagate NaN.  One pass, with no
+    |W| temporary of full size."""
+    low, high = W.flatten(1).aminmax(dim=1)
+    top = torch.maximum(high, -low)
+    return top, torch.isfinite(top)
+
+
 @dataclass
 class Sketch:
     """A stack's sketch up to its k x k Gram matrices: what remains is one eigensolve.
@@ -224,9 +233,7 @@ def sketch(
     and their Gram matrices are zeroed, so no solver ever sees a NaN.
     """
     W = W.to(reference.compute_dtype(W.dtype))
-    low, high = W.flatten(1).aminmax(dim=1)  # one pass, no |W| temporary of full size
-    scale = torch.maximum(high, -low)
-    finite = torch.isfinite(scale)
+    scale, finite = max_abs(W)
     scale = torch.where(finite & (scale > 0), scale, torch.ones_like(scale))
     Ws = W / scale[:, None, None]
     P, cold = start_basis(Ws, k, warm, generator)

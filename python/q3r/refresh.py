@@ -136,35 +136,6 @@ def _warn_nonfinite(name: str, warned: set | None) -> None:
     )
 
 
-def _commit_refresh(
-    state: dict[str, Tensor], cfg: SliceConfig, spectrum: Tensor, U: Tensor, S: Tensor, V: Tensor
-) -> None:
-    """Update eps by the schedule and keep the triplets above it (U, S, V cover >= r_env)."""
-    sigma_next = float(spectrum[cfg.rank]) if spectrum.numel() > cfg.rank else 0.0
-    eps, eps0 = reference.next_eps(
-        cfg.schedule,
-        float(state["eps"]),
-        sigma_next,
-        int(state["refreshes"]),
-        float(state["eps0"]),
-        cfg.eps_value,
-        cfg.eps_floor,
-        cfg.num_refreshes,
-    )
-    r_env = int((S > eps).sum())
-    total = float(spectrum.double().square().sum())
-    head = float(spectrum[: cfg.rank].double().square().sum())
-    state["U"] = U[:, :r_env].to(torch.float32).contiguous()
-    state["V"] = V[:, :r_env].to(torch.float32).contiguous()
-    state["V_tail"] = V[:, r_env : r_env + DEFAULT_SKETCH.oversampling].to(torch.float32).contiguous()
-    state["sigma"] = S[:r_env].to(torch.float32).contiguous()
-    state["eps"].fill_(eps)
-    state["eps0"].fill_(eps0)
-    state["sigma_next"].fill_(sigma_next)
-    state["tail_energy"].fill_(0.0 if total == 0 else max(total - head, 0.0) / total)
-    state["refreshes"].add_(1)
-
-
 def resolve_method(method: str, device: torch.device) -> str:
     """The concrete method for tensors on ``device`` ("auto" -> "native" or "randomized")."""
     if method not in REFRESH_METHODS:
@@ -212,35 +183,28 @@ def refresh_slices_(
     return [i not in nonfinite for i in range(len(weights))]
 
 
-def _all_finite(weights: list[Tensor]) -> list[bool]:
-    """isfinite of every weight with one host sync per device, not one per target."""
-    by_device: dict[torch.device, list[int]] = {}
-    for i, W in enumerate(weights):
-        by_device.setdefault(W.device, []).append(i)
-    out = [True] * len(weights)
-    for idx in by_device.values():
-        flags = torch.stack([torch.isfinite(weights[i]).all() for i in idx]).tolist()
-        for i, ok in zip(idx, flags):
-            out[i] = bool(ok)
-    return out
-
-
 def _refresh_exact_groups(weights, states, configs, groups: list[list[int]]) -> set[int]:
-    """Exact SVDs of same-shaped groups of targets; returns the non-finite ones (skipped)."""
-    flat = [i for idx in groups for i in idx]
-    finite = dict(zip(flat, _all_finite([weights[i] for i in flat])))
+    """Exact SVDs of same-shaped groups of targets; returns the non-finite ones (skipped).
+    Finiteness comes from each group's stacked max |W| (randomized.max_abs), one host sync
+    for all groups: a NaN must not reach the SVD, which may fail on it."""
+    if not groups:
+        return set()
+    flags = torch.cat([randomized.max_abs(torch.stack([weights[i] for i in idx]))[1].cpu() for idx in groups])
+    finite = dict(zip((i for idx in groups for i in idx), flags.tolist()))
     for idx in groups:
         ok = [i for i in idx if finite[i]]
         if ok:
             _refresh_exact(weights, states, configs, ok)
-    return {i for i in flat if not finite[i]}
+    return {i for i, good in finite.items() if not good}
 
 
 def _refresh_exact(weights, states, configs, idx) -> None:
-    stack = torch.stack([weights[i].detach().to(torch.float32) for i in idx])
+    """Exact SVD of same-shaped targets; committed like a sketch that covers the whole
+    spectrum (one host transfer for the group, not a few per target)."""
+    stack = torch.stack([weights[i].to(torch.float32) for i in idx])
     U, S, V, spectrum = reference.anchor_factors(stack)
-    for j, i in enumerate(idx):
-        _commit_refresh(states[i], configs[i], spectrum[j], U[j], S[j], V[j])
+    energy = spectrum.double().square().sum(dim=-1)
+    _commit_sketch(energy, idx, states, configs, U, S, V, DEFAULT_SKETCH, final=True)
 
 
 # ------------------------------------------------------------------ randomized refresh
