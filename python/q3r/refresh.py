@@ -400,7 +400,7 @@ def _commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOption
             continue
         cfg = configs[i]
         sigma = row[:k]
-        sigma_next = sigma[cfg.rank]
+        sigma_next = sigma[cfg.rank] if cfg.rank < k else 0.0  # (an exact SVD of rank >= min(d1, d2))
         eps, eps0 = reference.next_eps(cfg.schedule, row[k + 1], sigma_next, int(row[k + 3]), row[k + 2],
                                        cfg.eps_value, cfg.eps_floor, cfg.num_refreshes)
         r_env = sum(1 for value in sigma if value > eps)
