@@ -8,6 +8,13 @@ of different shapes, different k and different tensors share one launch (the pat
 Triton's grouped-GEMM tutorial). Programs are mapped to (block, tile) through a flat
 schedule, so a launch has exactly as many programs as there are tiles.
 
+Every step first packs a block's factors into its workspace, zero-padded to a width kp (a
+multiple of 32): U as (rows, kp) and as its transpose (kp, rows), V as (cols, kp). Every
+operand of every dot is then 16-byte aligned and K-major (contiguous along the reduction),
+which is what Hopper's tf32 tensor-core instructions read straight from shared memory; with
+factors of width 153 read in place (row stride 153) the same GEMMs ran 2-4x slower on an H100
+(micro-benchmark in benchmarks/results/kernel_layouts_h100.md). The zero columns add nothing.
+
 This module imports torch and triton only, never q3r.
 """
 
@@ -27,12 +34,15 @@ import triton.language as tl
 _C = tl.constexpr
 F_X, F_X_SR, F_X_SC, F_ROWS, F_COLS, F_K = _C(0), _C(1), _C(2), _C(3), _C(4), _C(5)
 F_U, F_U_SR, F_U_SK, F_V, F_V_SR, F_V_SK = _C(6), _C(7), _C(8), _C(9), _C(10), _C(11)
-F_A, F_B, F_C, F_D = _C(12), _C(13), _C(14), _C(15)  # workspace: A or diag(d) A (k, cols), B then G (rows, k), C (k, k), d (k)
+# workspace, all float32 with padded width kp (see Workspace): A^T or (diag(d) A)^T (cols, kp),
+# B then G (rows, kp), C^T (kp, kp), d (kp), packed U (rows, kp), U^T (kp, rows_p), V (cols, kp)
+F_A, F_B, F_C, F_D = _C(12), _C(13), _C(14), _C(15)
 F_DSRC, F_EPS = _C(16), _C(17)  # d itself, or sigma and eps (then d is derived on the device)
 F_Y, F_Y_SR, F_Y_SC = _C(18), _C(19), _C(20)  # apply: output; Adam: gradient
 F_M, F_S = _C(21), _C(22)  # Adam: exp_avg, exp_avg_sq (same strides as X)
 F_NUMEL = _C(23)  # linear bound, for flat tensors viewed as (ceil(n / w), w)
-NF = _C(24)
+F_UP, F_UT, F_VP, F_KP = _C(24), _C(25), _C(26), _C(27)
+NF = _C(28)
 
 # Fields of a block's row in the float32 table (apply: only G_SCALE = alpha; Adam: scale =
 # 2 lambda, w1 = 1 - beta1 as lerp's weight, decay = 1 - lr * weight_decay).
@@ -61,6 +71,18 @@ def coefficients(row, offs, k, D_FROM_SIGMA: tl.constexpr):
         active = s > eps
         s = tl.where(active, eps / tl.where(active, s, 1.0) - 1.0, 0.0)
     return s
+
+
+@triton.jit
+def packed_width(row):
+    """kp of a block, hinted as the multiple of 32 it is (aligned rows of every packed piece)."""
+    return tl.multiple_of(tl.load(row + F_KP).to(tl.int32), 32)
+
+
+@triton.jit
+def transposed_stride(rows):
+    """Row stride of the packed U^T (kp, rows_p): rows rounded up to a multiple of 4."""
+    return tl.multiple_of((rows + 3) // 4 * 4, 4)
 
 
 @triton.jit
@@ -93,21 +115,29 @@ class TileConfig:
     """Tile sizes and dot precision. Tests shrink the tiles so that small awkward shapes
     span several tiles with ragged edges; all block sizes must be powers of two >= 16."""
 
-    # apply / fused Adam tiles: 64x64 with k in chunks of 16 keeps the fused Adam kernel
-    # under ~180 registers without spills on sm_90 (checked with cuobjdump --dump-resource-usage)
-    block_m: int = 64
+    # Defaults: the fastest of the settings timed on an H100 for ViT-B/16's targets
+    # (benchmarks/results/kernel_layouts_h100.md), packed factors, tf32x3 and tf32.
+    # apply / fused Adam: a (block_m, block_n) tile of X, the factor width in chunks of block_k
+    block_m: int = 128
     block_n: int = 64
-    block_k: int = 16
+    block_k: int = 32
     num_warps: int = 8
-    # projection tiles: wider k chunks, so a strip of X is re-read (from L2) fewer times
-    proj_block_m: int = 64
+    num_stages: int = 3  # software-pipelining depth (0: Triton's default for the device)
+    # B = X V: (proj_block_m, proj_block_k) tiles of B, X's columns in chunks of proj_block_n
+    proj_block_m: int = 128
     proj_block_n: int = 64
     proj_block_k: int = 64
     proj_num_warps: int = 8
-    # software-pipelining depth of the apply / fused Adam loop and of the projection loop
-    # (0: Triton's default for the device)
-    num_stages: int = 0
-    proj_num_stages: int = 0
+    proj_num_stages: int = 3
+    # A^T = X^T U: (projt_block_n, proj_block_k) tiles, X's rows in chunks of projt_block_m
+    projt_block_m: int = 32
+    projt_block_n: int = 128
+    projt_num_warps: int = 4
+    projt_num_stages: int = 4
+    # the small stages (packing the factors, C = U^T B, G): (small_block_m, small_block_k) tiles
+    small_block_m: int = 64
+    small_block_k: int = 32
+    small_num_warps: int = 4
     # fp32 dots: "tf32x3" is within a few ulp of fp32 at ~1/3 of tf32 speed; "tf32" is
     # fastest; "ieee" is exact fp32 FMA (and what the CPU interpreter does anyway). "auto"
     # follows torch.get_float32_matmul_precision(), as torch's own fp32 matmuls do: "highest"
@@ -155,22 +185,39 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def workspace_sizes(rows: int, cols: int, k: int) -> tuple[int, int, int, int]:
-    """Element counts of A (k, cols), B/G (rows, k), C (k, k), d (k) of one block."""
-    return k * cols, rows * k, k * k, k
+K_ALIGN = 32  # factor widths are padded to a multiple of this (and of every k tile)
+
+
+def padded_width(k: int) -> int:
+    """kp: the packed width of factors of width k (0 stays 0: R = I, nothing to pack)."""
+    cfg = CONFIG
+    step = max(K_ALIGN, cfg.block_k, cfg.small_block_k)
+    return cdiv(k, step) * step
+
+
+def workspace_shapes(rows: int, cols: int, k: int) -> list[tuple[int, ...]]:
+    """Shapes of a block's pieces, in the order of WORKSPACE_FIELDS (see the field comments)."""
+    kp = padded_width(k)
+    rows_p = cdiv(rows, 4) * 4
+    return [(cols, kp), (rows, kp), (kp, kp), (kp,), (rows, kp), (kp, rows_p), (cols, kp)]
+
+
+WORKSPACE_FIELDS = (F_A, F_B, F_C, F_D, F_UP, F_UT, F_VP)
 
 
 class Workspace:
-    """One float32 allocation carved into every block's A, B/G, C and d."""
+    """One float32 allocation carved into every block's pieces (see workspace_shapes)."""
 
     def __init__(self, shapes: list[tuple[int, int, int]], device):
         offsets, total = [], 0
         for rows, cols, k in shapes:
-            sizes = workspace_sizes(rows, cols, k)
             starts = []
-            for n in sizes:
+            for shape in workspace_shapes(rows, cols, k):
+                n = 1
+                for s in shape:
+                    n *= s
                 starts.append(total)
-                total += n + (-n) % 4  # keep each piece 16-byte aligned
+                total += n + (-n) % K_ALIGN  # every piece starts 128-byte aligned
             offsets.append(starts)
         self.buffer = torch.empty(max(total, 1), dtype=torch.float32, device=device)
         self.offsets = offsets
@@ -180,9 +227,10 @@ class Workspace:
         return self.buffer.data_ptr() + 4 * self.offsets[block][piece]
 
     def view(self, block: int, piece: int) -> torch.Tensor:
-        rows, cols, k = self.shapes[block]
-        shape = [(k, cols), (rows, k), (k, k), (k,)][piece]
-        n = workspace_sizes(rows, cols, k)[piece]
+        shape = workspace_shapes(*self.shapes[block])[piece]
+        n = 1
+        for s in shape:
+            n *= s
         start = self.offsets[block][piece]
         return self.buffer[start : start + n].view(shape)
 

@@ -5,10 +5,10 @@ With A = U^T X, B = X V and C = U^T B (k x k), SPEC section 2 writes
     R(X) = X + (U diag d)(A + C diag(d) V^T) + B diag(d) V^T = X + U A' + G V^T,
     A' = diag(d) A  (k x cols),   G = (B + (U diag d) C) diag d   (rows x k).
 
-So after three small stages (projection, which writes A' and B; C and d; G, written over B)
-R is X plus a rank-2k update whose factors [U | G] and [A' ; V^T] are all small: a tile of R
-needs a tile of X and four thin strips, never anything of full size, and its inner loop
-multiplies tiles exactly as they are loaded. The apply kernel writes out = alpha * R(X)
+So after the small stages (packing U and V; projection, which writes A'^T and B; C^T and d;
+G, written over B) R is X plus a rank-2k update whose factors [U | G] and [A' ; V^T] are all
+small: a tile of R needs a tile of X and four thin strips, never anything of full size, and
+its inner loop multiplies aligned K-major tiles exactly as they are loaded. The apply kernel writes out = alpha * R(X)
 (+ out, to add 2 lambda R(W) into a gradient in place).
 """
 
@@ -21,105 +21,90 @@ import triton
 import triton.language as tl
 
 from . import _meta as m
-from ._meta import (F_A, F_B, F_C, F_COLS, F_D, F_DSRC, F_EPS, F_K, F_NUMEL, F_ROWS, F_U, F_U_SK, F_U_SR, F_V,
-                    F_V_SK, F_V_SR, F_X, F_X_SC, F_X_SR, F_Y, F_Y_SC, F_Y_SR, G_SCALE, NF, NG)
-from ._meta import coefficients, pointer, tile_offsets
-from .projection import fill_factor_fields, launch_project
+from ._meta import (F_A, F_B, F_C, F_COLS, F_D, F_DSRC, F_EPS, F_K, F_ROWS, F_UP, F_VP, F_X, F_X_SC, F_X_SR, F_Y,
+                    F_Y_SC, F_Y_SR, G_SCALE, NG)
+from ._meta import coefficients, packed_width, pointer, tile_offsets
+from .projection import _block, fill_factor_fields, launch_project
 
 
 @triton.jit
 def _gram_kernel(meta, sched, n_programs, D_FROM_SIGMA: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                  PRECISION: tl.constexpr):
-    """C[ic, jc] = U[:, ic]^T @ B[:, jc] (= U^T X V); tile 0 of each block also writes d."""
-    pid = tl.program_id(0)
-    blk = tl.load(sched + pid).to(tl.int64)
-    tile = tl.load(sched + n_programs + pid)
-    row = meta + blk * NF
+    """C^T[jc, ic] = B[:, jc]^T @ U[:, ic] (C = U^T X V, stored transposed so that the G stage
+    reads it K-major); tile 0 of each block also writes d (0 beyond k)."""
+    row, tile = _block(meta, sched, n_programs)
     rows = tl.load(row + F_ROWS).to(tl.int32)
     k = tl.load(row + F_K).to(tl.int32)
-    n_kc = tl.cdiv(k, BK)
+    kp = packed_width(row)
+    n_kc = kp // BK
     if tile == 0:
         d_ptr = tl.load(row + F_D).to(tl.pointer_type(tl.float32))
-        for k0 in range(0, k, BK):
+        for k0 in range(0, kp, BK):
             offs = k0 + tl.arange(0, BK)
-            tl.store(d_ptr + offs, coefficients(row, offs, k, D_FROM_SIGMA), mask=offs < k)
-    u_ptr = tl.load(row + F_U).to(tl.pointer_type(tl.float32))
-    u_sr = tl.load(row + F_U_SR).to(tl.int32)
-    u_sk = tl.load(row + F_U_SK).to(tl.int32)
-    b_ptr = tl.load(row + F_B).to(tl.pointer_type(tl.float32))
-    offs_i = (tile // n_kc) * BK + tl.arange(0, BK)
-    offs_j = (tile % n_kc) * BK + tl.arange(0, BK)
+            tl.store(d_ptr + offs, coefficients(row, offs, k, D_FROM_SIGMA))
+    u_ptr = tl.multiple_of(tl.load(row + F_UP).to(tl.pointer_type(tl.float32)), 16)
+    b_ptr = tl.multiple_of(tl.load(row + F_B).to(tl.pointer_type(tl.float32)), 16)
+    offs_j = (tile // n_kc) * BK + tl.arange(0, BK)
+    offs_i = (tile % n_kc) * BK + tl.arange(0, BK)
     acc = tl.zeros((BK, BK), dtype=tl.float32)
     for r0 in range(0, rows, BM):
         offs_m = r0 + tl.arange(0, BM)
-        ut = tl.load(u_ptr + offs_i[:, None] * u_sk + offs_m[None, :] * u_sr,
-                     mask=(offs_i[:, None] < k) & (offs_m[None, :] < rows), other=0.0)
-        b = tl.load(b_ptr + offs_m[:, None] * k + offs_j[None, :],
-                    mask=(offs_m[:, None] < rows) & (offs_j[None, :] < k), other=0.0)
-        acc = tl.dot(ut, b, acc, input_precision=PRECISION)
+        in_m = offs_m < rows
+        bt = tl.load(b_ptr + offs_m[None, :] * kp + offs_j[:, None], mask=in_m[None, :], other=0.0)
+        u = tl.load(u_ptr + offs_m[:, None] * kp + offs_i[None, :], mask=in_m[:, None], other=0.0)
+        acc = tl.dot(bt, u, acc, input_precision=PRECISION)
     c_ptr = tl.load(row + F_C).to(tl.pointer_type(tl.float32))
-    tl.store(c_ptr + offs_i[:, None] * k + offs_j[None, :], acc, mask=(offs_i[:, None] < k) & (offs_j[None, :] < k))
+    tl.store(c_ptr + offs_j[:, None] * kp + offs_i[None, :], acc)
 
 
 @triton.jit
 def _left_kernel(meta, sched, n_programs, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     """G[rt, jc] = (B[rt, jc] + (U[rt, :] diag d) @ C[:, jc]) * d[jc], written over B[rt, jc]
     (each program reads only its own tile of B, so in place is safe)."""
-    pid = tl.program_id(0)
-    blk = tl.load(sched + pid).to(tl.int64)
-    tile = tl.load(sched + n_programs + pid)
-    row = meta + blk * NF
+    row, tile = _block(meta, sched, n_programs)
     rows = tl.load(row + F_ROWS).to(tl.int32)
-    k = tl.load(row + F_K).to(tl.int32)
-    n_kc = tl.cdiv(k, BK)
-    u_ptr = tl.load(row + F_U).to(tl.pointer_type(tl.float32))
-    u_sr = tl.load(row + F_U_SR).to(tl.int32)
-    u_sk = tl.load(row + F_U_SK).to(tl.int32)
-    c_ptr = tl.load(row + F_C).to(tl.pointer_type(tl.float32))
+    kp = packed_width(row)
+    n_kc = kp // BK
+    u_ptr = tl.multiple_of(tl.load(row + F_UP).to(tl.pointer_type(tl.float32)), 16)
+    c_ptr = tl.multiple_of(tl.load(row + F_C).to(tl.pointer_type(tl.float32)), 16)
     d_ptr = tl.load(row + F_D).to(tl.pointer_type(tl.float32))
-    b_ptr = tl.load(row + F_B).to(tl.pointer_type(tl.float32))
+    b_ptr = tl.multiple_of(tl.load(row + F_B).to(tl.pointer_type(tl.float32)), 16)
     offs_m = (tile // n_kc) * BM + tl.arange(0, BM)
     offs_j = (tile % n_kc) * BK + tl.arange(0, BK)
+    in_m = offs_m[:, None] < rows
     acc = tl.zeros((BM, BK), dtype=tl.float32)
-    for k0 in range(0, k, BK):
+    for k0 in range(0, kp, BK):
         offs_i = k0 + tl.arange(0, BK)
-        u = tl.load(u_ptr + offs_m[:, None] * u_sr + offs_i[None, :] * u_sk,
-                    mask=(offs_m[:, None] < rows) & (offs_i[None, :] < k), other=0.0)
-        di = tl.load(d_ptr + offs_i, mask=offs_i < k, other=0.0)
-        c = tl.load(c_ptr + offs_i[:, None] * k + offs_j[None, :],
-                    mask=(offs_i[:, None] < k) & (offs_j[None, :] < k), other=0.0)
+        u = tl.load(u_ptr + offs_m[:, None] * kp + offs_i[None, :], mask=in_m, other=0.0)
+        di = tl.load(d_ptr + offs_i)
+        c = tl.load(c_ptr + offs_j[None, :] * kp + offs_i[:, None])  # C[i, j] from C^T
         acc = tl.dot(u * di[None, :], c, acc, input_precision=PRECISION)
-    mask = (offs_m[:, None] < rows) & (offs_j[None, :] < k)
-    b = tl.load(b_ptr + offs_m[:, None] * k + offs_j[None, :], mask=mask, other=0.0)
-    dj = tl.load(d_ptr + offs_j, mask=offs_j < k, other=0.0)
-    tl.store(b_ptr + offs_m[:, None] * k + offs_j[None, :], (b + acc) * dj[None, :], mask=mask)
+    b = tl.load(b_ptr + offs_m[:, None] * kp + offs_j[None, :], mask=in_m, other=0.0)
+    dj = tl.load(d_ptr + offs_j)
+    tl.store(b_ptr + offs_m[:, None] * kp + offs_j[None, :], (b + acc) * dj[None, :], mask=in_m)
 
 
 @triton.jit
 def lowrank_tile(row, offs_m, offs_n, rows, cols, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  PRECISION: tl.constexpr):
-    """U A' + G V^T (= (U diag d) A + G V^T) on one (BM, BN) tile of a block, in float32."""
-    k = tl.load(row + F_K).to(tl.int32)
-    u_ptr = tl.load(row + F_U).to(tl.pointer_type(tl.float32))
-    u_sr = tl.load(row + F_U_SR).to(tl.int32)
-    u_sk = tl.load(row + F_U_SK).to(tl.int32)
-    v_ptr = tl.load(row + F_V).to(tl.pointer_type(tl.float32))
-    v_sr = tl.load(row + F_V_SR).to(tl.int32)
-    v_sk = tl.load(row + F_V_SK).to(tl.int32)
-    a_ptr = tl.load(row + F_A).to(tl.pointer_type(tl.float32))
-    g_ptr = tl.load(row + F_B).to(tl.pointer_type(tl.float32))
+    """U A' + G V^T (= (U diag d) A + G V^T) on one (BM, BN) tile of a block, in float32.
+    Every operand is packed (width kp, a multiple of BK): aligned K-major tiles, no k mask."""
+    kp = packed_width(row)
+    u_ptr = tl.multiple_of(tl.load(row + F_UP).to(tl.pointer_type(tl.float32)), 16)
+    v_ptr = tl.multiple_of(tl.load(row + F_VP).to(tl.pointer_type(tl.float32)), 16)
+    a_ptr = tl.multiple_of(tl.load(row + F_A).to(tl.pointer_type(tl.float32)), 16)
+    g_ptr = tl.multiple_of(tl.load(row + F_B).to(tl.pointer_type(tl.float32)), 16)
     in_m = offs_m[:, None] < rows
-    in_n = offs_n[None, :] < cols
+    in_n = offs_n[:, None] < cols
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, k, BK):
+    for k0 in range(0, kp, BK):
         offs_k = k0 + tl.arange(0, BK)
-        in_k = offs_k < k
-        u = tl.load(u_ptr + offs_m[:, None] * u_sr + offs_k[None, :] * u_sk, mask=in_m & in_k[None, :], other=0.0)
-        a = tl.load(a_ptr + offs_k[:, None] * cols + offs_n[None, :], mask=in_k[:, None] & in_n, other=0.0)
-        acc = tl.dot(u, a, acc, input_precision=PRECISION)  # a holds diag(d) A
-        g = tl.load(g_ptr + offs_m[:, None] * k + offs_k[None, :], mask=in_m & in_k[None, :], other=0.0)
-        vt = tl.load(v_ptr + offs_k[:, None] * v_sk + offs_n[None, :] * v_sr, mask=in_k[:, None] & in_n, other=0.0)
-        acc = tl.dot(g, vt, acc, input_precision=PRECISION)
+        u = tl.load(u_ptr + offs_m[:, None] * kp + offs_k[None, :], mask=in_m, other=0.0)
+        a = tl.load(a_ptr + offs_n[:, None] * kp + offs_k[None, :], mask=in_n, other=0.0)
+        acc = tl.dot(u, tl.trans(a), acc, input_precision=PRECISION)  # a holds (diag(d) A)^T
+        g = tl.load(g_ptr + offs_m[:, None] * kp + offs_k[None, :], mask=in_m, other=0.0)
+        v = tl.load(v_ptr + offs_n[:, None] * kp + offs_k[None, :], mask=in_n, other=0.0)
+        acc = tl.dot(g, tl.trans(v), acc, input_precision=PRECISION)
     return acc
 
 
@@ -130,8 +115,7 @@ def _apply_kernel(meta, floats, sched, n_programs, X_DTYPE: tl.constexpr, Y_DTYP
     """out = alpha * R(X) (+ out when ACCUMULATE) on one tile."""
     pid = tl.program_id(0)
     blk = tl.load(sched + pid).to(tl.int64)
-    tile = tl.load(sched + n_programs + pid)
-    row = meta + blk * NF
+    row, tile = _block(meta, sched, n_programs)
     rows = tl.load(row + F_ROWS).to(tl.int32)
     cols = tl.load(row + F_COLS).to(tl.int32)
     if ALIGNED:  # see _meta.aligned: 128-bit loads and stores
@@ -153,17 +137,19 @@ def _apply_kernel(meta, floats, sched, n_programs, X_DTYPE: tl.constexpr, Y_DTYP
 
 def prepare(table: torch.Tensor, shapes, x_dtype: torch.dtype, d_from_sigma: bool, device,
             aligned: bool = False) -> None:
-    """Run the three small stages for every block of ``table``: diag(d) A and B, then C and d,
-    then G."""
+    """Run the small stages for every block of ``table``: packing, (diag(d) A)^T and B, then C
+    and d, then G."""
     cfg = m.CONFIG
     launch_project(table, shapes, x_dtype, device, aligned, scale_a=True, d_from_sigma=d_from_sigma)
     prec = m.dot_precision()
-    sched, total = m.tile_schedule([m.cdiv(k, cfg.block_k) ** 2 for _, _, k in shapes], device)
+    bm, bk = cfg.small_block_m, cfg.small_block_k
+    kps = [m.padded_width(k) for _, _, k in shapes]
+    sched, total = m.tile_schedule([(kp // bk) ** 2 for kp in kps], device)
     if total:
-        _gram_kernel[(total,)](table, sched, total, d_from_sigma, cfg.block_m, cfg.block_k, prec, num_warps=4)
-    sched, total = m.tile_schedule([m.cdiv(r, cfg.block_m) * m.cdiv(k, cfg.block_k) for r, _, k in shapes], device)
+        _gram_kernel[(total,)](table, sched, total, d_from_sigma, bm, bk, prec, num_warps=cfg.small_num_warps)
+    sched, total = m.tile_schedule([m.cdiv(r, bm) * (kp // bk) for (r, _, _), kp in zip(shapes, kps)], device)
     if total:
-        _left_kernel[(total,)](table, sched, total, cfg.block_m, cfg.block_k, prec, num_warps=4)
+        _left_kernel[(total,)](table, sched, total, bm, bk, prec, num_warps=cfg.small_num_warps)
 
 
 def tile_counts(shapes) -> list[int]:

@@ -82,3 +82,21 @@ def test_regularizer_add_grad_uses_kernels_and_matches(monkeypatch):
         grads[backend] = (qkv.grad.clone(), attn.grad.clone())
     for fast, ref in zip(grads["triton"], grads["reference"]):
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_default_tiles_with_partial_chunks_of_the_packed_width():
+    """The default (GPU) tiles on small awkward blocks: k chunks of 64 over packed widths of 32
+    and 64 (a chunk partly beyond kp), row and column tiles partly beyond the block."""
+    gen = torch.Generator().manual_seed(6)
+    blocks = [(37, 53, 20), (70, 45, 35), (19, 130, 1)]
+    Xs = [torch.randn(r, c, generator=gen).to(DEVICE) for r, c, _ in blocks]
+    ops = [factors(r, c, k, gen) for r, c, k in blocks]
+    outs = [torch.randn(X.shape, generator=gen).to(DEVICE) for X in Xs]
+    before = [o.clone() for o in outs]
+    K.add_reweighting_(outs, Xs, [o[0] for o in ops], [o[1] for o in ops], [o[2] for o in ops], [ALPHA] * len(Xs))
+    for out, out0, X, (U, V, d) in zip(outs, before, Xs, ops):
+        torch.testing.assert_close(out, out0 + ALPHA * reference.apply_reweighting(X, U, V, d), rtol=1e-5, atol=1e-5)
+    for X, (U, V, _) in zip(Xs, ops):
+        (A, B), = K.project_blocks([X], [U], [V])
+        torch.testing.assert_close(A, U.T @ X, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(B, X @ V, rtol=1e-5, atol=1e-5)
