@@ -21,6 +21,7 @@ This module imports torch and triton only, never q3r.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ _C = tl.constexpr
 F_X, F_X_SR, F_X_SC, F_ROWS, F_COLS, F_K = _C(0), _C(1), _C(2), _C(3), _C(4), _C(5)
 F_U, F_U_SR, F_U_SK, F_V, F_V_SR, F_V_SK = _C(6), _C(7), _C(8), _C(9), _C(10), _C(11)
 # workspace, all float32 with padded width kp (see Workspace): A^T or (diag(d) A)^T (cols, kp),
-# B then G (rows, kp), C^T (kp, kp), d (kp), packed U (rows, kp), U^T (kp, rows_p), V (cols, kp)
+# B then G (rows, kp), C^T (kp, kp), d (kp), packed U (rows, kp), U^T (kp, rows_p; in B's piece), V (cols, kp)
 F_A, F_B, F_C, F_D = _C(12), _C(13), _C(14), _C(15)
 F_DSRC, F_EPS = _C(16), _C(17)  # d itself, or sigma and eps (then d is derived on the device)
 F_Y, F_Y_SR, F_Y_SC = _C(18), _C(19), _C(20)  # apply: output; Adam: gradient
@@ -122,7 +123,11 @@ class TileConfig:
     block_n: int = 64
     block_k: int = 32
     num_warps: int = 8
-    num_stages: int = 3  # software-pipelining depth (0: Triton's default for the device)
+    num_stages: int = 4  # software-pipelining depth (0: Triton's default for the device)
+    # the fused kernel on regions without a Q3R term (plain Adam, memory-bound): rows per tile
+    plain_block_m: int = 64
+    plain_num_warps: int = 8
+    plain_num_stages: int = 0
     # B = X V: (proj_block_m, proj_block_k) tiles of B, X's columns in chunks of proj_block_n
     proj_block_m: int = 128
     proj_block_n: int = 64
@@ -196,13 +201,21 @@ def padded_width(k: int) -> int:
 
 
 def workspace_shapes(rows: int, cols: int, k: int) -> list[tuple[int, ...]]:
-    """Shapes of a block's pieces, in the order of WORKSPACE_FIELDS (see the field comments)."""
+    """Shapes of a block's pieces: A^T (cols, kp), B (rows, kp), C^T (kp, kp), d (kp), packed U
+    (rows, kp), packed V (cols, kp). The packed U^T (kp, rows_p) lives in B's piece: it is read
+    only by the A^T projection, which runs before B is written (see projection.launch_project)."""
     kp = padded_width(k)
-    rows_p = cdiv(rows, 4) * 4
-    return [(cols, kp), (rows, kp), (kp, kp), (kp,), (rows, kp), (kp, rows_p), (cols, kp)]
+    return [(cols, kp), (rows, kp), (kp, kp), (kp,), (rows, kp), (cols, kp)]
 
 
-WORKSPACE_FIELDS = (F_A, F_B, F_C, F_D, F_UP, F_UT, F_VP)
+def _piece_elements(rows: int, cols: int, k: int) -> list[int]:
+    counts = [math.prod(shape) for shape in workspace_shapes(rows, cols, k)]
+    counts[1] = max(counts[1], padded_width(k) * cdiv(rows, 4) * 4)  # B, or U^T before it
+    return counts
+
+
+# table fields that hold each piece's address (U^T shares B's piece)
+WORKSPACE_FIELDS = ((F_A,), (F_B, F_UT), (F_C,), (F_D,), (F_UP,), (F_VP,))
 
 
 class Workspace:
@@ -212,10 +225,7 @@ class Workspace:
         offsets, total = [], 0
         for rows, cols, k in shapes:
             starts = []
-            for shape in workspace_shapes(rows, cols, k):
-                n = 1
-                for s in shape:
-                    n *= s
+            for n in _piece_elements(rows, cols, k):
                 starts.append(total)
                 total += n + (-n) % K_ALIGN  # every piece starts 128-byte aligned
             offsets.append(starts)
@@ -228,11 +238,8 @@ class Workspace:
 
     def view(self, block: int, piece: int) -> torch.Tensor:
         shape = workspace_shapes(*self.shapes[block])[piece]
-        n = 1
-        for s in shape:
-            n *= s
         start = self.offsets[block][piece]
-        return self.buffer[start : start + n].view(shape)
+        return self.buffer[start : start + math.prod(shape)].view(shape)
 
 
 def tile_schedule(counts: list[int], device) -> tuple[torch.Tensor, int]:

@@ -159,8 +159,9 @@ class AdamQ3RPlan:
 
     def __init__(self, regions: list[AdamRegion]):
         self.device = regions[0].param.device if regions else None
-        self.config = (m.CONFIG.block_m, m.CONFIG.block_n, m.CONFIG.block_k, m.CONFIG.num_warps, m.CONFIG.num_stages,
-                       m.dot_precision())
+        cfg = m.CONFIG
+        self.config = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, m.dot_precision())
+        self.plain_config = (cfg.plain_block_m, cfg.block_n, cfg.plain_num_warps, cfg.plain_num_stages)
         by_key: dict[tuple, list[int]] = {}
         for i, reg in enumerate(regions):
             by_key.setdefault((reg.param.dtype, reg.grad.dtype, reg.exp_avg.dtype, len(reg.factors or ()),
@@ -187,7 +188,8 @@ class AdamQ3RPlan:
         for row, i in zip(table, idx):
             _region_row(regions[i], row)
         counts = tile_counts(g["shapes"]) if n_factors else [
-            m.cdiv(r, self.config[0]) * m.cdiv(c, self.config[1]) for r, c in (_rows_cols(regions[i].param) for i in idx)
+            m.cdiv(r, self.plain_config[0]) * m.cdiv(c, self.plain_config[1])
+            for r, c in (_rows_cols(regions[i].param) for i in idx)
         ]
         g["sched"], g["total"] = m.tile_schedule(counts, self.device)  # depends on rows and cols only, not on k
         g["host"] = torch.tensor(table, dtype=torch.int64)
@@ -254,6 +256,7 @@ class AdamQ3RPlan:
         stays put, so only that column of the table is sent again.
         """
         block_m, block_n, block_k, num_warps, num_stages, precision = self.config
+        plain_m, plain_n, plain_warps, plain_stages = self.plain_config
         for g in self.groups:
             if grad_ptrs is not None:
                 g["host"][:, int(m.F_Y)] = torch.tensor([grad_ptrs[i] for i in g["idx"]], dtype=torch.int64)
@@ -262,10 +265,13 @@ class AdamQ3RPlan:
             has_q3r = g["n_factors"] > 0
             if has_q3r:
                 prepare(g["table"], g["shapes"], g["dtypes"][0], g["n_factors"] == 4, self.device, g["aligned"])
+                tiles, options = (block_m, block_n), m.launch_options(num_warps, num_stages)
+            else:  # plain Adam regions: a memory-bound pass, smaller tiles
+                tiles, options = (plain_m, plain_n), m.launch_options(plain_warps, plain_stages)
             if g["total"]:
                 _adamq3r_kernel[(g["total"],)](
                     g["table"], floats, g["sched"], g["total"], *(m.tl_dtype(t) for t in g["dtypes"]),
-                    has_q3r, g["aligned"], block_m, block_n, block_k, precision, **m.launch_options(num_warps, num_stages),
+                    has_q3r, g["aligned"], *tiles, block_k, precision, **options,
                 )
 
 

@@ -5,9 +5,10 @@ launches, each grouped over all blocks:
 
 - pack: U -> U (rows, kp) and U^T (kp, rows_p), V -> V (cols, kp), zero-padded to the
   packed width kp (see _meta), so that every dot below reads aligned, K-major tiles;
-- B = X V: a program owns a (BM, BK) tile of B and reduces along a strip of X's rows;
 - A^T = X^T U: a program owns a (BN, BK) tile of A^T and reduces down a strip of X's columns
-  (X^T is the dot's first operand, taken from registers, so X is never copied transposed).
+  (X^T is the dot's first operand, taken from registers, so X is never copied transposed);
+- B = X V: a program owns a (BM, BK) tile of B and reduces along a strip of X's rows. B is
+  written over the packed U^T (one piece of workspace for both), so it runs second.
 
 Both reductions finish inside the program: the result is deterministic (no atomics) and no
 partial sums hit memory. For R itself (apply.prepare) the second writes (diag(d) A)^T, so the
@@ -165,17 +166,18 @@ def launch_project(table: torch.Tensor, shapes: list[tuple[int, int, int]], x_dt
     launch_pack(table, shapes, device)
     prec, xt = m.dot_precision(), m.tl_dtype(x_dtype)
     kps = [m.padded_width(k) for _, _, k in shapes]
-    sched, total = m.tile_schedule([m.cdiv(r, cfg.proj_block_m) * m.cdiv(kp, cfg.proj_block_k)
-                                    for (r, _, _), kp in zip(shapes, kps)], device)
-    if total:
-        _project_b_kernel[(total,)](table, sched, total, xt, aligned, cfg.proj_block_m, cfg.proj_block_n,
-                                    cfg.proj_block_k, prec, **m.launch_options(cfg.proj_num_warps, cfg.proj_num_stages))
+    # A^T first: it reads the packed U^T, which B then overwrites (they share a piece)
     sched, total = m.tile_schedule([m.cdiv(c, cfg.projt_block_n) * m.cdiv(kp, cfg.proj_block_k)
                                     for (_, c, _), kp in zip(shapes, kps)], device)
     if total:
         _project_a_kernel[(total,)](table, sched, total, xt, aligned, cfg.projt_block_m, cfg.projt_block_n,
                                     cfg.proj_block_k, prec, scale_a, d_from_sigma,
                                     **m.launch_options(cfg.projt_num_warps, cfg.projt_num_stages))
+    sched, total = m.tile_schedule([m.cdiv(r, cfg.proj_block_m) * m.cdiv(kp, cfg.proj_block_k)
+                                    for (r, _, _), kp in zip(shapes, kps)], device)
+    if total:
+        _project_b_kernel[(total,)](table, sched, total, xt, aligned, cfg.proj_block_m, cfg.proj_block_n,
+                                    cfg.proj_block_k, prec, **m.launch_options(cfg.proj_num_warps, cfg.proj_num_stages))
 
 
 def project_blocks(Xs: list[torch.Tensor], Us: list[torch.Tensor], Vs: list[torch.Tensor]):
@@ -220,8 +222,9 @@ def put_factor_fields(row: list[int], U, V) -> None:
 
 
 def put_workspace_fields(row: list[int], ws: m.Workspace, i: int) -> None:
-    for piece, field in enumerate(m.WORKSPACE_FIELDS):
-        row[field] = ws.address(i, piece)
+    for piece, fields in enumerate(m.WORKSPACE_FIELDS):
+        for field in fields:
+            row[field] = ws.address(i, piece)
 
 
 def project(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

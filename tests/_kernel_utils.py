@@ -29,9 +29,9 @@ def tiles(size=16, num_warps=4):
     """Every tile dimension of every kernel set to ``size``."""
     saved = dict(vars(K.CONFIG))
     for name in ("block_m", "block_n", "block_k", "proj_block_m", "proj_block_n", "proj_block_k", "projt_block_m",
-                 "projt_block_n", "small_block_m", "small_block_k"):
+                 "projt_block_n", "small_block_m", "small_block_k", "plain_block_m"):
         setattr(K.CONFIG, name, size)
-    K.CONFIG.num_warps = K.CONFIG.proj_num_warps = K.CONFIG.projt_num_warps = K.CONFIG.small_num_warps = num_warps
+    K.CONFIG.num_warps = K.CONFIG.proj_num_warps = K.CONFIG.projt_num_warps = K.CONFIG.small_num_warps = K.CONFIG.plain_num_warps = num_warps
     try:
         yield
     finally:

@@ -46,12 +46,14 @@ def auto_max_width() -> int:
     return width
 
 
-def _width_ok(factors) -> bool:
+def _width_limit() -> int | None:
+    """Widest factor automatic dispatch gives to the kernels now (None: no limit, forced)."""
+    return None if requested() == "triton" else auto_max_width()
+
+
+def _width_ok(factors, limit: int | None) -> bool:
     """False when automatic dispatch should keep these factors on the reference path."""
-    if requested() == "triton":
-        return True
-    limit = auto_max_width()
-    return all(f[0].shape[-1] <= limit for f in factors)
+    return limit is None or all(f[0].shape[-1] <= limit for f in factors)
 
 
 def _kernels():
@@ -105,13 +107,13 @@ def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tu
     if len(outs) != len(weights) or len(weights) != len(factors):
         raise ValueError(f"add_reweighting_ needs as many outs, weights and factors, got {len(outs)}, "
                          f"{len(weights)}, {len(factors)}")
-    fast = []
+    fast, limit = [], _width_limit()
     for out, W, f in zip(outs, weights, factors):
         _check(W, f[0], f[1])
         if tuple(out.shape) != tuple(W.shape):
             raise ValueError(f"out of shape {tuple(out.shape)} for a weight of shape {tuple(W.shape)}")
         fast.append(W.dim() == 2 and out.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                    and _fast(W, f[0]) and _width_ok([f]))
+                    and _fast(W, f[0]) and _width_ok([f], limit))
     slow = [i for i, ok in enumerate(fast) if not ok]
     for i in slow:
         U, V, *rest = factors[i]
@@ -252,13 +254,13 @@ def adamq3r_fused_(works: list) -> list:
     factor fields follow a refresh (see _factor_key), so a step in a steady training loop,
     refreshes included, costs little more Python than the launches themselves.
     """
-    rest, taken, verdict = [], [], {}
+    rest, taken, verdict, limit = [], [], {}, _width_limit()
     for work in works:
         p = work.param
         where = (p.device, p.dtype)
         if where not in verdict:
             verdict[where] = backend_for(p.device, p.dtype) == "triton"
-        if verdict[where] and all(op[0].dtype == torch.float32 for op in work.operators) and _width_ok(work.operators):
+        if verdict[where] and all(op[0].dtype == torch.float32 for op in work.operators) and _width_ok(work.operators, limit):
             taken.append(work)
         else:
             rest.append(work)
