@@ -125,15 +125,16 @@ def bench_model(key: str, sweep: bool, tiny: bool = False, profile: bool = False
     for g in opt.param_groups:
         g["steps"] = 10**9  # no refresh inside the timed steps
     factor_bytes = sum(s["U"].numel() * 4 + s["V"].numel() * 4 for st in opt.state.values() for s in st.get("q3r", []))
-    if profile:  # a separate pass: where the fast step's time goes, kernel by kernel
-        return label, profile_step(opt)
-    if sweep:  # a separate pass: only the tile settings
+    if profile or sweep:  # separate passes: kernel by kernel, or only the tile settings
         weights, grads, factors = [], [], []
         for t in tq:
             weights += slice_views(t.param.detach(), t.slice_dim, t.slices)
             grads += slice_views(t.param.grad, t.slice_dim, t.slices)
             factors += [(s["U"], s["V"], s["sigma"], s["eps"]) for s in opt.state[t.param]["q3r"]]
-        return label, sweep_configs(opt, lambda: ops.add_reweighting_(grads, weights, factors, 2 * LMBDA))
+        work = lambda: ops.add_reweighting_(grads, weights, factors, 2 * LMBDA)  # noqa: E731
+        if profile:
+            return label, profile_step(opt.step, "step") + profile_step(work, "work")
+        return label, sweep_configs(opt, work)
     res.append(("factor_bytes", factor_bytes, "bytes"))
     res.append(("adamq3r_fast_step_ms", C.cuda_time_ms(opt.step), "ms"))
     set_backend("reference")
@@ -187,19 +188,29 @@ def bench_model(key: str, sweep: bool, tiny: bool = False, profile: bool = False
     return label, res
 
 
-def profile_step(opt, steps: int = 3) -> list[tuple[str, float, str]]:
-    """Device time per kernel over a few fast AdamQ3R steps (torch.profiler), per step."""
+def profile_step(fn, tag: str, steps: int = 3) -> list[tuple[str, float, str]]:
+    """Device time per kernel over a few calls of fn (torch.profiler), per call, and the
+    host time of a call (wall time up to the last launch, no synchronization inside)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            opt.step()
+            fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
     events.sort(key=lambda e: -e.device_time_total)
-    return [(f"profile_device_ms[{e.key[:60]}]", e.device_time_total / 1e3 / steps, "ms") for e in events[:12]]
+    out = [(f"profile_{tag}_device_ms[{e.key[:60]}]", e.device_time_total / 1e3 / steps, "ms") for e in events[:10]]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    out.append((f"profile_{tag}_host_ms", (time.perf_counter() - start) * 1e3 / steps, "ms"))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out
 
 
 def bench_cycle(key: str, tiny: bool = False, cycles: int = 3, warm_cycles: int = 2) -> tuple[str, list]:

@@ -49,7 +49,7 @@ if has step; then
   echo "bench_step (highest) rc=$?"
   $PY benchmarks/bench_step.py --models vit_b16,gpt2_small --fp32-matmul high --csv "$OUT/bench_step.csv" \
       >>"$OUT/bench_step.log" 2>&1
-  echo "bench_step (high) rc=$?"; grep -E "ratio_|max_over|mean_over|work_fast|profile_device" "$OUT/bench_step.log" | head -60
+  echo "bench_step (high) rc=$?"; grep -E "ratio_|max_over|mean_over|work_fast|profile_" "$OUT/bench_step.log" | head -60
 fi
 if has refresh; then
   $PY benchmarks/bench_refresh.py --reps 5 --csv "$OUT/refresh.csv" >"$OUT/refresh.log" 2>&1

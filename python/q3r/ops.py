@@ -10,11 +10,14 @@ that the Triton backend serves a whole model's targets in a handful of launches:
 
 q3r_kernels (and so triton) is imported only when the Triton backend is chosen.
 
-Automatic choice and factor width: on an H100 (benchmarks/results/bench_step_h100_5884638.md)
-the Triton step was 2-3x faster than the reference path at factor width 153 (ViT-B/16,
-GPT-2-small) but 3.1x slower at width 409 (LLaMA-1B-like). Until the kernels are faster at
-large widths, automatic dispatch sends targets whose factors are wider than
-Q3R_TRITON_MAX_WIDTH (default 256) to the reference path; Q3R_BACKEND=triton forces them.
+Automatic choice and factor width: automatic dispatch sends targets whose factors are wider
+than Q3R_TRITON_MAX_WIDTH (default 256) to the reference path; Q3R_BACKEND=triton forces them.
+The rule came from kernels that were 3.1x slower than the reference path at width 409
+(LLaMA-1B-like; bench_step_h100_5884638.md). Since the packed layouts (e3484d0,
+bench_step_h100_e3484d0.log) the kernels are faster there too: 88 vs 113 ms of per-step
+work. But their workspace (twice the factors) then puts peak memory at 7.5% above fused
+AdamW plus the factors, over the 5% budget. So the default keeps wide factors on the
+reference path; raise the limit to trade that memory for the speed.
 """
 
 from __future__ import annotations
