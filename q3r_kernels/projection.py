@@ -79,11 +79,7 @@ def _project_b_kernel(meta, sched, n_programs, X_DTYPE: tl.constexpr, ALIGNED: t
                       BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     """B[rt, kc] = sum over column chunks of X[rt, c] @ V[c, kc] (V packed, (cols, kp))."""
     row, tile = _block(meta, sched, n_programs)
-    x_ptr = pointer(row, F_X, X_DTYPE, ALIGNED)
-    x_sr, x_sc = _x_strides(row, ALIGNED)
-    rows = tl.load(row + F_ROWS).to(tl.int32)
-    cols = tl.load(row + F_COLS).to(tl.int32)
-    kp = packed_width(row)
+    x_ptr, x_sr, x_sc, rows, cols, kp = _x_block(row, X_DTYPE, ALIGNED)
     n_kc = tl.cdiv(kp, BK)
     offs_m = (tile // n_kc) * BM + tl.arange(0, BM)
     offs_k = (tile % n_kc) * BK + tl.arange(0, BK)
@@ -107,11 +103,7 @@ def _project_a_kernel(meta, sched, n_programs, X_DTYPE: tl.constexpr, ALIGNED: t
     """A^T[ct, kc] = sum over row chunks of X[r, ct]^T @ U[r, kc] (U^T packed, (kp, rows_p)),
     times diag(d) when SCALE_A."""
     row, tile = _block(meta, sched, n_programs)
-    x_ptr = pointer(row, F_X, X_DTYPE, ALIGNED)
-    x_sr, x_sc = _x_strides(row, ALIGNED)
-    rows = tl.load(row + F_ROWS).to(tl.int32)
-    cols = tl.load(row + F_COLS).to(tl.int32)
-    kp = packed_width(row)
+    x_ptr, x_sr, x_sc, rows, cols, kp = _x_block(row, X_DTYPE, ALIGNED)
     n_kc = tl.cdiv(kp, BK)
     offs_n = (tile // n_kc) * BN + tl.arange(0, BN)
     offs_k = (tile % n_kc) * BK + tl.arange(0, BK)
@@ -132,12 +124,15 @@ def _project_a_kernel(meta, sched, n_programs, X_DTYPE: tl.constexpr, ALIGNED: t
 
 
 @triton.jit
-def _x_strides(row, ALIGNED: tl.constexpr):
+def _x_block(row, X_DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """X's pointer and strides, the block's rows and columns, and its packed width."""
     x_sr = tl.load(row + F_X_SR).to(tl.int32)
     x_sc = tl.load(row + F_X_SC).to(tl.int32)
     if ALIGNED:  # unit column stride, rows in multiples of 16: 128-bit loads
         x_sr = tl.multiple_of(x_sr, 16)
-    return x_sr, x_sc
+    rows = tl.load(row + F_ROWS).to(tl.int32)
+    cols = tl.load(row + F_COLS).to(tl.int32)
+    return pointer(row, F_X, X_DTYPE, ALIGNED), x_sr, x_sc, rows, cols, packed_width(row)
 
 
 @triton.jit
