@@ -1,14 +1,16 @@
-"""Host (Python) overhead of the fused AdamQ3R step around refreshes, on a CPU.
+"""Host (Python) overhead of the per-step Q3R work around refreshes, on a CPU.
 
     python benchmarks/plan_overhead.py
 
 Builds the ViT-B/16 layout on the CPU, selects the Triton backend under the interpreter and
-stubs out the kernels' launch (AdamQ3RPlan.run), so what is timed is only the Python around
-them: building or updating the plan (device tables) the fused kernels read.  Prints the
-fastest of n steps for: a cached plan; a plan rebuilt from scratch; a step after every
-target got new factors of a new width (a whole refresh); a step after a few targets did (a
-staggered refresh); and a control that makes as many tensors as the staggered case without
-swapping them in.  Measures nothing on a GPU.
+stubs out every kernel launch (the launch call returns at once), so what is timed is the
+Python around them: building, updating and running the cached plans (device tables,
+schedules, workspace) the kernels read.  For the fused AdamQ3R step it prints the fastest of
+n steps for: a cached plan; a plan rebuilt from scratch; a step after every target got new
+factors of a new width (a whole refresh); a step after a few targets did (a staggered
+refresh); and a control that makes as many tensors as the staggered case without swapping
+them in.  For the Q3R regularizer's add_grad_ (ops.add_reweighting_): a cached plan, and a
+plan rebuilt from scratch.  Measures nothing on a GPU, where launches add their own cost.
 """
 
 import os
@@ -24,8 +26,9 @@ import torch  # noqa: E402
 import _common as C  # noqa: E402
 import q3r  # noqa: E402
 import q3r_kernels as K  # noqa: E402
-from bench_step import fake_refresh, q3r_targets  # noqa: E402
+from bench_step import RANK_FRACTION, fake_refresh, q3r_targets  # noqa: E402
 from q3r import ops  # noqa: E402
+from q3r.targets import slice_shapes  # noqa: E402
 
 
 def fastest_ms(fn, n=20, prep=None) -> float:
@@ -39,13 +42,37 @@ def fastest_ms(fn, n=20, prep=None) -> float:
     return min(times)
 
 
+def stub_launches() -> None:
+    """Make kernel[grid](...) return at once: time the Python only."""
+    kernel_type = type(K.apply._apply_kernel)  # every @triton.jit kernel shares it
+    kernel_type.__getitem__ = lambda self, grid: (lambda *args, **kwargs: None)
+
+
+def regularizer(model, targets) -> None:
+    """The Q3R regularizer's per-step work: add_grad_ on every target's gradient."""
+    reg = q3r.Q3R(q3r_targets(targets), lmbda=0.1, steps=10**9)
+    for t in reg.targets:  # factors of the target rank, as a refresh leaves them (see fake_refresh)
+        for state, (rows, cols) in zip(reg.state[t.name], slice_shapes(t.param.shape, t.slice_dim, t.slices)):
+            k = int(RANK_FRACTION * min(rows, cols))
+            state.update(U=torch.randn(rows, k), V=torch.randn(cols, k), sigma=torch.rand(k) + 1,
+                         eps=torch.tensor(1.0))
+    reg.num_steps = 1  # past the first refresh
+    reg.add_grad_()
+    print(f"  regularizer add_grad_, cached plan: {fastest_ms(reg.add_grad_):.2f} ms")
+
+    def rebuilt():
+        ops._PLANS.clear()
+        reg.add_grad_()
+    print(f"  regularizer add_grad_, plan rebuilt from scratch: {fastest_ms(rebuilt):.2f} ms")
+
+
 def main() -> None:
     model, _, _, targets, label = C.vit_b16(device="cpu")
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt = q3r.AdamQ3R(q3r.param_groups(model, q3r_targets(targets), weight_decay=0.05, lmbda=0.1, steps=5), lr=1e-4)
     fake_refresh(opt)
-    K.AdamQ3RPlan.run = lambda self, *a, **k: None  # time the Python only
+    stub_launches()
     opt.step()
     for g in opt.param_groups:
         g["steps"] = 10**9  # no refresh inside the timed steps
@@ -85,6 +112,7 @@ def main() -> None:
     def control():
         junk[:] = [torch.empty(768, 150) for _ in range(18)]
     print(f"  control, cached plan after making as many tensors: {fastest_ms(opt.step, 32, control):.2f} ms")
+    regularizer(model, targets)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,15 @@ and the grouped forms the library uses (many blocks -- weights or row / column s
 fused weights, given as strided views -- per launch):
 
     project_blocks, add_reweighting_ (out += alpha R(X), in place), adamq3r_update_
-    (the fused AdamQ3R step). Tile sizes and dot precision: q3r_kernels.CONFIG
-(fp32 dots follow torch.get_float32_matmul_precision() unless CONFIG.precision names one).
+    (the fused AdamQ3R step), and the cached plans behind the last two (ReweightPlan,
+    AdamQ3RPlan) that a training loop keeps across steps.
+
+Tile sizes and dot precision: q3r_kernels.CONFIG (fp32 dots follow torch.get_float32_matmul_precision() unless CONFIG.precision names one).
 """
 
 from ._meta import CONFIG, TileConfig, dot_precision, gpu_dot_precision
 from .adam import AdamQ3RPlan, AdamRegion, adam_hyper, adamq3r_update_, check_region
-from .apply import add_reweighting_, apply_reweighting
+from .apply import ReweightPlan, add_reweighting_, apply_reweighting
 from .projection import project, project_blocks
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "adam_hyper",
     "adamq3r_update_",
     "check_region",
+    "ReweightPlan",
     "add_reweighting_",
     "apply_reweighting",
     "project",

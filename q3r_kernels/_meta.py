@@ -216,12 +216,17 @@ def _piece_elements(rows: int, cols: int, k: int) -> list[int]:
 
 # table fields that hold each piece's address (U^T shares B's piece)
 WORKSPACE_FIELDS = ((F_A,), (F_B, F_UT), (F_C,), (F_D,), (F_UP,), (F_VP,))
+WORKSPACE_COLUMNS = [int(f) for fields in WORKSPACE_FIELDS for f in fields]
 
 
 class Workspace:
-    """One float32 allocation carved into every block's pieces (see workspace_shapes)."""
+    """Every block's pieces (see workspace_shapes) carved out of one float32 buffer.
 
-    def __init__(self, shapes: list[tuple[int, int, int]], device):
+    With ``allocate=False`` only the layout is made: addresses are then offsets from 0, and
+    the owner adds the address of a buffer of ``total`` elements it allocates when it runs
+    (see plan.BlockPlan: a workspace that lives only while its launches are queued)."""
+
+    def __init__(self, shapes: list[tuple[int, int, int]], device, allocate: bool = True):
         offsets, total = [], 0
         for rows, cols, k in shapes:
             starts = []
@@ -229,12 +234,14 @@ class Workspace:
                 starts.append(total)
                 total += n + (-n) % K_ALIGN  # every piece starts 128-byte aligned
             offsets.append(starts)
-        self.buffer = torch.empty(max(total, 1), dtype=torch.float32, device=device)
+        self.total = max(total, 1)
+        self.buffer = torch.empty(self.total, dtype=torch.float32, device=device) if allocate else None
+        self.base = self.buffer.data_ptr() if allocate else 0
         self.offsets = offsets
         self.shapes = shapes
 
     def address(self, block: int, piece: int) -> int:
-        return self.buffer.data_ptr() + 4 * self.offsets[block][piece]
+        return self.base + 4 * self.offsets[block][piece]
 
     def view(self, block: int, piece: int) -> torch.Tensor:
         shape = workspace_shapes(*self.shapes[block])[piece]
@@ -253,6 +260,29 @@ def _tile_schedule(counts: tuple[int, ...], device: torch.device) -> tuple[torch
     blocks = [b for b, n in enumerate(counts) for _ in range(n)]
     tiles = [t for n in counts for t in range(n)]
     return torch.tensor([blocks, tiles], dtype=torch.int32).to(device), len(tiles)
+
+
+def stage_schedules(shapes, device) -> dict[str, tuple[torch.Tensor, int]]:
+    """The tile schedules of the preparation stages (pack, project_a, project_b, gram, left)
+    for blocks of these (rows, cols, k), cached per shapes and tile settings: a plan runs
+    them every step, and they change only when a refresh changes a width."""
+    cfg = CONFIG
+    tiles = (cfg.small_block_m, cfg.small_block_k, cfg.projt_block_n, cfg.proj_block_m, cfg.proj_block_k, cfg.block_k)
+    return _stage_schedules(tuple(shapes), torch.device(device), tiles)
+
+
+@functools.lru_cache(maxsize=64)
+def _stage_schedules(shapes, device, tiles) -> dict[str, tuple[torch.Tensor, int]]:
+    small_m, small_k, projt_n, proj_m, proj_k, _ = tiles  # block_k: padded_width reads it
+    kps = [padded_width(k) for _, _, k in shapes]
+    counts = dict(
+        pack=[(cdiv(r, small_m) + cdiv(c, small_m)) if k else 0 for r, c, k in shapes],
+        project_a=[cdiv(c, projt_n) * cdiv(kp, proj_k) for (_, c, _), kp in zip(shapes, kps)],
+        project_b=[cdiv(r, proj_m) * cdiv(kp, proj_k) for (r, _, _), kp in zip(shapes, kps)],
+        gram=[(kp // small_k) ** 2 for kp in kps],
+        left=[cdiv(r, small_m) * (kp // small_k) for (r, _, _), kp in zip(shapes, kps)],
+    )
+    return {name: tile_schedule(c, device) for name, c in counts.items()}
 
 
 def new_table(n: int) -> list[list[int]]:

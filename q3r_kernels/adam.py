@@ -31,7 +31,7 @@ from ._meta import (F_COLS, F_M, F_NUMEL, F_ROWS, F_S, F_X, F_X_SC, F_X_SR, F_Y,
                     G_DECAY, G_EPS, G_LR, G_ONE_MINUS_BETA2, G_SCALE, G_STEP_SIZE, G_W1, G_BETA2, NF, NG)
 from .apply import lowrank_tile, prepare, tile_counts
 from ._meta import pointer, tile_offsets
-from .projection import put_factor_fields, put_workspace_fields
+from .plan import BlockPlan
 
 
 @triton.jit
@@ -148,17 +148,17 @@ def check_region(reg: AdamRegion) -> bool:
     return p.dim() == 2 and reg.exp_avg.stride() == p.stride() and reg.exp_avg_sq.stride() == p.stride()
 
 
-class AdamQ3RPlan:
+class AdamQ3RPlan(BlockPlan):
     """Device tables, tile schedules and workspace for a fixed set of regions.
 
     Building them costs Python time per region; a training loop whose tensors stay put (the
     usual case: parameters and states keep their storage) builds a plan once and then only
-    calls :meth:`run` with the per-step scalars, and :meth:`update_factors` after a refresh
-    (which brings new factor tensors, often of a new width).
+    calls :meth:`run` with the per-step scalars, and :meth:`update_factors` (region i is
+    block i) after a refresh, which brings new factor tensors, often of a new width.
     """
 
     def __init__(self, regions: list[AdamRegion]):
-        self.device = regions[0].param.device if regions else None
+        super().__init__(regions[0].param.device if regions else None)
         cfg = m.CONFIG
         self.config = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, m.dot_precision())
         self.plain_config = (cfg.plain_block_m, cfg.block_n, cfg.plain_num_warps, cfg.plain_num_stages)
@@ -167,24 +167,15 @@ class AdamQ3RPlan:
             by_key.setdefault((reg.param.dtype, reg.grad.dtype, reg.exp_avg.dtype, len(reg.factors or ()),
                                _aligned(reg)), []).append(i)
         self.groups = [self._group(key, idx, regions) for key, idx in by_key.items()]
-        self._where = [None] * len(regions)  # region -> (its group, its row there)
-        for gi, g in enumerate(self.groups):
-            for j, i in enumerate(g["idx"]):
-                self._where[i] = (gi, j)
+        self._index(len(regions))
 
     def _group(self, key, idx, regions) -> dict:
         p_dtype, g_dtype, s_dtype, n_factors, aligned = key
         table = m.new_table(len(idx))
         g = dict(idx=idx, dtypes=(p_dtype, g_dtype, s_dtype), n_factors=n_factors, aligned=aligned,
-                 blocks=[], shapes=[], workspace=None)
-        if n_factors:  # Q3R slices: 2-D, with factors checked against (rows, cols) in _factor_fields
-            g["blocks"] = [tuple(regions[i].param.shape) for i in idx]
-            if any(len(b) != 2 for b in g["blocks"]):
-                raise ValueError(f"q3r_kernels: a block must be 2-D, got X of shape "
-                                 f"{next(b for b in g['blocks'] if len(b) != 2)}")
-            g["shapes"] = [None] * len(idx)  # every row is new: _factor_fields fills them all
-            first = {j: regions[i].factors for j, i in enumerate(idx)}
-            g["shapes"], g["workspace"] = self._factor_fields(g, table, first)
+                 shapes=[], workspace=None, sent=None)
+        if n_factors:  # Q3R slices: 2-D, with factors checked against (rows, cols)
+            self._q3r_group(g, table, [tuple(regions[i].param.shape) for i in idx], [regions[i].factors for i in idx])
         for row, i in zip(table, idx):
             _region_row(regions[i], row)
         counts = tile_counts(g["shapes"]) if n_factors else [
@@ -193,84 +184,30 @@ class AdamQ3RPlan:
         ]
         g["sched"], g["total"] = m.tile_schedule(counts, self.device)  # depends on rows and cols only, not on k
         g["host"] = torch.tensor(table, dtype=torch.int64)
-        g["table"] = m.to_device_table(g["host"], torch.int64, self.device)
         return g
-
-    def _factor_fields(self, g: dict, table: list[list[int]], new: dict[int, tuple]):
-        """Check the new factors of some rows j of a Q3R group, then write the fields that
-        depend on them into ``table`` (the group's rows, in place). Returns (shapes,
-        workspace) for the whole group; raises before writing anything."""
-        n = g["n_factors"]
-        for j, f in new.items():
-            if f is None or len(f) != n:
-                raise ValueError(f"q3r_kernels: a Q3R region needs {n} factor tensors, got "
-                                 f"{None if f is None else len(f)}; the layout changed: build a new plan")
-            m.check_block_factors(g["blocks"][j], self.device, *f[:3])
-            if n == 4 and (f[3].numel() != 1 or f[3].dtype != torch.float32 or f[3].device != self.device):
-                raise ValueError("q3r_kernels: eps must be a one-element float32 tensor on the device of its block")
-        shapes = list(g["shapes"])
-        for j, f in new.items():
-            shapes[j] = g["blocks"][j] + (f[0].shape[1],)
-        ws, moved = g["workspace"], g["workspace"] is None or g["workspace"].shapes != shapes
-        if moved:  # a new width moves the pieces of every block after it
-            ws = m.Workspace(shapes, self.device)
-        for j in range(len(table)) if moved else new:
-            put_workspace_fields(table[j], ws, j)
-        for j, f in new.items():
-            put_factor_fields(table[j], f[0], f[1])
-            table[j][m.F_DSRC] = f[2].data_ptr()
-            if n == 4:
-                table[j][m.F_EPS] = f[3].data_ptr()
-        return shapes, ws
-
-    def update_factors(self, new: dict[int, tuple]) -> None:
-        """Point the plan at new factors after a refresh: new[i] is region i's (U, V, d) or
-        (U, V, sigma, eps); regions not named keep theirs.
-
-        Only the rows of those regions, the workspace (when a width changed) and the shapes
-        prepare() schedules from are rewritten; the fused launch's tile schedules depend on
-        rows and columns only. Everything is checked before anything is written, so a bad
-        factor raises ValueError and leaves the plan as it was.
-        """
-        by_group: dict[int, dict[int, tuple]] = {}
-        for i, f in new.items():
-            gi, j = self._where[i] if 0 <= i < len(self._where) else (None, None)
-            if gi is None or not self.groups[gi]["n_factors"]:
-                raise ValueError(f"q3r_kernels: region {i} of this plan has no Q3R term; "
-                                 "the layout changed: build a new plan")
-            by_group.setdefault(gi, {})[j] = f
-        staged = []
-        for gi, rows in by_group.items():
-            g = self.groups[gi]
-            table = g["host"].tolist()
-            shapes, ws = self._factor_fields(g, table, rows)
-            staged.append((g, shapes, ws, torch.tensor(table, dtype=torch.int64)))
-        for g, shapes, ws, host in staged:  # every group checked: commit
-            g.update(shapes=shapes, workspace=ws, host=host, table=m.to_device_table(host, torch.int64, self.device))
 
     def run(self, hypers: list[list], grad_ptrs: list[int] | None = None) -> None:
         """One fused step; hypers[i] is region i's float row (see :func:`adam_hyper`).
 
         grad_ptrs[i], when given, is the address of region i's gradient now: gradients are
         often reallocated every step (zero_grad(set_to_none=True)) while everything else
-        stays put, so only that column of the table is sent again.
+        stays put, so only that column of the table is set again (and sent if it changed).
         """
         block_m, block_n, block_k, num_warps, num_stages, precision = self.config
         plain_m, plain_n, plain_warps, plain_stages = self.plain_config
         for g in self.groups:
-            if grad_ptrs is not None:
-                g["host"][:, int(m.F_Y)] = torch.tensor([grad_ptrs[i] for i in g["idx"]], dtype=torch.int64)
-                g["table"] = m.to_device_table(g["host"], torch.int64, self.device)
+            columns = {} if grad_ptrs is None else {int(m.F_Y): [grad_ptrs[i] for i in g["idx"]]}
+            table, _ = self.run_table(g, columns)
             floats = m.to_device_table([hypers[i] for i in g["idx"]], torch.float32, self.device)
             has_q3r = g["n_factors"] > 0
             if has_q3r:
-                prepare(g["table"], g["shapes"], g["dtypes"][0], g["n_factors"] == 4, self.device, g["aligned"])
+                prepare(table, g["shapes"], g["dtypes"][0], g["n_factors"] == 4, self.device, g["aligned"])
                 tiles, options = (block_m, block_n), m.launch_options(num_warps, num_stages)
             else:  # plain Adam regions: a memory-bound pass, smaller tiles
                 tiles, options = (plain_m, plain_n), m.launch_options(plain_warps, plain_stages)
             if g["total"]:
                 _adamq3r_kernel[(g["total"],)](
-                    g["table"], floats, g["sched"], g["total"], *(m.tl_dtype(t) for t in g["dtypes"]),
+                    table, floats, g["sched"], g["total"], *(m.tl_dtype(t) for t in g["dtypes"]),
                     has_q3r, g["aligned"], *tiles, block_k, precision, **options,
                 )
 

@@ -21,10 +21,11 @@ import triton
 import triton.language as tl
 
 from . import _meta as m
-from ._meta import (F_A, F_B, F_C, F_COLS, F_D, F_DSRC, F_EPS, F_K, F_ROWS, F_UP, F_VP, F_X, F_X_SC, F_X_SR, F_Y,
+from ._meta import (F_A, F_B, F_C, F_COLS, F_D, F_K, F_NUMEL, F_ROWS, F_UP, F_VP, F_X, F_X_SC, F_X_SR, F_Y,
                     F_Y_SC, F_Y_SR, G_SCALE, NG)
 from ._meta import coefficients, packed_width, pointer, tile_offsets
-from .projection import _block, fill_factor_fields, launch_project
+from .plan import BlockPlan
+from .projection import _block, launch_project
 
 
 @triton.jit
@@ -143,11 +144,11 @@ def prepare(table: torch.Tensor, shapes, x_dtype: torch.dtype, d_from_sigma: boo
     launch_project(table, shapes, x_dtype, device, aligned, scale_a=True, d_from_sigma=d_from_sigma)
     prec = m.dot_precision()
     bm, bk = cfg.small_block_m, cfg.small_block_k
-    kps = [m.padded_width(k) for _, _, k in shapes]
-    sched, total = m.tile_schedule([(kp // bk) ** 2 for kp in kps], device)
+    schedules = m.stage_schedules(shapes, device)
+    sched, total = schedules["gram"]
     if total:
         _gram_kernel[(total,)](table, sched, total, d_from_sigma, bm, bk, prec, num_warps=cfg.small_num_warps)
-    sched, total = m.tile_schedule([m.cdiv(r, bm) * (kp // bk) for (r, _, _), kp in zip(shapes, kps)], device)
+    sched, total = schedules["left"]
     if total:
         _left_kernel[(total,)](table, sched, total, bm, bk, prec, num_warps=cfg.small_num_warps)
 
@@ -157,48 +158,81 @@ def tile_counts(shapes) -> list[int]:
     return [m.cdiv(r, cfg.block_m) * m.cdiv(c, cfg.block_n) for r, c, _ in shapes]
 
 
+class ReweightPlan(BlockPlan):
+    """out (+)= alpha R(X) for a fixed set of 2-D blocks: tables, schedules, workspace layout.
+
+    X is fixed (its address is in the tables); each out keeps the layout it had at build
+    (shape, strides, dtype, 16-byte alignment) but may live elsewhere at every run: a
+    gradient is often a new tensor each step. factors[i] is (U, V, d), or (U, V, sigma, eps)
+    with d derived on the device; block i's follow :meth:`update_factors`. The workspace is
+    allocated per run, so between runs its memory serves other uses.
+    """
+
+    persistent_workspace = False
+
+    def __init__(self, Xs, outs, factors, accumulate: bool = True):
+        super().__init__(Xs[0].device if Xs else None)
+        cfg = m.CONFIG
+        self.config = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, m.dot_precision())
+        self.accumulate = accumulate
+        by_key: dict[tuple, list[int]] = {}
+        for i, (X, Y, f) in enumerate(zip(Xs, outs, factors)):
+            if tuple(Y.shape) != tuple(X.shape) or Y.dim() != 2 or Y.device != X.device:
+                raise ValueError(f"q3r_kernels: output of shape {tuple(Y.shape)} on {Y.device} for X of shape "
+                                 f"{tuple(X.shape)} on {X.device}")
+            by_key.setdefault((X.dtype, Y.dtype, m.aligned(X, Y) and X.shape[1] % 16 == 0, len(f)), []).append(i)
+        self.groups = [self._group(key, idx, Xs, outs, factors) for key, idx in by_key.items()]
+        self._index(len(Xs))
+
+    def _group(self, key, idx, Xs, outs, factors) -> dict:
+        x_dtype, y_dtype, aligned, n_factors = key
+        table = m.new_table(len(idx))
+        g = dict(idx=idx, dtypes=(x_dtype, y_dtype), aligned=aligned, n_factors=n_factors, sent=None, floats=None)
+        self._q3r_group(g, table, [tuple(Xs[i].shape) for i in idx], [factors[i] for i in idx])
+        for row, i in zip(table, idx):
+            X = Xs[i]
+            m.put_matrix(row, (F_X, F_X_SR, F_X_SC), X)
+            m.put_matrix(row, (F_Y, F_Y_SR, F_Y_SC), outs[i])
+            row[F_ROWS], row[F_COLS], row[F_NUMEL] = X.shape[0], X.shape[1], X.numel()
+        g["sched"], g["total"] = m.tile_schedule(tile_counts(g["shapes"]), self.device)
+        g["host"] = torch.tensor(table, dtype=torch.int64)
+        return g
+
+    def run(self, outs, alphas) -> None:
+        """outs[i] (+)= alphas[i] * R_i(X_i); outs laid out as at build (the caller's promise)."""
+        block_m, block_n, block_k, num_warps, num_stages, precision = self.config
+        for g in self.groups:
+            table, workspace = self.run_table(g, {int(F_Y): [outs[i].data_ptr() for i in g["idx"]]})
+            scales = tuple(float(alphas[i]) for i in g["idx"])
+            if g["floats"] is None or g["floats"][0] != scales:
+                rows = [[a] + [0.0] * (int(NG) - 1) for a in scales]  # G_SCALE is field 0
+                g["floats"] = (scales, m.to_device_table(rows, torch.float32, self.device))
+            prepare(table, g["shapes"], g["dtypes"][0], g["n_factors"] == 4, self.device, g["aligned"])
+            if g["total"]:
+                _apply_kernel[(g["total"],)](
+                    table, g["floats"][1], g["sched"], g["total"], *(m.tl_dtype(t) for t in g["dtypes"]),
+                    self.accumulate, g["aligned"], block_m, block_n, block_k, precision,
+                    **m.launch_options(num_warps, num_stages),
+                )
+            del workspace  # the launches are queued; the caching allocator keeps the order safe
+
+
 def add_reweighting_(outs, Xs, Us, Vs, ds, alphas, accumulate: bool = True, sigmas=None, epss=None) -> None:
-    """outs[i] (+)= alphas[i] * R_i(Xs[i]) for 2-D blocks, grouped: four launches per dtype pair.
+    """outs[i] (+)= alphas[i] * R_i(Xs[i]) for 2-D blocks, grouped: six launches per group (dtypes, alignment, factor form).
 
     R_i is given by (Us[i], Vs[i], ds[i]), or by (Us[i], Vs[i]) with sigmas[i], epss[i] (0-d
     float32 tensor) when ds is None, in which case d is derived on the device. outs[i] may
     be a strided view (a gradient slice), or Xs[i] itself: a tile of X is read only by the
-    program that writes the same tile of out, after A and B were formed.
+    program that writes the same tile of out, after A and B were formed. A loop that calls
+    this with the same tensors every step should keep a :class:`ReweightPlan` instead.
     """
     if not Xs:
         return
-    from_sigma = ds is None
-    device = Xs[0].device
-    shapes = [(X.shape[0], X.shape[1], U.shape[1]) for X, U in zip(Xs, Us)]
-    ws = m.Workspace(shapes, device)
-    groups: dict[tuple, list[int]] = {}
-    for i, (X, U, V, Y) in enumerate(zip(Xs, Us, Vs, outs)):
-        m.check_factors(X, U, V, None if from_sigma else ds[i])
-        if tuple(Y.shape) != tuple(X.shape):
-            raise ValueError(f"q3r_kernels: output of shape {tuple(Y.shape)} for X of shape {tuple(X.shape)}")
-        groups.setdefault((X.dtype, Y.dtype, m.aligned(X, Y) and X.shape[1] % 16 == 0), []).append(i)
-    for (x_dtype, y_dtype, aligned), idx in groups.items():
-        rows, floats = m.new_table(len(idx)), []
-        for row, i in zip(rows, idx):
-            fill_factor_fields(row, Xs[i], Us[i], Vs[i], ws, i)
-            m.put_matrix(row, (m.F_Y, m.F_Y_SR, m.F_Y_SC), outs[i])
-            if from_sigma:
-                row[F_DSRC], row[F_EPS] = sigmas[i].data_ptr(), epss[i].data_ptr()
-            else:
-                row[F_DSRC] = ds[i].data_ptr()
-            floats.append([float(alphas[i])] + [0.0] * (int(NG) - 1))
-        table = m.to_device_table(rows, torch.int64, device)
-        floats = m.to_device_table(floats, torch.float32, device)
-        sub_shapes = [shapes[i] for i in idx]
-        prepare(table, sub_shapes, x_dtype, from_sigma, device, aligned)
-        sched, total = m.tile_schedule(tile_counts(sub_shapes), device)
-        if total:
-            cfg = m.CONFIG
-            _apply_kernel[(total,)](
-                table, floats, sched, total, m.tl_dtype(x_dtype), m.tl_dtype(y_dtype), accumulate, aligned,
-                cfg.block_m, cfg.block_n, cfg.block_k, m.dot_precision(), **m.launch_options(cfg.num_warps, cfg.num_stages),
-            )
-    del ws  # kernels are queued on the stream; the caching allocator keeps the order safe
+    for X in Xs:
+        if X.dim() != 2:
+            raise ValueError(f"q3r_kernels: a block must be 2-D, got X of shape {tuple(X.shape)}")
+    factors = [(U, V, d) for U, V, d in zip(Us, Vs, ds)] if ds is not None else list(zip(Us, Vs, sigmas, epss))
+    ReweightPlan(Xs, outs, factors, accumulate).run(outs, alphas)
 
 
 def apply_reweighting(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

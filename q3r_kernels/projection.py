@@ -145,8 +145,7 @@ def x_offsets(offs_m, offs_n, x_sr, x_sc, ALIGNED: tl.constexpr):
 def launch_pack(table: torch.Tensor, shapes: list[tuple[int, int, int]], device) -> None:
     """Fill every block's packed U, U^T and V (zero-padded to its kp) from its factors."""
     cfg = m.CONFIG
-    sched, total = m.tile_schedule([(m.cdiv(r, cfg.small_block_m) + m.cdiv(c, cfg.small_block_m)) if k else 0
-                                    for r, c, k in shapes], device)
+    sched, total = m.stage_schedules(shapes, device)["pack"]
     if total:
         _pack_kernel[(total,)](table, sched, total, cfg.small_block_m, cfg.small_block_k, num_warps=cfg.small_num_warps)
 
@@ -160,16 +159,14 @@ def launch_project(table: torch.Tensor, shapes: list[tuple[int, int, int]], x_dt
     cfg = m.CONFIG
     launch_pack(table, shapes, device)
     prec, xt = m.dot_precision(), m.tl_dtype(x_dtype)
-    kps = [m.padded_width(k) for _, _, k in shapes]
+    schedules = m.stage_schedules(shapes, device)
     # A^T first: it reads the packed U^T, which B then overwrites (they share a piece)
-    sched, total = m.tile_schedule([m.cdiv(c, cfg.projt_block_n) * m.cdiv(kp, cfg.proj_block_k)
-                                    for (_, c, _), kp in zip(shapes, kps)], device)
+    sched, total = schedules["project_a"]
     if total:
         _project_a_kernel[(total,)](table, sched, total, xt, aligned, cfg.projt_block_m, cfg.projt_block_n,
                                     cfg.proj_block_k, prec, scale_a, d_from_sigma,
                                     **m.launch_options(cfg.projt_num_warps, cfg.projt_num_stages))
-    sched, total = m.tile_schedule([m.cdiv(r, cfg.proj_block_m) * m.cdiv(kp, cfg.proj_block_k)
-                                    for (r, _, _), kp in zip(shapes, kps)], device)
+    sched, total = schedules["project_b"]
     if total:
         _project_b_kernel[(total,)](table, sched, total, xt, aligned, cfg.proj_block_m, cfg.proj_block_n,
                                     cfg.proj_block_k, prec, **m.launch_options(cfg.proj_num_warps, cfg.proj_num_stages))

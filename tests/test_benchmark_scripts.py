@@ -52,5 +52,6 @@ def test_plan_overhead_runs_on_cpu():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plan_overhead.py")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    for line in ("step, cached plan", "plan rebuilt from scratch", "(staggered)", "control"):
+    for line in ("step, cached plan", "plan rebuilt from scratch", "(staggered)", "control",
+                 "add_grad_, cached plan", "add_grad_, plan rebuilt"):
         assert line in out.stdout, out.stdout[-2000:]

@@ -101,38 +101,73 @@ def apply_reweighting(X: Tensor, U: Tensor, V: Tensor, d: Tensor) -> Tensor:
     return reference.apply_reweighting(X, U, V, d)
 
 
+_FAST_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tuple], alpha: float) -> None:
     """outs[i] += alpha * R_i(weights[i]) in place, for 2-D (views of) weights.
 
     factors[i] is (U, V, d), or (U, V, sigma, eps) (d is then derived as in
     q3r.reference.reweighting_coefficients, on the device when the kernels run).
+    Everything is checked before any out changes. The kernels' tables are cached per layout
+    (see _reweight_layout_key), so a loop that passes the same weights every step (the Q3R
+    regularizer's add_grad_) pays for them once, and after a refresh only for its new factors.
     """
     if len(outs) != len(weights) or len(weights) != len(factors):
         raise ValueError(f"add_reweighting_ needs as many outs, weights and factors, got {len(outs)}, "
                          f"{len(weights)}, {len(factors)}")
-    fast, limit = [], _width_limit()
-    for out, W, f in zip(outs, weights, factors):
-        _check(W, f[0], f[1])
-        if tuple(out.shape) != tuple(W.shape):
-            raise ValueError(f"out of shape {tuple(out.shape)} for a weight of shape {tuple(W.shape)}")
-        fast.append(W.dim() == 2 and out.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                    and _fast(W, f[0]) and _width_ok([f], limit))
-    slow = [i for i, ok in enumerate(fast) if not ok]
+    limit, verdict, fast, slow = _width_limit(), {}, [], []
+    for i, (out, W, f) in enumerate(zip(outs, weights, factors)):
+        if len(f) not in (3, 4):
+            raise ValueError(f"factors[{i}] must be (U, V, d) or (U, V, sigma, eps), got {len(f)} tensors")
+        where = (W.device, W.dtype)
+        if where not in verdict:
+            verdict[where] = backend_for(*where) == "triton"
+        U = f[0]
+        ok = (verdict[where] and W.dim() == 2 and out.dtype in _FAST_OUT_DTYPES and U.dtype == torch.float32
+              and (limit is None or U.shape[-1] <= limit))
+        (fast if ok else slow).append(i)
+    for i in slow:
+        _check(weights[i], factors[i][0], factors[i][1])
+        if tuple(outs[i].shape) != tuple(weights[i].shape):
+            raise ValueError(f"out of shape {tuple(outs[i].shape)} for a weight of shape {tuple(weights[i].shape)}")
+    # the kernels read d (or sigma) as contiguous float32; these stay referenced until run()
+    fast_factors = [f if f[2].dtype == torch.float32 and f[2].is_contiguous()
+                    else (f[0], f[1], f[2].to(torch.float32).contiguous(), *f[3:]) for f in (factors[i] for i in fast)]
+    plan = _reweight_plan_for([outs[i] for i in fast], [weights[i] for i in fast], fast_factors)
     for i in slow:
         U, V, *rest = factors[i]
         d = rest[0] if len(rest) == 1 else reference.reweighting_coefficients(*rest)
         outs[i].add_(reference.apply_reweighting(weights[i], U, V, d).to(outs[i].dtype), alpha=alpha)
-    take = [i for i, ok in enumerate(fast) if ok]
-    for n in (3, 4):  # d given, or derived from sigma and eps on the device
-        idx = [i for i in take if len(factors[i]) == n]
-        if not idx:
-            continue
-        third = [factors[i][2].to(torch.float32).contiguous() for i in idx]
-        _kernels().add_reweighting_(
-            [outs[i] for i in idx], [weights[i] for i in idx], [factors[i][0] for i in idx],
-            [factors[i][1] for i in idx], third if n == 3 else None, [alpha] * len(idx),
-            sigmas=third if n == 4 else None, epss=[factors[i][3] for i in idx] if n == 4 else None,
-        )
+    if plan is not None:
+        plan.run([outs[i] for i in fast], [alpha] * len(fast))
+
+
+def _reweight_plan_for(outs: list, weights: list, factors: list):
+    """The cached ReweightPlan for these blocks, its factors brought up to date (None: no block)."""
+    if not weights:
+        return None
+    key = _reweight_layout_key(outs, weights, factors)
+    now = [_operator_key(f) for f in factors]
+    entry = _PLANS.get(key)
+    if entry is None:
+        for W, f in zip(weights, factors):
+            _check(W, f[0], f[1])
+        entry = _cache(key, _CachedPlan(_kernels().ReweightPlan(weights, outs, factors), [], [], now))
+    else:
+        _follow_factors(entry, key, now, factors)
+    return entry.plan
+
+
+def _reweight_layout_key(outs: list, weights: list, factors: list) -> tuple:
+    """What a ReweightPlan is built for: the weights' storage and layout, the outputs' layout
+    (not their addresses: a gradient may be a new tensor every step), the factor form, and
+    the tile settings."""
+    return ("reweight", _config_key()) + tuple(
+        (W.data_ptr(), W.shape, W.stride(), W.dtype, W.device, o.shape, o.stride(), o.dtype, o.device,
+         o.data_ptr() % 16, len(f))
+        for o, W, f in zip(outs, weights, factors)
+    )
 
 
 # ------------------------------------------------------------------ fused AdamQ3R step
@@ -172,24 +207,29 @@ def _regions(work, K):
 
 @dataclass
 class _CachedPlan:
-    plan: object  # q3r_kernels.AdamQ3RPlan
-    region_map: list  # per region of the plan: (work index, operator index or None, grad offset)
-    rejected: list  # indices of the works the kernels cannot take
-    factors: tuple  # the _factor_key the plan's tables point at
+    plan: object  # q3r_kernels.AdamQ3RPlan or ReweightPlan
+    region_map: list  # AdamQ3RPlan: per region, (work index, operator index or None, grad offset)
+    rejected: list  # AdamQ3RPlan: indices of the works the kernels cannot take
+    factors: list  # per block of the plan: the _operator_key its tables point at (None: no term)
 
 
-_PLANS: OrderedDict = OrderedDict()  # _layout_key -> _CachedPlan, least recently used first
-_MAX_PLANS = 4
+# _layout_key or _reweight_layout_key -> _CachedPlan, least recently used first
+_PLANS: OrderedDict = OrderedDict()
+_MAX_PLANS = 6
+
+
+def _config_key() -> tuple:
+    """The tile settings and the resolved dot precision ("auto" follows torch per call)."""
+    K = _kernels()
+    return tuple(vars(K.CONFIG).values()) + (K.dot_precision(),)
 
 
 def _layout_key(works: list) -> tuple:
     """What a plan is built for: storage addresses, shapes, strides, slicing, which works
     have a Q3R term and how many operators of which kind, and the tile settings. Unchanged
     in an ordinary training loop. Gradient addresses are left out: they are sent with every
-    step (see AdamQ3RPlan.run); so are the factors: see _factor_key."""
-    K = _kernels()
-    cfg = tuple(vars(K.CONFIG).values()) + (K.dot_precision(),)  # "auto" resolves per call
-    return cfg, tuple(
+    step (see AdamQ3RPlan.run); so are the factors: see _operator_key."""
+    return ("adam", _config_key()) + tuple(
         (w.param.data_ptr(), w.param.shape, w.param.stride(), w.param.dtype, w.grad.stride(),
          w.grad.dtype, w.exp_avg.data_ptr(), w.exp_avg_sq.data_ptr(), w.exp_avg.dtype, w.lmbda != 0, w.slice_dim,
          None if w.slices is None else tuple(map(tuple, w.slices)),
@@ -198,15 +238,30 @@ def _layout_key(works: list) -> tuple:
     )
 
 
-def _factor_key(works: list) -> tuple:
-    """What the Q3R fields of a plan's tables point at: every operator's width, factor
-    strides and addresses. A refresh changes it (new tensors, a new width) and
-    AdamQ3RPlan.update_factors follows, far cheaper than building the plan again."""
-    return tuple(
-        tuple((op[0].shape[1], op[0].stride(), op[1].stride()) + tuple(t.data_ptr() for t in op)
-              for op in w.operators) if w.lmbda != 0 else ()
-        for w in works
-    )
+def _operator_key(op) -> tuple:
+    """What the Q3R fields of a block's table row point at: its factor tensors' addresses,
+    shapes, strides and dtypes. A refresh changes it (new tensors, a new width), and the
+    cached plan's update_factors follows, far cheaper than building the plan again."""
+    return tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in op)
+
+
+def _cache(key, entry: "_CachedPlan") -> "_CachedPlan":
+    _PLANS[key] = entry
+    while len(_PLANS) > _MAX_PLANS:
+        _PLANS.popitem(last=False)
+    return entry
+
+
+def _follow_factors(entry: "_CachedPlan", key, now: list, operators: list) -> None:
+    """Bring a cached plan's factor fields up to date: now[b] is _operator_key of block b's
+    factors operators[b] (None for a block without a Q3R term). Only the blocks whose key
+    changed are rewritten (a staggered refresh touches a few); raises and changes nothing
+    on bad factors."""
+    _PLANS.move_to_end(key)
+    if now != entry.factors:
+        entry.plan.update_factors({b: tuple(operators[b]) for b, (old, new) in enumerate(zip(entry.factors, now))
+                                   if old != new})
+        entry.factors = now
 
 
 def _build_plan(works: list) -> _CachedPlan:
@@ -222,7 +277,13 @@ def _build_plan(works: list) -> _CachedPlan:
         base = work.grad.data_ptr()
         # _regions lists a work's operator regions first, in operator order
         region_map += [(i, None if r.factors is None else j, r.grad.data_ptr() - base) for j, r in enumerate(mine)]
-    return _CachedPlan(K.AdamQ3RPlan(regions), region_map, rejected, _factor_key(works))
+    return _CachedPlan(K.AdamQ3RPlan(regions), region_map, rejected, _region_operators(works, region_map)[0])
+
+
+def _region_operators(works: list, region_map: list) -> tuple[list, list]:
+    """Per region of a plan: _operator_key of its factors and the factors (None, None without)."""
+    ops_ = [None if j is None else works[i].operators[j] for i, j, _ in region_map]
+    return [None if op is None else _operator_key(op) for op in ops_], ops_
 
 
 def _plan_for(works: list) -> _CachedPlan:
@@ -230,20 +291,8 @@ def _plan_for(works: list) -> _CachedPlan:
     key = _layout_key(works)
     entry = _PLANS.get(key)
     if entry is None:
-        entry = _PLANS[key] = _build_plan(works)
-        while len(_PLANS) > _MAX_PLANS:
-            _PLANS.popitem(last=False)
-        return entry
-    _PLANS.move_to_end(key)
-    factors = _factor_key(works)
-    if factors != entry.factors:  # after a refresh; raises and changes nothing on bad factors
-        # the layout key fixes how many operators each work has: compare them one by one, so
-        # that a staggered refresh of a few targets rewrites only their rows
-        changed = {(i, j) for i, (old, now) in enumerate(zip(entry.factors, factors)) if old != now
-                   for j, (a, b) in enumerate(zip(old, now)) if a != b}
-        entry.plan.update_factors({r: tuple(works[i].operators[j]) for r, (i, j, _) in enumerate(entry.region_map)
-                                   if (i, j) in changed})
-        entry.factors = factors
+        return _cache(key, _build_plan(works))
+    _follow_factors(entry, key, *_region_operators(works, entry.region_map))
     return entry
 
 
@@ -254,7 +303,7 @@ def adamq3r_fused_(works: list) -> list:
     A work is a q3r.optim.functional.ParamWork; its ``operators`` hold (U, V, d) or
     (U, V, sigma, eps) per slice. The Q3R term is evaluated at the weights before the step.
     The tables the kernels read are cached per layout (see _layout_key) and only their
-    factor fields follow a refresh (see _factor_key), so a step in a steady training loop,
+    factor fields follow a refresh (see _operator_key), so a step in a steady training loop,
     refreshes included, costs little more Python than the launches themselves.
     """
     rest, taken, verdict, limit = [], [], {}, _width_limit()

@@ -1,0 +1,137 @@
+"""ops.add_reweighting_'s cached ReweightPlan (the regularizer's per-step path) across steps:
+new gradient tensors every step, refreshes (whole and staggered, new widths), both factor
+forms in one call, bad factors, a layout change -- every result against the reference."""
+
+import pytest
+import torch
+
+from q3r import ops, reference
+
+from _kernel_utils import DEVICE, K, factors, needs_kernels, tile_settings
+
+pytestmark = needs_kernels
+ALPHA = 0.2
+
+# (rows of the fused weight, cols, slice dim, slices): row slices, column slices, a whole one
+LAYOUT = [((37, 53), 0, [(0, 11), (11, 24), (24, 37)]), ((23, 53), 1, [(0, 17), (17, 34), (40, 53)]),
+          ((29, 35), 0, [(0, 29)])]
+
+
+def _blocks(gen):
+    weights = [torch.randn(shape, generator=gen).to(DEVICE) for shape, _, _ in LAYOUT]
+    views = [W.narrow(dim, a, b - a) for W, (_, dim, spans) in zip(weights, LAYOUT) for a, b in spans]
+    return weights, views
+
+
+def _grads(weights, gen):
+    """New gradient tensors (new addresses, the same layout), as zero_grad(set_to_none) gives."""
+    grads = [torch.randn(W.shape, generator=gen).to(DEVICE) for W in weights]
+    return grads, [g.narrow(dim, a, b - a) for g, (_, dim, spans) in zip(grads, LAYOUT) for a, b in spans]
+
+
+def _operators(views, widths, gen):
+    """Block i's factors: (U, V, d) for even i, (U, V, sigma, eps) for odd i (both forms)."""
+    out = []
+    for i, (X, k) in enumerate(zip(views, widths)):
+        U, V, d = factors(X.shape[0], X.shape[1], k, gen)
+        if i % 2:
+            sigma = torch.linspace(3.0, 0.5, k, device=DEVICE)
+            out.append((U, V, sigma, torch.tensor(1.2, device=DEVICE)))
+        else:
+            out.append((U, V, d))
+    return out
+
+
+def _step(views, gviews, ops_, alpha=ALPHA):
+    """One ops.add_reweighting_ call, checked block by block against the reference."""
+    expected = []
+    for X, G, f in zip(views, gviews, ops_):
+        U, V, *rest = f
+        d = rest[0] if len(rest) == 1 else reference.reweighting_coefficients(*rest)
+        expected.append(G.double() + alpha * reference.apply_reweighting(X.double(), U.double(), V.double(), d.double()))
+    with tile_settings(True):
+        ops.add_reweighting_(gviews, views, ops_, alpha)
+    for G, e in zip(gviews, expected):
+        torch.testing.assert_close(G.double(), e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """The Triton backend, an empty plan cache, and counts of plan builds and factor updates."""
+    monkeypatch.setenv("Q3R_BACKEND", "triton")
+    monkeypatch.setattr(ops, "_PLANS", type(ops._PLANS)())
+    builds, updates = [], []
+    init, update = K.ReweightPlan.__init__, K.ReweightPlan.update_factors
+    monkeypatch.setattr(K.ReweightPlan, "__init__", lambda plan, *a, **k: builds.append(1) or init(plan, *a, **k))
+    monkeypatch.setattr(K.ReweightPlan, "update_factors", lambda plan, new: updates.append(sorted(new)) or update(plan, new))
+    return builds, updates
+
+
+def test_cached_plan_follows_gradients_and_refreshes(counted):
+    builds, updates = counted
+    gen = torch.Generator().manual_seed(1)
+    weights, views = _blocks(gen)
+    base = [5, 10, 3, 7, 3, 9, 16]
+    ops_ = _operators(views, base, gen)
+    for _ in range(3):  # new gradient tensors every step: the plan is built once
+        _step(views, _grads(weights, gen)[1], ops_)
+    assert (len(builds), updates) == (1, [])
+    plan = next(iter(ops._PLANS.values())).plan
+    assert all(g["workspace"].buffer is None for g in plan.groups)  # no workspace held between steps
+    # whole refreshes: new widths (every workspace moves), then new tensors of the same widths
+    for dk in (1, -2, 0):
+        ops_ = _operators(views, [k + dk for k in base], gen)
+        _step(views, _grads(weights, gen)[1], ops_)
+    assert len(builds) == 1 and updates == [list(range(7))] * 3
+    # a staggered refresh of blocks 1 and 4 only (one of each form), then the weights move on
+    new = _operators(views, [k + 2 for k in base], gen)
+    ops_ = [new[i] if i in (1, 4) else f for i, f in enumerate(ops_)]
+    _step(views, _grads(weights, gen)[1], ops_)
+    assert len(builds) == 1 and updates[-1] == [1, 4]
+    with torch.no_grad():
+        for W in weights:
+            W.add_(0.1)
+    _step(views, _grads(weights, gen)[1], ops_, alpha=0.05)  # in-place weights, a new alpha
+    assert (len(builds), len(updates)) == (1, 4)
+
+
+def test_bad_factors_change_nothing_and_the_plan_stays_usable(counted, monkeypatch):
+    builds, updates = counted
+    monkeypatch.setenv("Q3R_TRITON_MAX_WIDTH", "8")
+    monkeypatch.delenv("Q3R_BACKEND")  # automatic: factors wider than 8 take the reference path
+    monkeypatch.setattr(ops, "backend_for", lambda device, dtype=None: "triton")
+    gen = torch.Generator().manual_seed(2)
+    weights, views = _blocks(gen)
+    ops_ = _operators(views, [5, 10, 3, 7, 3, 9, 6], gen)  # blocks 1 and 5 go to the reference path
+    grads, gviews = _grads(weights, gen)
+    _step(views, gviews, ops_)
+    assert len(builds) == 1
+    U, V, sigma, eps = ops_[3]
+    for bad, match in [((U[1:], V, sigma, eps), "do not fit"), ((U, V, sigma, torch.ones(2, device=DEVICE)), "eps"),
+                       ((U, V, sigma[1:], eps), "must be contiguous"), ((U, V), "must be \\(U, V, d\\)")]:
+        wrong = list(ops_)
+        wrong[3] = bad
+        before = [g.clone() for g in grads]
+        with pytest.raises(ValueError, match=match):
+            with tile_settings(True):
+                ops.add_reweighting_(gviews, views, wrong, ALPHA)
+        assert all(torch.equal(g, b) for g, b in zip(grads, before))  # not even the reference blocks
+    assert len(updates) == 3  # three were tried (and refused); the fourth failed before the plan
+    _step(views, gviews, ops_)  # the old factors still match the tables: nothing to update
+    assert (len(builds), len(updates)) == (1, 3)
+
+
+def test_a_new_layout_is_a_new_plan(counted):
+    builds, _ = counted
+    gen = torch.Generator().manual_seed(3)
+    weights, views = _blocks(gen)
+    ops_ = _operators(views, [4] * 7, gen)
+    grads, gviews = _grads(weights, gen)
+    _step(views, gviews, ops_)
+    # a gradient that is not 16-byte aligned (the kernels' aligned loads depend on it)
+    flat = torch.randn(1 + grads[2].numel(), generator=gen).to(DEVICE)
+    gviews[-1] = flat[1:].view(grads[2].shape)
+    _step(views, gviews, ops_)
+    assert len(builds) == 2
+    _step(views, _grads(weights, gen)[1], ops_)  # back to the first layout: the cached plan
+    assert len(builds) == 2
