@@ -133,3 +133,42 @@ def test_committed_factors_are_contiguous_views_with_the_right_values():
     refresh_slices_([weights[0] * 2], [states[0]], [configs[0]], method="randomized")
     for j, U in zip((1, 2, 3), others):
         assert torch.equal(states[j]["U"], U)
+
+
+def test_small_tables_reach_the_device_with_their_values():
+    from q3r._transfer import to_device
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = to_device([3, 1, 2], torch.int64, device)
+    assert t.device.type == device and t.dtype == torch.int64 and t.tolist() == [3, 1, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n", [4, 16])
+def test_warm_refresh_syncs_the_host_a_few_times_per_stack(n):
+    """On a GPU each host sync drains the stream, so host and device work stop overlapping.
+    A warm refresh of one same-shaped stack may sync for its decisions: whether Cholesky-QR
+    needs a second pass, whether a member needs Householder QR, the commit's one transfer of
+    scalars, and torch.linalg.eigh's error check where the native solver is not built. The
+    small index and scalar tables it sends to the device must not sync (q3r._transfer)."""
+    import warnings
+
+    method = "native" if _native.available("cuda") else "randomized"
+    weights, configs, states = _targets(n)
+    weights = [w.cuda() for w in weights]
+    states = [new_slice_state(D1, D2, "cuda") for _ in range(n)]
+    for _ in range(2):  # cold, then warm
+        refresh_slices_(weights, states, configs, method=method)
+    # mixed widths in one stack: the commit gathers rows per width (index tables)
+    for j, w in enumerate(weights):
+        w.mul_(1 + 0.01 * j)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert all(refresh_slices_(weights, states, configs, method=method))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 4, [str(w.message)[:120] for w in syncs]

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import _native, reference
+from ._transfer import to_device
 
 EIGENSOLVERS = ("torch", "native")
 
@@ -158,7 +159,7 @@ def start_basis(W: Tensor, k: int, warm: list[Start], generator: torch.Generator
             by_widths.setdefault(tuple(t.shape[-1] for t in blocks), []).append((j, blocks))
     for widths, entries in by_widths.items():
         rows = [j for j, _ in entries]
-        index = None if len(rows) == b else torch.tensor(rows, device=W.device)
+        index = None if len(rows) == b else to_device(rows, torch.int64, W.device)
         offset = 0
         for pos, width in enumerate(widths):
             value = torch.stack([blocks[pos].to(device=W.device, dtype=W.dtype) for _, blocks in entries])

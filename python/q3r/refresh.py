@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from . import _native, randomized, reference
+from ._transfer import to_device
 
 REFRESH_METHODS = ("exact", "randomized", "native", "auto")
 
@@ -353,7 +354,7 @@ def _finish_stack(weights, states, configs, st: _Stack, solvers, opts: SketchOpt
     refined_V = {}  # a widened retry of a refined member starts from its refined V
     refine = [i for i, width in retry.items() if width == _REFINE]
     if refine:  # the same subspace, its k x k problem in float64 (see SketchOptions)
-        rows = torch.tensor([members.index(i) for i in refine], device=U.device)
+        rows = to_device([members.index(i) for i in refine], torch.int64, U.device)
         sub = torch.stack([weights[i].detach() for i in refine]).double()
         U2, S2, V2 = randomized.ritz_triplets(sub, U.index_select(0, rows).double(), solvers["torch"])
         retry.update(_commit_sketch(st.energy.index_select(0, rows), refine, states, configs, U2, S2, V2, opts,
@@ -430,7 +431,7 @@ def _store_commits(commits, states, U, S, V, opts: SketchOptions) -> None:
     """
     device = states[commits[0][1]]["eps"].device
     # views from a few unbind calls: slicing row by row costs a dispatch per view and target
-    scalars = torch.tensor([c[3] for c in commits], dtype=torch.float32).to(device)
+    scalars = to_device([c[3] for c in commits], torch.float32, device)
     eps, eps0, sigma_next, tail = (column.unbind(0) for column in scalars.t().unbind(0))
     counts = (torch.stack([states[i]["refreshes"] for _, i, _, _ in commits]) + 1).unbind(0)
     U, S, V = (t.to(torch.float32) for t in (U, S, V))  # once per stack, not per target
@@ -439,10 +440,11 @@ def _store_commits(commits, states, U, S, V, opts: SketchOptions) -> None:
         by_width.setdefault(r_env, []).append((row, j, i))
     for r_env, entries in by_width.items():
         rows = [j for _, j, _ in entries]
+        index = None if rows == list(range(U.shape[0])) else to_device(rows, torch.int64, U.device)
         parts = {
-            "U": _gather_columns(U, rows, 0, r_env).unbind(0),
-            "V": _gather_columns(V, rows, 0, r_env).unbind(0),
-            "V_tail": _gather_columns(V, rows, r_env, min(r_env + opts.oversampling, V.shape[-1])).unbind(0),
+            "U": _gather_columns(U, index, 0, r_env).unbind(0),
+            "V": _gather_columns(V, index, 0, r_env).unbind(0),
+            "V_tail": _gather_columns(V, index, r_env, min(r_env + opts.oversampling, V.shape[-1])).unbind(0),
         }
         sigmas = S[:, :r_env].unbind(0)
         for n, (row, j, i) in enumerate(entries):
@@ -454,12 +456,11 @@ def _store_commits(commits, states, U, S, V, opts: SketchOptions) -> None:
             state["tail_energy"], state["refreshes"] = tail[row], counts[row]
 
 
-def _gather_columns(T: Tensor, rows: list[int], start: int, stop: int) -> Tensor:
-    """T[rows, :, start:stop] (T: (b, d, k)) as one new contiguous tensor, in one kernel."""
+def _gather_columns(T: Tensor, index: Tensor | None, start: int, stop: int) -> Tensor:
+    """T[index, :, start:stop] (T: (b, d, k); None: every row) as one new contiguous tensor,
+    in one kernel."""
     block = T[:, :, start:stop]
-    if rows == list(range(T.shape[0])):
-        return block.contiguous()
-    return block.index_select(0, torch.tensor(rows, device=T.device))
+    return block.contiguous() if index is None else block.index_select(0, index)
 
 
 # ------------------------------------------------------------------------ staggering
