@@ -172,3 +172,24 @@ def test_warm_refresh_syncs_the_host_a_few_times_per_stack(n):
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= 4, [str(w.message)[:120] for w in syncs]
+
+
+@pytest.mark.skipif(not _native.available("cpu"), reason="needs the CPU part of q3r._C")
+def test_stacks_solved_together_send_their_commit_scalars_to_the_host_together(monkeypatch):
+    """A warm native refresh of three shape groups: one host transfer per native solver call
+    (on a GPU each transfer waits for the device to drain), carrying every stack it solved."""
+    from q3r import refresh
+
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(D1, D2)] * 3 + [(D2, D1)] * 3 + [(2 * D1, D2)] * 3
+    weights = [torch.randn(*shape, generator=gen) for shape in shapes]
+    configs = [SliceConfig(f"t{i}", RANK) for i in range(len(shapes))]
+    states = [new_slice_state(*shape) for shape in shapes]
+    for _ in range(2):  # cold, then warm
+        refresh_slices_(weights, states, configs, method="native")
+    transfers, solves = [], []
+    to_host, solve = refresh._to_host, _native.batched_eigh
+    monkeypatch.setattr(refresh, "_to_host", lambda tables: transfers.append(len(tables)) or to_host(tables))
+    monkeypatch.setattr(_native, "batched_eigh", lambda G, **kw: solves.append(G.shape[0]) or solve(G, **kw))
+    assert all(refresh_slices_(weights, states, configs, method="native"))
+    assert len(transfers) == len(solves) and sum(transfers) == 3 and sum(solves) == 9

@@ -266,13 +266,13 @@ def _refresh_sketched(weights, states, configs, groups: list[_SketchGroup], opts
                 deferred.append(st)
             else:
                 st.eig = solvers["torch"](st.sketch.G)
-                _finish_stack(weights, states, configs, st, solvers, opts)
+                _finish_stacks(weights, states, configs, [st], solvers, opts)
         for batch in _by_key(deferred, lambda st: (st.k, st.sketch.G.device)):
             evals, evecs = solvers["native"](torch.cat([st.sketch.G for st in batch]))
             sizes = [len(st.members) for st in batch]
             for st, lam, E in zip(batch, evals.split(sizes), evecs.split(sizes)):
                 st.eig = (lam, E)
-                _finish_stack(weights, states, configs, st, solvers, opts)
+            _finish_stacks(weights, states, configs, batch, solvers, opts)
         if not any(g.pending for g in groups):
             break
     nonfinite = {i for g in groups for i in g.nonfinite}
@@ -344,13 +344,22 @@ def _sketch_stack_(weights, st: _Stack, attempt: int, opts: SketchOptions) -> No
     st.energy = torch.linalg.vector_norm(stack, dim=(-1, -2), dtype=torch.float64).square()
 
 
-def _finish_stack(weights, states, configs, st: _Stack, solvers, opts: SketchOptions) -> None:
-    """Commit a solved stack; queue its retries (wider sketch) or exact SVDs on its group."""
+def _finish_stacks(weights, states, configs, stacks: list[_Stack], solvers, opts: SketchOptions) -> None:
+    """Commit solved stacks; queue their retries (wider sketch) or exact SVDs on their groups.
+    The scalars every commit decides on cross to the host in one transfer for all the stacks
+    (on a GPU each transfer waits for the device to drain)."""
+    solved = [st.sketch.triplets(*st.eig) for st in stacks]
+    hosts = _to_host([_commit_columns(st.energy, st.members, states, S, st.sketch.finite)
+                      for st, (_, S, _) in zip(stacks, solved)])
+    for st, (U, S, V), host in zip(stacks, solved, hosts):
+        _finish_stack(weights, states, configs, st, U, S, V, host, solvers, opts)
+
+
+def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, opts: SketchOptions) -> None:
     g, members, k = st.group, st.members, st.k
-    U, S, V = st.sketch.triplets(*st.eig)
     final = k >= g.n
     retry = _commit_sketch(st.energy, members, states, configs, U, S, V, opts, final=final,
-                           finite=st.sketch.finite)
+                           finite=st.sketch.finite, host=host)
     refined_V = {}  # a widened retry of a refined member starts from its refined V
     refine = [i for i, width in retry.items() if width == _REFINE]
     if refine:  # the same subspace, its k x k problem in float64 (see SketchOptions)
@@ -373,8 +382,27 @@ _REFINE = -1  # _commit_sketch's answer for "redo the Rayleigh-Ritz step in floa
 _NONFINITE = -2  # ... and for "skipped: the weights are not finite"
 
 
+def _commit_columns(energy, members, states, S, finite: Tensor | None) -> Tensor:
+    """What _commit_sketch decides on, per member (b, k + 5) float64 on the device: the Ritz
+    values, ||W||_F^2, the previous eps, eps0 and refresh count, and whether W was finite."""
+    prev = [torch.stack([states[i][key] for i in members]).to(device=S.device, dtype=torch.float64)
+            for key in ("eps", "eps0", "refreshes")]
+    if finite is None:
+        finite = torch.ones(S.shape[0], dtype=torch.bool, device=S.device)
+    return torch.cat([S.double(), energy[:, None], *(p[:, None] for p in prev), finite.double()[:, None]], dim=1)
+
+
+def _to_host(tables: list[Tensor]) -> list[Tensor]:
+    """The 2-D tables on the host, in one transfer."""
+    if len(tables) == 1:
+        return [tables[0].cpu()]
+    flat = torch.cat([t.reshape(-1) for t in tables]).cpu()
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tables]), tables)]
+
+
 def _commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions, final: bool,
-                   precise: bool = False, finite: Tensor | None = None) -> dict[int, int | None]:
+                   precise: bool = False, finite: Tensor | None = None,
+                   host: Tensor | None = None) -> dict[int, int | None]:
     """Commit the members whose sketch reached eps; return {target: wider width, _REFINE where
     the fp32 Ritz values cannot resolve sigma_{r+1}, None where only an exact SVD does, or
     _NONFINITE where ``finite`` (b,) says the weights were not} for the rest (``precise``:
@@ -382,15 +410,12 @@ def _commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOption
 
     A sketch is wide enough when at most k - oversampling / 2 Ritz values lie above the new
     eps, so the kept triplets had at least half the oversampling below them.  All scalars
-    of the group cross to the host in one transfer.
+    of the group cross to the host in one transfer (``host``: their _commit_columns, when
+    the caller moved them together with other stacks').
     """
-    b, k = S.shape
-    prev = [torch.stack([states[i][key] for i in members]).to(device=S.device, dtype=torch.float64)
-            for key in ("eps", "eps0", "refreshes")]
-    if finite is None:
-        finite = torch.ones(b, dtype=torch.bool, device=S.device)
-    columns = [S.double(), energy[:, None], *(p[:, None] for p in prev), finite.double()[:, None]]
-    host = torch.cat(columns, dim=1).cpu()
+    k = S.shape[1]
+    if host is None:
+        host, = _to_host([_commit_columns(energy, members, states, S, finite)])
     margin = max(opts.oversampling // 2, 1)
     retry, commits = {}, []
     # Python floats from here on: the per-target arithmetic below is a few hundred scalars, and
