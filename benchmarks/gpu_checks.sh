@@ -40,7 +40,8 @@ fi
 if has tests; then
   $PY -m pytest -q -rs tests/test_kernels_project.py tests/test_kernels_apply.py tests/test_kernels_adam.py \
       tests/test_backend.py tests/test_native_eigh.py tests/test_randomized_refresh.py tests/test_auto_width.py \
-      tests/test_distributed_gpu.py >"$OUT/gpu_tests.log" 2>&1
+      tests/test_reweight_plan.py tests/test_refresh_host_work.py tests/test_distributed_gpu.py \
+      >"$OUT/gpu_tests.log" 2>&1
   echo "tests rc=$?"; tail -3 "$OUT/gpu_tests.log"
 fi
 if has step; then
