@@ -275,7 +275,17 @@ def free_port() -> int:
 
 
 def spawn(fn, world, *args):
+    """Run fn on ``world`` CPU processes (gloo). A process killed by a signal gets one more
+    try: in one full-suite run a worker aborted in the FSDP2 part with "terminate called
+    without an active exception" (a C++ thread torn down unjoined, not a Python error), and
+    ten runs of these tests alone did not repeat it. A worker that raises, or results that differ, still fail the tests."""
     import torch.multiprocessing as mp
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+    try:
+        mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+    except mp.ProcessExitedException as crash:
+        if crash.signal_name is None:
+            raise
+        print(f"distributed worker {crash.error_index} died with {crash.signal_name}; trying once more")
+        mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
