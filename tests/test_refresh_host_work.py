@@ -193,3 +193,26 @@ def test_stacks_solved_together_send_their_commit_scalars_to_the_host_together(m
     monkeypatch.setattr(_native, "batched_eigh", lambda G, **kw: solves.append(G.shape[0]) or solve(G, **kw))
     assert all(refresh_slices_(weights, states, configs, method="native"))
     assert len(transfers) == len(solves) and sum(transfers) == 3 and sum(solves) == 9
+
+
+def test_a_steady_warm_refresh_takes_one_cholesky_qr_pass_per_stack(monkeypatch):
+    """Members whose envelope is narrower than the stack's fill the sketch width with their
+    stored tail, not with Gaussian columns: one Gaussian column makes the whole stack's first
+    Cholesky-QR pass fail its check and take a second (on a GPU also a host sync)."""
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(96, 96)] * 8 + [(384, 96)] * 4
+    weights = [torch.randn(*shape, generator=gen) for shape in shapes]
+    configs = [SliceConfig(f"t{i}", 19) for i in range(len(shapes))]
+    states = [new_slice_state(*shape) for shape in shapes]
+    for _ in range(3):  # the first one exact (a cold sketch would be too wide), then warm ones
+        refresh_slices_(weights, states, configs, method="randomized")
+        for w in weights:
+            w.add_(torch.randn(w.shape, generator=gen), alpha=0.005)
+    refresh_slices_(weights, states, configs, method="randomized")
+    envelopes = {s["U"].shape[1] for s in states}
+    assert len(envelopes) > 1, envelopes  # some members are narrower than their stack
+    passes = []
+    real = randomized._cholesky_qr
+    monkeypatch.setattr(randomized, "_cholesky_qr", lambda Y: passes.append(Y.shape) or real(Y))
+    assert all(refresh_slices_(weights, states, configs, method="randomized"))  # the same weights
+    assert len(passes) == 2, passes

@@ -10,7 +10,10 @@ The per-target state is a dict of plain tensors (so optimizer state dicts load w
     tail_energy () float32  -- fraction of ||W'||_F^2 outside the leading r triplets
     refreshes () int64      -- how many refreshes have been applied
     V_tail (d2, j) float32  -- right singular vectors just below the kept ones: with V, the
-                               warm start of the next randomized refresh (inert in R)
+                               warm start of the next randomized refresh (inert in R); up to
+                               2 x oversampling of them, so that a target whose envelope is
+                               narrower than its stack's still fills the stack's sketch width
+                               with them rather than with Gaussian columns
 
 Targets of the same shape are stacked and decomposed in one batched call.
 
@@ -469,7 +472,7 @@ def _store_commits(commits, states, U, S, V, opts: SketchOptions) -> None:
         parts = {
             "U": _gather_columns(U, index, 0, r_env).unbind(0),
             "V": _gather_columns(V, index, 0, r_env).unbind(0),
-            "V_tail": _gather_columns(V, index, r_env, min(r_env + opts.oversampling, V.shape[-1])).unbind(0),
+            "V_tail": _gather_columns(V, index, r_env, min(r_env + 2 * opts.oversampling, V.shape[-1])).unbind(0),
         }
         sigmas = S[:, :r_env].unbind(0)
         for n, (row, j, i) in enumerate(entries):
