@@ -216,3 +216,56 @@ def test_a_steady_warm_refresh_takes_one_cholesky_qr_pass_per_stack(monkeypatch)
     monkeypatch.setattr(randomized, "_cholesky_qr", lambda Y: passes.append(Y.shape) or real(Y))
     assert all(refresh_slices_(weights, states, configs, method="randomized"))  # the same weights
     assert len(passes) == 2, passes
+
+
+def _steady_targets(seed):
+    """A warm-started model at steady state: cold (exact) and two warm refreshes behind it."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(96, 96)] * 6 + [(384, 96)] * 3
+    weights = [torch.randn(*shape, generator=gen) for shape in shapes]
+    configs = [SliceConfig(f"t{i}", 19) for i in range(len(shapes))]
+    states = [new_slice_state(*shape) for shape in shapes]
+    for _ in range(3):
+        refresh_slices_(weights, states, configs, method="randomized")
+    return weights, configs, states
+
+
+def test_a_fully_warm_sketch_leaves_its_check_to_the_commit_and_gets_the_same_factors(monkeypatch):
+    """With k warm columns per member the one-pass basis is not checked on the host (a sync
+    per stack on a GPU): its check travels with the commit's scalars, and the factors are
+    those of the checked path."""
+    weights, configs, states = _steady_targets(7)
+    checked = [{key: value.clone() for key, value in s.items()} for s in states]
+    calls = collections.Counter()
+    real = randomized.orthonormalize
+    monkeypatch.setattr(randomized, "orthonormalize", lambda *a, **k: calls.update(["checked"]) or real(*a, **k))
+    assert all(refresh_slices_(weights, states, configs, method="randomized"))
+    assert calls["checked"] == 0
+    sketch = randomized.sketch
+    monkeypatch.setattr(randomized, "sketch", lambda *a, **k: sketch(*a, **{**k, "check_later": False}))
+    assert all(refresh_slices_(weights, checked, configs, method="randomized"))
+    assert calls["checked"] == 2  # one per stack
+    for fast, ref in zip(states, checked):
+        for key, value in ref.items():
+            torch.testing.assert_close(fast[key], value, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_member_whose_unchecked_basis_fails_is_sketched_again_with_the_check(monkeypatch):
+    weights, configs, states = _steady_targets(8)
+    V = states[1]["V"].clone()
+    V[:, 1] = V[:, 0]  # a dependent warm start: the one-pass basis of member 1 fails its check
+    states[1]["V"] = V
+    reference = [{key: value.clone() for key, value in s.items()} for s in states]
+    sketches = []
+    sketch = randomized.sketch
+    monkeypatch.setattr(randomized, "sketch", lambda W, *a, **k: sketches.append((W.shape[0], k["check_later"]))
+                        or sketch(W, *a, **k))
+    assert all(refresh_slices_(weights, states, configs, method="randomized"))
+    # both stacks unchecked first; then member 1 alone, checked
+    assert sorted(sketches) == [(1, False), (3, True), (6, True)], sketches
+    monkeypatch.setattr(randomized, "sketch", lambda *a, **k: sketch(*a, **{**k, "check_later": False}))
+    assert all(refresh_slices_(weights, reference, configs, method="randomized"))
+    for fast, ref in zip(states, reference):
+        torch.testing.assert_close(fast["sigma"], ref["sigma"], rtol=1e-5, atol=0)
+        for key in ("eps", "sigma_next", "refreshes"):
+            torch.testing.assert_close(fast[key], ref[key], rtol=1e-5, atol=0)

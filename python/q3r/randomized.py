@@ -70,16 +70,10 @@ def orthonormalize(Y: Tensor, active: Tensor | None = None) -> Tensor:
     (b,) bool marks the members that count: the others (non-finite weights, whose result is
     discarded) neither force the second pass nor get the Householder fallback.
     """
-    norms = Y.norm(dim=-2, keepdim=True)
-    Y = Y / norms.clamp_min(_tiny(Y.dtype))
-    Q1, ok1, gram1 = _cholesky_qr(Y)
-    eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
-    spread = (gram1 - eye).abs().sum(dim=-1).amax(dim=-1)
-    good1 = ok1 & (spread < 0.5)
-    if active is not None:
-        good1 = good1 | ~active
+    Y, Q1, ok1, good1 = _first_pass(Y, active)
     if bool(good1.all()):
         return Q1
+    eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
     Q, ok2, gram2 = _cholesky_qr(Q1)
     defect = (gram2 - eye).abs().amax(dim=(-1, -2))
     bad = ~(ok1 & ok2 & (defect < _CHOLQR_MAX_DEFECT))
@@ -89,6 +83,28 @@ def orthonormalize(Y: Tensor, active: Tensor | None = None) -> Tensor:
         Q = Q.clone()
         Q[bad] = torch.linalg.qr(Y[bad]).Q
     return Q
+
+
+def _first_pass(Y: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """orthonormalize's first Cholesky-QR pass: (column-normalized Y, Q1, ok1, good1), good1
+    (b,) on the device saying whether Q1 passed the one-pass check (inactive members pass)."""
+    Y = Y / Y.norm(dim=-2, keepdim=True).clamp_min(_tiny(Y.dtype))
+    Q1, ok1, gram1 = _cholesky_qr(Y)
+    eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
+    spread = (gram1 - eye).abs().sum(dim=-1).amax(dim=-1)
+    good1 = ok1 & (spread < 0.5)
+    if active is not None:
+        good1 = good1 | ~active
+    return Y, Q1, ok1, good1
+
+
+def orthonormalize_unchecked(Y: Tensor, active: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """orthonormalize's first pass only, and whether each member passed its check (b,) bool,
+    left on the device: no host sync.  The caller must redo the members that did not pass
+    with orthonormalize before it uses their results (the refresh decides together with its
+    other per-member decisions, in the one transfer it makes anyway)."""
+    _, Q1, _, good1 = _first_pass(Y, active)
+    return Q1, good1
 
 
 def range_basis(W: Tensor, P: Tensor, power_iters: int, active: Tensor | None = None) -> Tensor:
@@ -186,6 +202,10 @@ def _leading_blocks(start: Start, k: int) -> list[Tensor]:
     return blocks
 
 
+def _warm_width(start: Start, k: int) -> int:
+    return sum(t.shape[-1] for t in _leading_blocks(start, k))
+
+
 def max_abs(W: Tensor) -> tuple[Tensor, Tensor]:
     """Largest |entry| (b,) of each member of a stack W (b, ...) and whether it is finite,
     i.e. whether the member has no NaN or inf: min and max propagate NaN.  One pass, with no
@@ -208,6 +228,9 @@ class Sketch:
     G: Tensor  # (b, k, k) = B B^T (zero for members with non-finite weights)
     scale: Tensor  # (b,) max |W| of each member
     finite: Tensor  # (b,) bool: the member's weights are all finite (else its results are void)
+    # (b,) bool: the member's one-pass basis passed its check (sketch(check_later=True));
+    # None: every basis was checked before it was used
+    trusted: Tensor | None = None
 
     def triplets(self, lam: Tensor, E: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """U, sigma, V at W's scale from the eigenpairs of G (evals descending)."""
@@ -222,11 +245,15 @@ def sketch(
     cold_power_iters: int = 3,
     warm_power_iters: int = 0,
     generator: torch.Generator | None = None,
+    check_later: bool = False,
 ) -> Sketch:
     """Range finder and Gram matrices of a stack W (b, d1, d2) in W's compute dtype.
 
     Members with a warm basis get warm_power_iters power iterations, the others
     cold_power_iters (the whole stack takes the larger count when they are mixed).
+    ``check_later`` (no power iteration, every member started from k warm columns): one
+    Cholesky-QR pass whose check is left in ``Sketch.trusted`` instead of deciding here on a
+    second pass, which costs a host sync.
 
     Non-finite weights are found on the way, without a host sync of their own: the largest
     |entry| that scales each member is NaN or inf exactly then (min and max propagate NaN).
@@ -239,10 +266,18 @@ def sketch(
     Ws = W / scale[:, None, None]
     P, cold = start_basis(Ws, k, warm, generator)
     iters = cold_power_iters if bool(cold.any()) else warm_power_iters
-    Q = range_basis(Ws, P, iters, finite)
+    trusted = None
+    # only a basis of warm columns alone is left unchecked: it passes the one-pass check as a
+    # rule, while one Gaussian column among them fails it (and a failed unchecked basis costs
+    # a whole new sketch, not just a second pass)
+    if check_later and iters == 0 and all(_warm_width(start, k) >= k for start in warm):
+        Q, trusted = orthonormalize_unchecked(Ws @ P, finite)
+    else:
+        Q = range_basis(Ws, P, iters, finite)
     B, G = gram(Ws, Q)
-    G = torch.where(finite[:, None, None], G, torch.zeros((), dtype=G.dtype, device=G.device))
-    return Sketch(Q, B, G, scale, finite)
+    usable = finite if trusted is None else finite & trusted  # an unchecked basis may be garbage
+    G = torch.where(usable[:, None, None], G, torch.zeros((), dtype=G.dtype, device=G.device))
+    return Sketch(Q, B, G, scale, finite, trusted)
 
 
 def randomized_triplets(

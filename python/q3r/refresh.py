@@ -342,8 +342,10 @@ def _sketch_stack_(weights, st: _Stack, attempt: int, opts: SketchOptions) -> No
     """Range finder and Gram matrices of the stack; what remains is its eigensolve."""
     stack = torch.stack([weights[i] for i in st.members])  # refresh_slices_ runs under no_grad
     gen = torch.Generator(device=stack.device).manual_seed(opts.seed + 7919 * attempt)
+    # first attempt: the one-pass orthonormalization's check rides on the commit's transfer;
+    # members that fail it are sketched again, checked at once (see _UNTRUSTED)
     st.sketch = randomized.sketch(stack, st.k, st.starts, cold_power_iters=opts.cold_power_iters,
-                                  warm_power_iters=opts.warm_power_iters, generator=gen)
+                                  warm_power_iters=opts.warm_power_iters, generator=gen, check_later=attempt == 0)
     st.energy = torch.linalg.vector_norm(stack, dim=(-1, -2), dtype=torch.float64).square()
 
 
@@ -352,7 +354,7 @@ def _finish_stacks(weights, states, configs, stacks: list[_Stack], solvers, opts
     The scalars every commit decides on cross to the host in one transfer for all the stacks
     (on a GPU each transfer waits for the device to drain)."""
     solved = [st.sketch.triplets(*st.eig) for st in stacks]
-    hosts = _to_host([_commit_columns(st.energy, st.members, states, S, st.sketch.finite)
+    hosts = _to_host([_commit_columns(st.energy, st.members, states, S, st.sketch.finite, st.sketch.trusted)
                       for st, (_, S, _) in zip(stacks, solved)])
     for st, (U, S, V), host in zip(stacks, solved, hosts):
         _finish_stack(weights, states, configs, st, U, S, V, host, solvers, opts)
@@ -377,22 +379,26 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
             g.exact.append(i)
         elif width == _NONFINITE:
             g.nonfinite.append(i)
+        elif width == _UNTRUSTED:  # the same sketch again, its basis checked this time
+            g.pending[i] = (k, st.starts[members.index(i)])
         elif width != _REFINE:
             g.pending[i] = (min(width, g.n), refined_V[i] if i in refined_V else V[members.index(i)])
 
 
 _REFINE = -1  # _commit_sketch's answer for "redo the Rayleigh-Ritz step in float64"
 _NONFINITE = -2  # ... and for "skipped: the weights are not finite"
+_UNTRUSTED = -3  # ... and for "its one-pass basis failed the check: sketch it again"
 
 
-def _commit_columns(energy, members, states, S, finite: Tensor | None) -> Tensor:
-    """What _commit_sketch decides on, per member (b, k + 5) float64 on the device: the Ritz
-    values, ||W||_F^2, the previous eps, eps0 and refresh count, and whether W was finite."""
+def _commit_columns(energy, members, states, S, finite: Tensor | None, trusted: Tensor | None = None) -> Tensor:
+    """What _commit_sketch decides on, per member (b, k + 6) float64 on the device: the Ritz
+    values, ||W||_F^2, the previous eps, eps0 and refresh count, whether W was finite and
+    whether its basis passed its check (Sketch.trusted; None: all did)."""
     prev = [torch.stack([states[i][key] for i in members]).to(device=S.device, dtype=torch.float64)
             for key in ("eps", "eps0", "refreshes")]
-    if finite is None:
-        finite = torch.ones(S.shape[0], dtype=torch.bool, device=S.device)
-    return torch.cat([S.double(), energy[:, None], *(p[:, None] for p in prev), finite.double()[:, None]], dim=1)
+    flags = [torch.ones(S.shape[0], dtype=torch.bool, device=S.device) if t is None else t for t in (finite, trusted)]
+    return torch.cat([S.double(), energy[:, None], *(p[:, None] for p in prev), *(f.double()[:, None] for f in flags)],
+                     dim=1)
 
 
 def _to_host(tables: list[Tensor]) -> list[Tensor]:
@@ -407,9 +413,10 @@ def _commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOption
                    precise: bool = False, finite: Tensor | None = None,
                    host: Tensor | None = None) -> dict[int, int | None]:
     """Commit the members whose sketch reached eps; return {target: wider width, _REFINE where
-    the fp32 Ritz values cannot resolve sigma_{r+1}, None where only an exact SVD does, or
-    _NONFINITE where ``finite`` (b,) says the weights were not} for the rest (``precise``:
-    U, S, V come from the float64 Rayleigh-Ritz step).
+    the fp32 Ritz values cannot resolve sigma_{r+1}, None where only an exact SVD does,
+    _NONFINITE where ``finite`` (b,) says the weights were not, or _UNTRUSTED where the
+    columns' trusted flag says the basis failed its check} for the rest (``precise``: U, S,
+    V come from the float64 Rayleigh-Ritz step).
 
     A sketch is wide enough when at most k - oversampling / 2 Ritz values lie above the new
     eps, so the kept triplets had at least half the oversampling below them.  All scalars
@@ -426,6 +433,9 @@ def _commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOption
     for j, (i, row) in enumerate(zip(members, host.tolist())):
         if not row[k + 4]:
             retry[i] = _NONFINITE
+            continue
+        if not row[k + 5]:
+            retry[i] = _UNTRUSTED
             continue
         cfg = configs[i]
         sigma = row[:k]
