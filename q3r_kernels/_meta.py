@@ -180,6 +180,11 @@ def dot_precision() -> str:
     return "ieee" if interpreting() else precision
 
 
+def settings() -> tuple:
+    """Every tile setting and the dot precision in force now: what a plan was built for."""
+    return tuple(vars(CONFIG).values()) + (dot_precision(),)
+
+
 def tl_dtype(dtype: torch.dtype):
     if dtype not in TORCH_TO_TL:
         raise TypeError(f"q3r_kernels: unsupported dtype {dtype}; expected float32, bfloat16 or float16")

@@ -193,6 +193,7 @@ class AdamQ3RPlan(BlockPlan):
         often reallocated every step (zero_grad(set_to_none=True)) while everything else
         stays put, so only that column of the table is set again (and sent if it changed).
         """
+        self.check_settings()
         block_m, block_n, block_k, num_warps, num_stages, precision = self.config
         plain_m, plain_n, plain_warps, plain_stages = self.plain_config
         for g in self.groups:

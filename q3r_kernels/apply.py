@@ -200,6 +200,7 @@ class ReweightPlan(BlockPlan):
 
     def run(self, outs, alphas) -> None:
         """outs[i] (+)= alphas[i] * R_i(X_i); outs laid out as at build (the caller's promise)."""
+        self.check_settings()
         block_m, block_n, block_k, num_warps, num_stages, precision = self.config
         for g in self.groups:
             table, workspace = self.run_table(g, {int(F_Y): [outs[i].data_ptr() for i in g["idx"]]})

@@ -33,6 +33,14 @@ class BlockPlan:
         self.device = device
         self.groups: list[dict] = []
         self._where: list = []  # block -> (its group, its row there)
+        self.settings = m.settings()  # the workspace layout and schedules follow them
+
+    def check_settings(self) -> None:
+        """Raise if q3r_kernels.CONFIG or the fp32 dot precision changed since the build: the
+        plan's workspace layout and schedules were made for the old ones."""
+        if m.settings() != self.settings:
+            raise RuntimeError("q3r_kernels: CONFIG or the fp32 matmul precision changed since this plan was "
+                               "built; build a new plan (q3r.ops keys its cached plans by them)")
 
     def _index(self, n_blocks: int) -> None:
         self._where = [None] * n_blocks
@@ -83,6 +91,7 @@ class BlockPlan:
         launch depend on rows and columns only. Everything is checked before anything is
         written, so a bad factor raises ValueError and leaves the plan as it was.
         """
+        self.check_settings()
         by_group: dict[int, dict[int, tuple]] = {}
         for i, f in new.items():
             gi, j = self._where[i] if 0 <= i < len(self._where) else (None, None)

@@ -261,3 +261,21 @@ def test_bad_factors_in_the_update_raise_and_leave_the_plan_usable(bad, monkeypa
     assert _fused_and_reference_step(works, refs, gen) is entry
     works[1].operators = _new_operators(works[1], [6, 2, 11], gen, sigma_form=True)
     assert _fused_and_reference_step(works, refs, gen) is entry
+
+
+def test_a_gradient_that_moves_off_16_byte_alignment_gets_its_own_plan(monkeypatch):
+    """The plan picks the kernels' 128-bit accesses from the gradients' alignment: a later
+    gradient with the same layout but 4 bytes off must not reuse it."""
+    monkeypatch.setenv("Q3R_BACKEND", "triton")
+    monkeypatch.setattr(ops, "_PLANS", type(ops._PLANS)())
+    layout = [((32, 48), 0, [(0, 16), (16, 32)], [5, 7], 0.0), ((16, 32), 0, None, None, 0.01)]
+    works = make_works(layout, torch.float32, seed=9)
+    refs = clone_works(works)
+    gen = torch.Generator().manual_seed(10)
+    first = _fused_and_reference_step(works, refs, gen)
+    assert first.plan.groups[0]["aligned"]
+    flat = torch.empty(1 + works[0].grad.numel(), device=DEVICE)
+    works[0].grad = flat[1:].view(works[0].grad.shape)  # the same layout, 4 bytes off
+    second = _fused_and_reference_step(works, refs, gen)
+    assert second is not first and len(ops._PLANS) == 2
+    assert not any(g["aligned"] for g in second.plan.groups if 0 in g["idx"])

@@ -269,3 +269,26 @@ def test_a_member_whose_unchecked_basis_fails_is_sketched_again_with_the_check(m
         torch.testing.assert_close(fast["sigma"], ref["sigma"], rtol=1e-5, atol=0)
         for key in ("eps", "sigma_next", "refreshes"):
             torch.testing.assert_close(fast[key], ref[key], rtol=1e-5, atol=0)
+
+
+def test_a_failed_unchecked_basis_does_not_use_up_a_widening():
+    """With max_widenings = 0 the member is sketched again (checked) and committed from its
+    sketch, as the checked path would: not sent to an exact SVD."""
+    import dataclasses
+
+    from q3r import reference, refresh
+
+    weights, configs, states = _steady_targets(8)
+    V = states[1]["V"].clone()
+    V[:, 1] = V[:, 0]
+    states[1]["V"] = V
+    exact = []
+    real = reference.anchor_factors
+    reference.anchor_factors = lambda W: exact.append(W.shape) or real(W)
+    try:
+        options = dataclasses.replace(refresh.DEFAULT_SKETCH, max_widenings=0)
+        assert all(refresh_slices_(weights, states, configs, method="randomized", options=options))
+    finally:
+        reference.anchor_factors = real
+    assert exact == []
+    assert int(states[1]["refreshes"]) == 4

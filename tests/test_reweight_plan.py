@@ -135,3 +135,21 @@ def test_a_new_layout_is_a_new_plan(counted):
     assert len(builds) == 2
     _step(views, _grads(weights, gen)[1], ops_)  # back to the first layout: the cached plan
     assert len(builds) == 2
+
+
+def test_a_plan_kept_across_a_change_of_tile_settings_refuses_to_run():
+    """Its workspace layout and schedules were made for the old settings (q3r.ops keys its
+    cache by them, so only a plan kept by hand can meet this)."""
+    gen = torch.Generator().manual_seed(4)
+    _, views = _blocks(gen)
+    ops_ = [f[:3] for f in _operators(views, [5] * 7, gen)]
+    outs = [torch.zeros_like(X) for X in views]
+    with tile_settings(True):
+        plan = K.ReweightPlan(views, outs, ops_)
+    with pytest.raises(RuntimeError, match="CONFIG or the fp32 matmul precision changed"):
+        plan.run(outs, [ALPHA] * len(outs))
+    assert all(not o.any() for o in outs)
+    with tile_settings(True):
+        plan.run(outs, [ALPHA] * len(outs))
+    for out, X, (U, V, d) in zip(outs, views, ops_):
+        torch.testing.assert_close(out, ALPHA * reference.apply_reweighting(X, U, V, d), rtol=1e-5, atol=1e-5)

@@ -175,3 +175,18 @@ def test_non_finite_weights_skip_the_refresh_keep_factors_and_warn_once():
     assert int(opt.state[fc1]["step"]) == 6  # the steps themselves still ran
     other = opt.state[model.blocks[1].mlp.fc1.weight]["q3r"][0]
     assert int(other["refreshes"]) == 3 and bool(torch.isfinite(other["U"]).all())
+
+
+def test_add_reweighting_checks_every_block_before_it_changes_any():
+    from q3r import ops
+
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(6, 5, generator=gen) for _ in range(3)]
+    U, V = torch.linalg.qr(torch.randn(6, 2, generator=gen))[0], torch.linalg.qr(torch.randn(5, 2, generator=gen))[0]
+    good = (U, V, torch.tensor([-0.5, -0.2]))
+    for bad, match in [((U, V, torch.tensor([-0.5, -0.2, -0.1])), "does not fit factors of width 2"),
+                       ((U, V, torch.tensor([3.0, 2.0]), torch.ones(3)), "eps of shape \\(3,\\) does not fit")]:
+        outs = [torch.zeros(6, 5) for _ in weights]
+        with pytest.raises(ValueError, match=match):
+            ops.add_reweighting_(outs, weights, [good, good, bad], 1.0)
+        assert all(not o.any() for o in outs)

@@ -127,8 +127,10 @@ def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tu
         ok = (verdict[where] and W.dim() == 2 and out.dtype in _FAST_OUT_DTYPES and U.dtype == torch.float32
               and (limit is None or U.shape[-1] <= limit))
         (fast if ok else slow).append(i)
-    for i in slow:
-        _check(weights[i], factors[i][0], factors[i][1])
+    for i in slow:  # all of them before the first is applied
+        _check(weights[i], factors[i][0], factors[i][1], factors[i][2])
+        if len(factors[i]) == 4:
+            _check_eps(factors[i][2], factors[i][3], f"factors[{i}]")
         if tuple(outs[i].shape) != tuple(weights[i].shape):
             raise ValueError(f"out of shape {tuple(outs[i].shape)} for a weight of shape {tuple(weights[i].shape)}")
     # the kernels read d (or sigma) as contiguous float32; these stay referenced until run()
@@ -141,6 +143,17 @@ def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tu
         outs[i].add_(reference.apply_reweighting(weights[i], U, V, d).to(outs[i].dtype), alpha=alpha)
     if plan is not None:
         plan.run([outs[i] for i in fast], [alpha] * len(fast))
+
+
+def _check_eps(sigma: Tensor, eps, name: str) -> None:
+    """eps must broadcast to sigma's batch dimensions (see reference._as_eps), adding none."""
+    shape = tuple(getattr(eps, "shape", ()))
+    try:
+        fits = torch.broadcast_shapes(shape + (1,), tuple(sigma.shape)) == tuple(sigma.shape)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name}: eps of shape {shape} does not fit sigma of shape {tuple(sigma.shape)}")
 
 
 def _reweight_plan_for(outs: list, weights: list, factors: list):
@@ -220,18 +233,18 @@ _MAX_PLANS = 6
 
 def _config_key() -> tuple:
     """The tile settings and the resolved dot precision ("auto" follows torch per call)."""
-    K = _kernels()
-    return tuple(vars(K.CONFIG).values()) + (K.dot_precision(),)
+    return _kernels()._meta.settings()
 
 
 def _layout_key(works: list) -> tuple:
     """What a plan is built for: storage addresses, shapes, strides, slicing, which works
     have a Q3R term and how many operators of which kind, and the tile settings. Unchanged
-    in an ordinary training loop. Gradient addresses are left out: they are sent with every
-    step (see AdamQ3RPlan.run); so are the factors: see _operator_key."""
+    in an ordinary training loop. Gradient addresses are left out, but for their 16-byte
+    alignment (which picks the kernels' aligned accesses): they are sent with every step (see
+    AdamQ3RPlan.run); so are the factors: see _operator_key."""
     return ("adam", _config_key()) + tuple(
         (w.param.data_ptr(), w.param.shape, w.param.stride(), w.param.dtype, w.grad.stride(),
-         w.grad.dtype, w.exp_avg.data_ptr(), w.exp_avg_sq.data_ptr(), w.exp_avg.dtype, w.lmbda != 0, w.slice_dim,
+         w.grad.dtype, w.grad.data_ptr() % 16, w.exp_avg.data_ptr(), w.exp_avg_sq.data_ptr(), w.exp_avg.dtype, w.lmbda != 0, w.slice_dim,
          None if w.slices is None else tuple(map(tuple, w.slices)),
          tuple(len(op) for op in w.operators) if w.lmbda != 0 else ())
         for w in works

@@ -236,6 +236,7 @@ class _SketchGroup:
     pending: dict = field(default_factory=dict)  # target -> (width, start basis)
     exact: list = field(default_factory=list)  # targets that get an exact SVD
     nonfinite: list = field(default_factory=list)  # targets found with non-finite weights
+    widenings: dict = field(default_factory=dict)  # target -> how many times its sketch was widened
 
     def cap(self, opts: SketchOptions) -> int:
         """The widest sketch worth taking; wider targets get an exact SVD."""
@@ -259,7 +260,9 @@ def _refresh_sketched(weights, states, configs, groups: list[_SketchGroup], opts
             warm = _warm_basis(states[i])
             prev_env = states[i]["sigma"].shape[0]
             g.pending[i] = (_sketch_width(configs[i].rank, prev_env, warm is None, g.n, opts), warm)
-    for attempt in range(opts.max_widenings + 1):
+    # attempt 0, then one for members whose unchecked basis failed (they are sketched again at
+    # the same width), then the widenings: each member is widened max_widenings times at most
+    for attempt in range(opts.max_widenings + 2):
         deferred = []
         stacks = [st for g in groups for st in _plan_stacks(g, opts)]
         _align_native_widths(stacks, weights, opts)
@@ -280,7 +283,7 @@ def _refresh_sketched(weights, states, configs, groups: list[_SketchGroup], opts
             break
     nonfinite = {i for g in groups for i in g.nonfinite}
     # the too-wide ones (never sketched, so not yet checked for non-finite weights) and those
-    # still not wide enough after max_widenings
+    # still not wide enough after max_widenings (pending ones too, though the loop leaves none)
     exact = [g.exact + list(g.pending) for g in groups if g.exact or g.pending]
     return nonfinite | _refresh_exact_groups(weights, states, configs, exact)
 
@@ -382,6 +385,10 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
         elif width == _UNTRUSTED:  # the same sketch again, its basis checked this time
             g.pending[i] = (k, st.starts[members.index(i)])
         elif width != _REFINE:
+            if g.widenings.get(i, 0) >= opts.max_widenings:  # still not wide enough
+                g.exact.append(i)
+                continue
+            g.widenings[i] = g.widenings.get(i, 0) + 1
             g.pending[i] = (min(width, g.n), refined_V[i] if i in refined_V else V[members.index(i)])
 
 
