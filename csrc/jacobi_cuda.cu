@@ -12,7 +12,7 @@
 //
 // A round: (1) threads m/2 plan the disjoint rotations from the current A; (2) every 2 x 2
 // block (pair a rows, pair b columns) gets J_a^T X J_b in registers -- no second pass and no
-// barrier between the row and column updates; (3) the rows of Vt are rotated.  Blocks whose
+// barrier between the row and column updates; (3) the rows of Vt are rotated, a warp per pair.  Blocks whose
 // two pairs are both idle are skipped, which is what makes warm-started (nearly diagonal)
 // inputs cheap, and rounds in which no pair rotates skip both walks.
 
@@ -167,14 +167,19 @@ __global__ void jacobi_kernel(const float* __restrict__ G, float* __restrict__ e
         if (qa_ok && qb_ok) A[qa * k + qb] = sa * y01 + ca * y11;
       }
 
-      for (Walk2D w(tid, nthreads, k); w.i < half; w.next()) {
-        const int ta = w.i, j = w.j;
-        float ca = plan.c[ta], sa = plan.s[ta];
+      // One warp per pair, its lanes along the row: the pair's plan is read once per warp and
+      // pair, not once per element (the kernel is bound by shared-memory wavefronts, and the
+      // per-element plan reads were half of this walk's), and an idle pair costs its warp one
+      // branch instead of k / 32 masked iterations.
+      for (int ta = tid / 32; ta < half; ta += nthreads / 32) {
+        const float ca = plan.c[ta], sa = plan.s[ta];
         if (sa == 0.0f) continue;
-        int p = plan.p[ta], q = plan.q[ta];
-        float x = Vt[p * k + j], y = Vt[q * k + j];
-        Vt[p * k + j] = ca * x - sa * y;
-        Vt[q * k + j] = sa * x + ca * y;
+        const int p = plan.p[ta], q = plan.q[ta];
+        for (int j = tid % 32; j < k; j += 32) {
+          float x = Vt[p * k + j], y = Vt[q * k + j];
+          Vt[p * k + j] = ca * x - sa * y;
+          Vt[q * k + j] = sa * x + ca * y;
+        }
       }
       __syncthreads();
     }
