@@ -26,26 +26,29 @@ namespace {
 
 constexpr int kMaxThreads = 1024;
 
+// A round's rotation of one pair, read as one 128-bit shared-memory access instead of four
+// 32-bit ones. The walks are bound by shared-memory traffic, and these reads were about a third
+// of it (by a count of wavefronts, not a measurement); a warp that reads one pair for all its
+// lanes (the A walk's row pair, the Vt walk's pair) can get it as a single broadcast.
+struct __align__(16) PairPlan {
+  float c, s;
+  int p, q;
+};
+
 struct SharedPlan {
-  float* c;
-  float* s;
+  PairPlan* pairs;
   float* new_pp;
   float* new_qq;
-  int* p;
-  int* q;
   int* rank;
 };
 
 __device__ SharedPlan carve_plan(float* base, int m, int k) {
   SharedPlan plan;
   int half = m / 2;
-  plan.c = base;
-  plan.s = base + half;
-  plan.new_pp = base + 2 * half;
-  plan.new_qq = base + 3 * half;
-  plan.p = reinterpret_cast<int*>(base + 4 * half);
-  plan.q = plan.p + half;
-  plan.rank = plan.q + half;  // k entries, used at the end
+  plan.pairs = reinterpret_cast<PairPlan*>(base);  // the dynamic shared memory is 16-byte aligned
+  plan.new_pp = base + 4 * half;
+  plan.new_qq = base + 5 * half;
+  plan.rank = reinterpret_cast<int*>(base + 6 * half);  // k entries, used at the end
   return plan;
 }
 
@@ -70,12 +73,14 @@ __host__ __device__ long plan_floats(int k) {
   return 6L * (m / 2) + k;
 }
 
-__global__ void jacobi_kernel(const float* __restrict__ G, float* __restrict__ evals,
+// 1024 threads per block leave at most 64 registers a thread: the bound makes the compiler
+// keep to them (a launch with more would fail)
+__global__ void __launch_bounds__(kMaxThreads) jacobi_kernel(const float* __restrict__ G, float* __restrict__ evals,
                               float* __restrict__ evecs, int* __restrict__ sweeps_out,
                               float* __restrict__ vt_work, float* __restrict__ a_work, int k,
                               int max_sweeps, float tol, bool a_in_shared,
                               bool vt_in_shared) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];
   __shared__ unsigned int max_diag_bits;
   const long kk = static_cast<long>(k) * k;
   const int b = blockIdx.x;
@@ -127,12 +132,9 @@ __global__ void jacobi_kernel(const float* __restrict__ G, float* __restrict__ e
             rotates = 1;
           }
         }
-        plan.c[table] = c;
-        plan.s[table] = s;
+        plan.pairs[table] = PairPlan{c, s, p, q};
         plan.new_pp[table] = npp;
         plan.new_qq[table] = nqq;
-        plan.p[table] = p;
-        plan.q[table] = q;
       }
       // A round with no rotation changes nothing: skip its two walks (most rounds of the last
       // sweep of a warm start, ~4 of 10 of the block's work there).  The barrier is the
@@ -141,10 +143,11 @@ __global__ void jacobi_kernel(const float* __restrict__ G, float* __restrict__ e
 
       for (Walk2D w(tid, nthreads, half); w.i < half; w.next()) {
         const int ta = w.i, tb = w.j;
-        float ca = plan.c[ta], sa = plan.s[ta], cb = plan.c[tb], sb = plan.s[tb];
+        const PairPlan row = plan.pairs[ta], col = plan.pairs[tb];
+        const float ca = row.c, sa = row.s, cb = col.c, sb = col.s;
         bool act_a = sa != 0.0f, act_b = sb != 0.0f;
         if (!act_a && !act_b) continue;
-        int pa = plan.p[ta], qa = plan.q[ta], pb = plan.p[tb], qb = plan.q[tb];
+        const int pa = row.p, qa = row.q, pb = col.p, qb = col.q;
         if (ta == tb) {  // the rotated 2 x 2 block is known exactly
           A[pa * k + pa] = plan.new_pp[ta];
           A[qa * k + qa] = plan.new_qq[ta];
@@ -172,9 +175,10 @@ __global__ void jacobi_kernel(const float* __restrict__ G, float* __restrict__ e
       // per-element plan reads were half of this walk's), and an idle pair costs its warp one
       // branch instead of k / 32 masked iterations.
       for (int ta = tid / 32; ta < half; ta += nthreads / 32) {
-        const float ca = plan.c[ta], sa = plan.s[ta];
+        const PairPlan pair = plan.pairs[ta];
+        const float ca = pair.c, sa = pair.s;
         if (sa == 0.0f) continue;
-        const int p = plan.p[ta], q = plan.q[ta];
+        const int p = pair.p, q = pair.q;
         for (int j = tid % 32; j < k; j += 32) {
           float x = Vt[p * k + j], y = Vt[q * k + j];
           Vt[p * k + j] = ca * x - sa * y;

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ t
 
 
 def kernel_for_cpu(source: str) -> str:
-    rewritten, n_smem = re.subn(r"extern __shared__ float smem\[\];", "float* smem = emu::shared_memory.data();", source)
+    rewritten, n_smem = re.subn(r"extern __shared__ (?:__align__\(\d+\) )?float smem\[\];",
+                                "float* smem = emu::shared_memory.data();", source)
     rewritten, n_static = re.subn(r"__shared__ (unsigned int \w+;)", r"static \1", rewritten)
     rewritten, n_launch = re.subn(r"(\w+)<<<(.*?)>>>\(", r"emu::launch(\1, \2, ", rewritten, flags=re.S)
     assert (n_smem, n_static, n_launch) == (1, 1, 1), "csrc/jacobi_cuda.cu changed: update kernel_for_cpu"

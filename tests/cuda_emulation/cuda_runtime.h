@@ -15,6 +15,8 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __align__(n) alignas(n)
+#define __launch_bounds__(n)
 
 typedef int cudaError_t;
 typedef void* cudaStream_t;
