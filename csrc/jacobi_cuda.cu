@@ -75,21 +75,29 @@ __host__ __device__ long plan_floats(int k) {
 
 // 1024 threads per block leave at most 64 registers a thread: the bound makes the compiler
 // keep to them (a launch with more would fail)
+// A matrix may be served by several blocks (see choose_layout): each runs the same rounds on
+// its own copy of A -- the same arithmetic, so the copies stay equal bit for bit -- and keeps
+// only `vt_cols` columns of Vt, those from part * vt_cols; the first block writes the
+// eigenvalues. A batch too small to fill the GPU then fills more of it, and each block's Vt
+// walk shrinks.
 __global__ void __launch_bounds__(kMaxThreads) jacobi_kernel(const float* __restrict__ G, float* __restrict__ evals,
                               float* __restrict__ evecs, int* __restrict__ sweeps_out,
                               float* __restrict__ vt_work, float* __restrict__ a_work, int k,
                               int max_sweeps, float tol, bool a_in_shared,
-                              bool vt_in_shared) {
+                              bool vt_in_shared, int vt_cols) {
   extern __shared__ __align__(16) float smem[];
   __shared__ unsigned int max_diag_bits;
   const long kk = static_cast<long>(k) * k;
-  const int b = blockIdx.x;
+  const int parts = (k + vt_cols - 1) / vt_cols;
+  const int b = blockIdx.x / parts, part = blockIdx.x % parts;
+  const int j0 = part * vt_cols, wj = min(vt_cols, k - j0);  // this block's columns of Vt
   const int tid = threadIdx.x;
   const int nthreads = blockDim.x;
   const int m = k + (k & 1);
   const int half = m / 2;
 
   SharedPlan plan = carve_plan(smem, m, k);
+  // (global A or Vt only with one block per matrix: choose_layout)
   float* A = a_in_shared ? smem + plan_floats(k) : a_work + b * kk;
   float* Vt = vt_in_shared ? smem + plan_floats(k) + kk : vt_work + b * kk;
   const float* Gb = G + b * kk;
@@ -100,10 +108,10 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_kernel(const float* __rest
     const int i = w.i, j = w.j, e = i * k + j;
     float g = Gb[e];
     A[e] = g;
-    Vt[e] = (i == j) ? 1.0f : 0.0f;
     // |x| of a float orders like its bit pattern, so an integer max finds the largest diagonal
     if (i == j) atomicMax(&max_diag_bits, __float_as_uint(fabsf(g)));
   }
+  for (Walk2D w(tid, nthreads, wj); w.i < k; w.next()) Vt[w.i * wj + w.j] = (w.i == j0 + w.j) ? 1.0f : 0.0f;
   __syncthreads();
   const float floor = absolute_floor(__uint_as_float(max_diag_bits));
 
@@ -179,10 +187,10 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_kernel(const float* __rest
         const float ca = pair.c, sa = pair.s;
         if (sa == 0.0f) continue;
         const int p = pair.p, q = pair.q;
-        for (int j = tid % 32; j < k; j += 32) {
-          float x = Vt[p * k + j], y = Vt[q * k + j];
-          Vt[p * k + j] = ca * x - sa * y;
-          Vt[q * k + j] = sa * x + ca * y;
+        for (int j = tid % 32; j < wj; j += 32) {
+          float x = Vt[p * wj + j], y = Vt[q * wj + j];
+          Vt[p * wj + j] = ca * x - sa * y;
+          Vt[q * wj + j] = sa * x + ca * y;
         }
       }
       __syncthreads();
@@ -200,51 +208,68 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_kernel(const float* __rest
     plan.rank[i] = r;
   }
   __syncthreads();
-  for (int i = tid; i < k; i += nthreads) evals[static_cast<long>(b) * k + plan.rank[i]] = A[i * k + i];
-  for (Walk2D w(tid, nthreads, k); w.i < k; w.next()) {
-    const int i = w.i, row = w.j;  // Vt row i = eigenvector i
-    evecs[b * kk + static_cast<long>(row) * k + plan.rank[i]] = Vt[i * k + row];
+  if (part == 0)
+    for (int i = tid; i < k; i += nthreads) evals[static_cast<long>(b) * k + plan.rank[i]] = A[i * k + i];
+  for (Walk2D w(tid, nthreads, wj); w.i < k; w.next()) {
+    const int i = w.i, row = j0 + w.j;  // Vt row i = eigenvector i
+    evecs[b * kk + static_cast<long>(row) * k + plan.rank[i]] = Vt[i * wj + w.j];
   }
-  if (tid == 0) sweeps_out[b] = sweep;
+  if (tid == 0 && part == 0) sweeps_out[b] = sweep;
 }
 
-// matrices_in_shared: 0 (plan only), 1 (A), 2 (A and Vt)
-size_t shared_bytes(int k, int matrices_in_shared) {
-  size_t floats = plan_floats(k) + static_cast<size_t>(matrices_in_shared) * k * k;
+constexpr int kMaxParts = 4;  // blocks per matrix at most
+
+size_t shared_bytes(int k, bool a_in_shared, int vt_cols_in_shared) {
+  size_t floats = plan_floats(k) + (a_in_shared ? static_cast<size_t>(k) * k : 0) +
+                  static_cast<size_t>(vt_cols_in_shared) * k;
   return floats * sizeof(float);
 }
 
-// How many of the k x k matrices (A, then Vt) fit in the opt-in shared memory of a block.
-int matrices_in_shared(int k, int device) {
-  int optin = 0;
-  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
-    return 0;
+struct Layout {
+  bool a_in_shared, vt_in_shared;
+  int vt_cols;  // columns of Vt per block: k, or less when several blocks share a matrix
+  size_t smem;
+};
+
+// Where A and Vt live, and how many blocks serve a matrix: more than one only when the batch
+// leaves SMs idle and A and the block's share of Vt fit in its opt-in shared memory.
+Layout choose_layout(int k, long batch, int device) {
+  int optin = 0, sms = 1;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) optin = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) sms = 1;
   // leave room for the kernel's static __shared__ word
-  for (int n = 2; n > 0; --n)
-    if (shared_bytes(k, n) + 64 <= static_cast<size_t>(optin)) return n;
-  return 0;
+  auto fits = [&](size_t bytes) { return bytes + 64 <= static_cast<size_t>(optin); };
+  long parts = std::min<long>(kMaxParts, std::max<long>(1, sms / std::max<long>(batch, 1)));
+  for (; parts > 1; --parts) {
+    int cols = static_cast<int>((k + parts - 1) / parts);
+    if (cols < k && fits(shared_bytes(k, true, cols))) return {true, true, cols, shared_bytes(k, true, cols)};
+  }
+  if (fits(shared_bytes(k, true, k))) return {true, true, k, shared_bytes(k, true, k)};
+  if (fits(shared_bytes(k, true, 0))) return {true, false, k, shared_bytes(k, true, 0)};
+  return {false, false, k, shared_bytes(k, false, 0)};
 }
 
 }  // namespace
 
 long cuda_global_floats_per_matrix(int k, int device) {
-  return matrices_in_shared(k, device) >= 1 ? 0L : static_cast<long>(k) * k;
+  return choose_layout(k, 1, device).a_in_shared ? 0L : static_cast<long>(k) * k;
 }
 
 cudaError_t batched_eigh_cuda(const float* G, float* evals, float* evecs, int* sweeps,
                               float* vt_work, float* a_work, long batch, int k, int max_sweeps,
                               float tol, int device, cudaStream_t stream) {
   if (batch == 0 || k == 0) return cudaSuccess;
-  const int in_shared = matrices_in_shared(k, device);
-  size_t smem = shared_bytes(k, in_shared);
+  const Layout layout = choose_layout(k, batch, device);
   cudaError_t err = cudaFuncSetAttribute(jacobi_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+                                         static_cast<int>(layout.smem));
   if (err != cudaSuccess) return err;
   int m = k + (k & 1);
   long work = std::max(static_cast<long>(m / 2) * (m / 2), static_cast<long>(k));
   int threads = static_cast<int>(std::min<long>(kMaxThreads, ((work + 31) / 32) * 32));
-  jacobi_kernel<<<static_cast<unsigned int>(batch), threads, smem, stream>>>(
-      G, evals, evecs, sweeps, vt_work, a_work, k, max_sweeps, tol, in_shared >= 1, in_shared == 2);
+  const long parts = (k + layout.vt_cols - 1) / layout.vt_cols;
+  jacobi_kernel<<<static_cast<unsigned int>(batch * parts), threads, layout.smem, stream>>>(
+      G, evals, evecs, sweeps, vt_work, a_work, k, max_sweeps, tol, layout.a_in_shared, layout.vt_in_shared,
+      layout.vt_cols);
   return cudaGetLastError();
 }
 

@@ -51,14 +51,14 @@ def emulated(tmp_path_factory):
     return lib
 
 
-def run(lib, G: torch.Tensor, optin: int, max_sweeps=30, tol=1e-7):
+def run(lib, G: torch.Tensor, optin: int, sm_count: int = 132, max_sweeps=30, tol=1e-7):
     G = G.to(torch.float32).contiguous()
     batch, k = G.shape[0], G.shape[-1]
     evals, evecs = torch.empty(batch, k), torch.empty(batch, k, k)
     sweeps = torch.empty(batch, dtype=torch.int32)
     ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
     rc = lib.emulated_batched_eigh(ptr(G), ptr(evals), ptr(evecs), ptr(sweeps), ctypes.c_long(batch), k, max_sweeps,
-                                   ctypes.c_float(tol), optin)
+                                   ctypes.c_float(tol), optin, sm_count)
     assert rc == 0
     return evals, evecs, sweeps
 
@@ -80,3 +80,15 @@ def test_emulated_cuda_kernel_decomposes_like_the_oracle(emulated, kind, k, layo
         w, _, s = _native.batched_eigh_with_sweeps(G64.to(torch.float32))
         torch.testing.assert_close(evals, w, rtol=1e-5, atol=1e-6 * float(G64.abs().max()))
         assert int((sweeps - s).abs().max()) <= 1
+
+
+@pytest.mark.parametrize("kind,k", [("nearly_diagonal", 17), ("spd", 24), ("indefinite", 40), ("spd", 5)])
+def test_several_blocks_per_matrix_give_the_one_block_results_bit_for_bit(emulated, kind, k):
+    """A batch of 3 on 132 SMs: up to 4 blocks per matrix, each with its own copy of A and a
+    share of Vt's columns (where they fit in shared memory); with 1 SM, one block each."""
+    G64 = make_case(kind, k, batch=3, seed=5)
+    for optin in LAYOUTS.values():
+        one = run(emulated, G64, optin, sm_count=1)
+        several = run(emulated, G64, optin, sm_count=132)
+        assert all(torch.equal(a, b) for a, b in zip(one, several))
+        check_decomposition(G64, *several[:2])

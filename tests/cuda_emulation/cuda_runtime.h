@@ -21,7 +21,7 @@
 typedef int cudaError_t;
 typedef void* cudaStream_t;
 constexpr cudaError_t cudaSuccess = 0;
-enum { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 enum { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 struct Dim3 { unsigned int x = 0; };
@@ -29,6 +29,7 @@ struct Dim3 { unsigned int x = 0; };
 namespace emu {
 inline thread_local Dim3 thread_idx, block_idx, block_dim;
 inline int optin_shared_bytes = 227 * 1024;  // H100's opt-in limit; tests lower it
+inline int sm_count = 132;                    // H100's; 1 keeps every matrix on one block
 inline std::vector<float> shared_memory;
 inline std::barrier<>* barrier = nullptr;
 inline std::atomic<int> or_votes{0};
@@ -38,7 +39,12 @@ inline std::atomic<int> or_votes{0};
 #define blockIdx emu::block_idx
 #define blockDim emu::block_dim
 
-inline int cudaDeviceGetAttribute(int* value, int, int) { *value = emu::optin_shared_bytes; return cudaSuccess; }
+inline int cudaDeviceGetAttribute(int* value, int attribute, int) {
+  *value = attribute == cudaDevAttrMultiProcessorCount ? emu::sm_count : emu::optin_shared_bytes;
+  return cudaSuccess;
+}
+using std::max;  // CUDA's device-side min / max
+using std::min;
 template <class F> int cudaFuncSetAttribute(F, int, int) { return cudaSuccess; }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
