@@ -198,7 +198,7 @@ class AdamQ3RPlan(BlockPlan):
         plain_m, plain_n, plain_warps, plain_stages = self.plain_config
         for g in self.groups:
             columns = {} if grad_ptrs is None else {int(m.F_Y): [grad_ptrs[i] for i in g["idx"]]}
-            table, _ = self.run_table(g, columns)
+            table, workspace = self.run_table(g, columns)
             floats = m.to_device_table([hypers[i] for i in g["idx"]], torch.float32, self.device)
             has_q3r = g["n_factors"] > 0
             if has_q3r:
@@ -211,6 +211,7 @@ class AdamQ3RPlan(BlockPlan):
                     table, floats, g["sched"], g["total"], *(m.tl_dtype(t) for t in g["dtypes"]),
                     has_q3r, g["aligned"], *tiles, block_k, precision, **options,
                 )
+            del workspace  # the launches are queued; the caching allocator keeps the order safe
 
 
 def adamq3r_update_(regions: list[AdamRegion]) -> None:

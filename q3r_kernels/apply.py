@@ -165,10 +165,8 @@ class ReweightPlan(BlockPlan):
     (shape, strides, dtype, 16-byte alignment) but may live elsewhere at every run: a
     gradient is often a new tensor each step. factors[i] is (U, V, d), or (U, V, sigma, eps)
     with d derived on the device; block i's follow :meth:`update_factors`. The workspace is
-    allocated per run, so between runs its memory serves other uses.
+    allocated per run (see BlockPlan).
     """
-
-    persistent_workspace = False
 
     def __init__(self, Xs, outs, factors, accumulate: bool = True):
         super().__init__(Xs[0].device if Xs else None)

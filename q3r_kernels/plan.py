@@ -22,12 +22,14 @@ from .projection import put_factor_fields, put_workspace_fields
 
 class BlockPlan:
     """The part of a plan that follows the factors: checking them, placing the workspace,
-    writing the rows. Subclasses build ``groups`` and launch."""
+    writing the rows. Subclasses build ``groups`` and launch.
 
-    # False: the workspace is only laid out; each run allocates it and shifts the rows'
-    # workspace fields by its address (see run_table), so that between runs its memory is free
-    # for other uses (the regularizer's path runs between a backward and an optimizer step)
-    persistent_workspace = True
+    The workspace (twice the factors' size) is only laid out here; each run allocates it and
+    shifts the rows' workspace fields by its address (see run_table). Between runs its memory
+    is free for other uses: the optimizer step and the regularizer's add_grad_ run after the
+    backward pass has freed its activations, so the workspace does not add to the peak memory
+    of a training step, which the forward and backward passes set.
+    """
 
     def __init__(self, device):
         self.device = device
@@ -72,7 +74,7 @@ class BlockPlan:
             shapes[j] = g["blocks"][j] + (f[0].shape[1],)
         ws, moved = g["workspace"], g["workspace"] is None or g["workspace"].shapes != shapes
         if moved:  # a new width moves the pieces of every block after it
-            ws = m.Workspace(shapes, self.device, allocate=self.persistent_workspace)
+            ws = m.Workspace(shapes, self.device, allocate=False)
         for j in range(len(table)) if moved else new:
             put_workspace_fields(table[j], ws, j)
         for j, f in new.items():
@@ -113,12 +115,10 @@ class BlockPlan:
         referenced until the launches are queued. ``column_values`` sets per-run columns
         (addresses that change from step to step). The table is sent only when its rows
         differ from what was sent last."""
-        host, buffer = g["host"], None
-        if column_values or not self.persistent_workspace:
-            host = host.clone()
-            for col, values in column_values.items():
-                host[:, col] = torch.tensor(values, dtype=torch.int64)
-        if not self.persistent_workspace and g["workspace"] is not None:
+        host, buffer = g["host"].clone(), None
+        for col, values in column_values.items():
+            host[:, col] = torch.tensor(values, dtype=torch.int64)
+        if g["workspace"] is not None:
             buffer = torch.empty(g["workspace"].total, dtype=torch.float32, device=self.device)
             host[:, m.WORKSPACE_COLUMNS] += buffer.data_ptr()
         if g.get("sent") is None or not torch.equal(g["sent"], host):

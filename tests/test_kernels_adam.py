@@ -204,6 +204,8 @@ def test_refreshes_update_the_cached_plan_and_keep_parity(monkeypatch):
     refresh(0)
     plan = _fused_and_reference_step(works, refs, gen).plan
     assert (len(builds), updates) == (1, [])
+    # the workspace is laid out, not held: each step allocates it (see q3r_kernels.plan)
+    assert all(g["workspace"].buffer is None for g in plan.groups if g["n_factors"])
     # factors of width k+1, k-2, k, then the same width again (new tensors, same shapes: the
     # workspaces are kept), then a staggered refresh of the first target only (its 3 slices
     # are rewritten, the other rows keep their factors and follow the moved workspace)
