@@ -18,7 +18,7 @@ bench_step_h100_e3484d0.log) the kernels are faster there too: 88 vs 113 ms of p
 work. But their workspace (twice the factors), then held between steps, put peak memory at
 7.5% above fused AdamW plus the factors, over the 5% budget. So the default keeps wide
 factors on the reference path; raise the limit to trade that memory for the speed. Since
-the session after 0f90a6e the workspace is allocated per step, after the backward pass has
+416e5fa the workspace is allocated per step, after the backward pass has
 freed its activations (q3r_kernels.plan), so it should no longer add to the peak; the default
 stays until an H100 measures that.
 """
