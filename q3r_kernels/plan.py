@@ -113,14 +113,20 @@ class BlockPlan:
     def run_table(self, g: dict, column_values: dict[int, list[int]]):
         """The device table of a group for this run, and the workspace buffer that must stay
         referenced until the launches are queued. ``column_values`` sets per-run columns
-        (addresses that change from step to step). The table is sent only when its rows
-        differ from what was sent last."""
-        host, buffer = g["host"].clone(), None
-        for col, values in column_values.items():
-            host[:, col] = torch.tensor(values, dtype=torch.int64)
+        (addresses that change from step to step). The table is sent only when these inputs
+        differ from the last run's (``sent``; None after update_factors rewrote the rows)."""
+        buffer = None
         if g["workspace"] is not None:
             buffer = torch.empty(g["workspace"].total, dtype=torch.float32, device=self.device)
+        # in a steady loop nothing changes from run to run: compare the inputs, not the table
+        inputs = (tuple((col, tuple(values)) for col, values in column_values.items()),
+                  0 if buffer is None else buffer.data_ptr())
+        if g.get("sent") is not None and g["sent"] == inputs:
+            return g["table"], buffer
+        host = g["host"].clone()
+        for col, values in column_values.items():
+            host[:, col] = torch.tensor(values, dtype=torch.int64)
+        if buffer is not None:
             host[:, m.WORKSPACE_COLUMNS] += buffer.data_ptr()
-        if g.get("sent") is None or not torch.equal(g["sent"], host):
-            g["table"], g["sent"] = m.to_device_table(host, torch.int64, self.device), host
+        g["table"], g["sent"] = m.to_device_table(host, torch.int64, self.device), inputs
         return g["table"], buffer
