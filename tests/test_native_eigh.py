@@ -148,3 +148,18 @@ def test_cuda_agrees_with_cpu_part(k):
     w_gpu, _, s_gpu = _native.batched_eigh_with_sweeps(G.cuda())
     assert torch.allclose(w_cpu, w_gpu.cpu(), rtol=1e-5, atol=1e-7 * float(w_cpu.abs().max()))
     assert (s_cpu - s_gpu.cpu()).abs().max() <= 1
+
+
+@needs_cuda_native
+@pytest.mark.parametrize("k", [17, 169])
+def test_cuda_small_batches_on_several_blocks_equal_one_block_per_matrix(k):
+    """A batch that leaves SMs idle gets up to 4 blocks per matrix (each with its own copy of A
+    and a share of Vt); the same matrices in a batch as large as the GPU get one block each.
+    The arithmetic is the same, so the results must be equal bit for bit."""
+    G = make_case("nearly_diagonal", k, batch=3).float().cuda()
+    sms = torch.cuda.get_device_properties(G.device).multi_processor_count
+    filler = make_case("spd", k, batch=sms, seed=1).float().cuda()
+    few = _native.batched_eigh_with_sweeps(G)
+    many = _native.batched_eigh_with_sweeps(torch.cat([G, filler]))
+    for a, b in zip(few, many):
+        assert torch.equal(a, b[:3])
