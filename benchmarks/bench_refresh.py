@@ -185,8 +185,13 @@ def bench_stagger(weights, drifted, configs, device, timer, rows, args, method, 
     per_phase = []
     for phase in range(period):
         idx = [i for i in range(len(weights)) if due_for_refresh(period * 3 + phase, period, phases[i])]
-        sub = ([drifted[i] for i in idx], [states[i] for i in idx], [configs[i] for i in idx])
-        per_phase.append(timer(lambda: refresh_slices_(*sub, method=method), reps=args.reps, warmup=1))
+        subs = [[w[i] for i in idx] for w in (weights, drifted)]
+        flip = [0]
+
+        def step():  # moving weights, as in warm(): the same weights again would tie sigma_{r+1} with eps
+            flip[0] ^= 1
+            refresh_slices_(subs[flip[0]], [states[i] for i in idx], [configs[i] for i in idx], method=method)
+        per_phase.append(timer(step, reps=args.reps, warmup=1))
     med = statistics.median(per_phase)
     note = "per-step ms " + " ".join(f"{t:.2f}" for t in per_phase) + f"; max/median {max(per_phase) / med:.2f}"
     rows.append(row("stagger", "model", len(weights), method, f"stagger_T{period}_max_step", max(per_phase),

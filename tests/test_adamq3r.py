@@ -240,3 +240,54 @@ def test_stagger_spreads_refreshes_across_per_target_groups():
     assert len(set(phases)) == 4  # 12 targets spread over all 4 phases of the period
     # every target was refreshed at step 0 too, so none trained with R = I
     assert all(int(opt.state[p]["q3r"][0]["refreshes"]) in (2, 3) for p in targets)
+
+
+@pytest.mark.parametrize("dim, method", [(24, "randomized"), (48, "randomized"), (48, "native")])
+def test_a_refresh_step_updates_the_other_parameters_before_it_waits_for_the_refresh(dim, method):
+    """With stagger=True most parameters are not refreshed at a step: their updates are queued
+    before the refresh first waits for the device (its commit's transfer), the refreshed
+    targets' after it, and the result is that of the plain order, bit for bit.  (Width 24:
+    every refresh is an exact SVD; 48: the warm ones are sketched.)"""
+    from q3r import _native, refresh
+    from q3r.optim import adamq3r as adamq3r_module
+
+    if method == "native" and not _native.available("cpu"):
+        pytest.skip("needs the CPU part of q3r._C")
+
+    def build():
+        torch.manual_seed(3)
+        model = TinyViT(dim=dim, depth=2)
+        groups = q3r.param_groups(model, _targets(model), lmbda=0.1, steps=3, stagger=True, refresh=method)
+        return model, q3r.AdamQ3R(groups, lr=1e-2)
+
+    model, opt = build()
+    names = {id(p): n for n, p in model.named_parameters()}
+    targets = {names[id(p)] for g in opt.param_groups if g["q3r"] for p in g["params"]}
+    steps, step_fn, to_host = [], adamq3r_module.adamq3r_step_, refresh._to_host
+    with pytest.MonkeyPatch.context() as mp:
+        real_step = opt.step
+        mp.setattr(opt, "step", lambda *a: steps.append([]) or real_step(*a))
+        mp.setattr(adamq3r_module, "adamq3r_step_",
+                   lambda works: steps[-1].append({names[id(w.param)] for w in works}) or step_fn(works))
+        mp.setattr(refresh, "_to_host", lambda tables: steps[-1].append("wait") or to_host(tables))
+        _train(model, opt, 5)
+    for events in steps:  # the others' update, the refresh's wait(s), the refreshed targets' update
+        first, last = events[0], events[-1]
+        assert first != "wait" and "wait" in events[1:-1] and last != "wait", events
+        assert "head.bias" in first and first.isdisjoint(last) and last <= targets
+        assert first | last == set(names.values())
+    assert any(len(events[-1]) < len(targets) for events in steps)  # staggered: some targets wait
+    # the same training with the refresh done before any update (the order before the split)
+    plain_model, plain_opt = build()
+    real_refresh = q3r.AdamQ3R.refresh
+
+    def refresh_first(self, due, before_wait=None):
+        real_refresh(self, due)
+        if before_wait is not None:
+            before_wait()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(q3r.AdamQ3R, "refresh", refresh_first)
+        _train(plain_model, plain_opt, 5)
+    for (name, p), q in zip(model.named_parameters(), plain_model.parameters()):
+        assert torch.equal(p, q), name

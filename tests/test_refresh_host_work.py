@@ -69,8 +69,10 @@ def test_start_basis_copies_column_blocks_like_the_joined_columns():
     gen = torch.Generator().manual_seed(1)
     W = torch.randn(5, D1, D2, generator=gen)
     k = 12
-    V = [torch.randn(D2, w, generator=gen) for w in (7, 7, 3, 9, 7)]
-    tails = [torch.randn(D2, w, generator=gen) for w in (5, 5, 2, 8, 0)]
+    # warm starts are orthonormal columns (previous V and its tail), as a refresh stores them
+    bases = [torch.linalg.qr(torch.randn(D2, 12 + 8, generator=gen)).Q for _ in range(5)]
+    V = [basis[:, :w] for basis, w in zip(bases, (7, 7, 3, 9, 7))]
+    tails = [basis[:, v.shape[1] : v.shape[1] + w] for basis, v, w in zip(bases, V, (5, 5, 2, 8, 0))]
     # members 0, 1 share widths (7, 5); 2 is short (topped up); 3 is cut at k; 4 has an empty tail;
     # one member is cold, and one is given as a single tensor (a widened retry's start)
     warm = [(V[0], tails[0]), (V[1], tails[1]), (V[2], tails[2]), (V[3], tails[3]), None]
@@ -78,15 +80,48 @@ def test_start_basis_copies_column_blocks_like_the_joined_columns():
     warm_single[4] = V[4]
     for starts in (warm, warm_single):
         P, cold = randomized.start_basis(W, k, starts, torch.Generator().manual_seed(7))
-        expected = torch.randn(5, D2, k, generator=torch.Generator().manual_seed(7))
+        gauss = torch.randn(5, D2, k, generator=torch.Generator().manual_seed(7))
         for j, start in enumerate(starts):
-            if start is None:
+            if start is None:  # cold: Gaussian columns alone
+                assert torch.equal(P[j], gauss[j])
                 continue
             joined = torch.cat(start, dim=-1) if isinstance(start, tuple) else start
             width = min(joined.shape[-1], k)
-            expected[j, :, :width] = joined[:, :width]
-        assert torch.equal(P, expected)
+            assert torch.equal(P[j, :, :width], joined[:, :width])
+            # a short member's top-up: the Gaussian columns projected off its warm columns
+            Vw, top_up = joined[:, :width], gauss[j, :, width:]
+            torch.testing.assert_close(P[j, :, width:], top_up - Vw @ (Vw.T @ top_up), rtol=1e-5, atol=1e-5)
+            assert torch.all((Vw.T @ P[j, :, width:]).abs() < 1e-5)
         assert cold.tolist() == [start is None for start in starts]
+
+
+def test_a_warm_stack_with_members_short_of_warm_columns_is_not_checked_on_the_host(monkeypatch):
+    """An envelope that grew at the last refresh leaves its target a column or two short of the
+    next sketch width.  Its orthogonal top-up passes the one-pass check like warm columns do,
+    so the stack still leaves its check on the device (no host sync in the sketch, and no
+    second sketch)."""
+    weights, configs, states = _targets(6, seed=6)
+    for step in range(2):
+        refresh_slices_(_shrunk(weights, step), states, configs, method="randomized")
+    for state in states[:3]:  # as if their envelopes had grown by two at the last refresh
+        state["V_tail"] = state["V_tail"][:, :-2]
+    checked, trusted = [], []
+    orthonormalize, unchecked = randomized.orthonormalize, randomized.orthonormalize_unchecked
+    monkeypatch.setattr(randomized, "orthonormalize", lambda *a, **kw: checked.append(1) or orthonormalize(*a, **kw))
+
+    def unchecked_spy(*a, **kw):
+        Q, good = unchecked(*a, **kw)
+        trusted.append(good)
+        return Q, good
+
+    monkeypatch.setattr(randomized, "orthonormalize_unchecked", unchecked_spy)
+    assert all(refresh_slices_(_shrunk(weights, 2), states, configs, method="randomized"))
+    assert not checked and len(trusted) == 1 and bool(trusted[0].all())
+    # and the factors are right: sigma matches an exact SVD
+    exact = torch.linalg.svdvals(torch.stack(_shrunk(weights, 2)))
+    for state, s in zip(states, exact):
+        r_env = state["sigma"].shape[0]
+        torch.testing.assert_close(state["sigma"], s[:r_env], rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -230,15 +265,16 @@ def test_a_steady_warm_refresh_takes_one_cholesky_qr_pass_per_stack(monkeypatch)
 
 
 def _steady_targets(seed):
-    """A warm-started model at steady state: cold (exact) and two warm refreshes behind it."""
+    """A warm-started model at steady state: cold (exact) and two warm refreshes behind it
+    (and the weights of the next refresh, see _shrunk)."""
     gen = torch.Generator().manual_seed(seed)
     shapes = [(96, 96)] * 6 + [(384, 96)] * 3
     weights = [torch.randn(*shape, generator=gen) for shape in shapes]
     configs = [SliceConfig(f"t{i}", 19) for i in range(len(shapes))]
     states = [new_slice_state(*shape) for shape in shapes]
-    for _ in range(3):
-        refresh_slices_(weights, states, configs, method="randomized")
-    return weights, configs, states
+    for step in range(3):
+        refresh_slices_(_shrunk(weights, step), states, configs, method="randomized")
+    return _shrunk(weights, 3), configs, states
 
 
 def test_a_fully_warm_sketch_leaves_its_check_to_the_commit_and_gets_the_same_factors(monkeypatch):

@@ -231,7 +231,8 @@ class _CachedPlan:
 
 # _layout_key or _reweight_layout_key -> _CachedPlan, least recently used first
 _PLANS: OrderedDict = OrderedDict()
-_MAX_PLANS = 6
+# (a staggered AdamQ3R step runs two plans per phase of its period: see AdamQ3R.step)
+_MAX_PLANS = 32
 
 
 def _config_key() -> tuple:

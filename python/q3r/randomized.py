@@ -163,6 +163,12 @@ def start_basis(W: Tensor, k: int, warm: list[Start], generator: torch.Generator
     it is (a state's V and V_tail), of which the first k columns are used.  Returns (P, cold
     (b,) bool on the CPU: members with no warm columns).
 
+    A warm member's Gaussian top-up is made orthogonal to its warm columns (which are
+    orthonormal: previous right singular vectors).  W g for a plain Gaussian g leans on W's
+    leading directions, i.e. on the warm columns' images, and that one column fails the
+    stack's one-pass Cholesky-QR check; W (I - V V^T) g does not.  A member short of a few
+    warm columns (its envelope grew at its last refresh) is then as good a start as a full one.
+
     Members whose blocks have the same widths are copied in together (a stack and one copy
     per block), not member by member: a refresh of a whole model has one such set per stack.
     """
@@ -184,9 +190,25 @@ def start_basis(W: Tensor, k: int, warm: list[Start], generator: torch.Generator
             else:
                 P[index, :, offset : offset + width] = value
             offset += width
-    warm_rows = {j for entries in by_widths.values() for j, _ in entries}
-    cold = torch.tensor([j not in warm_rows for j in range(b)], dtype=torch.bool)
+    warm_widths = [0] * b
+    for widths, entries in by_widths.items():
+        for j, _ in entries:
+            warm_widths[j] = sum(widths)
+    if any(0 < w < k for w in warm_widths):
+        P = _orthogonal_top_up(P, warm_widths)
+    cold = torch.tensor([w == 0 for w in warm_widths], dtype=torch.bool)
     return P, cold
+
+
+def _orthogonal_top_up(P: Tensor, warm_widths: list[int]) -> Tensor:
+    """P with each member's columns from its warm width on projected off its warm columns:
+    G - V (V^T G), for the whole stack in two batched matmuls (members with no warm columns
+    or no top-up pass through unchanged)."""
+    b, _, k = P.shape
+    warm = to_device([[c < w for c in range(k)] for w in warm_widths], torch.bool, P.device)[:, None, :]
+    V = torch.where(warm, P, torch.zeros((), dtype=P.dtype, device=P.device))
+    G = P - V
+    return V + (G - V @ (V.mT @ G))
 
 
 def _leading_blocks(start: Start, k: int) -> list[Tensor]:
@@ -251,9 +273,9 @@ def sketch(
 
     Members with a warm basis get warm_power_iters power iterations, the others
     cold_power_iters (the whole stack takes the larger count when they are mixed).
-    ``check_later`` (no power iteration, every member started from k warm columns): one
-    Cholesky-QR pass whose check is left in ``Sketch.trusted`` instead of deciding here on a
-    second pass, which costs a host sync.
+    ``check_later`` (no power iteration, every member warm): one Cholesky-QR pass whose
+    check is left in ``Sketch.trusted`` instead of deciding here on a second pass, which
+    costs a host sync.
 
     Non-finite weights are found on the way, without a host sync of their own: the largest
     |entry| that scales each member is NaN or inf exactly then (min and max propagate NaN).
@@ -267,10 +289,10 @@ def sketch(
     P, cold = start_basis(Ws, k, warm, generator)
     iters = cold_power_iters if bool(cold.any()) else warm_power_iters
     trusted = None
-    # only a basis of warm columns alone is left unchecked: it passes the one-pass check as a
-    # rule, while one Gaussian column among them fails it (and a failed unchecked basis costs
-    # a whole new sketch, not just a second pass)
-    if check_later and iters == 0 and all(_warm_width(start, k) >= k for start in warm):
+    # only a warm basis is left unchecked: its columns (warm ones, and a top-up made orthogonal
+    # to them) pass the one-pass check as a rule; a cold one often fails it, and a failed
+    # unchecked basis costs a whole new sketch, not just a second pass
+    if check_later and iters == 0 and all(_warm_width(start, k) > 0 for start in warm):
         Q, trusted = orthonormalize_unchecked(Ws @ P, finite)
     else:
         Q = range_basis(Ws, P, iters, finite)

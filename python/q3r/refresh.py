@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -157,6 +158,7 @@ def refresh_slices_(
     method: str = "exact",
     warned: set | None = None,
     options: SketchOptions | None = None,
+    before_wait: Callable[[], None] | None = None,
 ) -> list[bool]:
     """Refresh each target's factors in place from its current weights.
 
@@ -164,10 +166,17 @@ def refresh_slices_(
     place); returns, per target, whether it was refreshed (False: non-finite weights, the
     old factors are kept and one warning per target name is issued).  ``method``: see the
     module docstring; ``options`` tune the randomized methods.
+
+    ``before_wait`` is called exactly once, before this returns: on the sketched paths as
+    soon as the first attempt's device work is queued and before the host first waits for
+    its results, so that work queued there (AdamQ3R: the updates of the parameters not being
+    refreshed) runs on the device while the host decides the commits.  It must not change
+    these weights or states.
     """
     if method not in REFRESH_METHODS:
         raise ValueError(f"refresh method must be one of {REFRESH_METHODS}, got {method!r}")
     options = options or DEFAULT_SKETCH
+    before_wait = _Once(before_wait)
     groups: dict[tuple, list[int]] = {}
     for i, W in enumerate(weights):
         groups.setdefault((tuple(W.shape), W.device), []).append(i)
@@ -179,20 +188,38 @@ def refresh_slices_(
         else:
             sketched.append(_SketchGroup(idx, concrete, min(weights[idx[0]].shape)))
     # the sketched path finds non-finite weights inside its own passes (no sync of its own)
-    nonfinite = _refresh_exact_groups(weights, states, configs, exact)
+    nonfinite = set()
     if sketched:
-        nonfinite |= _refresh_sketched(weights, states, configs, sketched, options)
+        nonfinite |= _refresh_sketched(weights, states, configs, sketched, options, before_wait)
+    nonfinite |= _refresh_exact_groups(weights, states, configs, exact, before_wait)
+    before_wait()
     for i in sorted(nonfinite):
         _warn_nonfinite(configs[i].name, warned)
     return [i not in nonfinite for i in range(len(weights))]
 
 
-def _refresh_exact_groups(weights, states, configs, groups: list[list[int]]) -> set[int]:
+class _Once:
+    """A callback run at most once (None: nothing to run)."""
+
+    def __init__(self, fn: Callable[[], None] | None):
+        self.fn = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()
+
+
+def _refresh_exact_groups(weights, states, configs, groups: list[list[int]],
+                          before_wait: Callable[[], None] | None = None) -> set[int]:
     """Exact SVDs of same-shaped groups of targets; returns the non-finite ones (skipped).
     Finiteness comes from each group's stacked max |W| (randomized.max_abs), one host sync
-    for all groups: a NaN must not reach the SVD, which may fail on it."""
+    for all groups (``before_wait`` runs first): a NaN must not reach the SVD, which may
+    fail on it."""
     if not groups:
         return set()
+    if before_wait is not None:
+        before_wait()
     flags = torch.cat([randomized.max_abs(torch.stack([weights[i] for i in idx]))[1].cpu() for idx in groups])
     finite = dict(zip((i for idx in groups for i in idx), flags.tolist()))
     for idx in groups:
@@ -243,7 +270,8 @@ class _SketchGroup:
         return int(opts.exact_fraction * self.n)
 
 
-def _refresh_sketched(weights, states, configs, groups: list[_SketchGroup], opts: SketchOptions) -> set[int]:
+def _refresh_sketched(weights, states, configs, groups: list[_SketchGroup], opts: SketchOptions,
+                      before_wait: Callable[[], None]) -> set[int]:
     """Randomized refresh of same-shaped groups; widen or fall back to exact SVD per target.
     Returns the targets skipped for non-finite weights.
 
@@ -252,7 +280,8 @@ def _refresh_sketched(weights, states, configs, groups: list[_SketchGroup], opts
     one thread block's latency per call, whatever the batch, so three shape groups (a ViT's
     attention, fc1, fc2) in three calls cost three times one.  Stacks for torch.linalg.eigh
     are solved one by one as they are sketched, so that a large model's refresh never holds
-    the sketches of all its targets at once.
+    the sketches of all its targets at once.  ``before_wait``: see refresh_slices_ (the
+    torch solver checks its result on the host, so it runs before the first one).
     """
     solvers = {name: randomized.eigensolver(name, opts.max_sweeps, opts.tol) for name in ("torch", "native")}
     for g in groups:
@@ -271,21 +300,24 @@ def _refresh_sketched(weights, states, configs, groups: list[_SketchGroup], opts
             if st.native:
                 deferred.append(st)
             else:
+                before_wait()
                 st.eig = solvers["torch"](st.sketch.G)
                 _finish_stacks(weights, states, configs, [st], solvers, opts)
-        for batch in _by_key(deferred, lambda st: (st.k, st.sketch.G.device)):
+        batches = _by_key(deferred, lambda st: (st.k, st.sketch.G.device))
+        for batch in batches:
             evals, evecs = solvers["native"](torch.cat([st.sketch.G for st in batch]))
             sizes = [len(st.members) for st in batch]
             for st, lam, E in zip(batch, evals.split(sizes), evecs.split(sizes)):
                 st.eig = (lam, E)
-            _finish_stacks(weights, states, configs, batch, solvers, opts)
+        for batch in batches:  # (every batch's solve is queued before the first commit waits)
+            _finish_stacks(weights, states, configs, batch, solvers, opts, before_wait)
         if not any(g.pending for g in groups):
             break
     nonfinite = {i for g in groups for i in g.nonfinite}
     # the too-wide ones (never sketched, so not yet checked for non-finite weights) and those
     # still not wide enough after max_widenings (pending ones too, though the loop leaves none)
     exact = [g.exact + list(g.pending) for g in groups if g.exact or g.pending]
-    return nonfinite | _refresh_exact_groups(weights, states, configs, exact)
+    return nonfinite | _refresh_exact_groups(weights, states, configs, exact, before_wait)
 
 
 def _by_key(items: list, key) -> list[list]:
@@ -352,13 +384,17 @@ def _sketch_stack_(weights, st: _Stack, attempt: int, opts: SketchOptions) -> No
     st.energy = torch.linalg.vector_norm(stack, dim=(-1, -2), dtype=torch.float64).square()
 
 
-def _finish_stacks(weights, states, configs, stacks: list[_Stack], solvers, opts: SketchOptions) -> None:
+def _finish_stacks(weights, states, configs, stacks: list[_Stack], solvers, opts: SketchOptions,
+                   before_wait: Callable[[], None] | None = None) -> None:
     """Commit solved stacks; queue their retries (wider sketch) or exact SVDs on their groups.
     The scalars every commit decides on cross to the host in one transfer for all the stacks
-    (on a GPU each transfer waits for the device to drain)."""
+    (on a GPU each transfer waits for the device to drain; ``before_wait`` runs first)."""
     solved = [st.sketch.triplets(*st.eig) for st in stacks]
-    hosts = _to_host([_commit_columns(st.energy, st.members, states, S, st.sketch.finite, st.sketch.trusted)
-                      for st, (_, S, _) in zip(stacks, solved)])
+    columns = [_commit_columns(st.energy, st.members, states, S, st.sketch.finite, st.sketch.trusted)
+               for st, (_, S, _) in zip(stacks, solved)]
+    if before_wait is not None:
+        before_wait()
+    hosts = _to_host(columns)
     for st, (U, S, V), host in zip(stacks, solved, hosts):
         _finish_stack(weights, states, configs, st, U, S, V, host, solvers, opts)
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
+
 import torch
 from torch.optim import Optimizer
 
 from .. import distributed
 from ..config import Q3R_DEFAULTS, default_names, slice_configs, validate_q3r_options
 from ..diagnostics import slice_diagnostics
-from ..refresh import due_for_refresh, new_slice_state, refresh_cost, refresh_slices_, stagger_phases
+from ..refresh import _Once, due_for_refresh, new_slice_state, refresh_cost, refresh_slices_, stagger_phases
 from ..targets import slice_shapes, slice_views
 from .functional import ParamWork, adamq3r_step_
 
@@ -113,8 +115,12 @@ class AdamQ3R(Optimizer):
             state["q3r"] = [new_slice_state(d1, d2, p.device) for d1, d2 in shapes]
         return state
 
-    def refresh(self, due: list[tuple[torch.Tensor, dict]]) -> None:
-        """Refresh the factors of the given (parameter, group) pairs from their current weights."""
+    def refresh(self, due: list[tuple[torch.Tensor, dict]], before_wait: Callable[[], None] | None = None) -> None:
+        """Refresh the factors of the given (parameter, group) pairs from their current weights.
+
+        ``before_wait`` (called once) is queued where the refresh would first wait for the
+        device (see q3r.refresh.refresh_slices_); under DDP after the refresh."""
+        before_wait = _Once(before_wait)
         sharded = [(p, group) for p, group in due if distributed.is_sharded(p)]
         if sharded:  # FSDP2: a randomized refresh on the local rows (q3r.distributed.sharded)
             distributed.refresh_sharded_(
@@ -132,7 +138,9 @@ class AdamQ3R(Optimizer):
             bucket[2].extend(self._group_configs(group, p))
         for method, (weights, states, configs) in by_method.items():
             # divided across ranks under DDP, plain refresh_slices_ otherwise
-            distributed.refresh_slices_(weights, states, configs, method=method, warned=self._nonfinite_warned)
+            distributed.refresh_slices_(weights, states, configs, method=method, warned=self._nonfinite_warned,
+                                        before_wait=before_wait)
+        before_wait()
 
     def _refresh_due(self, p, group: dict, step: int) -> bool:
         """Every ``steps`` steps; with ``stagger=True`` each parameter at its own phase of the
@@ -189,14 +197,28 @@ class AdamQ3R(Optimizer):
                     work.lmbda, work.slice_dim, work.slices = group["lmbda"], group["slice_dim"], group["slices"]
                     q3r_works.append((work, state))
                 works.append(work)
-        self.refresh(due)
+        if any(distributed.is_sharded(w.param) for w in works):
+            self.refresh(due)
+            self._set_operators(q3r_works)
+            distributed.sharded_adamq3r_step_(works)  # FSDP2: local shards, one all-reduce per step
+            return loss
+        # The parameters not refreshed now need nothing from the refresh: their updates are
+        # queued as soon as the refresh's device work is, and run while the host waits for
+        # and decides its commits (a staggered refresh leaves most targets out).
+        refreshed = {id(p) for p, _ in due}
+        later = [w for w in works if id(w.param) in refreshed]
+        now = [w for w in works if id(w.param) not in refreshed]
+        self._set_operators([(w, st) for w, st in q3r_works if id(w.param) not in refreshed])
+        self.refresh(due, before_wait=lambda: adamq3r_step_(now) if now else None)
+        self._set_operators([(w, st) for w, st in q3r_works if id(w.param) in refreshed])
+        if later:
+            adamq3r_step_(later)
+        return loss
+
+    @staticmethod
+    def _set_operators(q3r_works: list) -> None:
         for work, state in q3r_works:
             work.operators = [(s["U"], s["V"], s["sigma"], s["eps"]) for s in state["q3r"]]
-        if any(distributed.is_sharded(w.param) for w in works):
-            distributed.sharded_adamq3r_step_(works)  # FSDP2: local shards, one all-reduce per step
-        else:
-            adamq3r_step_(works)
-        return loss
 
     # ------------------------------------------------------------ diagnostics
     def diagnostics(self) -> dict[str, float]:
