@@ -65,7 +65,9 @@ def q3r_targets(targets):
 def fake_refresh(opt):
     """Replace the refresh by random factors of the target rank (see the module docstring)."""
 
-    def refresh(due):
+    def refresh(due, before_wait=None):
+        if before_wait is not None:  # (AdamQ3R.step: the updates of the others, queued first)
+            before_wait()
         for p, group in due:
             for state in opt.state[p]["q3r"]:
                 d1, d2 = state["U"].shape[0], state["V"].shape[0]

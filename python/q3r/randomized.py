@@ -204,8 +204,9 @@ def _orthogonal_top_up(P: Tensor, warm_widths: list[int]) -> Tensor:
     """P with each member's columns from its warm width on projected off its warm columns:
     G - V (V^T G), for the whole stack in two batched matmuls (members with no warm columns
     or no top-up pass through unchanged)."""
-    b, _, k = P.shape
-    warm = to_device([[c < w for c in range(k)] for w in warm_widths], torch.bool, P.device)[:, None, :]
+    k = P.shape[-1]
+    widths = to_device(warm_widths, torch.int64, P.device)
+    warm = (torch.arange(k, device=P.device) < widths[:, None])[:, None, :]
     V = torch.where(warm, P, torch.zeros((), dtype=P.dtype, device=P.device))
     G = P - V
     return V + (G - V @ (V.mT @ G))
