@@ -8,8 +8,9 @@ from q3r.optim.functional import ParamWork
 
 
 def _work(width: int) -> ParamWork:
-    p = torch.randn(300, 310)
-    U, V = torch.linalg.qr(torch.randn(300, width))[0], torch.linalg.qr(torch.randn(310, width))[0]
+    d1, d2 = width + 44, width + 54  # (taller than wide factors: QR keeps all their columns)
+    p = torch.randn(d1, d2)
+    U, V = torch.linalg.qr(torch.randn(d1, width))[0], torch.linalg.qr(torch.randn(d2, width))[0]
     sigma, eps = torch.linspace(5, 2, width), torch.tensor(1.0)
     return ParamWork(p, torch.randn_like(p), torch.zeros_like(p), torch.zeros_like(p), torch.tensor(0.0),
                      1e-3, 0.9, 0.999, 1e-8, 0.0, lmbda=0.1, operators=[(U, V, sigma, eps)])
@@ -29,8 +30,9 @@ def triton_everywhere(monkeypatch):
 
 def test_wide_factors_stay_on_the_reference_path(triton_everywhere, monkeypatch):
     work = _work(ops.AUTO_MAX_WIDTH_DEFAULT + 1)
+    assert work.operators[0][0].shape[-1] == ops.AUTO_MAX_WIDTH_DEFAULT + 1
     assert ops.adamq3r_fused_([work]) == [work]
-    out = torch.zeros(300, 310)
+    out = torch.zeros_like(work.param)
     ops.add_reweighting_([out], [work.param], work.operators, alpha=0.5)  # reference: no kernel call
     U, V, sigma, eps = work.operators[0]
     from q3r import reference
