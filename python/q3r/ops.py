@@ -11,16 +11,12 @@ that the Triton backend serves a whole model's targets in a handful of launches:
 q3r_kernels (and so triton) is imported only when the Triton backend is chosen.
 
 Automatic choice and factor width: automatic dispatch sends targets whose factors are wider
-than Q3R_TRITON_MAX_WIDTH (default 256) to the reference path; Q3R_BACKEND=triton forces them.
-The rule came from kernels that were 3.1x slower than the reference path at width 409
-(LLaMA-1B-like; bench_step_h100_5884638.md). Since the packed layouts (e3484d0,
-bench_step_h100_e3484d0.log) the kernels are faster there too: 88 vs 113 ms of per-step
-work. But their workspace (twice the factors), then held between steps, put peak memory at
-7.5% above fused AdamW plus the factors, over the 5% budget. So the default keeps wide
-factors on the reference path; raise the limit to trade that memory for the speed. Since
-416e5fa the workspace is allocated per step, after the backward pass has
-freed its activations (q3r_kernels.plan), so it should no longer add to the peak; the default
-stays until an H100 measures that.
+than Q3R_TRITON_MAX_WIDTH (default 512) to the reference path; Q3R_BACKEND=triton forces them.
+The limit was 256 while the kernels were slower than the reference path at width 409
+(LLaMA-1B-like; bench_step_h100_5884638.md) and, later, while their workspace was held between
+steps (7.5% above AdamW's peak plus the factors at e3484d0).  Since 416e5fa the workspace is
+allocated per step, and at 9591655 width 409 measured 84.8 against 113.9 ms of work at +0.015%
+of peak memory (bench_step_h100_9591655.log); widths above 512 have not been measured.
 """
 
 from __future__ import annotations
@@ -39,11 +35,7 @@ from ._backend import backend_for, requested
 __all__ = ["project", "apply_reweighting", "add_reweighting_", "adamq3r_fused_"]
 
 
-# Measured up to width 409 (LLaMA-1B-like, H100, 9591655, bench_step_h100_9591655.log): the
-# kernels beat the reference path there (84.8 vs 113.9 ms of work) and, their workspace being
-# allocated per step, kept peak memory at AdamW's plus the factors (+0.015%).  Wider factors
-# have not been measured: they stay on the reference path unless asked for.
-AUTO_MAX_WIDTH_DEFAULT = 512
+AUTO_MAX_WIDTH_DEFAULT = 512  # (see the module docstring: measured up to width 409)
 
 
 def auto_max_width() -> int:
