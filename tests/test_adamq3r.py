@@ -291,3 +291,36 @@ def test_a_refresh_step_updates_the_other_parameters_before_it_waits_for_the_ref
         _train(plain_model, plain_opt, 5)
     for (name, p), q in zip(model.named_parameters(), plain_model.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_a_failed_refresh_after_the_others_were_updated_says_so():
+    """The parameters not being refreshed are updated while the refresh waits for the device
+    (see above).  A refresh that fails after that leaves them updated: the error says so, so
+    that nobody repeats the step as it stands.  A refresh override that ignores before_wait
+    still gets every parameter updated."""
+    from q3r import refresh
+
+    torch.manual_seed(5)
+    model = TinyViT(dim=48, depth=2)
+    opt = q3r.AdamQ3R(q3r.param_groups(model, _targets(model), lmbda=0.1, steps=3, stagger=True,
+                                       refresh="randomized"), lr=1e-2)
+    _train(model, opt, 2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def broken(tables):
+        raise torch.linalg.LinAlgError("injected")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(refresh, "_to_host", broken)
+        with pytest.raises(RuntimeError, match="not being refreshed had been updated") as caught:
+            _train(model, opt, 1, start=2)
+    assert isinstance(caught.value.__cause__, torch.linalg.LinAlgError)
+    assert not torch.equal(model.head.bias, before["head.bias"])  # updated before the failure
+
+    # an override of refresh that never calls before_wait: all parameters still move
+    ignored = q3r.AdamQ3R(q3r.param_groups(model, _targets(model), lmbda=0.1, steps=3), lr=1e-2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ignored, "refresh", lambda due, before_wait=None: None)
+        now = {n: p.detach().clone() for n, p in model.named_parameters()}
+        _train(model, ignored, 1, start=3)
+    assert all(not torch.equal(p, now[n]) for n, p in model.named_parameters())

@@ -227,8 +227,9 @@ class _CachedPlan:
 
 # _layout_key or _reweight_layout_key -> _CachedPlan, least recently used first
 _PLANS: OrderedDict = OrderedDict()
-# (a staggered AdamQ3R step runs two plans per phase of its period: see AdamQ3R.step)
-_MAX_PLANS = 32
+# (a staggered AdamQ3R step runs two plans per phase of its period, see AdamQ3R.step: 2 T + 1
+# plans in all; plans are small, their workspace is allocated per run)
+_MAX_PLANS = 64
 
 
 def _config_key() -> tuple:

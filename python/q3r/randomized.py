@@ -269,14 +269,15 @@ def sketch(
     warm_power_iters: int = 0,
     generator: torch.Generator | None = None,
     check_later: bool = False,
+    max_top_up: int = 0,
 ) -> Sketch:
     """Range finder and Gram matrices of a stack W (b, d1, d2) in W's compute dtype.
 
     Members with a warm basis get warm_power_iters power iterations, the others
     cold_power_iters (the whole stack takes the larger count when they are mixed).
-    ``check_later`` (no power iteration, every member warm): one Cholesky-QR pass whose
-    check is left in ``Sketch.trusted`` instead of deciding here on a second pass, which
-    costs a host sync.
+    ``check_later`` (no power iteration, every member short of k warm columns by at most
+    ``max_top_up``): one Cholesky-QR pass whose check is left in ``Sketch.trusted`` instead
+    of deciding here on a second pass, which costs a host sync.
 
     Non-finite weights are found on the way, without a host sync of their own: the largest
     |entry| that scales each member is NaN or inf exactly then (min and max propagate NaN).
@@ -290,10 +291,11 @@ def sketch(
     P, cold = start_basis(Ws, k, warm, generator)
     iters = cold_power_iters if bool(cold.any()) else warm_power_iters
     trusted = None
-    # only a warm basis is left unchecked: its columns (warm ones, and a top-up made orthogonal
-    # to them) pass the one-pass check as a rule; a cold one often fails it, and a failed
-    # unchecked basis costs a whole new sketch, not just a second pass
-    if check_later and iters == 0 and all(_warm_width(start, k) > 0 for start in warm):
+    # only a basis of (nearly) warm columns is left unchecked: warm columns and a few top-up
+    # columns made orthogonal to them pass the one-pass check as a rule; a cold basis, or one
+    # with many top-up columns, often fails it, and a failed unchecked basis costs a whole new
+    # sketch, not just a second pass
+    if check_later and iters == 0 and all(_warm_width(start, k) >= max(k - max_top_up, 1) for start in warm):
         Q, trusted = orthonormalize_unchecked(Ws @ P, finite)
     else:
         Q = range_basis(Ws, P, iters, finite)

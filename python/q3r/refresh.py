@@ -380,7 +380,8 @@ def _sketch_stack_(weights, st: _Stack, attempt: int, opts: SketchOptions) -> No
     # first attempt: the one-pass orthonormalization's check rides on the commit's transfer;
     # members that fail it are sketched again, checked at once (see _UNTRUSTED)
     st.sketch = randomized.sketch(stack, st.k, st.starts, cold_power_iters=opts.cold_power_iters,
-                                  warm_power_iters=opts.warm_power_iters, generator=gen, check_later=attempt == 0)
+                                  warm_power_iters=opts.warm_power_iters, generator=gen, check_later=attempt == 0,
+                                  max_top_up=opts.oversampling // 2)
     st.energy = torch.linalg.vector_norm(stack, dim=(-1, -2), dtype=torch.float64).square()
 
 

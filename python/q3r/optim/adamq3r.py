@@ -209,7 +209,18 @@ class AdamQ3R(Optimizer):
         later = [w for w in works if id(w.param) in refreshed]
         now = [w for w in works if id(w.param) not in refreshed]
         self._set_operators([(w, st) for w, st in q3r_works if id(w.param) not in refreshed])
-        self.refresh(due, before_wait=lambda: adamq3r_step_(now) if now else None)
+        update_now = _Once(lambda: adamq3r_step_(now) if now else None)
+        try:
+            self.refresh(due, before_wait=update_now)
+        except Exception as error:
+            if update_now.fn is None and now:  # it ran: say so, a retried step would apply it twice
+                raise RuntimeError(
+                    f"AdamQ3R.step: the refresh failed after the {len(now)} parameters not being refreshed "
+                    f"had been updated; the {len(later)} refreshed ones were not (their factors are unchanged "
+                    "where the refresh did not commit). Do not repeat this step as it stands."
+                ) from error
+            raise
+        update_now()  # (a refresh that did not call it: an override, say)
         self._set_operators([(w, st) for w, st in q3r_works if id(w.param) in refreshed])
         if later:
             adamq3r_step_(later)
