@@ -160,3 +160,51 @@ def test_diagnostics_report_every_slice():
     s = torch.linalg.svdvals(W.double())
     assert abs(diag["blocks.0.attn.qkv.weight[q]/tail_energy"] - float(s[3:].square().sum() / s.square().sum())) < 1e-6
     assert 1 <= diag["blocks.0.attn.qkv.weight[q]/effective_rank"] <= 24
+
+
+@pytest.mark.parametrize("dim, method", [(24, "randomized"), (48, "native")])
+def test_add_grad_adds_the_terms_of_targets_not_being_refreshed_before_the_refresh_waits(dim, method):
+    """Staggered: the gradients of the targets not refreshed at a step get their terms before
+    the refresh first waits for the device, the refreshed ones' after its commit; the
+    gradients are those of the refresh-first order, bit for bit."""
+    from q3r import _native, ops, refresh, regularizer
+
+    if method == "native" and not _native.available("cpu"):
+        pytest.skip("needs the CPU part of q3r._C")
+
+    def run(spy):
+        torch.manual_seed(4)
+        model = TinyViT(dim=dim)
+        reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.2, steps=3, stagger=True, refresh=method)
+        grads = []
+        for step in range(5):
+            model.zero_grad()
+            _task_loss(model, step).backward()
+            spy.append([])
+            reg.add_grad_()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        return reg, grads
+
+    events, add, to_host = [], ops.add_reweighting_, refresh._to_host
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(regularizer.ops, "add_reweighting_", lambda g, *a, **k: events[-1].append(len(g)) or add(g, *a, **k))
+        mp.setattr(refresh, "_to_host", lambda t: events[-1].append("wait") or to_host(t))
+        reg, grads = run(events)
+    n_slices = sum(len(reg.state[t.name]) for t in reg.targets)
+    assert events[0][-1] == n_slices  # step 0 refreshes every target: nothing to do before
+    for step in events[1:]:  # terms for the others, the wait(s), terms for the refreshed
+        assert step[0] != "wait" and "wait" in step and step[-1] != "wait", step
+        assert sum(n for n in events[0] + step if n != "wait") == 2 * n_slices
+    real_refresh = q3r.Q3R.refresh
+
+    def refresh_first(self, names=None, before_wait=None):
+        real_refresh(self, names)
+        if before_wait is not None:
+            before_wait()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(q3r.Q3R, "refresh", refresh_first)
+        _, plain = run([])
+    for step, (a, b) in enumerate(zip(grads, plain)):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y), step

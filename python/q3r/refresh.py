@@ -199,15 +199,33 @@ def refresh_slices_(
 
 
 class _Once:
-    """A callback run at most once (None: nothing to run)."""
+    """A callback run at most once (None: nothing to run); ``ran``: whether it has run."""
 
     def __init__(self, fn: Callable[[], None] | None):
-        self.fn = fn
+        self.fn, self.ran = fn, False
 
     def __call__(self) -> None:
         fn, self.fn = self.fn, None
         if fn is not None:
+            self.ran = True
             fn()
+
+
+def refresh_around(refresh: Callable[[Callable[[], None]], None], early: Callable[[], None] | None,
+                   partial: str) -> None:
+    """``refresh(before_wait)`` with ``early`` (work that needs nothing from the refresh, such
+    as the updates of the targets not being refreshed) as its before_wait, so that it runs on
+    the device while the refresh waits for it; run after the refresh where the refresh did
+    not call it.  A refresh that fails after ``early`` ran raises a RuntimeError that starts
+    with ``partial`` (what was already done), chained to the failure."""
+    once = _Once(early)
+    try:
+        refresh(once)
+    except Exception as error:
+        if once.ran:
+            raise RuntimeError(f"{partial}; do not repeat this step as it stands") from error
+        raise
+    once()
 
 
 def _refresh_exact_groups(weights, states, configs, groups: list[list[int]],

@@ -14,6 +14,8 @@ steps (starting with the first), so the training loop needs no extra call.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -21,7 +23,8 @@ from . import ops, reference
 from . import distributed
 from .config import Q3R_DEFAULTS, slice_configs, validate_q3r_options
 from .diagnostics import slice_diagnostics
-from .refresh import due_for_refresh, new_slice_state, operator_of, refresh_cost, refresh_slices_, stagger_phases
+from .refresh import (due_for_refresh, new_slice_state, operator_of, refresh_around, refresh_cost, refresh_slices_,
+                      stagger_phases)
 from .targets import Target, slice_shapes, slice_views
 
 __all__ = ["Q3R"]
@@ -62,9 +65,9 @@ class Q3R:
 
     # ---------------------------------------------------------------- refresh
     @torch.no_grad()
-    def refresh(self, names: set[str] | None = None) -> None:
+    def refresh(self, names: set[str] | None = None, before_wait: Callable[[], None] | None = None) -> None:
         """Rebuild every target's operator (or only those in ``names``) from the current
-        weights (done automatically)."""
+        weights (done automatically).  ``before_wait``: see q3r.refresh.refresh_slices_."""
         chosen = [(t, cfgs) for t, cfgs in zip(self.targets, self.configs) if names is None or t.name in names]
         sharded = [(t, cfgs) for t, cfgs in chosen if distributed.is_sharded(t.param)]
         if sharded:  # FSDP2: a randomized refresh on the local rows (q3r.distributed.sharded)
@@ -80,17 +83,23 @@ class Q3R:
             states.extend(self.state[t.name])
             configs.extend(cfgs)
         # divided across ranks under DDP, plain refresh_slices_ otherwise
-        distributed.refresh_slices_(weights, states, configs, method=self.options["refresh"], warned=self._nonfinite_warned)
+        distributed.refresh_slices_(weights, states, configs, method=self.options["refresh"],
+                                    warned=self._nonfinite_warned, before_wait=before_wait)
 
-    def _begin_step(self) -> None:
+    def _due_now(self) -> set[str]:
+        """The targets refreshed at this step."""
         period = self.options["steps"]
         if self.options["stagger"]:  # each target at its own phase of the period
             phases = self._stagger_phases()
-            due = {name for name, phase in phases.items() if due_for_refresh(self.num_steps, period, phase)}
-            if due:
-                self.refresh(due)
-        elif self.num_steps % period == 0:
-            self.refresh()
+            return {name for name, phase in phases.items() if due_for_refresh(self.num_steps, period, phase)}
+        return {t.name for t in self.targets} if self.num_steps % period == 0 else set()
+
+    def _begin_step(self, before_wait: Callable[[], None] | None = None) -> None:
+        due = self._due_now()
+        if due:
+            self.refresh(due, before_wait)
+        elif before_wait is not None:
+            before_wait()
         self.num_steps += 1
 
     def _stagger_phases(self) -> dict[str, int]:
@@ -122,10 +131,26 @@ class Q3R:
     def add_grad_(self) -> None:
         """Add 2 lambda R(W) to each target's ``.grad`` slice in place (targets without a
         gradient are skipped, as optimizers skip them)."""
-        self._begin_step()
-        if self.lmbda == 0:
+        with_grad = [t for t in self.targets if t.param.grad is not None]
+        if self.lmbda == 0 or any(distributed.is_sharded(t.param) for t in with_grad):
+            self._begin_step()
+            if self.lmbda != 0:
+                self._add_grad_targets_(with_grad)
             return
-        sharded = [t for t in self.targets if distributed.is_sharded(t.param) and t.param.grad is not None]
+        # the targets not refreshed now need nothing from the refresh: their terms are queued
+        # as soon as its device work is, and run while the host waits for and decides its commits
+        due = self._due_now()
+        now, later = [t for t in with_grad if t.name not in due], [t for t in with_grad if t.name in due]
+        refresh_around(
+            self._begin_step, (lambda: self._add_grad_targets_(now)) if now else None,
+            f"Q3R.add_grad_: the refresh failed after the gradients of the {len(now)} targets not being "
+            f"refreshed had their terms added; the {len(later)} being refreshed did not",
+        )
+        if later:
+            self._add_grad_targets_(later)
+
+    def _add_grad_targets_(self, targets: list[Target]) -> None:
+        sharded = [t for t in targets if distributed.is_sharded(t.param)]
         if sharded:  # FSDP2: local rows, one all-reduce for all targets
             distributed.sharded_add_grad_(
                 [(t.param, t.slice_dim, t.slices, [operator_of(s) for s in self.state[t.name]], 2.0 * self.lmbda)
@@ -133,8 +158,8 @@ class Q3R:
                 [t.param.grad for t in sharded],
             )
         weights, grads, factors = [], [], []
-        for t in self.targets:
-            if t.param.grad is None or distributed.is_sharded(t.param):
+        for t in targets:
+            if distributed.is_sharded(t.param):
                 continue
             weights += slice_views(t.param.detach(), t.slice_dim, t.slices)
             grads += slice_views(t.param.grad, t.slice_dim, t.slices)

@@ -11,7 +11,8 @@ from torch.optim import Optimizer
 from .. import distributed
 from ..config import Q3R_DEFAULTS, default_names, slice_configs, validate_q3r_options
 from ..diagnostics import slice_diagnostics
-from ..refresh import _Once, due_for_refresh, new_slice_state, refresh_cost, refresh_slices_, stagger_phases
+from ..refresh import (_Once, due_for_refresh, new_slice_state, refresh_around, refresh_cost, refresh_slices_,
+                       stagger_phases)
 from ..targets import slice_shapes, slice_views
 from .functional import ParamWork, adamq3r_step_
 
@@ -209,18 +210,12 @@ class AdamQ3R(Optimizer):
         later = [w for w in works if id(w.param) in refreshed]
         now = [w for w in works if id(w.param) not in refreshed]
         self._set_operators([(w, st) for w, st in q3r_works if id(w.param) not in refreshed])
-        update_now = _Once(lambda: adamq3r_step_(now) if now else None)
-        try:
-            self.refresh(due, before_wait=update_now)
-        except Exception as error:
-            if update_now.fn is None and now:  # it ran: say so, a retried step would apply it twice
-                raise RuntimeError(
-                    f"AdamQ3R.step: the refresh failed after the {len(now)} parameters not being refreshed "
-                    f"had been updated; the {len(later)} refreshed ones were not (their factors are unchanged "
-                    "where the refresh did not commit). Do not repeat this step as it stands."
-                ) from error
-            raise
-        update_now()  # (a refresh that did not call it: an override, say)
+        refresh_around(
+            lambda before_wait: self.refresh(due, before_wait=before_wait),
+            (lambda: adamq3r_step_(now)) if now else None,
+            f"AdamQ3R.step: the refresh failed after the {len(now)} parameters not being refreshed had been "
+            f"updated; the {len(later)} being refreshed were not",
+        )
         self._set_operators([(w, st) for w, st in q3r_works if id(w.param) in refreshed])
         if later:
             adamq3r_step_(later)
