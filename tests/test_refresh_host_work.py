@@ -345,3 +345,36 @@ def test_a_failed_unchecked_basis_does_not_use_up_a_widening():
         reference.anchor_factors = real
     assert exact == []
     assert int(states[1]["refreshes"]) == 4
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_sketch_makes_no_full_size_temporary(warm):
+    """The sketch scales its small products with W, not a copy of the stack: on a GPU that copy
+    was a pass over the weights and a temporary of their size (2 GB for LLaMA-1B's 32 gate/up
+    matrices).  No op inside it returns a tensor as large as the stack."""
+    weights, configs, states = _targets(4, seed=8)
+    stack = torch.stack(weights) * 1e-30  # (tiny norms: the scaling still works)
+    starts = [None] * 4
+    if warm:
+        refresh_slices_([w * 1e-30 for w in weights], states, configs, method="randomized")
+        starts = [(s["V"], s["V_tail"]) for s in states]
+    largest = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                # (views of the stack, such as the flattened one that max_abs reads, are no copies)
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() != stack_memory:
+                    largest.append(t.numel())
+            return out
+
+    k = RANK + 16
+    stack_memory = stack.untyped_storage().data_ptr()
+    with Sizes():
+        sk = randomized.sketch(stack, k, starts, check_later=warm, generator=torch.Generator().manual_seed(1))
+    assert largest and max(largest) < stack.numel()
+    # and the scale is right: the same sketch of the same weights at unit scale, times 1e-30
+    unit = randomized.sketch(torch.stack(weights), k, starts, check_later=warm, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(sk.G, unit.G, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sk.scale, unit.scale * 1e-30, rtol=1e-6, atol=0)

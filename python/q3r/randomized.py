@@ -16,8 +16,9 @@ scaling the columns to unit norm (a warm-start Y = W V_prev has columns of norm 
 nearly orthogonal directions, so scaling alone makes it well conditioned); members whose
 Gram matrix is too ill-conditioned for that fall back to Householder QR.
 
-Each matrix is scaled by its largest |entry| first, so tiny and huge norms neither underflow
-nor overflow in the squared quantities.
+Each product with a matrix is scaled by 1 / (its largest |entry|) before anything is squared,
+so tiny and huge norms neither underflow nor overflow in the squared quantities (the weights
+themselves are not copied to be scaled).
 """
 
 from __future__ import annotations
@@ -107,13 +108,19 @@ def orthonormalize_unchecked(Y: Tensor, active: Tensor | None = None) -> tuple[T
     return Q1, good1
 
 
-def range_basis(W: Tensor, P: Tensor, power_iters: int, active: Tensor | None = None) -> Tensor:
+def range_basis(W: Tensor, P: Tensor, power_iters: int, active: Tensor | None = None,
+                inv: Tensor | None = None) -> Tensor:
     """Orthonormal Q (b, d1, k) approximating the leading left subspace: orth(W (W^T W)^q P)
-    (``active``: see orthonormalize)."""
-    Q = orthonormalize(W @ P, active)
+    (``active``: see orthonormalize; ``inv`` (b, 1, 1): see sketch)."""
+    Q = orthonormalize(_scaled(W @ P, inv), active)
     for _ in range(power_iters):
-        Q = orthonormalize(W @ orthonormalize(W.mT @ Q, active), active)
+        Q = orthonormalize(_scaled(W @ orthonormalize(_scaled(W.mT @ Q, inv), active), inv), active)
     return Q
+
+
+def _scaled(T: Tensor, inv: Tensor | None) -> Tensor:
+    """T (a fresh product) times inv in place (None: T)."""
+    return T if inv is None else T.mul_(inv)
 
 
 Eigh = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -131,9 +138,10 @@ def eigensolver(name: str, max_sweeps: int = _native.DEFAULT_MAX_SWEEPS, tol: fl
     raise ValueError(f"eigensolver must be one of {EIGENSOLVERS}, got {name!r}")
 
 
-def gram(W: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
-    """B = Q^T W (b, k, d2) and its exactly symmetric Gram matrix G = B B^T (b, k, k)."""
-    B = Q.mT @ W
+def gram(W: Tensor, Q: Tensor, inv: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """B = Q^T W (b, k, d2) and its exactly symmetric Gram matrix G = B B^T (b, k, k)
+    (``inv`` (b, 1, 1): B is scaled by it, see sketch)."""
+    B = _scaled(Q.mT @ W, inv)
     G = B @ B.mT
     return B, 0.5 * (G + G.mT)  # exactly symmetric for the solver
 
@@ -287,8 +295,12 @@ def sketch(
     W = W.to(reference.compute_dtype(W.dtype))
     scale, finite = max_abs(W)
     scale = torch.where(finite & (scale > 0), scale, torch.ones_like(scale))
-    Ws = W / scale[:, None, None]
-    P, cold = start_basis(Ws, k, warm, generator)
+    # the products with W are scaled by 1 / max|W|, not W itself: a scaled copy of the stack
+    # would be another pass over the weights and another temporary of their size, while the
+    # products are small; scaled before any square is taken, so tiny and huge norms neither
+    # underflow nor overflow there
+    inv = scale.reciprocal()[:, None, None]
+    P, cold = start_basis(W, k, warm, generator)
     iters = cold_power_iters if bool(cold.any()) else warm_power_iters
     trusted = None
     # only a basis of (nearly) warm columns is left unchecked: warm columns and a few top-up
@@ -296,10 +308,10 @@ def sketch(
     # with many top-up columns, often fails it, and a failed unchecked basis costs a whole new
     # sketch, not just a second pass
     if check_later and iters == 0 and all(_warm_width(start, k) >= max(k - max_top_up, 1) for start in warm):
-        Q, trusted = orthonormalize_unchecked(Ws @ P, finite)
+        Q, trusted = orthonormalize_unchecked(_scaled(W @ P, inv), finite)
     else:
-        Q = range_basis(Ws, P, iters, finite)
-    B, G = gram(Ws, Q)
+        Q = range_basis(W, P, iters, finite, inv)
+    B, G = gram(W, Q, inv)
     usable = finite if trusted is None else finite & trusted  # an unchecked basis may be garbage
     G = torch.where(usable[:, None, None], G, torch.zeros((), dtype=G.dtype, device=G.device))
     return Sketch(Q, B, G, scale, finite, trusted)
