@@ -23,8 +23,7 @@ from . import ops, reference
 from . import distributed
 from .config import Q3R_DEFAULTS, slice_configs, validate_q3r_options
 from .diagnostics import slice_diagnostics
-from .refresh import (due_for_refresh, new_slice_state, operator_of, refresh_around, refresh_cost, refresh_slices_,
-                      stagger_phases)
+from .refresh import due_for_refresh, new_slice_state, operator_of, refresh_around, refresh_cost, stagger_phases
 from .targets import Target, slice_shapes, slice_views
 
 __all__ = ["Q3R"]

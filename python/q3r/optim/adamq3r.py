@@ -11,8 +11,7 @@ from torch.optim import Optimizer
 from .. import distributed
 from ..config import Q3R_DEFAULTS, default_names, slice_configs, validate_q3r_options
 from ..diagnostics import slice_diagnostics
-from ..refresh import (_Once, due_for_refresh, new_slice_state, refresh_around, refresh_cost, refresh_slices_,
-                       stagger_phases)
+from ..refresh import _Once, due_for_refresh, new_slice_state, refresh_around, refresh_cost, stagger_phases
 from ..targets import slice_shapes, slice_views
 from .functional import ParamWork, adamq3r_step_
 
