@@ -12,7 +12,7 @@ import torch
 from q3r import _native, reference
 from q3r.refresh import (
     REFRESH_METHODS, SketchOptions, SliceConfig, due_for_refresh, new_slice_state, operator_of,
-    refresh_cost, refresh_slices_, stagger_phases,
+    refresh_cost, refresh_slices_, stack_key, stagger_phases,
 )
 
 D1, D2, RANK = 120, 96, 16
@@ -342,6 +342,33 @@ def test_stagger_phases_balance_cost():
     assert stagger_phases(costs, 5) == phases  # deterministic
     with pytest.raises(ValueError, match="period"):
         stagger_phases(costs, 0)
+
+
+def test_stagger_phases_keep_stacks_together():
+    # ViT-B/16's weights: qkv (three 768x768 slices), proj, fc1, fc2 per layer
+    shapes = [[(768, 768)] * 3, [(768, 768)], [(3072, 768)], [(768, 3072)]] * 12
+    costs = [sum(refresh_cost(d1, d2, 153) for d1, d2 in sh) for sh in shapes]
+    keys = [stack_key(sh) for sh in shapes]
+    greedy, grouped = stagger_phases(costs, 5), stagger_phases(costs, 5, keys)
+    assert grouped == stagger_phases(costs, 5, keys)  # deterministic
+
+    def load(phases):
+        return [sum(c for c, p in zip(costs, phases) if p == s) for s in range(5)]
+
+    def stacks(phases):
+        return [len({k for k, p in zip(keys, phases) if p == s}) for s in range(5)]
+
+    assert stacks(greedy) == [3] * 5  # a share of every stack at every step
+    assert max(stacks(grouped)) <= 2 and sum(stacks(grouped)) <= 8
+    assert max(load(grouped)) <= 1.15 * max(load(greedy))
+    assert min(load(grouped)) > 0
+    # consecutive runs cost too much balance here (13 against 11): the greedy balance is kept
+    assert stagger_phases([9, 9, 2, 2], 2, ["a", "a", "b", "b"]) == stagger_phases([9, 9, 2, 2], 2)
+    # and little here (11 against 10): each key in one phase, as far as the runs allow
+    assert stagger_phases([9, 9, 1, 1], 2, ["a", "a", "b", "b"]) == [0, 1, 1, 1]
+    assert stack_key([(768, 768)] * 3) == stack_key([(768, 768)]) != stack_key([(3072, 768)])
+    with pytest.raises(ValueError, match="keys"):
+        stagger_phases(costs, 5, keys[:-1])
 
 
 def test_due_for_refresh():
