@@ -359,7 +359,7 @@ def test_stagger_phases_keep_stacks_together():
         return [len({k for k, p in zip(keys, phases) if p == s}) for s in range(5)]
 
     assert stacks(greedy) == [3] * 5  # a share of every stack at every step
-    assert max(stacks(grouped)) <= 2 and sum(stacks(grouped)) <= 8
+    assert stacks(grouped) == [1] * 5  # 768x768 in three phases, fc1 and fc2 in one each
     assert max(load(grouped)) <= 1.15 * max(load(greedy))
     assert min(load(grouped)) > 0
     # consecutive runs cost too much balance here (13 against 11): the greedy balance is kept

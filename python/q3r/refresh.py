@@ -564,11 +564,22 @@ def _gather_columns(T: Tensor, index: Tensor | None, start: int, stop: int) -> T
 
 
 # ------------------------------------------------------------------------ staggering
+# What a refresh pays per slice besides its flops (host work, small launches), in the units
+# of refresh_cost. From an A/B of staggered ViT-B/16 and GPT-2 training steps on an H100
+# (benchmarks/results/ab_h100_stagger_grouped/): about 0.18 ms of step time per slice
+# refreshed, which is what the sketch's matmuls take for about 1e9 units (2.7 ms for the
+# 14.7e9 of a whole ViT-B refresh, profile_refresh_h100_06917ee.txt). Without it, flops
+# alone put 28 of ViT-B's 768x768 slices in one staggered phase and 6 of its 3072x768 ones in
+# another, and the first took about 3 ms more above a plain step (8.5 against 5.4 ms).
+PER_SLICE_COST = 1e9
+
+
 def refresh_cost(d1: int, d2: int, rank: int, oversampling: int = DEFAULT_SKETCH.oversampling) -> float:
-    """Flops (up to a constant) of a warm randomized refresh: the sketch passes over the
-    d1 x d2 weights plus the k x k eigenproblem, k = rank + oversampling."""
+    """Cost of a warm randomized refresh of one d1 x d2 slice, for balancing: its flops (up
+    to a constant: the sketch passes over the weights plus the k x k eigenproblem, k = rank
+    + oversampling) plus PER_SLICE_COST."""
     k = min(rank + oversampling, min(d1, d2))
-    return float(d1) * d2 * k + float(k) ** 3
+    return float(d1) * d2 * k + float(k) ** 3 + PER_SLICE_COST
 
 
 def balance_by_cost(costs: list[float], bins: int) -> list[int]:
@@ -590,8 +601,8 @@ def balance_by_cost(costs: list[float], bins: int) -> list[int]:
 # targets of one stack are kept together. A phase pays a fixed cost per stack it refreshes
 # (small launches and their host work) that a 1/T share of a stack does not amortize: on an
 # H100 (benchmarks/results/stagger_timeline_h100_c1acbd0.txt) sketching a fifth of each of
-# ViT-B/16's three stacks took 0.8-1.0 ms of device time per stack, a whole stack 1.8-2.1 ms.
-# ViT-B/16's 48 weights in consecutive runs come to 10% above the greedy balance.
+# ViT-B/16's three stacks took 0.8-1.0 ms of device time per stack, a whole stack 1.8-2.1 ms;
+# fit to whole training steps (ab_h100_stagger_grouped/), about 1.3 ms per stack in a phase.
 _GROUPED_SLACK = 0.15
 
 
