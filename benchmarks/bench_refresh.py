@@ -182,7 +182,7 @@ def bench_stagger(weights, drifted, configs, device, timer, rows, args, method, 
     states = [new_slice_state(*w.shape, device=device) for w in weights]
     refresh_slices_(weights, states, configs, method=method)
     phases = stagger_phases([refresh_cost(*w.shape, c.rank) for w, c in zip(weights, configs)], period,
-                            [stack_key([w.shape]) for w in weights])  # as AdamQ3R and Q3R assign them
+                            [stack_key([w.shape]) for w in weights])  # AdamQ3R's and Q3R's rule
     per_phase = []
     for phase in range(period):
         idx = [i for i in range(len(weights)) if due_for_refresh(period * 3 + phase, period, phases[i])]

@@ -264,8 +264,8 @@ def sweep_configs(opt, work_fast) -> list[tuple[str, float, str]]:
 
     saved = dict(vars(K.CONFIG))
     out = []
-    for change in [dict(precision="tf32"), dict(block_n=128), dict(block_m=64, block_n=128, num_warps=4),
-                   dict(num_stages=4), dict(block_k=16, num_stages=4), dict(proj_block_m=256, proj_block_n=32),
+    for change in [dict(precision="tf32"), dict(block_m=128, num_warps=8, num_stages=4),  # the defaults before 06917ee
+                   dict(block_n=128), dict(num_stages=4), dict(block_k=16), dict(proj_block_m=256, proj_block_n=32),
                    dict(proj_block_k=32, proj_num_stages=4), dict(projt_block_n=256, projt_num_warps=8, projt_num_stages=3),
                    dict(projt_block_m=64, projt_num_warps=8, projt_num_stages=3), dict(small_block_m=128)]:
         vars(K.CONFIG).update(saved)

@@ -367,6 +367,9 @@ def test_stagger_phases_keep_stacks_together():
     # and little here (11 against 10): each key in one phase, as far as the runs allow
     assert stagger_phases([9, 9, 1, 1], 2, ["a", "a", "b", "b"]) == [0, 1, 1, 1]
     assert stack_key([(768, 768)] * 3) == stack_key([(768, 768)]) != stack_key([(3072, 768)])
+    # grouping never leaves a phase empty that the greedy balance fills, nor helps one stack
+    assert stagger_phases([1.0] * 6, 5, ["a"] * 6) == [0, 1, 2, 3, 4, 0]
+    assert stagger_phases([0.3, 0.2, 0.1], 1, [3, 2, 1]) == [0, 0, 0]  # float sums in another order
     with pytest.raises(ValueError, match="keys"):
         stagger_phases(costs, 5, keys[:-1])
 

@@ -613,18 +613,28 @@ def stagger_phases(costs: list[float], period: int, keys: list | None = None) ->
     a refresh. With keys, the targets are ordered by key (then by index) and cut into at most
     ``period`` consecutive runs with the smallest possible heaviest run, so that most phases
     refresh one or two stacks instead of a share of every stack. That assignment is used
-    when its heaviest phase costs at most 15% more than the greedy balance's; the greedy
-    balance otherwise. Deterministic either way: the same on every rank and after a resume.
+    when it touches fewer stacks per period than the greedy balance, leaves no phase empty
+    that the greedy balance fills, and its heaviest phase costs at most 15% more; the greedy
+    balance otherwise. Deterministic either way: the same on every rank. Phases are computed,
+    not stored, so a run resumed under a version with another rule gets that rule's phases
+    (a target may then wait up to 2T - 1 steps for its next refresh, once).
     """
     if not isinstance(period, int) or period < 1:
         raise ValueError(f"period must be an int >= 1, got {period!r}")
     greedy = balance_by_cost(costs, period)
-    if keys is None or not costs:
+    if keys is None or not costs or period == 1:
         return greedy
     if len(keys) != len(costs):
         raise ValueError(f"keys must name one stack per target: {len(keys)} keys for {len(costs)} costs")
     grouped = _consecutive_by_key(costs, keys, period)
-    if _max_load(costs, grouped, period) <= (1 + _GROUPED_SLACK) * _max_load(costs, greedy, period):
+    if grouped is None:
+        return greedy
+
+    def stacks(chosen: list[int]) -> int:  # (phase, stack) pairs: the fixed costs paid per period
+        return len({(p, keys[i]) for i, p in enumerate(chosen)})
+
+    if (stacks(grouped) < stacks(greedy) and len(set(grouped)) == len(set(greedy))
+            and _max_load(costs, grouped, period) <= (1 + _GROUPED_SLACK) * _max_load(costs, greedy, period)):
         return grouped
     return greedy
 
@@ -635,7 +645,7 @@ def stack_key(shapes) -> tuple:
     return tuple(sorted({tuple(s) for s in shapes}))
 
 
-def _consecutive_by_key(costs: list[float], keys: list, bins: int) -> list[int]:
+def _consecutive_by_key(costs: list[float], keys: list, bins: int) -> list[int] | None:
     """Targets sorted by (key, index), cut into at most ``bins`` consecutive runs whose
     heaviest is as light as possible (bisection on that cap, filling runs greedily)."""
     order = sorted(range(len(costs)), key=lambda i: (keys[i], i))
@@ -650,13 +660,15 @@ def _consecutive_by_key(costs: list[float], keys: list, bins: int) -> list[int]:
             chosen[i], load = run, load + costs[i]
         return chosen
 
-    low, high = max(costs), float(sum(costs))  # fill(high) always fits in one run
+    low, high = max(costs), 0.0
+    for i in order:  # summed in fill's order, so that fill(high) fits in one run bit for bit
+        high += costs[i]
     for _ in range(64):
         mid = (low + high) / 2
         if mid <= low or mid >= high:
             break
         low, high = (low, mid) if fill(mid) is not None else (mid, high)
-    return fill(high)
+    return fill(high)  # None only if rounding defeats the above: the caller keeps the greedy balance
 
 
 def _max_load(costs: list[float], chosen: list[int], bins: int) -> float:

@@ -102,7 +102,8 @@ class Q3R:
         self.num_steps += 1
 
     def _stagger_phases(self) -> dict[str, int]:
-        """Refresh phase of each target, balancing the refresh cost over the period's steps."""
+        """Refresh phase of each target, balancing the refresh cost over the period's steps with
+        the targets of one stack kept together where that costs little (refresh.stagger_phases)."""
         if getattr(self, "_phases", None) is None:
             shapes = [slice_shapes(t.param.shape, t.slice_dim, t.slices) for t in self.targets]
             costs = [sum(refresh_cost(*shape, cfg.rank) for shape, cfg in zip(sh, cfgs))

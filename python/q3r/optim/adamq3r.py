@@ -144,7 +144,8 @@ class AdamQ3R(Optimizer):
 
     def _refresh_due(self, p, group: dict, step: int) -> bool:
         """Every ``steps`` steps; with ``stagger=True`` each parameter at its own phase of the
-        period, balanced by refresh cost over all staggered groups with the same period
+        period, balanced by refresh cost over all staggered groups with the same period, with the
+        targets of one stack kept in as few phases as the balance allows (refresh.stagger_phases)
         (q3r.param_groups makes one group per target, so balancing within a group would
         leave every target at phase 0), so no step pays all refreshes."""
         if not group.get("stagger"):
