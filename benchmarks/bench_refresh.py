@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import git_commit  # noqa: E402
 
 from q3r import _native, randomized
-from q3r.refresh import (SliceConfig, due_for_refresh, new_slice_state, refresh_cost,
-                         refresh_slices_, stack_key, stagger_phases)
+from q3r.refresh import (SliceConfig, due_for_refresh, new_slice_state,
+                         refresh_slices_, target_phases)
 
 
 def model_shapes(name: str) -> list[tuple[str, int, int, int]]:
@@ -181,8 +181,7 @@ def bench_stagger(weights, drifted, configs, device, timer, rows, args, method, 
     """Per-step refresh time over a staggered cycle (refresh work only, no training step)."""
     states = [new_slice_state(*w.shape, device=device) for w in weights]
     refresh_slices_(weights, states, configs, method=method)
-    phases = stagger_phases([refresh_cost(*w.shape, c.rank) for w, c in zip(weights, configs)], period,
-                            [stack_key([w.shape]) for w in weights])  # AdamQ3R's and Q3R's rule
+    phases = target_phases([[(*w.shape, c.rank)] for w, c in zip(weights, configs)], period)  # AdamQ3R's and Q3R's rule
     per_phase = []
     for phase in range(period):
         idx = [i for i in range(len(weights)) if due_for_refresh(period * 3 + phase, period, phases[i])]

@@ -117,8 +117,7 @@ class TileConfig:
     span several tiles with ragged edges; all block sizes must be powers of two >= 16."""
 
     # Defaults: the fastest of the settings timed on an H100 for ViT-B/16's targets
-    # (benchmarks/results/kernel_layouts_h100.md: packed factors, tf32x3 and tf32; the fused
-    # and apply tiles since from benchmarks/results/probes/tile_probe2_*_h100_*.txt).
+    # (benchmarks/results/kernel_layouts_h100.md: packed factors, tf32x3 and tf32).
     # apply / fused Adam: a (block_m, block_n) tile of X, the factor width in chunks of block_k.
     # 64 x 64 with 4 warps and 3 stages (was 128 x 64, 8 warps, 4 stages): 0.15 ms less
     # device time per fused step on ViT-B/16 and GPT-2-small, and the apply no slower

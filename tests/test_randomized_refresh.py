@@ -12,7 +12,7 @@ import torch
 from q3r import _native, reference
 from q3r.refresh import (
     REFRESH_METHODS, SketchOptions, SliceConfig, due_for_refresh, new_slice_state, operator_of,
-    refresh_cost, refresh_slices_, stack_key, stagger_phases,
+    refresh_cost, refresh_slices_, stack_key, stagger_phases, target_phases,
 )
 
 D1, D2, RANK = 120, 96, 16
@@ -351,6 +351,7 @@ def test_stagger_phases_keep_stacks_together():
     keys = [stack_key(sh) for sh in shapes]
     greedy, grouped = stagger_phases(costs, 5), stagger_phases(costs, 5, keys)
     assert grouped == stagger_phases(costs, 5, keys)  # deterministic
+    assert target_phases([[(d1, d2, 153) for d1, d2 in sh] for sh in shapes], 5) == grouped  # AdamQ3R's and Q3R's entry
 
     def load(phases):
         return [sum(c for c, p in zip(costs, phases) if p == s) for s in range(5)]

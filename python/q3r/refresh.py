@@ -639,6 +639,14 @@ def stagger_phases(costs: list[float], period: int, keys: list | None = None) ->
     return greedy
 
 
+def target_phases(targets: list[list[tuple[int, int, int]]], period: int) -> list[int]:
+    """stagger_phases for targets given as their slices' (d1, d2, rank): the cost of each
+    target is the sum of its slices' refresh_cost, its key the stack_key of their shapes."""
+    costs = [sum(refresh_cost(d1, d2, rank) for d1, d2, rank in slices) for slices in targets]
+    keys = [stack_key([(d1, d2) for d1, d2, _ in slices]) for slices in targets]
+    return stagger_phases(costs, period, keys)
+
+
 def stack_key(shapes) -> tuple:
     """The stagger key of a target whose slices have these (d1, d2) shapes: a refresh stacks
     slices by shape, so targets with the same shapes join the same stacks."""

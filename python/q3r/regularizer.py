@@ -23,7 +23,7 @@ from . import ops, reference
 from . import distributed
 from .config import Q3R_DEFAULTS, slice_configs, validate_q3r_options
 from .diagnostics import slice_diagnostics
-from .refresh import due_for_refresh, new_slice_state, operator_of, refresh_around, refresh_cost, stack_key, stagger_phases
+from .refresh import due_for_refresh, new_slice_state, operator_of, refresh_around, target_phases
 from .targets import Target, slice_shapes, slice_views
 
 __all__ = ["Q3R"]
@@ -105,11 +105,9 @@ class Q3R:
         """Refresh phase of each target, balancing the refresh cost over the period's steps with
         the targets of one stack kept together where that costs little (refresh.stagger_phases)."""
         if getattr(self, "_phases", None) is None:
-            shapes = [slice_shapes(t.param.shape, t.slice_dim, t.slices) for t in self.targets]
-            costs = [sum(refresh_cost(*shape, cfg.rank) for shape, cfg in zip(sh, cfgs))
-                     for sh, cfgs in zip(shapes, self.configs)]
-            keys = [stack_key(sh) for sh in shapes]
-            self._phases = dict(zip((t.name for t in self.targets), stagger_phases(costs, self.options["steps"], keys)))
+            targets = [[(d1, d2, cfg.rank) for (d1, d2), cfg in zip(slice_shapes(t.param.shape, t.slice_dim, t.slices), cfgs)]
+                       for t, cfgs in zip(self.targets, self.configs)]
+            self._phases = dict(zip((t.name for t in self.targets), target_phases(targets, self.options["steps"])))
         return self._phases
 
     # ------------------------------------------------------------------ modes

@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from .. import distributed
 from ..config import Q3R_DEFAULTS, default_names, slice_configs, validate_q3r_options
 from ..diagnostics import slice_diagnostics
-from ..refresh import _Once, due_for_refresh, new_slice_state, refresh_around, refresh_cost, stack_key, stagger_phases
+from ..refresh import _Once, due_for_refresh, new_slice_state, refresh_around, target_phases
 from ..targets import slice_shapes, slice_views
 from .functional import ParamWork, adamq3r_step_
 
@@ -162,11 +162,10 @@ class AdamQ3R(Optimizer):
         table: dict[int, int] = {}
         for period in {g["steps"] for g in staggered}:
             members = [(q, g) for g in staggered if g["steps"] == period for q in g["params"]]
-            shapes = [slice_shapes(q.shape, g["slice_dim"], g["slices"]) for q, g in members]
-            costs = [sum(refresh_cost(*shape, cfg.rank) for shape, cfg in zip(sh, self._group_configs(g, q)))
-                     for sh, (q, g) in zip(shapes, members)]
-            keys = [stack_key(sh) for sh in shapes]
-            table.update({id(q): phase for (q, _), phase in zip(members, stagger_phases(costs, period, keys))})
+            targets = [[(d1, d2, cfg.rank) for (d1, d2), cfg in
+                        zip(slice_shapes(q.shape, g["slice_dim"], g["slices"]), self._group_configs(g, q))]
+                       for q, g in members]
+            table.update({id(q): phase for (q, _), phase in zip(members, target_phases(targets, period))})
         self._stagger_cache = (signature, table)
         return table
 
