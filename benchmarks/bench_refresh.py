@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import git_commit  # noqa: E402
 
 from q3r import _native, randomized
-from q3r.refresh import (SliceConfig, due_for_refresh, new_slice_state,
-                         refresh_slices_, target_phases)
+from q3r.refresh import SliceConfig, new_slice_state, refresh_slices_
+from q3r.stagger import due_for_refresh, target_phases
 
 
 def model_shapes(name: str) -> list[tuple[str, int, int, int]]:

@@ -139,7 +139,6 @@ def test_fused_slices_are_independent_targets():
     states = opt.state[qkv]["q3r"]
     assert len(states) == 3
     for j, s in enumerate(states):
-        W_slice = qkv.detach()[24 * j : 24 * (j + 1)]
         assert s["U"].shape[0] == 24 and s["V"].shape[0] == 24
         assert int((s["sigma"] > s["eps"]).sum()) >= 2
     diag = opt.diagnostics()
@@ -248,7 +247,7 @@ def test_a_refresh_step_updates_the_other_parameters_before_it_waits_for_the_ref
     before the refresh first waits for the device (its commit's transfer), the refreshed
     targets' after it, and the result is that of the plain order, bit for bit.  (Width 24:
     every refresh is an exact SVD; 48: the warm ones are sketched.)"""
-    from q3r import _native, refresh
+    from q3r import _native, _refresh_commit
     from q3r.optim import adamq3r as adamq3r_module
 
     if method == "native" and not _native.available("cpu"):
@@ -263,13 +262,13 @@ def test_a_refresh_step_updates_the_other_parameters_before_it_waits_for_the_ref
     model, opt = build()
     names = {id(p): n for n, p in model.named_parameters()}
     targets = {names[id(p)] for g in opt.param_groups if g["q3r"] for p in g["params"]}
-    steps, step_fn, to_host = [], adamq3r_module.adamq3r_step_, refresh._to_host
+    steps, step_fn, to_host = [], adamq3r_module.adamq3r_step_, _refresh_commit.to_host
     with pytest.MonkeyPatch.context() as mp:
         real_step = opt.step
         mp.setattr(opt, "step", lambda *a: steps.append([]) or real_step(*a))
         mp.setattr(adamq3r_module, "adamq3r_step_",
                    lambda works: steps[-1].append({names[id(w.param)] for w in works}) or step_fn(works))
-        mp.setattr(refresh, "_to_host", lambda tables: steps[-1].append("wait") or to_host(tables))
+        mp.setattr(_refresh_commit, "to_host", lambda tables: steps[-1].append("wait") or to_host(tables))
         _train(model, opt, 5)
     for events in steps:  # the others' update, the refresh's wait(s), the refreshed targets' update
         first, last = events[0], events[-1]
@@ -298,7 +297,7 @@ def test_a_failed_refresh_after_the_others_were_updated_says_so():
     (see above).  A refresh that fails after that leaves them updated: the error says so, so
     that nobody repeats the step as it stands.  A refresh override that ignores before_wait
     still gets every parameter updated."""
-    from q3r import refresh
+    from q3r import _refresh_commit
 
     torch.manual_seed(5)
     model = TinyViT(dim=48, depth=2)
@@ -311,7 +310,7 @@ def test_a_failed_refresh_after_the_others_were_updated_says_so():
         raise torch.linalg.LinAlgError("injected")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(refresh, "_to_host", broken)
+        mp.setattr(_refresh_commit, "to_host", broken)
         with pytest.raises(RuntimeError, match="not being refreshed had been updated") as caught:
             _train(model, opt, 1, start=2)
     assert isinstance(caught.value.__cause__, torch.linalg.LinAlgError)

@@ -5,7 +5,7 @@ import torch
 
 from q3r import reference
 
-from _kernel_utils import CUDA, DEVICE, DTYPES, K, assert_rule, factors, needs_kernels, tile_settings
+from _kernel_utils import DEVICE, DTYPES, K, assert_rule, factors, needs_kernels, tile_settings
 from test_kernels_project import CASES, make_blocks
 
 pytestmark = needs_kernels

@@ -11,8 +11,7 @@ import torch
 
 from q3r import _native, reference
 from q3r.refresh import (
-    REFRESH_METHODS, SketchOptions, SliceConfig, due_for_refresh, new_slice_state, operator_of,
-    refresh_cost, refresh_slices_, stack_key, stagger_phases, target_phases,
+    REFRESH_METHODS, SketchOptions, SliceConfig, new_slice_state, operator_of, refresh_slices_,
 )
 
 D1, D2, RANK = 120, 96, 16
@@ -332,53 +331,6 @@ def test_native_widths_within_align_width_share_one_call(monkeypatch):
         for f, e, w in zip(fast, exact, weights):
             assert operator_error(f, e, torch.randn(w.shape, generator=gen)) <= 1e-3
     assert saw_different_envelopes  # the case the alignment is for did occur
-
-
-def test_stagger_phases_balance_cost():
-    costs = [refresh_cost(768, 768, 153)] * 48 + [refresh_cost(3072, 768, 153)] * 24
-    phases = stagger_phases(costs, 5)
-    load = [sum(c for c, p in zip(costs, phases) if p == s) for s in range(5)]
-    assert max(load) <= 1.1 * min(load)
-    assert stagger_phases(costs, 5) == phases  # deterministic
-    with pytest.raises(ValueError, match="period"):
-        stagger_phases(costs, 0)
-
-
-def test_stagger_phases_keep_stacks_together():
-    # ViT-B/16's weights: qkv (three 768x768 slices), proj, fc1, fc2 per layer
-    shapes = [[(768, 768)] * 3, [(768, 768)], [(3072, 768)], [(768, 3072)]] * 12
-    costs = [sum(refresh_cost(d1, d2, 153) for d1, d2 in sh) for sh in shapes]
-    keys = [stack_key(sh) for sh in shapes]
-    greedy, grouped = stagger_phases(costs, 5), stagger_phases(costs, 5, keys)
-    assert grouped == stagger_phases(costs, 5, keys)  # deterministic
-    assert target_phases([[(d1, d2, 153) for d1, d2 in sh] for sh in shapes], 5) == grouped  # AdamQ3R's and Q3R's entry
-
-    def load(phases):
-        return [sum(c for c, p in zip(costs, phases) if p == s) for s in range(5)]
-
-    def stacks(phases):
-        return [len({k for k, p in zip(keys, phases) if p == s}) for s in range(5)]
-
-    assert stacks(greedy) == [3] * 5  # a share of every stack at every step
-    assert stacks(grouped) == [1] * 5  # 768x768 in three phases, fc1 and fc2 in one each
-    assert max(load(grouped)) <= 1.15 * max(load(greedy))
-    assert min(load(grouped)) > 0
-    # consecutive runs cost too much balance here (13 against 11): the greedy balance is kept
-    assert stagger_phases([9, 9, 2, 2], 2, ["a", "a", "b", "b"]) == stagger_phases([9, 9, 2, 2], 2)
-    # and little here (11 against 10): each key in one phase, as far as the runs allow
-    assert stagger_phases([9, 9, 1, 1], 2, ["a", "a", "b", "b"]) == [0, 1, 1, 1]
-    assert stack_key([(768, 768)] * 3) == stack_key([(768, 768)]) != stack_key([(3072, 768)])
-    # grouping never leaves a phase empty that the greedy balance fills, nor helps one stack
-    assert stagger_phases([1.0] * 6, 5, ["a"] * 6) == [0, 1, 2, 3, 4, 0]
-    assert stagger_phases([0.3, 0.2, 0.1], 1, [3, 2, 1]) == [0, 0, 0]  # float sums in another order
-    with pytest.raises(ValueError, match="keys"):
-        stagger_phases(costs, 5, keys[:-1])
-
-
-def test_due_for_refresh():
-    assert [due_for_refresh(s, 5) for s in range(11)] == [s % 5 == 0 for s in range(11)]
-    assert [s for s in range(12) if due_for_refresh(s, 5, phase=3)] == [0, 3, 8]
-    assert [s for s in range(12) if due_for_refresh(s, 5, phase=0)] == [0, 5, 10]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

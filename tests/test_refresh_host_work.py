@@ -230,7 +230,7 @@ def test_warm_refresh_syncs_the_host_a_few_times_per_stack(n):
 def test_stacks_solved_together_send_their_commit_scalars_to_the_host_together(monkeypatch):
     """A warm native refresh of three shape groups: one host transfer per native solver call
     (on a GPU each transfer waits for the device to drain), carrying every stack it solved."""
-    from q3r import refresh
+    from q3r import _refresh_commit
 
     gen = torch.Generator().manual_seed(5)
     shapes = [(D1, D2)] * 3 + [(D2, D1)] * 3 + [(2 * D1, D2)] * 3
@@ -240,8 +240,8 @@ def test_stacks_solved_together_send_their_commit_scalars_to_the_host_together(m
     for _ in range(2):  # cold, then warm
         refresh_slices_(weights, states, configs, method="native")
     transfers, solves = [], []
-    to_host, solve = refresh._to_host, _native.batched_eigh
-    monkeypatch.setattr(refresh, "_to_host", lambda tables: transfers.append(len(tables)) or to_host(tables))
+    to_host, solve = _refresh_commit.to_host, _native.batched_eigh
+    monkeypatch.setattr(_refresh_commit, "to_host", lambda tables: transfers.append(len(tables)) or to_host(tables))
     monkeypatch.setattr(_native, "batched_eigh", lambda G, **kw: solves.append(G.shape[0]) or solve(G, **kw))
     assert all(refresh_slices_(weights, states, configs, method="native"))
     assert len(transfers) == len(solves) and sum(transfers) == 3 and sum(solves) == 9

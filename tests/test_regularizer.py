@@ -167,7 +167,7 @@ def test_add_grad_adds_the_terms_of_targets_not_being_refreshed_before_the_refre
     """Staggered: the gradients of the targets not refreshed at a step get their terms before
     the refresh first waits for the device, the refreshed ones' after its commit; the
     gradients are those of the refresh-first order, bit for bit."""
-    from q3r import _native, ops, refresh, regularizer
+    from q3r import _native, _refresh_commit, ops, regularizer
 
     if method == "native" and not _native.available("cpu"):
         pytest.skip("needs the CPU part of q3r._C")
@@ -185,10 +185,10 @@ def test_add_grad_adds_the_terms_of_targets_not_being_refreshed_before_the_refre
             grads.append([p.grad.clone() for p in model.parameters()])
         return reg, grads
 
-    events, add, to_host = [], ops.add_reweighting_, refresh._to_host
+    events, add, to_host = [], ops.add_reweighting_, _refresh_commit.to_host
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(regularizer.ops, "add_reweighting_", lambda g, *a, **k: events[-1].append(len(g)) or add(g, *a, **k))
-        mp.setattr(refresh, "_to_host", lambda t: events[-1].append("wait") or to_host(t))
+        mp.setattr(_refresh_commit, "to_host", lambda t: events[-1].append("wait") or to_host(t))
         reg, grads = run(events)
     n_slices = sum(len(reg.state[t.name]) for t in reg.targets)
     assert events[0][-1] == n_slices  # step 0 refreshes every target: nothing to do before

@@ -23,7 +23,8 @@ from . import ops, reference
 from . import distributed
 from .config import Q3R_DEFAULTS, slice_configs, validate_q3r_options
 from .diagnostics import slice_diagnostics
-from .refresh import due_for_refresh, new_slice_state, operator_of, refresh_around, target_phases
+from .refresh import new_slice_state, operator_of, refresh_around
+from .stagger import due_for_refresh, target_phases
 from .targets import Target, slice_shapes, slice_views
 
 __all__ = ["Q3R"]
@@ -103,7 +104,7 @@ class Q3R:
 
     def _stagger_phases(self) -> dict[str, int]:
         """Refresh phase of each target, balancing the refresh cost over the period's steps with
-        the targets of one stack kept together where that costs little (refresh.stagger_phases)."""
+        the targets of one stack kept together where that costs little (stagger.stagger_phases)."""
         if getattr(self, "_phases", None) is None:
             targets = [[(d1, d2, cfg.rank) for (d1, d2), cfg in zip(slice_shapes(t.param.shape, t.slice_dim, t.slices), cfgs)]
                        for t, cfgs in zip(self.targets, self.configs)]

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..refresh import SliceConfig, balance_by_cost, new_slice_state, refresh_slices_ as _refresh_local_
+from ..refresh import SliceConfig, new_slice_state, refresh_slices_ as _refresh_local_
+from ..stagger import balance_by_cost
 from . import comm
 
 __all__ = ["refresh_cost", "assign_by_cost", "refresh_slices_replicated_"]
@@ -42,7 +43,7 @@ def refresh_cost(shape, rank: int, method: str = "exact") -> float:
 
 def assign_by_cost(costs: list[float], world: int) -> list[int]:
     """Owner rank of each item, balancing the summed cost per rank (see
-    q3r.refresh.balance_by_cost): deterministic, so every rank computes the same assignment
+    q3r.stagger.balance_by_cost): deterministic, so every rank computes the same assignment
     without talking."""
     return balance_by_cost(costs, world)
 

@@ -11,7 +11,8 @@ from torch.optim import Optimizer
 from .. import distributed
 from ..config import Q3R_DEFAULTS, default_names, slice_configs, validate_q3r_options
 from ..diagnostics import slice_diagnostics
-from ..refresh import _Once, due_for_refresh, new_slice_state, refresh_around, target_phases
+from ..refresh import _Once, new_slice_state, refresh_around
+from ..stagger import due_for_refresh, target_phases
 from ..targets import slice_shapes, slice_views
 from .functional import ParamWork, adamq3r_step_
 
@@ -145,7 +146,7 @@ class AdamQ3R(Optimizer):
     def _refresh_due(self, p, group: dict, step: int) -> bool:
         """Every ``steps`` steps; with ``stagger=True`` each parameter at its own phase of the
         period, balanced by refresh cost over all staggered groups with the same period, with the
-        targets of one stack kept in as few phases as the balance allows (refresh.stagger_phases)
+        targets of one stack kept in as few phases as the balance allows (stagger.stagger_phases)
         (q3r.param_groups makes one group per target, so balancing within a group would
         leave every target at phase 0), so no step pays all refreshes."""
         if not group.get("stagger"):

@@ -1,0 +1,134 @@
+"""Deciding on and storing the result of a refresh (sketched or exact): per target, whether
+its triplets reached eps and are committed -- eps scheduled (SPEC section 3), the kept
+triplets and the warm-start tail written into its state -- or what it needs instead (a
+wider sketch, a float64 Rayleigh-Ritz step, an exact SVD).  Everything a stack's commits
+decide on crosses to the host in one transfer."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._transfer import to_device
+
+if TYPE_CHECKING:
+    from .refresh import SketchOptions
+
+REFINE = -1  # commit_sketch's answer for "redo the Rayleigh-Ritz step in float64"
+NONFINITE = -2  # ... and for "skipped: the weights are not finite"
+UNTRUSTED = -3  # ... and for "its one-pass basis failed the check: sketch it again"
+
+
+def commit_columns(energy, members, states, S, finite: Tensor | None, trusted: Tensor | None = None) -> Tensor:
+    """What commit_sketch decides on, per member (b, k + 6) float64 on the device: the Ritz
+    values, ||W||_F^2, the previous eps, eps0 and refresh count, whether W was finite and
+    whether its basis passed its check (Sketch.trusted; None: all did)."""
+    prev = [torch.stack([states[i][key] for i in members]).to(device=S.device, dtype=torch.float64)
+            for key in ("eps", "eps0", "refreshes")]
+    flags = [torch.ones(S.shape[0], dtype=torch.bool, device=S.device) if t is None else t for t in (finite, trusted)]
+    return torch.cat([S.double(), energy[:, None], *(p[:, None] for p in prev), *(f.double()[:, None] for f in flags)],
+                     dim=1)
+
+
+def to_host(tables: list[Tensor]) -> list[Tensor]:
+    """The 2-D tables on the host, in one transfer."""
+    if len(tables) == 1:
+        return [tables[0].cpu()]
+    flat = torch.cat([t.reshape(-1) for t in tables]).cpu()
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tables]), tables)]
+
+
+def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions, final: bool,
+                   precise: bool = False, finite: Tensor | None = None,
+                   host: Tensor | None = None) -> dict[int, int | None]:
+    """Commit the members whose sketch reached eps; return {target: wider width, REFINE where
+    the fp32 Ritz values cannot resolve sigma_{r+1}, None where only an exact SVD does,
+    NONFINITE where ``finite`` (b,) says the weights were not, or UNTRUSTED where the
+    columns' trusted flag says the basis failed its check} for the rest (``precise``: U, S,
+    V come from the float64 Rayleigh-Ritz step).
+
+    A sketch is wide enough when at most k - oversampling / 2 Ritz values lie above the new
+    eps, so the kept triplets had at least half the oversampling below them.  All scalars
+    of the group cross to the host in one transfer (``host``: their commit_columns, when
+    the caller moved them together with other stacks').
+    """
+    k = S.shape[1]
+    if host is None:
+        host, = to_host([commit_columns(energy, members, states, S, finite)])
+    margin = max(opts.oversampling // 2, 1)
+    retry, commits = {}, []
+    # Python floats from here on: the per-target arithmetic below is a few hundred scalars, and
+    # indexing a host tensor costs an op dispatch per scalar (thousands per refresh)
+    for j, (i, row) in enumerate(zip(members, host.tolist())):
+        if not row[k + 4]:
+            retry[i] = NONFINITE
+            continue
+        if not row[k + 5]:
+            retry[i] = UNTRUSTED
+            continue
+        cfg = configs[i]
+        sigma = row[:k]
+        sigma_next = sigma[cfg.rank] if cfg.rank < k else 0.0  # (an exact SVD of rank >= min(d1, d2))
+        eps, eps0 = reference.next_eps(cfg.schedule, row[k + 1], sigma_next, int(row[k + 3]), row[k + 2],
+                                       cfg.eps_value, cfg.eps_floor, cfg.num_refreshes)
+        r_env = sum(1 for value in sigma if value > eps)
+        resolvable = opts.resolvable_ratio_fp64 if precise else opts.resolvable_ratio
+        if not final and sigma_next < resolvable * sigma[0]:
+            retry[i] = None if precise else REFINE
+            continue
+        if not final and r_env > k - margin:
+            retry[i] = r_env + opts.oversampling
+            continue
+        total = row[k]
+        head = math.fsum(value * value for value in sigma[: cfg.rank])
+        tail = 0.0 if total == 0 else min(max(total - head, 0.0) / total, 1.0)
+        commits.append((j, i, r_env, [eps, eps0, sigma_next, tail]))
+    if commits:
+        _store_commits(commits, states, U, S, V, opts)
+    return retry
+
+
+def _store_commits(commits, states, U, S, V, opts: SketchOptions) -> None:
+    """Write the committed members' factors and scalars into their states.
+
+    Members that keep the same number of triplets share one copy per factor (a gather of
+    their rows, cut to width): each state then holds a contiguous view of it, so a stack
+    costs a handful of kernel launches, not three per target.  The views share storage as
+    sigma always did; all members of a stack are refreshed together, so it is freed together.
+    """
+    device = states[commits[0][1]]["eps"].device
+    # views from a few unbind calls: slicing row by row costs a dispatch per view and target
+    scalars = to_device([c[3] for c in commits], torch.float32, device)
+    eps, eps0, sigma_next, tail = (column.unbind(0) for column in scalars.t().unbind(0))
+    counts = (torch.stack([states[i]["refreshes"] for _, i, _, _ in commits]) + 1).unbind(0)
+    U, S, V = (t.to(torch.float32) for t in (U, S, V))  # once per stack, not per target
+    by_width: dict[int, list[tuple[int, int, int]]] = {}
+    for row, (j, i, r_env, _) in enumerate(commits):
+        by_width.setdefault(r_env, []).append((row, j, i))
+    for r_env, entries in by_width.items():
+        rows = [j for _, j, _ in entries]
+        index = None if rows == list(range(U.shape[0])) else to_device(rows, torch.int64, U.device)
+        parts = {
+            "U": _gather_columns(U, index, 0, r_env).unbind(0),
+            "V": _gather_columns(V, index, 0, r_env).unbind(0),
+            "V_tail": _gather_columns(V, index, r_env, min(r_env + 2 * opts.oversampling, V.shape[-1])).unbind(0),
+        }
+        sigmas = S[:, :r_env].unbind(0)
+        for n, (row, j, i) in enumerate(entries):
+            state = states[i]
+            for key, views in parts.items():
+                state[key] = views[n]
+            state["sigma"] = sigmas[j]
+            state["eps"], state["eps0"], state["sigma_next"] = eps[row], eps0[row], sigma_next[row]
+            state["tail_energy"], state["refreshes"] = tail[row], counts[row]
+
+
+def _gather_columns(T: Tensor, index: Tensor | None, start: int, stop: int) -> Tensor:
+    """T[index, :, start:stop] (T: (b, d, k); None: every row) as one new contiguous tensor,
+    in one kernel."""
+    block = T[:, :, start:stop]
+    return block.contiguous() if index is None else block.index_select(0, index)

@@ -1,0 +1,210 @@
+"""The randomized refresh of same-shaped groups of targets (refresh methods "randomized" and
+"native"): members stacked by width, sketched (q3r.randomized), their k x k problems solved
+together, committed (q3r._refresh_commit) or sent back for a wider sketch, a float64
+Rayleigh-Ritz step, or an exact SVD."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import Tensor
+
+from . import _refresh_commit as C
+from . import randomized
+from ._transfer import to_device
+
+if TYPE_CHECKING:
+    from .refresh import SketchOptions
+
+
+def _warm_basis(state: dict[str, Tensor]) -> tuple[Tensor, ...] | None:
+    """Previous V and its tail (d2, j) as column blocks (randomized.Start), or None before the
+    first refresh.  Not joined here: start_basis copies the blocks of a whole stack at once."""
+    blocks = tuple(t for t in (state["V"], state.get("V_tail")) if t is not None and t.shape[-1] > 0)
+    return blocks or None
+
+
+def _sketch_width(rank: int, prev_env: int, cold: bool, n: int, opts: SketchOptions) -> int:
+    k = max(rank, prev_env) + opts.oversampling
+    if cold:
+        k = max(k, rank + max(2 * opts.oversampling, rank))
+    return min(k, n)
+
+
+@dataclass
+class SketchGroup:
+    """One same-shaped group of a sketched refresh and its targets still to do."""
+
+    idx: list[int]
+    method: str  # "randomized" or "native"
+    n: int  # min(d1, d2)
+    pending: dict = field(default_factory=dict)  # target -> (width, start basis)
+    exact: list = field(default_factory=list)  # targets that get an exact SVD
+    nonfinite: list = field(default_factory=list)  # targets found with non-finite weights
+    widenings: dict = field(default_factory=dict)  # target -> how many times its sketch was widened
+
+    def cap(self, opts: SketchOptions) -> int:
+        """The widest sketch worth taking; wider targets get an exact SVD."""
+        return int(opts.exact_fraction * self.n)
+
+
+def refresh_sketched(weights, states, configs, groups: list[SketchGroup], opts: SketchOptions,
+                     before_wait: Callable[[], None]) -> tuple[set[int], list[list[int]]]:
+    """Randomized refresh of same-shaped groups; widen, or leave a target to an exact SVD.
+    Returns (the targets skipped for non-finite weights, per group the targets that still
+    need an exact SVD: too wide to sketch, or not wide enough after max_widenings).
+
+    Each attempt sketches every group first and then solves the k x k problems of all
+    stacks that share a solver, a width and a device in one call: the native solver costs
+    one thread block's latency per call, whatever the batch, so three shape groups (a ViT's
+    attention, fc1, fc2) in three calls cost three times one.  Stacks for torch.linalg.eigh
+    are solved one by one as they are sketched, so that a large model's refresh never holds
+    the sketches of all its targets at once.  ``before_wait``: see refresh_slices_ (the
+    torch solver checks its result on the host, so it runs before the first one).
+    """
+    solvers = {name: randomized.eigensolver(name, opts.max_sweeps, opts.tol) for name in ("torch", "native")}
+    for g in groups:
+        for i in g.idx:
+            warm = _warm_basis(states[i])
+            prev_env = states[i]["sigma"].shape[0]
+            g.pending[i] = (_sketch_width(configs[i].rank, prev_env, warm is None, g.n, opts), warm)
+    # attempt 0, then one for members whose unchecked basis failed (they are sketched again at
+    # the same width), then the widenings: each member is widened max_widenings times at most
+    for attempt in range(opts.max_widenings + 2):
+        deferred = []
+        stacks = [st for g in groups for st in _plan_stacks(g, opts)]
+        _align_native_widths(stacks, weights, opts)
+        for st in stacks:
+            _sketch_stack_(weights, st, attempt, opts)
+            if st.native:
+                deferred.append(st)
+            else:
+                before_wait()
+                st.eig = solvers["torch"](st.sketch.G)
+                _finish_stacks(weights, states, configs, [st], solvers, opts)
+        batches = _by_key(deferred, lambda st: (st.k, st.sketch.G.device))
+        for batch in batches:
+            evals, evecs = solvers["native"](torch.cat([st.sketch.G for st in batch]))
+            sizes = [len(st.members) for st in batch]
+            for st, lam, E in zip(batch, evals.split(sizes), evecs.split(sizes)):
+                st.eig = (lam, E)
+        for batch in batches:  # (every batch's solve is queued before the first commit waits)
+            _finish_stacks(weights, states, configs, batch, solvers, opts, before_wait)
+        if not any(g.pending for g in groups):
+            break
+    nonfinite = {i for g in groups for i in g.nonfinite}
+    # the too-wide ones (never sketched, so not yet checked for non-finite weights) and those
+    # still not wide enough after max_widenings (pending ones too, though the loop leaves none)
+    exact = [g.exact + list(g.pending) for g in groups if g.exact or g.pending]
+    return nonfinite, exact
+
+
+def _by_key(items: list, key) -> list[list]:
+    buckets: dict = {}
+    for item in items:
+        buckets.setdefault(key(item), []).append(item)
+    return list(buckets.values())
+
+
+@dataclass
+class _Stack:
+    """A planned stack: a group's cold or warm members and the sketch width they share."""
+
+    group: SketchGroup
+    members: list[int]
+    starts: list  # each member's warm start basis (or None)
+    k: int
+    native: bool  # its k x k problems go to the native solver
+    sketch: randomized.Sketch | None = None  # filled by _sketch_stack_
+    energy: Tensor | None = None  # (b,) float64 ||W||_F^2
+    eig: tuple = ()  # (evals, evecs) of sketch.G
+
+
+def _plan_stacks(g: SketchGroup, opts: SketchOptions) -> list[_Stack]:
+    """Split the group's pending targets into stacks (one per cold / warm); clears g.pending."""
+    cap = g.cap(opts)
+    g.exact += [i for i, (k, _) in g.pending.items() if k > cap]
+    todo = {i: v for i, v in g.pending.items() if v[0] <= cap}
+    g.pending = {}
+    stacks = []
+    # one batch per (cold, warm): cold members take more power iterations
+    for cold in (True, False):
+        members = [i for i, (_, warm) in todo.items() if (warm is None) == cold]
+        if members:
+            k = max(todo[i][0] for i in members)
+            stacks.append(_Stack(g, members, [todo[i][1] for i in members], k,
+                                 g.method == "native" and k <= opts.native_max_k))
+    return stacks
+
+
+def _align_native_widths(stacks: list[_Stack], weights, opts: SketchOptions) -> None:
+    """Widen native stacks to a wider one's width when that is at most opts.align_width more
+    columns (and within their own limits), so that they share one native call: warm targets'
+    envelopes differ by a column or two between shape groups, and each distinct width costs a
+    whole launch (a block's latency).  A wider sketch is never less accurate."""
+    native = sorted((s for s in stacks if s.native), key=lambda s: -s.k)
+    for wide in native:
+        device = weights[wide.members[0]].device
+        for s in native:
+            limit = min(s.group.cap(opts), s.group.n)
+            if (s.k < wide.k <= min(s.k + opts.align_width, limit)
+                    and weights[s.members[0]].device == device):
+                s.k = wide.k
+
+
+def _sketch_stack_(weights, st: _Stack, attempt: int, opts: SketchOptions) -> None:
+    """Range finder and Gram matrices of the stack; what remains is its eigensolve."""
+    stack = torch.stack([weights[i] for i in st.members])  # refresh_slices_ runs under no_grad
+    gen = torch.Generator(device=stack.device).manual_seed(opts.seed + 7919 * attempt)
+    # first attempt: the one-pass orthonormalization's check rides on the commit's transfer;
+    # members that fail it are sketched again, checked at once (see C.UNTRUSTED)
+    st.sketch = randomized.sketch(stack, st.k, st.starts, cold_power_iters=opts.cold_power_iters,
+                                  warm_power_iters=opts.warm_power_iters, generator=gen, check_later=attempt == 0,
+                                  max_top_up=opts.oversampling // 2)
+    st.energy = torch.linalg.vector_norm(stack, dim=(-1, -2), dtype=torch.float64).square()
+
+
+def _finish_stacks(weights, states, configs, stacks: list[_Stack], solvers, opts: SketchOptions,
+                   before_wait: Callable[[], None] | None = None) -> None:
+    """Commit solved stacks; queue their retries (wider sketch) or exact SVDs on their groups.
+    The scalars every commit decides on cross to the host in one transfer for all the stacks
+    (on a GPU each transfer waits for the device to drain; ``before_wait`` runs first)."""
+    solved = [st.sketch.triplets(*st.eig) for st in stacks]
+    columns = [C.commit_columns(st.energy, st.members, states, S, st.sketch.finite, st.sketch.trusted)
+               for st, (_, S, _) in zip(stacks, solved)]
+    if before_wait is not None:
+        before_wait()
+    hosts = C.to_host(columns)
+    for st, (U, S, V), host in zip(stacks, solved, hosts):
+        _finish_stack(weights, states, configs, st, U, S, V, host, solvers, opts)
+
+
+def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, opts: SketchOptions) -> None:
+    g, members, k = st.group, st.members, st.k
+    final = k >= g.n
+    retry = C.commit_sketch(st.energy, members, states, configs, U, S, V, opts, final=final,
+                           finite=st.sketch.finite, host=host)
+    refined_V = {}  # a widened retry of a refined member starts from its refined V
+    refine = [i for i, width in retry.items() if width == C.REFINE]
+    if refine:  # the same subspace, its k x k problem in float64 (see SketchOptions)
+        rows = to_device([members.index(i) for i in refine], torch.int64, U.device)
+        sub = torch.stack([weights[i].detach() for i in refine]).double()
+        U2, S2, V2 = randomized.ritz_triplets(sub, U.index_select(0, rows).double(), solvers["torch"])
+        retry.update(C.commit_sketch(st.energy.index_select(0, rows), refine, states, configs, U2, S2, V2, opts,
+                                    final=final, precise=True))
+        refined_V = {i: V2[j].to(V.dtype) for j, i in enumerate(refine)}
+    for i, width in retry.items():
+        if width is None:
+            g.exact.append(i)
+        elif width == C.NONFINITE:
+            g.nonfinite.append(i)
+        elif width == C.UNTRUSTED:  # the same sketch again, its basis checked this time
+            g.pending[i] = (k, st.starts[members.index(i)])
+        elif width != C.REFINE:
+            if g.widenings.get(i, 0) >= opts.max_widenings:  # still not wide enough
+                g.exact.append(i)
+                continue
+            g.widenings[i] = g.widenings.get(i, 0) + 1
+            g.pending[i] = (min(width, g.n), refined_V[i] if i in refined_V else V[members.index(i)])
