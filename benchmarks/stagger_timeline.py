@@ -24,7 +24,8 @@ ap.add_argument("model", nargs="?", default="vit_b16", choices=sorted(C.MODELS))
 ap.add_argument("--device", default="cuda")
 ap.add_argument("--tiny", action="store_true", help="the benchmark's tiny model (smoke test)")
 args = ap.parse_args()
-cuda = args.device == "cuda"
+device_type = torch.device(args.device).type
+cuda = device_type == "cuda"
 model, make_batch, loss_fn, targets, label = C.MODELS[args.model](device=args.device, tiny=args.tiny)
 params = [p for p in model.parameters() if p.requires_grad]
 data = make_batch()
@@ -45,7 +46,7 @@ wrap(_refresh_commit, "_store_commits", "store"); wrap(_refresh_sketched, "_sket
 def train_step(opt):
     for p in params: p.grad = None
     mark("start")
-    with torch.autocast(args.device, dtype=torch.bfloat16):
+    with torch.autocast(device_type, dtype=torch.bfloat16):
         loss = loss_fn(model, data)
     mark("fwd queued")
     loss.backward()

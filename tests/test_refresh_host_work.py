@@ -378,3 +378,18 @@ def test_a_sketch_makes_no_full_size_temporary(warm):
     unit = randomized.sketch(torch.stack(weights), k, starts, check_later=warm, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(sk.G, unit.G, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sk.scale, unit.scale * 1e-30, rtol=1e-6, atol=0)
+
+
+def test_exact_refresh_of_several_shape_groups_skips_only_the_nonfinite_target():
+    """The exact path reads every group's finiteness flags together: each flag must land on
+    its own target (the groups are of different sizes, the bad target is in the second)."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(D1, D2)] * 2 + [(D2, D1)] * 3 + [(40, 30)]
+    weights = [torch.randn(*shape, generator=gen) for shape in shapes]
+    configs = [SliceConfig(f"t{i}", RANK) for i in range(len(shapes))]
+    states = [new_slice_state(*shape) for shape in shapes]
+    weights[3][1, 2] = float("inf")
+    with pytest.warns(RuntimeWarning, match="'t3' has non-finite"):
+        done = refresh_slices_(weights, states, configs, method="exact")
+    assert done == [i != 3 for i in range(len(shapes))]
+    assert [int(s["refreshes"]) for s in states] == [int(i != 3) for i in range(len(shapes))]

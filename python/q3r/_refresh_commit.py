@@ -43,8 +43,8 @@ def to_host(tables: list[Tensor]) -> list[Tensor]:
 
 
 def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions, final: bool,
-                   precise: bool = False, finite: Tensor | None = None,
-                   host: Tensor | None = None) -> dict[int, int | None]:
+                  precise: bool = False, finite: Tensor | None = None,
+                  host: Tensor | None = None) -> dict[int, int | None]:
     """Commit the members whose sketch reached eps; return {target: wider width, REFINE where
     the fp32 Ritz values cannot resolve sigma_{r+1}, None where only an exact SVD does,
     NONFINITE where ``finite`` (b,) says the weights were not, or UNTRUSTED where the

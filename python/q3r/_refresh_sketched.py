@@ -193,7 +193,7 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
         sub = torch.stack([weights[i].detach() for i in refine]).double()
         U2, S2, V2 = randomized.ritz_triplets(sub, U.index_select(0, rows).double(), solvers["torch"])
         retry.update(C.commit_sketch(st.energy.index_select(0, rows), refine, states, configs, U2, S2, V2, opts,
-                                    final=final, precise=True))
+                                     final=final, precise=True))
         refined_V = {i: V2[j].to(V.dtype) for j, i in enumerate(refine)}
     for i, width in retry.items():
         if width is None:

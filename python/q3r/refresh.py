@@ -191,7 +191,7 @@ def refresh_slices_(
             sketched.append(SketchGroup(idx, concrete, min(weights[idx[0]].shape)))
     # the sketched path finds non-finite weights inside its own passes (no sync of its own)
     nonfinite, fallback = set(), []
-    if sketched:  # (its targets that need an exact SVD after all join the exact groups' one sync)
+    if sketched:  # it leaves the targets that need an exact SVD after all to the call below
         nonfinite, fallback = refresh_sketched(weights, states, configs, sketched, options, before_wait)
     nonfinite |= _refresh_exact_groups(weights, states, configs, exact + fallback, before_wait)
     before_wait()
@@ -233,14 +233,15 @@ def refresh_around(refresh: Callable[[Callable[[], None]], None], early: Callabl
 def _refresh_exact_groups(weights, states, configs, groups: list[list[int]],
                           before_wait: Callable[[], None] | None = None) -> set[int]:
     """Exact SVDs of same-shaped groups of targets; returns the non-finite ones (skipped).
-    Finiteness comes from each group's stacked max |W| (randomized.max_abs), one host sync
-    for all groups (``before_wait`` runs first): a NaN must not reach the SVD, which may
-    fail on it."""
+    Finiteness comes from each group's stacked max |W| (randomized.max_abs), one host
+    transfer for all groups on one device (``before_wait`` runs first): a NaN must not reach
+    the SVD, which may fail on it."""
     if not groups:
         return set()
     if before_wait is not None:
         before_wait()
-    flags = torch.cat([randomized.max_abs(torch.stack([weights[i] for i in idx]))[1].cpu() for idx in groups])
+    flags = [randomized.max_abs(torch.stack([weights[i] for i in idx]))[1] for idx in groups]
+    flags = torch.cat(flags).cpu() if len({f.device for f in flags}) == 1 else torch.cat([f.cpu() for f in flags])
     finite = dict(zip((i for idx in groups for i in idx), flags.tolist()))
     for idx in groups:
         ok = [i for i in idx if finite[i]]
