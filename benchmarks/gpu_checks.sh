@@ -11,7 +11,8 @@
 #               whole-step T-cycles with real refreshes (plain and staggered), device time per
 #               kernel, a sweep of tile settings; fp32 dots at torch's "highest" and "high" precision
 #   refresh     bench_refresh.py (ViT-B/16, GPT-2-small, LLaMA-1B-like, LLaMA-7B-sized), then
-#               profile_refresh.py (where a warm ViT-B refresh spends its time)
+#               profile_refresh.py (where a warm ViT-B refresh spends its time), then the host
+#               timelines of refresh_attempts.py and stagger_timeline.py (probes.txt)
 #   experiment  `q3r experiment vit-fmnist --size full` on the fast path, resumable: run it
 #               again in the next call while the machine is still warm; needs the four
 #               Fashion-MNIST IDX files in .data/fashion-mnist, carried with the tree:
@@ -57,6 +58,9 @@ if has refresh; then
   echo "bench_refresh rc=$?"; tail -30 "$OUT/refresh.log"
   $PY benchmarks/profile_refresh.py --model vit >"$OUT/profile_refresh.txt" 2>&1
   echo "profile_refresh rc=$?"; grep -E "warm refresh|top-level" "$OUT/profile_refresh.txt"
+  # the two host-timeline probes, in one file (the device tool brings back 8 files a call)
+  { $PY benchmarks/refresh_attempts.py && $PY benchmarks/stagger_timeline.py vit_b16; } >"$OUT/probes.txt" 2>&1
+  echo "probes rc=$?"; head -3 "$OUT/probes.txt"
 fi
 if has experiment; then
   # --workers: the ViT-Tiny runs leave an H100 mostly idle; the harness resumes finished runs
