@@ -70,8 +70,8 @@ def ddp_refresh_bytes(shapes, P):
     sizes = [0] * P
     for (d1, d2), o in zip(shapes, owner):
         r = rank_of(d1, d2)
-        tail = min(16, min(d1, d2) - r) if "V_tail" in keys else 0
-        sizes[o] += (d1 + d2 + 1) * r + d2 * tail + (len(keys) - 4)  # U, V, sigma, V_tail, scalars
+        tail = min(16, min(d1, d2) - r) if "tail" in keys else 0
+        sizes[o] += (d1 + d2 + 1) * r + max(d1, d2) * tail + (len(keys) - 4)  # U, V, sigma, tail, scalars
     if P * max(sizes) <= replicated.PADDING_LIMIT * sum(sizes):
         factors, calls = (P - 1) * max(sizes) * F32, 2
     else:  # each rank receives every other owner's factors

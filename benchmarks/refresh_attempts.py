@@ -41,7 +41,7 @@ def run(tag, ws, st, cf):
     before = dict(stats); sync(); t = time.perf_counter()
     refresh_slices_(ws, st, cf, method=method); sync()
     print(tag, f"{1e3 * (time.perf_counter() - t):.1f} ms", {k: stats[k] - before[k] for k in stats},
-          "envs", sorted({s["sigma"].shape[0] for s in st}), "tails", sorted({s["V_tail"].shape[1] for s in st}))
+          "envs", sorted({s["sigma"].shape[0] for s in st}), "tails", sorted({s["tail"].shape[1] for s in st}))
 for i in range(6):
     run(f"flip{i}", drifted if i % 2 == 0 else weights, states, configs)
 first = tuple(shapes[0][1:3])

@@ -273,7 +273,8 @@ def _three_shape_groups(gen):
     weights = [spectrum_case("trained_decay", gen), spectrum_case("trained_decay", gen),
                spectrum_case("trained_decay", gen).T.contiguous(),
                with_spectrum(torch.logspace(0, -3, 100), gen, 112, 100)]
-    return weights, [[0, 1], [2], [3]], [SliceConfig(f"t{j}", RANK) for j in range(len(weights))]
+    # the third is a transpose of the first two's shape: it joins their stack (q3r._orientation)
+    return weights, [[0, 1, 2], [3]], [SliceConfig(f"t{j}", RANK) for j in range(len(weights))]
 
 
 def _count_native_calls(monkeypatch) -> list:
@@ -289,7 +290,7 @@ def _count_native_calls(monkeypatch) -> list:
 
 @pytest.mark.skipif(not _native.available("cpu"), reason=_native.status())
 def test_native_solves_all_shape_groups_of_a_width_in_one_call(monkeypatch):
-    """Three shape groups: their k x k problems of one width go to the native solver in one
+    """Two stacks of three shapes: their k x k problems of one width go to the native solver in one
     call (its cost is one block's latency, whatever the batch), with the same factors as
     refreshing the groups one by one (width alignment off, so that the widths are the same)."""
     weights, groups, configs = _three_shape_groups(torch.Generator().manual_seed(12))

@@ -107,7 +107,7 @@ def test_a_warm_stack_with_members_short_of_warm_columns_is_not_checked_on_the_h
     for step in range(2):
         refresh_slices_(_shrunk(weights, step), states, configs, method="randomized")
     for state in states[:3]:  # as if their envelopes had grown at the last refresh
-        state["V_tail"] = state["V_tail"][:, :-short]
+        state["tail"] = state["tail"][:, :-short]
     checked, trusted = [], []
     orthonormalize, unchecked = randomized.orthonormalize, randomized.orthonormalize_unchecked
     monkeypatch.setattr(randomized, "orthonormalize", lambda *a, **kw: checked.append(1) or orthonormalize(*a, **kw))
@@ -154,7 +154,7 @@ def test_nonfinite_member_of_a_stack_is_skipped_without_touching_the_others(meth
     # the Gaussian columns that top up their warm starts are the same)
     refresh_slices_(weights[:2], alone[:2], configs[:2], method=method)
     for j in (0, 1):
-        for key in ("U", "V", "V_tail", "sigma", "eps", "sigma_next", "tail_energy", "refreshes"):
+        for key in ("U", "V", "tail", "sigma", "eps", "sigma_next", "tail_energy", "refreshes"):
             torch.testing.assert_close(states[j][key], alone[j][key], rtol=1e-5, atol=1e-6)
 
 
@@ -173,7 +173,7 @@ def test_committed_factors_are_contiguous_views_with_the_right_values():
     refresh_slices_(weights, states, configs, method="randomized")
     refresh_slices_(weights, exact, configs, method="exact")
     for fast, ref in zip(states, exact):
-        for key in ("U", "V", "V_tail"):
+        for key in ("U", "V", "tail"):
             assert fast[key].is_contiguous() and fast[key].dtype == torch.float32
         assert fast["sigma"].shape == ref["sigma"].shape
         torch.testing.assert_close(fast["sigma"], ref["sigma"], rtol=1e-4, atol=0)
@@ -228,8 +228,9 @@ def test_warm_refresh_syncs_the_host_a_few_times_per_stack(n):
 
 @pytest.mark.skipif(not _native.available("cpu"), reason="needs the CPU part of q3r._C")
 def test_stacks_solved_together_send_their_commit_scalars_to_the_host_together(monkeypatch):
-    """A warm native refresh of three shape groups: one host transfer per native solver call
-    (on a GPU each transfer waits for the device to drain), carrying every stack it solved."""
+    """A warm native refresh of three shapes, two of them transposes of each other (one stack):
+    one host transfer per native solver call (on a GPU each transfer waits for the device to
+    drain), carrying every stack it solved."""
     from q3r import _refresh_commit
 
     gen = torch.Generator().manual_seed(5)
@@ -244,7 +245,7 @@ def test_stacks_solved_together_send_their_commit_scalars_to_the_host_together(m
     monkeypatch.setattr(_refresh_commit, "to_host", lambda tables: transfers.append(len(tables)) or to_host(tables))
     monkeypatch.setattr(_native, "batched_eigh", lambda G, **kw: solves.append(G.shape[0]) or solve(G, **kw))
     assert all(refresh_slices_(weights, states, configs, method="native"))
-    assert len(transfers) == len(solves) and sum(transfers) == 3 and sum(solves) == 9
+    assert len(transfers) == len(solves) and sum(transfers) == 2 and sum(solves) == 9
 
 
 def test_a_steady_warm_refresh_takes_one_cholesky_qr_pass_per_stack(monkeypatch):
@@ -353,11 +354,13 @@ def test_a_sketch_makes_no_full_size_temporary(warm):
     was a pass over the weights and a temporary of their size (2 GB for LLaMA-1B's 32 gate/up
     matrices).  No op inside it returns a tensor as large as the stack."""
     weights, configs, states = _targets(4, seed=8)
-    stack = torch.stack(weights) * 1e-30  # (tiny norms: the scaling still works)
+    # tall targets: a refresh stacks them transposed, as a view of the stack of the weights
+    # (tiny norms: the scaling still works)
+    stack = torch.stack(weights).mT * 1e-30
     starts = [None] * 4
     if warm:
         refresh_slices_([w * 1e-30 for w in weights], states, configs, method="randomized")
-        starts = [(s["V"], s["V_tail"]) for s in states]
+        starts = [(s["U"], s["tail"]) for s in states]  # the transposes' V: the targets' U
     largest = []
 
     class Sizes(TorchDispatchMode):
@@ -375,7 +378,7 @@ def test_a_sketch_makes_no_full_size_temporary(warm):
         sk = randomized.sketch(stack, k, starts, check_later=warm, generator=torch.Generator().manual_seed(1))
     assert largest and max(largest) < stack.numel()
     # and the scale is right: the same sketch of the same weights at unit scale, times 1e-30
-    unit = randomized.sketch(torch.stack(weights), k, starts, check_later=warm, generator=torch.Generator().manual_seed(1))
+    unit = randomized.sketch(torch.stack(weights).mT, k, starts, check_later=warm, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(sk.G, unit.G, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sk.scale, unit.scale * 1e-30, rtol=1e-6, atol=0)
 

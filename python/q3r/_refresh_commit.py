@@ -115,7 +115,7 @@ def _store_commits(commits, states, U, S, V, opts: SketchOptions) -> None:
         parts = {
             "U": _gather_columns(U, index, 0, r_env).unbind(0),
             "V": _gather_columns(V, index, 0, r_env).unbind(0),
-            "V_tail": _gather_columns(V, index, r_env, min(r_env + 2 * opts.oversampling, V.shape[-1])).unbind(0),
+            "tail": _gather_columns(V, index, r_env, min(r_env + 2 * opts.oversampling, V.shape[-1])).unbind(0),
         }
         sigmas = S[:, :r_env].unbind(0)
         for n, (row, j, i) in enumerate(entries):

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 def _warm_basis(state: dict[str, Tensor]) -> tuple[Tensor, ...] | None:
     """Previous V and its tail (d2, j) as column blocks (randomized.Start), or None before the
-    first refresh.  Not joined here: start_basis copies the blocks of a whole stack at once."""
-    blocks = tuple(t for t in (state["V"], state.get("V_tail")) if t is not None and t.shape[-1] > 0)
+    first refresh (V and d2 of the orientation the refresh decomposes: see q3r.refresh).  Not joined here: start_basis copies the blocks of a whole stack at once."""
+    blocks = tuple(t for t in (state["V"], state.get("tail")) if t is not None and t.shape[-1] > 0)
     return blocks or None
 
 
@@ -146,17 +146,17 @@ def _align_native_widths(stacks: list[_Stack], weights, opts: SketchOptions) -> 
     whole launch (a block's latency).  A wider sketch is never less accurate."""
     native = sorted((s for s in stacks if s.native), key=lambda s: -s.k)
     for wide in native:
-        device = weights[wide.members[0]].device
+        device = weights.raw[wide.members[0]].device
         for s in native:
             limit = min(s.group.cap(opts), s.group.n)
             if (s.k < wide.k <= min(s.k + opts.align_width, limit)
-                    and weights[s.members[0]].device == device):
+                    and weights.raw[s.members[0]].device == device):
                 s.k = wide.k
 
 
 def _sketch_stack_(weights, st: _Stack, attempt: int, opts: SketchOptions) -> None:
     """Range finder and Gram matrices of the stack; what remains is its eigensolve."""
-    stack = torch.stack([weights[i] for i in st.members])  # refresh_slices_ runs under no_grad
+    stack = weights.stack(st.members)  # refresh_slices_ runs under no_grad
     gen = torch.Generator(device=stack.device).manual_seed(opts.seed + 7919 * attempt)
     # first attempt: the one-pass orthonormalization's check rides on the commit's transfer;
     # members that fail it are sketched again, checked at once (see C.UNTRUSTED)
@@ -190,7 +190,7 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
     refine = [i for i, width in retry.items() if width == C.REFINE]
     if refine:  # the same subspace, its k x k problem in float64 (see SketchOptions)
         rows = to_device([members.index(i) for i in refine], torch.int64, U.device)
-        sub = torch.stack([weights[i].detach() for i in refine]).double()
+        sub = weights.stack(refine).double()
         U2, S2, V2 = randomized.ritz_triplets(sub, U.index_select(0, rows).double(), solvers["torch"])
         retry.update(C.commit_sketch(st.energy.index_select(0, rows), refine, states, configs, U2, S2, V2, opts,
                                      final=final, precise=True))

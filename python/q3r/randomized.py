@@ -241,7 +241,10 @@ def max_abs(W: Tensor) -> tuple[Tensor, Tensor]:
     """Largest |entry| (b,) of each member of a stack W (b, ...) and whether it is finite,
     i.e. whether the member has no NaN or inf: min and max propagate NaN.  One pass, with no
     |W| temporary of full size."""
-    low, high = W.flatten(1).aminmax(dim=1)
+    # flattened in whichever of its orientations is contiguous (a refresh stacks tall
+    # targets transposed, as a view): the extremes do not depend on the order, a copy would
+    flat = W.mT if W.dim() == 3 and not W.is_contiguous() and W.mT.is_contiguous() else W
+    low, high = flat.flatten(1).aminmax(dim=1)
     top = torch.maximum(high, -low)
     return top, torch.isfinite(top)
 

@@ -9,13 +9,18 @@ The per-target state is a dict of plain tensors (so optimizer state dicts load w
     sigma_next () float32   -- sigma_{r+1} of the anchor
     tail_energy () float32  -- fraction of ||W'||_F^2 outside the leading r triplets
     refreshes () int64      -- how many refreshes have been applied
-    V_tail (d2, j) float32  -- right singular vectors just below the kept ones: with V, the
+    tail (max(d1, d2), j) float32 -- singular vectors just below the kept ones on the longer
+                               side (V's for d1 <= d2, U's for a tall target): with V (U), the
                                warm start of the next randomized refresh (inert in R); up to
                                2 x oversampling of them, so that a target whose envelope is
                                narrower than its stack's still fills the stack's sketch width
-                               with them rather than with Gaussian columns
+                               with them rather than with Gaussian columns (q3r < 0.2 kept
+                               "V_tail" (d2, j); upgrade_state converts a loaded one)
 
-Targets of the same shape are stacked and decomposed in one batched call.
+Targets of the same shape up to transposition are stacked and decomposed in one batched
+call: a tall target (d1 > d2) is decomposed as its transpose, so that a transformer's fc1
+and fc2 (d x 4d and 4d x d) share one stack, and every range finder Y = W P runs on the
+wide orientation, where Y and its orthonormalization have min(d1, d2) rows.
 
 Methods (``refresh_slices_(..., method=...)``):
     exact       full fp32 SVD per target (the specification)
@@ -41,6 +46,7 @@ from torch import Tensor
 
 from . import _native, randomized, reference
 from . import _refresh_commit as C
+from ._orientation import oriented
 from ._refresh_sketched import SketchGroup, refresh_sketched
 
 REFRESH_METHODS = ("exact", "randomized", "native", "auto")
@@ -121,8 +127,20 @@ def new_slice_state(d1: int, d2: int, device=None) -> dict[str, Tensor]:
         "sigma_next": torch.tensor(math.nan, **f32),
         "tail_energy": torch.tensor(math.nan, **f32),
         "refreshes": torch.tensor(0, dtype=torch.int64, device=device),
-        "V_tail": torch.zeros(d2, 0, **f32),
+        "tail": torch.zeros(max(d1, d2), 0, **f32),
     }
+
+
+def upgrade_state(state: dict[str, Tensor], d1: int, d2: int) -> dict[str, Tensor]:
+    """A d1 x d2 target's state as loaded from a checkpoint, in this version's layout (in
+    place; returned).  The warm-start tail was "V_tail" (d2, j) before it became "tail" on
+    the longer side: kept for d1 <= d2, dropped for a tall target (whose next refresh then
+    tops its warm start up with Gaussian columns, as after any envelope change)."""
+    old = state.pop("V_tail", None)
+    if "tail" not in state:
+        keep = old is not None and d1 <= d2 and old.dim() == 2 and old.shape[0] == d2
+        state["tail"] = old if keep else torch.zeros(max(d1, d2), 0, dtype=torch.float32, device=state["V"].device)
+    return state
 
 
 def operator_of(state: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -179,16 +197,17 @@ def refresh_slices_(
         raise ValueError(f"refresh method must be one of {REFRESH_METHODS}, got {method!r}")
     options = options or DEFAULT_SKETCH
     before_wait = _Once(before_wait)
+    weights, states = oriented(weights, states)  # tall targets as their transposes
     groups: dict[tuple, list[int]] = {}
-    for i, W in enumerate(weights):
-        groups.setdefault((tuple(W.shape), W.device), []).append(i)
+    for i, W in enumerate(weights.raw):  # by oriented shape, without making the views
+        groups.setdefault((tuple(sorted(W.shape)), W.device), []).append(i)
     exact, sketched = [], []
     for (_, device), idx in groups.items():
         concrete = resolve_method(method, device)
         if concrete == "exact":
             exact.append(idx)
         else:
-            sketched.append(SketchGroup(idx, concrete, min(weights[idx[0]].shape)))
+            sketched.append(SketchGroup(idx, concrete, min(weights.raw[idx[0]].shape)))
     # the sketched path finds non-finite weights inside its own passes (no sync of its own)
     nonfinite, fallback = set(), []
     if sketched:  # it leaves the targets that need an exact SVD after all to the call below
@@ -240,7 +259,7 @@ def _refresh_exact_groups(weights, states, configs, groups: list[list[int]],
         return set()
     if before_wait is not None:
         before_wait()
-    flags = [randomized.max_abs(torch.stack([weights[i] for i in idx]))[1] for idx in groups]
+    flags = [randomized.max_abs(weights.stack(idx))[1] for idx in groups]
     flags = torch.cat(flags).cpu() if len({f.device for f in flags}) == 1 else torch.cat([f.cpu() for f in flags])
     finite = dict(zip((i for idx in groups for i in idx), flags.tolist()))
     for idx in groups:
@@ -253,7 +272,7 @@ def _refresh_exact_groups(weights, states, configs, groups: list[list[int]],
 def _refresh_exact(weights, states, configs, idx) -> None:
     """Exact SVD of same-shaped targets; committed like a sketch that covers the whole
     spectrum (one host transfer for the group, not a few per target)."""
-    stack = torch.stack([weights[i].to(torch.float32) for i in idx])
+    stack = weights.stack(idx).to(torch.float32)
     U, S, V, spectrum = reference.anchor_factors(stack)
     energy = spectrum.double().square().sum(dim=-1)
     C.commit_sketch(energy, idx, states, configs, U, S, V, DEFAULT_SKETCH, final=True)

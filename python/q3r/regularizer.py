@@ -23,7 +23,7 @@ from . import ops, reference
 from . import distributed
 from .config import Q3R_DEFAULTS, slice_configs, validate_q3r_options
 from .diagnostics import slice_diagnostics
-from .refresh import new_slice_state, operator_of, refresh_around
+from .refresh import new_slice_state, operator_of, refresh_around, upgrade_state
 from .stagger import due_for_refresh, target_phases
 from .targets import Target, slice_shapes, slice_views
 
@@ -217,7 +217,8 @@ class Q3R:
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
             raise ValueError(f"Q3R state_dict num_steps must be an int >= 0, got {num_steps!r}")
         self.state = {
-            t.name: [{k: v.detach().clone().to(t.param.device) for k, v in s.items()} for s in saved[t.name]]
+            t.name: [upgrade_state({k: v.detach().clone().to(t.param.device) for k, v in s.items()}, d1, d2)
+                     for s, (d1, d2) in zip(saved[t.name], slice_shapes(t.param.shape, t.slice_dim, t.slices))]
             for t in self.targets
         }
         self.num_steps = num_steps

@@ -91,8 +91,9 @@ def target_phases(targets: list[list[tuple[int, int, int]]], period: int) -> lis
 
 def stack_key(shapes) -> tuple:
     """The stagger key of a target whose slices have these (d1, d2) shapes: a refresh stacks
-    slices by shape, so targets with the same shapes join the same stacks."""
-    return tuple(sorted({tuple(s) for s in shapes}))
+    slices by shape up to transposition (q3r.refresh), so targets with the same shapes, or
+    their transposes, join the same stacks."""
+    return tuple(sorted({(min(d1, d2), max(d1, d2)) for d1, d2 in shapes}))
 
 
 def _consecutive_by_key(costs: list[float], keys: list, bins: int) -> list[int] | None:

@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from .. import distributed
 from ..config import Q3R_DEFAULTS, default_names, slice_configs, validate_q3r_options
 from ..diagnostics import slice_diagnostics
-from ..refresh import _Once, new_slice_state, refresh_around
+from ..refresh import _Once, new_slice_state, refresh_around, upgrade_state
 from ..stagger import due_for_refresh, target_phases
 from ..targets import slice_shapes, slice_views
 from .functional import ParamWork, adamq3r_step_
@@ -262,13 +262,15 @@ class AdamQ3R(Optimizer):
                 )
             merged = {**self.defaults, **saved}
             for pid, p in zip(saved["params"], group["params"]):
-                mapping[pid] = p
+                mapping[pid] = (p, merged)
                 self._check_saved_param_state(state_dict["state"].get(pid), p, merged, f"group {gi}")
         stash, new_state = {}, {}
         for pid, st in state_dict["state"].items():
             if isinstance(st, dict) and "q3r" in st:
                 st = dict(st)
-                stash[pid] = (mapping[pid], st.pop("q3r"))
+                p, merged = mapping[pid]
+                shapes = slice_shapes(p.shape, merged["slice_dim"], merged["slices"])
+                stash[pid] = (p, st.pop("q3r"), shapes)
             new_state[pid] = st
         self._load_stash = stash
         return {**state_dict, "state": new_state}
@@ -302,8 +304,9 @@ class AdamQ3R(Optimizer):
                 )
 
     def _restore_q3r_state(self) -> None:
-        for p, slices in self._load_stash.values():
+        for p, slices, shapes in self._load_stash.values():
             self.state[p]["q3r"] = [
-                {key: value.detach().clone().to(device=p.device) for key, value in s.items()} for s in slices
+                upgrade_state({key: value.detach().clone().to(device=p.device) for key, value in s.items()}, d1, d2)
+                for s, (d1, d2) in zip(slices, shapes)
             ]
         self._load_stash = {}
