@@ -396,3 +396,48 @@ def test_exact_refresh_of_several_shape_groups_skips_only_the_nonfinite_target()
         done = refresh_slices_(weights, states, configs, method="exact")
     assert done == [i != 3 for i in range(len(shapes))]
     assert [int(s["refreshes"]) for s in states] == [int(i != 3) for i in range(len(shapes))]
+
+
+@pytest.mark.parametrize("method", METHODS + ["exact"])
+def test_a_group_larger_than_max_stack_bytes_is_refreshed_in_bounded_stacks(method, monkeypatch):
+    """A stack copies its members' weights: a group whose stack would exceed
+    SketchOptions.max_stack_bytes is cut into runs that fit (LLaMA-7B's MLP group would take
+    17 GB at once). No op of the refresh makes a tensor larger than the budget, and the
+    factors still match the exact refresh's."""
+    from q3r import _refresh_sketched, reference
+    from q3r.refresh import SketchOptions, operator_of
+
+    n, per_stack = 7, 3
+    weights, configs, states = _targets(n, seed=9)
+    weights = _shrunk(weights, 0)
+    opts = SketchOptions(max_stack_bytes=per_stack * D1 * D2 * 4 + 100)
+    exact = [new_slice_state(D1, D2) for _ in range(n)]
+    runs = []
+    real_sketch, real_anchor = _refresh_sketched._sketch_stack_, reference.anchor_factors
+    monkeypatch.setattr(_refresh_sketched, "_sketch_stack_",
+                        lambda w, st, attempt, o: runs.append(len(st.members)) or real_sketch(w, st, attempt, o))
+    monkeypatch.setattr(reference, "anchor_factors", lambda W: runs.append(W.shape[0]) or real_anchor(W))
+    largest = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            largest.extend(t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,))
+                           if isinstance(t, torch.Tensor))
+            return out
+
+    for step in range(3):  # cold, then warm
+        runs.clear()
+        w = _shrunk(weights, step)
+        with Sizes():
+            assert all(refresh_slices_(w, states, configs, method=method, options=opts))
+        assert sorted(runs)[-1] == per_stack and sum(runs) >= n, runs  # (retries may add runs)
+        assert max(largest) * 4 <= opts.max_stack_bytes
+        monkeypatch.setattr(reference, "anchor_factors", real_anchor)
+        refresh_slices_(w, exact, configs, method="exact")
+        monkeypatch.setattr(reference, "anchor_factors", lambda W: runs.append(W.shape[0]) or real_anchor(W))
+        gen = torch.Generator().manual_seed(step)
+        for f, e in zip(states, exact):
+            X = torch.randn(D1, D2, generator=gen)
+            Rf, Re = (reference.apply_reweighting(X, *operator_of(s)) for s in (f, e))
+            assert float((Rf - Re).norm() / Re.norm()) <= 1e-3

@@ -31,6 +31,16 @@ class OrientedWeights:
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
+    def chunks(self, idx: list[int], max_bytes: int) -> list[list[int]]:
+        """idx (targets of one shape) cut into consecutive runs whose stack, in float32,
+        takes at most max_bytes (at least one target per run): a stack is a copy of its
+        members' weights, so this bounds what a refresh holds at once (LLaMA-7B's 96 MLP
+        matrices stacked whole would take 17 GB)."""
+        if not idx:
+            return []
+        per_run = max(1, max_bytes // (4 * self.raw[idx[0]].numel()))
+        return [idx[i : i + per_run] for i in range(0, len(idx), per_run)]
+
     def stack(self, idx: list[int]) -> Tensor:
         """The members' oriented weights stacked (b, min(d1, d2), max(d1, d2)) in one copy.
         All tall: the stack of the weights as they are, transposed as a whole (a view, so no

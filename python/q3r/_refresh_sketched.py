@@ -74,7 +74,7 @@ def refresh_sketched(weights, states, configs, groups: list[SketchGroup], opts: 
     # the same width), then the widenings: each member is widened max_widenings times at most
     for attempt in range(opts.max_widenings + 2):
         deferred = []
-        stacks = [st for g in groups for st in _plan_stacks(g, opts)]
+        stacks = [st for g in groups for st in _plan_stacks(g, weights, opts)]
         _align_native_widths(stacks, weights, opts)
         for st in stacks:
             _sketch_stack_(weights, st, attempt, opts)
@@ -122,8 +122,9 @@ class _Stack:
     eig: tuple = ()  # (evals, evecs) of sketch.G
 
 
-def _plan_stacks(g: SketchGroup, opts: SketchOptions) -> list[_Stack]:
-    """Split the group's pending targets into stacks (one per cold / warm); clears g.pending."""
+def _plan_stacks(g: SketchGroup, weights, opts: SketchOptions) -> list[_Stack]:
+    """Split the group's pending targets into stacks (one per cold / warm, cut where a stack
+    would take more than opts.max_stack_bytes); clears g.pending."""
     cap = g.cap(opts)
     g.exact += [i for i, (k, _) in g.pending.items() if k > cap]
     todo = {i: v for i, v in g.pending.items() if v[0] <= cap}
@@ -132,10 +133,9 @@ def _plan_stacks(g: SketchGroup, opts: SketchOptions) -> list[_Stack]:
     # one batch per (cold, warm): cold members take more power iterations
     for cold in (True, False):
         members = [i for i, (_, warm) in todo.items() if (warm is None) == cold]
-        if members:
-            k = max(todo[i][0] for i in members)
-            stacks.append(_Stack(g, members, [todo[i][1] for i in members], k,
-                                 g.method == "native" and k <= opts.native_max_k))
+        for run in weights.chunks(members, opts.max_stack_bytes):
+            k = max(todo[i][0] for i in run)
+            stacks.append(_Stack(g, run, [todo[i][1] for i in run], k, g.method == "native" and k <= opts.native_max_k))
     return stacks
 
 

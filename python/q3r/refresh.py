@@ -82,6 +82,10 @@ class SketchOptions:
                       and k <= ~235 is where A fits the block's shared memory
     align_width       native stacks up to this many columns narrower than another one are
                       widened to its width, so that both go to the native solver in one call
+    max_stack_bytes   the most a stack of same-shaped targets may take in float32 (it is a
+                      copy of their weights): larger groups are refreshed in several stacks
+                      (ViT-B's and GPT-2's groups take at most 226 MB, LLaMA-1B's MLP group
+                      3.2 GB); also bounds the exact path's stacks
     seed              of the private generator for Gaussian sketches (the global RNG is
                       never touched, so training randomness does not depend on refreshes)
     """
@@ -97,6 +101,7 @@ class SketchOptions:
     tol: float = _native.DEFAULT_TOL
     native_max_k: int = 256
     align_width: int = 8
+    max_stack_bytes: int = 2**30
     seed: int = 0x51E5
 
 
@@ -205,13 +210,14 @@ def refresh_slices_(
     for (_, device), idx in groups.items():
         concrete = resolve_method(method, device)
         if concrete == "exact":
-            exact.append(idx)
+            exact += weights.chunks(idx, options.max_stack_bytes)
         else:
             sketched.append(SketchGroup(idx, concrete, min(weights.raw[idx[0]].shape)))
     # the sketched path finds non-finite weights inside its own passes (no sync of its own)
     nonfinite, fallback = set(), []
     if sketched:  # it leaves the targets that need an exact SVD after all to the call below
         nonfinite, fallback = refresh_sketched(weights, states, configs, sketched, options, before_wait)
+    fallback = [run for idx in fallback for run in weights.chunks(idx, options.max_stack_bytes)]
     nonfinite |= _refresh_exact_groups(weights, states, configs, exact + fallback, before_wait)
     before_wait()
     for i in sorted(nonfinite):
