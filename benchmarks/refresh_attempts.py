@@ -2,7 +2,7 @@
 
     python benchmarks/refresh_attempts.py [--model vit] [--device cuda]
 
-Per refresh (alternating drifted weights, then the first shape group refreshed on the same
+Per refresh (alternating drifted weights, then the first stack refreshed on the same
 weights again): wall ms, host transfers (each waits for the device), sketches checked on the
 host (a sync each) or left to the commit, members whose unchecked basis failed (a second
 sketch), orthogonal top-ups, and the envelope and tail widths afterwards.  ``--model tiny
@@ -44,7 +44,7 @@ def run(tag, ws, st, cf):
           "envs", sorted({s["sigma"].shape[0] for s in st}), "tails", sorted({s["tail"].shape[1] for s in st}))
 for i in range(6):
     run(f"flip{i}", drifted if i % 2 == 0 else weights, states, configs)
-first = tuple(shapes[0][1:3])
-idx = [i for i, w in enumerate(weights) if tuple(w.shape) == first]
+first = sorted(shapes[0][1:3])  # the first stack: that shape and its transpose (q3r._orientation)
+idx = [i for i, w in enumerate(weights) if sorted(w.shape) == first]
 for i in range(5):
     run(f"same{i}", [weights[j] for j in idx], [states[j] for j in idx], [configs[j] for j in idx])

@@ -76,7 +76,7 @@ def test_upgrade_state_keeps_a_wide_targets_V_tail_and_drops_a_tall_ones():
 
 
 def _old_layout(slices):
-    """A checkpoint's slice states as q3r < 0.2 wrote them: "V_tail" (d2, j) instead of "tail"."""
+    """A checkpoint's slice states as q3r before 49887cd wrote them: "V_tail" (d2, j) instead of "tail"."""
     old = []
     for s in slices:
         s = dict(s)
@@ -110,7 +110,7 @@ def test_q3r_loads_a_checkpoint_with_the_old_tail_and_keeps_training():
         for s, (d1, d2) in zip(slices, shapes[name]):
             assert "V_tail" not in s and s["tail"].shape[0] == max(d1, d2)
             saw_tall |= d1 > d2
-    assert saw_tall  # fc1 is 96 x 24
+    assert saw_tall  # fc1 is 48 x 24
     for _ in range(3):  # refreshes from the upgraded states
         assert torch.isfinite(reg2.penalty())
     for _ in range(3):
@@ -141,3 +141,30 @@ def test_adamq3r_loads_a_checkpoint_with_the_old_tail():
         model(x).square().mean().backward()
         opt2.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_tail_that_does_not_fit_is_rejected_on_load_without_change():
+    torch.manual_seed(8)
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.2, steps=2)
+    reg.penalty()
+    saved = reg.state_dict()
+    name = next(n for n in saved["targets"] if n.endswith("fc1.weight"))  # 48 x 24: tail (48, j)
+    saved["targets"][name][0]["tail"] = torch.zeros(24, 3)  # the short side: an old V_tail renamed by hand
+    fresh = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.2, steps=2)
+    before = {k: [dict(s) for s in v] for k, v in fresh.state.items()}
+    with pytest.raises(ValueError, match="tail of shape \\(24, 3\\)"):
+        fresh.load_state_dict(saved)
+    assert fresh.num_steps == 0 and all(before[k][0]["tail"] is fresh.state[k][0]["tail"] for k in before)
+
+    targets = q3r.find_targets(model, INCLUDE, target_rank=3)
+    opt = q3r.AdamQ3R(q3r.param_groups(model, targets, lmbda=0.1, steps=2), lr=1e-2)
+    model(torch.randn(6, 4, 5)).square().mean().backward()
+    opt.step()
+    osd = opt.state_dict()
+    fc1 = next(st for st in osd["state"].values() if "q3r" in st and st["q3r"][0]["U"].shape[0] == 48)
+    fc1["q3r"][0]["tail"] = torch.zeros(24, 3)
+    opt2 = q3r.AdamQ3R(q3r.param_groups(model, targets, lmbda=0.1, steps=2), lr=1e-2)
+    with pytest.raises(ValueError, match="tail of shape \\(24, 3\\)"):
+        opt2.load_state_dict(osd)
+    assert not opt2.state

@@ -28,9 +28,6 @@ class OrientedWeights:
     def __getitem__(self, i: int) -> Tensor:
         return self.raw[i].mT if self.tall[i] else self.raw[i]
 
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
     def chunks(self, idx: list[int], max_bytes: int) -> list[list[int]]:
         """idx (targets of one shape) cut into consecutive runs whose stack, in float32,
         takes at most max_bytes (at least one target per run): a stack is a copy of its

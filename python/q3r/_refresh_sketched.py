@@ -58,8 +58,8 @@ def refresh_sketched(weights, states, configs, groups: list[SketchGroup], opts: 
 
     Each attempt sketches every group first and then solves the k x k problems of all
     stacks that share a solver, a width and a device in one call: the native solver costs
-    one thread block's latency per call, whatever the batch, so three shape groups (a ViT's
-    attention, fc1, fc2) in three calls cost three times one.  Stacks for torch.linalg.eigh
+    one thread block's latency per call, whatever the batch, so a ViT's two stacks (attention;
+    fc1 with fc2, transposed) in two calls cost twice one.  Stacks for torch.linalg.eigh
     are solved one by one as they are sketched, so that a large model's refresh never holds
     the sketches of all its targets at once.  ``before_wait``: see refresh_slices_ (the
     torch solver checks its result on the host, so it runs before the first one).
@@ -110,7 +110,8 @@ def _by_key(items: list, key) -> list[list]:
 
 @dataclass
 class _Stack:
-    """A planned stack: a group's cold or warm members and the sketch width they share."""
+    """A planned stack: a run of a group's cold or warm members (at most
+    SketchOptions.max_stack_bytes of weights) and the sketch width they share."""
 
     group: SketchGroup
     members: list[int]
@@ -130,7 +131,7 @@ def _plan_stacks(g: SketchGroup, weights, opts: SketchOptions) -> list[_Stack]:
     todo = {i: v for i, v in g.pending.items() if v[0] <= cap}
     g.pending = {}
     stacks = []
-    # one batch per (cold, warm): cold members take more power iterations
+    # cold and warm members apart (cold ones take more power iterations), each cut into runs
     for cold in (True, False):
         members = [i for i, (_, warm) in todo.items() if (warm is None) == cold]
         for run in weights.chunks(members, opts.max_stack_bytes):

@@ -168,7 +168,7 @@ Start = Tensor | tuple[Tensor, ...] | None  # a warm start: columns, or column b
 def start_basis(W: Tensor, k: int, warm: list[Start], generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Start basis P (b, d2, k): each member's warm columns (d2, <=k), topped up with Gaussian
     columns.  A warm start is a tensor (d2, w) or a tuple of column blocks whose concatenation
-    it is (a state's V and V_tail), of which the first k columns are used.  Returns (P, cold
+    it is (a state's V and tail), of which the first k columns are used.  Returns (P, cold
     (b,) bool on the CPU: members with no warm columns).
 
     A warm member's Gaussian top-up is made orthogonal to its warm columns (which are

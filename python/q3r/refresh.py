@@ -14,8 +14,8 @@ The per-target state is a dict of plain tensors (so optimizer state dicts load w
                                warm start of the next randomized refresh (inert in R); up to
                                2 x oversampling of them, so that a target whose envelope is
                                narrower than its stack's still fills the stack's sketch width
-                               with them rather than with Gaussian columns (q3r < 0.2 kept
-                               "V_tail" (d2, j); upgrade_state converts a loaded one)
+                               with them rather than with Gaussian columns (before 49887cd
+                               it was "V_tail" (d2, j); upgrade_state converts a loaded one)
 
 Targets of the same shape up to transposition are stacked and decomposed in one batched
 call: a tall target (d1 > d2) is decomposed as its transpose, so that a transformer's fc1
@@ -82,8 +82,10 @@ class SketchOptions:
                       and k <= ~235 is where A fits the block's shared memory
     align_width       native stacks up to this many columns narrower than another one are
                       widened to its width, so that both go to the native solver in one call
-    max_stack_bytes   the most a stack of same-shaped targets may take in float32 (it is a
-                      copy of their weights): larger groups are refreshed in several stacks
+    max_stack_bytes   the most a stack of same-shaped targets may take, counted at 4 bytes
+                      an entry (it is a copy of their weights): larger groups are refreshed
+                      in several stacks (float64 weights take twice this; bf16 ones 1.5x
+                      while their float32 copy is made)
                       (ViT-B's and GPT-2's groups take at most 226 MB, LLaMA-1B's MLP group
                       3.2 GB); also bounds the exact path's stacks
     seed              of the private generator for Gaussian sketches (the global RNG is
@@ -146,6 +148,15 @@ def upgrade_state(state: dict[str, Tensor], d1: int, d2: int) -> dict[str, Tenso
         keep = old is not None and d1 <= d2 and old.dim() == 2 and old.shape[0] == d2
         state["tail"] = old if keep else torch.zeros(max(d1, d2), 0, dtype=torch.float32, device=state["V"].device)
     return state
+
+
+def tail_mismatch(state: dict[str, Tensor], d1: int, d2: int) -> str | None:
+    """Why a loaded state's warm-start tail does not fit a d1 x d2 target (None: it fits or
+    is absent), for the loaders' checks before anything changes."""
+    tail = state.get("tail")
+    if tail is None or (tail.dim() == 2 and tail.shape[0] == max(d1, d2)):
+        return None
+    return f"warm-start tail of shape {tuple(tail.shape)} does not fit a {d1}x{d2} slice (expected ({max(d1, d2)}, j))"
 
 
 def operator_of(state: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:

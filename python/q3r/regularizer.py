@@ -23,7 +23,7 @@ from . import ops, reference
 from . import distributed
 from .config import Q3R_DEFAULTS, slice_configs, validate_q3r_options
 from .diagnostics import slice_diagnostics
-from .refresh import new_slice_state, operator_of, refresh_around, upgrade_state
+from .refresh import new_slice_state, operator_of, refresh_around, tail_mismatch, upgrade_state
 from .stagger import due_for_refresh, target_phases
 from .targets import Target, slice_shapes, slice_views
 
@@ -213,6 +213,8 @@ class Q3R:
                 rows = t.param.shape[0] if distributed.is_sharded(s["U"]) else d1  # sharded U: parameter rows
                 if tuple(s["U"].shape) != (rows, k) or tuple(s["V"].shape) != (d2, k):
                     raise ValueError(f"Q3R state_dict factors of {t.name} do not fit its {d1}x{d2} slices")
+                if (why := tail_mismatch(s, d1, d2)) is not None:
+                    raise ValueError(f"Q3R state_dict {t.name}: {why}: it comes from a different model")
         num_steps = state_dict.get("num_steps")
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
             raise ValueError(f"Q3R state_dict num_steps must be an int >= 0, got {num_steps!r}")

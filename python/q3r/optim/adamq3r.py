@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from .. import distributed
 from ..config import Q3R_DEFAULTS, default_names, slice_configs, validate_q3r_options
 from ..diagnostics import slice_diagnostics
-from ..refresh import _Once, new_slice_state, refresh_around, upgrade_state
+from ..refresh import _Once, new_slice_state, refresh_around, tail_mismatch, upgrade_state
 from ..stagger import due_for_refresh, target_phases
 from ..targets import slice_shapes, slice_views
 from .functional import ParamWork, adamq3r_step_
@@ -302,6 +302,8 @@ class AdamQ3R(Optimizer):
                     f"state_dict {where}: factors of shapes U {tuple(s['U'].shape)}, V {tuple(s['V'].shape)} "
                     f"do not fit a {d1}x{d2} slice: it comes from a different model"
                 )
+            if (why := tail_mismatch(s, d1, d2)) is not None:
+                raise ValueError(f"state_dict {where}: {why}: it comes from a different model")
 
     def _restore_q3r_state(self) -> None:
         for p, slices, shapes in self._load_stash.values():
