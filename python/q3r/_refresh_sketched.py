@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 def _warm_basis(state: dict[str, Tensor]) -> tuple[Tensor, ...] | None:
     """Previous V and its tail (d2, j) as column blocks (randomized.Start), or None before the
-    first refresh (V and d2 of the orientation the refresh decomposes: see q3r.refresh).  Not joined here: start_basis copies the blocks of a whole stack at once."""
+    first refresh (V and d2 of the orientation the refresh decomposes: see q3r.refresh).
+    Not joined here: start_basis copies the blocks of a whole stack at once."""
     blocks = tuple(t for t in (state["V"], state.get("tail")) if t is not None and t.shape[-1] > 0)
     return blocks or None
 
