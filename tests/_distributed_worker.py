@@ -199,11 +199,14 @@ def ddp_worker(rank, world, port, out_path, init=True):
         dist.destroy_process_group()
 
 
-def _fsdp_model():
+def _fsdp_model(mesh_shape=None):
+    """FSDP2 over all ranks, or HSDP when mesh_shape is (replicas, shards)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(DEVICE, (dist.get_world_size(),))
+    mesh_shape = mesh_shape or (dist.get_world_size(),)
+    names = ("replicate", "shard")[-len(mesh_shape):]  # FSDP2 needs names on an HSDP mesh
+    mesh = init_device_mesh(DEVICE, mesh_shape, mesh_dim_names=names)
     model = make_model()
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
@@ -211,7 +214,7 @@ def _fsdp_model():
     return model
 
 
-def fsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, init=True):
+def fsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, init=True, mesh_shape=None):
     if init:
         _init(rank, world, port)
     import torch.distributed.checkpoint as dcp
@@ -220,7 +223,7 @@ def fsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, init=True):
     q3r.distributed.configure(oversample=oversample)
     results = {}
     for kind in ("adamq3r", "q3r_adamw"):
-        model = _fsdp_model()
+        model = _fsdp_model(mesh_shape)
         opt = make_adamq3r(model) if kind == "adamq3r" else make_regularized_adamw(model)
         logs = []
         train(model, opt, batches(), rank, world, logs)
@@ -229,21 +232,14 @@ def fsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, init=True):
     # save after 3 steps, continue 2; a fresh model + optimizer restored from the checkpoint must
     # continue identically
     data = batches()
-    model = _fsdp_model()
+    model = _fsdp_model(mesh_shape)
     opt = make_adamq3r(model)
     train(model, opt, data[:3], rank, world)
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
     train(model, opt, data[3:], rank, world)
     straight = full_state(model)
-    model2 = _fsdp_model()
-    opt2 = make_adamq3r(model2)
-    msd2, osd2 = get_state_dict(model2, opt2)  # template (initializes the optimizer state)
-    sd = {"model": msd2, "optim": osd2}
-    dcp.load(sd, checkpoint_id=ckpt_dir)
-    set_state_dict(model2, opt2, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    train(model2, opt2, data[3:], rank, world)
-    resumed = full_state(model2)
+    resumed = resume_from(ckpt_dir, mesh_shape, data[3:], rank, world)
     # factors are sharded like the weights
     qkv = model.blocks[0].attn.qkv.weight
     s = opt.state[qkv]["q3r"][1]
@@ -251,11 +247,47 @@ def fsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, init=True):
         "straight": straight, "resumed": resumed,
         "U_type": type(s["U"]).__name__, "U_shape": tuple(s["U"].shape),
         "U_local_rows": s["U"].to_local().shape[0], "W_local_rows": qkv.to_local().shape[0],
+        "U_placements": repr(tuple(s["U"].placements)), "W_placements": repr(tuple(qkv.placements)),
     }
+    if mesh_shape is not None:
+        results["refused"] = _refused_layouts(qkv.device_mesh)
     if rank == 0:
         torch.save(results, out_path)
     if init:
         dist.destroy_process_group()
+
+
+def resume_from(ckpt_dir, mesh_shape, data, rank, world) -> dict[str, torch.Tensor]:
+    """A fresh FSDP2 model + AdamQ3R restored from a DCP checkpoint (saved on any mesh), then
+    trained on data; the full weights at the end."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = _fsdp_model(mesh_shape)
+    opt = make_adamq3r(model)
+    msd, osd = get_state_dict(model, opt)  # template (initializes the optimizer state)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=ckpt_dir)
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    train(model, opt, data, rank, world)
+    return full_state(model)
+
+
+def _refused_layouts(mesh) -> dict[str, str]:
+    """Layouts q3r does not handle must be refused when the optimizer / regularizer is built."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    out = {}
+    for label, placements in (("shard_cols", [Replicate(), Shard(1)]), ("shard_twice", [Shard(0), Shard(0)])):
+        w = nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, placements))
+        for who, build in (("AdamQ3R", lambda: q3r.AdamQ3R([{"params": [w], "q3r": True, "target_rank": 2}])),
+                           ("Q3R", lambda: q3r.Q3R([q3r.Target("w", w, target_rank=2)]))):
+            try:
+                build()
+                out[f"{who} {label}"] = "no error"
+            except NotImplementedError as err:
+                out[f"{who} {label}"] = str(err)
+    return out
 
 
 def both_worker(rank, world, port, ddp_path, fsdp_path, ckpt_dir, oversample):
@@ -263,6 +295,20 @@ def both_worker(rank, world, port, ddp_path, fsdp_path, ckpt_dir, oversample):
     _init(rank, world, port)
     ddp_worker(rank, world, port, ddp_path, init=False)
     fsdp_worker(rank, world, port, fsdp_path, ckpt_dir, oversample, init=False)
+    dist.destroy_process_group()
+
+
+def hsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, saved_ckpt, reshard_path):
+    """fsdp_worker on a 2-D mesh: 2 replica groups of world // 2 shards (HSDP). Then the
+    checkpoint saved_ckpt (written by fsdp_worker on world // 2 ranks after 3 steps) is resumed
+    here for the last steps on a 1-D mesh of all ranks (each weight and U split in twice as
+    many shards) and on the HSDP mesh."""
+    _init(rank, world, port)
+    fsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, init=False, mesh_shape=(2, world // 2))
+    rest = batches()[3:]
+    resumed = {f"{shape}": resume_from(saved_ckpt, shape, rest, rank, world) for shape in ((world,), (2, world // 2))}
+    if rank == 0:
+        torch.save(resumed, reshard_path)
     dist.destroy_process_group()
 
 

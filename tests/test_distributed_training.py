@@ -1,4 +1,5 @@
-"""DDP and FSDP2 (gloo, 2 CPU processes) against a single-process run of the same global batch.
+"""DDP and FSDP2 (gloo, 2 CPU processes) and HSDP (FSDP2 on a 2 x 2 mesh, 4 processes) against a
+single-process run of the same global batch.
 
 One spawn runs every distributed scenario (process start-up dominates on CPU); the tests below
 read its results. The FSDP2 run uses a sketch as wide as each matrix, which makes its randomized
@@ -27,12 +28,16 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
-    ddp_path, fsdp_path = tmp / "ddp.pt", tmp / "fsdp.pt"
+    ddp_path, fsdp_path, hsdp_path = tmp / "ddp.pt", tmp / "fsdp.pt", tmp / "hsdp.pt"
     worker.spawn(worker.both_worker, WORLD, str(ddp_path), str(fsdp_path), str(tmp / "ckpt"), FULL_WIDTH)
+    # HSDP: 2 replica groups of WORLD shards; q3r's collectives must stay inside a shard group
+    worker.spawn(worker.hsdp_worker, 2 * WORLD, str(hsdp_path), str(tmp / "hsdp_ckpt"), FULL_WIDTH,
+                 str(tmp / "ckpt"), str(tmp / "resharded.pt"))
     torch.set_num_threads(1)
     single = {kind: worker.single_process(kind) for kind in ("adamq3r", "q3r_adamw")}
     load = lambda path: torch.load(path, weights_only=False)  # noqa: E731  (our own file)
-    return {"ddp": load(ddp_path), "fsdp": load(fsdp_path), "single": single}
+    return {"ddp": load(ddp_path), "fsdp": load(fsdp_path), "hsdp": load(hsdp_path),
+            "resharded": load(tmp / "resharded.pt"), "single": single}
 
 
 def _max_rel_diff(got: dict, ref: dict) -> float:
@@ -49,7 +54,7 @@ def _slices(model):
     return out
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "hsdp"])
 @pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw"])
 def test_matches_single_process(runs, engine, kind):
     assert _max_rel_diff(runs[engine][kind]["weights"], runs["single"][kind]) < 2e-5
@@ -73,8 +78,9 @@ def test_ddp_collectives(runs, kind):
             assert 0 < log["q3r_bytes"] < target_bytes
 
 
+@pytest.mark.parametrize("engine", ["fsdp", "hsdp"])
 @pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw"])
-def test_fsdp_collectives(runs, kind):
+def test_fsdp_collectives(runs, engine, kind):
     slices = _slices(worker.make_model())
     widths = [sketch_width(r, d1, d2, FULL_WIDTH) for d1, d2, r in slices]
     a_bytes = 4 * sum(k * d2 for (d1, d2, _), k in zip(slices, widths))
@@ -83,7 +89,7 @@ def test_fsdp_collectives(runs, kind):
         # finite flags, one Z = X^T Y per power iteration, two Cholesky-QR Gram passes, B = Q^T X
         return 1 + q + 2 + 1
 
-    logs = runs["fsdp"][kind]["logs"]
+    logs = runs[engine][kind]["logs"]
     assert logs[0]["refreshed"] and not logs[1]["refreshed"]
     for log in logs:
         assert log["all_calls"] == log["q3r_calls"]  # no hidden DTensor redistribution / gather
@@ -99,14 +105,34 @@ def test_fsdp_collectives(runs, kind):
             assert log["q3r_calls"] == refresh_calls(SKETCH.power_iters) + 1  # warm start
 
 
-def test_fsdp_checkpoint_resumes_identically(runs):
-    res = runs["fsdp"]["resume"]
+@pytest.mark.parametrize("engine", ["fsdp", "hsdp"])
+def test_fsdp_checkpoint_resumes_identically(runs, engine):
+    res = runs[engine]["resume"]
     for name, w in res["straight"].items():
         assert torch.equal(w, res["resumed"][name]), name
     # factor U of the k slice of qkv: a DTensor in parameter rows, sharded like the weight
     assert res["U_type"] == "DTensor"
     assert res["U_shape"][0] == 3 * worker.WIDTH
     assert res["U_local_rows"] == res["W_local_rows"] == 3 * worker.WIDTH // WORLD
+    assert res["U_placements"] == res["W_placements"]
+    if engine == "hsdp":
+        assert res["W_placements"] == "(Replicate(), Shard(dim=0))"
+
+
+@pytest.mark.parametrize("mesh", [f"({2 * WORLD},)", f"(2, {WORLD})"])
+def test_fsdp_checkpoint_resumes_on_another_mesh(runs, mesh):
+    """Saved by FSDP2 on WORLD ranks, resumed on 2 * WORLD ranks (weights, moments and U split in
+    twice as many row shards) or on an HSDP mesh: the same weights up to fp32 rounding (the
+    reductions are ordered differently; the sketch is as wide as each matrix)."""
+    assert _max_rel_diff(runs["resharded"][mesh], runs["fsdp"]["resume"]["straight"]) < 2e-5
+
+
+def test_hsdp_refuses_layouts_it_cannot_handle_when_built(runs):
+    refused = runs["hsdp"]["refused"]
+    assert len(refused) == 4
+    for who, message in refused.items():
+        assert "placements" in message and ("Shard(dim=1)" in message or "(Shard(dim=0), Shard(dim=0))" in message), who
+        assert message.startswith("AdamQ3R param group 0" if who.startswith("AdamQ3R") else "Q3R target w"), who
 
 
 def test_ddp_refuses_ranks_that_are_not_replicas(runs):

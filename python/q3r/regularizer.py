@@ -47,6 +47,8 @@ class Q3R:
         names = [t.name for t in targets]
         if len(set(names)) != len(names) or len({id(t.param) for t in targets}) != len(targets):
             raise ValueError(f"Q3R targets must be distinct parameters with distinct names, got {names}")
+        for t in targets:
+            distributed.check_sharding(t.param, f"Q3R target {t.name}")
         self.targets = targets
         self.configs = [slice_configs(t.param.shape, self._target_options(t), t.slice_names()) for t in targets]
         self.state = {

@@ -4,7 +4,8 @@
   the targets among the ranks, balanced by decomposition cost, and exchanges the new factors
   in two all_gathers; between refreshes nothing is communicated
   (:func:`refresh_slices_`, :mod:`.replicated`).
-* Sharded (FSDP2 ``fully_shard``: DTensor parameters with Shard(0)): the per-step term needs one
+* Sharded (FSDP2 ``fully_shard``: DTensor parameters with Shard(0); HSDP's 2-D mesh adds a
+  Replicate() dim, across which nothing is exchanged): the per-step term needs one
   all-reduce of the small U^T W matrices for all targets; the refresh is a randomized range finder
   on the local rows with all-reduces of k x k and k x d2 matrices (:mod:`.sharded`).
 
@@ -20,6 +21,7 @@ from .sharded import (
     SKETCH,
     ShardedTerms,
     SketchOptions,
+    check_sharding,
     is_sharded,
     refresh_sharded_,
     sharded_add_grad_,
@@ -31,6 +33,7 @@ __all__ = [
     "ShardedTerms",
     "SketchOptions",
     "assign_by_cost",
+    "check_sharding",
     "comm",
     "configure",
     "is_replicated_distributed",

@@ -1,4 +1,10 @@
-"""Q3R on weights sharded by FSDP2 (``fully_shard``): DTensors with ``Shard(0)`` on a 1-D mesh.
+"""Q3R on weights sharded by FSDP2 (``fully_shard``): DTensors with ``Shard(0)`` on one mesh dim.
+
+On a 1-D mesh that is plain FSDP2; on a 2-D mesh (HSDP: ``fully_shard(mesh=init_device_mesh(..,
+(replicas, shards)))``, placements ``(Replicate(), Shard(0))``) every collective below runs over
+the shard dim's process group only. The replica groups hold the same weights and factors and
+compute the same thing (sketch seeds depend only on the slice name and refresh count), so
+nothing is exchanged between them.
 
 Nothing ever gathers a full weight. Each rank holds rows [start, stop) of a target W (torch.chunk
 layout). For a slice with factors U (d1 x k, row-sharded like W), V (d2 x k, replicated), d:
@@ -34,11 +40,11 @@ from . import comm
 from .rangefinder import gaussian_sketch, range_finder_svd, sketch_width
 
 try:  # DTensor is public since torch 2.4; keep `import q3r` working without it
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover
-    DTensor, Shard = None, None
+    DTensor, Replicate, Shard = None, None, None
 
-__all__ = ["SketchOptions", "SKETCH", "is_sharded", "row_range", "local_slices", "refresh_sharded_", "ShardedTerms"]
+__all__ = ["SketchOptions", "SKETCH", "is_sharded", "shard_mesh_dim", "check_sharding", "row_range", "local_slices", "refresh_sharded_", "ShardedTerms"]
 
 
 @dataclass
@@ -64,19 +70,38 @@ def is_sharded(t) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def shard_mesh_dim(p, where: str = "q3r") -> int:
+    """The mesh dim over which the rows of the DTensor p are sharded. Supported: Shard(0) on
+    exactly one mesh dim and Replicate() on any others (FSDP2 on a 1-D mesh, HSDP on a 2-D one)."""
+    placements = tuple(p.placements)
+    shard_dims = [i for i, on in enumerate(placements) if on == Shard(0)]
+    if len(shard_dims) != 1 or any(not isinstance(on, Replicate) for i, on in enumerate(placements) if i != shard_dims[0]):
+        raise NotImplementedError(
+            f"{where}: a sharded target must be a DTensor with Shard(0) on one mesh dim and Replicate() on "
+            f"any others (FSDP2 / HSDP fully_shard), got placements {placements} on a {p.device_mesh.ndim}-D mesh"
+        )
+    return shard_dims[0]
+
+
+def check_sharding(p, where: str) -> None:
+    """Refuse, when the optimizer or regularizer is built, a DTensor target q3r cannot handle."""
+    if is_sharded(p):
+        shard_mesh_dim(p, where)
+
+
 def _group(p):
-    return p.device_mesh.get_group()
+    return p.device_mesh.get_group(shard_mesh_dim(p))
+
+
+def _leads(p) -> bool:
+    """True on the one rank of p's mesh that speaks for all (coordinate 0 on every mesh dim)."""
+    return all(c == 0 for c in p.device_mesh.get_coordinate())
 
 
 def row_range(p) -> tuple[int, int]:
     """Rows [start, stop) of the parameter p held by this rank (torch.chunk layout of Shard(0))."""
-    mesh = p.device_mesh
-    if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-        raise NotImplementedError(
-            f"q3r supports sharded targets as DTensors with placements (Shard(0),) on a 1-D mesh "
-            f"(FSDP2 fully_shard defaults), got placements {tuple(p.placements)} on a {mesh.ndim}-D mesh"
-        )
-    n, world, me = p.shape[0], mesh.size(), mesh.get_local_rank()
+    mesh, dim = p.device_mesh, shard_mesh_dim(p)
+    n, world, me = p.shape[0], mesh.size(dim), mesh.get_local_rank(dim)
     chunk = -(-n // world)
     start = min(me * chunk, n)
     stop = min(start + chunk, n)
@@ -138,7 +163,7 @@ def refresh_sharded_(
         live = []
         for item, flag in zip(items, bad.tolist()):
             if flag > 0:
-                if comm.rank(group) == 0:  # one warning, not one per rank
+                if _leads(item[0]):  # one warning, not one per rank
                     _warn_nonfinite(item[5].name, warned)
             else:
                 live.append(item)
@@ -165,7 +190,7 @@ def _commit_(s: dict, cfg: SliceConfig, p, lo: int, hi: int, U_loc: Tensor, S: T
     local = p.to_local()
     U_rows = torch.zeros(local.shape[0], k, dtype=torch.float32, device=local.device)
     U_rows[lo:hi] = U_loc
-    s["U"] = DTensor.from_local(U_rows, p.device_mesh, [Shard(0)], run_check=False, shape=(p.shape[0], k), stride=(k, 1))
+    s["U"] = DTensor.from_local(U_rows, p.device_mesh, p.placements, run_check=False, shape=(p.shape[0], k), stride=(k, 1))
     s["V"] = V.to(torch.float32).contiguous()
     s["sigma"] = S.to(torch.float32).contiguous()
     # fresh scalars rather than fill_: the old ones may be views shared with other state

@@ -89,6 +89,7 @@ class AdamQ3R(Optimizer):
             validate_q3r_options(merged, where)
             for p in params:
                 slice_configs(p.shape, merged, self._names(merged, params, p, where))
+                distributed.check_sharding(p, where)
         super().add_param_group(param_group)
 
     @staticmethod
