@@ -218,7 +218,7 @@ def fsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, init=True, me
     if init:
         _init(rank, world, port)
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     q3r.distributed.configure(oversample=oversample)
     results = {}
