@@ -100,6 +100,17 @@ def make_regularized_adamw(model):
     return opt
 
 
+def make_penalized_adamw(model):
+    """AdamW on loss + Q3R.penalty() (see train)."""
+    reg = q3r.Q3R(make_targets(model), lmbda=0.05, steps=PERIOD, refresh="exact")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    opt.q3r_regularizer, opt.q3r_penalty, opt.penalty_values = reg, True, []
+    return opt
+
+
+OPTIMIZERS = {"adamq3r": make_adamq3r, "q3r_adamw": make_regularized_adamw, "q3r_penalty": make_penalized_adamw}
+
+
 def refresh_count(opt) -> int:
     """Refreshes applied so far, summed over every target slice (AdamQ3R or an attached Q3R)."""
     reg = getattr(opt, "q3r_regularizer", None)
@@ -117,7 +128,12 @@ def train(model, opt, data, rank=0, world=1, logs=None):
     for step, tokens in enumerate(data):
         part = tokens.chunk(world)[rank].to(DEVICE)
         opt.zero_grad(set_to_none=True)
-        loss_of(model, part).backward()
+        loss = loss_of(model, part)
+        if getattr(opt, "q3r_penalty", False):  # refreshes in penalty(): the logs below miss them
+            penalty = opt.q3r_regularizer.penalty()
+            opt.penalty_values.append(float(penalty.detach()))
+            loss = loss + penalty
+        loss.backward()
         before = refresh_count(opt)
         with comm.counting() as log, CommDebugMode() as every:
             opt.step()
@@ -136,10 +152,19 @@ def full_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def single_process(kind: str) -> dict[str, torch.Tensor]:
+def diagnostics_of(opt) -> dict[str, float]:
+    reg = getattr(opt, "q3r_regularizer", None)
+    return reg.diagnostics() if reg is not None else opt.diagnostics()
+
+
+def single_process(kind: str, extras: dict | None = None) -> dict[str, torch.Tensor]:
+    """The final weights of one process on the global batches; extras, when given, gets the
+    values of Q3R.penalty() along the way (q3r_penalty) and the final diagnostics."""
     model = make_model()
-    opt = make_adamq3r(model) if kind == "adamq3r" else make_regularized_adamw(model)
+    opt = OPTIMIZERS[kind](model)
     train(model, opt, batches())
+    if extras is not None:
+        extras.update(penalties=getattr(opt, "penalty_values", []), diagnostics=diagnostics_of(opt))
     return full_state(model)
 
 
@@ -158,13 +183,13 @@ def ddp_worker(rank, world, port, out_path, init=True):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     results = {}
-    for kind in ("adamq3r", "q3r_adamw"):
+    for kind in OPTIMIZERS:
         model = make_model()
         ddp = DDP(model, device_ids=[rank] if DEVICE == "cuda" else None)
-        opt = make_adamq3r(model) if kind == "adamq3r" else make_regularized_adamw(model)
+        opt = OPTIMIZERS[kind](model)
         logs = []
         train(ddp, opt, batches(), rank, world, logs)
-        results[kind] = {"weights": full_state(model), "logs": logs}
+        results[kind] = {"weights": full_state(model), "logs": logs, "penalties": getattr(opt, "penalty_values", [])}
     # ranks that do not hold replicas must be refused, not silently mixed
     from q3r.refresh import SliceConfig, new_slice_state
 
@@ -222,12 +247,13 @@ def fsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, init=True, me
 
     q3r.distributed.configure(oversample=oversample)
     results = {}
-    for kind in ("adamq3r", "q3r_adamw"):
+    for kind in OPTIMIZERS:
         model = _fsdp_model(mesh_shape)
-        opt = make_adamq3r(model) if kind == "adamq3r" else make_regularized_adamw(model)
+        opt = OPTIMIZERS[kind](model)
         logs = []
         train(model, opt, batches(), rank, world, logs)
-        results[kind] = {"weights": full_state(model), "logs": logs}
+        results[kind] = {"weights": full_state(model), "logs": logs, "penalties": getattr(opt, "penalty_values", []),
+                         "diagnostics": diagnostics_of(opt)}
 
     # save after 3 steps, continue 2; a fresh model + optimizer restored from the checkpoint must
     # continue identically

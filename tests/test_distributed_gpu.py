@@ -23,7 +23,7 @@ def test_nccl_world_size_one_matches_single_process(tmp_path, monkeypatch):
     ddp, fsdp = tmp_path / "ddp.pt", tmp_path / "fsdp.pt"
     worker.spawn(worker.both_worker, 1, str(ddp), str(fsdp), str(tmp_path / "ckpt"), 10_000)
     ddp, fsdp = torch.load(ddp, weights_only=False), torch.load(fsdp, weights_only=False)
-    for kind in ("adamq3r", "q3r_adamw"):
+    for kind in worker.OPTIMIZERS:
         ref = worker.single_process(kind)  # on the CPU: CUDA vs CPU fp32 rounding only
         for res in (ddp, fsdp):
             got = res[kind]["weights"]

@@ -34,10 +34,11 @@ def runs(tmp_path_factory):
     worker.spawn(worker.hsdp_worker, 2 * WORLD, str(hsdp_path), str(tmp / "hsdp_ckpt"), FULL_WIDTH,
                  str(tmp / "ckpt"), str(tmp / "resharded.pt"))
     torch.set_num_threads(1)
-    single = {kind: worker.single_process(kind) for kind in ("adamq3r", "q3r_adamw")}
+    extras = {kind: {} for kind in worker.OPTIMIZERS}
+    single = {kind: worker.single_process(kind, extras[kind]) for kind in worker.OPTIMIZERS}
     load = lambda path: torch.load(path, weights_only=False)  # noqa: E731  (our own file)
     return {"ddp": load(ddp_path), "fsdp": load(fsdp_path), "hsdp": load(hsdp_path),
-            "resharded": load(tmp / "resharded.pt"), "single": single}
+            "resharded": load(tmp / "resharded.pt"), "single": single, "single_extras": extras}
 
 
 def _max_rel_diff(got: dict, ref: dict) -> float:
@@ -55,9 +56,28 @@ def _slices(model):
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp", "hsdp"])
-@pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw"])
+@pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw", "q3r_penalty"])
 def test_matches_single_process(runs, engine, kind):
     assert _max_rel_diff(runs[engine][kind]["weights"], runs["single"][kind]) < 2e-5
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "hsdp"])
+def test_penalty_value_matches_single_process(runs, engine):
+    """Q3R.penalty() on every rank is the whole model's value (FSDP2: summed over the shards)."""
+    got, ref = runs[engine]["q3r_penalty"]["penalties"], runs["single_extras"]["q3r_penalty"]["penalties"]
+    assert len(got) == len(ref) == worker.STEPS and min(ref) > 0
+    for g, r in zip(got, ref):
+        assert abs(g - r) <= 2e-5 * r
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "hsdp"])
+@pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw"])
+def test_diagnostics_of_sharded_targets_match_single_process(runs, engine, kind):
+    """diagnostics() gathers each sharded weight and its U: the values of one process."""
+    got, ref = runs[engine][kind]["diagnostics"], runs["single_extras"][kind]["diagnostics"]
+    assert set(got) == set(ref) and any(k.endswith("/penalty") for k in ref)
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw"])

@@ -97,3 +97,35 @@ def test_configure_validates():
         q3r.distributed.configure(oversample=-1)
     with pytest.raises(ValueError, match="power_iters"):
         q3r.distributed.configure(power_iters=1.5)
+
+
+def test_a_penalty_gradient_is_added_after_callbacks_queued_later_in_the_backward_pass():
+    """Q3R.penalty() on FSDP2 shards adds its gradient in a final callback, which must run after
+    FSDP2's (queued while the backward pass runs, maybe after the penalty's node)."""
+    from q3r.distributed.sharded import queue_after_backward_callbacks
+
+    order = []
+    engine = torch.autograd.Variable._execution_engine
+
+    class Early(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.sum()
+
+        @staticmethod
+        def backward(ctx, g):
+            order.append("early node")
+            queue_after_backward_callbacks(lambda: order.append("ours"))
+            return None
+
+    a, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    other = (b * 2).sum()
+    def later_hook(grad):
+        order.append("later hook")
+        engine.queue_callback(lambda: order.append("theirs"))
+
+    other.register_hook(later_hook)
+    early = Early.apply(a)  # created last: the engine runs it first
+    (other + early).backward()
+    assert order[:2] == ["early node", "later hook"]  # the setting of concern: theirs is queued after
+    assert order[2:] == ["theirs", "ours"]

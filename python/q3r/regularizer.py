@@ -115,15 +115,20 @@ class Q3R:
 
     # ------------------------------------------------------------------ modes
     def penalty(self) -> Tensor:
-        """lambda * sum over target slices of <W, R(W)>, differentiable in the weights."""
-        if any(distributed.is_sharded(t.param) for t in self.targets):
-            raise NotImplementedError(
-                "Q3R.penalty() does not support FSDP2-sharded targets; use add_grad_() / attach(optimizer) "
-                "or AdamQ3R, which apply the same gradient 2 lambda R(W) on the local shards"
-            )
+        """lambda * sum over target slices of <W, R(W)>, differentiable in the weights.
+
+        FSDP2-sharded targets: the value is the same on every rank; its gradient 2 lambda R(W)
+        reaches the sharded ``.grad`` at the end of the backward pass, after FSDP2's gradient
+        reduction (see q3r.distributed.sharded_penalty)."""
         self._begin_step()
         total = None
+        sharded = [t for t in self.targets if distributed.is_sharded(t.param)]
+        if sharded:
+            total = distributed.sharded_penalty(
+                [(t.param, t.slice_dim, t.slices, [operator_of(s) for s in self.state[t.name]]) for t in sharded])
         for t in self.targets:
+            if distributed.is_sharded(t.param):
+                continue
             for view, s in zip(slice_views(t.param, t.slice_dim, t.slices), self.state[t.name]):
                 value = reference.penalty_value(view, *operator_of(s))
                 total = value if total is None else total + value
@@ -180,11 +185,15 @@ class Q3R:
     # ------------------------------------------------------------- inspection
     def diagnostics(self) -> dict[str, float]:
         """Per target slice: envelope rank, eps, sigma_{r+1}, effective rank, tail energy,
-        penalty, as {"<name>/<metric>": float}."""
+        penalty, as {"<name>/<metric>": float}. With FSDP2-sharded targets every rank must
+        call it: each gathers the full weights, one at a time."""
         out: dict[str, float] = {}
         for t, cfgs in zip(self.targets, self.configs):
-            views = slice_views(t.param.detach(), t.slice_dim, t.slices)
-            for view, s, cfg in zip(views, self.state[t.name], cfgs):
+            if distributed.is_sharded(t.param):  # collective: gathers the weight and its factors
+                pairs = distributed.full_slices(t.param, t.slice_dim, t.slices, self.state[t.name])
+            else:
+                pairs = zip(slice_views(t.param.detach(), t.slice_dim, t.slices), self.state[t.name])
+            for (view, s), cfg in zip(pairs, cfgs):
                 for key, value in slice_diagnostics(view, s, cfg.rank, self.lmbda).items():
                     out[f"{cfg.name}/{key}"] = value
         return out

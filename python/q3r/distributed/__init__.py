@@ -22,10 +22,12 @@ from .sharded import (
     ShardedTerms,
     SketchOptions,
     check_sharding,
+    full_slices,
     is_sharded,
     refresh_sharded_,
     sharded_add_grad_,
     sharded_adamq3r_step_,
+    sharded_penalty,
 )
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "check_sharding",
     "comm",
     "configure",
+    "full_slices",
     "is_replicated_distributed",
     "is_sharded",
     "refresh_cost",
@@ -44,6 +47,7 @@ __all__ = [
     "refresh_slices_replicated_",
     "sharded_add_grad_",
     "sharded_adamq3r_step_",
+    "sharded_penalty",
 ]
 
 _REPLICATED = {"enabled": True, "group": None}

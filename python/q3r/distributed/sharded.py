@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .. import reference
 from ..refresh import SliceConfig, _warn_nonfinite
-from ..targets import slice_shapes
+from ..targets import slice_shapes, slice_views
 from . import comm
 from .rangefinder import gaussian_sketch, range_finder_svd, sketch_width
 
@@ -44,7 +44,7 @@ try:  # DTensor is public since torch 2.4; keep `import q3r` working without it
 except ImportError:  # pragma: no cover
     DTensor, Replicate, Shard = None, None, None
 
-__all__ = ["SketchOptions", "SKETCH", "is_sharded", "shard_mesh_dim", "check_sharding", "row_range", "local_slices", "refresh_sharded_", "ShardedTerms"]
+__all__ = ["SketchOptions", "SKETCH", "is_sharded", "shard_mesh_dim", "check_sharding", "row_range", "local_slices", "refresh_sharded_", "ShardedTerms", "sharded_penalty", "full_slices"]
 
 
 @dataclass
@@ -257,6 +257,25 @@ class ShardedTerms:
                 it[4] = flat[offset : offset + n].view_as(it[4])
                 offset += n
 
+    def penalty_value(self) -> Tensor:
+        """The sum over the slices of <X, R(X)> (the closed form of reference.penalty_value):
+        the parts on local rows (||X||^2 and the B = X V term) summed over the ranks in one
+        all-reduce per process group, the parts of the all-reduced A and C = A V added once."""
+        local: dict[int, list] = {}
+        shared = []
+        for p, *_, plan in self._plans.values():
+            parts = local.setdefault(id(_group(p)), [_group(p), []])[1]
+            for item in plan:
+                X = item[0].to(torch.float32)
+                parts.append(X.square().sum())
+                if len(item) == 6:  # triplets above eps: (x, U_r, V, d, A, scale)
+                    _, _, V, d, A, _ = item
+                    parts.append(((X @ V).square().sum(0) * d).sum())
+                    C = A @ V
+                    shared.append((d[:, None] * d[None, :] * C.square()).sum() + (A.square().sum(1) * d).sum())
+        total = [comm.all_reduce_(torch.stack(parts).sum(), group) for group, parts in local.values()]
+        return torch.stack(total + shared).sum()
+
     def terms(self, p) -> list[tuple[Tensor, Tensor | None]]:
         """Per slice of p: (local view of the slice, scale * R(X) on those rows in float32, or
         None when the scale is 0)."""
@@ -278,6 +297,21 @@ class ShardedTerms:
             R = X + (Ur * dd) @ (A + (C * dd) @ Vt) + ((X @ V) * dd) @ Vt
             out.append((x, R.mul_(scale)))
         return out
+
+
+def full_slices(p, slice_dim: int, slices, states) -> list[tuple[Tensor, dict]]:
+    """Per slice of the sharded target p: (the full slice, its state with U gathered to the
+    slice's rows). Collective (all-gathers of the weight and of each U): for diagnostics, not
+    for a training step."""
+    W = p.detach().full_tensor()
+    views = slice_views(W, slice_dim, slices)
+    rows = [(a, b) for a, b in slices] if slices is not None and slice_dim == 0 else [(0, W.shape[0])] * len(views)
+    out = []
+    for view, (a, b), s in zip(views, rows, states):
+        # U is in parameter rows once refreshed here; before, it is the empty slice-shaped start
+        U = s["U"].full_tensor()[a:b] if is_sharded(s["U"]) else s["U"]
+        out.append((view, {**s, "U": U}))
+    return out
 
 
 def _local(t):
@@ -315,9 +349,63 @@ def sharded_adamq3r_step_(works) -> None:
 def sharded_add_grad_(entries, grads) -> None:
     """Q3R.add_grad_ for sharded targets: entries as for :class:`ShardedTerms`, grads the
     parameters' (DTensor) gradients; adds scale * R(X) to each slice of the local gradient."""
-    terms = ShardedTerms(entries)
-    for (p, slice_dim, slices, _, _), g in zip(entries, grads):
+    _add_terms_(ShardedTerms(entries), [(p, slice_dim, slices, g) for (p, slice_dim, slices, _, _), g in zip(entries, grads)])
+
+
+def _add_terms_(terms: ShardedTerms, targets, factor: Tensor | None = None) -> None:
+    """grad[slice] += (factor *) the slice's term, for (param, slice_dim, slices, grad) targets."""
+    for p, slice_dim, slices, g in targets:
         start, _ = row_range(p)
         for (gv, _, _), (_, term) in zip(local_slices(_local(g), start, slice_dim, slices), terms.terms(p)):
             if term is not None:
-                gv.add_(term.to(gv.dtype))
+                gv.add_((term if factor is None else term.mul_(factor)).to(gv.dtype))
+
+
+def sharded_penalty(entries) -> Tensor:
+    """The sum over the slices of sharded targets of <X, R(X)>, differentiable: its backward
+    adds grad_output * 2 R(X) to the parameters' sharded gradients.
+
+    entries: (param DTensor, slice_dim, slices, operators per slice). The value costs one
+    all-reduce of the A = U^T X of all slices and one of a scalar per process group. The
+    gradient does not flow through autograd's accumulation into ``.grad``: FSDP2 writes the
+    reduced gradient shards on its own stream and only makes the default stream wait for them
+    in a callback at the end of the backward pass, so the term is added in a callback queued to
+    run after that one (see queue_after_backward_callbacks), at the weights the value was
+    taken at (nothing moves them before the backward pass in a training loop). Under FSDP2's
+    ``set_is_last_backward(False)`` that callback does not wait for the reduction: use the
+    penalty only in the last backward pass of such a sequence (or add_grad_ / AdamQ3R).
+    """
+    params = [e[0] for e in entries]
+    return _PenaltyOfShards.apply(entries, *params)
+
+
+class _PenaltyOfShards(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, entries, *params):
+        terms = ShardedTerms([(p, slice_dim, slices, ops, 1.0) for p, slice_dim, slices, ops in entries])
+        ctx.terms, ctx.targets = terms, [(p, slice_dim, slices) for p, slice_dim, slices, _ in entries]
+        return terms.penalty_value()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        terms, targets, factor = ctx.terms, ctx.targets, 2.0 * grad_output
+
+        def add_():
+            for p, _, _ in targets:
+                if p.grad is None:
+                    p.grad = DTensor.from_local(torch.zeros_like(p.to_local()), p.device_mesh, p.placements,
+                                                run_check=False, shape=p.shape, stride=p.stride())
+            _add_terms_(terms, [(p, slice_dim, slices, p.grad) for p, slice_dim, slices in targets], factor)
+
+        queue_after_backward_callbacks(add_)
+        return (None,) * (1 + len(targets))
+
+
+def queue_after_backward_callbacks(fn) -> None:
+    """From inside a backward pass: run fn at its end, after every callback queued during it.
+
+    Final callbacks run in the order they were queued, and one queued by a callback runs after
+    all of them. FSDP2 queues the callback that waits for its gradient reduction while the
+    backward pass runs, possibly after the caller: queuing from a callback puts fn after it."""
+    engine = torch.autograd.Variable._execution_engine
+    engine.queue_callback(lambda: engine.queue_callback(fn))

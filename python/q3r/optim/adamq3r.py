@@ -229,7 +229,9 @@ class AdamQ3R(Optimizer):
     # ------------------------------------------------------------ diagnostics
     def diagnostics(self) -> dict[str, float]:
         """Per target slice: envelope rank, eps, sigma_{r+1}, effective rank, penalty,
-        energy outside the target rank; flat {"<name>/<metric>": float} for loggers."""
+        energy outside the target rank; flat {"<name>/<metric>": float} for loggers. With
+        FSDP2-sharded parameters every rank must call it: each gathers the full weights, one
+        at a time."""
         out: dict[str, float] = {}
         for group in self.param_groups:
             if not group["q3r"]:
@@ -238,8 +240,11 @@ class AdamQ3R(Optimizer):
                 state = self.state.get(p)
                 if not state or "q3r" not in state:
                     continue
-                views = slice_views(p.detach(), group["slice_dim"], group["slices"])
-                for view, s, cfg in zip(views, state["q3r"], self._group_configs(group, p)):
+                if distributed.is_sharded(p):  # collective: gathers the weight and its factors
+                    pairs = distributed.full_slices(p, group["slice_dim"], group["slices"], state["q3r"])
+                else:
+                    pairs = zip(slice_views(p.detach(), group["slice_dim"], group["slices"]), state["q3r"])
+                for (view, s), cfg in zip(pairs, self._group_configs(group, p)):
                     for key, value in slice_diagnostics(view, s, cfg.rank, group["lmbda"]).items():
                         out[f"{cfg.name}/{key}"] = value
         return out
