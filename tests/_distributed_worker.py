@@ -338,6 +338,32 @@ def hsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, saved_ckpt, r
     dist.destroy_process_group()
 
 
+def fsdp_kernels_worker(rank, world, port, out_path, oversample):
+    """FSDP2 training with the Triton kernels forced (on CPU tensors: under TRITON_INTERPRET=1,
+    which the test environment sets), with what the fused plans took."""
+    from q3r import ops
+
+    _init(rank, world, port)
+    os.environ["Q3R_BACKEND"] = "triton"
+    q3r.distributed.configure(oversample=oversample)
+    results = {}
+    for kind in OPTIMIZERS:
+        ops._PLANS.clear()
+        model = _fsdp_model()
+        opt = OPTIMIZERS[kind](model)
+        train(model, opt, batches(), rank, world)
+        plans = {key[0]: entry for key, entry in ops._PLANS.items()}  # the last of each kind
+        adam = plans.get("adam")
+        results[kind] = {
+            "weights": full_state(model), "plans": sorted(plans),
+            "q3r_regions": 0 if adam is None else sum(j is not None for _, j, _ in adam.region_map),
+            "rejected": None if adam is None else len(adam.rejected),
+        }
+    if rank == 0:
+        torch.save(results, out_path)
+    dist.destroy_process_group()
+
+
 def free_port() -> int:
     import socket
 

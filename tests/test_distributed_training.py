@@ -61,6 +61,35 @@ def test_matches_single_process(runs, engine, kind):
     assert _max_rel_diff(runs[engine][kind]["weights"], runs["single"][kind]) < 2e-5
 
 
+def _local_slice_count(rank, world) -> int:
+    """Target slices with rows on this rank of the test model under FSDP2 (torch.chunk rows)."""
+    from q3r.distributed.sharded import local_slices
+
+    count = 0
+    for t in worker.make_targets(worker.make_model()):
+        rows = t.param.shape[0]
+        chunk = -(-rows // world)
+        start, stop = min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+        views = local_slices(torch.empty(stop - start, t.param.shape[1]), start, t.slice_dim, t.slices)
+        count += sum(view.numel() > 0 for view, _, _ in views)
+    return count
+
+
+def test_fsdp_with_the_fused_kernels_matches_single_process(runs, tmp_path):
+    """The sharded step runs q3r.ops' fused kernels on each rank's shard with its local factors
+    and adds the low-rank rest (ShardedTerms): under the Triton interpreter, forced."""
+    path = tmp_path / "kernels.pt"
+    worker.spawn(worker.fsdp_kernels_worker, WORLD, str(path), FULL_WIDTH)
+    res = torch.load(path, weights_only=False)
+    # AdamQ3R: every slice with rows on rank 0 in the fused plan (none left to the reference path)
+    assert res["adamq3r"]["plans"] == ["adam"]
+    assert res["adamq3r"]["q3r_regions"] == _local_slice_count(0, WORLD) and res["adamq3r"]["rejected"] == 0
+    # Q3R.add_grad_ and the penalty's backward: the grouped reweighting plan
+    assert "reweight" in res["q3r_adamw"]["plans"] and "reweight" in res["q3r_penalty"]["plans"]
+    for kind in worker.OPTIMIZERS:
+        assert _max_rel_diff(res[kind]["weights"], runs["single"][kind]) < 2e-5, kind
+
+
 @pytest.mark.parametrize("engine", ["ddp", "fsdp", "hsdp"])
 def test_penalty_value_matches_single_process(runs, engine):
     """Q3R.penalty() on every rank is the whole model's value (FSDP2: summed over the shards)."""

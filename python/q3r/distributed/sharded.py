@@ -14,6 +14,10 @@ layout). For a slice with factors U (d1 x k, row-sharded like W), V (d2 x k, rep
     B_r = X_r V,  C = A V                 local
     R(X)_r = X_r + (U_r diag d)(A + C diag(d) V^T) + B_r diag(d) V^T      local
 
+computed as R_r(X_r) + U_r M: the operator of the local factors alone, which the fused kernels
+of q3r.ops apply to the local shard like to any block (the AdamQ3R update in the same pass),
+plus a rank-k correction with M = diag(d) (A - U_r^T X_r)(I + V diag(d) V^T) (ShardedTerms).
+
 The refresh runs the randomized range finder of :mod:`.rangefinder` on the local rows.
 
 Layout of the factors, chosen so that torch.distributed.checkpoint saves and reshards them:
@@ -27,6 +31,7 @@ identical on every rank (DCP treats them as replicated).
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass
 
@@ -210,52 +215,65 @@ def _udv(op) -> tuple[Tensor, Tensor, Tensor]:
     return op
 
 
-class ShardedTerms:
-    """2 lambda R(X) on the local rows of sharded targets, with one all-reduce for all of them.
+@dataclass
+class _LocalSlice:
+    """One slice's part on this rank: the view x of its local rows, the rows [lo, hi) of the
+    local shard it covers, its local operator (U_r, V, sigma, eps) or (U_r, V, d), and, when m
+    triplets lie above eps, A and the correction M (see ShardedTerms; None when R = I here)."""
 
-    entries: (param DTensor, slice_dim, slices, operators per slice, scale); an operator
-    is (U, V, d) or (U, V, sigma, eps).
-    Construction computes every partial A_r = U_r^T X_r and sums them in one collective (per
-    process group); :meth:`terms` then gives, per parameter, (local view, scale * R(X)_r) for
-    each slice, evaluated at the weights as they were at construction.
+    x: Tensor
+    lo: int
+    hi: int
+    operator: tuple
+    A: Tensor | None = None  # U_r^T X_r, then (after the all-reduce) U^T X
+    M: Tensor | None = None
+
+
+class ShardedTerms:
+    """R(X) on the local rows of sharded targets, with one all-reduce for all of them.
+
+    entries: (param DTensor, slice_dim, slices, operators per slice); an operator is (U, V, d)
+    or (U, V, sigma, eps), U in parameter rows (see the module docstring). For a slice X the
+    rows r of this rank are
+
+        R(X)_r = R_r(X_r) + U_r M,     M = diag(d) (A - A_r) (I + V diag(d) V^T)
+
+    where R_r is the operator of the local factors (U_r, V, d) alone -- what q3r.ops applies to
+    a block, fused Triton kernels included, with A_r = U_r^T X_r -- and A = U^T X = sum over
+    ranks of A_r. Only the m triplets above eps enter (they lead: sigma is sorted), so A and M
+    are m x d2. Construction computes every A_r and sums them in one collective per process
+    group. Everything is evaluated at the weights as they were at construction.
     """
 
     def __init__(self, entries):
-        self._plans: dict[int, list] = {}
+        self._targets: dict[int, tuple] = {}
         pending: dict[int, list] = {}
-        operators = [[_udv(op) for op in entry[3]] for entry in entries]
-        # only the triplets above eps (d != 0) enter R, and they lead (sigma is sorted): sum
-        # U^T X over those alone -- r_env <= k columns. One host sync for all slices.
-        flat_d = [d for ops in operators for _, _, d in ops if d.numel()]
-        counts = iter(torch.stack([(d != 0).sum() for d in flat_d]).tolist() if flat_d else [])
-        for (p, slice_dim, slices, _, scale), ops in zip(entries, operators):
+        flat = [op for entry in entries for op in entry[3] if op[0].shape[-1]]
+        counts = iter(torch.stack([(_udv(op)[2] != 0).sum() for op in flat]).tolist() if flat else [])  # one sync
+        for p, slice_dim, slices, ops in entries:
             start, _ = row_range(p)
-            views = local_slices(p.to_local().detach(), start, slice_dim, slices)
-            plan = []
-            for (x, lo, hi), (U, V, d) in zip(views, ops):
-                if d.numel():
-                    m = int(next(counts))
-                    V, d, U_cols = V[:, :m], d[:m], m
-                else:
-                    U_cols = 0
-                if scale == 0:
-                    plan.append([x, None, 0.0])
+            parts = []
+            for (x, lo, hi), op in zip(local_slices(p.to_local().detach(), start, slice_dim, slices), ops):
+                m = int(next(counts)) if op[0].shape[-1] else 0
+                U_r = _local_U(op[0], lo, hi)
+                if m == 0:  # R = I: the whole (inert) operator, no correction
+                    parts.append(_LocalSlice(x, lo, hi, (U_r, *op[1:])))
                     continue
-                if U_cols == 0:
-                    plan.append([x, "identity", scale])  # no triplet above eps: R = I, nothing to sum
-                    continue
-                Ur = _local_U(U, lo, hi)[:, :U_cols]
-                A = Ur.transpose(0, 1) @ x.to(torch.float32)
-                plan.append([x, Ur, V, d, A, scale])
-                pending.setdefault(id(_group(p)), [_group(p), []])[1].append(plan[-1])
-            self._plans[id(p)] = (p, slice_dim, slices, views, ops, scale, plan)
-        for group, items in pending.values():
-            flat = comm.all_reduce_(torch.cat([it[4].reshape(-1) for it in items]), group)
+                local = (U_r[:, :m], op[1][:, :m], op[2][:m], *op[3:])
+                part = _LocalSlice(x, lo, hi, local, A=local[0].transpose(0, 1) @ x.to(torch.float32))
+                parts.append(part)
+                pending.setdefault(id(_group(p)), [_group(p), []])[1].append(part)
+            self._targets[id(p)] = (p, slice_dim, slices, start, parts)
+        for group, parts in pending.values():
+            local_A = [part.A for part in parts]
+            total = comm.all_reduce_(torch.cat([a.reshape(-1) for a in local_A]), group)
             offset = 0
-            for it in items:
-                n = it[4].numel()
-                it[4] = flat[offset : offset + n].view_as(it[4])
-                offset += n
+            for part, A_r in zip(parts, local_A):
+                part.A = total[offset : offset + A_r.numel()].view_as(A_r)
+                offset += A_r.numel()
+                _, V, d = _udv(part.operator)
+                M = d[:, None] * (part.A - A_r)
+                part.M = M + ((M @ V) * d) @ V.transpose(0, 1)
 
     def penalty_value(self) -> Tensor:
         """The sum over the slices of <X, R(X)> (the closed form of reference.penalty_value):
@@ -263,40 +281,56 @@ class ShardedTerms:
         all-reduce per process group, the parts of the all-reduced A and C = A V added once."""
         local: dict[int, list] = {}
         shared = []
-        for p, *_, plan in self._plans.values():
-            parts = local.setdefault(id(_group(p)), [_group(p), []])[1]
-            for item in plan:
-                X = item[0].to(torch.float32)
-                parts.append(X.square().sum())
-                if len(item) == 6:  # triplets above eps: (x, U_r, V, d, A, scale)
-                    _, _, V, d, A, _ = item
-                    parts.append(((X @ V).square().sum(0) * d).sum())
-                    C = A @ V
-                    shared.append((d[:, None] * d[None, :] * C.square()).sum() + (A.square().sum(1) * d).sum())
-        total = [comm.all_reduce_(torch.stack(parts).sum(), group) for group, parts in local.values()]
+        for p, *_, parts in self._targets.values():
+            sums = local.setdefault(id(_group(p)), [_group(p), []])[1]
+            for part in parts:
+                X = part.x.to(torch.float32)
+                sums.append(X.square().sum())
+                if part.A is not None:
+                    _, V, d = _udv(part.operator)
+                    sums.append(((X @ V).square().sum(0) * d).sum())
+                    C = part.A @ V
+                    shared.append((d[:, None] * d[None, :] * C.square()).sum() + (part.A.square().sum(1) * d).sum())
+        total = [comm.all_reduce_(torch.stack(sums).sum(), group) for group, sums in local.values()]
         return torch.stack(total + shared).sum()
 
-    def terms(self, p) -> list[tuple[Tensor, Tensor | None]]:
-        """Per slice of p: (local view of the slice, scale * R(X) on those rows in float32, or
-        None when the scale is 0)."""
-        if id(p) not in self._plans:
-            return []
-        out = []
-        for item in self._plans[id(p)][-1]:
-            if item[1] is None:
-                out.append((item[0], None))
+    def _views(self, p, t: Tensor) -> list[Tensor]:
+        """The slices' views of t, a tensor laid out like p's local shard."""
+        _, slice_dim, slices, start, _ = self._targets[id(p)]
+        return [view for view, _, _ in local_slices(t, start, slice_dim, slices)]
+
+    def local_work(self, p, work):
+        """The ParamWork of p on its local shard, with the local operators of the slices that
+        have local rows; the AdamQ3R step of q3r.optim.functional (fused kernels where they
+        run) takes it, and :meth:`correct_` then adds the rest of the Q3R term."""
+        _, slice_dim, slices, _, parts = self._targets[id(p)]
+        live = [(i, part) for i, part in enumerate(parts) if part.x.numel()]
+        if slices is not None:  # the slices' ranges in the local shard
+            slices = [(part.lo, part.hi) if slice_dim == 0 else slices[i] for i, part in live]
+        return dataclasses.replace(
+            work, param=p.to_local(), grad=_local(work.grad), exp_avg=_local(work.exp_avg),
+            exp_avg_sq=_local(work.exp_avg_sq), slices=slices, operators=[part.operator for _, part in live],
+        )
+
+    def correct_(self, p, t: Tensor, alpha: float) -> None:
+        """t[slice] += alpha * U_r M for every slice of p (t laid out like p's local shard)."""
+        for part, view in zip(self._targets[id(p)][-1], self._views(p, t)):
+            if part.M is None or view.numel() == 0:
                 continue
-            if isinstance(item[1], str):
-                out.append((item[0], item[0].to(torch.float32) * item[2]))
-                continue
-            x, Ur, V, d, A, scale = item
-            X = x.to(torch.float32)
-            dd = d.unsqueeze(0)
-            Vt = V.transpose(0, 1)
-            C = A @ V
-            R = X + (Ur * dd) @ (A + (C * dd) @ Vt) + ((X @ V) * dd) @ Vt
-            out.append((x, R.mul_(scale)))
-        return out
+            if view.dtype == torch.float32:
+                view.addmm_(part.operator[0], part.M, alpha=alpha)
+            else:
+                view.add_((part.operator[0] @ part.M).to(view.dtype), alpha=alpha)
+
+    def add_(self, p, t: Tensor, alpha: float) -> None:
+        """t[slice] += alpha * R(X)_r for every slice of p (t laid out like p's local shard): the
+        local operators through q3r.ops.add_reweighting_ (grouped Triton launches where they
+        run, no full-size temporary), then the corrections."""
+        from ..ops import add_reweighting_
+
+        live = [(view, part) for view, part in zip(self._views(p, t), self._targets[id(p)][-1]) if view.numel()]
+        add_reweighting_([v for v, _ in live], [part.x for _, part in live], [part.operator for _, part in live], alpha)
+        self.correct_(p, t, alpha)
 
 
 def full_slices(p, slice_dim: int, slices, states) -> list[tuple[Tensor, dict]]:
@@ -319,46 +353,31 @@ def _local(t):
 
 
 def sharded_adamq3r_step_(works) -> None:
-    """The AdamQ3R step (SPEC section 3) for parameters that may be DTensors: Adam on the
-    local shards (it is elementwise), the Q3R term from :class:`ShardedTerms` (one all-reduce
-    per step for all targets), evaluated before the Adam update moves the weights."""
-    import dataclasses
+    """The AdamQ3R step (SPEC section 3) for parameters that may be DTensors: the step of
+    q3r.optim.functional (fused Triton kernels where they run) on the local shards with the
+    local operators, then the low-rank corrections of :class:`ShardedTerms` (one all-reduce
+    per step for all targets), all evaluated before the update moves the weights."""
+    from ..optim.functional import adamq3r_step_
 
-    from ..optim.functional import adam_update_, adamq3r_reference_
-
-    entries = [
-        (w.param, w.slice_dim, w.slices, w.operators, 2.0 * w.lmbda)
-        for w in works
-        if is_sharded(w.param) and w.lmbda != 0 and w.operators
-    ]
-    terms = ShardedTerms(entries)
-    for w in works:
-        if not is_sharded(w.param):
-            adamq3r_reference_([w])
-            continue
-        todo = terms.terms(w.param)
-        local = dataclasses.replace(
-            w, param=w.param.to_local(), grad=_local(w.grad), exp_avg=_local(w.exp_avg), exp_avg_sq=_local(w.exp_avg_sq)
-        )
-        adam_update_(local)
-        for view, term in todo:
-            if term is not None:
-                view.sub_(term.to(view.dtype), alpha=w.lr)
+    q3r_works = [w for w in works if is_sharded(w.param) and w.lmbda != 0 and w.operators]
+    terms = ShardedTerms([(w.param, w.slice_dim, w.slices, w.operators) for w in q3r_works])
+    with_term = {id(w) for w in q3r_works}
+    local = [terms.local_work(w.param, w) if id(w) in with_term else
+             dataclasses.replace(w, param=_local(w.param), grad=_local(w.grad), exp_avg=_local(w.exp_avg),
+                                 exp_avg_sq=_local(w.exp_avg_sq), operators=[] if is_sharded(w.param) else w.operators)
+             for w in works]
+    adamq3r_step_(local)
+    for w in q3r_works:
+        terms.correct_(w.param, w.param.to_local(), -w.lr * 2.0 * w.lmbda)
 
 
 def sharded_add_grad_(entries, grads) -> None:
-    """Q3R.add_grad_ for sharded targets: entries as for :class:`ShardedTerms`, grads the
-    parameters' (DTensor) gradients; adds scale * R(X) to each slice of the local gradient."""
-    _add_terms_(ShardedTerms(entries), [(p, slice_dim, slices, g) for (p, slice_dim, slices, _, _), g in zip(entries, grads)])
-
-
-def _add_terms_(terms: ShardedTerms, targets, factor: Tensor | None = None) -> None:
-    """grad[slice] += (factor *) the slice's term, for (param, slice_dim, slices, grad) targets."""
-    for p, slice_dim, slices, g in targets:
-        start, _ = row_range(p)
-        for (gv, _, _), (_, term) in zip(local_slices(_local(g), start, slice_dim, slices), terms.terms(p)):
-            if term is not None:
-                gv.add_((term if factor is None else term.mul_(factor)).to(gv.dtype))
+    """Q3R.add_grad_ for sharded targets: entries (param, slice_dim, slices, operators, scale),
+    grads the parameters' (DTensor) gradients; adds scale * R(X) to each slice of the local
+    gradient."""
+    terms = ShardedTerms([entry[:4] for entry in entries])
+    for (p, *_, scale), g in zip(entries, grads):
+        terms.add_(p, _local(g), scale)
 
 
 def sharded_penalty(entries) -> Tensor:
@@ -382,23 +401,23 @@ def sharded_penalty(entries) -> Tensor:
 class _PenaltyOfShards(torch.autograd.Function):
     @staticmethod
     def forward(ctx, entries, *params):
-        terms = ShardedTerms([(p, slice_dim, slices, ops, 1.0) for p, slice_dim, slices, ops in entries])
-        ctx.terms, ctx.targets = terms, [(p, slice_dim, slices) for p, slice_dim, slices, _ in entries]
-        return terms.penalty_value()
+        ctx.terms, ctx.params = ShardedTerms(entries), params
+        return ctx.terms.penalty_value()
 
     @staticmethod
     def backward(ctx, grad_output):
-        terms, targets, factor = ctx.terms, ctx.targets, 2.0 * grad_output
+        terms, params = ctx.terms, ctx.params
 
         def add_():
-            for p, _, _ in targets:
+            factor = 2.0 * float(grad_output)  # at the end of the backward pass: one sync per step
+            for p in params:
                 if p.grad is None:
                     p.grad = DTensor.from_local(torch.zeros_like(p.to_local()), p.device_mesh, p.placements,
                                                 run_check=False, shape=p.shape, stride=p.stride())
-            _add_terms_(terms, [(p, slice_dim, slices, p.grad) for p, slice_dim, slices in targets], factor)
+                terms.add_(p, p.grad.to_local(), factor)
 
         queue_after_backward_callbacks(add_)
-        return (None,) * (1 + len(targets))
+        return (None,) * (1 + len(params))
 
 
 def queue_after_backward_callbacks(fn) -> None:
