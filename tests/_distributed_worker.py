@@ -277,6 +277,9 @@ def fsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, init=True, me
     }
     if mesh_shape is not None:
         results["refused"] = _refused_layouts(qkv.device_mesh)
+    else:
+        results["term_paths"] = _term_paths(model, opt)
+        results["unsharded_factors"] = _load_unsharded_factors(opt)
     if rank == 0:
         torch.save(results, out_path)
     if init:
@@ -297,6 +300,48 @@ def resume_from(ckpt_dir, mesh_shape, data, rank, world) -> dict[str, torch.Tens
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     train(model, opt, data, rank, world)
     return full_state(model)
+
+
+def _term_paths(model, opt) -> dict[str, float]:
+    """ShardedTerms.add_ on this rank's shards: R(X)_r into a bfloat16 tensor (whole, one
+    rounding) against float32 (local operator + correction), and R = I for slices never
+    refreshed (width-0 factors, U still slice-shaped): it must add X itself."""
+    from q3r.distributed.sharded import ShardedTerms
+    from q3r.refresh import new_slice_state
+
+    targets = make_targets(model)
+    entries = [(t.param, t.slice_dim, t.slices, [(s["U"], s["V"], s["sigma"], s["eps"]) for s in opt.state[t.param]["q3r"]])
+               for t in targets]
+    terms = ShardedTerms(entries)
+    out = {"bf16_vs_fp32": 0.0}
+    for t in targets:
+        local = t.param.to_local()
+        t32, t16 = torch.zeros_like(local), torch.zeros_like(local, dtype=torch.bfloat16)
+        terms.add_([(t.param, t32)], 1.0)
+        terms.add_([(t.param, t16)], 1.0)
+        out["bf16_vs_fp32"] = max(out["bf16_vs_fp32"], float((t16.float() - t32).abs().max() / t32.abs().max()))
+    fresh = []
+    for t in targets:
+        states = [new_slice_state(d1, d2, DEVICE) for d1, d2 in q3r.targets.slice_shapes(t.param.shape, t.slice_dim, t.slices)]
+        fresh.append((t.param, t.slice_dim, t.slices, [(s["U"], s["V"], s["sigma"], s["eps"]) for s in states]))
+    grads = [torch.zeros_like(t.param) for t in targets]  # DTensors like the parameters
+    q3r.distributed.sharded_add_grad_([(*e, 1.0) for e in fresh], grads)
+    out["never_refreshed_adds_X"] = all(torch.equal(g.to_local(), t.param.to_local()) for g, t in zip(grads, targets))
+    return out
+
+
+def _load_unsharded_factors(opt) -> str:
+    """A state dict whose U of a sharded parameter is a plain tensor (as an unsharded run saves
+    it) must be refused: its rows are the slice's, not the shard's."""
+    sd = opt.state_dict()
+    idx, st = next((i, st) for i, st in sd["state"].items() if "q3r" in st)
+    plain = {**st["q3r"][0], "U": torch.zeros(3, st["q3r"][0]["U"].shape[1])}
+    bad = {**sd, "state": {**sd["state"], idx: {**st, "q3r": [plain] + st["q3r"][1:]}}}
+    try:
+        opt.load_state_dict(bad)
+        return "no error"
+    except ValueError as err:
+        return str(err)
 
 
 def _refused_layouts(mesh) -> dict[str, str]:
@@ -333,6 +378,12 @@ def hsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, saved_ckpt, r
     fsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, init=False, mesh_shape=(2, world // 2))
     rest = batches()[3:]
     resumed = {f"{shape}": resume_from(saved_ckpt, shape, rest, rank, world) for shape in ((world,), (2, world // 2))}
+    # FSDP2 on all ranks: some hold no rows of some qkv slices
+    for kind in ("q3r_adamw", "q3r_penalty"):
+        model = _fsdp_model((world,))
+        opt = OPTIMIZERS[kind](model)
+        train(model, opt, batches(), rank, world)
+        resumed[f"{kind} on ({world},)"] = full_state(model)
     if rank == 0:
         torch.save(resumed, reshard_path)
     dist.destroy_process_group()

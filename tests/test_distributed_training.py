@@ -10,6 +10,8 @@ test_distributed_units.py.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ from q3r.distributed.rangefinder import sketch_width
 from q3r.distributed.sharded import SKETCH
 
 import _distributed_worker as worker
+from _kernel_utils import needs_kernels
 
 WORLD = 2
 FULL_WIDTH = 10_000  # oversampling that caps every sketch at min(d1, d2)
@@ -75,6 +78,26 @@ def _local_slice_count(rank, world) -> int:
     return count
 
 
+@pytest.mark.parametrize("kind", ["q3r_adamw", "q3r_penalty"])
+def test_fsdp_with_slices_absent_from_some_ranks_matches_single_process(runs, kind):
+    """On 2 * WORLD ranks some ranks hold no rows of some qkv slices (add_grad_ and penalty;
+    AdamQ3R is covered by the resume on that mesh)."""
+    assert _max_rel_diff(runs["resharded"][f"{kind} on ({2 * WORLD},)"], runs["single"][kind]) < 2e-5
+
+
+def test_factors_saved_unsharded_are_refused_for_a_sharded_parameter(runs):
+    assert "saved unsharded" in runs["fsdp"]["unsharded_factors"]
+
+
+def test_sharded_terms_in_low_precision_and_before_the_first_refresh(runs):
+    paths = runs["fsdp"]["term_paths"]
+    assert paths["bf16_vs_fp32"] < 8e-3  # bfloat16 rounding of the same R(X)_r (2^-8 relative)
+    assert paths["never_refreshed_adds_X"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="runs the kernels on CPU tensors: needs TRITON_INTERPRET=1 (tests/conftest.py sets it without CUDA)")
+@needs_kernels
 def test_fsdp_with_the_fused_kernels_matches_single_process(runs, tmp_path):
     """The sharded step runs q3r.ops' fused kernels on each rank's shard with its local factors
     and adds the low-rank rest (ShardedTerms): under the Triton interpreter, forced."""

@@ -25,6 +25,7 @@ __all__ = [
     "compute_dtype",
     "envelope_rank",
     "reweighting_coefficients",
+    "operator_udv",
     "project",
     "apply_reweighting",
     "penalty_value",
@@ -62,6 +63,14 @@ def reweighting_coefficients(sigma: Tensor, eps) -> Tensor:
     active = sigma > eps_b
     safe_sigma = torch.where(active, sigma, torch.ones_like(sigma))
     return torch.where(active, eps_b / safe_sigma - 1.0, torch.zeros_like(sigma))
+
+
+def operator_udv(op: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    """(U, V, d) of an operator given as (U, V, d) or as (U, V, sigma, eps)."""
+    if len(op) == 4:
+        U, V, sigma, eps = op
+        return U, V, reweighting_coefficients(sigma, eps)
+    return op
 
 
 def project(X: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:

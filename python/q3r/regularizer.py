@@ -3,7 +3,9 @@
 Two honest modes, pick one per training step:
 
 * ``loss = task_loss + reg.penalty()`` -- a differentiable lambda * sum <W, R(W)>; autograd
-  adds 2 lambda R(W) to each target's gradient (R is self-adjoint, its factors are constants).
+  adds 2 lambda R(W) to each target's gradient (R is self-adjoint, its factors are constants;
+  for FSDP2-sharded targets a callback at the end of the backward pass adds it to the sharded
+  ``.grad``, see q3r.distributed.sharded_penalty).
 * ``reg.add_grad_()`` after ``backward()`` -- adds 2 lambda R(W) to ``.grad`` in place without
   autograd (coupled: the optimizer then sees it, e.g. in Adam's moments). ``reg.attach(opt)``
   makes ``opt.step()`` call it for you.
@@ -189,10 +191,7 @@ class Q3R:
         call it: each gathers the full weights, one at a time."""
         out: dict[str, float] = {}
         for t, cfgs in zip(self.targets, self.configs):
-            if distributed.is_sharded(t.param):  # collective: gathers the weight and its factors
-                pairs = distributed.full_slices(t.param, t.slice_dim, t.slices, self.state[t.name])
-            else:
-                pairs = zip(slice_views(t.param.detach(), t.slice_dim, t.slices), self.state[t.name])
+            pairs = distributed.diagnostic_slices(t.param, t.slice_dim, t.slices, self.state[t.name])
             for (view, s), cfg in zip(pairs, cfgs):
                 for key, value in slice_diagnostics(view, s, cfg.rank, self.lmbda).items():
                     out[f"{cfg.name}/{key}"] = value
@@ -221,7 +220,10 @@ class Q3R:
                 raise ValueError(f"Q3R state_dict has {len(saved[t.name])} slices for {t.name}, expected {len(shapes)}")
             for s, (d1, d2) in zip(saved[t.name], shapes):
                 k = s["sigma"].shape[0]
-                rows = t.param.shape[0] if distributed.is_sharded(s["U"]) else d1  # sharded U: parameter rows
+                try:
+                    rows = distributed.factor_rows(t.param, s["U"], d1)
+                except ValueError as err:
+                    raise ValueError(f"Q3R state_dict {t.name}: {err}") from None
                 if tuple(s["U"].shape) != (rows, k) or tuple(s["V"].shape) != (d2, k):
                     raise ValueError(f"Q3R state_dict factors of {t.name} do not fit its {d1}x{d2} slices")
                 if (why := tail_mismatch(s, d1, d2)) is not None:

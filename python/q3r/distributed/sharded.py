@@ -6,17 +6,19 @@ the shard dim's process group only. The replica groups hold the same weights and
 compute the same thing (sketch seeds depend only on the slice name and refresh count), so
 nothing is exchanged between them.
 
-Nothing ever gathers a full weight. Each rank holds rows [start, stop) of a target W (torch.chunk
-layout). For a slice with factors U (d1 x k, row-sharded like W), V (d2 x k, replicated), d:
+No training step gathers a full weight (diagnostic_slices does). Each rank holds rows
+[start, stop) of a target W (torch.chunk layout). For a slice with factors U (d1 x k,
+row-sharded like W), V (d2 x k, replicated), d, of which the r_env triplets above eps enter:
 
-    A = U^T X = sum_r U_r^T X_r          one all-reduce of k x d2 (all targets batched: one
-                                          collective per step)
+    A = U^T X = sum_r U_r^T X_r          an all-reduce of r_env x d2 (all targets batched: one
+                                          collective per process group and step)
     B_r = X_r V,  C = A V                 local
     R(X)_r = X_r + (U_r diag d)(A + C diag(d) V^T) + B_r diag(d) V^T      local
 
 computed as R_r(X_r) + U_r M: the operator of the local factors alone, which the fused kernels
 of q3r.ops apply to the local shard like to any block (the AdamQ3R update in the same pass),
-plus a rank-k correction with M = diag(d) (A - U_r^T X_r)(I + V diag(d) V^T) (ShardedTerms).
+plus a rank-r_env correction with M = diag(d) (A - U_r^T X_r)(I + V diag(d) V^T) (ShardedTerms).
+HSDP assumes that the shard groups compute bit for bit the same (see docs/distributed.md).
 
 The refresh runs the randomized range finder of :mod:`.rangefinder` on the local rows.
 
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -49,10 +50,10 @@ try:  # DTensor is public since torch 2.4; keep `import q3r` working without it
 except ImportError:  # pragma: no cover
     DTensor, Replicate, Shard = None, None, None
 
-__all__ = ["SketchOptions", "SKETCH", "is_sharded", "shard_mesh_dim", "check_sharding", "row_range", "local_slices", "refresh_sharded_", "ShardedTerms", "sharded_penalty", "full_slices"]
+__all__ = ["SketchOptions", "SKETCH", "is_sharded", "shard_mesh_dim", "check_sharding", "row_range", "local_slices", "refresh_sharded_", "ShardedTerms", "sharded_penalty", "diagnostic_slices", "factor_rows"]
 
 
-@dataclass
+@dataclasses.dataclass
 class SketchOptions:
     """Randomized refresh of sharded targets: sketch width = rank + oversample (capped at
     min(d1, d2); a cap reached means the exact SVD up to rounding). A refresh warm-started from
@@ -207,19 +208,11 @@ def _commit_(s: dict, cfg: SliceConfig, p, lo: int, hi: int, U_loc: Tensor, S: T
     s["refreshes"] = s["refreshes"] + 1
 
 
-def _udv(op) -> tuple[Tensor, Tensor, Tensor]:
-    """(U, V, d) from an operator given as (U, V, d) or (U, V, sigma, eps)."""
-    if len(op) == 4:
-        U, V, sigma, eps = op
-        return U, V, reference.reweighting_coefficients(sigma, eps)
-    return op
-
-
-@dataclass
+@dataclasses.dataclass
 class _LocalSlice:
     """One slice's part on this rank: the view x of its local rows, the rows [lo, hi) of the
-    local shard it covers, its local operator (U_r, V, sigma, eps) or (U_r, V, d), and, when m
-    triplets lie above eps, A and the correction M (see ShardedTerms; None when R = I here)."""
+    local shard it covers, its local operator (U_r, V, sigma, eps) or (U_r, V, d) cut to the m
+    triplets above eps, and, when m > 0, A and the correction M (see ShardedTerms)."""
 
     x: Tensor
     lo: int
@@ -249,21 +242,23 @@ class ShardedTerms:
         self._targets: dict[int, tuple] = {}
         pending: dict[int, list] = {}
         flat = [op for entry in entries for op in entry[3] if op[0].shape[-1]]
-        counts = iter(torch.stack([(_udv(op)[2] != 0).sum() for op in flat]).tolist() if flat else [])  # one sync
+        udv = reference.operator_udv
+        counts = iter(torch.stack([(udv(op)[2] != 0).sum() for op in flat]).tolist() if flat else [])  # one sync
         for p, slice_dim, slices, ops in entries:
             start, _ = row_range(p)
+            group = _group(p)
             parts = []
             for (x, lo, hi), op in zip(local_slices(p.to_local().detach(), start, slice_dim, slices), ops):
                 m = int(next(counts)) if op[0].shape[-1] else 0
-                U_r = _local_U(op[0], lo, hi)
-                if m == 0:  # R = I: the whole (inert) operator, no correction
-                    parts.append(_LocalSlice(x, lo, hi, (U_r, *op[1:])))
+                if m == 0:  # R = I; U may be the slice-shaped start of a slice never refreshed
+                    empty = x.new_zeros(x.shape[0], 0, dtype=torch.float32)
+                    parts.append(_LocalSlice(x, lo, hi, (empty, op[1][:, :0], op[2][:0], *op[3:])))
                     continue
-                local = (U_r[:, :m], op[1][:, :m], op[2][:m], *op[3:])
+                local = (_local_U(op[0], lo, hi)[:, :m], op[1][:, :m], op[2][:m], *op[3:])
                 part = _LocalSlice(x, lo, hi, local, A=local[0].transpose(0, 1) @ x.to(torch.float32))
                 parts.append(part)
-                pending.setdefault(id(_group(p)), [_group(p), []])[1].append(part)
-            self._targets[id(p)] = (p, slice_dim, slices, start, parts)
+                pending.setdefault(id(group), [group, []])[1].append(part)
+            self._targets[id(p)] = (slice_dim, slices, start, group, parts)
         for group, parts in pending.values():
             local_A = [part.A for part in parts]
             total = comm.all_reduce_(torch.cat([a.reshape(-1) for a in local_A]), group)
@@ -271,7 +266,7 @@ class ShardedTerms:
             for part, A_r in zip(parts, local_A):
                 part.A = total[offset : offset + A_r.numel()].view_as(A_r)
                 offset += A_r.numel()
-                _, V, d = _udv(part.operator)
+                _, V, d = udv(part.operator)
                 M = d[:, None] * (part.A - A_r)
                 part.M = M + ((M @ V) * d) @ V.transpose(0, 1)
 
@@ -281,13 +276,13 @@ class ShardedTerms:
         all-reduce per process group, the parts of the all-reduced A and C = A V added once."""
         local: dict[int, list] = {}
         shared = []
-        for p, *_, parts in self._targets.values():
-            sums = local.setdefault(id(_group(p)), [_group(p), []])[1]
+        for *_, group, parts in self._targets.values():
+            sums = local.setdefault(id(group), [group, []])[1]
             for part in parts:
                 X = part.x.to(torch.float32)
                 sums.append(X.square().sum())
                 if part.A is not None:
-                    _, V, d = _udv(part.operator)
+                    _, V, d = reference.operator_udv(part.operator)
                     sums.append(((X @ V).square().sum(0) * d).sum())
                     C = part.A @ V
                     shared.append((d[:, None] * d[None, :] * C.square()).sum() + (part.A.square().sum(1) * d).sum())
@@ -296,47 +291,68 @@ class ShardedTerms:
 
     def _views(self, p, t: Tensor) -> list[Tensor]:
         """The slices' views of t, a tensor laid out like p's local shard."""
-        _, slice_dim, slices, start, _ = self._targets[id(p)]
+        slice_dim, slices, start, _, _ = self._targets[id(p)]
         return [view for view, _, _ in local_slices(t, start, slice_dim, slices)]
 
-    def local_work(self, p, work):
-        """The ParamWork of p on its local shard, with the local operators of the slices that
-        have local rows; the AdamQ3R step of q3r.optim.functional (fused kernels where they
-        run) takes it, and :meth:`correct_` then adds the rest of the Q3R term."""
-        _, slice_dim, slices, _, parts = self._targets[id(p)]
+    def full_terms(self, p) -> list[Tensor]:
+        """R(X)_r of every slice of p in float32, whole (for weights or gradients that are not
+        float32: added in one rounding, as the reference path does; split, the small
+        correction would be rounded away)."""
+        out = []
+        for part in self._targets[id(p)][-1]:
+            R = reference.apply_reweighting(part.x, *reference.operator_udv(part.operator)).to(torch.float32)
+            if part.M is not None:
+                R.addmm_(part.operator[0], part.M)
+            out.append(R)
+        return out
+
+    def local_work(self, work):
+        """The ParamWork of a float32 parameter on its local shard, with the local operators of
+        the slices that have local rows: the AdamQ3R step of q3r.optim.functional (fused
+        kernels where they run) takes it, and :meth:`correct_` then adds the rest."""
+        slice_dim, slices, _, _, parts = self._targets[id(work.param)]
         live = [(i, part) for i, part in enumerate(parts) if part.x.numel()]
         if slices is not None:  # the slices' ranges in the local shard
             slices = [(part.lo, part.hi) if slice_dim == 0 else slices[i] for i, part in live]
-        return dataclasses.replace(
-            work, param=p.to_local(), grad=_local(work.grad), exp_avg=_local(work.exp_avg),
-            exp_avg_sq=_local(work.exp_avg_sq), slices=slices, operators=[part.operator for _, part in live],
-        )
+        return _localized(work, slices=slices, operators=[part.operator for _, part in live])
 
     def correct_(self, p, t: Tensor, alpha: float) -> None:
-        """t[slice] += alpha * U_r M for every slice of p (t laid out like p's local shard)."""
+        """t[slice] += alpha * U_r M for every slice of p (t: float32, laid out like p's local
+        shard): one rank-m matmul per slice, in place."""
         for part, view in zip(self._targets[id(p)][-1], self._views(p, t)):
-            if part.M is None or view.numel() == 0:
-                continue
-            if view.dtype == torch.float32:
+            if part.M is not None and view.numel():
                 view.addmm_(part.operator[0], part.M, alpha=alpha)
-            else:
-                view.add_((part.operator[0] @ part.M).to(view.dtype), alpha=alpha)
 
-    def add_(self, p, t: Tensor, alpha: float) -> None:
-        """t[slice] += alpha * R(X)_r for every slice of p (t laid out like p's local shard): the
-        local operators through q3r.ops.add_reweighting_ (grouped Triton launches where they
-        run, no full-size temporary), then the corrections."""
+    def add_(self, pairs, alpha: float) -> None:
+        """t[slice] += alpha * R(X)_r for every slice of p, for (p, t) in pairs (t laid out like
+        p's local shard): for float32 t the local operators of all of them in one call of
+        q3r.ops.add_reweighting_ (grouped Triton launches where they run, no full-size
+        temporary), then the corrections."""
         from ..ops import add_reweighting_
 
-        live = [(view, part) for view, part in zip(self._views(p, t), self._targets[id(p)][-1]) if view.numel()]
-        add_reweighting_([v for v, _ in live], [part.x for _, part in live], [part.operator for _, part in live], alpha)
-        self.correct_(p, t, alpha)
+        outs, xs, operators, corrected = [], [], [], []
+        for p, t in pairs:
+            if t.dtype != torch.float32:
+                for view, R in zip(self._views(p, t), self.full_terms(p)):
+                    view.add_(R.to(view.dtype), alpha=alpha)
+                continue
+            for view, part in zip(self._views(p, t), self._targets[id(p)][-1]):
+                if view.numel():
+                    outs.append(view)
+                    xs.append(part.x)
+                    operators.append(part.operator)
+            corrected.append((p, t))
+        add_reweighting_(outs, xs, operators, alpha)
+        for p, t in corrected:
+            self.correct_(p, t, alpha)
 
 
-def full_slices(p, slice_dim: int, slices, states) -> list[tuple[Tensor, dict]]:
-    """Per slice of the sharded target p: (the full slice, its state with U gathered to the
-    slice's rows). Collective (all-gathers of the weight and of each U): for diagnostics, not
+def diagnostic_slices(p, slice_dim: int, slices, states) -> list[tuple[Tensor, dict]]:
+    """Per slice of the target p: (the whole slice, its state with U in the slice's rows). For
+    a sharded p a collective (all-gathers of the weight and of each U): for diagnostics, not
     for a training step."""
+    if not is_sharded(p):
+        return list(zip(slice_views(p.detach(), slice_dim, slices), states))
     W = p.detach().full_tensor()
     views = slice_views(W, slice_dim, slices)
     rows = [(a, b) for a, b in slices] if slices is not None and slice_dim == 0 else [(0, W.shape[0])] * len(views)
@@ -348,8 +364,28 @@ def full_slices(p, slice_dim: int, slices, states) -> list[tuple[Tensor, dict]]:
     return out
 
 
+def factor_rows(p, U, d1: int) -> int:
+    """The rows a loaded factor U of a d1-row slice of p must have: the parameter's when U is
+    sharded (parameter rows, see the module docstring), else d1. A sharded p with a plain,
+    non-empty U (a checkpoint of an unsharded run) is refused: its rows would be misread."""
+    if is_sharded(U):
+        return p.shape[0]
+    if is_sharded(p) and U.shape[-1] > 0:
+        raise ValueError(
+            f"the factor U {tuple(U.shape)} of an FSDP2-sharded {tuple(p.shape)} parameter was saved unsharded; "
+            "save and load FSDP2 runs with torch.distributed.checkpoint (docs/distributed.md)"
+        )
+    return d1
+
+
 def _local(t):
     return t.to_local() if is_sharded(t) else t
+
+
+def _localized(work, **changes):
+    """work on the local shards of its tensors (a plain tensor stays as it is)."""
+    return dataclasses.replace(work, param=_local(work.param), grad=_local(work.grad), exp_avg=_local(work.exp_avg),
+                               exp_avg_sq=_local(work.exp_avg_sq), **changes)
 
 
 def sharded_adamq3r_step_(works) -> None:
@@ -357,18 +393,25 @@ def sharded_adamq3r_step_(works) -> None:
     q3r.optim.functional (fused Triton kernels where they run) on the local shards with the
     local operators, then the low-rank corrections of :class:`ShardedTerms` (one all-reduce
     per step for all targets), all evaluated before the update moves the weights."""
-    from ..optim.functional import adamq3r_step_
+    from ..optim.functional import adam_update_, adamq3r_step_
 
     q3r_works = [w for w in works if is_sharded(w.param) and w.lmbda != 0 and w.operators]
     terms = ShardedTerms([(w.param, w.slice_dim, w.slices, w.operators) for w in q3r_works])
     with_term = {id(w) for w in q3r_works}
-    local = [terms.local_work(w.param, w) if id(w) in with_term else
-             dataclasses.replace(w, param=_local(w.param), grad=_local(w.grad), exp_avg=_local(w.exp_avg),
-                                 exp_avg_sq=_local(w.exp_avg_sq), operators=[] if is_sharded(w.param) else w.operators)
-             for w in works]
-    adamq3r_step_(local)
-    for w in q3r_works:
+    fused = [w for w in q3r_works if w.param.dtype == torch.float32]
+    adamq3r_step_([terms.local_work(w) for w in fused] + [
+        _localized(w, operators=[] if is_sharded(w.param) else w.operators) for w in works if id(w) not in with_term])
+    for w in fused:
         terms.correct_(w.param, w.param.to_local(), -w.lr * 2.0 * w.lmbda)
+    for w in q3r_works:
+        if w.param.dtype == torch.float32:
+            continue
+        # bf16 / fp16: the whole term at the weights before the step, then one rounding
+        todo = terms.full_terms(w.param)
+        local = _localized(w, operators=[])
+        adam_update_(local)
+        for view, R in zip(terms._views(w.param, local.param), todo):
+            view.sub_(R.to(view.dtype), alpha=w.lr * 2.0 * w.lmbda)
 
 
 def sharded_add_grad_(entries, grads) -> None:
@@ -376,13 +419,16 @@ def sharded_add_grad_(entries, grads) -> None:
     grads the parameters' (DTensor) gradients; adds scale * R(X) to each slice of the local
     gradient."""
     terms = ShardedTerms([entry[:4] for entry in entries])
-    for (p, *_, scale), g in zip(entries, grads):
-        terms.add_(p, _local(g), scale)
+    by_scale: dict[float, list] = {}
+    for entry, g in zip(entries, grads):
+        by_scale.setdefault(entry[4], []).append((entry[0], _local(g)))
+    for scale, pairs in by_scale.items():
+        terms.add_(pairs, scale)
 
 
 def sharded_penalty(entries) -> Tensor:
     """The sum over the slices of sharded targets of <X, R(X)>, differentiable: its backward
-    adds grad_output * 2 R(X) to the parameters' sharded gradients.
+    adds grad_output * 2 R(X) to the sharded ``.grad`` of the parameters that require it.
 
     entries: (param DTensor, slice_dim, slices, operators per slice). The value costs one
     all-reduce of the A = U^T X of all slices and one of a scalar per process group. The
@@ -390,9 +436,11 @@ def sharded_penalty(entries) -> Tensor:
     reduced gradient shards on its own stream and only makes the default stream wait for them
     in a callback at the end of the backward pass, so the term is added in a callback queued to
     run after that one (see queue_after_backward_callbacks), at the weights the value was
-    taken at (nothing moves them before the backward pass in a training loop). Under FSDP2's
-    ``set_is_last_backward(False)`` that callback does not wait for the reduction: use the
-    penalty only in the last backward pass of such a sequence (or add_grad_ / AdamQ3R).
+    taken at (nothing moves them before the backward pass in a training loop). So it reaches
+    ``.grad`` also under ``torch.autograd.grad`` (which leaves ``.grad`` alone otherwise) and is
+    not differentiable again (``create_graph``). Under FSDP2's ``set_is_last_backward(False)``
+    that callback does not wait for the reduction: use the penalty only in the last backward
+    pass of such a sequence (or add_grad_ / AdamQ3R).
     """
     params = [e[0] for e in entries]
     return _PenaltyOfShards.apply(entries, *params)
@@ -406,7 +454,8 @@ class _PenaltyOfShards(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        terms, params = ctx.terms, ctx.params
+        terms = ctx.terms
+        params = [p for i, p in enumerate(ctx.params) if ctx.needs_input_grad[1 + i]]
 
         def add_():
             factor = 2.0 * float(grad_output)  # at the end of the backward pass: one sync per step
@@ -414,10 +463,10 @@ class _PenaltyOfShards(torch.autograd.Function):
                 if p.grad is None:
                     p.grad = DTensor.from_local(torch.zeros_like(p.to_local()), p.device_mesh, p.placements,
                                                 run_check=False, shape=p.shape, stride=p.stride())
-                terms.add_(p, p.grad.to_local(), factor)
+            terms.add_([(p, p.grad.to_local()) for p in params], factor)
 
         queue_after_backward_callbacks(add_)
-        return (None,) * (1 + len(params))
+        return (None,) * (1 + len(ctx.params))
 
 
 def queue_after_backward_callbacks(fn) -> None:

@@ -240,10 +240,7 @@ class AdamQ3R(Optimizer):
                 state = self.state.get(p)
                 if not state or "q3r" not in state:
                     continue
-                if distributed.is_sharded(p):  # collective: gathers the weight and its factors
-                    pairs = distributed.full_slices(p, group["slice_dim"], group["slices"], state["q3r"])
-                else:
-                    pairs = zip(slice_views(p.detach(), group["slice_dim"], group["slices"]), state["q3r"])
+                pairs = distributed.diagnostic_slices(p, group["slice_dim"], group["slices"], state["q3r"])
                 for (view, s), cfg in zip(pairs, self._group_configs(group, p)):
                     for key, value in slice_diagnostics(view, s, cfg.rank, group["lmbda"]).items():
                         out[f"{cfg.name}/{key}"] = value
@@ -302,7 +299,10 @@ class AdamQ3R(Optimizer):
             raise ValueError(f"state_dict {where}: {len(slices)} Q3R slice states for {len(shapes)} slices")
         for s, (d1, d2) in zip(slices, shapes):
             k = s["sigma"].shape[0]
-            rows = p.shape[0] if distributed.is_sharded(s["U"]) else d1  # sharded U: parameter rows
+            try:
+                rows = distributed.factor_rows(p, s["U"], d1)
+            except ValueError as err:
+                raise ValueError(f"state_dict {where}: {err}") from None
             if tuple(s["U"].shape) != (rows, k) or tuple(s["V"].shape) != (d2, k):
                 raise ValueError(
                     f"state_dict {where}: factors of shapes U {tuple(s['U'].shape)}, V {tuple(s['V'].shape)} "

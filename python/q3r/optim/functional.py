@@ -43,20 +43,13 @@ class ParamWork:
     operators: list[tuple[Tensor, ...]] = field(default_factory=list)
 
 
-def _udv(op: tuple) -> tuple[Tensor, Tensor, Tensor]:
-    if len(op) == 4:
-        U, V, sigma, eps = op
-        return U, V, reference.reweighting_coefficients(sigma, eps)
-    return op
-
-
 def q3r_terms(work: ParamWork) -> list[Tensor]:
     """2 lambda R_j(W_j) per slice, in float32, from the weights as they are now."""
     if work.lmbda == 0 or not work.operators:
         return []
     views = slice_views(work.param, work.slice_dim, work.slices)
     return [
-        reference.apply_reweighting(view, *_udv(op)).mul_(2.0 * work.lmbda)
+        reference.apply_reweighting(view, *reference.operator_udv(op)).mul_(2.0 * work.lmbda)
         for view, op in zip(views, work.operators)
     ]
 
