@@ -9,7 +9,7 @@ import math
 import numbers
 
 from . import reference
-from .refresh import REFRESH_METHODS, SliceConfig
+from .refresh import REFRESH_METHODS, SliceConfig, sketch_options
 from .targets import resolve_slice_ranks, slice_shapes, validate_slices
 
 Q3R_DEFAULTS = {
@@ -22,6 +22,7 @@ Q3R_DEFAULTS = {
     "eps_floor": None,
     "num_refreshes": None,
     "refresh": "auto",
+    "refresh_options": None,
     "stagger": False,
     "slices": None,
     "slice_dim": 0,
@@ -46,6 +47,7 @@ def validate_q3r_options(opts: dict, where: str = "Q3R") -> None:
         raise ValueError(f"{where}: rank_rule must be one of {reference.RANK_RULES}, got {opts['rank_rule']!r}")
     if opts["refresh"] not in REFRESH_METHODS:
         raise ValueError(f"{where}: refresh must be one of {REFRESH_METHODS}, got {opts['refresh']!r}")
+    sketch_options(opts.get("refresh_options"), f"{where}: refresh_options")
     if not isinstance(opts.get("stagger", False), bool):
         raise ValueError(f"{where}: stagger must be True or False, got {opts['stagger']!r}")
     if schedule == "constant":

@@ -36,6 +36,7 @@ period over its steps so that no single step pays all of them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -108,6 +109,27 @@ class SketchOptions:
 
 
 DEFAULT_SKETCH = SketchOptions()
+
+
+def sketch_options(overrides: dict | None, where: str = "refresh_options") -> SketchOptions:
+    """SketchOptions with the fields named in ``overrides`` (a dict, as AdamQ3R groups and Q3R
+    take them: plain values keep state dicts loadable with weights_only=True) changed from the
+    defaults. Unknown names and values of the wrong kind raise ValueError naming them."""
+    if overrides is None:
+        return DEFAULT_SKETCH
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{where} must be a dict of SketchOptions fields, got {overrides!r}")
+    defaults = {f.name: getattr(DEFAULT_SKETCH, f.name) for f in dataclasses.fields(SketchOptions)}
+    for name, value in overrides.items():
+        if name not in defaults:
+            raise ValueError(f"{where}: unknown option {name!r}; the options are {sorted(defaults)}")
+        kind = type(defaults[name])
+        ok = (isinstance(value, int) and not isinstance(value, bool)) if kind is int else (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+        if not ok or value < 0 or (name in ("max_stack_bytes", "tol") and value == 0):
+            raise ValueError(f"{where}: {name} must be a{'n int' if kind is int else ' finite number'} "
+                             f"{'> 0' if name in ('max_stack_bytes', 'tol') else '>= 0'}, got {value!r}")
+    return dataclasses.replace(DEFAULT_SKETCH, **overrides) if overrides else DEFAULT_SKETCH
 
 
 @dataclass(frozen=True)

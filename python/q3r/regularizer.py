@@ -25,13 +25,14 @@ from . import ops, reference
 from . import distributed
 from .config import Q3R_DEFAULTS, slice_configs, validate_q3r_options
 from .diagnostics import slice_diagnostics
-from .refresh import new_slice_state, operator_of, refresh_around, tail_mismatch, upgrade_state
+from .refresh import new_slice_state, operator_of, refresh_around, sketch_options, tail_mismatch, upgrade_state
 from .stagger import due_for_refresh, target_phases
 from .targets import Target, slice_shapes, slice_views
 
 __all__ = ["Q3R"]
 
-_SCALAR_OPTIONS = ("lmbda", "steps", "rank_rule", "eps_schedule", "eps_value", "eps_floor", "num_refreshes", "refresh", "stagger")
+_SCALAR_OPTIONS = ("lmbda", "steps", "rank_rule", "eps_schedule", "eps_value", "eps_floor", "num_refreshes", "refresh", "stagger",
+                   "refresh_options")
 
 
 class Q3R:
@@ -43,6 +44,8 @@ class Q3R:
             raise TypeError(f"Q3R got unknown arguments {sorted(unknown)}")
         self.options = {key: options.get(key, Q3R_DEFAULTS[key]) for key in _SCALAR_OPTIONS}
         validate_q3r_options({**Q3R_DEFAULTS, **self.options}, "Q3R")
+        if self.options["refresh_options"] is not None:  # a copy: the caller's dict may change later
+            self.options["refresh_options"] = dict(self.options["refresh_options"])
         targets = list(targets)
         if not targets:
             raise ValueError("Q3R needs at least one target, got an empty list")
@@ -88,7 +91,8 @@ class Q3R:
             configs.extend(cfgs)
         # divided across ranks under DDP, plain refresh_slices_ otherwise
         distributed.refresh_slices_(weights, states, configs, method=self.options["refresh"],
-                                    warned=self._nonfinite_warned, before_wait=before_wait)
+                                    warned=self._nonfinite_warned, before_wait=before_wait,
+                                    options=sketch_options(self.options["refresh_options"]))
 
     def _due_now(self) -> set[str]:
         """The targets refreshed at this step."""

@@ -85,14 +85,14 @@ def is_replicated_distributed() -> bool:
 
 
 def refresh_slices_(weights, states, configs, method: str = "exact", warned: set | None = None,
-                    before_wait=None) -> list[bool]:
+                    before_wait=None, options=None) -> list[bool]:
     """:func:`q3r.refresh.refresh_slices_`, divided across ranks when running data-parallel
     (``before_wait`` then runs after the refresh: its exchanges may still raise)."""
     if is_replicated_distributed():
-        done = refresh_slices_replicated_(weights, states, configs, method, warned, _REPLICATED["group"])
+        done = refresh_slices_replicated_(weights, states, configs, method, warned, _REPLICATED["group"], options)
         if before_wait is not None:
             before_wait()
         return done
     from ..refresh import refresh_slices_ as local
 
-    return local(weights, states, configs, method=method, warned=warned, before_wait=before_wait)
+    return local(weights, states, configs, method=method, warned=warned, before_wait=before_wait, options=options)

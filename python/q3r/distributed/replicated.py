@@ -102,8 +102,10 @@ def refresh_slices_replicated_(
     method: str = "exact",
     warned: set | None = None,
     group=None,
+    options=None,
 ) -> list[bool]:
-    """:func:`q3r.refresh.refresh_slices_` with the work divided across the ranks of ``group``.
+    """:func:`q3r.refresh.refresh_slices_` with the work divided across the ranks of ``group``
+    (``options``: its SketchOptions).
 
     Same arguments and result; every rank must call it with the same targets in the same
     order and identical weights (as under DDP). Non-finite slices are skipped on every rank
@@ -111,13 +113,14 @@ def refresh_slices_replicated_(
     """
     world = comm.world_size(group)
     if world == 1 or not weights:  # every rank has the same (empty) list: nothing to exchange
-        return _refresh_local_(weights, states, configs, method=method, warned=warned)
+        return _refresh_local_(weights, states, configs, method=method, warned=warned, options=options)
     me = comm.rank(group)
     shapes = [tuple(w.shape) for w in weights]
     owner = assign_by_cost([refresh_cost(s, c.rank, method) for s, c in zip(shapes, configs)], world)
     mine = [i for i in range(len(weights)) if owner[i] == me]
     done_mine = _refresh_local_(
-        [weights[i] for i in mine], [states[i] for i in mine], [configs[i] for i in mine], method=method, warned=warned
+        [weights[i] for i in mine], [states[i] for i in mine], [configs[i] for i in mine], method=method, warned=warned,
+        options=options,
     )
     device = weights[0].device if weights else torch.device("cpu")
     n, keys = len(weights), _state_keys()

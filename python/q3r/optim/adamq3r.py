@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from .. import distributed
 from ..config import Q3R_DEFAULTS, default_names, slice_configs, validate_q3r_options
 from ..diagnostics import slice_diagnostics
-from ..refresh import _Once, new_slice_state, refresh_around, tail_mismatch, upgrade_state
+from ..refresh import _Once, new_slice_state, refresh_around, sketch_options, tail_mismatch, upgrade_state
 from ..stagger import due_for_refresh, target_phases
 from ..targets import slice_shapes, slice_views
 from .functional import ParamWork, adamq3r_step_
@@ -90,6 +90,8 @@ class AdamQ3R(Optimizer):
             for p in params:
                 slice_configs(p.shape, merged, self._names(merged, params, p, where))
                 distributed.check_sharding(p, where)
+        if isinstance(param_group.get("refresh_options"), dict):  # a copy: the caller's dict may change later
+            param_group["refresh_options"] = dict(param_group["refresh_options"])
         super().add_param_group(param_group)
 
     @staticmethod
@@ -134,14 +136,17 @@ class AdamQ3R(Optimizer):
         by_method: dict[str, tuple[list, list, list]] = {}
         for p, group in due:
             views = slice_views(p.detach(), group["slice_dim"], group["slices"])
-            bucket = by_method.setdefault(group["refresh"], ([], [], []))
+            options = group.get("refresh_options")
+            key = (group["refresh"], None if options is None else tuple(sorted(options.items())))
+            bucket = by_method.setdefault(key, ([], [], []))
             bucket[0].extend(views)
             bucket[1].extend(self.state[p]["q3r"])
             bucket[2].extend(self._group_configs(group, p))
-        for method, (weights, states, configs) in by_method.items():
+        for (method, options), (weights, states, configs) in by_method.items():
             # divided across ranks under DDP, plain refresh_slices_ otherwise
             distributed.refresh_slices_(weights, states, configs, method=method, warned=self._nonfinite_warned,
-                                        before_wait=before_wait)
+                                        before_wait=before_wait,
+                                        options=sketch_options(None if options is None else dict(options)))
         before_wait()
 
     def _refresh_due(self, p, group: dict, step: int) -> bool:

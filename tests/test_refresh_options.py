@@ -1,0 +1,106 @@
+"""refresh_options: SketchOptions fields set per AdamQ3R group or per Q3R regularizer, checked
+when the optimizer / regularizer is built, carried to every refresh, and kept loadable."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import q3r
+import q3r.refresh
+from helpers import TinyViT
+
+
+def _model_and_targets(seed=0):
+    torch.manual_seed(seed)
+    model = TinyViT()
+    return model, q3r.find_targets(model, ["qkv", "fc1"], target_rank=3)
+
+
+def _step(model, opt, reg=None):
+    loss = model(torch.randn(4, 6, 5)).square().mean()
+    if reg is not None:
+        loss = loss + reg.penalty()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+@pytest.fixture
+def seen_options(monkeypatch):
+    """The SketchOptions of every local refresh call, with the targets' shapes."""
+    seen = []
+    original = q3r.refresh.refresh_slices_
+
+    def spy(weights, states, configs, *args, options=None, **kwargs):
+        seen.append((options, sorted({tuple(w.shape) for w in weights})))
+        return original(weights, states, configs, *args, options=options, **kwargs)
+
+    monkeypatch.setattr(q3r.refresh, "refresh_slices_", spy)
+    return seen
+
+
+def test_adamq3r_groups_refresh_with_their_own_options(seen_options):
+    model, targets = _model_and_targets()
+    groups = q3r.param_groups(model, targets, lmbda=0.1, refresh="randomized")
+    fc1 = [g for g in groups if g.get("q3r") and "fc1" in g["names"][0]]
+    for g in fc1:
+        g["refresh_options"] = {"oversampling": 4, "warm_power_iters": 1}
+    opt = q3r.AdamQ3R(groups, lr=1e-3)
+    _step(model, opt)
+    by_options = {opts: shapes for opts, shapes in seen_options}
+    special = q3r.refresh.SketchOptions(oversampling=4, warm_power_iters=1)
+    assert len(seen_options) == 2  # one call for each set of options
+    assert by_options == {special: [tuple(model.blocks[0].mlp.fc1.weight.shape)],
+                          q3r.refresh.DEFAULT_SKETCH: [tuple(model.blocks[0].attn.proj.weight.shape)]}  # q, k, v
+
+
+def test_q3r_refreshes_with_its_options(seen_options):
+    model, targets = _model_and_targets()
+    reg = q3r.Q3R(targets, lmbda=0.1, refresh="randomized", refresh_options={"oversampling": 2, "seed": 7})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _step(model, opt, reg)
+    assert [opts for opts, _ in seen_options] == [q3r.refresh.SketchOptions(oversampling=2, seed=7)]
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"oversample": 4}, "unknown option 'oversample'"),
+    ({"oversampling": -1}, "oversampling must be an int >= 0"),
+    ({"oversampling": 2.5}, "oversampling must be an int"),
+    ({"warm_power_iters": True}, "warm_power_iters must be an int"),
+    ({"tol": 0.0}, "tol must be a finite number > 0"),
+    ({"exact_fraction": float("nan")}, "exact_fraction must be a finite number"),
+    ([("oversampling", 4)], "must be a dict"),
+])
+def test_bad_refresh_options_are_refused_when_built(bad, words):
+    model, targets = _model_and_targets()
+    with pytest.raises(ValueError, match="refresh_options") as err:
+        q3r.Q3R(targets, refresh_options=bad)
+    assert words in str(err.value)
+    groups = q3r.param_groups(model, targets, refresh_options=bad)
+    with pytest.raises(ValueError, match=words.split(" must")[0]):
+        q3r.AdamQ3R(groups, lr=1e-3)
+    opt = q3r.AdamQ3R(q3r.param_groups(model, targets), lr=1e-3)
+    before = [dict(g) for g in opt.param_groups]
+    with pytest.raises(ValueError, match="refresh_options"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(5, 7))], "q3r": True, "target_rank": 2,
+                             "refresh_options": bad})
+    assert len(opt.param_groups) == len(before)  # nothing added
+
+
+def test_the_options_are_copied_and_saved_as_plain_values():
+    model, targets = _model_and_targets()
+    options = {"oversampling": 4}
+    reg = q3r.Q3R(targets, refresh_options=options)
+    opt = q3r.AdamQ3R(q3r.param_groups(model, targets, refresh_options=options), lr=1e-3)
+    options["oversampling"] = -5  # a later change to the caller's dict does not bypass the checks
+    assert reg.options["refresh_options"] == {"oversampling": 4}
+    assert all(g["refresh_options"] == {"oversampling": 4} for g in opt.param_groups if g["q3r"])
+    _step(model, opt)
+    for state in (opt.state_dict(), reg.state_dict()):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)  # plain dicts and numbers only
