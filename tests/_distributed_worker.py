@@ -277,6 +277,7 @@ def fsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, init=True, me
     }
     if mesh_shape is not None:
         results["refused"] = _refused_layouts(qkv.device_mesh)
+        results["drift"] = _replica_drift(mesh_shape, rank, world)
     else:
         results["term_paths"] = _term_paths(model, opt)
         results["unsharded_factors"] = _load_unsharded_factors(opt)
@@ -342,6 +343,37 @@ def _load_unsharded_factors(opt) -> str:
         return "no error"
     except ValueError as err:
         return str(err)
+
+
+def _replica_drift(mesh_shape, rank, world) -> dict[str, bool]:
+    """HSDP: perturb the second replica's shards of one target after STEPS steps; the next
+    refresh (the second step after, with PERIOD 2) must make the replicas equal again."""
+    import warnings
+
+    assert STEPS % PERIOD == 1  # step STEPS is not a refresh, step STEPS + 1 is
+    model = _fsdp_model(mesh_shape)
+    opt = make_adamq3r(model)
+    data = batches()
+    train(model, opt, data, rank, world)
+    qkv = model.blocks[0].attn.qkv.weight
+    group = qkv.device_mesh.get_group(0)  # the replicate dim
+
+    def equal() -> bool:
+        shards = comm.all_gather(qkv.to_local().detach(), group)
+        return all(torch.equal(s, shards[0]) for s in shards)
+
+    with torch.no_grad():
+        if qkv.device_mesh.get_coordinate()[0] == 1:
+            qkv.to_local().add_(1e-3)
+    out = {"equal_after_perturbing": equal()}
+    train(model, opt, data[:1], rank, world)
+    out["equal_before_refresh"] = equal()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, opt, data[1:2], rank, world)
+    out["equal_after_refresh"] = equal()
+    out["warned"] = any("had drifted apart" in str(w.message) for w in caught)
+    return out
 
 
 def _refused_layouts(mesh) -> dict[str, str]:

@@ -165,16 +165,18 @@ def test_fsdp_collectives(runs, engine, kind):
     assert logs[0]["refreshed"] and not logs[1]["refreshed"]
     for log in logs:
         assert log["all_calls"] == log["q3r_calls"]  # no hidden DTensor redistribution / gather
-        assert set(log["ops"]) == {"all_reduce"}
+        # HSDP: a refresh also compares the replicas' shards (one all_gather over the replicate dim)
+        checks = int(engine == "hsdp" and log["refreshed"])
+        assert log["ops"].count("all_gather") == checks and log["ops"].count("all_reduce") == log["q3r_calls"] - checks
         if not log["refreshed"]:
             # one collective for all targets, of the r_env x d2 matrices A = U^T W: right after
             # the first refresh r_env = r (min schedule), later r <= r_env <= k
             assert log["q3r_calls"] == 1
             assert (log["q3r_bytes"] == r_bytes) if log["step"] == 1 else (r_bytes <= log["q3r_bytes"] <= a_bytes)
         elif log["first_refresh"]:
-            assert log["q3r_calls"] == refresh_calls(SKETCH.cold_power_iters) + 1  # + the step's A = U^T W
+            assert log["q3r_calls"] == refresh_calls(SKETCH.cold_power_iters) + 1 + checks  # + the step's A = U^T W
         else:
-            assert log["q3r_calls"] == refresh_calls(SKETCH.power_iters) + 1  # warm start
+            assert log["q3r_calls"] == refresh_calls(SKETCH.power_iters) + 1 + checks  # warm start
 
 
 @pytest.mark.parametrize("engine", ["fsdp", "hsdp"])
@@ -197,6 +199,13 @@ def test_fsdp_checkpoint_resumes_on_another_mesh(runs, mesh):
     twice as many row shards) or on an HSDP mesh: the same weights up to fp32 rounding (the
     reductions are ordered differently; the sketch is as wide as each matrix)."""
     assert _max_rel_diff(runs["resharded"][mesh], runs["fsdp"]["resume"]["straight"]) < 2e-5
+
+
+def test_hsdp_replicas_that_drifted_apart_are_made_equal_at_the_next_refresh(runs):
+    drift = runs["hsdp"]["drift"]
+    assert not drift["equal_after_perturbing"]  # the test's perturbation of one replica
+    assert not drift["equal_before_refresh"]  # a plain step does not undo it
+    assert drift["equal_after_refresh"] and drift["warned"]
 
 
 def test_hsdp_refuses_layouts_it_cannot_handle_when_built(runs):

@@ -4,7 +4,7 @@ On a 1-D mesh that is plain FSDP2; on a 2-D mesh (HSDP: ``fully_shard(mesh=init_
 (replicas, shards)))``, placements ``(Replicate(), Shard(0))``) every collective below runs over
 the shard dim's process group only. The replica groups hold the same weights and factors and
 compute the same thing (sketch seeds depend only on the slice name and refresh count), so
-nothing is exchanged between them.
+between refreshes nothing is exchanged between them; a refresh checks that they still agree.
 
 No training step gathers a full weight (diagnostic_slices does). Each rank holds rows
 [start, stop) of a target W (torch.chunk layout). For a slice with factors U (d1 x k,
@@ -18,7 +18,8 @@ row-sharded like W), V (d2 x k, replicated), d, of which the r_env triplets abov
 computed as R_r(X_r) + U_r M: the operator of the local factors alone, which the fused kernels
 of q3r.ops apply to the local shard like to any block (the AdamQ3R update in the same pass),
 plus a rank-r_env correction with M = diag(d) (A - U_r^T X_r)(I + V diag(d) V^T) (ShardedTerms).
-HSDP assumes that the shard groups compute bit for bit the same (see docs/distributed.md).
+HSDP: the replica groups compute the term each on their own; a refresh first checks that their
+shards still agree and copies drifted ones from the first replica (_resync_replicas_).
 
 The refresh runs the randomized range finder of :mod:`.rangefinder` on the local rows.
 
@@ -34,6 +35,7 @@ identical on every rank (DCP treats them as replicated).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import zlib
 
 import torch
@@ -154,6 +156,7 @@ def refresh_sharded_(
     """Refresh the factors of sharded targets in place: params[i] is a DTensor, slicings[i]
     its (slice_dim, slices), states[i] / configs[i] one entry per slice. Collective: every rank
     calls it with the same targets in the same order."""
+    _resync_replicas_(params, [cfgs[0].name.split("[")[0] for cfgs in configs])
     by_group: dict[int, list] = {}
     for p, (slice_dim, slices), sts, cfgs in zip(params, slicings, states, configs):
         start, _ = row_range(p)
@@ -182,6 +185,36 @@ def refresh_sharded_(
         results = range_finder_svd(Xs, omegas, reduce, SKETCH.power_iters if warm else SKETCH.cold_power_iters)
         for (p, x, lo, hi, s, cfg, _), (U_loc, S, V, frob2) in zip(live, results):
             _commit_(s, cfg, p, lo, hi, U_loc, S, V, float(frob2))
+
+
+def _resync_replicas_(params: list, names: list[str]) -> None:
+    """HSDP: make the replica groups' shards of these targets equal again, before a refresh.
+
+    Each replica group computes the Q3R term on its own, so its weights stay equal to the
+    others' only if every group computes bit for bit the same (see the module docstring).
+    One all-gather of two float64 checksums per target over each replicate mesh dim checks it;
+    a target that differs is broadcast from the group's first replica (with a warning), and
+    the refresh then computes the same factors from the same weights everywhere."""
+    by_mesh: dict[tuple, list] = {}
+    for p, name in zip(params, names):
+        dims = tuple(i for i, on in enumerate(p.placements) if isinstance(on, Replicate))
+        if dims:
+            by_mesh.setdefault((id(p.device_mesh), dims), []).append((p, name))
+    for (_, dims), members in by_mesh.items():
+        mesh = members[0][0].device_mesh
+        for dim in dims:
+            group = mesh.get_group(dim)
+            local = [p.to_local().detach() for p, _ in members]
+            sums = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in local])
+            everyone = torch.stack(comm.all_gather(sums, group))
+            same = ((everyone == everyone[0]) | (everyone.isnan() & everyone[0].isnan())).all(dim=2).all(dim=0)
+            drifted = [i for i, ok in enumerate(same.tolist()) if not ok]
+            for i in drifted:
+                comm.broadcast_(local[i], 0, group)
+            if drifted and _leads(members[0][0]):
+                warnings.warn(f"q3r: the HSDP replicas of {[members[i][1] for i in drifted]} had drifted apart "
+                              "(their Q3R terms were not computed bit for bit alike); copied from the first replica",
+                              RuntimeWarning, stacklevel=3)
 
 
 def _commit_(s: dict, cfg: SliceConfig, p, lo: int, hi: int, U_loc: Tensor, S: Tensor, V: Tensor, frob2: float) -> None:
