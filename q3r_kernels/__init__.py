@@ -12,10 +12,10 @@ fused weights, given as strided views -- per launch):
     (the fused AdamQ3R step), and the cached plans behind the last two (ReweightPlan,
     AdamQ3RPlan) that a training loop keeps across steps.
 
-Tile sizes and dot precision: q3r_kernels.CONFIG (fp32 dots follow torch.get_float32_matmul_precision() unless CONFIG.precision names one).
+Tile sizes and dot precision: q3r_kernels.CONFIG (fp32 dots follow torch's fp32 matmul settings, torch_allows_tf32(), unless CONFIG.precision names one).
 """
 
-from ._meta import CONFIG, TileConfig, dot_precision, gpu_dot_precision
+from ._meta import CONFIG, TileConfig, dot_precision, gpu_dot_precision, torch_allows_tf32
 from .adam import AdamQ3RPlan, AdamRegion, adam_hyper, adamq3r_update_, check_region
 from .apply import ReweightPlan, add_reweighting_, apply_reweighting
 from .projection import project, project_blocks
@@ -25,6 +25,7 @@ __all__ = [
     "TileConfig",
     "dot_precision",
     "gpu_dot_precision",
+    "torch_allows_tf32",
     "AdamQ3RPlan",
     "AdamRegion",
     "adam_hyper",

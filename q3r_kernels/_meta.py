@@ -148,8 +148,9 @@ class TileConfig:
     small_num_warps: int = 4
     # fp32 dots: "tf32x3" is within a few ulp of fp32 at ~1/3 of tf32 speed; "tf32" is
     # fastest; "ieee" is exact fp32 FMA (and what the CPU interpreter does anyway). "auto"
-    # follows torch.get_float32_matmul_precision(), as torch's own fp32 matmuls do: "highest"
-    # (torch's default) -> "tf32x3", "high" / "medium" (the user allowed TF32) -> "tf32".
+    # follows torch's setting for its own fp32 CUDA matmuls (torch_allows_tf32): IEEE
+    # (torch's default) -> "tf32x3"; TF32 allowed, by torch.set_float32_matmul_precision("high"
+    # or "medium") or torch.backends.cuda.matmul.fp32_precision = "tf32" -> "tf32".
     precision: str = "auto"
 
 
@@ -168,12 +169,24 @@ def interpreting() -> bool:
 PRECISIONS = ("auto", "tf32x3", "tf32", "ieee")
 
 
+def torch_allows_tf32() -> bool:
+    """Whether torch's own fp32 CUDA matmuls may use TF32 now. Read through the per-backend
+    setting where torch has one (2.9 and later): there torch.get_float32_matmul_precision()
+    raises once a user has set torch.backends.cuda.matmul.fp32_precision, the API torch now
+    recommends; that setting also reflects the legacy ones (set_float32_matmul_precision,
+    torch.backends.cuda.matmul.allow_tf32) and inheritance from torch.backends.fp32_precision."""
+    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+    if getter is None:
+        return torch.get_float32_matmul_precision() != "highest"
+    return getter("cuda", "matmul") not in ("ieee", "none")
+
+
 def gpu_dot_precision() -> str:
     """The input_precision of fp32 dots on the GPU, resolved now (see TileConfig.precision)."""
     if CONFIG.precision not in PRECISIONS:
         raise ValueError(f"q3r_kernels.CONFIG.precision must be one of {PRECISIONS}, got {CONFIG.precision!r}")
     if CONFIG.precision == "auto":
-        return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        return "tf32" if torch_allows_tf32() else "tf32x3"
     return CONFIG.precision
 
 

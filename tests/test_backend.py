@@ -86,14 +86,7 @@ def test_info_module_runs():
     assert "torch" in out and "Triton kernels on cuda tensors" in out and "native extension" in out
 
 
-@pytest.fixture
-def matmul_precision():
-    before = torch.get_float32_matmul_precision()
-    yield
-    torch.set_float32_matmul_precision(before)
-
-
-def test_fp32_dot_precision_follows_torch_matmul_precision(monkeypatch, matmul_precision):
+def test_fp32_dot_precision_follows_torch_matmul_precision(monkeypatch, fp32_precision_reset):
     monkeypatch.setattr(K.CONFIG, "precision", "auto")
     torch.set_float32_matmul_precision("highest")
     assert K.gpu_dot_precision() == "tf32x3"
@@ -109,13 +102,30 @@ def test_fp32_dot_precision_follows_torch_matmul_precision(monkeypatch, matmul_p
     assert K.dot_precision() == "tf32x3"
 
 
+@pytest.mark.skipif(not hasattr(torch._C, "_set_fp32_precision_setter"), reason="torch < 2.9: no per-backend setting")
+def test_fp32_dot_precision_follows_the_per_backend_setting(monkeypatch, fp32_precision_reset):
+    # the API torch recommends now; after it, torch.get_float32_matmul_precision() raises
+    monkeypatch.setattr(K.CONFIG, "precision", "auto")
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    assert K.gpu_dot_precision() == "tf32"
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    assert K.gpu_dot_precision() == "tf32x3"
+    torch.backends.cuda.matmul.fp32_precision = "none"  # inherits the generic setting
+    torch.backends.fp32_precision = "tf32"
+    assert K.gpu_dot_precision() == "tf32"
+    torch.backends.fp32_precision = "none"
+    assert K.gpu_dot_precision() == "tf32x3"
+    torch.backends.cuda.matmul.allow_tf32 = True  # the older boolean switch
+    assert K.gpu_dot_precision() == "tf32"
+
+
 def test_bad_dot_precision_names_the_setting(monkeypatch):
     monkeypatch.setattr(K.CONFIG, "precision", "fp8")
     with pytest.raises(ValueError, match="CONFIG.precision"):
         K.dot_precision()
 
 
-def test_cached_fused_plans_are_keyed_by_the_resolved_precision(monkeypatch, matmul_precision):
+def test_cached_fused_plans_are_keyed_by_the_resolved_precision(monkeypatch, fp32_precision_reset):
     # a plan built under one precision must not serve a step after the user changes it
     from q3r.optim.functional import ParamWork
 

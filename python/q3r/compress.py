@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
+from ._precision import autocast_off
 from .targets import Target, find_targets, slice_shapes, slice_views, validate_slices
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 
+@autocast_off  # (an SVD and products of its factors: fp32 under the caller's autocast too)
 def svd_truncate(W: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Balanced rank-``rank`` factors (up (d1, r), down (r, d2)) of W (d1, d2): up @ down = W_r.
 

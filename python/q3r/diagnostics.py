@@ -6,9 +6,11 @@ import torch
 from torch import Tensor
 
 from . import reference
+from ._precision import autocast_off
 from .refresh import operator_of
 
 
+@autocast_off
 @torch.no_grad()
 def slice_diagnostics(W: Tensor, state: dict[str, Tensor], rank: int, lmbda: float) -> dict[str, float]:
     """Diagnostics of one target slice W under its current operator.

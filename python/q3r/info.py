@@ -36,7 +36,7 @@ def report() -> str:
 
         lines.append(f"fp32 dots in the kernels on CUDA: {q3r_kernels.gpu_dot_precision()}"
                      f" (q3r_kernels.CONFIG.precision={q3r_kernels.CONFIG.precision!r}, "
-                     f"torch.get_float32_matmul_precision()={torch.get_float32_matmul_precision()!r})")
+                     f"TF32 allowed by torch's fp32 matmul settings: {q3r_kernels.torch_allows_tf32()})")
     except Exception as exc:
         lines.append(f"triton: not importable ({type(exc).__name__}: {exc})")
     for device_type in ("cuda", "cpu"):

@@ -48,6 +48,7 @@ from torch import Tensor
 from . import _native, randomized, reference
 from . import _refresh_commit as C
 from ._orientation import oriented
+from ._precision import as_caller, refresh_precision
 from ._refresh_sketched import SketchGroup, refresh_sketched
 
 REFRESH_METHODS = ("exact", "randomized", "native", "auto")
@@ -233,8 +234,13 @@ def refresh_slices_(
     """
     if method not in REFRESH_METHODS:
         raise ValueError(f"refresh method must be one of {REFRESH_METHODS}, got {method!r}")
-    options = options or DEFAULT_SKETCH
-    before_wait = _Once(before_wait)
+    with refresh_precision():  # fp32 whatever the caller's autocast / TF32 settings (q3r._precision)
+        return _refresh_slices(weights, states, configs, method, warned, options or DEFAULT_SKETCH,
+                               _Once(as_caller(before_wait)))
+
+
+def _refresh_slices(weights, states, configs, method: str, warned: set | None, options: SketchOptions,
+                    before_wait: _Once) -> list[bool]:
     weights, states = oriented(weights, states)  # tall targets as their transposes
     groups: dict[tuple, list[int]] = {}
     for i, W in enumerate(weights.raw):  # by oriented shape, without making the views

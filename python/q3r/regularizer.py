@@ -23,6 +23,7 @@ from torch import Tensor
 
 from . import ops, reference
 from . import distributed
+from ._precision import autocast_off
 from .config import Q3R_DEFAULTS, slice_configs, validate_q3r_options
 from .diagnostics import slice_diagnostics
 from .refresh import new_slice_state, operator_of, refresh_around, sketch_options, tail_mismatch, upgrade_state
@@ -120,6 +121,8 @@ class Q3R:
         return self._phases
 
     # ------------------------------------------------------------------ modes
+    # (all in fp32 under the caller's autocast too: see q3r._precision)
+    @autocast_off
     def penalty(self) -> Tensor:
         """lambda * sum over target slices of <W, R(W)>, differentiable in the weights.
 
@@ -140,6 +143,7 @@ class Q3R:
                 total = value if total is None else total + value
         return self.lmbda * total
 
+    @autocast_off
     @torch.no_grad()
     def add_grad_(self) -> None:
         """Add 2 lambda R(W) to each target's ``.grad`` slice in place (targets without a

@@ -15,6 +15,7 @@ AdamQ3R and Q3R dispatch here by themselves; users only set up DDP / FSDP2 as us
 
 from __future__ import annotations
 
+from .._precision import refresh_precision
 from . import comm
 from .replicated import assign_by_cost, refresh_cost, refresh_slices_replicated_
 from .sharded import (
@@ -89,7 +90,8 @@ def refresh_slices_(weights, states, configs, method: str = "exact", warned: set
     """:func:`q3r.refresh.refresh_slices_`, divided across ranks when running data-parallel
     (``before_wait`` then runs after the refresh: its exchanges may still raise)."""
     if is_replicated_distributed():
-        done = refresh_slices_replicated_(weights, states, configs, method, warned, _REPLICATED["group"], options)
+        with refresh_precision():  # (the local refresh inside pins again: a no-op)
+            done = refresh_slices_replicated_(weights, states, configs, method, warned, _REPLICATED["group"], options)
         if before_wait is not None:
             before_wait()
         return done

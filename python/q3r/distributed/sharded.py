@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from .._precision import refresh_precision
 from ..refresh import SliceConfig, _warn_nonfinite
 from ..targets import slice_shapes, slice_views
 from . import comm
@@ -156,6 +157,11 @@ def refresh_sharded_(
     """Refresh the factors of sharded targets in place: params[i] is a DTensor, slicings[i]
     its (slice_dim, slices), states[i] / configs[i] one entry per slice. Collective: every rank
     calls it with the same targets in the same order."""
+    with refresh_precision():  # fp32 whatever the caller's autocast / TF32 settings (q3r._precision)
+        _refresh_sharded(params, slicings, states, configs, warned)
+
+
+def _refresh_sharded(params, slicings, states, configs, warned) -> None:
     _resync_replicas_(params, [cfgs[0].name.split("[")[0] for cfgs in configs])
     by_group: dict[int, list] = {}
     for p, (slice_dim, slices), sts, cfgs in zip(params, slicings, states, configs):

@@ -9,6 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import distributed
+from .._precision import no_autocast
 from ..config import Q3R_DEFAULTS, default_names, slice_configs, validate_q3r_options
 from ..diagnostics import slice_diagnostics
 from ..refresh import _Once, new_slice_state, refresh_around, sketch_options, tail_mismatch, upgrade_state
@@ -179,9 +180,14 @@ class AdamQ3R(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
-        if closure is not None:
+        if closure is not None:  # the caller's forward pass: under the caller's autocast, if any
             with torch.enable_grad():
                 loss = closure()
+        with no_autocast():  # q3r's own math in fp32 (q3r._precision)
+            self._step()
+        return loss
+
+    def _step(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
@@ -207,7 +213,7 @@ class AdamQ3R(Optimizer):
             self.refresh(due)
             self._set_operators(q3r_works)
             distributed.sharded_adamq3r_step_(works)  # FSDP2: local shards, one all-reduce per step
-            return loss
+            return
         # The parameters not refreshed now need nothing from the refresh: their updates are
         # queued as soon as the refresh's device work is, and run while the host waits for
         # and decides its commits (a staggered refresh leaves most targets out).
@@ -224,7 +230,6 @@ class AdamQ3R(Optimizer):
         self._set_operators([(w, st) for w, st in q3r_works if id(w.param) in refreshed])
         if later:
             adamq3r_step_(later)
-        return loss
 
     @staticmethod
     def _set_operators(q3r_works: list) -> None:

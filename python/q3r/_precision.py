@@ -1,0 +1,129 @@
+"""The precision q3r's own math runs in, whatever the caller's context (SPEC section 4: the
+SVD and all reductions in fp32).
+
+Two process settings would otherwise leak into it:
+
+* **autocast.** ``loss = model(x) + reg.penalty()`` usually runs inside ``torch.autocast``,
+  which would run R's products and a refresh due at that step in bf16 / fp16 (and mixed
+  dtypes crashed the randomized refresh). Every public entry point turns autocast off for
+  its own work (:func:`no_autocast`); the caller's region is untouched.
+* **TF32 / bf16 fp32 matmuls** (``torch.set_float32_matmul_precision("high")``,
+  ``torch.backends.cuda.matmul.fp32_precision = "tf32"``). The per-step term follows them on
+  purpose, as torch's own fp32 matmuls and q3r's kernels do: the user traded precision for
+  speed. A refresh does not: a 10-bit mantissa in its Cholesky-QR Gram matrix or in Q^T W
+  moves the small singular values it must find (sigma_{r+1} of a trained weight sits far
+  below sigma_1). :func:`refresh_precision` pins fp32 matmuls to IEEE for its duration and
+  restores the caller's settings after, and around the ``before_wait`` work a refresh runs
+  for the caller (:func:`as_caller`).
+
+The matmul settings are process-wide in torch, so a thread that runs its own matmuls while
+another refreshes sees IEEE fp32 for that long.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+
+# (backend, op) pairs of torch's fp32-precision settings that decide fp32 matmuls: cuBLAS and
+# oneDNN (a CPU with bf16 support runs fp32 matmuls in bf16 under "medium")
+_MATMUL_BACKENDS = (("cuda", "matmul"), ("mkldnn", "matmul"))
+_PARENT = {"cuda": ("cuda", "all"), "mkldnn": ("mkldnn", "all")}
+
+
+def _new_api() -> bool:
+    """torch >= 2.9 has per-backend fp32_precision settings; older ones the legacy switch."""
+    return hasattr(torch._C, "_get_fp32_precision_getter")
+
+
+def no_autocast(device_types=()) -> contextlib.ExitStack:
+    """A context with autocast off for CPU, CUDA and ``device_types`` where it is on now."""
+    stack = contextlib.ExitStack()
+    for device_type in dict.fromkeys(("cpu", "cuda", *device_types)):
+        if torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
+
+
+def autocast_off(method: Callable) -> Callable:
+    """Decorator: run ``method`` with autocast off (see the module docstring)."""
+    def wrapped(*args, **kwargs):
+        with no_autocast():
+            return method(*args, **kwargs)
+
+    wrapped.__name__, wrapped.__qualname__, wrapped.__doc__ = method.__name__, method.__qualname__, method.__doc__
+    wrapped.__wrapped__ = method
+    return wrapped
+
+
+# the caller's settings while a refresh has pinned IEEE (None: nothing was changed), and how
+# deeply refreshes are nested (DDP's divided refresh calls the local one)
+_PINNED = {"depth": 0, "saved": None}
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul() -> Iterator[None]:
+    """IEEE fp32 matmuls inside, the caller's settings restored after; nests."""
+    if _PINNED["depth"] == 0:
+        saved = _read()
+        if saved != _IEEE:
+            _write(_IEEE)
+            _PINNED["saved"] = saved
+    _PINNED["depth"] += 1
+    try:
+        yield
+    finally:
+        _PINNED["depth"] -= 1
+        if _PINNED["depth"] == 0 and _PINNED["saved"] is not None:
+            saved, _PINNED["saved"] = _PINNED["saved"], None
+            _write(saved)
+
+
+def as_caller(fn: Callable[[], None] | None) -> Callable[[], None] | None:
+    """``fn`` run with the caller's matmul settings back in place: the work a refresh runs for
+    its caller in the middle (``before_wait``: AdamQ3R's other updates) is the caller's."""
+    if fn is None:
+        return None
+
+    def run() -> None:
+        saved = _PINNED["saved"]
+        if saved is None:
+            return fn()
+        _write(saved)
+        try:
+            fn()
+        finally:
+            _write(_IEEE)
+
+    return run
+
+
+def _read():
+    """The caller's fp32 matmul settings: a value per _MATMUL_BACKENDS entry (legacy torch:
+    the one precision string)."""
+    if not _new_api():
+        return torch.get_float32_matmul_precision()
+    get = torch._C._get_fp32_precision_getter
+    # torch resolves "none" (inherit from the backend's setting) when read; a value equal to
+    # its parent's is put back as "none", so that a later change of the parent still reaches it
+    return tuple("none" if get(b, op) == get(*_PARENT[b]) else get(b, op) for b, op in _MATMUL_BACKENDS)
+
+
+def _write(values) -> None:
+    if not _new_api():
+        torch.set_float32_matmul_precision(values)
+        return
+    for (backend, op), value in zip(_MATMUL_BACKENDS, values):
+        torch._C._set_fp32_precision_setter(backend, op, value)
+
+
+_IEEE = ("ieee",) * len(_MATMUL_BACKENDS) if _new_api() else "highest"
+
+
+@contextlib.contextmanager
+def refresh_precision() -> Iterator[None]:
+    """Autocast off and IEEE fp32 matmuls, for a refresh (see the module docstring)."""
+    with no_autocast(), ieee_fp32_matmul():
+        yield
