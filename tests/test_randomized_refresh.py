@@ -152,6 +152,33 @@ def test_deep_tails_are_resolved_without_exact_svd(method, tail_ratio, device, m
         assert operator_error(f, e, X) <= 1e-3
 
 
+def _flat_bulk_under_eps(gen, n=160, rank=32):
+    """Q3R-trained: `rank` leading values, then a flat bulk at 1e-3 whose top edge becomes eps."""
+    head = torch.linspace(1.0, 0.3, rank, dtype=torch.float64)
+    return with_spectrum(torch.cat([head, 1e-3 * torch.linspace(1.0, 0.2, n - rank, dtype=torch.float64)]), gen, n, n)
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_a_bulk_rising_above_eps_takes_the_exact_svd(method, monkeypatch):
+    # training noise lifts the bulk's top edge above eps (which the min schedule never
+    # raises): dozens of new envelope members at once, inside a flat bulk, where a warm
+    # sketch's Ritz values fall short and miss most of them
+    import q3r.refresh as R
+
+    calls = []
+    exact = R._refresh_exact
+    monkeypatch.setattr(R, "_refresh_exact", lambda w, s, c, idx: (calls.append(list(idx)), exact(w, s, c, idx)))
+    gen = torch.Generator().manual_seed(11)
+    weights = [_flat_bulk_under_eps(gen) for _ in range(2)]
+    configs = [SliceConfig(f"t{j}", 32) for j in range(2)]
+    fast, _ = run_sequence(method, weights, configs, refreshes=3, drift=1e-3, gen=torch.Generator().manual_seed(12))
+    assert all(int(s["sigma"].shape[0]) > 45 for s in fast)  # the envelope grew from 32
+    assert len(calls) > 3  # the exact oracle makes 3 calls; the grown fast refreshes the others
+    with pytest.raises(AssertionError):  # without the rule the contract fails (R(X) off by ~2e-2)
+        run_sequence(method, weights, configs, refreshes=3, drift=1e-3, gen=torch.Generator().manual_seed(12),
+                     options=SketchOptions(max_envelope_growth=10**9))
+
+
 @pytest.mark.parametrize("method", FAST)
 def test_tails_below_what_fp32_sketches_resolve_take_the_exact_svd(method, monkeypatch):
     import q3r.refresh as R

@@ -23,6 +23,7 @@ another refreshes sees IEEE fp32 for that long.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Iterator
 
 import torch
@@ -38,23 +39,23 @@ def _new_api() -> bool:
     return hasattr(torch._C, "_get_fp32_precision_getter")
 
 
-def no_autocast(device_types=()) -> contextlib.ExitStack:
-    """A context with autocast off for CPU, CUDA and ``device_types`` where it is on now."""
-    stack = contextlib.ExitStack()
-    for device_type in dict.fromkeys(("cpu", "cuda", *device_types)):
-        if torch.is_autocast_enabled(device_type):
-            stack.enter_context(torch.autocast(device_type, enabled=False))
-    return stack
+@contextlib.contextmanager
+def no_autocast() -> Iterator[None]:
+    """Autocast off inside, for the device types (CPU, CUDA) where it is on now."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
 
 
-def autocast_off(method: Callable) -> Callable:
-    """Decorator: run ``method`` with autocast off (see the module docstring)."""
+def autocast_off(fn: Callable) -> Callable:
+    """Decorator: run ``fn`` with autocast off (see the module docstring)."""
+    @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         with no_autocast():
-            return method(*args, **kwargs)
+            return fn(*args, **kwargs)
 
-    wrapped.__name__, wrapped.__qualname__, wrapped.__doc__ = method.__name__, method.__qualname__, method.__doc__
-    wrapped.__wrapped__ = method
     return wrapped
 
 

@@ -52,7 +52,9 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
     V come from the float64 Rayleigh-Ritz step).
 
     A sketch is wide enough when at most k - oversampling / 2 Ritz values lie above the new
-    eps, so the kept triplets had at least half the oversampling below them.  All scalars
+    eps, so the kept triplets had at least half the oversampling below them; a warm member
+    whose envelope would grow by more than opts.max_envelope_growth gets an exact SVD (see
+    SketchOptions).  All scalars
     of the group cross to the host in one transfer (``host``: their commit_columns, when
     the caller moved them together with other stacks').
     """
@@ -79,6 +81,10 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
         resolvable = opts.resolvable_ratio_fp64 if precise else opts.resolvable_ratio
         if not final and sigma_next < resolvable * sigma[0]:
             retry[i] = None if precise else REFINE
+            continue
+        prev_env = states[i]["sigma"].shape[0]  # (a shape: no device access)
+        if not final and int(row[k + 3]) > 0 and r_env > prev_env + opts.max_envelope_growth:
+            retry[i] = None  # the Ritz values of the new members are not to be trusted
             continue
         if not final and r_env > k - margin:
             retry[i] = r_env + opts.oversampling

@@ -67,6 +67,13 @@ class SketchOptions:
     exact_fraction    a target whose needed width exceeds this fraction of min(d1, d2)
                       gets an exact SVD instead (the sketch would not be cheaper)
     max_widenings     retries with a wider sketch when the Ritz values did not reach eps
+    max_envelope_growth  a warm target whose envelope would grow by more than this many
+                      triplets since its last refresh gets an exact SVD instead: the new
+                      members come from the part of the spectrum a warm sketch resolves
+                      worst, and where they come from a flat bulk whose top edge has risen
+                      above eps (a Q3R-trained tail, lifted by training), its Ritz values fall
+                      short and most of them are missed (768 x 768: R(X) off by 4e-2 to 1e-1
+                      with 81 new members, benchmarks/results/probes/refresh_accuracy_*.txt)
     resolvable_ratio  the k x k Gram matrix holds sigma^2 in fp32, so it resolves sigma_{r+1}
                       only down to about sqrt(fp32 eps) sigma_1; a target whose estimated
                       sigma_{r+1} / sigma_1 is below this ratio has its Rayleigh-Ritz step
@@ -99,6 +106,7 @@ class SketchOptions:
     cold_power_iters: int = 8
     exact_fraction: float = 0.5
     max_widenings: int = 2
+    max_envelope_growth: int = 2
     resolvable_ratio: float = 1e-2
     resolvable_ratio_fp64: float = 1e-4
     max_sweeps: int = _native.DEFAULT_MAX_SWEEPS

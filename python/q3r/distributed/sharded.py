@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._precision import refresh_precision
+from .._precision import no_autocast, refresh_precision
 from ..refresh import SliceConfig, _warn_nonfinite
 from ..targets import slice_shapes, slice_views
 from . import comm
@@ -502,7 +502,8 @@ class _PenaltyOfShards(torch.autograd.Function):
                 if p.grad is None:
                     p.grad = DTensor.from_local(torch.zeros_like(p.to_local()), p.device_mesh, p.placements,
                                                 run_check=False, shape=p.shape, stride=p.stride())
-            terms.add_([(p, p.grad.to_local()) for p in params], factor)
+            with no_autocast():  # (a backward pass may run inside the caller's autocast too)
+                terms.add_([(p, p.grad.to_local()) for p in params], factor)
 
         queue_after_backward_callbacks(add_)
         return (None,) * (1 + len(ctx.params))
