@@ -111,6 +111,7 @@ def main(argv=None) -> None:
     ap.add_argument("--drifts", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2],
                     help="noise added between refreshes, times the weight's rms entry")
     ap.add_argument("--kinds", nargs="+", default=["trained_decay", "exp_decay", "q3r_tail_1e-2", "q3r_tail_1e-3"])
+    ap.add_argument("--options", default="", help="SketchOptions fields, e.g. \"oversampling=32,warm_power_iters=1\"")
     args = ap.parse_args(argv)
     rank = int(0.2 * args.size)
     options = SketchOptions(**eval(f"dict({args.options})", {}))
