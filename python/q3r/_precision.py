@@ -1,5 +1,5 @@
-"""The precision q3r's own math runs in, whatever the caller's context (SPEC section 4: the
-SVD and all reductions in fp32).
+"""The precision q3r's own math runs in, whatever the caller's context (SPEC section 3,
+precision: the SVD and all reductions in fp32).
 
 Two process settings would otherwise leak into it:
 
@@ -10,9 +10,10 @@ Two process settings would otherwise leak into it:
 * **TF32 / bf16 fp32 matmuls** (``torch.set_float32_matmul_precision("high")``,
   ``torch.backends.cuda.matmul.fp32_precision = "tf32"``). The per-step term follows them on
   purpose, as torch's own fp32 matmuls and q3r's kernels do: the user traded precision for
-  speed. A refresh does not: a 10-bit mantissa in its Cholesky-QR Gram matrix or in Q^T W
-  moves the small singular values it must find (sigma_{r+1} of a trained weight sits far
-  below sigma_1). :func:`refresh_precision` pins fp32 matmuls to IEEE for its duration and
+  speed. A refresh does not: SPEC asks for fp32, and with TF32 products (emulated on a CPU at
+  768 x 768, benchmarks/results/probes/refresh_accuracy_768_*.txt) the operator of a
+  Q3R-trained weight whose tail sits at 1e-3 sigma_1 errs by 1.6e-3 to 3.0e-3, past issue 4's
+  1e-3, against about 1e-4 in IEEE fp32. :func:`refresh_precision` pins fp32 matmuls to IEEE for its duration and
   restores the caller's settings after, and around the ``before_wait`` work a refresh runs
   for the caller (:func:`as_caller`).
 

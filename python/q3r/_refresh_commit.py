@@ -54,9 +54,8 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
     A sketch is wide enough when at most k - oversampling / 2 Ritz values lie above the new
     eps, so the kept triplets had at least half the oversampling below them; a warm member
     whose envelope would grow by more than opts.max_envelope_growth gets an exact SVD (see
-    SketchOptions).  All scalars
-    of the group cross to the host in one transfer (``host``: their commit_columns, when
-    the caller moved them together with other stacks').
+    SketchOptions).  All scalars of the group cross to the host in one transfer (``host``:
+    their commit_columns, when the caller moved them together with other stacks').
     """
     k = S.shape[1]
     if host is None:

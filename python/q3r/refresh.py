@@ -72,8 +72,8 @@ class SketchOptions:
                       members come from the part of the spectrum a warm sketch resolves
                       worst, and where they come from a flat bulk whose top edge has risen
                       above eps (a Q3R-trained tail, lifted by training), its Ritz values fall
-                      short and most of them are missed (768 x 768: R(X) off by 4e-2 to 1e-1
-                      with 81 new members, benchmarks/results/probes/refresh_accuracy_*.txt)
+                      short and most of them are missed (768 x 768: R(X) off by up to 7.7e-2,
+                      benchmarks/results/probes/refresh_accuracy_768_*.txt; 0: any growth)
     resolvable_ratio  the k x k Gram matrix holds sigma^2 in fp32, so it resolves sigma_{r+1}
                       only down to about sqrt(fp32 eps) sigma_1; a target whose estimated
                       sigma_{r+1} / sigma_1 is below this ratio has its Rayleigh-Ritz step
