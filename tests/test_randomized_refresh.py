@@ -187,6 +187,26 @@ def test_a_bulk_rising_above_eps_takes_the_exact_svd(method, exact_fallbacks):
 
 
 @pytest.mark.parametrize("method", FAST)
+def test_weights_that_moved_far_get_one_more_pass(method, monkeypatch):
+    # a warm one-pass sketch lags the weights by about how far they moved since the last
+    # refresh; where the lag (Sketch.lag) exceeds max_lag, the target is sketched again from
+    # its new V, one more step of subspace iteration
+    import q3r.randomized
+
+    sketches = []
+    original = q3r.randomized.sketch
+    monkeypatch.setattr(q3r.randomized, "sketch", lambda W, *a, **kw: (sketches.append(W.shape[0]), original(W, *a, **kw))[1])
+    gen = torch.Generator().manual_seed(5)
+    weights = [spectrum_case("trained_decay", gen) for _ in range(2)]
+    configs = configs_for(weights[0], "min", 2)
+    run_sequence(method, weights, configs, refreshes=4, drift=3e-2, gen=torch.Generator().manual_seed(6))
+    assert len(sketches) > 4  # a cold sketch, three warm ones, and the passes the lag asked for
+    with pytest.raises(AssertionError):  # one pass from the old factors misses the contract
+        run_sequence(method, weights, configs, refreshes=4, drift=3e-2, gen=torch.Generator().manual_seed(6),
+                     options=SketchOptions(max_lag=1.0))
+
+
+@pytest.mark.parametrize("method", FAST)
 def test_tails_below_what_fp32_sketches_resolve_take_the_exact_svd(method, exact_fallbacks):
     gen = torch.Generator().manual_seed(8)
     weights = [_q3r_trained(1e-5, gen)]

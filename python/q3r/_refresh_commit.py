@@ -7,7 +7,7 @@ decide on crosses to the host in one transfer."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
@@ -21,17 +21,21 @@ if TYPE_CHECKING:
 REFINE = -1  # commit_sketch's answer for "redo the Rayleigh-Ritz step in float64"
 NONFINITE = -2  # ... and for "skipped: the weights are not finite"
 UNTRUSTED = -3  # ... and for "its one-pass basis failed the check: sketch it again"
+LAGGING = -4  # ... and for "its triplets lag the weights: sketch it again from its new V"
 
 
-def commit_columns(energy, members, states, S, finite: Tensor | None, trusted: Tensor | None = None) -> Tensor:
-    """What commit_sketch decides on, per member (b, k + 6) float64 on the device: the Ritz
-    values, ||W||_F^2, the previous eps, eps0 and refresh count, whether W was finite and
-    whether its basis passed its check (Sketch.trusted; None: all did)."""
+def commit_columns(energy, members, states, S, finite: Tensor | None, trusted: Tensor | None = None,
+                   lag: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """What commit_sketch decides on, per member (b, k + 7) float64 on the device: the Ritz
+    values, ||W||_F^2, the previous eps, eps0 and refresh count, whether W was finite,
+    whether its basis passed its check (Sketch.trusted; None: all did) and its lag
+    (``lag``: the previous eps (b,) -> Sketch.lag; None: 0)."""
     prev = [torch.stack([states[i][key] for i in members]).to(device=S.device, dtype=torch.float64)
             for key in ("eps", "eps0", "refreshes")]
     flags = [torch.ones(S.shape[0], dtype=torch.bool, device=S.device) if t is None else t for t in (finite, trusted)]
-    return torch.cat([S.double(), energy[:, None], *(p[:, None] for p in prev), *(f.double()[:, None] for f in flags)],
-                     dim=1)
+    lags = torch.zeros_like(prev[0]) if lag is None else lag(prev[0]).double()
+    return torch.cat([S.double(), energy[:, None], *(p[:, None] for p in prev), *(f.double()[:, None] for f in flags),
+                      lags[:, None]], dim=1)
 
 
 def to_host(tables: list[Tensor]) -> list[Tensor]:
@@ -47,9 +51,10 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
                   host: Tensor | None = None) -> dict[int, int | None]:
     """Commit the members whose sketch reached eps; return {target: wider width, REFINE where
     the fp32 Ritz values cannot resolve sigma_{r+1}, None where only an exact SVD does,
-    NONFINITE where ``finite`` (b,) says the weights were not, or UNTRUSTED where the
-    columns' trusted flag says the basis failed its check} for the rest (``precise``: U, S,
-    V come from the float64 Rayleigh-Ritz step).
+    NONFINITE where ``finite`` (b,) says the weights were not, UNTRUSTED where the
+    columns' trusted flag says the basis failed its check, or LAGGING where their lag
+    exceeds opts.max_lag} for the rest (``precise``: U, S, V come from the float64
+    Rayleigh-Ritz step).
 
     A sketch is wide enough when at most k - oversampling / 2 Ritz values lie above the new
     eps, so the kept triplets had at least half the oversampling below them; a warm member
@@ -70,6 +75,9 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
             continue
         if not row[k + 5]:
             retry[i] = UNTRUSTED
+            continue
+        if not final and row[k + 6] > opts.max_lag:  # (before REFINE: a float64 step keeps the subspace)
+            retry[i] = LAGGING
             continue
         cfg = configs[i]
         sigma = row[:k]

@@ -45,6 +45,7 @@ class SketchGroup:
     exact: list = field(default_factory=list)  # targets that get an exact SVD
     nonfinite: list = field(default_factory=list)  # targets found with non-finite weights
     widenings: dict = field(default_factory=dict)  # target -> how many times its sketch was widened
+    stepped: set = field(default_factory=set)  # targets sketched again from this refresh's V (lag no longer checked)
 
     def cap(self, opts: SketchOptions) -> int:
         """The widest sketch worth taking; wider targets get an exact SVD."""
@@ -174,13 +175,25 @@ def _finish_stacks(weights, states, configs, stacks: list[_Stack], solvers, opts
     The scalars every commit decides on cross to the host in one transfer for all the stacks
     (on a GPU each transfer waits for the device to drain; ``before_wait`` runs first)."""
     solved = [st.sketch.triplets(*st.eig) for st in stacks]
-    columns = [C.commit_columns(st.energy, st.members, states, S, st.sketch.finite, st.sketch.trusted)
-               for st, (_, S, _) in zip(stacks, solved)]
+    columns = [C.commit_columns(st.energy, st.members, states, S, st.sketch.finite, st.sketch.trusted,
+                                lambda eps, st=st, V=V, S=S: _first_pass_lag(st, V, S, eps))
+               for st, (_, S, V) in zip(stacks, solved)]
     if before_wait is not None:
         before_wait()
     hosts = C.to_host(columns)
     for st, (U, S, V), host in zip(stacks, solved, hosts):
         _finish_stack(weights, states, configs, st, U, S, V, host, solvers, opts)
+
+
+def _first_pass_lag(st: _Stack, V, S, eps):
+    """Sketch.lag of the members still on their first pass from the previous refresh's
+    factors; 0 for those already sketched again from this refresh's V (that pass is the one
+    more step of subspace iteration a lag asks for: they are not sent back again)."""
+    lag = st.sketch.lag(V, S, eps)
+    again = [j for j, i in enumerate(st.members) if i in st.group.stepped]
+    if again:
+        lag = lag.index_fill(0, to_device(again, torch.int64, lag.device), 0.0)
+    return lag
 
 
 def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, opts: SketchOptions) -> None:
@@ -204,9 +217,13 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
             g.nonfinite.append(i)
         elif width == C.UNTRUSTED:  # the same sketch again, its basis checked this time
             g.pending[i] = (k, st.starts[members.index(i)])
+        elif width == C.LAGGING:  # one more step of subspace iteration: from its new V
+            g.stepped.add(i)
+            g.pending[i] = (k, V[members.index(i)])
         elif width != C.REFINE:
             if g.widenings.get(i, 0) >= opts.max_widenings:  # still not wide enough
                 g.exact.append(i)
                 continue
             g.widenings[i] = g.widenings.get(i, 0) + 1
+            g.stepped.add(i)
             g.pending[i] = (min(width, g.n), refined_V[i] if i in refined_V else V[members.index(i)])

@@ -74,6 +74,13 @@ class SketchOptions:
                       above eps (a Q3R-trained tail, lifted by training), its Ritz values fall
                       short and most of them are missed (768 x 768: R(X) off by up to 7.7e-2,
                       benchmarks/results/probes/refresh_accuracy_768_*.txt; 0: any growth)
+    max_lag           one pass from the old factors lags weights that moved far since the
+                      last refresh; a warm target whose lag (randomized.Sketch.lag: how far
+                      its new right singular vectors left the span of the old ones, weighted
+                      as the operator weighs them, about the relative error of R(X) this
+                      leaves) exceeds this is sketched once more from its new V (768 x 768,
+                      power-law spectrum, noise of 1e-2 of the rms entry per period: R(X)
+                      off by 1.7e-3 in one pass, 7.8e-4 with the extra one); 1: never
     resolvable_ratio  the k x k Gram matrix holds sigma^2 in fp32, so it resolves sigma_{r+1}
                       only down to about sqrt(fp32 eps) sigma_1; a target whose estimated
                       sigma_{r+1} / sigma_1 is below this ratio has its Rayleigh-Ritz step
@@ -107,6 +114,7 @@ class SketchOptions:
     exact_fraction: float = 0.5
     max_widenings: int = 2
     max_envelope_growth: int = 2
+    max_lag: float = 6e-4
     resolvable_ratio: float = 1e-2
     resolvable_ratio_fp64: float = 1e-4
     max_sweeps: int = _native.DEFAULT_MAX_SWEEPS
