@@ -68,6 +68,12 @@ def spectrum(kind: str, n: int, rank: int) -> torch.Tensor:
     raise ValueError(kind)
 
 
+def weight(kind: str, n: int, rank: int, gen) -> torch.Tensor:
+    if kind == "random_init":  # Gaussian / sqrt(fan-in), as bench_refresh.py uses
+        return torch.randn(n, n, generator=gen) / math.sqrt(n)
+    return with_spectrum(spectrum(kind, n, rank), gen)
+
+
 def with_spectrum(sigma: torch.Tensor, gen) -> torch.Tensor:
     n = sigma.numel()
     U = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen)).Q
@@ -80,7 +86,7 @@ def worst_errors(kind: str, n: int, rank: int, refreshes: int, drift: float, emu
     """max over refreshes and targets of (R(X) relative error, sigma_{r+1} relative error)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    weights = [with_spectrum(spectrum(kind, n, rank), gen) for _ in range(2)]
+    weights = [weight(kind, n, rank, gen) for _ in range(2)]
     configs = [SliceConfig(f"t{j}", rank) for j in range(2)]
     fast = [new_slice_state(n, n) for _ in weights]
     exact = [new_slice_state(n, n) for _ in weights]
@@ -110,7 +116,7 @@ def main(argv=None) -> None:
     ap.add_argument("--refreshes", type=int, default=3)
     ap.add_argument("--drifts", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2],
                     help="noise added between refreshes, times the weight's rms entry")
-    ap.add_argument("--kinds", nargs="+", default=["trained_decay", "exp_decay", "q3r_tail_1e-2", "q3r_tail_1e-3"])
+    ap.add_argument("--kinds", nargs="+", default=["trained_decay", "exp_decay", "q3r_tail_1e-2", "q3r_tail_1e-3", "random_init"])
     ap.add_argument("--options", default="", help="SketchOptions fields, e.g. \"oversampling=32,warm_power_iters=1\"")
     args = ap.parse_args(argv)
     rank = int(0.2 * args.size)
