@@ -80,7 +80,7 @@ class SketchOptions:
                       as the operator weighs them, about the relative error of R(X) this
                       leaves) exceeds this is sketched once more from its new V (768 x 768,
                       power-law spectrum, noise of 1e-2 of the rms entry per period: R(X)
-                      off by 1.7e-3 in one pass, 7.8e-4 with the extra one); 1: never
+                      off by 1.7e-3 in one pass, 7.9e-4 with the extra one); 1: never
     resolvable_ratio  the k x k Gram matrix holds sigma^2 in fp32, so it resolves sigma_{r+1}
                       only down to about sqrt(fp32 eps) sigma_1; a target whose estimated
                       sigma_{r+1} / sigma_1 is below this ratio has its Rayleigh-Ritz step
