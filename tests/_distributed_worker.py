@@ -9,6 +9,7 @@ single-process run of the same global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -445,6 +446,75 @@ def fsdp_kernels_worker(rank, world, port, out_path, oversample):
     if rank == 0:
         torch.save(results, out_path)
     dist.destroy_process_group()
+
+
+def sharded_refresh_worker(rank, world, port, cases_path, out_path, ckpt_dir):
+    """refresh_sharded_ of row-sharded copies of the weight sequences in cases_path ({name:
+    (rank, [W at each refresh], q3r.distributed.configure options)}); rank 0 writes, per case
+    and refresh, the whole factors and scalars of the state, and the warnings the refreshes
+    gave. Then each case's last state is saved with torch.distributed.checkpoint and loaded
+    into its first (whose factors may be narrower), with and without FactorLoadPlanner."""
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from q3r.distributed.sharded import refresh_sharded_
+    from q3r.refresh import SliceConfig, new_slice_state
+
+    _init(rank, world, port)
+    mesh = init_device_mesh(DEVICE, (world,))
+    out = {}
+    defaults = dataclasses.asdict(q3r.distributed.SKETCH)
+    for name, (target_rank, sequence, options) in torch.load(cases_path).items():
+        q3r.distributed.configure(**options)
+        state, config, history, states = new_slice_state(*sequence[0].shape, DEVICE), SliceConfig(name, target_rank), [], []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for W in sequence:
+                p = distribute_tensor(W.to(DEVICE), mesh, [Shard(0)])
+                refresh_sharded_([p], [(0, None)], [[state]], [[config]], set())
+                states.append(dict(state))
+                history.append({key: (value.full_tensor() if hasattr(value, "full_tensor") else value).cpu().clone()
+                                for key, value in state.items()})
+        q3r.distributed.configure(**defaults)
+        out[name] = {"history": history, "warnings": [str(w.message) for w in caught],
+                     "checkpoint": _load_grown_factors(states[-1], states[0], os.path.join(ckpt_dir, name))}
+    if rank == 0:
+        torch.save(out, out_path)
+    dist.destroy_process_group()
+
+
+def _load_grown_factors(saved: dict, template: dict, path: str) -> dict:
+    """dcp.save of ``saved`` (a sharded slice state), then dcp.load into a copy of
+    ``template``: the error DCP's own planner gives, and the factors FactorLoadPlanner loads."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"q3r": [saved]}, checkpoint_id=path)
+    result = {}
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load({"q3r": [dict(template)]}, checkpoint_id=path)
+        result["default_planner"] = "loaded"
+    except CheckpointException as err:  # (a BaseException: DCP's wrapper of the ranks' errors)
+        result["default_planner"] = str(err)
+    sd = {"q3r": [dict(template)]}
+    dcp.load(sd, checkpoint_id=path, planner=q3r.distributed.FactorLoadPlanner())
+    loaded = sd["q3r"][0]
+    result["equal"] = all(_same(_whole(loaded[key]), _whole(saved[key])) for key in saved)
+    result["U_is_sharded_like_before"] = (type(loaded["U"]) is type(saved["U"])
+                                          and getattr(loaded["U"], "placements", None) == getattr(saved["U"], "placements", None))
+    return result
+
+
+def _whole(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _same(a, b) -> bool:
+    """Equal shapes and values, NaN equal to NaN (eps0 of the `min` schedule)."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def free_port() -> int:

@@ -105,9 +105,14 @@ def worst_errors(kind: str, n: int, rank: int, refreshes: int, drift: float, emu
             worst_r = max(worst_r, float((Rf - Re).norm() / Re.norm()))
             se = float(e["sigma_next"])
             worst_s = max(worst_s, abs(float(f["sigma_next"]) - se) / se)
-        weights = [w + float(drift * w.double().norm() / math.sqrt(w.numel())) * torch.randn(w.shape, generator=gen)
-                   for w in weights]
+        weights = drifted(weights, drift, gen)
     return worst_r, worst_s
+
+
+def drifted(weights: list[torch.Tensor], drift: float, gen) -> list[torch.Tensor]:
+    """Each weight plus Gaussian noise of ``drift`` times its rms entry."""
+    return [w + float(drift * w.double().norm() / math.sqrt(w.numel())) * torch.randn(w.shape, generator=gen)
+            for w in weights]
 
 
 def main(argv=None) -> None:

@@ -33,6 +33,7 @@ from .sharded import (
 )
 
 __all__ = [
+    "FactorLoadPlanner",
     "SKETCH",
     "ShardedTerms",
     "SketchOptions",
@@ -58,26 +59,38 @@ _REPLICATED = {"enabled": True, "group": None}
 
 def configure(*, replicated: bool | None = None, group=None, oversample: int | None = None,
               power_iters: int | None = None, cold_power_iters: int | None = None,
+              max_widenings: int | None = None, max_envelope_growth: int | None = None,
               seed: int | None = None) -> None:
     """Process-wide settings.
 
     replicated: divide refreshes of plain (non-DTensor) targets across ranks when
     torch.distributed is initialized (default True; set False when ranks train different
     weights, e.g. independent runs that share a process group). group: the process group of
-    the replicas (default: the world). oversample / power_iters / cold_power_iters / seed:
+    the replicas (default: the world). oversample / power_iters / cold_power_iters /
+    max_widenings / max_envelope_growth / seed:
     the randomized refresh of sharded targets (see :class:`SketchOptions`).
     """
     if replicated is not None:
         _REPLICATED["enabled"] = bool(replicated)
     if group is not None:
         _REPLICATED["group"] = group
-    options = {"oversample": oversample, "power_iters": power_iters, "cold_power_iters": cold_power_iters, "seed": seed}
+    options = {"oversample": oversample, "power_iters": power_iters, "cold_power_iters": cold_power_iters,
+               "max_widenings": max_widenings, "max_envelope_growth": max_envelope_growth, "seed": seed}
     for name, value in options.items():
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"q3r.distributed.configure: {name} must be an int >= 0, got {value!r}")
         setattr(SKETCH, name, value)
+
+
+def __getattr__(name: str):
+    # imported on first use: torch.distributed.checkpoint is not needed to train
+    if name == "FactorLoadPlanner":
+        from .checkpoint import FactorLoadPlanner
+
+        return FactorLoadPlanner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_replicated_distributed() -> bool:

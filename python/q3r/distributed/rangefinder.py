@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["sketch_width", "gaussian_sketch", "cholesky_qr", "range_finder_svd"]
+__all__ = ["sketch_width", "cold_sketch_width", "gaussian_sketch", "cholesky_qr", "range_finder_svd", "enveloping_svd"]
 
 AllReduce = Callable[[Tensor], Tensor]
 
@@ -35,6 +35,14 @@ AllReduce = Callable[[Tensor], Tensor]
 def sketch_width(rank: int, d1: int, d2: int, oversample: int) -> int:
     """k = rank + oversample, at most min(d1, d2); always > rank, so sigma_{r+1} is estimated."""
     return min(rank + oversample, min(d1, d2))
+
+
+def cold_sketch_width(rank: int, d1: int, d2: int, oversample: int) -> int:
+    """The width of a first (cold) refresh: rank + max(2 oversample, rank), at most min(d1, d2).
+    A Gaussian start on a random-init spectrum, flat around sigma_{r+1}, needs the gap to
+    converge, and under the `min` schedule the first eps is never raised again, so its error
+    stays (the sketch is only computed this wide; the leading triplets are kept)."""
+    return min(rank + max(2 * oversample, rank), min(d1, d2))
 
 
 def gaussian_sketch(d2: int, k: int, seed: int, device, warm: Tensor | None = None) -> Tensor:
@@ -109,3 +117,58 @@ def range_finder_svd(
         Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
         out.append((q @ Ub, S, Vh.transpose(0, 1).contiguous(), frob2.reshape(())))
     return out
+
+
+def enveloping_svd(
+    Xs: list[Tensor],
+    shapes: list[tuple[int, int]],
+    widths: list[int],
+    starts: list[Tensor | None],
+    seeds: Callable[[int, int], int],
+    envelope: Callable[[int, Tensor], int],
+    all_reduce: AllReduce,
+    power_iters: int,
+    cold_power_iters: int,
+    oversample: int,
+    max_widenings: int = 3,
+    prev_envs: list[int] | None = None,
+    max_growth: int = 2,
+) -> list[tuple[Tensor, Tensor, Tensor, Tensor, int]]:
+    """range_finder_svd of each row-sharded slice i (whole shape shapes[i]), sketched
+    widths[i] wide from starts[i] (its previous V, or None: cold), and widened while the
+    sketch did not reach eps: while more than width - oversample / 2 of its Ritz values lie
+    above eps (``envelope(i, S)``: how many do), it is sketched again from its new V,
+    r_env + oversample wide (at most min(d1, d2): the exact SVD up to rounding), at most
+    max_widenings times. Under the `min` schedule eps never rises, so an envelope can outgrow
+    any fixed width (a flat bulk lifted above eps by training); a truncated one would leave
+    those triplets out of the operator. A warm sketch whose envelope grew by more than
+    max_growth since the last refresh (``prev_envs[i]``) is widened too: its new members come
+    from a flat bulk, where the Ritz values of a warm sketch fall short of the singular
+    values and some of them are missed.
+
+    Every rank decides alike: S is the same on every rank (B is all-reduced), so they widen
+    the same slices and take the same collectives. ``seeds(i, attempt)``: the sketch's seed.
+    Returns per slice (U_local, S, V, frob2, r_env) of its last sketch.
+    """
+    results: list = [None] * len(Xs)
+    widths, starts = list(widths), list(starts)
+    margin = max(oversample // 2, 1)
+    todo = list(range(len(Xs)))
+    for attempt in range(max_widenings + 1):
+        if not todo:
+            break
+        omegas = [gaussian_sketch(shapes[i][1], widths[i], seeds(i, attempt), Xs[i].device, starts[i]) for i in todo]
+        warm = attempt == 0 and all(starts[i] is not None and starts[i].shape[-1] > 0 for i in todo)
+        found = range_finder_svd([Xs[i] for i in todo], omegas, all_reduce, power_iters if warm else cold_power_iters)
+        retry = []
+        for i, (U, S, V, frob2) in zip(todo, found):
+            r_env = envelope(i, S)
+            results[i] = (U, S, V, frob2, r_env)
+            short = r_env > widths[i] - margin or (
+                warm and prev_envs is not None and r_env > prev_envs[i] + max_growth)
+            if short and widths[i] < min(shapes[i]) and attempt < max_widenings:
+                widths[i] = min(max(r_env + oversample, 2 * widths[i]), min(shapes[i]))
+                starts[i] = V
+                retry.append(i)
+        todo = retry
+    return results

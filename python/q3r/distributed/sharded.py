@@ -46,7 +46,7 @@ from .._precision import no_autocast, refresh_precision
 from ..refresh import SliceConfig, _warn_nonfinite
 from ..targets import slice_shapes, slice_views
 from . import comm
-from .rangefinder import gaussian_sketch, range_finder_svd, sketch_width
+from .rangefinder import cold_sketch_width, enveloping_svd, sketch_width
 
 try:  # DTensor is public since torch 2.4; keep `import q3r` working without it
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -58,16 +58,25 @@ __all__ = ["SketchOptions", "SKETCH", "is_sharded", "shard_mesh_dim", "check_sha
 
 @dataclasses.dataclass
 class SketchOptions:
-    """Randomized refresh of sharded targets: sketch width = rank + oversample (capped at
-    min(d1, d2); a cap reached means the exact SVD up to rounding). A refresh warm-started from
-    the previous right singular vectors runs ``power_iters`` power iterations; the first (cold)
-    refresh of a target runs ``cold_power_iters``, since a Gaussian start on a slowly decaying
-    spectrum (random initial weights) needs more to pin down sigma_{r+1}. Across warm refreshes
-    this is subspace iteration continued over training, which is why 2 suffice then."""
+    """Randomized refresh of sharded targets (rangefinder.enveloping_svd): sketch width =
+    rank + oversample (capped at min(d1, d2); a cap reached means the exact SVD up to
+    rounding). A refresh warm-started from the previous right singular vectors runs
+    ``power_iters`` power iterations. The first (cold) refresh of a target runs
+    ``cold_power_iters`` on a wider sketch, rank + max(2 oversample, rank): a Gaussian start
+    on a slowly decaying spectrum (random initial weights) needs them to pin down
+    sigma_{r+1}, which the `min` schedule keeps as eps. A sketch with fewer than
+    oversample / 2 Ritz values below eps is widened (to at least twice its width, from its new
+    V, with ``cold_power_iters``: the new members come from a flat bulk) up to
+    ``max_widenings`` times; so is a warm sketch whose envelope grew by more than
+    ``max_envelope_growth`` triplets since the last refresh (a warm sketch's Ritz values
+    fall short in a flat bulk lifted above eps, and miss some of its members). Across warm refreshes this is subspace iteration continued over
+    training, which is why 2 suffice then."""
 
     oversample: int = 16
     power_iters: int = 2
-    cold_power_iters: int = 6
+    cold_power_iters: int = 8
+    max_widenings: int = 3
+    max_envelope_growth: int = 2
     seed: int = 0
 
 
@@ -137,9 +146,10 @@ def local_slices(local: Tensor, start: int, slice_dim: int, slices) -> list[tupl
     return out
 
 
-def _seed(name: str, refreshes: int) -> int:
-    """The same on every rank: depends only on the slice's name and refresh count."""
-    return (SKETCH.seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + refreshes) % (2**63 - 1)
+def _seed(name: str, refreshes: int, attempt: int = 0) -> int:
+    """The same on every rank: depends only on the slice's name, refresh count and attempt
+    (a widened sketch's)."""
+    return (SKETCH.seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + refreshes + 104_729 * attempt) % (2**63 - 1)
 
 
 def _local_U(U, lo: int, hi: int) -> Tensor:
@@ -182,15 +192,70 @@ def _refresh_sharded(params, slicings, states, configs, warned) -> None:
                     _warn_nonfinite(item[5].name, warned)
             else:
                 live.append(item)
-        Xs, omegas = [], []
-        for p, x, lo, hi, s, cfg, (d1, d2) in live:
-            k = sketch_width(cfg.rank, d1, d2, SKETCH.oversample)
-            omegas.append(gaussian_sketch(d2, k, _seed(cfg.name, int(s["refreshes"])), x.device, s["V"]))
-            Xs.append(x)
-        warm = all(item[4]["V"].shape[-1] > 0 for item in live)
-        results = range_finder_svd(Xs, omegas, reduce, SKETCH.power_iters if warm else SKETCH.cold_power_iters)
-        for (p, x, lo, hi, s, cfg, _), (U_loc, S, V, frob2) in zip(live, results):
-            _commit_(s, cfg, p, lo, hi, U_loc, S, V, float(frob2))
+        results = enveloping_svd(
+            [item[1] for item in live], [item[6] for item in live], [_width(item) for item in live],
+            [item[4]["V"] if item[4]["V"].shape[-1] else None for item in live],
+            lambda j, attempt: _seed(live[j][5].name, int(live[j][4]["refreshes"]), attempt),
+            lambda j, S: _envelope(live[j][4], live[j][5], S)[2], reduce,
+            SKETCH.power_iters, SKETCH.cold_power_iters, SKETCH.oversample, SKETCH.max_widenings,
+            _envelopes([item[4] for item in live]), SKETCH.max_envelope_growth)
+        for (p, x, lo, hi, s, cfg, shape), (U_loc, S, V, frob2, r_env) in zip(live, results):
+            keep = _kept_width(cfg.rank, shape, r_env, S.shape[0])
+            if r_env > S.shape[0] - _margin() and S.shape[0] < min(shape) and _leads(p):
+                _warn_truncated(cfg.name, r_env, S.shape[0], warned)
+            _commit_(s, cfg, p, lo, hi, U_loc[:, :keep], S[:keep], V[:, :keep], float(frob2))
+
+
+def _margin() -> int:
+    """Ritz values a sketch must have below eps to count as wide enough (as q3r.refresh asks)."""
+    return max(SKETCH.oversample // 2, 1)
+
+
+def _envelopes(states: list[dict]) -> list[int]:
+    """How many triplets of each state lie above its eps (one host transfer for all)."""
+    if not states:
+        return []
+    return torch.stack([(s["sigma"] > s["eps"]).sum() for s in states]).tolist()
+
+
+def _width(item) -> int:
+    """The sketch width of a slice's refresh: a cold one is wider (cold_sketch_width); a warm
+    one is rank + oversample, or the width its factors grew to (see _kept_width)."""
+    s, cfg, (d1, d2) = item[4], item[5], item[6]
+    if s["V"].shape[-1] == 0:
+        return cold_sketch_width(cfg.rank, d1, d2, SKETCH.oversample)
+    return max(sketch_width(cfg.rank, d1, d2, SKETCH.oversample), s["V"].shape[-1])
+
+
+def _kept_width(rank: int, shape: tuple[int, int], r_env: int, found: int) -> int:
+    """How many triplets a slice keeps: rank + oversample (the factors' width in a checkpoint
+    made before any envelope grew), or r_env + oversample where the envelope outgrew that
+    with less than the margin below it (those are in the operator, and the next refresh
+    starts from them)."""
+    k = sketch_width(rank, *shape, SKETCH.oversample)
+    return min(k if r_env <= k - _margin() else r_env + SKETCH.oversample, found)
+
+
+def _envelope(s: dict, cfg: SliceConfig, S: Tensor) -> tuple[float, float, int]:
+    """(eps, eps0, r_env) that the Ritz values S give a slice (SPEC section 3)."""
+    sigma_next = float(S[cfg.rank]) if cfg.rank < S.shape[0] else 0.0
+    eps, eps0 = reference.next_eps(
+        cfg.schedule, float(s["eps"]), sigma_next, int(s["refreshes"]), float(s["eps0"]),
+        cfg.eps_value, cfg.eps_floor, cfg.num_refreshes,
+    )
+    return eps, eps0, int((S > eps).sum())
+
+
+def _warn_truncated(name: str, r_env: int, width: int, warned: set | None) -> None:
+    key = ("truncated", name)
+    if warned is not None and key in warned:
+        return
+    if warned is not None:
+        warned.add(key)
+    warnings.warn(
+        f"q3r: the envelope of sharded target {name!r} ({r_env} singular values above eps) still filled its "
+        f"sketch of {width} after {SKETCH.max_widenings} widenings; the operator uses the {width} largest "
+        "(raise q3r.distributed.configure(max_widenings=...))", RuntimeWarning, stacklevel=4)
 
 
 def _resync_replicas_(params: list, names: list[str]) -> None:
@@ -225,11 +290,8 @@ def _resync_replicas_(params: list, names: list[str]) -> None:
 
 def _commit_(s: dict, cfg: SliceConfig, p, lo: int, hi: int, U_loc: Tensor, S: Tensor, V: Tensor, frob2: float) -> None:
     """Schedule eps and store the k triplets (fixed width: the ones at or below eps get d = 0)."""
-    sigma_next = float(S[cfg.rank])
-    eps, eps0 = reference.next_eps(
-        cfg.schedule, float(s["eps"]), sigma_next, int(s["refreshes"]), float(s["eps0"]),
-        cfg.eps_value, cfg.eps_floor, cfg.num_refreshes,
-    )
+    sigma_next = float(S[cfg.rank]) if cfg.rank < S.shape[0] else 0.0
+    eps, eps0, _ = _envelope(s, cfg, S)
     head = float(S[: cfg.rank].double().square().sum())
     k = S.shape[0]
     local = p.to_local()

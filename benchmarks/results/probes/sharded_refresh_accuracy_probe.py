@@ -1,0 +1,90 @@
+"""The refresh of FSDP2-sharded targets (q3r.distributed.sharded.refresh_sharded_) against the
+exact SVD at ViT-B size (768 x 768, rank 153), on the spectra and drifts of
+refresh_accuracy_probe.py, with the accuracy contract of issue 4 (R(X) within 1e-3,
+sigma_{r+1} within 1%).
+
+Runs in one process: a gloo group of world size 1 and a 1-D mesh, so the weight is a DTensor
+with Shard(0) whose one shard is the whole matrix; the range finder is the same code that runs
+on many ranks (its collectives are then no-ops).
+
+    python benchmarks/results/probes/sharded_refresh_accuracy_probe.py [--size 768] [--refreshes 3]
+        [--kinds ...] [--drifts ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from refresh_accuracy_probe import drifted, weight
+from q3r import reference
+from q3r.refresh import SliceConfig, new_slice_state, operator_of, refresh_slices_
+
+
+def worst_errors(kind: str, n: int, rank: int, refreshes: int, drift: float, seed: int = 0):
+    """max over refreshes and 2 targets of (R(X) relative error, sigma_{r+1} relative error),
+    and the last refresh's (sharded, exact) envelope sizes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from q3r.distributed.sharded import refresh_sharded_
+
+    mesh = init_device_mesh("cpu", (1,))
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    weights = [weight(kind, n, rank, gen) for _ in range(2)]
+    configs = [SliceConfig(f"t{j}", rank) for j in range(2)]
+    fast = [new_slice_state(n, n) for _ in weights]
+    exact = [new_slice_state(n, n) for _ in weights]
+    X = torch.randn(n, n, generator=gen)
+    worst_r = worst_s = 0.0
+    for _ in range(refreshes):
+        params = [distribute_tensor(w, mesh, [Shard(0)]) for w in weights]
+        refresh_sharded_(params, [(0, None)] * 2, [[s] for s in fast], [[c] for c in configs], set())
+        refresh_slices_(weights, exact, configs, method="exact")
+        envelopes = []
+        for f, e in zip(fast, exact):
+            f = {**f, "U": f["U"].full_tensor()}
+            Rf = reference.apply_reweighting(X, *operator_of(f))
+            Re = reference.apply_reweighting(X, *operator_of(e))
+            worst_r = max(worst_r, float((Rf - Re).norm() / Re.norm()))
+            se = float(e["sigma_next"])
+            worst_s = max(worst_s, abs(float(f["sigma_next"]) - se) / se)
+            envelopes.append((int((f["sigma"] > f["eps"]).sum()), int(e["sigma"].shape[0])))
+        weights = drifted(weights, drift, gen)
+    return worst_r, worst_s, envelopes
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=768)
+    ap.add_argument("--refreshes", type=int, default=3)
+    ap.add_argument("--drifts", type=float, nargs="+", default=[1e-3, 1e-2, 3e-2])
+    ap.add_argument("--kinds", nargs="+", default=["trained_decay", "exp_decay", "q3r_tail_1e-2", "q3r_tail_1e-3", "random_init"])
+    args = ap.parse_args(argv)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    from q3r.distributed.sharded import SKETCH
+
+    rank = int(0.2 * args.size)
+    print(f"# {args.size} x {args.size}, rank {rank}, {args.refreshes} refreshes (cold, then warm on drifting weights), "
+          f"sharded range finder {SKETCH}; worst of 2 targets; contract: R(X) <= 1e-3, sigma_(r+1) <= 1e-2", flush=True)
+    print(f"{'spectrum':>16} | {'drift':>6} | {'R(X) err':>9} | {'sigma err':>9} | envelopes at the last refresh (sharded, exact)")
+    for kind in args.kinds:
+        for drift in args.drifts:
+            r, s, envelopes = worst_errors(kind, args.size, rank, args.refreshes, drift)
+            print(f"{kind:>16} | {drift:6.0e} | {r:9.2e} | {s:9.2e} | {envelopes}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "python"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()
