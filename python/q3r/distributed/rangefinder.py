@@ -133,7 +133,7 @@ def enveloping_svd(
     max_widenings: int = 3,
     prev_envs: list[int] | None = None,
     max_growth: int = 2,
-) -> list[tuple[Tensor, Tensor, Tensor, Tensor, int]]:
+) -> list[tuple]:
     """range_finder_svd of each row-sharded slice i (whole shape shapes[i]), sketched
     widths[i] wide from starts[i] (its previous V, or None: cold), and widened while the
     sketch did not reach eps: while more than width - oversample / 2 of its Ritz values lie
@@ -147,8 +147,9 @@ def enveloping_svd(
     values and some of them are missed.
 
     Every rank decides alike: S is the same on every rank (B is all-reduced), so they widen
-    the same slices and take the same collectives. ``seeds(i, attempt)``: the sketch's seed.
-    Returns per slice (U_local, S, V, frob2, r_env) of its last sketch.
+    the same slices and take the same collectives. ``seeds(i, attempt)``: the sketch's seed;
+    ``envelope`` gets S on the host (all slices' S cross in one transfer per attempt).
+    Returns per slice (U_local, S, V, frob2, r_env, S and frob2 on the host) of its last sketch.
     """
     results: list = [None] * len(Xs)
     widths, starts = list(widths), list(starts)
@@ -161,9 +162,12 @@ def enveloping_svd(
         warm = attempt == 0 and all(starts[i] is not None and starts[i].shape[-1] > 0 for i in todo)
         found = range_finder_svd([Xs[i] for i in todo], omegas, all_reduce, power_iters if warm else cold_power_iters)
         retry = []
-        for i, (U, S, V, frob2) in zip(todo, found):
-            r_env = envelope(i, S)
-            results[i] = (U, S, V, frob2, r_env)
+        hosts = torch.cat([t.reshape(-1) for _, S, _, frob2 in found for t in (S, frob2)]).cpu()
+        hosts = hosts.split([n for _, S, _, _ in found for n in (S.numel(), 1)])
+        for n, (i, (U, S, V, frob2)) in enumerate(zip(todo, found)):
+            S_host, frob2_host = hosts[2 * n], float(hosts[2 * n + 1])
+            r_env = envelope(i, S_host)
+            results[i] = (U, S, V, frob2, r_env, S_host, frob2_host)
             short = r_env > widths[i] - margin or (
                 warm and prev_envs is not None and r_env > prev_envs[i] + max_growth)
             if short and widths[i] < min(shapes[i]) and attempt < max_widenings:

@@ -192,18 +192,19 @@ def _refresh_sharded(params, slicings, states, configs, warned) -> None:
                     _warn_nonfinite(item[5].name, warned)
             else:
                 live.append(item)
+        prev = _previous([item[4] for item in live])
         results = enveloping_svd(
             [item[1] for item in live], [item[6] for item in live], [_width(item) for item in live],
             [item[4]["V"] if item[4]["V"].shape[-1] else None for item in live],
-            lambda j, attempt: _seed(live[j][5].name, int(live[j][4]["refreshes"]), attempt),
-            lambda j, S: _envelope(live[j][4], live[j][5], S)[2], reduce,
+            lambda j, attempt: _seed(live[j][5].name, prev[j][2], attempt),
+            lambda j, S: _envelope(prev[j], live[j][5], S)[2], reduce,
             SKETCH.power_iters, SKETCH.cold_power_iters, SKETCH.oversample, SKETCH.max_widenings,
-            _envelopes([item[4] for item in live]), SKETCH.max_envelope_growth)
-        for (p, x, lo, hi, s, cfg, shape), (U_loc, S, V, frob2, r_env) in zip(live, results):
+            [r_env for *_, r_env in prev], SKETCH.max_envelope_growth)
+        for (p, x, lo, hi, s, cfg, shape), before, (U_loc, S, V, _, r_env, S_host, frob2) in zip(live, prev, results):
             keep = _kept_width(cfg.rank, shape, r_env, S.shape[0])
             if r_env > S.shape[0] - _margin() and S.shape[0] < min(shape) and _leads(p):
                 _warn_truncated(cfg.name, r_env, S.shape[0], warned)
-            _commit_(s, cfg, p, lo, hi, U_loc[:, :keep], S[:keep], V[:, :keep], float(frob2))
+            _commit_(s, cfg, before, p, lo, hi, U_loc[:, :keep], S[:keep], V[:, :keep], S_host[:keep], frob2)
 
 
 def _margin() -> int:
@@ -211,11 +212,14 @@ def _margin() -> int:
     return max(SKETCH.oversample // 2, 1)
 
 
-def _envelopes(states: list[dict]) -> list[int]:
-    """How many triplets of each state lie above its eps (one host transfer for all)."""
+def _previous(states: list[dict]) -> list[tuple[float, float, int, int]]:
+    """(eps, eps0, refresh count, r_env) of each state before the refresh, in one host
+    transfer for all (a transfer per scalar would cost hundreds per refresh)."""
     if not states:
         return []
-    return torch.stack([(s["sigma"] > s["eps"]).sum() for s in states]).tolist()
+    rows = torch.stack([torch.stack([s["eps"].double(), s["eps0"].double(), s["refreshes"].double(),
+                                     (s["sigma"] > s["eps"]).sum().double()]) for s in states]).tolist()
+    return [(eps, eps0, int(count), int(r_env)) for eps, eps0, count, r_env in rows]
 
 
 def _width(item) -> int:
@@ -236,13 +240,12 @@ def _kept_width(rank: int, shape: tuple[int, int], r_env: int, found: int) -> in
     return min(k if r_env <= k - _margin() else r_env + SKETCH.oversample, found)
 
 
-def _envelope(s: dict, cfg: SliceConfig, S: Tensor) -> tuple[float, float, int]:
-    """(eps, eps0, r_env) that the Ritz values S give a slice (SPEC section 3)."""
+def _envelope(prev: tuple, cfg: SliceConfig, S: Tensor) -> tuple[float, float, int]:
+    """(eps, eps0, r_env) that the Ritz values S (on the host) give a slice whose state was
+    ``prev`` (see _previous; SPEC section 3)."""
     sigma_next = float(S[cfg.rank]) if cfg.rank < S.shape[0] else 0.0
-    eps, eps0 = reference.next_eps(
-        cfg.schedule, float(s["eps"]), sigma_next, int(s["refreshes"]), float(s["eps0"]),
-        cfg.eps_value, cfg.eps_floor, cfg.num_refreshes,
-    )
+    eps, eps0 = reference.next_eps(cfg.schedule, prev[0], sigma_next, prev[2], prev[1],
+                                   cfg.eps_value, cfg.eps_floor, cfg.num_refreshes)
     return eps, eps0, int((S > eps).sum())
 
 
@@ -288,11 +291,13 @@ def _resync_replicas_(params: list, names: list[str]) -> None:
                               RuntimeWarning, stacklevel=3)
 
 
-def _commit_(s: dict, cfg: SliceConfig, p, lo: int, hi: int, U_loc: Tensor, S: Tensor, V: Tensor, frob2: float) -> None:
-    """Schedule eps and store the k triplets (fixed width: the ones at or below eps get d = 0)."""
-    sigma_next = float(S[cfg.rank]) if cfg.rank < S.shape[0] else 0.0
-    eps, eps0, _ = _envelope(s, cfg, S)
-    head = float(S[: cfg.rank].double().square().sum())
+def _commit_(s: dict, cfg: SliceConfig, prev: tuple, p, lo: int, hi: int, U_loc: Tensor, S: Tensor, V: Tensor,
+             S_host: Tensor, frob2: float) -> None:
+    """Schedule eps and store the triplets (the ones at or below eps get d = 0); the scalars
+    come from S_host, S on the host, and prev (see _previous)."""
+    sigma_next = float(S_host[cfg.rank]) if cfg.rank < S_host.shape[0] else 0.0
+    eps, eps0, _ = _envelope(prev, cfg, S_host)
+    head = float(S_host[: cfg.rank].double().square().sum())
     k = S.shape[0]
     local = p.to_local()
     U_rows = torch.zeros(local.shape[0], k, dtype=torch.float32, device=local.device)
