@@ -298,7 +298,7 @@ def resume_from(ckpt_dir, mesh_shape, data, rank, world) -> dict[str, torch.Tens
     opt = make_adamq3r(model)
     msd, osd = get_state_dict(model, opt)  # template (initializes the optimizer state)
     sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=ckpt_dir)
+    dcp.load(sd, checkpoint_id=ckpt_dir, planner=q3r.distributed.FactorLoadPlanner())  # as docs/distributed.md says
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     train(model, opt, data, rank, world)
     return full_state(model)
