@@ -10,6 +10,7 @@ single-process run of the same global batch.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 
 import torch
@@ -174,7 +175,9 @@ def _init(rank, world, port):
     if DEVICE == "cuda":
         torch.cuda.set_device(rank)
     backend = "nccl" if DEVICE == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a collective one rank skips fails after 5 minutes instead of hanging the suite for 30
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=5))
     torch.set_num_threads(1)
 
 

@@ -63,6 +63,19 @@ def test_range_finder_accuracy_cold_and_warm(d1, d2, decay):
     assert _rel_error_of_R(W, W + 0.1 * noise(), U, S, V, rank) < 1e-3
 
 
+def test_ranks_that_disagree_on_a_widening_take_the_same_one():
+    # (r_env, width to widen to or 0) per slice on two ranks whose singular values differ in
+    # the last bit around eps: both must widen the second slice, to the same width
+    from q3r.distributed.rangefinder import _agreed
+
+    a, b = [(40, 0), (51, 96), (30, 0)], [(40, 0), (50, 0), (30, 0)]
+    table = lambda wanted: torch.tensor([[r, w, float(w > 0), 1.0] for r, w in wanted], dtype=torch.float64)  # noqa: E731
+    on_a = _agreed(a, lambda t: t + table(b))
+    on_b = _agreed(b, lambda t: t + table(a))
+    assert on_a == on_b == [(40, 0), (51, 96), (30, 0)]
+    assert _agreed(a, lambda t: 2 * t) == a  # ranks that agree keep their decisions
+
+
 def test_full_width_sketch_is_the_exact_svd():
     W = _matrix(40, 24, 0.7)
     (U, S, V, _), = range_finder_svd([W], [gaussian_sketch(24, 24, 0, "cpu")], _identity, 1)

@@ -5,7 +5,7 @@ sigma_{r+1} within 1% after every refresh, cold and warm on drifting weights.
 
 The cases are the ones the fixed-width range finder failed at ViT-B size (768 x 768, see
 benchmarks/results/probes/sharded_refresh_accuracy_*): a random-init spectrum, flat around
-sigma_{r+1}, whose cold sketch set eps 2.4% off for good (`min` schedule), and a Q3R-trained
+sigma_{r+1}, whose cold sketch set eps 2.7% off for good (`min` schedule), and a Q3R-trained
 weight whose flat bulk training lifts above eps, so that the envelope outgrows rank +
 oversample (the old width kept only its leading part: R(X) off by up to 8.7x there).
 Run on 2 gloo ranks, each holding half of the rows: every widening is a collective decision.
@@ -21,7 +21,7 @@ import torch
 from q3r.refresh import SliceConfig, new_slice_state, refresh_slices_
 
 import _distributed_worker as worker
-from test_randomized_refresh import check_against_exact, with_spectrum
+from test_randomized_refresh import check_against_exact, operator_error, with_spectrum
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
@@ -42,8 +42,11 @@ def _cases() -> dict:
     bulk = torch.cat([torch.linspace(1.0, 0.3, RANK, dtype=torch.float64),
                       1e-3 * torch.linspace(1.0, 0.2, N - RANK, dtype=torch.float64)])
     rising = _drifting(with_spectrum(bulk, gen, N, N), 1e-3, gen)
+    random_init = _drifting(torch.randn(N, N, generator=gen) / math.sqrt(N), 1e-3, gen)
     return {
-        "random_init": (RANK, _drifting(torch.randn(N, N, generator=gen) / math.sqrt(N), 1e-3, gen), {}),
+        "random_init": (RANK, random_init, {}),
+        # no oversampling: sigma_{r+1} is not among the kept triplets, eps must still come from it
+        "random_init_oversample_0": (RANK, random_init, {"oversample": 0}),
         # the noise lifts the bulk's top edge above eps: the envelope grows from 32 to over 60
         "bulk_rising_above_eps": (RANK, rising, {}),
         # the same without the growth rule: a warm sketch misses some of the new members
@@ -60,24 +63,36 @@ def sharded(tmp_path_factory):
     return cases, torch.load(tmp / "out.pt")
 
 
-def _check_case(cases, out, case):
+def _exact_states(cases, case) -> list[dict]:
     rank, sequence, _ = cases[case]
-    exact, config = new_slice_state(N, N), SliceConfig(case, rank)
-    X = torch.randn(N, N, generator=torch.Generator().manual_seed(3))
-    for W, fast in zip(sequence, out[case]["history"]):
+    exact, config, states = new_slice_state(N, N), SliceConfig(case, rank), []
+    for W in sequence:
         refresh_slices_([W], [exact], [config], method="exact")
+        states.append({key: value.clone() for key, value in exact.items()})
+    return states
+
+
+def _check_case(cases, out, case):
+    X = torch.randn(N, N, generator=torch.Generator().manual_seed(3))
+    for fast, exact in zip(out[case]["history"], _exact_states(cases, case)):
         check_against_exact([fast], [exact], X)
 
 
-@pytest.mark.parametrize("case", ["random_init", "bulk_rising_above_eps"])
+@pytest.mark.parametrize("case", ["random_init", "random_init_oversample_0", "bulk_rising_above_eps"])
 def test_sharded_refresh_meets_the_accuracy_contract(sharded, case):
     _check_case(*sharded, case)
     assert not sharded[1][case]["warnings"]
 
 
 def test_without_the_growth_rule_a_warm_sketch_misses_new_members(sharded):
-    with pytest.raises(AssertionError):  # R(X) off by about 1e-2 at the third refresh
-        _check_case(*sharded, "bulk_rising_above_eps_growth_rule_off")
+    # the same weights as bulk_rising_above_eps: within the contract until the third refresh,
+    # where the envelope grows by 9 and the warm sketch, wide enough by its own Ritz values,
+    # finds 7 (R(X) off by about 1e-2)
+    cases, out = sharded
+    case = "bulk_rising_above_eps_growth_rule_off"
+    X = torch.randn(N, N, generator=torch.Generator().manual_seed(3))
+    errors = [operator_error(fast, exact, X) for fast, exact in zip(out[case]["history"], _exact_states(cases, case))]
+    assert max(errors[:2]) <= 1e-3 < errors[2]
 
 
 def test_an_envelope_that_outgrew_the_sketch_keeps_all_its_triplets(sharded):
@@ -85,10 +100,11 @@ def test_an_envelope_that_outgrew_the_sketch_keeps_all_its_triplets(sharded):
     history = out["bulk_rising_above_eps"]["history"]
     k = RANK + 16  # the width a checkpoint made before the envelope grew has
     assert history[0]["U"].shape[-1] == k
-    grown = history[-1]
-    r_env = int((grown["sigma"] > grown["eps"]).sum())
-    assert r_env > k  # more triplets above eps than rank + oversample ...
-    assert grown["U"].shape[-1] == grown["V"].shape[-1] == grown["sigma"].shape[0] >= r_env  # ... and all kept
+    grown, exact = history[-1], _exact_states(cases, "bulk_rising_above_eps")[-1]
+    r_env = int(exact["sigma"].shape[0])
+    assert r_env > k  # more triplets above eps than rank + oversample: all of them in the operator,
+    assert int((grown["sigma"] > grown["eps"]).sum()) == r_env
+    assert grown["U"].shape[-1] == grown["V"].shape[-1] == grown["sigma"].shape[0] == r_env + 16  # and 16 more
 
 
 def test_a_checkpoint_with_grown_factors_loads_with_the_factor_planner(sharded):

@@ -25,11 +25,15 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+# this checkout's q3r, whatever is installed (the folder of a script run directly is on the
+# path already, so its sibling probe imports as it is)
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "python"))
 
-from q3r import reference
-from q3r.refresh import SketchOptions, SliceConfig, new_slice_state, operator_of, refresh_slices_
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from q3r import reference  # noqa: E402
+from q3r.refresh import SketchOptions, SliceConfig, new_slice_state, operator_of, refresh_slices_  # noqa: E402
 
 aten = torch.ops.aten
 # products and the positions of their matrix operands (a bias / accumulator input is added in
@@ -139,5 +143,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "python"))
     main()

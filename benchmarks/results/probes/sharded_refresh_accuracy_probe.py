@@ -18,12 +18,16 @@ import socket
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+# this checkout's q3r, whatever is installed (the folder of a script run directly is on the
+# path already, so its sibling probe imports as it is)
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "python"))
 
-from refresh_accuracy_probe import drifted, weight
-from q3r import reference
-from q3r.refresh import SliceConfig, new_slice_state, operator_of, refresh_slices_
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from refresh_accuracy_probe import drifted, weight  # noqa: E402
+from q3r import reference  # noqa: E402
+from q3r.refresh import SliceConfig, new_slice_state, operator_of, refresh_slices_  # noqa: E402
 
 
 def worst_errors(kind: str, n: int, rank: int, refreshes: int, drift: float, seed: int = 0):
@@ -85,6 +89,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "python"))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

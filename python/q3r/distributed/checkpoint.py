@@ -1,8 +1,8 @@
 """Loading a torch.distributed.checkpoint whose Q3R factors are wider than the template's.
 
-The factors of a sharded target are rank + oversample wide, a width fixed for the run, so a
-template made before loading (``get_state_dict`` of a fresh model and optimizer) has the saved
-shapes -- until an envelope outgrows that width (q3r.distributed.rangefinder.enveloping_svd
+The factors of a sharded target are rank + oversample wide unless an envelope outgrows that
+width, so a template made before loading (``get_state_dict`` of a fresh model and optimizer)
+has the saved shapes -- except where an envelope did (q3r.distributed.rangefinder.enveloping_svd
 widens the sketch and keeps every triplet above eps). DCP refuses to load a tensor into one
 of another size; :class:`FactorLoadPlanner` first gives each Q3R factor of the template the
 size the checkpoint has for it.
@@ -22,9 +22,9 @@ __all__ = ["FactorLoadPlanner"]
 
 
 class FactorLoadPlanner(DefaultLoadPlanner):
-    """DCP's default load planner, except that the Q3R factors of the state dict (the tensors
-    under a "q3r" key: U, V, sigma, tail) are replaced by zero tensors of the width the
-    checkpoint saved them with before anything is read (in the dict passed to
+    """DCP's default load planner, except that the Q3R factors of the state dict (U, V, sigma
+    and tail of the slice states in a list under a "q3r" key) are replaced by zero tensors of
+    the width the checkpoint saved them with before anything is read (in the dict passed to
     ``dcp.load``, which then holds the loaded factors). Only the last dimension may differ:
     any other size mismatch is left to DCP, which refuses it::
 
@@ -40,17 +40,23 @@ class FactorLoadPlanner(DefaultLoadPlanner):
         super().set_up_planner(state_dict, metadata, is_coordinator)
 
 
-def _q3r_tensors(node, path=(), inside=False):
-    """(path, container, key, tensor) of every tensor below a "q3r" key, in DCP's key order:
-    nested mappings and lists, their keys joined with dots."""
+_FACTORS = ("U", "V", "sigma", "tail")
+
+
+def _q3r_tensors(node, path=()):
+    """(path, container, key, tensor) of every factor of a slice state in a list under a "q3r"
+    key (an optimizer's per-parameter state), found through nested mappings and lists; the
+    path's parts joined with dots are DCP's key for it."""
     items = node.items() if isinstance(node, Mapping) else enumerate(node) if isinstance(node, list) else ()
     for key, value in items:
-        here = inside or key == "q3r"
-        if isinstance(value, torch.Tensor):
-            if here:
-                yield (*path, key), node, key, value
-        else:
-            yield from _q3r_tensors(value, (*path, key), here)
+        if key == "q3r" and isinstance(value, list):
+            for i, state in enumerate(value):
+                if isinstance(state, Mapping):
+                    for name in _FACTORS:
+                        if isinstance(state.get(name), torch.Tensor):
+                            yield (*path, key, i, name), state, name, state[name]
+        elif isinstance(value, (Mapping, list)):
+            yield from _q3r_tensors(value, (*path, key))
 
 
 def _only_width_differs(saved: torch.Size, current: torch.Size) -> bool:

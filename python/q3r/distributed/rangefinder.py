@@ -13,7 +13,8 @@ width k (target rank + oversampling) and q power iterations:
     U_r = Q_r Ub,  V = Vh^T              U stays row-sharded like X
 
 Every stage is batched over all slices: one collective per stage whatever the number of
-targets, q + 3 per refresh. Cholesky-QR squares the condition number, so the Gram matrix is accumulated and
+targets, q + 3 per refresh; enveloping_svd adds one small one to agree on widenings, and
+repeats the whole for the slices whose sketch did not reach eps. Cholesky-QR squares the condition number, so the Gram matrix is accumulated and
 factored in float64, each pass adds a tiny shift (so a rank-deficient sketch, e.g. zero
 weights or a sketch as wide as the matrix, still factors), and the passes are repeated
 (CholeskyQR2), which leaves Q orthonormal to float32 rounding. When k reaches min(d1, d2) the
@@ -146,8 +147,9 @@ def enveloping_svd(
     from a flat bulk, where the Ritz values of a warm sketch fall short of the singular
     values and some of them are missed.
 
-    Every rank decides alike: S is the same on every rank (B is all-reduced), so they widen
-    the same slices and take the same collectives. ``seeds(i, attempt)``: the sketch's seed;
+    Every rank decides alike: S comes from the same all-reduced B on every rank, and one small
+    all-reduce per attempt makes the decisions one where a solver that is not bitwise
+    reproducible across ranks would let them differ (_agreed). ``seeds(i, attempt)``: the sketch's seed;
     ``envelope`` gets S on the host (all slices' S cross in one transfer per attempt).
     Returns per slice (U_local, S, V, frob2, r_env, S and frob2 on the host) of its last sketch.
     """
@@ -159,20 +161,40 @@ def enveloping_svd(
         if not todo:
             break
         omegas = [gaussian_sketch(shapes[i][1], widths[i], seeds(i, attempt), Xs[i].device, starts[i]) for i in todo]
-        warm = attempt == 0 and all(starts[i] is not None and starts[i].shape[-1] > 0 for i in todo)
-        found = range_finder_svd([Xs[i] for i in todo], omegas, all_reduce, power_iters if warm else cold_power_iters)
-        retry = []
+        warm = [attempt == 0 and starts[i] is not None and starts[i].shape[-1] > 0 for i in todo]
+        found = range_finder_svd([Xs[i] for i in todo], omegas, all_reduce, power_iters if all(warm) else cold_power_iters)
         hosts = torch.cat([t.reshape(-1) for _, S, _, frob2 in found for t in (S, frob2)]).cpu()
         hosts = hosts.split([n for _, S, _, _ in found for n in (S.numel(), 1)])
-        for n, (i, (U, S, V, frob2)) in enumerate(zip(todo, found)):
-            S_host, frob2_host = hosts[2 * n], float(hosts[2 * n + 1])
-            r_env = envelope(i, S_host)
-            results[i] = (U, S, V, frob2, r_env, S_host, frob2_host)
-            short = r_env > widths[i] - margin or (
-                warm and prev_envs is not None and r_env > prev_envs[i] + max_growth)
-            if short and widths[i] < min(shapes[i]) and attempt < max_widenings:
-                widths[i] = min(max(r_env + oversample, 2 * widths[i]), min(shapes[i]))
-                starts[i] = V
+        wanted = []  # per slice: (r_env, the width to widen to, or 0)
+        for n, i in enumerate(todo):
+            r_env = envelope(i, hosts[2 * n])
+            short = r_env > widths[i] - margin or (warm[n] and prev_envs is not None and r_env > prev_envs[i] + max_growth)
+            widen = short and widths[i] < min(shapes[i]) and attempt < max_widenings
+            wanted.append((r_env, min(max(r_env + oversample, 2 * widths[i]), min(shapes[i])) if widen else 0))
+        retry = []
+        for n, (i, (U, S, V, frob2), (r_env, wider)) in enumerate(zip(todo, found, _agreed(wanted, all_reduce))):
+            results[i] = (U, S, V, frob2, r_env, hosts[2 * n], float(hosts[2 * n + 1]))
+            if wider:
+                widths[i], starts[i] = wider, V
                 retry.append(i)
         todo = retry
     return results
+
+
+def _agreed(wanted: list[tuple[int, int]], all_reduce: AllReduce) -> list[tuple[int, int]]:
+    """The ranks' decisions (r_env, width to widen to or 0) made one. Every rank computes S
+    from the same all-reduced B, but a singular value solver that is not bitwise reproducible
+    across ranks (thread counts, libraries) could put a value on the other side of eps on one
+    rank, and a widening taken by some ranks only would hang the collectives. One small
+    all-reduce (sums; the same rounding everywhere): a slice is widened where any rank wants
+    it, to the mean of the widths those ranks asked for; r_env is the ceiling of the mean."""
+    if not wanted:
+        return []
+    local = torch.tensor([[r_env, wider, float(wider > 0), 1.0] for r_env, wider in wanted], dtype=torch.float64)
+    total = all_reduce(local.clone())
+    ranks = total[:, 3:4]
+    if bool((total[:, :3] == local[:, :3] * ranks).all()):  # the usual case: they agree
+        return wanted
+    r_env = torch.ceil(total[:, 0] / total[:, 3]).to(torch.int64).tolist()
+    wider = torch.ceil(total[:, 1] / total[:, 2].clamp_min(1)).to(torch.int64).tolist()
+    return list(zip(r_env, wider))

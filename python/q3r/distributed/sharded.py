@@ -26,9 +26,10 @@ The refresh runs the randomized range finder of :mod:`.rangefinder` on the local
 Layout of the factors, chosen so that torch.distributed.checkpoint saves and reshards them:
 U of every slice is a DTensor of shape (rows of the *parameter*, k), Shard(0), i.e. stored in
 the parameter's row coordinates and sharded exactly like the weight; for a row slice
-(timm qkv) the rows outside the slice are zero. The width k is the sketch width
-(target rank + oversampling), fixed for the whole run, so a checkpoint template built before
-loading has the shapes of the saved factors. V, sigma and the scalars are plain tensors,
+(timm qkv) the rows outside the slice are zero. The width k is target rank + oversampling
+unless the envelope outgrows it (then r_env + oversampling, see _kept_width), so a
+checkpoint template built before loading has the shapes of the saved factors, or
+checkpoint.FactorLoadPlanner gives it them. V, sigma and the scalars are plain tensors,
 identical on every rank (DCP treats them as replicated).
 """
 
@@ -204,7 +205,7 @@ def _refresh_sharded(params, slicings, states, configs, warned) -> None:
             keep = _kept_width(cfg.rank, shape, r_env, S.shape[0])
             if r_env > S.shape[0] - _margin() and S.shape[0] < min(shape) and _leads(p):
                 _warn_truncated(cfg.name, r_env, S.shape[0], warned)
-            _commit_(s, cfg, before, p, lo, hi, U_loc[:, :keep], S[:keep], V[:, :keep], S_host[:keep], frob2)
+            _commit_(s, cfg, before, p, lo, hi, U_loc[:, :keep], S[:keep], V[:, :keep], S_host, frob2)
 
 
 def _margin() -> int:
@@ -294,7 +295,8 @@ def _resync_replicas_(params: list, names: list[str]) -> None:
 def _commit_(s: dict, cfg: SliceConfig, prev: tuple, p, lo: int, hi: int, U_loc: Tensor, S: Tensor, V: Tensor,
              S_host: Tensor, frob2: float) -> None:
     """Schedule eps and store the triplets (the ones at or below eps get d = 0); the scalars
-    come from S_host, S on the host, and prev (see _previous)."""
+    come from S_host, all Ritz values of the sketch on the host (sigma_{r+1} among them even
+    where fewer are kept), and prev (see _previous)."""
     sigma_next = float(S_host[cfg.rank]) if cfg.rank < S_host.shape[0] else 0.0
     eps, eps0, _ = _envelope(prev, cfg, S_host)
     head = float(S_host[: cfg.rank].double().square().sum())
