@@ -89,8 +89,8 @@ def loss_of(model, tokens):
     return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
 
 
-def make_adamq3r(model):
-    groups = q3r.param_groups(model, make_targets(model), lmbda=0.05, steps=PERIOD, refresh="exact")
+def make_adamq3r(model, **options):
+    groups = q3r.param_groups(model, make_targets(model), lmbda=0.05, steps=PERIOD, refresh="exact", **options)
     return q3r.AdamQ3R(groups, lr=3e-3)
 
 
@@ -509,6 +509,42 @@ def _load_grown_factors(saved: dict, template: dict, path: str) -> dict:
     result["U_is_sharded_like_before"] = (type(loaded["U"]) is type(saved["U"])
                                           and getattr(loaded["U"], "placements", None) == getattr(saved["U"], "placements", None))
     return result
+
+
+def stagger_resume_worker(rank, world, port, ckpt_dir, out_path):
+    """FSDP2 + AdamQ3R with stagger=True saved after 3 steps and resumed as docs/distributed.md
+    says. Rank 0 writes the factor widths of the template get_state_dict makes, and whether
+    the resumed run continued like the uninterrupted one, or the error it gave."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    _init(rank, world, port)
+    data = batches()
+    model = _fsdp_model()
+    opt = make_adamq3r(model, stagger=True)
+    train(model, opt, data[:3], rank, world)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
+    train(model, opt, data[3:], rank, world)
+    straight = full_state(model)
+    model = _fsdp_model()
+    opt = make_adamq3r(model, stagger=True)
+    msd, osd = get_state_dict(model, opt)  # template (initializes the optimizer state: a first step)
+    out = {"template_widths": sorted({s["U"].shape[-1] for st in opt.state.values() for s in st.get("q3r", [])})}
+    sd = {"model": msd, "optim": osd}
+    try:
+        dcp.load(sd, checkpoint_id=ckpt_dir, planner=q3r.distributed.FactorLoadPlanner())
+        set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    except (CheckpointException, ValueError) as err:
+        out["error"] = str(err)[:3000]
+    else:
+        train(model, opt, data[3:], rank, world)
+        resumed = full_state(model)
+        out["equal"] = all(torch.equal(straight[name], resumed[name]) for name in straight)
+    if rank == 0:
+        torch.save(out, out_path)
+    dist.destroy_process_group()
 
 
 def _whole(t):

@@ -114,3 +114,13 @@ def test_a_checkpoint_with_grown_factors_loads_with_the_factor_planner(sharded):
     result = sharded[1]["bulk_rising_above_eps"]["checkpoint"]
     assert "Size mismatch" in result["default_planner"]
     assert result["equal"] and result["U_is_sharded_like_before"]
+
+
+def test_a_staggered_fsdp2_run_resumes_from_a_checkpoint(tmp_path):
+    # stagger=True: the template get_state_dict makes still refreshes every target at its
+    # first step (a target without factors is always due), so it has the saved widths
+    worker.spawn(worker.stagger_resume_worker, 2, str(tmp_path / "ckpt"), str(tmp_path / "out.pt"))
+    out = torch.load(tmp_path / "out.pt")
+    assert 0 not in out["template_widths"]
+    assert "error" not in out, out.get("error")
+    assert out["equal"]
