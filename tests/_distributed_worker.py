@@ -451,22 +451,26 @@ def fsdp_kernels_worker(rank, world, port, out_path, oversample):
     dist.destroy_process_group()
 
 
-def sharded_refresh_worker(rank, world, port, cases_path, out_path, ckpt_dir):
+def sharded_refresh_worker(rank, world, port, cases_path, out_path, ckpt_dir, mesh_shape=None):
     """refresh_sharded_ of row-sharded copies of the weight sequences in cases_path ({name:
-    (rank, [W at each refresh], q3r.distributed.configure options)}); rank 0 writes, per case
+    (rank, [W at each refresh], q3r.distributed.configure options)}), on a 1-D mesh or an HSDP
+    one (mesh_shape = (replicas, shards): rows sharded over the second dim); rank 0 writes, per case
     and refresh, the whole factors and scalars of the state, and the warnings the refreshes
     gave. Then each case's last state is saved with torch.distributed.checkpoint and loaded
     into its first (whose factors may be narrower), with and without FactorLoadPlanner."""
     import warnings
 
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from q3r.distributed.sharded import refresh_sharded_
     from q3r.refresh import SliceConfig, new_slice_state
 
     _init(rank, world, port)
-    mesh = init_device_mesh(DEVICE, (world,))
+    if mesh_shape is None:
+        mesh, placements = init_device_mesh(DEVICE, (world,)), [Shard(0)]
+    else:
+        mesh, placements = init_device_mesh(DEVICE, mesh_shape, mesh_dim_names=("replicate", "shard")), [Replicate(), Shard(0)]
     out = {}
     defaults = dataclasses.asdict(q3r.distributed.SKETCH)
     for name, (target_rank, sequence, options) in torch.load(cases_path).items():
@@ -475,7 +479,7 @@ def sharded_refresh_worker(rank, world, port, cases_path, out_path, ckpt_dir):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for W in sequence:
-                p = distribute_tensor(W.to(DEVICE), mesh, [Shard(0)])
+                p = distribute_tensor(W.to(DEVICE), mesh, placements)
                 refresh_sharded_([p], [(0, None)], [[state]], [[config]], set())
                 states.append(dict(state))
                 history.append({key: (value.full_tensor() if hasattr(value, "full_tensor") else value).cpu().clone()

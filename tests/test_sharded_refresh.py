@@ -63,6 +63,16 @@ def sharded(tmp_path_factory):
     return cases, torch.load(tmp / "out.pt")
 
 
+@pytest.fixture(scope="module")
+def hsdp(tmp_path_factory):
+    """The same on a 2 x 2 HSDP mesh: rows over 2 shards, 2 replica groups deciding apart."""
+    tmp = tmp_path_factory.mktemp("sharded_refresh_hsdp")
+    cases = {name: case for name, case in _cases().items() if name in ("random_init", "bulk_rising_above_eps")}
+    torch.save(cases, tmp / "cases.pt")
+    worker.spawn(worker.sharded_refresh_worker, 4, str(tmp / "cases.pt"), str(tmp / "out.pt"), str(tmp / "ckpt"), (2, 2))
+    return cases, torch.load(tmp / "out.pt")
+
+
 def _exact_states(cases, case) -> list[dict]:
     rank, sequence, _ = cases[case]
     exact, config, states = new_slice_state(N, N), SliceConfig(case, rank), []
@@ -82,6 +92,13 @@ def _check_case(cases, out, case):
 def test_sharded_refresh_meets_the_accuracy_contract(sharded, case):
     _check_case(*sharded, case)
     assert not sharded[1][case]["warnings"]
+
+
+@pytest.mark.parametrize("case", ["random_init", "bulk_rising_above_eps"])
+def test_hsdp_refresh_meets_the_accuracy_contract(hsdp, case):
+    _check_case(*hsdp, case)
+    assert not hsdp[1][case]["warnings"]
+    assert hsdp[1][case]["checkpoint"]["equal"]
 
 
 def test_without_the_growth_rule_a_warm_sketch_misses_new_members(sharded):
