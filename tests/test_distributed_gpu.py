@@ -33,3 +33,18 @@ def test_nccl_world_size_one_matches_single_process(tmp_path, monkeypatch):
     resume = fsdp["resume"]
     for name, w in resume["straight"].items():
         assert torch.equal(w, resume["resumed"][name]), name
+
+
+def test_nccl_sharded_refresh_meets_the_accuracy_contract(tmp_path, monkeypatch):
+    """tests/test_sharded_refresh.py's cases with the weights on the GPU (a 1-rank NCCL mesh):
+    the widening, the kept widths and a DCP round trip of grown factors, against the exact SVD."""
+    import test_sharded_refresh as sharded
+
+    monkeypatch.setenv("Q3R_TEST_DEVICE", "cuda")
+    cases = sharded._cases()
+    torch.save(cases, tmp_path / "cases.pt")
+    worker.spawn(worker.sharded_refresh_worker, 1, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt"), str(tmp_path / "ckpt"))
+    out = torch.load(tmp_path / "out.pt")
+    for case in ("random_init", "random_init_oversample_0", "bulk_rising_above_eps"):
+        sharded._check_case(cases, out, case)
+        assert not out[case]["warnings"] and out[case]["checkpoint"]["equal"], case
