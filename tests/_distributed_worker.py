@@ -476,11 +476,12 @@ def sharded_refresh_worker(rank, world, port, cases_path, out_path, ckpt_dir, me
     for name, (target_rank, sequence, options) in torch.load(cases_path).items():
         q3r.distributed.configure(**options)
         state, config, history, states = new_slice_state(*sequence[0].shape, DEVICE), SliceConfig(name, target_rank), [], []
+        warned = set()  # as an optimizer keeps it
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for W in sequence:
                 p = distribute_tensor(W.to(DEVICE), mesh, placements)
-                refresh_sharded_([p], [(0, None)], [[state]], [[config]], set())
+                refresh_sharded_([p], [(0, None)], [[state]], [[config]], warned)
                 states.append(dict(state))
                 history.append({key: (value.full_tensor() if hasattr(value, "full_tensor") else value).cpu().clone()
                                 for key, value in state.items()})

@@ -51,6 +51,8 @@ def _cases() -> dict:
         "bulk_rising_above_eps": (RANK, rising, {}),
         # the same without the growth rule: a warm sketch misses some of the new members
         "bulk_rising_above_eps_growth_rule_off": (RANK, rising, {"max_envelope_growth": 10**9}),
+        # no widening allowed: the envelope fills its sketch, and the user is told
+        "bulk_rising_above_eps_no_widening": (RANK, rising, {"max_widenings": 0}),
     }
 
 
@@ -122,6 +124,12 @@ def test_an_envelope_that_outgrew_the_sketch_keeps_all_its_triplets(sharded):
     assert r_env > k  # more triplets above eps than rank + oversample: all of them in the operator,
     assert int((grown["sigma"] > grown["eps"]).sum()) == r_env
     assert grown["U"].shape[-1] == grown["V"].shape[-1] == grown["sigma"].shape[0] == r_env + 16  # and 16 more
+
+
+def test_an_envelope_left_filling_its_sketch_is_reported_once(sharded):
+    messages = sharded[1]["bulk_rising_above_eps_no_widening"]["warnings"]
+    assert len(messages) == 1  # (rank 0's; the refreshes share one set of warned targets)
+    assert "bulk_rising_above_eps_no_widening" in messages[0] and "max_widenings" in messages[0]
 
 
 def test_a_checkpoint_with_grown_factors_loads_with_the_factor_planner(sharded):

@@ -204,16 +204,18 @@ def operator_of(state: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _warn_nonfinite(name: str, warned: set | None) -> None:
-    if warned is not None and name in warned:
-        return
+    warn_once(name, warned, f"q3r: target {name!r} has non-finite weights at a refresh; its refresh is skipped "
+              "and the last good factors are kept", stacklevel=4)
+
+
+def warn_once(key, warned: set | None, message: str, stacklevel: int) -> None:
+    """A RuntimeWarning, once per key in ``warned`` (an optimizer's or regularizer's set; None:
+    every time)."""
     if warned is not None:
-        warned.add(name)
-    warnings.warn(
-        f"q3r: target {name!r} has non-finite weights at a refresh; its refresh is skipped and "
-        "the last good factors are kept",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+        if key in warned:
+            return
+        warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 
 def resolve_method(method: str, device: torch.device) -> str:

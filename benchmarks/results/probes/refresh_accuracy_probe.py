@@ -21,6 +21,7 @@ spectra like those of tests/test_randomized_refresh.py at a ViT-B-sized 768 x 76
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -88,6 +89,18 @@ def with_spectrum(sigma: torch.Tensor, gen) -> torch.Tensor:
 def worst_errors(kind: str, n: int, rank: int, refreshes: int, drift: float, emulate: bool,
                  options: SketchOptions, seed: int = 0) -> tuple[float, float]:
     """max over refreshes and targets of (R(X) relative error, sigma_{r+1} relative error)."""
+    def refresh(weights, fast, configs):
+        with EmulatedTF32() if emulate else contextlib.nullcontext():
+            refresh_slices_(weights, fast, configs, method="randomized", options=options)
+
+    worst_r, worst_s, _, _ = against_exact(refresh, kind, n, rank, refreshes, drift, seed)
+    return worst_r, worst_s
+
+
+def against_exact(refresh, kind: str, n: int, rank: int, refreshes: int, drift: float, seed: int = 0):
+    """``refresh(weights, states, configs)`` and the exact SVD side by side on two drifting
+    targets: the worst R(X) and sigma_{r+1} relative errors over the refreshes, and the last
+    states (fast, exact). A fast state's U may be a DTensor (a sharded refresh)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     weights = [weight(kind, n, rank, gen) for _ in range(2)]
@@ -97,20 +110,17 @@ def worst_errors(kind: str, n: int, rank: int, refreshes: int, drift: float, emu
     X = torch.randn(n, n, generator=gen)
     worst_r = worst_s = 0.0
     for _ in range(refreshes):
-        if emulate:
-            with EmulatedTF32():
-                refresh_slices_(weights, fast, configs, method="randomized", options=options)
-        else:
-            refresh_slices_(weights, fast, configs, method="randomized", options=options)
+        refresh(weights, fast, configs)
         refresh_slices_(weights, exact, configs, method="exact")
         for f, e in zip(fast, exact):
-            Rf = reference.apply_reweighting(X, *operator_of(f))
+            U = f["U"].full_tensor() if hasattr(f["U"], "full_tensor") else f["U"]
+            Rf = reference.apply_reweighting(X, *operator_of({**f, "U": U}))
             Re = reference.apply_reweighting(X, *operator_of(e))
             worst_r = max(worst_r, float((Rf - Re).norm() / Re.norm()))
             se = float(e["sigma_next"])
             worst_s = max(worst_s, abs(float(f["sigma_next"]) - se) / se)
         weights = drifted(weights, drift, gen)
-    return worst_r, worst_s
+    return worst_r, worst_s, fast, exact
 
 
 def drifted(weights: list[torch.Tensor], drift: float, gen) -> list[torch.Tensor]:

@@ -22,12 +22,9 @@ from pathlib import Path
 # path already, so its sibling probe imports as it is)
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "python"))
 
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from refresh_accuracy_probe import drifted, weight  # noqa: E402
-from q3r import reference  # noqa: E402
-from q3r.refresh import SliceConfig, new_slice_state, operator_of, refresh_slices_  # noqa: E402
+from refresh_accuracy_probe import against_exact  # noqa: E402
 
 
 def worst_errors(kind: str, n: int, rank: int, refreshes: int, drift: float, seed: int = 0):
@@ -39,28 +36,13 @@ def worst_errors(kind: str, n: int, rank: int, refreshes: int, drift: float, see
     from q3r.distributed.sharded import refresh_sharded_
 
     mesh = init_device_mesh("cpu", (1,))
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    weights = [weight(kind, n, rank, gen) for _ in range(2)]
-    configs = [SliceConfig(f"t{j}", rank) for j in range(2)]
-    fast = [new_slice_state(n, n) for _ in weights]
-    exact = [new_slice_state(n, n) for _ in weights]
-    X = torch.randn(n, n, generator=gen)
-    worst_r = worst_s = 0.0
-    for _ in range(refreshes):
+
+    def refresh(weights, fast, configs):
         params = [distribute_tensor(w, mesh, [Shard(0)]) for w in weights]
-        refresh_sharded_(params, [(0, None)] * 2, [[s] for s in fast], [[c] for c in configs], set())
-        refresh_slices_(weights, exact, configs, method="exact")
-        envelopes = []
-        for f, e in zip(fast, exact):
-            f = {**f, "U": f["U"].full_tensor()}
-            Rf = reference.apply_reweighting(X, *operator_of(f))
-            Re = reference.apply_reweighting(X, *operator_of(e))
-            worst_r = max(worst_r, float((Rf - Re).norm() / Re.norm()))
-            se = float(e["sigma_next"])
-            worst_s = max(worst_s, abs(float(f["sigma_next"]) - se) / se)
-            envelopes.append((int((f["sigma"] > f["eps"]).sum()), int(e["sigma"].shape[0])))
-        weights = drifted(weights, drift, gen)
+        refresh_sharded_(params, [(0, None)] * len(params), [[s] for s in fast], [[c] for c in configs], set())
+
+    worst_r, worst_s, fast, exact = against_exact(refresh, kind, n, rank, refreshes, drift, seed)
+    envelopes = [(int((f["sigma"] > f["eps"]).sum()), int(e["sigma"].shape[0])) for f, e in zip(fast, exact)]
     return worst_r, worst_s, envelopes
 
 

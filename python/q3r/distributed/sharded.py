@@ -44,7 +44,7 @@ from torch import Tensor
 
 from .. import reference
 from .._precision import no_autocast, refresh_precision
-from ..refresh import SliceConfig, _warn_nonfinite
+from ..refresh import SliceConfig, _warn_nonfinite, warn_once
 from ..targets import slice_shapes, slice_views
 from . import comm
 from .rangefinder import cold_sketch_width, enveloping_svd, sketch_width
@@ -251,15 +251,10 @@ def _envelope(prev: tuple, cfg: SliceConfig, S: Tensor) -> tuple[float, float, i
 
 
 def _warn_truncated(name: str, r_env: int, width: int, warned: set | None) -> None:
-    key = ("truncated", name)
-    if warned is not None and key in warned:
-        return
-    if warned is not None:
-        warned.add(key)
-    warnings.warn(
-        f"q3r: the envelope of sharded target {name!r} ({r_env} singular values above eps) still filled its "
-        f"sketch of {width} after {SKETCH.max_widenings} widenings; the operator uses the {width} largest "
-        "(raise q3r.distributed.configure(max_widenings=...))", RuntimeWarning, stacklevel=4)
+    warn_once(("truncated", name), warned,
+              f"q3r: the envelope of sharded target {name!r} ({r_env} singular values above eps) still filled its "
+              f"sketch of {width} after {SKETCH.max_widenings} widenings; the operator uses the {width} largest "
+              "(raise q3r.distributed.configure(max_widenings=...))", stacklevel=5)
 
 
 def _resync_replicas_(params: list, names: list[str]) -> None:
