@@ -207,6 +207,23 @@ def test_weights_that_moved_far_get_one_more_pass(method, monkeypatch):
 
 
 @pytest.mark.parametrize("method", FAST)
+@pytest.mark.parametrize("kind,seed", [("trained_decay", 6), ("random_init", 5), ("random_init", 7)])
+def test_weights_that_moved_very_far_get_power_iterations(method, kind, seed):
+    # noise of 1e-1 of the rms entry per period: the lagging targets' second sketch needs
+    # power iterations (SketchOptions.lag_power_iters); a plain second pass misses the
+    # contract in these cases (found among 4 seeds per spectrum)
+    def run(options=None):
+        gen = torch.Generator().manual_seed(seed)
+        weights = [spectrum_case(kind, gen) for _ in range(2)]
+        run_sequence(method, weights, configs_for(weights[0], "min", 2), refreshes=4, drift=1e-1,
+                     gen=torch.Generator().manual_seed(seed + 1), options=options)
+
+    run()
+    with pytest.raises(AssertionError):
+        run(SketchOptions(lag_power_iters=0))
+
+
+@pytest.mark.parametrize("method", FAST)
 def test_tails_below_what_fp32_sketches_resolve_take_the_exact_svd(method, exact_fallbacks):
     gen = torch.Generator().manual_seed(8)
     weights = [_q3r_trained(1e-5, gen)]

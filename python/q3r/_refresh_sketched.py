@@ -46,6 +46,7 @@ class SketchGroup:
     nonfinite: list = field(default_factory=list)  # targets found with non-finite weights
     widenings: dict = field(default_factory=dict)  # target -> how many times its sketch was widened
     stepped: set = field(default_factory=set)  # targets sketched again from this refresh's V (lag no longer checked)
+    lagging: set = field(default_factory=set)  # targets whose first pass lagged (sketched again with power iterations)
 
     def cap(self, opts: SketchOptions) -> int:
         """The widest sketch worth taking; wider targets get an exact SVD."""
@@ -121,6 +122,7 @@ class _Stack:
     k: int
     native: bool  # its k x k problems go to the native solver
     sketch: randomized.Sketch | None = None  # filled by _sketch_stack_
+    power_iters: int | None = None  # of a warm stack (None: SketchOptions.warm_power_iters)
     energy: Tensor | None = None  # (b,) float64 ||W||_F^2
     eig: tuple = ()  # (evals, evecs) of sketch.G
 
@@ -133,12 +135,15 @@ def _plan_stacks(g: SketchGroup, weights, opts: SketchOptions) -> list[_Stack]:
     todo = {i: v for i, v in g.pending.items() if v[0] <= cap}
     g.pending = {}
     stacks = []
-    # cold and warm members apart (cold ones take more power iterations), each cut into runs
-    for cold in (True, False):
-        members = [i for i, (_, warm) in todo.items() if (warm is None) == cold]
+    # cold, warm and lagging members apart (cold ones take more power iterations, and so do
+    # those whose first pass lagged: see SketchOptions.lag_power_iters), each cut into runs
+    for cold, lagging in ((True, False), (False, False), (False, True)):
+        members = [i for i, (_, warm) in todo.items() if (warm is None) == cold and (i in g.lagging) == lagging]
+        iters = max(opts.warm_power_iters, opts.lag_power_iters) if lagging else None
         for run in weights.chunks(members, opts.max_stack_bytes):
             k = max(todo[i][0] for i in run)
-            stacks.append(_Stack(g, run, [todo[i][1] for i in run], k, g.method == "native" and k <= opts.native_max_k))
+            stacks.append(_Stack(g, run, [todo[i][1] for i in run], k, g.method == "native" and k <= opts.native_max_k,
+                                 power_iters=iters))
     return stacks
 
 
@@ -164,7 +169,8 @@ def _sketch_stack_(weights, st: _Stack, attempt: int, opts: SketchOptions) -> No
     # first attempt: the one-pass orthonormalization's check rides on the commit's transfer;
     # members that fail it are sketched again, checked at once (see C.UNTRUSTED)
     st.sketch = randomized.sketch(stack, st.k, st.starts, cold_power_iters=opts.cold_power_iters,
-                                  warm_power_iters=opts.warm_power_iters, generator=gen, check_later=attempt == 0,
+                                  warm_power_iters=opts.warm_power_iters if st.power_iters is None else st.power_iters,
+                                  generator=gen, check_later=attempt == 0,
                                   max_top_up=opts.oversampling // 2)
     st.energy = torch.linalg.vector_norm(stack, dim=(-1, -2), dtype=torch.float64).square()
 
@@ -217,8 +223,9 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
             g.nonfinite.append(i)
         elif width == C.UNTRUSTED:  # the same sketch again, its basis checked this time
             g.pending[i] = (k, st.starts[members.index(i)])
-        elif width == C.LAGGING:  # one more step of subspace iteration: from its new V
+        elif width == C.LAGGING:  # more steps of subspace iteration: from its new V
             g.stepped.add(i)
+            g.lagging.add(i)
             g.pending[i] = (k, V[members.index(i)])
         elif width != C.REFINE:
             if g.widenings.get(i, 0) >= opts.max_widenings:  # still not wide enough

@@ -78,9 +78,15 @@ class SketchOptions:
                       last refresh; a warm target whose lag (randomized.Sketch.lag: how far
                       its new right singular vectors left the span of the old ones, weighted
                       as the operator weighs them, about the relative error of R(X) this
-                      leaves) exceeds this is sketched once more from its new V (768 x 768,
-                      power-law spectrum, noise of 1e-2 of the rms entry per period: R(X)
-                      off by 1.7e-3 in one pass, 7.9e-4 with the extra one); 1: never
+                      leaves) exceeds this is sketched again from its new V, with
+                      lag_power_iters power iterations (768 x 768, power-law spectrum, noise
+                      of 1e-2 of the rms entry per period: R(X) off by 1.7e-3 in one pass,
+                      7.9e-4 with one more plain pass; 3e-2: 2.7e-3 with a plain pass, 1.3e-3
+                      with 2 power iterations, 7.7e-4 with 4); 1: never
+    lag_power_iters   power iterations of that second sketch (the iteration is slow where the
+                      spectrum is flat around eps, and a weight that moved far starts far off:
+                      the difference between two passes then understates the error left, so
+                      the second sketch is not checked again but iterated enough)
     resolvable_ratio  the k x k Gram matrix holds sigma^2 in fp32, so it resolves sigma_{r+1}
                       only down to about sqrt(fp32 eps) sigma_1; a target whose estimated
                       sigma_{r+1} / sigma_1 is below this ratio has its Rayleigh-Ritz step
@@ -115,6 +121,7 @@ class SketchOptions:
     max_widenings: int = 2
     max_envelope_growth: int = 2
     max_lag: float = 6e-4
+    lag_power_iters: int = 4
     resolvable_ratio: float = 1e-2
     resolvable_ratio_fp64: float = 1e-4
     max_sweeps: int = _native.DEFAULT_MAX_SWEEPS
