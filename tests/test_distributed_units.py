@@ -110,6 +110,10 @@ def test_configure_validates():
         q3r.distributed.configure(oversample=-1)
     with pytest.raises(ValueError, match="power_iters"):
         q3r.distributed.configure(power_iters=1.5)
+    for bad in (-1e-3, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="max_lag"):
+            q3r.distributed.configure(oversample=SKETCH.oversample + 1, max_lag=bad)
+    assert SKETCH.oversample == 16 and SKETCH.max_lag == 6e-4  # a refused call changes nothing
 
 
 def test_a_penalty_gradient_is_added_after_callbacks_queued_later_in_the_backward_pass():

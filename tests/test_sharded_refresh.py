@@ -42,6 +42,9 @@ def _cases() -> dict:
     bulk = torch.cat([torch.linspace(1.0, 0.3, RANK, dtype=torch.float64),
                       1e-3 * torch.linspace(1.0, 0.2, N - RANK, dtype=torch.float64)])
     rising = _drifting(with_spectrum(bulk, gen, N, N), 1e-3, gen)
+    i = torch.arange(N, dtype=torch.float64)
+    power_law = (1 + i) ** -0.8 + 0.02 * torch.rand(N, dtype=torch.float64, generator=gen)
+    moving_fast = _drifting(with_spectrum(power_law, gen, N, N), 1e-1, gen)
     random_init = _drifting(torch.randn(N, N, generator=gen) / math.sqrt(N), 1e-3, gen)
     return {
         "random_init": (RANK, random_init, {}),
@@ -49,8 +52,12 @@ def _cases() -> dict:
         "random_init_oversample_0": (RANK, random_init, {"oversample": 0}),
         # the noise lifts the bulk's top edge above eps: the envelope grows from 32 to over 60
         "bulk_rising_above_eps": (RANK, rising, {}),
-        # the same without the growth rule: a warm sketch misses some of the new members
-        "bulk_rising_above_eps_growth_rule_off": (RANK, rising, {"max_envelope_growth": 10**9}),
+        # the same without the growth rule (and the lag rule, which would catch it here too): a
+        # warm sketch misses some of the new members
+        "bulk_rising_above_eps_growth_rule_off": (RANK, rising, {"max_envelope_growth": 10**9, "max_lag": 1.0}),
+        # noise of 1e-1 of the rms entry per period: two power iterations from the old V lag
+        "moving_fast": (RANK, moving_fast, {}),
+        "moving_fast_lag_rule_off": (RANK, moving_fast, {"max_lag": 1.0}),
         # no widening allowed: the envelope fills its sketch, and the user is told
         "bulk_rising_above_eps_no_widening": (RANK, rising, {"max_widenings": 0}),
     }
@@ -90,7 +97,7 @@ def _check_case(cases, out, case):
         check_against_exact([fast], [exact], X)
 
 
-@pytest.mark.parametrize("case", ["random_init", "random_init_oversample_0", "bulk_rising_above_eps"])
+@pytest.mark.parametrize("case", ["random_init", "random_init_oversample_0", "bulk_rising_above_eps", "moving_fast"])
 def test_sharded_refresh_meets_the_accuracy_contract(sharded, case):
     _check_case(*sharded, case)
     assert not sharded[1][case]["warnings"]
@@ -124,6 +131,11 @@ def test_an_envelope_that_outgrew_the_sketch_keeps_all_its_triplets(sharded):
     assert r_env > k  # more triplets above eps than rank + oversample: all of them in the operator,
     assert int((grown["sigma"] > grown["eps"]).sum()) == r_env
     assert grown["U"].shape[-1] == grown["V"].shape[-1] == grown["sigma"].shape[0] == r_env + 16  # and 16 more
+
+
+def test_without_the_lag_rule_weights_that_moved_far_miss_the_contract(sharded):
+    with pytest.raises(AssertionError, match="operator_error"):
+        _check_case(*sharded, "moving_fast_lag_rule_off")
 
 
 def test_an_envelope_left_filling_its_sketch_is_reported_once(sharded):

@@ -8,7 +8,7 @@ with Shard(0) whose one shard is the whole matrix; the range finder is the same 
 on many ranks (its collectives are then no-ops).
 
     python benchmarks/results/probes/sharded_refresh_accuracy_probe.py [--size 768] [--refreshes 3]
-        [--kinds ...] [--drifts ...]
+        [--kinds ...] [--drifts ...] [--configure "max_lag=1.0"]   (that one: the lag rule off)
 """
 
 from __future__ import annotations
@@ -52,12 +52,16 @@ def main(argv=None) -> None:
     ap.add_argument("--refreshes", type=int, default=3)
     ap.add_argument("--drifts", type=float, nargs="+", default=[1e-3, 1e-2, 3e-2])
     ap.add_argument("--kinds", nargs="+", default=["trained_decay", "exp_decay", "q3r_tail_1e-2", "q3r_tail_1e-3", "random_init"])
+    ap.add_argument("--configure", default="", help="q3r.distributed.configure arguments, e.g. \"max_lag=1.0\"")
     args = ap.parse_args(argv)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    import q3r.distributed
     from q3r.distributed.sharded import SKETCH
+
+    q3r.distributed.configure(**eval(f"dict({args.configure})", {}))
 
     rank = int(0.2 * args.size)
     print(f"# {args.size} x {args.size}, rank {rank}, {args.refreshes} refreshes (cold, then warm on drifting weights), "

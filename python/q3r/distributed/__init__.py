@@ -15,6 +15,8 @@ AdamQ3R and Q3R dispatch here by themselves; users only set up DDP / FSDP2 as us
 
 from __future__ import annotations
 
+import math
+
 from .._precision import refresh_precision
 from . import comm
 from .replicated import assign_by_cost, refresh_cost, refresh_slices_replicated_
@@ -60,28 +62,33 @@ _REPLICATED = {"enabled": True, "group": None}
 def configure(*, replicated: bool | None = None, group=None, oversample: int | None = None,
               power_iters: int | None = None, cold_power_iters: int | None = None,
               max_widenings: int | None = None, max_envelope_growth: int | None = None,
-              seed: int | None = None) -> None:
+              max_lag: float | None = None, seed: int | None = None) -> None:
     """Process-wide settings.
 
     replicated: divide refreshes of plain (non-DTensor) targets across ranks when
     torch.distributed is initialized (default True; set False when ranks train different
     weights, e.g. independent runs that share a process group). group: the process group of
     the replicas (default: the world). oversample / power_iters / cold_power_iters /
-    max_widenings / max_envelope_growth / seed:
+    max_widenings / max_envelope_growth / max_lag / seed:
     the randomized refresh of sharded targets (see :class:`SketchOptions`).
     """
+    options = {"oversample": oversample, "power_iters": power_iters, "cold_power_iters": cold_power_iters,
+               "max_widenings": max_widenings, "max_envelope_growth": max_envelope_growth, "seed": seed}
+    # every value checked before any is set: a refused call changes nothing
+    for name, value in options.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"q3r.distributed.configure: {name} must be an int >= 0, got {value!r}")
+    if max_lag is not None and (isinstance(max_lag, bool) or not isinstance(max_lag, (int, float))
+                                or not 0 <= max_lag < math.inf):
+        raise ValueError(f"q3r.distributed.configure: max_lag must be a finite number >= 0, got {max_lag!r}")
+    options["max_lag"] = None if max_lag is None else float(max_lag)
     if replicated is not None:
         _REPLICATED["enabled"] = bool(replicated)
     if group is not None:
         _REPLICATED["group"] = group
-    options = {"oversample": oversample, "power_iters": power_iters, "cold_power_iters": cold_power_iters,
-               "max_widenings": max_widenings, "max_envelope_growth": max_envelope_growth, "seed": seed}
     for name, value in options.items():
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"q3r.distributed.configure: {name} must be an int >= 0, got {value!r}")
-        setattr(SKETCH, name, value)
+        if value is not None:
+            setattr(SKETCH, name, value)
 
 
 def __getattr__(name: str):

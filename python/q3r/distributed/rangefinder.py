@@ -134,6 +134,8 @@ def enveloping_svd(
     max_widenings: int = 3,
     prev_envs: list[int] | None = None,
     max_growth: int = 2,
+    prev_eps: list[float] | None = None,
+    max_lag: float = 1.0,
 ) -> list[tuple]:
     """range_finder_svd of each row-sharded slice i (whole shape shapes[i]), sketched
     widths[i] wide from starts[i] (its previous V, or None: cold), and widened while the
@@ -145,7 +147,10 @@ def enveloping_svd(
     those triplets out of the operator. A warm sketch whose envelope grew by more than
     max_growth since the last refresh (``prev_envs[i]``) is widened too: its new members come
     from a flat bulk, where the Ritz values of a warm sketch fall short of the singular
-    values and some of them are missed.
+    values and some of them are missed. A warm sketch whose lag (_lag, against the previous
+    eps ``prev_eps[i]``) exceeds max_lag is sketched again at its width: the weights moved
+    far since the last refresh, and q power iterations from there leave more error than
+    the contract allows where the spectrum is flat around eps. Retries take cold_power_iters.
 
     Every rank decides alike: S comes from the same all-reduced B on every rank, and one small
     all-reduce per attempt makes the decisions one where a solver that is not bitwise
@@ -163,17 +168,26 @@ def enveloping_svd(
         omegas = [gaussian_sketch(shapes[i][1], widths[i], seeds(i, attempt), Xs[i].device, starts[i]) for i in todo]
         warm = [attempt == 0 and starts[i] is not None and starts[i].shape[-1] > 0 for i in todo]
         found = range_finder_svd([Xs[i] for i in todo], omegas, all_reduce, power_iters if all(warm) else cold_power_iters)
-        hosts = torch.cat([t.reshape(-1) for _, S, _, frob2 in found for t in (S, frob2)]).cpu()
-        hosts = hosts.split([n for _, S, _, _ in found for n in (S.numel(), 1)])
-        wanted = []  # per slice: (r_env, the width to widen to, or 0)
+        # S, frob2 and the cos^2 of each new right singular vector to the warm columns (0 for
+        # cold slices), for every slice, in one transfer
+        insides = [_inside(starts[i], V) if warm[n] else torch.zeros_like(S) for n, (i, (_, S, V, _)) in enumerate(zip(todo, found))]
+        hosts = torch.cat([t.reshape(-1).to(torch.float32) for (_, S, _, frob2), inside in zip(found, insides)
+                           for t in (S, frob2, inside)]).cpu()
+        hosts = hosts.split([n for _, S, _, _ in found for n in (S.numel(), 1, S.numel())])
+        wanted = []  # per slice: (r_env, the width to sketch it again at, or 0)
         for n, i in enumerate(todo):
-            r_env = envelope(i, hosts[2 * n])
+            S_host, inside = hosts[3 * n], hosts[3 * n + 2]
+            r_env = envelope(i, S_host)
             short = r_env > widths[i] - margin or (warm[n] and prev_envs is not None and r_env > prev_envs[i] + max_growth)
-            widen = short and widths[i] < min(shapes[i]) and attempt < max_widenings
-            wanted.append((r_env, min(max(r_env + oversample, 2 * widths[i]), min(shapes[i])) if widen else 0))
+            lags = warm[n] and prev_eps is not None and _lag(S_host, inside, prev_eps[i], shapes[i][1]) > max_lag
+            exact = widths[i] >= min(shapes[i])  # (the SVD up to rounding: nothing to improve)
+            if short and not exact and attempt < max_widenings:
+                wanted.append((r_env, min(max(r_env + oversample, 2 * widths[i]), min(shapes[i]))))
+            else:
+                wanted.append((r_env, widths[i] if lags and not exact and attempt < max_widenings else 0))
         retry = []
         for n, (i, (U, S, V, frob2), (r_env, wider)) in enumerate(zip(todo, found, _agreed(wanted, all_reduce))):
-            results[i] = (U, S, V, frob2, r_env, hosts[2 * n], float(hosts[2 * n + 1]))
+            results[i] = (U, S, V, frob2, r_env, hosts[3 * n], float(hosts[3 * n + 1]))
             if wider:
                 widths[i], starts[i] = wider, V
                 retry.append(i)
@@ -181,8 +195,24 @@ def enveloping_svd(
     return results
 
 
+def _inside(start: Tensor, V: Tensor) -> Tensor:
+    """cos^2 of the angle of each column of V (d2, k) to the span of the warm columns of the
+    sketch that found it (start: the previous V, orthonormal; as many of its columns as the
+    sketch took)."""
+    j = min(start.shape[-1], V.shape[-1])
+    return (start[:, :j].to(V.dtype).transpose(0, 1) @ V).square().sum(dim=0)
+
+
+def _lag(S: Tensor, inside: Tensor, eps: float, d2: int) -> float:
+    """How far the new right singular vectors left the span of the old ones, weighted as the
+    operator weighs them (q3r.randomized.Sketch.lag): sqrt(sum_i d_i^2 sin^2 a_i / d2),
+    d_i = eps / sigma_i - 1 above the previous eps and 0 below; on the host."""
+    d = torch.where(S > eps, eps / S.clamp_min(torch.finfo(S.dtype).tiny) - 1, torch.zeros_like(S))
+    return float((d.square() * (1 - inside).clamp_min(0)).sum().div(d2).sqrt())
+
+
 def _agreed(wanted: list[tuple[int, int]], all_reduce: AllReduce) -> list[tuple[int, int]]:
-    """The ranks' decisions (r_env, width to widen to or 0) made one. Every rank computes S
+    """The ranks' decisions (r_env, width to sketch again at or 0) made one. Every rank computes S
     from the same all-reduced B, but a singular value solver that is not bitwise reproducible
     across ranks (thread counts, libraries) could put a value on the other side of eps on one
     rank, and a widening taken by some ranks only would hang the collectives. One small

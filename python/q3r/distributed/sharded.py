@@ -70,7 +70,9 @@ class SketchOptions:
     V, with ``cold_power_iters``: the new members come from a flat bulk) up to
     ``max_widenings`` times; so is a warm sketch whose envelope grew by more than
     ``max_envelope_growth`` triplets since the last refresh (a warm sketch's Ritz values
-    fall short in a flat bulk lifted above eps, and miss some of its members). Across warm refreshes this is subspace iteration continued over
+    fall short in a flat bulk lifted above eps, and miss some of its members); so is a warm
+    sketch whose lag exceeds ``max_lag`` (as q3r.refresh.SketchOptions.max_lag: the weights
+    moved far since the last refresh), at its width. Across warm refreshes this is subspace iteration continued over
     training, which is why 2 suffice then."""
 
     oversample: int = 16
@@ -78,6 +80,7 @@ class SketchOptions:
     cold_power_iters: int = 8
     max_widenings: int = 3
     max_envelope_growth: int = 2
+    max_lag: float = 6e-4
     seed: int = 0
 
 
@@ -200,7 +203,7 @@ def _refresh_sharded(params, slicings, states, configs, warned) -> None:
             lambda j, attempt: _seed(live[j][5].name, prev[j][2], attempt),
             lambda j, S: _envelope(prev[j], live[j][5], S)[2], reduce,
             SKETCH.power_iters, SKETCH.cold_power_iters, SKETCH.oversample, SKETCH.max_widenings,
-            [r_env for *_, r_env in prev], SKETCH.max_envelope_growth)
+            [r_env for *_, r_env in prev], SKETCH.max_envelope_growth, [eps for eps, *_ in prev], SKETCH.max_lag)
         for (p, x, lo, hi, s, cfg, shape), before, (U_loc, S, V, _, r_env, S_host, frob2) in zip(live, prev, results):
             keep = _kept_width(cfg.rank, shape, r_env, S.shape[0])
             if r_env > S.shape[0] - _margin() and S.shape[0] < min(shape) and _leads(p):
