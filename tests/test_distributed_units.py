@@ -106,14 +106,23 @@ def test_without_a_process_group_nothing_is_communicated():
 
 
 def test_configure_validates():
-    with pytest.raises(ValueError, match="oversample"):
-        q3r.distributed.configure(oversample=-1)
-    with pytest.raises(ValueError, match="power_iters"):
-        q3r.distributed.configure(power_iters=1.5)
-    for bad in (-1e-3, float("nan"), float("inf"), True):
-        with pytest.raises(ValueError, match="max_lag"):
-            q3r.distributed.configure(oversample=SKETCH.oversample + 1, max_lag=bad)
-    assert SKETCH.oversample == 16 and SKETCH.max_lag == 6e-4  # a refused call changes nothing
+    import dataclasses
+
+    from q3r.distributed import _REPLICATED
+
+    before, replicated = dataclasses.asdict(SKETCH), dict(_REPLICATED)
+    try:
+        with pytest.raises(ValueError, match="oversample"):
+            q3r.distributed.configure(oversample=-1)
+        with pytest.raises(ValueError, match="power_iters"):
+            q3r.distributed.configure(power_iters=1.5)
+        for bad in (-1e-3, float("nan"), float("inf"), True):
+            with pytest.raises(ValueError, match="max_lag"):
+                q3r.distributed.configure(replicated=False, oversample=SKETCH.oversample + 1, max_lag=bad)
+        # a refused call changes nothing
+        assert dataclasses.asdict(SKETCH) == before and _REPLICATED == replicated
+    finally:
+        q3r.distributed.configure(**{k: v for k, v in before.items()}, replicated=replicated["enabled"])
 
 
 def test_a_penalty_gradient_is_added_after_callbacks_queued_later_in_the_backward_pass():

@@ -190,7 +190,7 @@ def test_a_bulk_rising_above_eps_takes_the_exact_svd(method, exact_fallbacks):
 def test_weights_that_moved_far_get_one_more_pass(method, monkeypatch):
     # a warm one-pass sketch lags the weights by about how far they moved since the last
     # refresh; where the lag (Sketch.lag) exceeds max_lag, the target is sketched again from
-    # its new V, one more step of subspace iteration
+    # its new V, with lag_power_iters power iterations
     import q3r.randomized
 
     sketches = []
@@ -207,19 +207,20 @@ def test_weights_that_moved_far_get_one_more_pass(method, monkeypatch):
 
 
 @pytest.mark.parametrize("method", FAST)
-@pytest.mark.parametrize("kind,seed", [("trained_decay", 6), ("random_init", 5), ("random_init", 7)])
-def test_weights_that_moved_very_far_get_power_iterations(method, kind, seed):
-    # noise of 1e-1 of the rms entry per period: the lagging targets' second sketch needs
-    # power iterations (SketchOptions.lag_power_iters); a plain second pass misses the
-    # contract in these cases (found among 4 seeds per spectrum)
+@pytest.mark.parametrize("kind,seed,drift", [("trained_decay", 7, 0.2), ("random_init", 5, 0.3), ("random_init", 6, 0.3)])
+def test_weights_that_moved_very_far_get_power_iterations(method, kind, seed, drift):
+    # noise of 2e-1 / 3e-1 of the rms entry per period: the lagging targets' second sketch
+    # needs power iterations (SketchOptions.lag_power_iters); with a plain second pass these
+    # cases miss the contract by 2x-6x (R(X) off by 2.1e-3 to 6.4e-3 where the default leaves
+    # 7e-5 to 3.5e-4 on this machine)
     def run(options=None):
         gen = torch.Generator().manual_seed(seed)
         weights = [spectrum_case(kind, gen) for _ in range(2)]
-        run_sequence(method, weights, configs_for(weights[0], "min", 2), refreshes=4, drift=1e-1,
+        run_sequence(method, weights, configs_for(weights[0], "min", 2), refreshes=4, drift=drift,
                      gen=torch.Generator().manual_seed(seed + 1), options=options)
 
     run()
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="operator_error"):
         run(SketchOptions(lag_power_iters=0))
 
 

@@ -74,8 +74,9 @@ def refresh_sketched(weights, states, configs, groups: list[SketchGroup], opts: 
             prev_env = states[i]["sigma"].shape[0]
             g.pending[i] = (_sketch_width(configs[i].rank, prev_env, warm is None, g.n, opts), warm)
     # attempt 0, then one for members whose unchecked basis failed (they are sketched again at
-    # the same width), then the widenings: each member is widened max_widenings times at most
-    for attempt in range(opts.max_widenings + 2):
+    # the same width) or whose first pass lagged (again from their new V, with power
+    # iterations), then the widenings: each member is widened max_widenings times at most
+    for attempt in range(opts.max_widenings + 3):
         deferred = []
         stacks = [st for g in groups for st in _plan_stacks(g, weights, opts)]
         _align_native_widths(stacks, weights, opts)
@@ -113,7 +114,8 @@ def _by_key(items: list, key) -> list[list]:
 
 @dataclass
 class _Stack:
-    """A planned stack: a run of a group's cold or warm members (at most
+    """A planned stack: a run of a group's cold, warm or lagging (warm, sketched again with
+    power iterations) members (at most
     SketchOptions.max_stack_bytes of weights) and the sketch width they share."""
 
     group: SketchGroup
@@ -128,8 +130,8 @@ class _Stack:
 
 
 def _plan_stacks(g: SketchGroup, weights, opts: SketchOptions) -> list[_Stack]:
-    """Split the group's pending targets into stacks (one per cold / warm, cut where a stack
-    would take more than opts.max_stack_bytes); clears g.pending."""
+    """Split the group's pending targets into stacks (one per cold / warm / lagging, cut where
+    a stack would take more than opts.max_stack_bytes); clears g.pending."""
     cap = g.cap(opts)
     g.exact += [i for i, (k, _) in g.pending.items() if k > cap]
     todo = {i: v for i, v in g.pending.items() if v[0] <= cap}
@@ -138,7 +140,9 @@ def _plan_stacks(g: SketchGroup, weights, opts: SketchOptions) -> list[_Stack]:
     # cold, warm and lagging members apart (cold ones take more power iterations, and so do
     # those whose first pass lagged: see SketchOptions.lag_power_iters), each cut into runs
     for cold, lagging in ((True, False), (False, False), (False, True)):
-        members = [i for i, (_, warm) in todo.items() if (warm is None) == cold and (i in g.lagging) == lagging]
+        # (a lagging member always has a warm start: its new V)
+        members = [i for i, (_, warm) in todo.items()
+                   if (warm is None) == cold and (warm is not None and i in g.lagging) == lagging]
         iters = max(opts.warm_power_iters, opts.lag_power_iters) if lagging else None
         for run in weights.chunks(members, opts.max_stack_bytes):
             k = max(todo[i][0] for i in run)

@@ -86,7 +86,8 @@ class SketchOptions:
     lag_power_iters   power iterations of that second sketch (the iteration is slow where the
                       spectrum is flat around eps, and a weight that moved far starts far off:
                       the difference between two passes then understates the error left, so
-                      the second sketch is not checked again but iterated enough)
+                      the second sketch is not checked again but iterated enough; a widening
+                      it needs after that takes as many)
     resolvable_ratio  the k x k Gram matrix holds sigma^2 in fp32, so it resolves sigma_{r+1}
                       only down to about sqrt(fp32 eps) sigma_1; a target whose estimated
                       sigma_{r+1} / sigma_1 is below this ratio has its Rayleigh-Ritz step

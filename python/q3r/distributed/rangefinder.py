@@ -160,9 +160,12 @@ def enveloping_svd(
     """
     results: list = [None] * len(Xs)
     widths, starts = list(widths), list(starts)
+    widened = [0] * len(Xs)
     margin = max(oversample // 2, 1)
     todo = list(range(len(Xs)))
-    for attempt in range(max_widenings + 1):
+    # attempt 0, one more for a slice whose warm sketch lagged, and the widenings: each slice
+    # is widened max_widenings times at most
+    for attempt in range(max_widenings + 2):
         if not todo:
             break
         omegas = [gaussian_sketch(shapes[i][1], widths[i], seeds(i, attempt), Xs[i].device, starts[i]) for i in todo]
@@ -181,14 +184,15 @@ def enveloping_svd(
             short = r_env > widths[i] - margin or (warm[n] and prev_envs is not None and r_env > prev_envs[i] + max_growth)
             lags = warm[n] and prev_eps is not None and _lag(S_host, inside, prev_eps[i], shapes[i][1]) > max_lag
             exact = widths[i] >= min(shapes[i])  # (the SVD up to rounding: nothing to improve)
-            if short and not exact and attempt < max_widenings:
+            if short and not exact and widened[i] < max_widenings:
                 wanted.append((r_env, min(max(r_env + oversample, 2 * widths[i]), min(shapes[i]))))
-            else:
-                wanted.append((r_env, widths[i] if lags and not exact and attempt < max_widenings else 0))
+            else:  # (a lag is only measured on attempt 0)
+                wanted.append((r_env, widths[i] if lags and not exact else 0))
         retry = []
         for n, (i, (U, S, V, frob2), (r_env, wider)) in enumerate(zip(todo, found, _agreed(wanted, all_reduce))):
             results[i] = (U, S, V, frob2, r_env, hosts[3 * n], float(hosts[3 * n + 1]))
             if wider:
+                widened[i] += wider > widths[i]
                 widths[i], starts[i] = wider, V
                 retry.append(i)
         todo = retry
@@ -200,7 +204,7 @@ def _inside(start: Tensor, V: Tensor) -> Tensor:
     sketch that found it (start: the previous V, orthonormal; as many of its columns as the
     sketch took)."""
     j = min(start.shape[-1], V.shape[-1])
-    return (start[:, :j].to(V.dtype).transpose(0, 1) @ V).square().sum(dim=0)
+    return (start[:, :j].to(V.device, V.dtype).transpose(0, 1) @ V).square().sum(dim=0)
 
 
 def _lag(S: Tensor, inside: Tensor, eps: float, d2: int) -> float:
