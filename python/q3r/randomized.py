@@ -288,9 +288,15 @@ class Sketch:
         widths = to_device(self.warm_widths, torch.int64, V.device)
         warm = torch.arange(self.P.shape[-1], device=V.device) < widths[:, None]  # (b, k): the warm rows of P^T V
         inside = (self.P.mT @ V).square_().mul_(warm[:, :, None]).sum(dim=-2)  # cos^2 a_i
-        # d_i^2 (0 at and below eps: there eps / sigma - 1 >= 0, inf for sigma = 0)
-        dd = (eps[:, None] / sigma - 1).clamp_max_(0).square_()
-        return (dd * (1 - inside).clamp_min_(0)).sum(dim=-1).div_(V.shape[-2]).sqrt_()
+        return weighted_lag(sigma, inside, eps, V.shape[-2])
+
+
+def weighted_lag(sigma: Tensor, inside: Tensor, eps: Tensor, d2: int) -> Tensor:
+    """sqrt(sum_i d_i^2 (1 - inside_i) / d2) (b,) with d_i = eps / sigma_i - 1 above eps and
+    0 at and below it (sigma, inside (b, k): the Ritz values and cos^2 of each new right
+    singular vector to the old span; eps (b,) the previous one): see Sketch.lag."""
+    dd = (eps[:, None] / sigma - 1).clamp_max_(0).square_()  # (inf / sigma = inf for eps = inf: 0)
+    return (dd * (1 - inside).clamp_min(0)).sum(dim=-1).div_(d2).sqrt_()
 
 
 def sketch(

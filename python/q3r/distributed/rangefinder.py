@@ -28,6 +28,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..randomized import weighted_lag
+
 __all__ = ["sketch_width", "cold_sketch_width", "gaussian_sketch", "cholesky_qr", "range_finder_svd", "enveloping_svd"]
 
 AllReduce = Callable[[Tensor], Tensor]
@@ -208,11 +210,9 @@ def _inside(start: Tensor, V: Tensor) -> Tensor:
 
 
 def _lag(S: Tensor, inside: Tensor, eps: float, d2: int) -> float:
-    """How far the new right singular vectors left the span of the old ones, weighted as the
-    operator weighs them (q3r.randomized.Sketch.lag): sqrt(sum_i d_i^2 sin^2 a_i / d2),
-    d_i = eps / sigma_i - 1 above the previous eps and 0 below; on the host."""
-    d = torch.where(S > eps, eps / S.clamp_min(torch.finfo(S.dtype).tiny) - 1, torch.zeros_like(S))
-    return float((d.square() * (1 - inside).clamp_min(0)).sum().div(d2).sqrt())
+    """q3r.randomized.Sketch.lag of one slice, on the host: how far its new right singular
+    vectors left the span of the old ones, weighted as the operator weighs them."""
+    return float(weighted_lag(S[None], inside[None], torch.tensor([eps], dtype=S.dtype), d2)[0])
 
 
 def _agreed(wanted: list[tuple[int, int]], all_reduce: AllReduce) -> list[tuple[int, int]]:
