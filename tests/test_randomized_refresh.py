@@ -170,37 +170,79 @@ def _flat_bulk_under_eps(gen, n=160, rank=32):
     return with_spectrum(torch.cat([head, 1e-3 * torch.linspace(1.0, 0.2, n - rank, dtype=torch.float64)]), gen, n, n)
 
 
+@pytest.fixture
+def sketch_calls(monkeypatch) -> list:
+    """(width, power iterations of a warm start) of every randomized.sketch call, from now on."""
+    import q3r.randomized
+
+    calls = []
+    original = q3r.randomized.sketch
+
+    def spy(W, k, *args, **kwargs):
+        calls.append((k, kwargs["warm_power_iters"]))
+        return original(W, k, *args, **kwargs)
+
+    monkeypatch.setattr(q3r.randomized, "sketch", spy)
+    return calls
+
+
 @pytest.mark.parametrize("method", FAST)
-def test_a_bulk_rising_above_eps_takes_the_exact_svd(method, exact_fallbacks):
+@pytest.mark.parametrize("n, rank, refreshes, grown_width", [(224, 24, 2, 80), (160, 32, 3, None)])
+def test_a_bulk_rising_above_eps_is_sketched_again_twice_as_wide(method, n, rank, refreshes, grown_width,
+                                                                 exact_fallbacks, sketch_calls):
     # training noise lifts the bulk's top edge above eps (which the min schedule never
     # raises): dozens of new envelope members at once, inside a flat bulk, where a warm
-    # sketch's Ritz values fall short and miss most of them
+    # sketch's Ritz values fall short and miss most of them; such a target is sketched again,
+    # twice as wide, with grown_power_iters (224 x 224: 2 x (24 + 16) columns), or takes an
+    # exact SVD where that is wider than exact_fraction of the matrix (160 x 160: 96 > 80)
     gen = torch.Generator().manual_seed(11)
-    weights = [_flat_bulk_under_eps(gen) for _ in range(2)]
-    configs = [SliceConfig(f"t{j}", 32) for j in range(2)]
-    fast, _ = run_sequence(method, weights, configs, refreshes=3, drift=1e-3, gen=torch.Generator().manual_seed(12))
-    assert all(int(s["sigma"].shape[0]) > 45 for s in fast)  # the envelope grew from 32
-    assert exact_fallbacks  # the grown refreshes were exact
+    weights = [_flat_bulk_under_eps(gen, n, rank) for _ in range(2)]
+    configs = [SliceConfig(f"t{j}", rank) for j in range(2)]
+    fast, _ = run_sequence(method, weights, configs, refreshes, drift=1e-3, gen=torch.Generator().manual_seed(12))
+    assert all(int(s["sigma"].shape[0]) > rank + 12 for s in fast)  # the envelopes grew
+    grown = [k for k, iters in sketch_calls if iters == SketchOptions().grown_power_iters and k == grown_width]
+    if grown_width is None:
+        assert exact_fallbacks
+    else:
+        assert grown and exact_fallbacks == []
     with pytest.raises(AssertionError):  # without the rule the contract fails (R(X) off by ~2e-2)
-        run_sequence(method, weights, configs, refreshes=3, drift=1e-3, gen=torch.Generator().manual_seed(12),
+        run_sequence(method, weights, configs, refreshes, drift=1e-3, gen=torch.Generator().manual_seed(12),
                      options=SketchOptions(max_envelope_growth=10**9))
 
 
 @pytest.mark.parametrize("method", FAST)
-def test_weights_that_moved_far_get_one_more_pass(method, monkeypatch):
+@pytest.mark.parametrize("kind", ["random_init", "trained_decay"])
+def test_the_geometric_schedule_grows_envelopes_without_exact_svds(method, kind, exact_fallbacks):
+    # eps falls by design, down to sigma_{r+17} here: about 4 new envelope members per refresh,
+    # each time more than max_envelope_growth; the grown sketches keep the contract (checked by
+    # run_sequence after every refresh) without leaving a target to an exact SVD, which is
+    # what every grown target took before (benchmarks/results/probes/geometric_growth_*.txt)
+    n, rank = 192, 16
+    gen = torch.Generator().manual_seed(3)
+    if kind == "random_init":
+        weights = [torch.randn(n, n, generator=gen) / math.sqrt(n) for _ in range(2)]
+    else:
+        i = torch.arange(n, dtype=torch.float64)
+        weights = [with_spectrum((1 + i) ** -0.8 + 0.02 * torch.rand(n, dtype=torch.float64, generator=gen), gen, n, n)
+                   for _ in range(2)]
+    floor = float(torch.linalg.svdvals(weights[0].double())[rank + 16])
+    configs = [SliceConfig(f"t{j}", rank, schedule="geometric", eps_floor=floor, num_refreshes=4) for j in range(2)]
+    fast, _ = run_sequence(method, weights, configs, refreshes=5, drift=3e-3, gen=gen)
+    assert all(int(s["sigma"].shape[0]) > rank + 8 for s in fast)  # the envelopes grew
+    assert exact_fallbacks == []
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_weights_that_moved_far_get_one_more_pass(method, sketch_calls):
     # a warm one-pass sketch lags the weights by about how far they moved since the last
     # refresh; where the lag (Sketch.lag) exceeds max_lag, the target is sketched again from
     # its new V, with lag_power_iters power iterations
-    import q3r.randomized
-
-    sketches = []
-    original = q3r.randomized.sketch
-    monkeypatch.setattr(q3r.randomized, "sketch", lambda W, *a, **kw: (sketches.append(W.shape[0]), original(W, *a, **kw))[1])
     gen = torch.Generator().manual_seed(5)
     weights = [spectrum_case("trained_decay", gen) for _ in range(2)]
     configs = configs_for(weights[0], "min", 2)
     run_sequence(method, weights, configs, refreshes=4, drift=3e-2, gen=torch.Generator().manual_seed(6))
-    assert len(sketches) > 4  # a cold sketch, three warm ones, and the passes the lag asked for
+    lag_iters = SketchOptions().lag_power_iters
+    assert sum(iters == lag_iters for _, iters in sketch_calls) > 0  # the passes the lag asked for
     with pytest.raises(AssertionError):  # one pass from the old factors misses the contract
         run_sequence(method, weights, configs, refreshes=4, drift=3e-2, gen=torch.Generator().manual_seed(6),
                      options=SketchOptions(max_lag=1.0))

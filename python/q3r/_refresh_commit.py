@@ -7,6 +7,7 @@ decide on crosses to the host in one transfer."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -22,6 +23,15 @@ REFINE = -1  # commit_sketch's answer for "redo the Rayleigh-Ritz step in float6
 NONFINITE = -2  # ... and for "skipped: the weights are not finite"
 UNTRUSTED = -3  # ... and for "its one-pass basis failed the check: sketch it again"
 LAGGING = -4  # ... and for "its triplets lag the weights: sketch it again from its new V"
+
+
+@dataclass(frozen=True)
+class Grown:
+    """commit_sketch's answer for "its envelope grew: sketch it again from its new V, this
+    wide, with grown_power_iters" (see SketchOptions.max_envelope_growth).
+    Wider than SketchGroup.cap, it gets an exact SVD instead."""
+
+    width: int
 
 
 def commit_columns(energy, members, states, S, finite: Tensor | None, trusted: Tensor | None = None,
@@ -48,19 +58,20 @@ def to_host(tables: list[Tensor]) -> list[Tensor]:
 
 def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions, final: bool,
                   precise: bool = False, finite: Tensor | None = None,
-                  host: Tensor | None = None) -> dict[int, int | None]:
+                  host: Tensor | None = None, grown=frozenset()) -> dict[int, int | Grown | None]:
     """Commit the members whose sketch reached eps; return {target: wider width, REFINE where
     the fp32 Ritz values cannot resolve sigma_{r+1}, None where only an exact SVD does,
     NONFINITE where ``finite`` (b,) says the weights were not, UNTRUSTED where the
-    columns' trusted flag says the basis failed its check, or LAGGING where their lag
-    exceeds opts.max_lag} for the rest (``precise``: U, S, V come from the float64
+    columns' trusted flag says the basis failed its check, LAGGING where their lag
+    exceeds opts.max_lag, or Grown} for the rest (``precise``: U, S, V come from the float64
     Rayleigh-Ritz step).
 
     A sketch is wide enough when at most k - oversampling / 2 Ritz values lie above the new
     eps, so the kept triplets had at least half the oversampling below them; a warm member
-    whose envelope would grow by more than opts.max_envelope_growth gets an exact SVD (see
-    SketchOptions).  All scalars of the group cross to the host in one transfer (``host``:
-    their commit_columns, when the caller moved them together with other stacks').
+    whose envelope would grow by more than opts.max_envelope_growth is sketched again as a
+    Grown one (see SketchOptions), once: ``grown`` holds the members that already were.  All
+    scalars of the group cross to the host in one transfer (``host``: their commit_columns,
+    when the caller moved them together with other stacks').
     """
     k = S.shape[1]
     if host is None:
@@ -90,8 +101,14 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
             retry[i] = None if precise else REFINE
             continue
         prev_env = states[i]["sigma"].shape[0]  # (a shape: no device access)
-        if not final and int(row[k + 3]) > 0 and r_env > prev_env + opts.max_envelope_growth:
-            retry[i] = None  # the Ritz values of the new members are not to be trusted
+        if (not final and int(row[k + 3]) > 0 and i not in grown
+                and r_env > prev_env + opts.max_envelope_growth):
+            # the Ritz values of the new members are not to be trusted, nor is their count (a
+            # bulk lifted above eps shows fewer of its members than it has): twice as wide, or
+            # an exact SVD where that is wider than the cap.  Only as wide as the new envelope
+            # needs (r_env + oversampling), the sketch missed the contract at 768 x 768 (R(X) up
+            # to 5e-3), and cut to the cap at 256 x 256 (1.3e-3; see geometric_growth_probe.py)
+            retry[i] = Grown(max(r_env + opts.oversampling, 2 * k))
             continue
         if not final and r_env > k - margin:
             retry[i] = r_env + opts.oversampling

@@ -46,7 +46,10 @@ class SketchGroup:
     nonfinite: list = field(default_factory=list)  # targets found with non-finite weights
     widenings: dict = field(default_factory=dict)  # target -> how many times its sketch was widened
     stepped: set = field(default_factory=set)  # targets sketched again from this refresh's V (lag no longer checked)
-    lagging: set = field(default_factory=set)  # targets whose first pass lagged (sketched again with power iterations)
+    # targets sketched again with more power iterations than a warm sketch takes: those whose
+    # first pass lagged (lag_power_iters) and those whose envelope grew (grown_power_iters)
+    iterated: dict = field(default_factory=dict)  # target -> power iterations
+    grown: set = field(default_factory=set)  # targets already sketched again for envelope growth
 
     def cap(self, opts: SketchOptions) -> int:
         """The widest sketch worth taking; wider targets get an exact SVD."""
@@ -74,9 +77,10 @@ def refresh_sketched(weights, states, configs, groups: list[SketchGroup], opts: 
             prev_env = states[i]["sigma"].shape[0]
             g.pending[i] = (_sketch_width(configs[i].rank, prev_env, warm is None, g.n, opts), warm)
     # attempt 0, then one for members whose unchecked basis failed (they are sketched again at
-    # the same width) or whose first pass lagged (again from their new V, with power
-    # iterations), then the widenings: each member is widened max_widenings times at most
-    for attempt in range(opts.max_widenings + 3):
+    # the same width), one for those whose first pass lagged (again from their new V, with
+    # power iterations), one for those whose envelope grew (wider, with grown_power_iters), then
+    # the widenings: each member is widened max_widenings times at most
+    for attempt in range(opts.max_widenings + 4):
         deferred = []
         stacks = [st for g in groups for st in _plan_stacks(g, weights, opts)]
         _align_native_widths(stacks, weights, opts)
@@ -114,9 +118,9 @@ def _by_key(items: list, key) -> list[list]:
 
 @dataclass
 class _Stack:
-    """A planned stack: a run of a group's cold, warm or lagging (warm, sketched again with
-    power iterations) members (at most
-    SketchOptions.max_stack_bytes of weights) and the sketch width they share."""
+    """A planned stack: a run of a group's cold or warm members that take the same number of
+    power iterations (at most SketchOptions.max_stack_bytes of weights) and the sketch width
+    they share."""
 
     group: SketchGroup
     members: list[int]
@@ -130,20 +134,21 @@ class _Stack:
 
 
 def _plan_stacks(g: SketchGroup, weights, opts: SketchOptions) -> list[_Stack]:
-    """Split the group's pending targets into stacks (one per cold / warm / lagging, cut where
-    a stack would take more than opts.max_stack_bytes); clears g.pending."""
+    """Split the group's pending targets into stacks (one per cold / warm / number of power
+    iterations, cut where a stack would take more than opts.max_stack_bytes); clears g.pending."""
     cap = g.cap(opts)
     g.exact += [i for i, (k, _) in g.pending.items() if k > cap]
     todo = {i: v for i, v in g.pending.items() if v[0] <= cap}
     g.pending = {}
     stacks = []
-    # cold, warm and lagging members apart (cold ones take more power iterations, and so do
-    # those whose first pass lagged: see SketchOptions.lag_power_iters), each cut into runs
-    for cold, lagging in ((True, False), (False, False), (False, True)):
-        # (a lagging member always has a warm start: its new V)
-        members = [i for i, (_, warm) in todo.items()
-                   if (warm is None) == cold and (warm is not None and i in g.lagging) == lagging]
-        iters = max(opts.warm_power_iters, opts.lag_power_iters) if lagging else None
+    # cold members apart from warm ones, and warm ones apart by their power iterations (more for
+    # those sketched again because their first pass lagged or their envelope grew: see
+    # SketchOptions), each cut into runs
+    kinds: dict = {}
+    for i, (_, warm) in todo.items():
+        iters = None if warm is None or i not in g.iterated else max(opts.warm_power_iters, g.iterated[i])
+        kinds.setdefault((warm is None, iters), []).append(i)
+    for (cold, iters), members in kinds.items():
         for run in weights.chunks(members, opts.max_stack_bytes):
             k = max(todo[i][0] for i in run)
             stacks.append(_Stack(g, run, [todo[i][1] for i in run], k, g.method == "native" and k <= opts.native_max_k,
@@ -210,7 +215,7 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
     g, members, k = st.group, st.members, st.k
     final = k >= g.n
     retry = C.commit_sketch(st.energy, members, states, configs, U, S, V, opts, final=final,
-                           finite=st.sketch.finite, host=host)
+                           finite=st.sketch.finite, host=host, grown=g.grown)
     refined_V = {}  # a widened retry of a refined member starts from its refined V
     refine = [i for i, width in retry.items() if width == C.REFINE]
     if refine:  # the same subspace, its k x k problem in float64 (see SketchOptions)
@@ -218,7 +223,7 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
         sub = weights.stack(refine).double()
         U2, S2, V2 = randomized.ritz_triplets(sub, U.index_select(0, rows).double(), solvers["torch"])
         retry.update(C.commit_sketch(st.energy.index_select(0, rows), refine, states, configs, U2, S2, V2, opts,
-                                     final=final, precise=True))
+                                     final=final, precise=True, grown=g.grown))
         refined_V = {i: V2[j].to(V.dtype) for j, i in enumerate(refine)}
     for i, width in retry.items():
         if width is None:
@@ -229,8 +234,13 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
             g.pending[i] = (k, st.starts[members.index(i)])
         elif width == C.LAGGING:  # more steps of subspace iteration: from its new V
             g.stepped.add(i)
-            g.lagging.add(i)
+            g.iterated[i] = opts.lag_power_iters
             g.pending[i] = (k, V[members.index(i)])
+        elif isinstance(width, C.Grown):  # from its new V, wider, iterated (SketchOptions.grown_power_iters)
+            g.stepped.add(i)
+            g.grown.add(i)
+            g.iterated[i] = opts.grown_power_iters
+            g.pending[i] = (width.width, refined_V[i] if i in refined_V else V[members.index(i)])  # (> cap: exact)
         elif width != C.REFINE:
             if g.widenings.get(i, 0) >= opts.max_widenings:  # still not wide enough
                 g.exact.append(i)

@@ -68,12 +68,17 @@ class SketchOptions:
                       gets an exact SVD instead (the sketch would not be cheaper)
     max_widenings     retries with a wider sketch when the Ritz values did not reach eps
     max_envelope_growth  a warm target whose envelope would grow by more than this many
-                      triplets since its last refresh gets an exact SVD instead: the new
-                      members come from the part of the spectrum a warm sketch resolves
-                      worst, and where they come from a flat bulk whose top edge has risen
-                      above eps (a Q3R-trained tail, lifted by training), its Ritz values fall
-                      short and most of them are missed (768 x 768: R(X) off by up to 7.7e-2,
-                      benchmarks/results/probes/refresh_accuracy_768_*.txt; 0: any growth)
+                      triplets since its last refresh is sketched again from its new V, twice
+                      as wide, with grown_power_iters (an exact SVD where twice as wide exceeds
+                      exact_fraction): the new members come from the part of the spectrum a
+                      warm sketch resolves worst, and where they come from a flat bulk whose
+                      top edge has risen above eps (a Q3R-trained tail, lifted by training),
+                      its Ritz values fall short and most of them are missed (768 x 768: R(X)
+                      off by up to 7.7e-2, benchmarks/results/probes/refresh_accuracy_768_*.txt;
+                      0: any growth); under the geometric schedule eps falls by design and
+                      envelopes grow at most refreshes
+    grown_power_iters power iterations of that sketch (as many as a cold one: the members it
+                      must find come from a flat part of the spectrum, as a cold sketch's do)
     max_lag           one pass from the old factors lags weights that moved far since the
                       last refresh; a warm target whose lag (randomized.Sketch.lag: how far
                       its new right singular vectors left the span of the old ones, weighted
@@ -123,6 +128,7 @@ class SketchOptions:
     max_envelope_growth: int = 2
     max_lag: float = 6e-4
     lag_power_iters: int = 4
+    grown_power_iters: int = 8
     resolvable_ratio: float = 1e-2
     resolvable_ratio_fp64: float = 1e-4
     max_sweeps: int = _native.DEFAULT_MAX_SWEEPS
