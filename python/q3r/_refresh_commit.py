@@ -101,6 +101,9 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
             retry[i] = None if precise else REFINE
             continue
         prev_env = states[i]["sigma"].shape[0]  # (a shape: no device access)
+        if not final and i in grown and r_env > prev_env + opts.max_sketched_growth:
+            retry[i] = None  # too many new members to resolve in a flat bulk (see SketchOptions)
+            continue
         if (not final and int(row[k + 3]) > 0 and i not in grown
                 and r_env > prev_env + opts.max_envelope_growth):
             # the Ritz values of the new members are not to be trusted, nor is their count (a

@@ -63,7 +63,11 @@ class SketchOptions:
     cold_power_iters  power iterations of a first refresh, whose sketch is also wider:
                       r + max(2 oversampling, r) columns, because random-init spectra are
                       flat near sigma_{r+1} and need the gap to converge -- and under the
-                      `min` schedule the first eps is never raised again, so its error stays
+                      `min` schedule the first eps is never raised again, so its error stays;
+                      where many envelope members come to lie just above eps, R(X) errs by
+                      about as much as eps does (relative): a flat bulk under sigma_{r+1}
+                      (256 x 256, rank 24) left eps 1.4e-3 low and R(X) off by 1.2e-3 to 1.7e-3
+                      at the next refreshes with 8 iterations, 3.6e-4 with 12, 6.9e-5 with 16
     exact_fraction    a target whose needed width exceeds this fraction of min(d1, d2)
                       gets an exact SVD instead (the sketch would not be cheaper)
     max_widenings     retries with a wider sketch when the Ritz values did not reach eps
@@ -79,6 +83,12 @@ class SketchOptions:
                       envelopes grow at most refreshes
     grown_power_iters power iterations of that sketch (as many as a cold one: the members it
                       must find come from a flat part of the spectrum, as a cold sketch's do)
+    max_sketched_growth  where that sketch finds more new members than this, the target gets
+                      an exact SVD after all: the iteration converges slowly at the edge of a
+                      flat bulk, and a bulk rising above eps by 82 members at once (768 x 768)
+                      left R(X) off by 8.4e-4 with 8 iterations and 7.0e-4 with 16, against
+                      6e-5 for the exact SVD; under the geometric schedule envelopes grow by
+                      about 5 to 30 per refresh
     max_lag           one pass from the old factors lags weights that moved far since the
                       last refresh; a warm target whose lag (randomized.Sketch.lag: how far
                       its new right singular vectors left the span of the old ones, weighted
@@ -122,13 +132,14 @@ class SketchOptions:
 
     oversampling: int = 16
     warm_power_iters: int = 0
-    cold_power_iters: int = 8
+    cold_power_iters: int = 16
     exact_fraction: float = 0.5
     max_widenings: int = 2
     max_envelope_growth: int = 2
     max_lag: float = 6e-4
     lag_power_iters: int = 4
     grown_power_iters: int = 8
+    max_sketched_growth: int = 32
     resolvable_ratio: float = 1e-2
     resolvable_ratio_fp64: float = 1e-4
     max_sweeps: int = _native.DEFAULT_MAX_SWEEPS
