@@ -46,6 +46,9 @@ def _cases() -> dict:
     power_law = (1 + i) ** -0.8 + 0.02 * torch.rand(N, dtype=torch.float64, generator=gen)
     moving_fast = _drifting(with_spectrum(power_law, gen, N, N), 1e-1, gen)
     random_init = _drifting(torch.randn(N, N, generator=gen) / math.sqrt(N), 1e-3, gen)
+    wide_bulk = torch.cat([torch.linspace(1.0, 0.3, 24, dtype=torch.float64),
+                           1e-3 * torch.linspace(1.0, 0.2, 256 - 24, dtype=torch.float64)])
+    lifted = _drifting(with_spectrum(wide_bulk, gen, 256, 256), 3e-3, gen)
     return {
         "random_init": (RANK, random_init, {}),
         # no oversampling: sigma_{r+1} is not among the kept triplets, eps must still come from it
@@ -60,6 +63,9 @@ def _cases() -> dict:
         "moving_fast_lag_rule_off": (RANK, moving_fast, {"max_lag": 1.0}),
         # no widening allowed: the envelope fills its sketch, and the user is told
         "bulk_rising_above_eps_no_widening": (RANK, rising, {"max_widenings": 0}),
+        # 256 x 256, rank 24: the cold eps sits just above a flat bulk that then rises above
+        # it by about 75 members; R(X) errs by about as much as eps does
+        "cold_eps_above_a_flat_bulk": (24, lifted, {}),
     }
 
 
@@ -84,7 +90,7 @@ def hsdp(tmp_path_factory):
 
 def _exact_states(cases, case) -> list[dict]:
     rank, sequence, _ = cases[case]
-    exact, config, states = new_slice_state(N, N), SliceConfig(case, rank), []
+    exact, config, states = new_slice_state(*sequence[0].shape), SliceConfig(case, rank), []
     for W in sequence:
         refresh_slices_([W], [exact], [config], method="exact")
         states.append({key: value.clone() for key, value in exact.items()})
@@ -92,12 +98,13 @@ def _exact_states(cases, case) -> list[dict]:
 
 
 def _check_case(cases, out, case):
-    X = torch.randn(N, N, generator=torch.Generator().manual_seed(3))
+    X = torch.randn(*cases[case][1][0].shape, generator=torch.Generator().manual_seed(3))
     for fast, exact in zip(out[case]["history"], _exact_states(cases, case)):
         check_against_exact([fast], [exact], X)
 
 
-@pytest.mark.parametrize("case", ["random_init", "random_init_oversample_0", "bulk_rising_above_eps", "moving_fast"])
+@pytest.mark.parametrize("case", ["random_init", "random_init_oversample_0", "bulk_rising_above_eps", "moving_fast",
+                                  "cold_eps_above_a_flat_bulk"])
 def test_sharded_refresh_meets_the_accuracy_contract(sharded, case):
     _check_case(*sharded, case)
     assert not sharded[1][case]["warnings"]
