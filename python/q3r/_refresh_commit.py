@@ -109,8 +109,8 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
             # the Ritz values of the new members are not to be trusted, nor is their count (a
             # bulk lifted above eps shows fewer of its members than it has): twice as wide, or
             # an exact SVD where that is wider than the cap.  Only as wide as the new envelope
-            # needs (r_env + oversampling), the sketch missed the contract at 768 x 768 (R(X) up
-            # to 5e-3), and cut to the cap at 256 x 256 (1.3e-3; see geometric_growth_probe.py)
+            # needs (r_env + oversampling), the sketch missed the contract under the geometric
+            # schedule at 768 x 768 (R(X) off by 3.6e-3 to 5.2e-3, CPU, a development variant)
             retry[i] = Grown(max(r_env + opts.oversampling, 2 * k))
             continue
         if not final and r_env > k - margin:
