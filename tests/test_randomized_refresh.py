@@ -202,7 +202,7 @@ def test_a_bulk_rising_above_eps_is_sketched_again_twice_as_wide(method, n, rank
     assert all(int(s["sigma"].shape[0]) > rank + 12 for s in fast)  # the envelopes grew
     grown = [k for k, iters in sketch_calls if iters == SketchOptions().grown_power_iters and k == grown_width]
     if grown_width is None:
-        assert exact_fallbacks
+        assert exact_fallbacks and not any(k > 80 for k, _ in sketch_calls)  # (the cap, not a sketch)
     else:
         assert grown and exact_fallbacks == []
     with pytest.raises(AssertionError):  # without the rule the contract fails (R(X) off by ~2e-2)
@@ -227,7 +227,7 @@ def test_a_cold_eps_just_above_a_flat_bulk_is_accurate_enough_for_what_rises_abo
 
 @pytest.mark.parametrize("method", FAST)
 @pytest.mark.parametrize("kind", ["random_init", "trained_decay"])
-def test_the_geometric_schedule_grows_envelopes_without_exact_svds(method, kind, exact_fallbacks):
+def test_the_geometric_schedule_grows_envelopes_without_exact_svds(method, kind, exact_fallbacks, sketch_calls):
     # eps falls by design, down to sigma_{r+17} here: about 4 new envelope members per refresh,
     # each time more than max_envelope_growth; the grown sketches keep the contract (checked by
     # run_sequence after every refresh) without leaving a target to an exact SVD, which is
@@ -245,6 +245,19 @@ def test_the_geometric_schedule_grows_envelopes_without_exact_svds(method, kind,
     fast, _ = run_sequence(method, weights, configs, refreshes=5, drift=3e-3, gen=gen)
     assert all(int(s["sigma"].shape[0]) > rank + 8 for s in fast)  # the envelopes grew
     assert exact_fallbacks == []
+    assert any(iters == SketchOptions().grown_power_iters for _, iters in sketch_calls)  # by the growth rule
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_a_grown_sketch_is_never_wider_than_the_matrix(method, sketch_calls):
+    # exact_fraction > 1 lets sketches be as wide as the matrix; twice a sketch's width can
+    # be wider than that, and a grown sketch is then the whole matrix (an SVD up to rounding)
+    gen = torch.Generator().manual_seed(11)
+    weights = [_flat_bulk_under_eps(gen, 80, 32) for _ in range(2)]
+    configs = [SliceConfig(f"t{j}", 32) for j in range(2)]
+    run_sequence(method, weights, configs, 3, drift=1e-3, gen=torch.Generator().manual_seed(12),
+                 options=SketchOptions(exact_fraction=1.5))
+    assert max(k for k, _ in sketch_calls) == 80
 
 
 @pytest.mark.parametrize("method", FAST)

@@ -87,30 +87,34 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
         if not row[k + 5]:
             retry[i] = UNTRUSTED
             continue
-        if not final and row[k + 6] > opts.max_lag:  # (before REFINE: a float64 step keeps the subspace)
-            retry[i] = LAGGING
-            continue
         cfg = configs[i]
         sigma = row[:k]
         sigma_next = sigma[cfg.rank] if cfg.rank < k else 0.0  # (an exact SVD of rank >= min(d1, d2))
         eps, eps0 = reference.next_eps(cfg.schedule, row[k + 1], sigma_next, int(row[k + 3]), row[k + 2],
                                        cfg.eps_value, cfg.eps_floor, cfg.num_refreshes)
         r_env = sum(1 for value in sigma if value > eps)
+        prev_env = states[i]["sigma"].shape[0]  # (a shape: no device access)
+        # the Ritz values of new members are not to be trusted, nor is their count (a bulk lifted
+        # above eps shows fewer of its members than it has): sketched again twice as wide, or an
+        # exact SVD where that is wider than the cap.  Only as wide as the new envelope needs
+        # (r_env + oversampling), the sketch missed the contract under the geometric schedule at
+        # 768 x 768 (R(X) off by 3.6e-3 to 5.2e-3, CPU, a development variant)
+        grows = (not final and int(row[k + 3]) > 0 and i not in grown
+                 and r_env > prev_env + opts.max_envelope_growth)
+        if not final and row[k + 6] > opts.max_lag:  # (before REFINE: a float64 step keeps the subspace)
+            # (a grown sketch iterates more than a lagging one: it does both)
+            retry[i] = Grown(max(r_env + opts.oversampling, 2 * k)) if grows else LAGGING
+            continue
         resolvable = opts.resolvable_ratio_fp64 if precise else opts.resolvable_ratio
-        if not final and sigma_next < resolvable * sigma[0]:
+        # (a sketch as wide as the matrix spans it: its float64 step is exact up to rounding,
+        # but its fp32 Gram matrix resolves a deep tail no better than a narrower one's)
+        if not (final and precise) and sigma_next < resolvable * sigma[0]:
             retry[i] = None if precise else REFINE
             continue
-        prev_env = states[i]["sigma"].shape[0]  # (a shape: no device access)
         if not final and i in grown and r_env > prev_env + opts.max_sketched_growth:
             retry[i] = None  # too many new members to resolve in a flat bulk (see SketchOptions)
             continue
-        if (not final and int(row[k + 3]) > 0 and i not in grown
-                and r_env > prev_env + opts.max_envelope_growth):
-            # the Ritz values of the new members are not to be trusted, nor is their count (a
-            # bulk lifted above eps shows fewer of its members than it has): twice as wide, or
-            # an exact SVD where that is wider than the cap.  Only as wide as the new envelope
-            # needs (r_env + oversampling), the sketch missed the contract under the geometric
-            # schedule at 768 x 768 (R(X) off by 3.6e-3 to 5.2e-3, CPU, a development variant)
+        if grows:
             retry[i] = Grown(max(r_env + opts.oversampling, 2 * k))
             continue
         if not final and r_env > k - margin:

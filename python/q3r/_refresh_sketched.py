@@ -60,7 +60,8 @@ def refresh_sketched(weights, states, configs, groups: list[SketchGroup], opts: 
                      before_wait: Callable[[], None]) -> tuple[set[int], list[list[int]]]:
     """Randomized refresh of same-shaped groups; widen, or leave a target to an exact SVD.
     Returns (the targets skipped for non-finite weights, per group the targets that still
-    need an exact SVD: too wide to sketch, or not wide enough after max_widenings).
+    need an exact SVD: too wide to sketch, not wide enough after max_widenings, or whose
+    grown envelope took on more than max_sketched_growth new members).
 
     Each attempt sketches every group first and then solves the k x k problems of all
     stacks that share a solver, a width and a device in one call: the native solver costs
@@ -225,6 +226,15 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
         retry.update(C.commit_sketch(st.energy.index_select(0, rows), refine, states, configs, U2, S2, V2, opts,
                                      final=final, precise=True, grown=g.grown))
         refined_V = {i: V2[j].to(V.dtype) for j, i in enumerate(refine)}
+
+    def again_from_new_V(i: int, width: int, iters: int | None = None) -> None:
+        # sketched again from this refresh's V (a refined member's: its refined V), so its lag
+        # is no longer checked; ``iters``: its power iterations from now on (None: unchanged)
+        g.stepped.add(i)
+        if iters is not None:
+            g.iterated[i] = iters
+        g.pending[i] = (min(width, g.n), refined_V[i] if i in refined_V else V[members.index(i)])
+
     for i, width in retry.items():
         if width is None:
             g.exact.append(i)
@@ -232,19 +242,14 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
             g.nonfinite.append(i)
         elif width == C.UNTRUSTED:  # the same sketch again, its basis checked this time
             g.pending[i] = (k, st.starts[members.index(i)])
-        elif width == C.LAGGING:  # more steps of subspace iteration: from its new V
-            g.stepped.add(i)
-            g.iterated[i] = opts.lag_power_iters
-            g.pending[i] = (k, V[members.index(i)])
-        elif isinstance(width, C.Grown):  # from its new V, wider, iterated (SketchOptions.grown_power_iters)
-            g.stepped.add(i)
+        elif width == C.LAGGING:  # more steps of subspace iteration
+            again_from_new_V(i, k, opts.lag_power_iters)
+        elif isinstance(width, C.Grown):  # wider and iterated (SketchOptions.max_envelope_growth)
             g.grown.add(i)
-            g.iterated[i] = opts.grown_power_iters
-            g.pending[i] = (width.width, refined_V[i] if i in refined_V else V[members.index(i)])  # (> cap: exact)
+            again_from_new_V(i, width.width, opts.grown_power_iters)  # (wider than the cap: exact SVD)
         elif width != C.REFINE:
             if g.widenings.get(i, 0) >= opts.max_widenings:  # still not wide enough
                 g.exact.append(i)
                 continue
             g.widenings[i] = g.widenings.get(i, 0) + 1
-            g.stepped.add(i)
-            g.pending[i] = (min(width, g.n), refined_V[i] if i in refined_V else V[members.index(i)])
+            again_from_new_V(i, width)

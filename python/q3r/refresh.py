@@ -72,23 +72,25 @@ class SketchOptions:
                       gets an exact SVD instead (the sketch would not be cheaper)
     max_widenings     retries with a wider sketch when the Ritz values did not reach eps
     max_envelope_growth  a warm target whose envelope would grow by more than this many
-                      triplets since its last refresh is sketched again from its new V, twice
-                      as wide, with grown_power_iters (an exact SVD where twice as wide exceeds
-                      exact_fraction): the new members come from the part of the spectrum a
+                      triplets since its last refresh is sketched again from its new V,
+                      max(2 k, r_env + oversampling) wide, with grown_power_iters (an exact SVD
+                      where that exceeds exact_fraction; a lagging one too, which this covers):
+                      the new members come from the part of the spectrum a
                       warm sketch resolves worst, and where they come from a flat bulk whose
                       top edge has risen above eps (a Q3R-trained tail, lifted by training),
                       its Ritz values fall short and most of them are missed (768 x 768: R(X)
                       off by up to 7.7e-2, benchmarks/results/probes/refresh_accuracy_768_*.txt;
                       0: any growth); under the geometric schedule eps falls by design and
                       envelopes grow at most refreshes
-    grown_power_iters power iterations of that sketch (as many as a cold one: the members it
-                      must find come from a flat part of the spectrum, as a cold sketch's do)
+    grown_power_iters power iterations of that sketch, and of its widenings if it needs any
+                      (8 was the cold count when this was set; more barely helped: see below)
     max_sketched_growth  where that sketch finds more new members than this, the target gets
                       an exact SVD after all: the iteration converges slowly at the edge of a
                       flat bulk, and a bulk rising above eps by 82 members at once (768 x 768)
                       left R(X) off by 8.4e-4 with 8 iterations and 7.0e-4 with 16, against
-                      6e-5 for the exact SVD; under the geometric schedule envelopes grow by
-                      about 5 to 30 per refresh
+                      6e-5 for the exact SVD (refresh_accuracy_768_cpu_ffc3be0.txt); under
+                      the geometric schedule envelopes grew by 2 to 29 per refresh
+                      (geometric_growth_768_cpu_*.txt)
     max_lag           one pass from the old factors lags weights that moved far since the
                       last refresh; a warm target whose lag (randomized.Sketch.lag: how far
                       its new right singular vectors left the span of the old ones, weighted
@@ -363,4 +365,4 @@ def _refresh_exact(weights, states, configs, idx) -> None:
     stack = weights.stack(idx).to(torch.float32)
     U, S, V, spectrum = reference.anchor_factors(stack)
     energy = spectrum.double().square().sum(dim=-1)
-    C.commit_sketch(energy, idx, states, configs, U, S, V, DEFAULT_SKETCH, final=True)
+    C.commit_sketch(energy, idx, states, configs, U, S, V, DEFAULT_SKETCH, final=True, precise=True)
