@@ -12,8 +12,11 @@ Ranks r = 0.2 min(d1, d2).  Weights are random-init (Gaussian / sqrt(fan-in)) an
 Exact SVD of the big models is timed on one matrix per shape and multiplied by the count
 (column `extrapolated` = 1): a full pass would take minutes.  Also timed: the eigensolver
 alone on a batch of 48 warm-started 169 x 169 Gram matrices (torch.linalg.eigh vs native),
-and a staggered T = 5 cycle of the ViT refresh (per-step refresh time, max / median).
-Results are printed and appended to the CSV with device, versions and commit.
+and a staggered T = 5 cycle of the ViT refresh (per-step refresh time, max / median), and the
+ViT refresh under the `geometric` schedule (eps falling from sigma_{r+1} to sigma_{r+33} over
+4 refreshes: every target's envelope grows at each, which the fast refresh sketches twice as
+wide instead of taking an exact SVD; phase `geometric_grown`, with how many targets still took
+one). Results are printed and appended to the CSV with device, versions and commit.
 """
 
 from __future__ import annotations
@@ -202,6 +205,35 @@ def bench_stagger(weights, drifted, configs, device, timer, rows, args, method, 
 ENV: dict = {}
 
 
+def bench_geometric(weights, drifted, device, timer, rows, method):
+    """Refreshes 2 to 4 of a `geometric` schedule from one cold refresh: the median ms of the
+    three, and how many targets the fast refresh left to an exact SVD in them."""
+    import q3r.refresh as R
+
+    floors = [float(torch.linalg.svdvals(w.float())[rank_of(*w.shape) + 32]) for w in weights]
+    configs = [SliceConfig(f"g{i}", rank_of(*w.shape), schedule="geometric", eps_floor=floor, num_refreshes=4)
+               for i, (w, floor) in enumerate(zip(weights, floors))]
+    states = [new_slice_state(*w.shape, device=device) for w in weights]
+    refresh_slices_(weights, states, configs, method=method)  # cold: eps = sigma_{r+1}
+    sequence = iter([drifted, weights, drifted])
+    exact, sketched = [], R.refresh_sketched
+
+    def counting(*args, **kwargs):  # (the fast refresh's own report of what it left to the exact path)
+        nonfinite, left = sketched(*args, **kwargs)
+        exact.extend(i for group in left for i in group)
+        return nonfinite, left
+
+    R.refresh_sketched = counting
+    try:
+        t = timer(lambda: refresh_slices_(next(sequence), states, configs, method=method), reps=3, warmup=0)
+    finally:
+        R.refresh_sketched = sketched
+    envs = sorted(int(st["sigma"].shape[0]) for st in states)
+    note = f"exact SVDs in 3 refreshes: {len(exact)} of {3 * len(weights)}; envelopes {envs[0]}..{envs[-1]}"
+    rows.append(row("geometric", "model", len(weights), method, "geometric_grown", t, t / len(weights), note=note))
+    print(f"  geometric {method:12s} {t:10.2f} ms per refresh   {note}")
+
+
 def row(model, shape, count, method, phase, ms, ms_per_matrix, extrapolated=0, note=""):
     return {"model": model, "shape": shape, "count": count, "method": method, "phase": phase,
             "ms": round(ms, 4), "ms_per_matrix": round(ms_per_matrix, 4), "extrapolated": extrapolated,
@@ -245,6 +277,7 @@ def main(argv=None):
             for method in ("randomized", "native"):
                 if method == "randomized" or _native.available(device):
                     bench_stagger(weights, drifted, configs, device, timer, rows, args, method)
+                    bench_geometric(weights, drifted, device, timer, rows, method)
         del weights, drifted
     print(f"{rows.count} rows appended to {args.csv}")
 

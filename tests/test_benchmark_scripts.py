@@ -76,3 +76,23 @@ def test_stagger_timeline_runs_on_cpu():
     lines = out.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [f"stagger={s} step {i}" for s in (True, False) for i in range(5)]
     assert sum("refresh>" in line for line in lines) >= 2 and all("done h" in line for line in lines), out.stdout
+
+
+def test_bench_refresh_times_the_geometric_schedule_and_counts_exact_svds(monkeypatch):
+    import torch
+
+    import q3r.refresh as R
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_refresh as B
+
+    device = torch.device("cpu")
+    groups = B.make_weights(B.model_shapes("tiny"), device, torch.Generator().manual_seed(0))
+    weights, drifted = [w for g in groups for w in g[4]], [w for g in groups for w in g[5]]
+    rows, sketched = [], R.refresh_sketched
+    B.bench_geometric(weights, drifted, device, B.Timer(device), rows, "randomized")
+    assert R.refresh_sketched is sketched  # its counter is taken out again
+    (r,) = rows
+    assert r["phase"] == "geometric_grown" and r["count"] == 9 and r["ms"] > 0
+    # tiny targets are too narrow for a sketch twice as wide: every grown one takes the exact SVD
+    assert r["note"].startswith("exact SVDs in 3 refreshes: 27 of 27")
