@@ -9,6 +9,7 @@ where targets are (name, parameter, slice_dim, slices) with Q/K/V as separate sl
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import os
@@ -33,6 +34,26 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except Exception:
         return "unknown"
+
+
+@contextlib.contextmanager
+def exact_fallbacks():
+    """Within the block, the list of how many targets each fast (sketched) refresh call left to
+    an exact SVD (the refresh's own report, q3r.refresh.refresh_sketched's second result)."""
+    import q3r.refresh as R
+
+    counts, sketched = [], R.refresh_sketched
+
+    def counting(*args, **kwargs):
+        nonfinite, left = sketched(*args, **kwargs)
+        counts.append(sum(len(group) for group in left))
+        return nonfinite, left
+
+    R.refresh_sketched = counting
+    try:
+        yield counts
+    finally:
+        R.refresh_sketched = sketched
 
 
 def metadata() -> dict:

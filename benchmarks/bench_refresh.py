@@ -33,7 +33,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import git_commit  # noqa: E402
+from _common import exact_fallbacks, git_commit  # noqa: E402
 
 from q3r import _native, randomized
 from q3r.refresh import SliceConfig, new_slice_state, refresh_slices_
@@ -208,28 +208,16 @@ ENV: dict = {}
 def bench_geometric(weights, drifted, device, timer, rows, method):
     """Refreshes 2 to 4 of a `geometric` schedule from one cold refresh: the median ms of the
     three, and how many targets the fast refresh left to an exact SVD in them."""
-    import q3r.refresh as R
-
     floors = [float(torch.linalg.svdvals(w.float())[rank_of(*w.shape) + 32]) for w in weights]
     configs = [SliceConfig(f"g{i}", rank_of(*w.shape), schedule="geometric", eps_floor=floor, num_refreshes=4)
                for i, (w, floor) in enumerate(zip(weights, floors))]
     states = [new_slice_state(*w.shape, device=device) for w in weights]
     refresh_slices_(weights, states, configs, method=method)  # cold: eps = sigma_{r+1}
     sequence = iter([drifted, weights, drifted])
-    exact, sketched = [], R.refresh_sketched
-
-    def counting(*args, **kwargs):  # (the fast refresh's own report of what it left to the exact path)
-        nonfinite, left = sketched(*args, **kwargs)
-        exact.extend(i for group in left for i in group)
-        return nonfinite, left
-
-    R.refresh_sketched = counting
-    try:
+    with exact_fallbacks() as exact:
         t = timer(lambda: refresh_slices_(next(sequence), states, configs, method=method), reps=3, warmup=0)
-    finally:
-        R.refresh_sketched = sketched
     envs = sorted(int(st["sigma"].shape[0]) for st in states)
-    note = f"exact SVDs in 3 refreshes: {len(exact)} of {3 * len(weights)}; envelopes {envs[0]}..{envs[-1]}"
+    note = f"exact SVDs in 3 refreshes: {sum(exact)} of {3 * len(weights)}; envelopes {envs[0]}..{envs[-1]}"
     rows.append(row("geometric", "model", len(weights), method, "geometric_grown", t, t / len(weights), note=note))
     print(f"  geometric {method:12s} {t:10.2f} ms per refresh   {note}")
 

@@ -101,9 +101,9 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
         # 768 x 768 (R(X) off by 3.6e-3 to 5.2e-3, CPU, a development variant)
         grows = (not final and int(row[k + 3]) > 0 and i not in grown
                  and r_env > prev_env + opts.max_envelope_growth)
+        grow = Grown(max(r_env + opts.oversampling, 2 * k)) if grows else None
         if not final and row[k + 6] > opts.max_lag:  # (before REFINE: a float64 step keeps the subspace)
-            # (a grown sketch iterates more than a lagging one: it does both)
-            retry[i] = Grown(max(r_env + opts.oversampling, 2 * k)) if grows else LAGGING
+            retry[i] = grow or LAGGING  # (a grown sketch iterates more than a lagging one: it does both)
             continue
         resolvable = opts.resolvable_ratio_fp64 if precise else opts.resolvable_ratio
         # (a sketch as wide as the matrix spans it: its float64 step is exact up to rounding,
@@ -114,8 +114,8 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
         if not final and i in grown and r_env > prev_env + opts.max_sketched_growth:
             retry[i] = None  # too many new members to resolve in a flat bulk (see SketchOptions)
             continue
-        if grows:
-            retry[i] = Grown(max(r_env + opts.oversampling, 2 * k))
+        if grow:
+            retry[i] = grow
             continue
         if not final and r_env > k - margin:
             retry[i] = r_env + opts.oversampling

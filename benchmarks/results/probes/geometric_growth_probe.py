@@ -21,13 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-# this checkout's q3r, whatever is installed (the folder of a script run directly is on the
-# path already, so its sibling probe imports as it is)
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "python"))
+# this checkout's q3r, whatever is installed, and its benchmarks' helpers (the folder of a
+# script run directly is on the path already, so its sibling probe imports as it is)
+ROOT = Path(__file__).resolve().parents[3]
+sys.path[:0] = [str(ROOT / "python"), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
 
-import q3r.refresh as refresh  # noqa: E402
+from _common import exact_fallbacks  # noqa: E402
 from q3r import reference  # noqa: E402
 from q3r.refresh import SketchOptions, SliceConfig, new_slice_state, operator_of, refresh_slices_  # noqa: E402
 from refresh_accuracy_probe import drifted, weight  # noqa: E402
@@ -40,15 +41,6 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     n, rank = args.size, int(0.2 * args.size)
     options = SketchOptions(**eval(f"dict({args.options})", {}))
-    exact_per_refresh = []
-    original = refresh.refresh_sketched
-
-    def counting(*a, **kw):
-        nonfinite, exact = original(*a, **kw)
-        exact_per_refresh.append(sum(len(group) for group in exact))
-        return nonfinite, exact
-
-    refresh.refresh_sketched = counting
     print(f"# {n} x {n}, rank {rank}, geometric schedule (num_refreshes 4), 6 refreshes, drift 3e-3, "
           f"method randomized, {options}")
     print("spectrum | eps_floor | targets given an exact SVD at refreshes 1..6 | exact envelopes | "
@@ -64,22 +56,22 @@ def main(argv=None) -> None:
             fast = [new_slice_state(n, n) for _ in weights]
             exact = [new_slice_state(n, n) for _ in weights]
             X = torch.randn(n, n, generator=gen)
-            exact_per_refresh.clear()
             worst_r = worst_s = seconds = 0.0
             envelopes = []
-            for _ in range(6):
-                start = time.perf_counter()
-                refresh_slices_(weights, fast, configs, method="randomized", options=options)
-                seconds += time.perf_counter() - start
-                refresh_slices_(weights, exact, configs, method="exact")
-                for f, e in zip(fast, exact):
-                    Rf = reference.apply_reweighting(X, *operator_of(f))
-                    Re = reference.apply_reweighting(X, *operator_of(e))
-                    worst_r = max(worst_r, float((Rf - Re).norm() / Re.norm()))
-                    se = float(e["sigma_next"])
-                    worst_s = max(worst_s, abs(float(f["sigma_next"]) - se) / se)
-                envelopes.append(int(exact[0]["sigma"].shape[0]))
-                weights = drifted(weights, 3e-3, gen)
+            with exact_fallbacks() as exact_per_refresh:  # (one count per fast refresh: the exact ones are not sketched)
+                for _ in range(6):
+                    start = time.perf_counter()
+                    refresh_slices_(weights, fast, configs, method="randomized", options=options)
+                    seconds += time.perf_counter() - start
+                    refresh_slices_(weights, exact, configs, method="exact")
+                    for f, e in zip(fast, exact):
+                        Rf = reference.apply_reweighting(X, *operator_of(f))
+                        Re = reference.apply_reweighting(X, *operator_of(e))
+                        worst_r = max(worst_r, float((Rf - Re).norm() / Re.norm()))
+                        se = float(e["sigma_next"])
+                        worst_s = max(worst_s, abs(float(f["sigma_next"]) - se) / se)
+                    envelopes.append(int(exact[0]["sigma"].shape[0]))
+                    weights = drifted(weights, 3e-3, gen)
             print(f"{kind} | sigma_(r+{below + 1}) | {exact_per_refresh} | {envelopes} | {worst_r:.2e} | "
                   f"{worst_s:.2e} | {seconds:.1f}", flush=True)
 
