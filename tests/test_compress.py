@@ -187,3 +187,63 @@ def test_compressed_model_trains_and_keeps_bf16():
     assert small.fc1.up.dtype == torch.bfloat16
     small(torch.randn(2, 5, 24, dtype=torch.bfloat16)).float().sum().backward()
     assert small.attn.qkv.blocks[0].up.grad is not None
+
+
+def test_a_module_shared_by_two_parents_is_replaced_under_both():
+    torch.manual_seed(0)
+    shared = nn.Linear(32, 32)
+    model = nn.Module()
+    model.a, model.b = shared, shared  # (ALBERT-style sharing)
+    x = torch.randn(4, 32)
+
+    def forward(m):
+        return m.b(torch.relu(m.a(x)))
+
+    twin = truncate_weights_(copy.deepcopy(model), ["a"], rank=4)
+    small, report = compress(model, ["a"], rank=4)
+    assert isinstance(small.a, LowRankLinear) and small.b is small.a
+    torch.testing.assert_close(forward(small), forward(twin), rtol=1e-5, atol=1e-6)
+    assert count_parameters(small) == 4 * 64 + 32
+
+
+def test_tied_weights_of_two_modules_are_refused_before_any_change():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    model[2].weight = model[0].weight
+    with pytest.raises(ValueError, match=r"also the weight of \['2'\] \(tied weights\)"):
+        compress(model, ["0"], rank=4)
+    assert isinstance(model[0], nn.Linear) and model[2].weight is model[0].weight
+
+
+def test_multihead_attention_out_proj_is_refused():
+    mha = nn.Module()
+    mha.attn = nn.MultiheadAttention(16, 2)
+    with pytest.raises(TypeError, match="MultiheadAttention"):
+        compress(mha, ["attn.out_proj"], rank=4)
+    assert isinstance(mha.attn.out_proj, nn.Linear)
+
+
+def test_a_bad_target_late_in_the_list_leaves_the_model_untouched():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Embedding(20, 16))
+    targets = q3r.find_targets(model, ["0", "1"], target_rank=4)
+    with pytest.raises(TypeError, match="Embedding"):
+        compress(model, targets, rank=4)
+    assert isinstance(model[0], nn.Linear)
+
+
+def test_patterns_with_a_rank_or_fraction_are_not_held_to_the_default_target_rank():
+    """A 64 -> 4 head has no rank at the default target_rank 0.2, but the caller gave its own."""
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    for kwargs, ranks in ((dict(rank=2), [2, 2]), (dict(fraction=0.5), [10, 1]), (dict(fraction=1.0), [None, None])):
+        _, report = compress(model, ["0", "2"], copy=True, **kwargs)
+        assert [s.rank for s in report.slices] == ranks, kwargs
+    with pytest.raises(ValueError, match=r"fraction=0\.01 keeps no rank"):
+        compress(model, ["0", "2"], fraction=0.01)
+
+
+def test_a_frozen_layer_stays_frozen():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 8))
+    model[0].requires_grad_(False)
+    small, _ = compress(model, ["0", "1"], rank=4)
+    assert [p.requires_grad for p in small[0].parameters()] == [False] * 3
+    assert all(p.requires_grad for p in small[1].parameters())

@@ -32,3 +32,12 @@ def test_cli_demo_writes_json(tmp_path):
 def test_cli_rejects_unknown_command():
     with pytest.raises(SystemExit):
         cli.main(["frobnicate"])
+
+
+@pytest.mark.parametrize("option, message", [(["--target-rank", "5"], "target_rank"), (["--lmbda", "-1"], "lmbda")])
+def test_cli_demo_refuses_bad_options_before_training(option, message, capsys, monkeypatch):
+    import q3r.demo
+
+    monkeypatch.setattr(q3r.demo, "train", lambda *a, **k: pytest.fail("trained before checking its options"))
+    assert cli.main(["demo", *option]) == 2
+    assert message in capsys.readouterr().err

@@ -115,8 +115,14 @@ def test_bad_optimizer_hyperparameters():
 
 def test_bad_target_selection():
     model = TinyViT()
-    with pytest.raises(ValueError, match="matched no module"):
-        q3r.find_targets(model, ["does.not.exist"])
+    with pytest.raises(ValueError, match=r"\['does.not.exist'\] match no module"):
+        q3r.find_targets(model, ["mlp.fc1", "does.not.exist"])  # a typo is not passed over
+    with pytest.raises(ValueError, match="matched no module with a 2-D weight"):
+        q3r.find_targets(model, ["blocks.0.attn"])  # a module, but without a weight
+    with pytest.raises(ValueError, match=r"rank_overrides patterns \['mlp.fc_1'\] match none"):
+        q3r.find_targets(model, ["mlp.fc1"], rank_overrides={"mlp.fc_1": 2})
+    with pytest.raises(ValueError, match=r"slices patterns \['fc2'\] match none"):
+        q3r.find_targets(model, ["mlp.fc1"], slices={"fc2": (0, [(0, 8)])})
     with pytest.raises(ValueError, match="overlap"):
         q3r.find_targets(model, ["blocks.0.mlp.fc1"], slices={"fc1": (0, [(0, 30), (20, 48)])})
     with pytest.raises(ValueError, match="target_rank"):
@@ -190,3 +196,19 @@ def test_add_reweighting_checks_every_block_before_it_changes_any():
         with pytest.raises(ValueError, match=match):
             ops.add_reweighting_(outs, weights, [good, good, bad], 1.0)
         assert all(not o.any() for o in outs)
+
+
+def test_a_parametrized_weight_is_refused():
+    model = torch.nn.Sequential(torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(16, 16)))
+    with pytest.raises(TypeError, match="not a parameter but computed"):
+        q3r.find_targets(model, ["0"], target_rank=4)
+
+
+def test_gpt2_cross_attention_c_attn_is_not_cut_into_q_k_v():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=48, n_layer=1, n_head=2, add_cross_attention=True, vocab_size=50)
+    model = transformers.GPT2LMHeadModel(config)
+    targets = {t.name: t for t in q3r.find_targets(model, ["c_attn"], target_rank=4)}
+    assert targets["transformer.h.0.attn.c_attn.weight"].slices == [(0, 48), (48, 96), (96, 144)]
+    cross = targets["transformer.h.0.crossattention.c_attn.weight"]  # K and V only, (48, 96)
+    assert tuple(cross.param.shape) == (48, 96) and cross.slices is None

@@ -126,6 +126,20 @@ _IEEE = ("ieee",) * len(_MATMUL_BACKENDS) if _new_api() else "highest"
 
 @contextlib.contextmanager
 def refresh_precision() -> Iterator[None]:
-    """Autocast off and IEEE fp32 matmuls, for a refresh (see the module docstring)."""
-    with no_autocast(), ieee_fp32_matmul():
+    """Autocast off and IEEE fp32 matmuls, for a refresh (see the module docstring), and
+    outside inference mode (normal_tensors)."""
+    with no_autocast(), ieee_fp32_matmul(), normal_tensors():
+        yield
+
+
+@contextlib.contextmanager
+def normal_tensors() -> Iterator[None]:
+    """Tensors made inside are normal ones even where the caller runs in inference_mode:
+    factors a refresh made there (a penalty() logged in an eval loop) would be inference
+    tensors, which autograd refuses at the next training step.  Gradient mode off, as a
+    refresh runs (inference_mode(False) alone turns it on)."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():
         yield

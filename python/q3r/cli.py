@@ -8,9 +8,14 @@ import sys
 
 
 def _demo(args) -> int:
-    from .demo import DemoConfig, run_demo
+    from .demo import DemoConfig, check_config, run_demo
 
     cfg = DemoConfig(epochs=args.epochs, lmbda=args.lmbda, target_rank=args.target_rank, seed=args.seed)
+    try:
+        check_config(cfg)
+    except (ValueError, TypeError) as err:
+        print(f"q3r demo: error: {err}", file=sys.stderr)
+        return 2
     result = run_demo(cfg)
     if args.json:
         with open(args.json, "w") as f:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy as copy_module
 import json
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._precision import autocast_off
-from .targets import Target, find_targets, slice_shapes, slice_views, validate_slices
+from .targets import Target, _find_targets, slice_shapes, slice_views, validate_slices
 
 __all__ = [
     "LowRankLinear",
@@ -246,7 +247,12 @@ def _slice_ranks(t: Target, fraction, rank, rank_rule: str) -> list[int | None]:
             raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
         if fraction == 1.0:
             return [None] * len(shapes)
-        return [reference.resolve_rank(float(fraction), d1, d2, "params", t.name) for d1, d2 in shapes]
+        ranks = [math.floor(fraction * d1 * d2 / (d1 + d2)) for d1, d2 in shapes]  # (resolve_rank's rule)
+        for r, (d1, d2) in zip(ranks, shapes):
+            if r < 1:
+                raise ValueError(f"fraction={fraction!r} keeps no rank of the {d1}x{d2} slice of {t.name} "
+                                 f"(floor(f d1 d2 / (d1 + d2)) = {r}); use a larger fraction or rank=")
+        return ranks  # (below min(d1, d2) for any f < 1)
     if rank is not None:
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise TypeError(f"rank must be an int, got {rank!r}")
@@ -263,9 +269,36 @@ def _linear_view(module: nn.Module, t: Target):
     W = module.weight.detach()
     if _is_conv1d(module):
         return W.T, 1 - t.slice_dim
-    if not isinstance(module, nn.Linear):
-        raise TypeError(f"compress handles nn.Linear and HF Conv1D targets; {t.name} belongs to a {type(module).__name__}")
     return W, t.slice_dim
+
+
+def _module_names(model: nn.Module, t: Target) -> list[str]:
+    """Every name under which the target's module is registered in ``model`` (a module shared
+    by two parents is replaced under both), after checking that compress can replace it:
+    an nn.Linear or HF Conv1D whose weight no other module uses and whose owner does not read
+    the weight itself.  Raises before anything changes."""
+    name = _module_name(t)
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"target {t.name}: the model has no module {name!r}") from None
+    if not (_is_conv1d(module) or isinstance(module, nn.Linear)):
+        raise TypeError(f"compress handles nn.Linear and HF Conv1D targets; {t.name} belongs to a {type(module).__name__}")
+    names, tied = [], []
+    for other_name, other in model.named_modules(remove_duplicate=False):
+        if other is module:
+            names.append(other_name)
+        elif any(q is module.weight for q in other._parameters.values()):
+            tied.append(other_name)
+    if tied:
+        raise ValueError(f"the weight of target {t.name} is also the weight of {tied} (tied weights): factoring one "
+                         "use would leave the others dense; untie them first or leave the target out")
+    for owner_name in names:
+        owner = model.get_submodule(owner_name.rpartition(".")[0]) if "." in owner_name else model
+        if isinstance(owner, nn.MultiheadAttention):  # (it reads out_proj.weight directly)
+            raise TypeError(f"target {t.name} is the out_proj of an nn.MultiheadAttention, which reads its weight "
+                            "directly: compress cannot replace it by factors")
+    return names
 
 
 def _factored_module(module: nn.Module, t: Target, ranks: list[int]) -> nn.Module:
@@ -286,13 +319,18 @@ def _factored_module(module: nn.Module, t: Target, ranks: list[int]) -> nn.Modul
                 block.weight.data.copy_(part)
     if bias is not None:
         new.bias.data.copy_(bias.detach())
+        new.bias.requires_grad_(bias.requires_grad)
+    for factor in new.parameters():  # (a frozen layer stays frozen; its bias was set just above)
+        if factor is not getattr(new, "bias", None):
+            factor.requires_grad_(module.weight.requires_grad)
     new.train(module.training)
     return new
 
 
-def _resolve_targets(model: nn.Module, targets) -> list[Target]:
+def _resolve_targets(model: nn.Module, targets, fraction=None, rank=None) -> list[Target]:
     if isinstance(targets, (str, list, tuple)) and all(isinstance(t, str) for t in ([targets] if isinstance(targets, str) else targets)):
-        return find_targets(model, targets, fused="auto")
+        # the ranks come from fraction / rank when given (checked by _slice_ranks), not from a default
+        return _find_targets(model, targets, (), 0.2, None, "auto", None, check_ranks=fraction is None and rank is None)
     targets = list(targets)
     if not all(isinstance(t, Target) for t in targets):
         raise TypeError("targets must be a list of q3r.Target (see q3r.find_targets) or module-name patterns")
@@ -320,20 +358,22 @@ def compress(model: nn.Module, targets, *, fraction=None, rank=None, rank_rule: 
     """
     if fraction is not None and rank is not None:
         raise ValueError(f"give fraction or rank, not both (got fraction={fraction!r}, rank={rank!r})")
-    targets = _resolve_targets(model, targets)
-    plans = [(t, _module_name(t), _slice_ranks(t, fraction, rank, rank_rule)) for t in targets]  # validate first
+    targets = _resolve_targets(model, targets, fraction, rank)
+    # everything is checked before the first module is replaced (SPEC section 5)
+    plans = [(t, _module_names(model, t), _slice_ranks(t, fraction, rank, rank_rule)) for t in targets]
     report = CompressionReport(model_params_before=count_parameters(model))
     if copy:
         model = copy_module.deepcopy(model)
-    for t, mod_name, ranks in plans:
-        module = model.get_submodule(mod_name)
+    for t, mod_names, ranks in plans:
+        module = model.get_submodule(mod_names[0])
         for name, (d1, d2), r in zip(t.slice_names(), slice_shapes(t.param.shape, t.slice_dim, t.slices), ranks):
             report.slices.append(SliceRecord(name, (d1, d2), r, d1 * d2, d1 * d2 if r is None else r * (d1 + d2)))
         if all(r is None for r in ranks):
             continue
-        parent_name, _, child = mod_name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _factored_module(module, t, ranks))
+        new = _factored_module(module, t, ranks)
+        for mod_name in mod_names:  # one factored module wherever the module was (still shared)
+            parent_name, _, child = mod_name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     report.model_params_after = count_parameters(model)
     return model, report
 
@@ -345,7 +385,7 @@ def truncate_weights_(model: nn.Module, targets, *, fraction=None, rank=None, ra
     Keeps the architecture (and parameter count); the outputs equal those of the compressed
     model, which is what the tests check. Targets are looked up in ``model`` by name.
     """
-    for t in _resolve_targets(model, targets):
+    for t in _resolve_targets(model, targets, fraction, rank):
         ranks = _slice_ranks(t, fraction, rank, rank_rule)
         param = model.get_parameter(t.name)  # by name, so targets found on another copy work
         for view, r in zip(slice_views(param, t.slice_dim, t.slices), ranks):

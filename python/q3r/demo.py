@@ -87,6 +87,17 @@ def train(model, optimizer, train_set, cfg: DemoConfig, label: str) -> None:
         bar.set_postfix(loss=f"{loss.item():.3f}")
 
 
+def adamq3r_for(model: torch.nn.Module, cfg: DemoConfig) -> AdamQ3R:
+    """The demo's AdamQ3R for ``model`` (raises ValueError naming a bad option)."""
+    targets = find_targets(model, HIDDEN, target_rank=cfg.target_rank)
+    return AdamQ3R(param_groups(model, targets, weight_decay=0.01, lmbda=cfg.lmbda, steps=cfg.steps), lr=cfg.lr)
+
+
+def check_config(cfg: DemoConfig) -> None:
+    """Raise ValueError for options the demo's optimizer refuses, before anything runs."""
+    adamq3r_for(make_mlp(cfg.width), cfg)
+
+
 def run_demo(cfg: DemoConfig | None = None) -> dict:
     """Train both models, truncate, and return {"rows": [...], ...}; prints the table."""
     cfg = cfg or DemoConfig()
@@ -95,13 +106,11 @@ def run_demo(cfg: DemoConfig | None = None) -> dict:
     base = make_mlp(cfg.width)
     started = time.perf_counter()
 
+    lowrank = copy.deepcopy(base)
+    q3r_optimizer = adamq3r_for(lowrank, cfg)  # first: a bad option fails before any training
     dense = copy.deepcopy(base)
     train(dense, torch.optim.AdamW(dense.parameters(), lr=cfg.lr, weight_decay=0.01), train_set, cfg, "AdamW  ")
-
-    lowrank = copy.deepcopy(base)
-    targets = find_targets(lowrank, HIDDEN, target_rank=cfg.target_rank)
-    groups = param_groups(lowrank, targets, weight_decay=0.01, lmbda=cfg.lmbda, steps=cfg.steps)
-    train(lowrank, AdamQ3R(groups, lr=cfg.lr), train_set, cfg, "AdamQ3R")
+    train(lowrank, q3r_optimizer, train_set, cfg, "AdamQ3R")
 
     rows = []
     for fraction in FRACTIONS:

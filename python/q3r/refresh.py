@@ -310,16 +310,21 @@ def _refresh_slices(weights, states, configs, method: str, warned: set | None, o
 
 
 class _Once:
-    """A callback run at most once (None: nothing to run); ``ran``: whether it has run."""
+    """A callback run at most once (None: nothing to run); ``ran``: whether it has run (or
+    started to), ``failed``: whether it raised."""
 
     def __init__(self, fn: Callable[[], None] | None):
-        self.fn, self.ran = fn, False
+        self.fn, self.ran, self.failed = fn, False, False
 
     def __call__(self) -> None:
         fn, self.fn = self.fn, None
         if fn is not None:
             self.ran = True
-            fn()
+            try:
+                fn()
+            except BaseException:
+                self.failed = True
+                raise
 
 
 def refresh_around(refresh: Callable[[Callable[[], None]], None], early: Callable[[], None] | None,
@@ -333,7 +338,7 @@ def refresh_around(refresh: Callable[[Callable[[], None]], None], early: Callabl
     try:
         refresh(once)
     except Exception as error:
-        if once.ran:
+        if once.ran and not once.failed:  # (an error of ``early`` itself is raised as it is)
             raise RuntimeError(f"{partial}; do not repeat this step as it stands") from error
         raise
     once()

@@ -26,7 +26,8 @@ from . import distributed
 from ._precision import autocast_off
 from .config import Q3R_DEFAULTS, slice_configs, validate_q3r_options
 from .diagnostics import slice_diagnostics
-from .refresh import new_slice_state, operator_of, refresh_around, sketch_options, tail_mismatch, upgrade_state
+from ._state_check import slice_state_problem
+from .refresh import new_slice_state, operator_of, refresh_around, sketch_options, upgrade_state
 from .stagger import due_for_refresh, target_phases
 from .targets import Target, slice_shapes, slice_views
 
@@ -185,12 +186,41 @@ class Q3R:
         ops.add_reweighting_(grads, weights, factors, 2.0 * self.lmbda)
 
     def attach(self, optimizer: torch.optim.Optimizer):
-        """Make ``optimizer.step()`` call :meth:`add_grad_` first. Returns the hook handle."""
+        """Make ``optimizer.step()`` call :meth:`add_grad_` first. Returns the hook handle.
+
+        ``optimizer.step(closure)`` (LBFGS, closure loops): the step counts once and refreshes
+        when due before the closure runs, and 2 lambda R(W) is added to the gradients after
+        each evaluation of the closure (which zeroes and recomputes them). The loss it returns
+        is the closure's, without the penalty's value."""
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for t in self.targets:
             if id(t.param) not in owned:
                 raise ValueError(f"Q3R target {t.name} is not among the optimizer's parameters")
-        return optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.add_grad_())
+        return optimizer.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, optimizer, args, kwargs):
+        """attach's step pre-hook: add_grad_ now, or wrap the step's closure (see attach)."""
+        # (args are step's own: the optimizer first, then the closure if passed by position)
+        closure = kwargs["closure"] if "closure" in kwargs else (args[1] if len(args) > 1 else None)
+        if closure is None:
+            self.add_grad_()
+            return None
+        self._begin_step()
+
+        def closure_with_term():
+            loss = closure()
+            self._add_grad_after_closure_()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_with_term}
+        return (args[0], closure_with_term, *args[2:]), kwargs
+
+    @autocast_off
+    @torch.no_grad()
+    def _add_grad_after_closure_(self) -> None:
+        if self.lmbda != 0:
+            self._add_grad_targets_([t for t in self.targets if t.param.grad is not None])
 
     # ------------------------------------------------------------- inspection
     def diagnostics(self) -> dict[str, float]:
@@ -227,15 +257,8 @@ class Q3R:
             if len(saved[t.name]) != len(shapes):
                 raise ValueError(f"Q3R state_dict has {len(saved[t.name])} slices for {t.name}, expected {len(shapes)}")
             for s, (d1, d2) in zip(saved[t.name], shapes):
-                k = s["sigma"].shape[0]
-                try:
-                    rows = distributed.factor_rows(t.param, s["U"], d1)
-                except ValueError as err:
-                    raise ValueError(f"Q3R state_dict {t.name}: {err}") from None
-                if tuple(s["U"].shape) != (rows, k) or tuple(s["V"].shape) != (d2, k):
-                    raise ValueError(f"Q3R state_dict factors of {t.name} do not fit its {d1}x{d2} slices")
-                if (why := tail_mismatch(s, d1, d2)) is not None:
-                    raise ValueError(f"Q3R state_dict {t.name}: {why}: it comes from a different model")
+                if (why := slice_state_problem(t.param, s, d1, d2)) is not None:
+                    raise ValueError(f"Q3R state_dict {t.name}: {why}: it comes from a different model or is damaged")
         num_steps = state_dict.get("num_steps")
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
             raise ValueError(f"Q3R state_dict num_steps must be an int >= 0, got {num_steps!r}")

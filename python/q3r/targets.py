@@ -126,7 +126,9 @@ def _auto_fused(parent: nn.Module | None, child_name: str, module: nn.Module):
     if child_name == "qkv" and parent is not None and hasattr(parent, "num_heads") and weight.shape[0] % 3 == 0:
         third = weight.shape[0] // 3
         return 0, [(0, third), (third, 2 * third), (2 * third, 3 * third)], ["q", "k", "v"]
-    if child_name == "c_attn" and type(module).__name__ == "Conv1D" and weight.shape[1] % 3 == 0:
+    # (a cross-attention c_attn holds K and V only: (d, 2d), which may also divide by 3)
+    if (child_name == "c_attn" and type(module).__name__ == "Conv1D" and weight.shape[1] % 3 == 0
+            and not getattr(parent, "is_cross_attention", False)):
         third = weight.shape[1] // 3
         return 1, [(0, third), (third, 2 * third), (2 * third, 3 * third)], ["q", "k", "v"]
     return None
@@ -149,7 +151,16 @@ def find_targets(
     rank_overrides: {pattern: rank spec}, first matching pattern wins over target_rank.
     fused: "auto" slices timm ``qkv`` and GPT-2 ``c_attn`` into Q, K, V; "none" never slices.
     slices: {module pattern: (slice_dim, [(start, stop), ...])} for anything else; wins over auto.
+    A pattern of include, rank_overrides or slices that matches nothing is an error (a typo
+    would leave a layer silently unregularized).  The weights must be parameters (nn.Parameter):
+    a parametrized module's computed weight cannot be trained against.
     """
+    return _find_targets(model, include, exclude, target_rank, rank_overrides, fused, slices, check_ranks=True)
+
+
+def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, slices, check_ranks: bool) -> list[Target]:
+    """find_targets; ``check_ranks=False`` leaves the ranks to the caller (compress, given its
+    own fraction or rank)."""
     if fused not in ("auto", "none"):
         raise ValueError(f"fused must be 'auto' or 'none', got {fused!r}")
     include = [include] if isinstance(include, str) else list(include)
@@ -157,6 +168,9 @@ def find_targets(
     rank_overrides = dict(rank_overrides or {})
     slices = dict(slices or {})
     parents = {name: mod for name, mod in model.named_modules()}
+    unmatched = [p for p in include if not any(_matches(p, name) for name in parents if name)]
+    if unmatched:
+        raise ValueError(f"include patterns {unmatched!r} match no module of the model")
     targets, used = [], set()
     for name, module in model.named_modules():
         if not name or not any(_matches(p, name) for p in include) or any(_matches(p, name) for p in exclude):
@@ -164,6 +178,12 @@ def find_targets(
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor):
             continue
+        if not isinstance(weight, nn.Parameter):
+            raise TypeError(
+                f"target {name}.weight is not a parameter but computed ({type(weight).__name__}, e.g. by "
+                "torch.nn.utils.parametrize or weight_norm): Q3R regularizes parameters; target the "
+                "parameters it is computed from, or remove the parametrization"
+            )
         if weight.dim() != 2:
             raise ValueError(
                 f"target {name}.weight has shape {tuple(weight.shape)}; only 2-D weights can be targets "
@@ -184,10 +204,16 @@ def find_targets(
             slice_dim, cuts = 0, None
         pname = f"{name}.weight"
         cuts = validate_slices(weight.shape, slice_dim, cuts, pname)
-        resolve_slice_ranks(weight.shape, slice_dim, cuts, rank, "params", pname)
+        if check_ranks:
+            resolve_slice_ranks(weight.shape, slice_dim, cuts, rank, "params", pname)
         targets.append(Target(pname, weight, slice_dim, cuts, rank, labels))
     if not targets:
         raise ValueError(f"include patterns {include!r} matched no module with a 2-D weight")
+    chosen = [t.name[: -len(".weight")] for t in targets]
+    for option, patterns in (("rank_overrides", rank_overrides), ("slices", slices)):
+        idle = [p for p in patterns if not any(_matches(p, name) for name in chosen)]
+        if idle:
+            raise ValueError(f"{option} patterns {idle!r} match none of the targets {chosen}")
     return targets
 
 

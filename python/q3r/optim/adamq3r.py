@@ -12,7 +12,8 @@ from .. import distributed
 from .._precision import no_autocast
 from ..config import Q3R_DEFAULTS, default_names, slice_configs, validate_q3r_options
 from ..diagnostics import slice_diagnostics
-from ..refresh import _Once, new_slice_state, refresh_around, sketch_options, tail_mismatch, upgrade_state
+from .._state_check import slice_state_problem
+from ..refresh import _Once, new_slice_state, refresh_around, sketch_options, upgrade_state
 from ..stagger import due_for_refresh, target_phases
 from ..targets import slice_shapes, slice_views
 from .functional import ParamWork, adamq3r_step_
@@ -64,10 +65,7 @@ class AdamQ3R(Optimizer):
         defaults.update(Q3R_DEFAULTS)
         defaults.update(q3r_defaults)
         self._nonfinite_warned: set[str] = set()
-        self._load_stash: dict = {}
         super().__init__(params, defaults)
-        self.register_load_state_dict_pre_hook(AdamQ3R._validate_and_stash_q3r_state)
-        self.register_load_state_dict_post_hook(AdamQ3R._restore_q3r_state)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -76,7 +74,6 @@ class AdamQ3R(Optimizer):
             for key, value in Q3R_DEFAULTS.items():
                 group.setdefault(key, value)
         self.__dict__.setdefault("_nonfinite_warned", set())
-        self.__dict__.setdefault("_load_stash", {})
 
     # ----------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
@@ -84,25 +81,50 @@ class AdamQ3R(Optimizer):
         where = f"AdamQ3R param group {len(self.param_groups)}"
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        merged = {**self.defaults, **param_group}
+        param_group["params"] = params  # (a generator is read once, here)
+        # torch >= 2.6 takes (name, parameter) pairs; its add_param_group splits them below
+        param_names = [q[0] for q in params] if params and all(isinstance(q, tuple) for q in params) else None
+        params = [q[1] for q in params] if param_names is not None else params
+        merged = {**self.defaults, **param_group, "params": params}
+        if param_names is not None:
+            merged["param_names"] = param_names
         _check_hyperparameters(merged, where)
         if merged.get("q3r"):
             validate_q3r_options(merged, where)
+            names = []
             for p in params:
-                slice_configs(p.shape, merged, self._names(merged, params, p, where))
+                p_names = self._names(merged, params, p, where)
+                slice_configs(p.shape, merged, p_names)
                 distributed.check_sharding(p, where)
+                names += p_names
+            self._check_names(merged, names, where)
         if isinstance(param_group.get("refresh_options"), dict):  # a copy: the caller's dict may change later
             param_group["refresh_options"] = dict(param_group["refresh_options"])
         super().add_param_group(param_group)
 
     @staticmethod
     def _names(group: dict, params, p, where: str) -> list[str]:
-        """Slice names of parameter p: from the group's ``names`` (flat, per slice) or made up."""
+        """Slice names of parameter p: from the group's ``names`` (flat, per slice), else from
+        its parameter name (groups of (name, parameter) pairs), else made up."""
         index = next(i for i, q in enumerate(params) if q is p)
         n_slices = len(slice_shapes(p.shape, group["slice_dim"], group["slices"])) if p.dim() == 2 else 1
         if group.get("names"):
             return list(group["names"][index * n_slices : (index + 1) * n_slices])
+        if group.get("param_names"):
+            return default_names(group["param_names"][index], group["slices"])
         return default_names(f"{where} param {index}", group["slices"])
+
+    def _check_names(self, group: dict, names: list[str], where: str) -> None:
+        """A new Q3R group's slice names: one per slice when given, none taken twice in the
+        optimizer (diagnostics and warnings are keyed by them)."""
+        given = group.get("names")
+        if given and len(given) != len(names):
+            raise ValueError(f"{where}: names must give one name per slice ({len(names)} slices), got {len(given)}")
+        taken = {name for gi, g in enumerate(self.param_groups) if g["q3r"] for q in g["params"]
+                 for name in self._names(g, g["params"], q, f"AdamQ3R param group {gi}")}
+        clash = sorted({n for n in names if n in taken or names.count(n) > 1})
+        if clash:
+            raise ValueError(f"{where}: slice names {clash} are used twice; give each slice its own name")
 
     def _group_configs(self, group: dict, p):
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
@@ -115,10 +137,21 @@ class AdamQ3R(Optimizer):
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if group["q3r"]:
-            shapes = slice_shapes(p.shape, group["slice_dim"], group["slices"])
-            state["q3r"] = [new_slice_state(d1, d2, p.device) for d1, d2 in shapes]
         return state
+
+    def _new_q3r_state(self, p, group: dict, state: dict) -> bool:
+        """Create p's slice states where it has none (its first step; or its group was turned
+        to ``q3r=True`` after steps without, or its Adam state was loaded from torch's Adam /
+        AdamW); returns whether it did: such a target is refreshed at once, not left with the
+        identity operator until the period comes round."""
+        if "q3r" in state:
+            return False
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        validate_q3r_options(group, f"AdamQ3R param group {index}")  # (a group switched on later was not checked)
+        self._group_configs(group, p)
+        shapes = slice_shapes(p.shape, group["slice_dim"], group["slices"])
+        state["q3r"] = [new_slice_state(d1, d2, p.device) for d1, d2 in shapes]
+        return True
 
     def refresh(self, due: list[tuple[torch.Tensor, dict]], before_wait: Callable[[], None] | None = None) -> None:
         """Refresh the factors of the given (parameter, group) pairs from their current weights.
@@ -204,7 +237,7 @@ class AdamQ3R(Optimizer):
                     group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
                 )
                 if group["q3r"]:
-                    if self._refresh_due(p, group, int(state["step"])):
+                    if self._new_q3r_state(p, group, state) or self._refresh_due(p, group, int(state["step"])):
                         due.append((p, group))
                     work.lmbda, work.slice_dim, work.slices = group["lmbda"], group["slice_dim"], group["slices"]
                     q3r_works.append((work, state))
@@ -256,46 +289,81 @@ class AdamQ3R(Optimizer):
                         out[f"{cfg.name}/{key}"] = value
         return out
 
-    # -------------------------------------------------------------- load hooks
-    def _validate_and_stash_q3r_state(self, state_dict: dict) -> dict:
-        """Reject a state dict from another model before anything changes, and keep the
-        float32 factors out of torch's cast-to-param-dtype on load."""
+    # ------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load_state_dict, after checks that refuse a state dict from another model,
+        or a damaged one, before anything changes, and with the float32 factors kept out of
+        torch's cast of the state to the parameters' dtype.
+
+        A state dict of ``torch.optim.Adam`` / ``AdamW`` (same groups and parameters) loads
+        too: its groups keep this optimizer's Q3R options, the Adam moments carry over, and
+        each target is refreshed at its next step.  (A method, not load hooks: hooks are not
+        kept by copy.deepcopy or pickling of an optimizer.)"""
+        state_dict, stash = self._checked_for_load(state_dict)
+        super().load_state_dict(state_dict)
+        for p, slices, shapes in stash:
+            self.state[p]["q3r"] = [
+                upgrade_state({key: value.detach().clone().to(device=p.device) for key, value in s.items()}, d1, d2)
+                for s, (d1, d2) in zip(slices, shapes)
+            ]
+
+    def _checked_for_load(self, state_dict: dict) -> tuple[dict, list]:
+        """(the state dict to hand to torch's load: groups of torch's Adam / AdamW given this
+        optimizer's Q3R options, the Q3R states taken out; [(param, slice states, slice shapes)]
+        to put back after it), or a ValueError before anything changes."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"state_dict has {len(saved_groups)} param groups but this optimizer has "
                 f"{len(self.param_groups)}: it comes from a different model or optimizer"
             )
-        mapping = {}
+        groups, mapping = [], {}
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
                     f"state_dict param group {gi} has {len(saved['params'])} parameters, this optimizer's has "
                     f"{len(group['params'])}: it comes from a different model or optimizer"
                 )
+            if "q3r" not in saved:  # torch.optim.Adam / AdamW
+                saved = self._adopted_group(saved, group, f"state_dict param group {gi}")
+            groups.append(saved)
             merged = {**self.defaults, **saved}
+            _check_hyperparameters(merged, f"state_dict param group {gi}")
             for pid, p in zip(saved["params"], group["params"]):
                 mapping[pid] = (p, merged)
                 self._check_saved_param_state(state_dict["state"].get(pid), p, merged, f"group {gi}")
-        stash, new_state = {}, {}
+        stash, new_state = [], {}
         for pid, st in state_dict["state"].items():
             if isinstance(st, dict) and "q3r" in st:
                 st = dict(st)
                 p, merged = mapping[pid]
-                shapes = slice_shapes(p.shape, merged["slice_dim"], merged["slices"])
-                stash[pid] = (p, st.pop("q3r"), shapes)
+                stash.append((p, st.pop("q3r"), slice_shapes(p.shape, merged["slice_dim"], merged["slices"])))
             new_state[pid] = st
-        self._load_stash = stash
-        return {**state_dict, "state": new_state}
+        return {**state_dict, "param_groups": groups, "state": new_state}, stash
+
+    @staticmethod
+    def _adopted_group(saved: dict, group: dict, where: str) -> dict:
+        """A saved group of torch's Adam / AdamW with this group's Q3R options, where its
+        update is the one AdamQ3R makes (no amsgrad, no maximize, decoupled weight decay)."""
+        for flag in ("amsgrad", "maximize"):
+            if saved.get(flag):
+                raise ValueError(f"{where}: saved with {flag}=True, which AdamQ3R does not have")
+        if saved.get("weight_decay") and saved.get("decoupled_weight_decay") is False:
+            raise ValueError(f"{where}: saved by torch.optim.Adam with weight_decay={saved['weight_decay']} (L2, "
+                             "added to the gradient); AdamQ3R's weight decay is decoupled, as AdamW's")
+        return {**{key: group[key] for key in ("q3r", *Q3R_DEFAULTS)}, **saved}
 
     @staticmethod
     def _check_saved_param_state(st, p, group: dict, where: str) -> None:
         if st is None:
             return
+        if not isinstance(st, dict):
+            raise ValueError(f"state_dict {where}: a parameter's state must be a dict, got {type(st).__name__}")
         for key in ("exp_avg", "exp_avg_sq"):
-            if key in st and tuple(st[key].shape) != tuple(p.shape):
+            if key in st and (not isinstance(st[key], torch.Tensor) or tuple(st[key].shape) != tuple(p.shape)):
+                got = tuple(st[key].shape) if isinstance(st[key], torch.Tensor) else type(st[key]).__name__
                 raise ValueError(
-                    f"state_dict {where}: {key} has shape {tuple(st[key].shape)} but the parameter has "
+                    f"state_dict {where}: {key} is {got} but the parameter has shape "
                     f"{tuple(p.shape)}: it comes from a different model"
                 )
         if not group.get("q3r"):
@@ -305,26 +373,10 @@ class AdamQ3R(Optimizer):
         validate_q3r_options(group, f"state_dict {where}")
         shapes = slice_shapes(p.shape, group["slice_dim"], group["slices"])
         slices = st.get("q3r", [])
+        if not isinstance(slices, (list, tuple)):
+            raise ValueError(f"state_dict {where}: the Q3R state must be a list of slice states, got {type(slices).__name__}")
         if "q3r" in st and len(slices) != len(shapes):
             raise ValueError(f"state_dict {where}: {len(slices)} Q3R slice states for {len(shapes)} slices")
         for s, (d1, d2) in zip(slices, shapes):
-            k = s["sigma"].shape[0]
-            try:
-                rows = distributed.factor_rows(p, s["U"], d1)
-            except ValueError as err:
-                raise ValueError(f"state_dict {where}: {err}") from None
-            if tuple(s["U"].shape) != (rows, k) or tuple(s["V"].shape) != (d2, k):
-                raise ValueError(
-                    f"state_dict {where}: factors of shapes U {tuple(s['U'].shape)}, V {tuple(s['V'].shape)} "
-                    f"do not fit a {d1}x{d2} slice: it comes from a different model"
-                )
-            if (why := tail_mismatch(s, d1, d2)) is not None:
-                raise ValueError(f"state_dict {where}: {why}: it comes from a different model")
-
-    def _restore_q3r_state(self) -> None:
-        for p, slices, shapes in self._load_stash.values():
-            self.state[p]["q3r"] = [
-                upgrade_state({key: value.detach().clone().to(device=p.device) for key, value in s.items()}, d1, d2)
-                for s, (d1, d2) in zip(slices, shapes)
-            ]
-        self._load_stash = {}
+            if (why := slice_state_problem(p, s, d1, d2)) is not None:
+                raise ValueError(f"state_dict {where}: {why}: it comes from a different model or is damaged")

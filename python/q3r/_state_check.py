@@ -1,0 +1,40 @@
+"""Checks of a slice state loaded from a checkpoint (AdamQ3R and Q3R ``load_state_dict``),
+made before anything changes (SPEC section 5): a damaged or foreign state must be refused
+with a ValueError, not accepted now and fail in the middle of a later step."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import distributed
+from .refresh import tail_mismatch
+
+# every key of refresh.new_slice_state but the warm-start tail (optional: see upgrade_state),
+# with the number of dims it must have
+_REQUIRED_DIMS = {"U": 2, "V": 2, "sigma": 1, "eps": 0, "eps0": 0, "sigma_next": 0, "tail_energy": 0, "refreshes": 0}
+
+
+def slice_state_problem(p, s, d1: int, d2: int) -> str | None:
+    """Why ``s`` is not a usable state of a d1 x d2 slice of parameter p (None: it is)."""
+    if not isinstance(s, dict):
+        return f"a slice state must be a dict of tensors, got {type(s).__name__}"
+    for key, dims in _REQUIRED_DIMS.items():
+        t = s.get(key)
+        if t is None:
+            return f"slice state lacks {key!r} (keys: {sorted(s)})"
+        if not isinstance(t, Tensor):
+            return f"slice state {key!r} must be a tensor, got {type(t).__name__}"
+        if t.dim() != dims:
+            return f"slice state {key!r} must have {dims} dims, got shape {tuple(t.shape)}"
+        if (key == "refreshes") == t.is_floating_point() or t.is_complex():
+            kind = "an integer" if key == "refreshes" else "a real floating-point"
+            return f"slice state {key!r} must be {kind} tensor, got {t.dtype}"
+    k = s["sigma"].shape[0]
+    try:
+        rows = distributed.factor_rows(p, s["U"], d1)
+    except ValueError as err:
+        return str(err)
+    if tuple(s["U"].shape) != (rows, k) or tuple(s["V"].shape) != (d2, k):
+        return (f"factors of shapes U {tuple(s['U'].shape)}, V {tuple(s['V'].shape)}, sigma ({k},) "
+                f"do not fit a {d1}x{d2} slice")
+    return tail_mismatch(s, d1, d2)

@@ -1,0 +1,298 @@
+"""AdamQ3R and Q3R where training loops differ from the plain one: closures (LBFGS), copied
+optimizers, checkpoints of torch's Adam / AdamW or damaged ones, (name, parameter) groups,
+a group switched to Q3R later, penalties logged under inference_mode, and errors of the
+update itself."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import q3r
+from helpers import TinyViT
+
+
+def _batch(seed, n=6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _loss(model, seed):
+    x, y = _batch(seed)
+    return torch.nn.functional.cross_entropy(model(x.to(next(model.parameters()).dtype)).float(), y)
+
+
+def _targets(model, rank=3):
+    return q3r.find_targets(model, ["attn.qkv", "mlp.fc1"], target_rank=rank)
+
+
+def _saved(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+# ------------------------------------------------------------------ closures
+
+
+def _sgd_run(attach: bool, closure: bool, steps=4):
+    torch.manual_seed(0)
+    model = TinyViT()
+    reg = q3r.Q3R(_targets(model), lmbda=0.5, steps=2, refresh="exact")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if attach:
+        reg.attach(opt)
+    for i in range(steps):
+        def evaluate():
+            opt.zero_grad()
+            loss = _loss(model, i)
+            loss.backward()
+            return loss
+
+        if closure:
+            opt.step(evaluate)
+        else:
+            evaluate()
+            opt.step()
+    return model, reg
+
+
+def test_attach_adds_the_term_after_the_closure_runs():
+    """opt.step(closure) zeroes and recomputes the gradients inside the step: the term must
+    come after the closure, once per step in the count, exactly as without a closure."""
+    plain, reg_plain = _sgd_run(attach=True, closure=False)
+    closed, reg_closed = _sgd_run(attach=True, closure=True)
+    bare, _ = _sgd_run(attach=False, closure=True)
+    for (name, p), q, r in zip(plain.named_parameters(), closed.parameters(), bare.parameters()):
+        assert torch.equal(p, q), name
+    assert reg_closed.num_steps == reg_plain.num_steps == 4
+    assert not torch.equal(closed.blocks[0].mlp.fc1.weight, bare.blocks[0].mlp.fc1.weight)
+
+
+def _lbfgs_run(mode: str):
+    """LBFGS (several closure evaluations per step) with reg.attach, or with the penalty's
+    value added to the closure's loss by hand (autograd then adds 2 lambda R(W): the oracle)."""
+    from q3r import reference
+    from q3r.refresh import operator_of
+    from q3r.targets import slice_views
+
+    torch.manual_seed(0)
+    model = TinyViT()
+    reg = q3r.Q3R(_targets(model), lmbda=0.5, steps=5, refresh="exact")
+    # (no early stop on the loss: the closure's loss leaves the penalty out under attach)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4, tolerance_grad=0, tolerance_change=0)
+    if mode == "attach":
+        reg.attach(opt)
+    else:
+        reg.refresh()
+    calls = []
+
+    def evaluate():
+        opt.zero_grad()
+        loss = _loss(model, 0)
+        if mode == "by hand":
+            for t in reg.targets:
+                for view, s in zip(slice_views(t.param, t.slice_dim, t.slices), reg.state[t.name]):
+                    loss = loss + reg.lmbda * reference.penalty_value(view, *operator_of(s))
+        loss.backward()
+        calls.append(1)
+        return loss
+
+    opt.step(evaluate)
+    return model, reg, len(calls)
+
+
+def test_attach_under_lbfgs_adds_the_term_at_every_evaluation_and_counts_one_step():
+    attached, reg, calls = _lbfgs_run("attach")
+    by_hand, _, _ = _lbfgs_run("by hand")
+    assert reg.num_steps == 1 and calls > 1
+    for (name, p), q in zip(attached.named_parameters(), by_hand.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-4, msg=name)  # (LBFGS amplifies rounding: 7e-6 seen)
+
+
+# ------------------------------------------------------------------ copies and foreign checkpoints
+
+
+def _adamq3r(dtype=torch.float32, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = TinyViT().to(dtype)
+    opt = q3r.AdamQ3R(q3r.param_groups(model, _targets(model), lmbda=0.5, steps=3, **kw), lr=1e-2)
+    return model, opt
+
+
+def _steps(model, opt, steps, start=0):
+    for i in range(start, start + steps):
+        opt.zero_grad()
+        _loss(model, i).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_still_loads_checkpoints_with_its_checks(how):
+    model, opt = _adamq3r(torch.bfloat16)
+    _steps(model, opt, 2)
+    saved = _saved(opt.state_dict())
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    twin.load_state_dict(saved)
+    for p, state in twin.state.items():
+        for s in state.get("q3r", []):  # factors stay fp32 (torch would cast them to bf16)
+            assert s["U"].dtype == torch.float32 and s["refreshes"].dtype == torch.int64
+    bad = _saved(opt.state_dict())
+    pid = next(pid for pid, st in bad["state"].items() if "q3r" in st)
+    bad["state"][pid]["q3r"][0]["U"] = torch.zeros(7, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        twin.load_state_dict(bad)
+
+
+def test_an_adamw_checkpoint_loads_with_q3r_kept_on():
+    torch.manual_seed(0)
+    model = TinyViT()
+    groups = q3r.param_groups(model, _targets(model), weight_decay=0.01, lmbda=0.5, steps=3)
+    plain = torch.optim.AdamW([{k: v for k, v in g.items() if k in ("params", "weight_decay")} for g in groups], lr=1e-2)
+    _steps(model, plain, 3)
+    opt = q3r.AdamQ3R(groups, lr=1e-2)
+    opt.load_state_dict(_saved(plain.state_dict()))
+    assert [g["q3r"] for g in opt.param_groups] == [g.get("q3r", False) for g in groups]
+    W = model.blocks[0].attn.qkv.weight
+    assert torch.equal(opt.state[W]["exp_avg"], plain.state[W]["exp_avg"]) and "q3r" not in opt.state[W]
+    _steps(model, opt, 1, start=3)  # the targets are refreshed at once, not at step 6
+    assert int(opt.state[W]["q3r"][0]["refreshes"]) == 1 and opt.state[W]["q3r"][0]["sigma"].numel() > 0
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in opt.diagnostics().items() if k.endswith("/eps"))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True), "amsgrad"),
+    (lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1), "decoupled"),
+])
+def test_a_checkpoint_of_a_different_update_is_refused(make, message):
+    model, opt = _adamq3r()
+    plain = make([p for g in opt.param_groups for p in g["params"]])
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict({"state": {}, "param_groups": [
+            {**plain.param_groups[0], "params": list(range(len(g["params"])))} for g in opt.param_groups]})
+    assert opt.state_dict()["param_groups"] == before["param_groups"]
+
+
+def _damaged(opt, change):
+    sd = _saved(opt.state_dict())
+    pid = next(pid for pid, st in sd["state"].items() if "q3r" in st)
+    change(sd["state"][pid])
+    return sd
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda st: st["q3r"][0].pop("eps"), "lacks 'eps'"),
+    (lambda st: st["q3r"][0].pop("refreshes"), "lacks 'refreshes'"),
+    (lambda st: st["q3r"][0].update(eps=0.05), "'eps' must be a tensor"),
+    (lambda st: st["q3r"][0].update(eps=torch.ones(1)), "'eps' must have 0 dims"),
+    (lambda st: st["q3r"][0].update(sigma=st["q3r"][0]["sigma"][:, None]), "'sigma' must have 1 dims"),
+    (lambda st: st["q3r"][0].update(refreshes=torch.tensor(1.0)), "must be an integer"),
+    (lambda st: st["q3r"].__setitem__(0, "garbage"), "must be a dict"),
+    (lambda st: st.update(q3r={"U": 1}), "must be a list"),
+    (lambda st: st.update(exp_avg=3.0), "exp_avg is float"),
+])
+def test_a_damaged_checkpoint_is_refused_before_anything_changes(change, message):
+    model, opt = _adamq3r()
+    _steps(model, opt, 2)
+    sd = _damaged(opt, change)
+    opt.param_groups[0]["lr"] = 123.0
+    W = model.blocks[0].mlp.fc1.weight
+    kept = {k: v.clone() for k, v in opt.state[W].items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 123.0
+    assert all(torch.equal(opt.state[W][k], v) for k, v in kept.items()) and "q3r" in opt.state[W]
+    _steps(model, opt, 1, start=2)  # and it trains on
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.pop("eps"), "lacks 'eps'"),
+    (lambda s: s.pop("sigma"), "lacks 'sigma'"),
+    (lambda s: s.update(eps0=float("nan")), "'eps0' must be a tensor"),
+])
+def test_a_damaged_regularizer_checkpoint_is_refused(change, message):
+    torch.manual_seed(0)
+    model = TinyViT()
+    reg = q3r.Q3R(_targets(model), lmbda=0.5, steps=2)
+    reg.penalty()
+    sd = _saved(reg.state_dict())
+    change(next(iter(sd["targets"].values()))[0])
+    before = reg.state_dict()
+    with pytest.raises(ValueError, match=message):
+        reg.load_state_dict(sd)
+    assert reg.num_steps == before["num_steps"] and reg.state_dict()["targets"].keys() == before["targets"].keys()
+
+
+# ------------------------------------------------------------------ groups
+
+
+def test_named_parameter_groups_take_their_names_for_diagnostics():
+    torch.manual_seed(0)
+    model = TinyViT()
+    fc1 = "blocks.0.mlp.fc1.weight"
+    named = dict(model.named_parameters())
+    opt = q3r.AdamQ3R([{"params": [(fc1, named[fc1])], "q3r": True, "target_rank": 3},
+                       {"params": [(n, p) for n, p in named.items() if n != fc1]}], lr=1e-2)
+    _steps(model, opt, 2)
+    assert f"{fc1}/eps" in opt.diagnostics()
+
+
+def test_slice_names_must_be_one_per_slice_and_distinct():
+    model = TinyViT()
+    a, b = model.blocks[0].mlp.fc1.weight, model.blocks[0].mlp.fc2.weight
+    with pytest.raises(ValueError, match=r"slice names \['w'\] are used twice"):
+        q3r.AdamQ3R([{"params": [a], "q3r": True, "target_rank": 3, "names": ["w"]},
+                     {"params": [b], "q3r": True, "target_rank": 3, "names": ["w"]}])
+    with pytest.raises(ValueError, match="one name per slice"):
+        q3r.AdamQ3R([{"params": [a], "q3r": True, "target_rank": 3, "names": ["x", "y", "z"]}])
+
+
+def test_a_group_switched_to_q3r_after_some_steps_is_refreshed_at_once():
+    torch.manual_seed(0)
+    model = TinyViT()
+    W = model.blocks[0].mlp.fc1.weight
+    rest = [p for p in model.parameters() if p is not W]
+    opt = q3r.AdamQ3R([{"params": [W], "target_rank": 3, "steps": 5}, {"params": rest}], lr=1e-2, lmbda=0.5)
+    _steps(model, opt, 2)
+    opt.param_groups[0]["q3r"] = True
+    _steps(model, opt, 1, start=2)
+    assert int(opt.state[W]["q3r"][0]["refreshes"]) == 1 and opt.state[W]["q3r"][0]["sigma"].numel() > 0
+    opt.param_groups[0]["target_rank"] = 500  # checked when the group is switched on, too
+    opt.param_groups[0]["q3r"] = False
+    opt.state[W].pop("q3r")
+    opt.param_groups[0]["q3r"] = True
+    with pytest.raises(ValueError, match="target_rank"):
+        _steps(model, opt, 1, start=3)
+
+
+# ------------------------------------------------------------------ modes and errors
+
+
+def test_a_penalty_logged_under_inference_mode_leaves_trainable_factors():
+    torch.manual_seed(0)
+    model = TinyViT()
+    reg = q3r.Q3R(_targets(model), lmbda=0.5, steps=2)
+    with torch.inference_mode():
+        logged = reg.penalty()  # counts a step and refreshes: the factors must be normal tensors
+    assert torch.isfinite(logged)
+    for slices in reg.state.values():
+        assert not any(t.is_inference() for s in slices for t in s.values())
+    loss = _loss(model, 0) + reg.penalty()
+    loss.backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_an_error_of_the_update_itself_is_raised_as_it_is():
+    """An update that fails while the refresh waits (here: a model cast to bf16 after the
+    optimizer made its fp32 moments) is the caller's error, raised unchanged; it is not
+    reported as a failed refresh."""
+    model, opt = _adamq3r()
+    _steps(model, opt, 1)
+    model.to(torch.bfloat16)
+    with pytest.raises(RuntimeError) as caught:
+        _steps(model, opt, 1, start=1)
+    assert "refresh failed" not in str(caught.value)
