@@ -223,6 +223,11 @@ def test_eps_schedules():
     for i in range(1, 7):
         eps, eps0 = ref.next_eps("geometric", eps, 100.0, i, eps0, eps_floor=0.5, num_refreshes=4)
         assert math.isclose(eps, max(8.0 * (0.5 / 8.0) ** (i / 4), 0.5), rel_tol=1e-12)
+    # a floor above eps0 (one floor for a group, or zero-initialized weights): eps rises to it, never past
+    eps, eps0 = ref.next_eps("geometric", inf, 1.0, 0, eps_floor=16.0, num_refreshes=4)
+    for i in range(1, 7):
+        eps, eps0 = ref.next_eps("geometric", eps, 100.0, i, eps0, eps_floor=16.0, num_refreshes=4)
+        assert math.isclose(eps, min(2.0 ** i, 16.0), rel_tol=1e-12)
     # rank-deficient weights: eps stays positive
     assert ref.next_eps("track", 1.0, 0.0, 1)[0] > 0
     with pytest.raises(ValueError, match="eps_schedule"):

@@ -49,8 +49,15 @@ def _cases() -> dict:
     wide_bulk = torch.cat([torch.linspace(1.0, 0.3, 24, dtype=torch.float64),
                            1e-3 * torch.linspace(1.0, 0.2, 256 - 24, dtype=torch.float64)])
     lifted = _drifting(with_spectrum(wide_bulk, gen, 256, 256), 3e-3, gen)
+    flat_gen = torch.Generator().manual_seed(3)
+    orthogonal = _drifting(torch.linalg.qr(torch.randn(256, 256, dtype=torch.float64, generator=flat_gen)).Q.float(),
+                           3e-3, flat_gen)
     return {
         "random_init": (RANK, random_init, {}),
+        # every singular value 1, drifting: half the bulk lies just above eps, more members than
+        # the sketch's Ritz values show (see test_randomized_refresh's flat-spectrum test)
+        "orthogonal_init": (24, orthogonal, {}),
+        "orthogonal_init_flat_rule_off": (24, orthogonal, {"flat_tolerance": -1.0}),
         # no oversampling: sigma_{r+1} is not among the kept triplets, eps must still come from it
         "random_init_oversample_0": (RANK, random_init, {"oversample": 0}),
         # the noise lifts the bulk's top edge above eps: the envelope grows from 32 to over 60
@@ -104,7 +111,7 @@ def _check_case(cases, out, case):
 
 
 @pytest.mark.parametrize("case", ["random_init", "random_init_oversample_0", "bulk_rising_above_eps", "moving_fast",
-                                  "cold_eps_above_a_flat_bulk"])
+                                  "cold_eps_above_a_flat_bulk", "orthogonal_init"])
 def test_sharded_refresh_meets_the_accuracy_contract(sharded, case):
     _check_case(*sharded, case)
     assert not sharded[1][case]["warnings"]
@@ -115,6 +122,14 @@ def test_hsdp_refresh_meets_the_accuracy_contract(hsdp, case):
     _check_case(*hsdp, case)
     assert not hsdp[1][case]["warnings"]
     assert hsdp[1][case]["checkpoint"]["equal"]
+
+
+def test_without_the_flat_rule_a_flat_spectrum_misses_the_contract(sharded):
+    cases, out = sharded
+    case = "orthogonal_init_flat_rule_off"
+    X = torch.randn(256, 256, generator=torch.Generator().manual_seed(3))
+    errors = [operator_error(fast, exact, X) for fast, exact in zip(out[case]["history"], _exact_states(cases, case))]
+    assert max(errors) > 1e-3
 
 
 def test_without_the_growth_rule_a_warm_sketch_misses_new_members(sharded):

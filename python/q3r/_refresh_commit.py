@@ -23,6 +23,7 @@ REFINE = -1  # commit_sketch's answer for "redo the Rayleigh-Ritz step in float6
 NONFINITE = -2  # ... and for "skipped: the weights are not finite"
 UNTRUSTED = -3  # ... and for "its one-pass basis failed the check: sketch it again"
 LAGGING = -4  # ... and for "its triplets lag the weights: sketch it again from its new V"
+_FP32_MAX = torch.finfo(torch.float32).max  # the factors are stored in float32
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,12 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
             continue
         cfg = configs[i]
         sigma = row[:k]
+        if not all(map(math.isfinite, sigma)) or sigma[0] > _FP32_MAX:
+            # the sketch's products overflowed (weights near float32's limits, or float64
+            # ones beyond them): committed, NaN Ritz values would poison the warm start of
+            # every later refresh; the exact path decides (a float32 SVD of the weights)
+            retry[i] = None
+            continue
         sigma_next = sigma[cfg.rank] if cfg.rank < k else 0.0  # (an exact SVD of rank >= min(d1, d2))
         eps, eps0 = reference.next_eps(cfg.schedule, row[k + 1], sigma_next, int(row[k + 3]), row[k + 2],
                                        cfg.eps_value, cfg.eps_floor, cfg.num_refreshes)
@@ -120,6 +127,10 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
         if not final and r_env > k - margin:
             retry[i] = r_env + opts.oversampling
             continue
+        # wide enough by its Ritz values, but those undercount where the spectrum is flat at eps
+        if not final and flat_beyond(sigma, row[k], U.shape[-2], eps, opts.flat_tolerance):
+            retry[i] = None  # (see SketchOptions.flat_tolerance)
+            continue
         total = row[k]
         head = math.fsum(value * value for value in sigma[: cfg.rank])
         tail = 0.0 if total == 0 else min(max(total - head, 0.0) / total, 1.0)
@@ -127,6 +138,21 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
     if commits:
         _store_commits(commits, states, U, S, V, opts)
     return retry
+
+
+def flat_beyond(sigma: list[float], total: float, n: int, eps: float, tolerance: float) -> bool:
+    """Whether the part of the spectrum a sketch did not capture sits at eps: its rms
+    singular value sqrt((||W||_F^2 - sum sigma_i^2) / (n - k)) at least (1 - tolerance) eps.
+    Then the spectrum is flat around eps beyond the sketch (an orthogonal init, perhaps with
+    a few learned directions on top), many members above eps lie outside it, and the Ritz
+    values, which fall short of them all alike, undercount them (256 x 256, rank 24,
+    orthogonal init drifting by 3e-3 per refresh: R(X) off by up to 4.6e-3).  Random-init
+    spectra stay far from it (0.49 to 0.73 at 20% ranks, 256 to 2048 wide, aspect 1 to 4)."""
+    rest = n - len(sigma)
+    if rest <= 0 or not math.isfinite(eps):
+        return False
+    uncaptured = total - math.fsum(value * value for value in sigma)
+    return uncaptured > 0 and uncaptured / rest >= ((1.0 - tolerance) * eps) ** 2
 
 
 def _store_commits(commits, states, U, S, V, opts: SketchOptions) -> None:

@@ -93,7 +93,8 @@ def refresh_sketched(weights, states, configs, groups: list[SketchGroup], opts: 
                 before_wait()
                 st.eig = solvers["torch"](st.sketch.G)
                 _finish_stacks(weights, states, configs, [st], solvers, opts)
-        batches = _by_key(deferred, lambda st: (st.k, st.sketch.G.device))
+        # (by dtype too: a float64 target's Gram matrices would promote a float32 batch)
+        batches = _by_key(deferred, lambda st: (st.k, st.sketch.G.device, st.sketch.G.dtype))
         for batch in batches:
             evals, evecs = solvers["native"](torch.cat([st.sketch.G for st in batch]))
             sizes = [len(st.members) for st in batch]

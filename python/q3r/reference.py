@@ -193,7 +193,9 @@ def next_eps(
     sigma_next is sigma_{r+1} of the current weights; refresh_index counts refreshes from 0.
       min:       min(eps, sigma_next); eps starts at +inf, so it never increases.
       geometric: eps0 = sigma_next at refresh 0, then eps * c down to eps_floor,
-                 c = (eps_floor / eps0) ** (1 / num_refreshes).
+                 c = (eps_floor / eps0) ** (1 / num_refreshes); where eps_floor lies above
+                 eps0 (c > 1: one floor for a group whose targets differ, or zero-initialized
+                 weights) eps rises to eps_floor instead and stays there, never past it.
       track:     sigma_next.
       constant:  eps_value.
     eps is kept >= the smallest positive float so that R stays positive definite on
@@ -213,5 +215,5 @@ def next_eps(
             new = eps0
         else:
             c = (eps_floor / eps0) ** (1.0 / num_refreshes)
-            new = max(eps * c, eps_floor)
+            new = max(eps * c, eps_floor) if c <= 1.0 else min(eps * c, eps_floor)
     return max(new, tiny), eps0

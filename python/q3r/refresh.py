@@ -114,6 +114,11 @@ class SketchOptions:
                       sketches (W @ P), which resolve tail directions to 1% down to about
                       3e-5 sigma_1 (tests/test_randomized_refresh.py); below this ratio a
                       target gets an exact SVD
+    flat_tolerance    a sketch whose uncaptured part has an rms singular value within this
+                      fraction of eps gets an exact SVD: the spectrum is flat around eps beyond
+                      it, and its Ritz values undercount the members above eps (orthogonal
+                      init, 256 x 256, rank 24: R(X) off by up to 4.6e-3 before this; see
+                      q3r._refresh_commit.flat_beyond)
     max_sweeps, tol   of the native Jacobi solver
     native_max_k      "native" uses the Jacobi solver only for sketches up to this width and
                       torch.linalg.eigh above: one thread block per matrix wins for many
@@ -144,6 +149,7 @@ class SketchOptions:
     max_sketched_growth: int = 32
     resolvable_ratio: float = 1e-2
     resolvable_ratio_fp64: float = 1e-4
+    flat_tolerance: float = 2e-2
     max_sweeps: int = _native.DEFAULT_MAX_SWEEPS
     tol: float = _native.DEFAULT_TOL
     native_max_k: int = 256
@@ -231,8 +237,8 @@ def operator_of(state: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _warn_nonfinite(name: str, warned: set | None) -> None:
-    warn_once(name, warned, f"q3r: target {name!r} has non-finite weights at a refresh; its refresh is skipped "
-              "and the last good factors are kept", stacklevel=4)
+    warn_once(name, warned, f"q3r: target {name!r} has non-finite weights (or singular values beyond float32's "
+              "range) at a refresh; its refresh is skipped and the last good factors are kept", stacklevel=4)
 
 
 def warn_once(key, warned: set | None, message: str, stacklevel: int) -> None:
@@ -279,6 +285,7 @@ def refresh_slices_(
     """
     if method not in REFRESH_METHODS:
         raise ValueError(f"refresh method must be one of {REFRESH_METHODS}, got {method!r}")
+    _check_inputs(weights, states, configs)
     with refresh_precision():  # fp32 whatever the caller's autocast / TF32 settings (q3r._precision)
         return _refresh_slices(weights, states, configs, method, warned, options or DEFAULT_SKETCH,
                                _Once(as_caller(before_wait)))
@@ -307,6 +314,26 @@ def _refresh_slices(weights, states, configs, method: str, warned: set | None, o
     for i in sorted(nonfinite):
         _warn_nonfinite(configs[i].name, warned)
     return [i not in nonfinite for i in range(len(weights))]
+
+
+def _check_inputs(weights, states, configs) -> None:
+    """What refresh_slices_ needs of its arguments, checked before any target is refreshed
+    (AdamQ3R and Q3R check their options when built; this is for direct callers)."""
+    if not len(weights) == len(states) == len(configs):
+        raise ValueError(f"refresh_slices_ needs one state and one config per weight, got {len(weights)} weights, "
+                         f"{len(states)} states, {len(configs)} configs")
+    for W, cfg in zip(weights, configs):
+        if W.dim() != 2:
+            raise ValueError(f"target {cfg.name!r}: a refresh takes 2-D weights, got shape {tuple(W.shape)}")
+        if isinstance(cfg.rank, bool) or not isinstance(cfg.rank, int) or not 1 <= cfg.rank < min(W.shape):
+            raise ValueError(f"target {cfg.name!r}: rank must be an int with 1 <= rank < {min(W.shape)} "
+                             f"for a {tuple(W.shape)} weight, got {cfg.rank!r}")
+        schedule = reference.canonical_schedule(cfg.schedule)
+        needs = {"constant": ("eps_value",), "geometric": ("eps_floor", "num_refreshes")}.get(schedule, ())
+        for field in needs:
+            value = getattr(cfg, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"target {cfg.name!r}: eps_schedule {schedule!r} needs {field} > 0, got {value!r}")
 
 
 class _Once:
@@ -354,20 +381,23 @@ def _refresh_exact_groups(weights, states, configs, groups: list[list[int]],
         return set()
     if before_wait is not None:
         before_wait()
-    flags = [randomized.max_abs(weights.stack(idx))[1] for idx in groups]
+    # (a float64 weight beyond float32's range counts as non-finite: its float32 SVD would be)
+    flags = [randomized.max_abs(weights.stack(idx))[0] <= torch.finfo(torch.float32).max for idx in groups]
     flags = torch.cat(flags).cpu() if len({f.device for f in flags}) == 1 else torch.cat([f.cpu() for f in flags])
     finite = dict(zip((i for idx in groups for i in idx), flags.tolist()))
+    refused = set()
     for idx in groups:
         ok = [i for i in idx if finite[i]]
         if ok:
-            _refresh_exact(weights, states, configs, ok)
-    return {i for i, good in finite.items() if not good}
+            refused |= _refresh_exact(weights, states, configs, ok)
+    return refused | {i for i, good in finite.items() if not good}
 
 
-def _refresh_exact(weights, states, configs, idx) -> None:
+def _refresh_exact(weights, states, configs, idx) -> set[int]:
     """Exact SVD of same-shaped targets; committed like a sketch that covers the whole
-    spectrum (one host transfer for the group, not a few per target)."""
+    spectrum (one host transfer for the group, not a few per target).  Returns the targets
+    not committed: singular values beyond float32's range (weights near its limit)."""
     stack = weights.stack(idx).to(torch.float32)
     U, S, V, spectrum = reference.anchor_factors(stack)
     energy = spectrum.double().square().sum(dim=-1)
-    C.commit_sketch(energy, idx, states, configs, U, S, V, DEFAULT_SKETCH, final=True, precise=True)
+    return set(C.commit_sketch(energy, idx, states, configs, U, S, V, DEFAULT_SKETCH, final=True, precise=True))

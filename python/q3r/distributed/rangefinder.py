@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .._refresh_commit import flat_beyond
 from ..randomized import weighted_lag
 
 __all__ = ["sketch_width", "cold_sketch_width", "gaussian_sketch", "cholesky_qr", "range_finder_svd", "enveloping_svd"]
@@ -138,6 +139,7 @@ def enveloping_svd(
     max_growth: int = 2,
     prev_eps: list[float] | None = None,
     max_lag: float = 1.0,
+    flat_tolerance: float = -1.0,
 ) -> list[tuple]:
     """range_finder_svd of each row-sharded slice i (whole shape shapes[i]), sketched
     widths[i] wide from starts[i] (its previous V, or None: cold), and widened while the
@@ -152,12 +154,16 @@ def enveloping_svd(
     values and some of them are missed. A warm sketch whose lag (_lag, against the previous
     eps ``prev_eps[i]``) exceeds max_lag is sketched again at its width: the weights moved
     far since the last refresh, and q power iterations from there leave more error than
-    the contract allows where the spectrum is flat around eps. Retries take cold_power_iters.
+    the contract allows where the spectrum is flat around eps. A sketch whose uncaptured part
+    sits at eps (q3r._refresh_commit.flat_beyond with ``flat_tolerance``; negative: never) is
+    sketched again min(d1, d2) wide, the SVD up to rounding: its Ritz values undercount the
+    members above eps there. Retries take cold_power_iters.
 
     Every rank decides alike: S comes from the same all-reduced B on every rank, and one small
     all-reduce per attempt makes the decisions one where a solver that is not bitwise
     reproducible across ranks would let them differ (_agreed). ``seeds(i, attempt)``: the sketch's seed;
-    ``envelope`` gets S on the host (all slices' S cross in one transfer per attempt).
+    ``envelope(i, S)`` -> (eps, r_env) gets S on the host (all slices' S cross in one transfer
+    per attempt).
     Returns per slice (U_local, S, V, frob2, r_env, S and frob2 on the host) of its last sketch.
     """
     results: list = [None] * len(Xs)
@@ -182,12 +188,14 @@ def enveloping_svd(
         wanted = []  # per slice: (r_env, the width to sketch it again at, or 0)
         for n, i in enumerate(todo):
             S_host, inside = hosts[3 * n], hosts[3 * n + 2]
-            r_env = envelope(i, S_host)
+            eps, r_env = envelope(i, S_host)
             short = r_env > widths[i] - margin or (warm[n] and prev_envs is not None and r_env > prev_envs[i] + max_growth)
             lags = warm[n] and prev_eps is not None and _lag(S_host, inside, prev_eps[i], shapes[i][1]) > max_lag
             exact = widths[i] >= min(shapes[i])  # (the SVD up to rounding: nothing to improve)
             if short and not exact and widened[i] < max_widenings:
                 wanted.append((r_env, min(max(r_env + oversample, 2 * widths[i]), min(shapes[i]))))
+            elif not exact and flat_beyond(S_host.tolist(), float(hosts[3 * n + 1]), min(shapes[i]), eps, flat_tolerance):
+                wanted.append((r_env, min(shapes[i])))
             else:  # (a lag is only measured on attempt 0)
                 wanted.append((r_env, widths[i] if lags and not exact else 0))
         retry = []

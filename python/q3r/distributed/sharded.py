@@ -72,8 +72,10 @@ class SketchOptions:
     ``max_envelope_growth`` triplets since the last refresh (a warm sketch's Ritz values
     fall short in a flat bulk lifted above eps, and miss some of its members); so is a warm
     sketch whose lag exceeds ``max_lag`` (as q3r.refresh.SketchOptions.max_lag: the weights
-    moved far since the last refresh), at its width. Across warm refreshes this is subspace iteration continued over
-    training, which is why 2 suffice then."""
+    moved far since the last refresh), at its width. A sketch whose uncaptured part sits
+    within ``flat_tolerance`` of eps is sketched again min(d1, d2) wide, the SVD up to rounding
+    (as q3r.refresh.SketchOptions.flat_tolerance: a spectrum flat around eps). Across warm
+    refreshes this is subspace iteration continued over training, which is why 2 suffice then."""
 
     oversample: int = 16
     power_iters: int = 2
@@ -81,6 +83,7 @@ class SketchOptions:
     max_widenings: int = 3
     max_envelope_growth: int = 2
     max_lag: float = 6e-4
+    flat_tolerance: float = 2e-2
     seed: int = 0
 
 
@@ -201,9 +204,10 @@ def _refresh_sharded(params, slicings, states, configs, warned) -> None:
             [item[1] for item in live], [item[6] for item in live], [_width(item) for item in live],
             [item[4]["V"] if item[4]["V"].shape[-1] else None for item in live],
             lambda j, attempt: _seed(live[j][5].name, prev[j][2], attempt),
-            lambda j, S: _envelope(prev[j], live[j][5], S)[2], reduce,
+            lambda j, S: _envelope(prev[j], live[j][5], S)[::2], reduce,
             SKETCH.power_iters, SKETCH.cold_power_iters, SKETCH.oversample, SKETCH.max_widenings,
-            [r_env for *_, r_env in prev], SKETCH.max_envelope_growth, [eps for eps, *_ in prev], SKETCH.max_lag)
+            [r_env for *_, r_env in prev], SKETCH.max_envelope_growth, [eps for eps, *_ in prev], SKETCH.max_lag,
+            SKETCH.flat_tolerance)
         for (p, x, lo, hi, s, cfg, shape), before, (U_loc, S, V, _, r_env, S_host, frob2) in zip(live, prev, results):
             keep = _kept_width(cfg.rank, shape, r_env, S.shape[0])
             if r_env > S.shape[0] - _margin() and S.shape[0] < min(shape) and _leads(p):
