@@ -62,10 +62,11 @@ def rank_of(d1, d2):
 
 
 def ddp_refresh_bytes(shapes, P):
-    """Ours under DDP, one refresh: header all_gather + factor exchange (padded all_gather, or one
-    broadcast per owner when padding would more than double it), as in replicated.py."""
+    """Ours under DDP, one refresh: the same-targets check (two float64 per rank), header
+    all_gather + factor exchange (padded all_gather, or one broadcast per owner when padding
+    would more than double it), as in replicated.py."""
     keys = replicated._state_keys()
-    header = (len(shapes) * 3 * len(keys) + len(shapes)) * F64
+    header = (2 + len(shapes) * 3 * len(keys) + len(shapes)) * F64
     owner = replicated.assign_by_cost([replicated.refresh_cost(s, rank_of(*s)) for s in shapes], P)
     sizes = [0] * P
     for (d1, d2), o in zip(shapes, owner):
@@ -73,9 +74,9 @@ def ddp_refresh_bytes(shapes, P):
         tail = min(16, min(d1, d2) - r) if "tail" in keys else 0
         sizes[o] += (d1 + d2 + 1) * r + max(d1, d2) * tail + (len(keys) - 4)  # U, V, sigma, tail, scalars
     if P * max(sizes) <= replicated.PADDING_LIMIT * sum(sizes):
-        factors, calls = (P - 1) * max(sizes) * F32, 2
+        factors, calls = (P - 1) * max(sizes) * F32, 3
     else:  # each rank receives every other owner's factors
-        factors, calls = (sum(sizes) - min(sizes)) * F32, 1 + sum(1 for s in sizes if s)
+        factors, calls = (sum(sizes) - min(sizes)) * F32, 2 + sum(1 for s in sizes if s)
     return (P - 1) * header + factors, calls
 
 

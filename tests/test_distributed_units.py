@@ -70,10 +70,15 @@ def test_ranks_that_disagree_on_a_widening_take_the_same_one():
 
     a, b = [(40, 0), (51, 96), (30, 0)], [(40, 0), (50, 0), (30, 0)]
     table = lambda wanted: torch.tensor([[r, w, float(w > 0), 1.0] for r, w in wanted], dtype=torch.float64)  # noqa: E731
-    on_a = _agreed(a, lambda t: t + table(b))
-    on_b = _agreed(b, lambda t: t + table(a))
+    cpu = torch.device("cpu")
+    on_a = _agreed(a, lambda t: t + table(b), cpu)
+    on_b = _agreed(b, lambda t: t + table(a), cpu)
     assert on_a == on_b == [(40, 0), (51, 96), (30, 0)]
-    assert _agreed(a, lambda t: 2 * t) == a  # ranks that agree keep their decisions
+    assert _agreed(a, lambda t: 2 * t, cpu) == a  # ranks that agree keep their decisions
+    # the table is reduced on the weights' device: an NCCL group has no CPU backend
+    seen = []
+    assert _agreed(a, lambda t: (seen.append(t.device.type), 2 * table(a))[1], torch.device("meta")) == a
+    assert seen == ["meta"]
 
 
 def test_full_width_sketch_is_the_exact_svd():

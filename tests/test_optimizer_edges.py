@@ -142,7 +142,7 @@ def test_a_copied_optimizer_still_loads_checkpoints_with_its_checks(how):
             assert s["U"].dtype == torch.float32 and s["refreshes"].dtype == torch.int64
     bad = _saved(opt.state_dict())
     pid = next(pid for pid, st in bad["state"].items() if "q3r" in st)
-    bad["state"][pid]["q3r"][0]["U"] = torch.zeros(7, 2)
+    bad["state"][pid]["q3r"]["0"]["U"] = torch.zeros(7, 2)
     with pytest.raises(ValueError, match="do not fit"):
         twin.load_state_dict(bad)
 
@@ -185,14 +185,15 @@ def _damaged(opt, change):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda st: st["q3r"][0].pop("eps"), "lacks 'eps'"),
-    (lambda st: st["q3r"][0].pop("refreshes"), "lacks 'refreshes'"),
-    (lambda st: st["q3r"][0].update(eps=0.05), "'eps' must be a tensor"),
-    (lambda st: st["q3r"][0].update(eps=torch.ones(1)), "'eps' must have 0 dims"),
-    (lambda st: st["q3r"][0].update(sigma=st["q3r"][0]["sigma"][:, None]), "'sigma' must have 1 dims"),
-    (lambda st: st["q3r"][0].update(refreshes=torch.tensor(1.0)), "must be an integer"),
-    (lambda st: st["q3r"].__setitem__(0, "garbage"), "must be a dict"),
-    (lambda st: st.update(q3r={"U": 1}), "must be a list"),
+    (lambda st: st["q3r"]["0"].pop("eps"), "lacks 'eps'"),
+    (lambda st: st["q3r"]["0"].pop("refreshes"), "lacks 'refreshes'"),
+    (lambda st: st["q3r"]["0"].update(eps=0.05), "'eps' must be a tensor"),
+    (lambda st: st["q3r"]["0"].update(eps=torch.ones(1)), "'eps' must have 0 dims"),
+    (lambda st: st["q3r"]["0"].update(sigma=st["q3r"]["0"]["sigma"][:, None]), "'sigma' must have 1 dims"),
+    (lambda st: st["q3r"]["0"].update(refreshes=torch.tensor(1.0)), "must be an integer"),
+    (lambda st: st["q3r"].__setitem__("0", "garbage"), "must be a dict"),
+    (lambda st: st.update(q3r={"U": 1}), "keyed '0' .. 'n-1'"),
+    (lambda st: st.update(q3r=3), "must be a list"),
     (lambda st: st.update(exp_avg=3.0), "exp_avg is float"),
 ])
 def test_a_damaged_checkpoint_is_refused_before_anything_changes(change, message):
@@ -296,3 +297,23 @@ def test_an_error_of_the_update_itself_is_raised_as_it_is():
     with pytest.raises(RuntimeError) as caught:
         _steps(model, opt, 1, start=1)
     assert "refresh failed" not in str(caught.value)
+
+
+def test_a_flattened_distributed_checkpoint_state_dict_round_trips():
+    """torchtitan / OLMo-core save optimizers through DCP's flatten_optimizer_state_dict, which
+    takes nested dicts but no lists: AdamQ3R's state_dict keys its slice states "0", "1", ..."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    model, opt = _adamq3r()
+    _steps(model, opt, 3)
+    model_sd, optim_sd = get_state_dict(model, opt, options=options)
+    assert any(key.endswith(".q3r.0.U") for key in optim_sd)
+    saved = _saved({"model": model_sd, "optim": optim_sd})
+    _steps(model, opt, 2, start=3)  # uninterrupted
+    model2, opt2 = _adamq3r(seed=9)
+    _steps(model2, opt2, 1)  # (a template with state, as a resumed job has after its warm-up step)
+    set_state_dict(model2, opt2, model_state_dict=saved["model"], optim_state_dict=saved["optim"], options=options)
+    _steps(model2, opt2, 2, start=3)
+    for (name, p), q in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(p, q), name

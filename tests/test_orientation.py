@@ -129,8 +129,8 @@ def test_adamq3r_loads_a_checkpoint_with_the_old_tail():
         opt.step()
     saved = opt.state_dict()
     for st in saved["state"].values():
-        if "q3r" in st:
-            st["q3r"] = _old_layout(st["q3r"])
+        if "q3r" in st:  # (and as a list, as state_dict wrote them then)
+            st["q3r"] = _old_layout(st["q3r"].values())
     opt2 = q3r.AdamQ3R(q3r.param_groups(model, targets, lmbda=0.1, steps=2), lr=1e-2)
     opt2.load_state_dict(saved)
     for p, st in opt2.state.items():
@@ -162,8 +162,8 @@ def test_a_tail_that_does_not_fit_is_rejected_on_load_without_change():
     model(torch.randn(6, 4, 5)).square().mean().backward()
     opt.step()
     osd = opt.state_dict()
-    fc1 = next(st for st in osd["state"].values() if "q3r" in st and st["q3r"][0]["U"].shape[0] == 48)
-    fc1["q3r"][0]["tail"] = torch.zeros(24, 3)
+    fc1 = next(st for st in osd["state"].values() if "q3r" in st and st["q3r"]["0"]["U"].shape[0] == 48)
+    fc1["q3r"]["0"]["tail"] = torch.zeros(24, 3)
     opt2 = q3r.AdamQ3R(q3r.param_groups(model, targets, lmbda=0.1, steps=2), lr=1e-2)
     with pytest.raises(ValueError, match="tail of shape \\(24, 3\\)"):
         opt2.load_state_dict(osd)

@@ -183,3 +183,13 @@ def test_a_staggered_fsdp2_run_resumes_from_a_checkpoint(tmp_path):
     assert 0 not in out["template_widths"]
     assert "error" not in out, out.get("error")
     assert out["equal"]
+
+
+def test_a_regularizer_under_fsdp2_resumes_from_a_checkpoint_into_a_fresh_one(tmp_path):
+    # a fresh Q3R has refreshed nothing: its U are zero wide, sharded like the weights, so the
+    # planner widens them and DCP loads each rank's rows (they were a plain tensor before,
+    # which took the whole U and was then refused as "saved unsharded")
+    worker.spawn(worker.regularizer_resume_worker, 2, str(tmp_path / "ckpt"), str(tmp_path / "out.pt"))
+    out = torch.load(tmp_path / "out.pt")
+    assert "error" not in out, out.get("error")
+    assert out["equal"]

@@ -27,7 +27,7 @@ from ._precision import autocast_off
 from .config import Q3R_DEFAULTS, slice_configs, validate_q3r_options
 from .diagnostics import slice_diagnostics
 from ._state_check import slice_state_problem
-from .refresh import new_slice_state, operator_of, refresh_around, sketch_options, upgrade_state
+from .refresh import operator_of, refresh_around, sketch_options, upgrade_state
 from .stagger import due_for_refresh, target_phases
 from .targets import Target, slice_shapes, slice_views
 
@@ -58,10 +58,7 @@ class Q3R:
             distributed.check_sharding(t.param, f"Q3R target {t.name}")
         self.targets = targets
         self.configs = [slice_configs(t.param.shape, self._target_options(t), t.slice_names()) for t in targets]
-        self.state = {
-            t.name: [new_slice_state(d1, d2, t.param.device) for d1, d2 in slice_shapes(t.param.shape, t.slice_dim, t.slices)]
-            for t in targets
-        }
+        self.state = {t.name: distributed.new_target_states(t.param, t.slice_dim, t.slices) for t in targets}
         self.num_steps = 0
         self._nonfinite_warned: set[str] = set()
 

@@ -2,7 +2,8 @@
 
 * Replicated (DDP, or any run in which every rank holds the same weights): a refresh divides
   the targets among the ranks, balanced by decomposition cost, and exchanges the new factors
-  in two all_gathers; between refreshes nothing is communicated
+  in two all_gathers (after one of two numbers that checks that the ranks refresh the same
+  targets); between refreshes nothing is communicated
   (:func:`refresh_slices_`, :mod:`.replicated`).
 * Sharded (FSDP2 ``fully_shard``: DTensor parameters with Shard(0); HSDP's 2-D mesh adds a
   Replicate() dim, across which nothing is exchanged): the per-step term needs one
@@ -28,6 +29,7 @@ from .sharded import (
     diagnostic_slices,
     factor_rows,
     is_sharded,
+    new_target_states,
     refresh_sharded_,
     sharded_add_grad_,
     sharded_adamq3r_step_,
@@ -47,6 +49,7 @@ __all__ = [
     "factor_rows",
     "is_replicated_distributed",
     "is_sharded",
+    "new_target_states",
     "refresh_cost",
     "refresh_sharded_",
     "refresh_slices_",

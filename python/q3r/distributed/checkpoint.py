@@ -23,10 +23,11 @@ __all__ = ["FactorLoadPlanner"]
 
 class FactorLoadPlanner(DefaultLoadPlanner):
     """DCP's default load planner, except that the Q3R factors of the state dict (U, V, sigma
-    and tail of the slice states in a list under a "q3r" key) are replaced by zero tensors of
-    the width the checkpoint saved them with before anything is read (in the dict passed to
-    ``dcp.load``, which then holds the loaded factors). Only the last dimension may differ:
-    any other size mismatch is left to DCP, which refuses it::
+    and tail of every slice state: AdamQ3R's under a "q3r" key, a Q3R regularizer's under
+    "targets") are replaced by zero tensors of the width the checkpoint saved them with before
+    anything is read (in the dict passed to ``dcp.load``, which then holds the loaded
+    factors). Only the last dimension may differ: any other size mismatch is left to DCP,
+    which refuses it::
 
         dcp.load(sd, checkpoint_id=path, planner=q3r.distributed.FactorLoadPlanner())
     """
@@ -44,18 +45,18 @@ _FACTORS = ("U", "V", "sigma", "tail")
 
 
 def _q3r_tensors(node, path=()):
-    """(path, container, key, tensor) of every factor of a slice state in a list under a "q3r"
-    key (an optimizer's per-parameter state), found through nested mappings and lists; the
+    """(path, container, key, tensor) of every factor of a slice state (a mapping with U, V,
+    sigma and eps: in AdamQ3R's state, a list or a dict keyed "0", "1", ... under "q3r"; in a
+    Q3R regularizer's, lists under "targets"), found through nested mappings and lists; the
     path's parts joined with dots are DCP's key for it."""
+    if isinstance(node, Mapping) and all(isinstance(node.get(name), torch.Tensor) for name in ("U", "V", "sigma", "eps")):
+        for name in _FACTORS:
+            if isinstance(node.get(name), torch.Tensor):
+                yield (*path, name), node, name, node[name]
+        return
     items = node.items() if isinstance(node, Mapping) else enumerate(node) if isinstance(node, list) else ()
     for key, value in items:
-        if key == "q3r" and isinstance(value, list):
-            for i, state in enumerate(value):
-                if isinstance(state, Mapping):
-                    for name in _FACTORS:
-                        if isinstance(state.get(name), torch.Tensor):
-                            yield (*path, key, i, name), state, name, state[name]
-        elif isinstance(value, (Mapping, list)):
+        if isinstance(value, (Mapping, list)):
             yield from _q3r_tensors(value, (*path, key))
 
 

@@ -199,7 +199,8 @@ def enveloping_svd(
             else:  # (a lag is only measured on attempt 0)
                 wanted.append((r_env, widths[i] if lags and not exact else 0))
         retry = []
-        for n, (i, (U, S, V, frob2), (r_env, wider)) in enumerate(zip(todo, found, _agreed(wanted, all_reduce))):
+        agreed = _agreed(wanted, all_reduce, Xs[todo[0]].device)
+        for n, (i, (U, S, V, frob2), (r_env, wider)) in enumerate(zip(todo, found, agreed)):
             results[i] = (U, S, V, frob2, r_env, hosts[3 * n], float(hosts[3 * n + 1]))
             if wider:
                 widened[i] += wider > widths[i]
@@ -223,17 +224,18 @@ def _lag(S: Tensor, inside: Tensor, eps: float, d2: int) -> float:
     return float(weighted_lag(S[None], inside[None], torch.tensor([eps], dtype=S.dtype), d2)[0])
 
 
-def _agreed(wanted: list[tuple[int, int]], all_reduce: AllReduce) -> list[tuple[int, int]]:
+def _agreed(wanted: list[tuple[int, int]], all_reduce: AllReduce, device) -> list[tuple[int, int]]:
     """The ranks' decisions (r_env, width to sketch again at or 0) made one. Every rank computes S
     from the same all-reduced B, but a singular value solver that is not bitwise reproducible
     across ranks (thread counts, libraries) could put a value on the other side of eps on one
     rank, and a widening taken by some ranks only would hang the collectives. One small
     all-reduce (sums; the same rounding everywhere): a slice is widened where any rank wants
-    it, to the mean of the widths those ranks asked for; r_env is the ceiling of the mean."""
+    it, to the mean of the widths those ranks asked for; r_env is the ceiling of the mean.
+    The table is reduced on ``device``, the weights' (an NCCL group has no CPU backend)."""
     if not wanted:
         return []
     local = torch.tensor([[r_env, wider, float(wider > 0), 1.0] for r_env, wider in wanted], dtype=torch.float64)
-    total = all_reduce(local.clone())
+    total = all_reduce(local.to(device, copy=True)).cpu()
     ranks = total[:, 3:4]
     if bool((total[:, :3] == local[:, :3] * ranks).all()):  # the usual case: they agree
         return wanted

@@ -4,7 +4,9 @@ The reference implementation splits the per-target work across ranks and then al
 full-size gradient buffer of every target at every step. Here the only communication is at
 a refresh (every T steps): the targets are assigned to ranks balanced by the cost of their
 decomposition, each rank refreshes its share, and the new factors (U, V, sigma, eps and
-the scalar state) are exchanged in two collectives:
+the scalar state) are exchanged in two collectives, after a third that checks that every
+rank refreshes the same targets (an all_gather of their count and a checksum of their names
+and shapes: the other two have sizes that depend on them):
 
 1. an all_gather of a small header per rank: the shapes of every state entry of each slice
    it refreshed (the widths k vary per slice and refresh) and a float64 checksum of every slice's weights, which
@@ -19,6 +21,8 @@ Between refreshes each rank applies the Q3R term to its own replica: no per-step
 """
 
 from __future__ import annotations
+
+import zlib
 
 import torch
 from torch import Tensor
@@ -95,6 +99,21 @@ def _unpack_(state: dict[str, Tensor], flat: Tensor, row: list[int], keys: list[
         offset += n
 
 
+def _check_same_targets(configs, shapes, device, group) -> None:
+    """Refuse, with a message that says what to do, ranks that refresh different targets (the
+    stages of a pipeline, different periods): the exchange's own collectives have sizes that
+    depend on the targets, and would fail obscurely or hang. One all_gather of two numbers."""
+    names = "\n".join(f"{c.name}:{s}" for c, s in zip(configs, shapes))
+    mine = torch.tensor([len(configs), zlib.crc32(names.encode())], dtype=torch.float64, device=device)
+    everyone = torch.stack(comm.all_gather(mine, group)).cpu()
+    if not bool((everyone == everyone[0]).all()):
+        raise RuntimeError(
+            f"q3r: the ranks refresh different targets now (this rank: {len(configs)}, e.g. {configs[0].name!r}); a "
+            "distributed refresh divides the work of data-parallel replicas. Where ranks train different weights "
+            "(pipeline stages) or on different schedules, call q3r.distributed.configure(replicated=False)"
+        )
+
+
 def refresh_slices_replicated_(
     weights: list[Tensor],
     states: list[dict[str, Tensor]],
@@ -116,6 +135,7 @@ def refresh_slices_replicated_(
         return _refresh_local_(weights, states, configs, method=method, warned=warned, options=options)
     me = comm.rank(group)
     shapes = [tuple(w.shape) for w in weights]
+    _check_same_targets(configs, shapes, weights[0].device, group)
     owner = assign_by_cost([refresh_cost(s, c.rank, method) for s, c in zip(shapes, configs)], world)
     mine = [i for i in range(len(weights)) if owner[i] == me]
     done_mine = _refresh_local_(

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from .. import reference
 from .._precision import no_autocast, refresh_precision
-from ..refresh import SliceConfig, _warn_nonfinite, warn_once
+from ..refresh import SliceConfig, _warn_nonfinite, new_slice_state, warn_once
 from ..targets import slice_shapes, slice_views
 from . import comm
 from .rangefinder import cold_sketch_width, enveloping_svd, sketch_width
@@ -54,7 +54,7 @@ try:  # DTensor is public since torch 2.4; keep `import q3r` working without it
 except ImportError:  # pragma: no cover
     DTensor, Replicate, Shard = None, None, None
 
-__all__ = ["SketchOptions", "SKETCH", "is_sharded", "shard_mesh_dim", "check_sharding", "row_range", "local_slices", "refresh_sharded_", "ShardedTerms", "sharded_penalty", "diagnostic_slices", "factor_rows"]
+__all__ = ["SketchOptions", "SKETCH", "is_sharded", "shard_mesh_dim", "check_sharding", "row_range", "local_slices", "refresh_sharded_", "ShardedTerms", "sharded_penalty", "diagnostic_slices", "factor_rows", "new_target_states"]
 
 
 @dataclasses.dataclass
@@ -472,6 +472,22 @@ def diagnostic_slices(p, slice_dim: int, slices, states) -> list[tuple[Tensor, d
         U = s["U"].full_tensor()[a:b] if is_sharded(s["U"]) else s["U"]
         out.append((view, {**s, "U": U}))
     return out
+
+
+def new_target_states(p, slice_dim: int, slices) -> list[dict]:
+    """The slice states of target p before its first refresh (refresh.new_slice_state). For a
+    sharded p, U is a zero-wide DTensor in the parameter's rows, sharded like p, as a refresh
+    leaves it: a checkpoint template made before any refresh (a fresh Q3R regularizer) then
+    takes a saved U's shards (FactorLoadPlanner widens it), not the whole of it."""
+    states = [new_slice_state(d1, d2, p.device) for d1, d2 in slice_shapes(p.shape, slice_dim, slices)]
+    if is_sharded(p):
+        local = p.to_local()
+        shape = (p.shape[0], 0)
+        for s in states:
+            s["U"] = DTensor.from_local(local.new_zeros(local.shape[0], 0, dtype=torch.float32), p.device_mesh,
+                                        p.placements, run_check=False, shape=shape,
+                                        stride=torch.empty(shape, device="meta").stride())
+    return states
 
 
 def factor_rows(p, U, d1: int) -> int:

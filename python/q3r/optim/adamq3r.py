@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -13,7 +14,7 @@ from .._precision import no_autocast
 from ..config import Q3R_DEFAULTS, default_names, slice_configs, validate_q3r_options
 from ..diagnostics import slice_diagnostics
 from .._state_check import slice_state_problem
-from ..refresh import _Once, new_slice_state, refresh_around, sketch_options, upgrade_state
+from ..refresh import _Once, refresh_around, sketch_options, upgrade_state
 from ..stagger import due_for_refresh, target_phases
 from ..targets import slice_shapes, slice_views
 from .functional import ParamWork, adamq3r_step_
@@ -149,8 +150,7 @@ class AdamQ3R(Optimizer):
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
         validate_q3r_options(group, f"AdamQ3R param group {index}")  # (a group switched on later was not checked)
         self._group_configs(group, p)
-        shapes = slice_shapes(p.shape, group["slice_dim"], group["slices"])
-        state["q3r"] = [new_slice_state(d1, d2, p.device) for d1, d2 in shapes]
+        state["q3r"] = distributed.new_target_states(p, group["slice_dim"], group["slices"])
         return True
 
     def refresh(self, due: list[tuple[torch.Tensor, dict]], before_wait: Callable[[], None] | None = None) -> None:
@@ -290,6 +290,15 @@ class AdamQ3R(Optimizer):
         return out
 
     # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """torch's, with each target's slice states as a dict keyed "0", "1", ... rather than a
+        list: torch.distributed.checkpoint's flatten_optimizer_state_dict (torchtitan,
+        OLMo-core) takes nested dicts, not lists. load_state_dict takes either layout."""
+        sd = super().state_dict()
+        sd["state"] = {pid: {**st, "q3r": {str(j): s for j, s in enumerate(st["q3r"])}}
+                       if isinstance(st.get("q3r"), list) else st for pid, st in sd["state"].items()}
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load_state_dict, after checks that refuse a state dict from another model,
         or a damaged one, before anything changes, and with the float32 factors kept out of
@@ -331,9 +340,12 @@ class AdamQ3R(Optimizer):
             _check_hyperparameters(merged, f"state_dict param group {gi}")
             for pid, p in zip(saved["params"], group["params"]):
                 mapping[pid] = (p, merged)
-                self._check_saved_param_state(state_dict["state"].get(pid), p, merged, f"group {gi}")
+        states = {pid: _listed(st, f"state_dict param {pid}") for pid, st in state_dict["state"].items()}
+        for pid, (p, merged) in mapping.items():
+            gi = next(i for i, g in enumerate(groups) if pid in g["params"])
+            self._check_saved_param_state(states.get(pid), p, merged, f"group {gi}")
         stash, new_state = [], {}
-        for pid, st in state_dict["state"].items():
+        for pid, st in states.items():
             if isinstance(st, dict) and "q3r" in st:
                 st = dict(st)
                 p, merged = mapping[pid]
@@ -380,3 +392,14 @@ class AdamQ3R(Optimizer):
         for s, (d1, d2) in zip(slices, shapes):
             if (why := slice_state_problem(p, s, d1, d2)) is not None:
                 raise ValueError(f"state_dict {where}: {why}: it comes from a different model or is damaged")
+
+
+def _listed(st, where: str):
+    """A saved parameter state with its slice states as a list: state_dict writes them as a
+    dict keyed "0", "1", ... (earlier versions, and callers, may give the list itself)."""
+    slices = st.get("q3r") if isinstance(st, dict) else None
+    if not isinstance(slices, Mapping):
+        return st
+    if set(slices) != {str(j) for j in range(len(slices))}:
+        raise ValueError(f"{where}: the Q3R slice states must be keyed '0' .. 'n-1', got keys {sorted(slices, key=str)}")
+    return {**st, "q3r": [slices[str(j)] for j in range(len(slices))]}
