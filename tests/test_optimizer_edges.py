@@ -317,3 +317,17 @@ def test_a_flattened_distributed_checkpoint_state_dict_round_trips():
     _steps(model2, opt2, 2, start=3)
     for (name, p), q in zip(model.named_parameters(), model2.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_a_row_sliced_factor_in_parameter_rows_is_explained():
+    """An FSDP2 run keeps U of a row slice (timm qkv) in the parameter's rows, an unsharded
+    one in the slice's: the refusal says so instead of only "does not fit"."""
+    model, opt = _adamq3r()
+    _steps(model, opt, 1)
+    sd = _saved(opt.state_dict())
+    qkv = model.blocks[0].attn.qkv.weight  # 72 x 24, Q / K / V row slices of 24
+    pid = next(pid for pid, st in sd["state"].items() if "q3r" in st and len(st["q3r"]) == 3)
+    s = sd["state"][pid]["q3r"]["0"]
+    s["U"] = torch.zeros(qkv.shape[0], s["U"].shape[1])
+    with pytest.raises(ValueError, match="U has the parameter's rows, as an FSDP2 run saves it"):
+        opt.load_state_dict(sd)

@@ -35,6 +35,21 @@ def slice_state_problem(p, s, d1: int, d2: int) -> str | None:
     except ValueError as err:
         return str(err)
     if tuple(s["U"].shape) != (rows, k) or tuple(s["V"].shape) != (d2, k):
+        moved = _moved_between_layouts(p, s["U"].shape[0], rows, d1)
         return (f"factors of shapes U {tuple(s['U'].shape)}, V {tuple(s['V'].shape)}, sigma ({k},) "
-                f"do not fit a {d1}x{d2} slice")
+                f"do not fit a {d1}x{d2} slice" + (f" ({moved})" if moved else ""))
     return tail_mismatch(s, d1, d2)
+
+
+def _moved_between_layouts(p, saved_rows: int, rows: int, d1: int) -> str | None:
+    """Why U's rows differ where a checkpoint of a row-sliced target moved between an unsharded
+    run (U in the slice's rows) and an FSDP2 one (U in the parameter's rows), else None."""
+    if saved_rows == rows or d1 == p.shape[0]:
+        return None
+    if saved_rows == d1:
+        return ("U has the slice's rows, as an unsharded run saves it; an FSDP2 run keeps U in the parameter's "
+                "rows: checkpoints of row-sliced targets do not move between unsharded and FSDP2 runs")
+    if saved_rows == p.shape[0]:
+        return ("U has the parameter's rows, as an FSDP2 run saves it; an unsharded run keeps U in the slice's "
+                "rows: checkpoints of row-sliced targets do not move between FSDP2 and unsharded runs")
+    return None
