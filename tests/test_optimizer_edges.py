@@ -331,3 +331,75 @@ def test_a_row_sliced_factor_in_parameter_rows_is_explained():
     s["U"] = torch.zeros(qkv.shape[0], s["U"].shape[1])
     with pytest.raises(ValueError, match="U has the parameter's rows, as an FSDP2 run saves it"):
         opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_factor_load_planner_widens_factors_of_a_flattened_checkpoint(flatten, tmp_path):
+    """A template made before loading has other widths than the saved factors (a fresh
+    optimizer's first refresh vs a trained one's envelopes); FactorLoadPlanner gives them the
+    saved widths, in the nested and in the flattened (torchtitan) layout."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+        targets = q3r.find_targets(model, ["0", "2"], target_rank=0.2)
+        return model, q3r.AdamQ3R(q3r.param_groups(model, targets, lmbda=0.1, steps=2), lr=1e-2)
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    model, opt = build(0)
+    for _ in range(6):
+        opt.zero_grad()
+        model(torch.randn(32, 64)).square().mean().backward()
+        opt.step()
+    msd, osd = get_state_dict(model, opt, options=options)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path))
+    model2, opt2 = build(1)
+    msd2, osd2 = get_state_dict(model2, opt2, options=options)  # (a first step: its own widths)
+    widths = lambda o: [s[k].shape[-1] for st in o.state.values() for s in st.get("q3r", []) for k in ("U", "tail")]  # noqa: E731
+    assert widths(opt2) != widths(opt)
+    sd = {"model": msd2, "optim": osd2}
+    dcp.load(sd, checkpoint_id=str(tmp_path), planner=q3r.distributed.FactorLoadPlanner())
+    set_state_dict(model2, opt2, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=options)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        for s, t in zip(opt.state[p].get("q3r", []), opt2.state[q].get("q3r", [])):
+            assert all(torch.equal(s[k], t[k]) for k in ("U", "V", "sigma", "tail"))
+
+
+def test_an_ambiguous_torch_checkpoint_with_weight_decay_is_flagged():
+    model, opt = _adamq3r()
+    plain = torch.optim.AdamW([p for g in opt.param_groups for p in g["params"]], lr=1e-2, weight_decay=0.1)
+    groups = [{k: v for k, v in plain.param_groups[0].items() if k not in ("params", "decoupled_weight_decay")}
+              | {"params": list(range(len(g["params"])))} for g in opt.param_groups]  # as torch < 2.8 saves
+    with pytest.warns(RuntimeWarning, match="applies it decoupled"):
+        opt.load_state_dict({"state": {}, "param_groups": groups})
+
+
+def test_a_step_refused_for_a_switched_on_group_leaves_no_state_behind():
+    torch.manual_seed(0)
+    model = TinyViT()
+    a, b = model.blocks[0].mlp.fc1.weight, model.blocks[0].mlp.fc2.weight
+    rest = [p for p in model.parameters() if p is not a and p is not b]
+    opt = q3r.AdamQ3R([{"params": [a], "target_rank": 3}, {"params": [b], "target_rank": 3}, {"params": rest}],
+                      lr=1e-2, lmbda=0.5, steps=5)
+    _steps(model, opt, 2)
+    opt.param_groups[0]["q3r"] = opt.param_groups[1]["q3r"] = True
+    opt.param_groups[1]["lmbda"] = -1.0
+    with pytest.raises(ValueError, match="lmbda"):
+        _steps(model, opt, 1, start=2)
+    assert "q3r" not in opt.state[a]
+    opt.param_groups[1]["lmbda"] = 0.5
+    _steps(model, opt, 1, start=3)  # both refreshed at once
+    assert all(int(opt.state[p]["q3r"][0]["refreshes"]) == 1 for p in (a, b))
+
+
+def test_building_an_optimizer_of_many_targets_is_not_quadratic(monkeypatch):
+    """q3r.param_groups makes one group per target: checking each new group's slice names
+    against all earlier groups' again was quadratic (1000 targets: 1.33 s against 0.22 s)."""
+    calls = []
+    names = q3r.AdamQ3R._names
+    monkeypatch.setattr(q3r.AdamQ3R, "_names", staticmethod(lambda *a: (calls.append(1), names(*a))[1]))
+    params = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(200)]
+    q3r.AdamQ3R([{"params": [p], "q3r": True, "target_rank": 2, "names": [f"w{i}"]} for i, p in enumerate(params)])
+    assert len(calls) <= 3 * len(params)  # (quadratic: about 200 * 201 / 2)

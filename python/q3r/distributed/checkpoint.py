@@ -10,6 +10,7 @@ size the checkpoint has for it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
@@ -42,13 +43,15 @@ class FactorLoadPlanner(DefaultLoadPlanner):
 
 
 _FACTORS = ("U", "V", "sigma", "tail")
+_FLAT_FACTOR = re.compile(r"(^|\.)q3r\.\d+\.(U|V|sigma|tail)$")
 
 
 def _q3r_tensors(node, path=()):
     """(path, container, key, tensor) of every factor of a slice state (a mapping with U, V,
     sigma and eps: in AdamQ3R's state, a list or a dict keyed "0", "1", ... under "q3r"; in a
-    Q3R regularizer's, lists under "targets"), found through nested mappings and lists; the
-    path's parts joined with dots are DCP's key for it."""
+    Q3R regularizer's, lists under "targets"; or, in an optimizer state dict flattened by
+    DCP's flatten_optimizer_state_dict, a key ending in "q3r.<j>.U" etc.), found through
+    nested mappings and lists; the path's parts joined with dots are DCP's key for it."""
     if isinstance(node, Mapping) and all(isinstance(node.get(name), torch.Tensor) for name in ("U", "V", "sigma", "eps")):
         for name in _FACTORS:
             if isinstance(node.get(name), torch.Tensor):
@@ -58,6 +61,8 @@ def _q3r_tensors(node, path=()):
     for key, value in items:
         if isinstance(value, (Mapping, list)):
             yield from _q3r_tensors(value, (*path, key))
+        elif isinstance(key, str) and isinstance(value, torch.Tensor) and _FLAT_FACTOR.search(key):
+            yield (*path, key), node, key, value  # flatten_optimizer_state_dict's "state.<fqn>.q3r.<j>.U"
 
 
 def _only_width_differs(saved: torch.Size, current: torch.Size) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Callable
 
@@ -101,7 +102,10 @@ class AdamQ3R(Optimizer):
             self._check_names(merged, names, where)
         if isinstance(param_group.get("refresh_options"), dict):  # a copy: the caller's dict may change later
             param_group["refresh_options"] = dict(param_group["refresh_options"])
+        taken = self._taken_names() if merged.get("q3r") else None
         super().add_param_group(param_group)
+        if taken is not None:
+            self._names_taken = (len(self.param_groups), taken | set(names))
 
     @staticmethod
     def _names(group: dict, params, p, where: str) -> list[str]:
@@ -121,11 +125,20 @@ class AdamQ3R(Optimizer):
         given = group.get("names")
         if given and len(given) != len(names):
             raise ValueError(f"{where}: names must give one name per slice ({len(names)} slices), got {len(given)}")
-        taken = {name for gi, g in enumerate(self.param_groups) if g["q3r"] for q in g["params"]
-                 for name in self._names(g, g["params"], q, f"AdamQ3R param group {gi}")}
+        taken = self._taken_names()
         clash = sorted({n for n in names if n in taken or names.count(n) > 1})
         if clash:
             raise ValueError(f"{where}: slice names {clash} are used twice; give each slice its own name")
+
+    def _taken_names(self) -> set[str]:
+        """The slice names of the Q3R groups so far (kept as groups are added: q3r.param_groups
+        makes one group per target, and recounting them at every add was quadratic)."""
+        cached = self.__dict__.get("_names_taken")
+        if cached is None or cached[0] != len(self.param_groups):
+            names = {name for gi, g in enumerate(self.param_groups) if g["q3r"] for q in g["params"]
+                     for name in self._names(g, g["params"], q, f"AdamQ3R param group {gi}")}
+            cached = self._names_taken = (len(self.param_groups), names)
+        return cached[1]
 
     def _group_configs(self, group: dict, p):
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
@@ -147,11 +160,15 @@ class AdamQ3R(Optimizer):
         identity operator until the period comes round."""
         if "q3r" in state:
             return False
-        index = next(i for i, g in enumerate(self.param_groups) if g is group)
-        validate_q3r_options(group, f"AdamQ3R param group {index}")  # (a group switched on later was not checked)
-        self._group_configs(group, p)
         state["q3r"] = distributed.new_target_states(p, group["slice_dim"], group["slices"])
         return True
+
+    def _check_new_target(self, p, group: dict) -> None:
+        """The options of a target about to get its slice states (a group switched to
+        q3r=True later was not checked when it was added)."""
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        validate_q3r_options(group, f"AdamQ3R param group {index}")
+        self._group_configs(group, p)
 
     def refresh(self, due: list[tuple[torch.Tensor, dict]], before_wait: Callable[[], None] | None = None) -> None:
         """Refresh the factors of the given (parameter, group) pairs from their current weights.
@@ -225,6 +242,8 @@ class AdamQ3R(Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("AdamQ3R does not support sparse gradients")
+                if p.grad is not None and group["q3r"] and "q3r" not in self.state.get(p, {}):
+                    self._check_new_target(p, group)  # (all before any state is made)
         works, due, q3r_works = [], [], []
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -310,6 +329,7 @@ class AdamQ3R(Optimizer):
         kept by copy.deepcopy or pickling of an optimizer.)"""
         state_dict, stash = self._checked_for_load(state_dict)
         super().load_state_dict(state_dict)
+        self.__dict__.pop("_names_taken", None)  # (the saved groups' names replace these)
         for p, slices, shapes in stash:
             self.state[p]["q3r"] = [
                 upgrade_state({key: value.detach().clone().to(device=p.device) for key, value in s.items()}, d1, d2)
@@ -363,6 +383,10 @@ class AdamQ3R(Optimizer):
         if saved.get("weight_decay") and saved.get("decoupled_weight_decay") is False:
             raise ValueError(f"{where}: saved by torch.optim.Adam with weight_decay={saved['weight_decay']} (L2, "
                              "added to the gradient); AdamQ3R's weight decay is decoupled, as AdamW's")
+        if saved.get("weight_decay") and "decoupled_weight_decay" not in saved:  # (torch < 2.8 does not say)
+            warnings.warn(f"{where}: a torch.optim checkpoint with weight_decay={saved['weight_decay']} that does not "
+                          "say whether it was Adam's L2 decay or AdamW's decoupled one; AdamQ3R applies it decoupled",
+                          RuntimeWarning, stacklevel=4)
         return {**{key: group[key] for key in ("q3r", *Q3R_DEFAULTS)}, **saved}
 
     @staticmethod
