@@ -547,13 +547,23 @@ def stagger_resume_worker(rank, world, port, ckpt_dir, out_path):
     msd, osd = get_state_dict(model, opt)  # template (initializes the optimizer state: a first step)
     out = {"template_widths": sorted({s["U"].shape[-1] for st in opt.state.values() for s in st.get("q3r", [])})}
     sd = {"model": msd, "optim": osd}
-    try:
+    def load():
         dcp.load(sd, checkpoint_id=ckpt_dir, planner=q3r.distributed.FactorLoadPlanner())
         set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    except (CheckpointException, ValueError) as err:
-        out["error"] = str(err)[:3000]
+
+    _resume_and_compare(load, (CheckpointException, ValueError), model, opt, data[3:], straight, out, rank, world,
+                        out_path)
+
+
+def _resume_and_compare(load, errors, model, opt, data, straight, out, rank, world, out_path) -> None:
+    """load(), then train on ``data`` and record in ``out`` whether the weights end equal to
+    ``straight`` (the uninterrupted run's), or the error load raised; rank 0 writes ``out``."""
+    try:
+        load()
+    except errors as err:
+        out["error"] = f"{type(err).__name__}: {str(err)[:3000]}"
     else:
-        train(model, opt, data[3:], rank, world)
+        train(model, opt, data, rank, world)
         resumed = full_state(model)
         out["equal"] = all(torch.equal(straight[name], resumed[name]) for name in straight)
     if rank == 0:
@@ -587,20 +597,13 @@ def regularizer_resume_worker(rank, world, port, ckpt_dir, out_path):
     model, opt, reg = build()
     msd, osd = get_state_dict(model, opt)
     sd = {"model": msd, "optim": osd, "q3r": reg.state_dict()}
-    out = {}
-    try:
+    def load():
         dcp.load(sd, checkpoint_id=ckpt_dir, planner=q3r.distributed.FactorLoadPlanner())
         set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         reg.load_state_dict(sd["q3r"])
-    except Exception as err:  # reported to the test, which fails on it
-        out["error"] = f"{type(err).__name__}: {str(err)[:3000]}"
-    else:
-        train(model, opt, data[3:], rank, world)
-        resumed = full_state(model)
-        out["equal"] = all(torch.equal(straight[name], resumed[name]) for name in straight)
-    if rank == 0:
-        torch.save(out, out_path)
-    dist.destroy_process_group()
+
+    # (any error is reported to the test, which fails on it)
+    _resume_and_compare(load, Exception, model, opt, data[3:], straight, {}, rank, world, out_path)
 
 
 def _whole(t):
