@@ -606,6 +606,40 @@ def regularizer_resume_worker(rank, world, port, ckpt_dir, out_path):
     _resume_and_compare(load, Exception, model, opt, data[3:], straight, {}, rank, world, out_path)
 
 
+def unequal_svd_worker(rank, world, port, out_path):
+    """A sharded refresh whose small SVD differs by one ulp between the ranks (rank 0 up, the
+    others down), around eps = sigma_3 = 3 (a constant schedule): every rank must commit the
+    same sigma, and the per-step term (an all-reduce sized by the triplets above eps) must run.
+    Each rank writes its sigma and whether the term ran."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from q3r.distributed.sharded import refresh_sharded_, sharded_add_grad_
+    from q3r.refresh import SliceConfig, new_slice_state
+
+    _init(rank, world, port)
+    real_svd = torch.linalg.svd
+
+    def svd(B, full_matrices=True):
+        U, S, Vh = real_svd(B, full_matrices=full_matrices)
+        return U, torch.nextafter(S, S + (1 if rank == 0 else -1)), Vh
+
+    mesh = init_device_mesh(DEVICE, (world,))
+    W = torch.zeros(8, 6)
+    W[:6, :6] = torch.diag(torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5]))
+    p = distribute_tensor(W.to(DEVICE), mesh, [Shard(0)])
+    state = new_slice_state(8, 6, DEVICE)
+    torch.linalg.svd = svd
+    try:
+        refresh_sharded_([p], [(0, None)], [[state]], [[SliceConfig("w", 2, schedule="constant", eps_value=3.0)]])
+    finally:
+        torch.linalg.svd = real_svd
+    grad = torch.zeros_like(p)
+    sharded_add_grad_([(p, 0, None, [(state["U"], state["V"], state["sigma"], state["eps"])], 1.0)], [grad])
+    torch.save({"sigma": state["sigma"].cpu(), "term": True}, f"{out_path}.{rank}")
+    dist.destroy_process_group()
+
+
 def _whole(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 

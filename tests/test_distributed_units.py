@@ -71,13 +71,20 @@ def test_ranks_that_disagree_on_a_widening_take_the_same_one():
     a, b = [(40, 0), (51, 96), (30, 0)], [(40, 0), (50, 0), (30, 0)]
     table = lambda wanted: torch.tensor([[r, w, float(w > 0), 1.0] for r, w in wanted], dtype=torch.float64)  # noqa: E731
     cpu = torch.device("cpu")
-    on_a = _agreed(a, lambda t: t + table(b), cpu)
-    on_b = _agreed(b, lambda t: t + table(a), cpu)
+    # and their Ritz values, 1 ulp apart around eps = 1 on the second slice: both take the mean
+    S_a = [torch.tensor([3.0, 2.0]), torch.tensor([2.0, 1.0]), torch.tensor([5.0])]
+    S_b = [S_a[0], torch.nextafter(S_a[1], torch.zeros(2)), S_a[2]]
+    flat = lambda wanted, spectra: torch.cat([table(wanted).reshape(-1)] + [s.double() for s in spectra])  # noqa: E731
+    on_a, mean_a = _agreed(a, lambda t: t + flat(b, S_b), cpu, S_a)
+    on_b, mean_b = _agreed(b, lambda t: t + flat(a, S_a), cpu, S_b)
     assert on_a == on_b == [(40, 0), (51, 96), (30, 0)]
-    assert _agreed(a, lambda t: 2 * t, cpu) == a  # ranks that agree keep their decisions
+    assert all(torch.equal(x, y) and x.dtype == torch.float32 for x, y in zip(mean_a, mean_b))
+    assert torch.equal(mean_a[0], S_a[0]) and torch.equal(mean_a[2], S_a[2])  # equal values stay as they are
+    same, means = _agreed(a, lambda t: 2 * t, cpu, S_a)  # ranks that agree keep their decisions and S
+    assert same == a and all(torch.equal(x, y) for x, y in zip(means, S_a))
     # the table is reduced on the weights' device: an NCCL group has no CPU backend
     seen = []
-    assert _agreed(a, lambda t: (seen.append(t.device.type), 2 * table(a))[1], torch.device("meta")) == a
+    assert _agreed(a, lambda t: (seen.append(t.device.type), 2 * table(a).reshape(-1))[1], torch.device("meta"))[0] == a
     assert seen == ["meta"]
 
 

@@ -193,3 +193,12 @@ def test_a_regularizer_under_fsdp2_resumes_from_a_checkpoint_into_a_fresh_one(tm
     out = torch.load(tmp_path / "out.pt")
     assert "error" not in out, out.get("error")
     assert out["equal"]
+
+
+def test_ranks_whose_small_svd_differs_in_the_last_bit_commit_the_same_sigma(tmp_path):
+    # one ulp either side of eps on two ranks: without agreeing on S they kept 2 and 3 triplets
+    # above eps and the per-step all-reduce had different sizes (gloo aborted; NCCL would hang)
+    worker.spawn(worker.unequal_svd_worker, 2, str(tmp_path / "out"))
+    outs = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
+    assert all(out["term"] for out in outs)
+    assert torch.equal(outs[0]["sigma"], outs[1]["sigma"])

@@ -199,9 +199,13 @@ def enveloping_svd(
             else:  # (a lag is only measured on attempt 0)
                 wanted.append((r_env, widths[i] if lags and not exact else 0))
         retry = []
-        agreed = _agreed(wanted, all_reduce, Xs[todo[0]].device)
+        agreed, spectra = _agreed(wanted, all_reduce, Xs[todo[0]].device, [hosts[3 * n] for n in range(len(todo))])
         for n, (i, (U, S, V, frob2), (r_env, wider)) in enumerate(zip(todo, found, agreed)):
-            results[i] = (U, S, V, frob2, r_env, hosts[3 * n], float(hosts[3 * n + 1]))
+            # the ranks' mean S (their own in the usual, bitwise equal case): every rank then
+            # commits the same sigma and eps, so the same number of triplets above eps, which
+            # sizes the per-step all-reduce
+            S_host = spectra[n]
+            results[i] = (U, S_host.to(S.device, S.dtype), V, frob2, r_env, S_host, float(hosts[3 * n + 1]))
             if wider:
                 widened[i] += wider > widths[i]
                 widths[i], starts[i] = wider, V
@@ -224,21 +228,29 @@ def _lag(S: Tensor, inside: Tensor, eps: float, d2: int) -> float:
     return float(weighted_lag(S[None], inside[None], torch.tensor([eps], dtype=S.dtype), d2)[0])
 
 
-def _agreed(wanted: list[tuple[int, int]], all_reduce: AllReduce, device) -> list[tuple[int, int]]:
-    """The ranks' decisions (r_env, width to sketch again at or 0) made one. Every rank computes S
+def _agreed(wanted: list[tuple[int, int]], all_reduce: AllReduce, device,
+            spectra: list[Tensor] = ()) -> tuple[list[tuple[int, int]], list[Tensor]]:
+    """The ranks' decisions (r_env, width to sketch again at or 0) made one, and their Ritz
+    values S (``spectra``, per slice, on the host) made one: their mean. Every rank computes S
     from the same all-reduced B, but a singular value solver that is not bitwise reproducible
     across ranks (thread counts, libraries) could put a value on the other side of eps on one
-    rank, and a widening taken by some ranks only would hang the collectives. One small
-    all-reduce (sums; the same rounding everywhere): a slice is widened where any rank wants
-    it, to the mean of the widths those ranks asked for; r_env is the ceiling of the mean.
-    The table is reduced on ``device``, the weights' (an NCCL group has no CPU backend)."""
+    rank: a widening taken by some ranks only would hang the collectives, and so would a
+    different number of triplets above eps (the per-step all-reduce is sized by it). One
+    small all-reduce (sums; the same rounding everywhere): a slice is widened where any rank
+    wants it, to the mean of the widths those ranks asked for; r_env is the ceiling of the
+    mean; the mean of equal float32 values is that value. The table is reduced on ``device``,
+    the weights' (an NCCL group has no CPU backend)."""
     if not wanted:
-        return []
+        return [], []
     local = torch.tensor([[r_env, wider, float(wider > 0), 1.0] for r_env, wider in wanted], dtype=torch.float64)
-    total = all_reduce(local.to(device, copy=True)).cpu()
-    ranks = total[:, 3:4]
-    if bool((total[:, :3] == local[:, :3] * ranks).all()):  # the usual case: they agree
-        return wanted
-    r_env = torch.ceil(total[:, 0] / total[:, 3]).to(torch.int64).tolist()
-    wider = torch.ceil(total[:, 1] / total[:, 2].clamp_min(1)).to(torch.int64).tolist()
-    return list(zip(r_env, wider))
+    flat = torch.cat([local.reshape(-1), *(s.reshape(-1).double() for s in spectra)])
+    total = all_reduce(flat.to(device, copy=True)).cpu()
+    table = total[: local.numel()].view_as(local)
+    ranks = table[:, 3:4]
+    means = [part.div(float(ranks[0, 0])).to(s.dtype) for part, s in
+             zip(total[local.numel():].split([s.numel() for s in spectra]), spectra)]
+    if bool((table[:, :3] == local[:, :3] * ranks).all()):  # the usual case: they agree
+        return wanted, means
+    r_env = torch.ceil(table[:, 0] / table[:, 3]).to(torch.int64).tolist()
+    wider = torch.ceil(table[:, 1] / table[:, 2].clamp_min(1)).to(torch.int64).tolist()
+    return list(zip(r_env, wider)), means
