@@ -139,3 +139,63 @@ def test_cached_fused_plans_are_keyed_by_the_resolved_precision(monkeypatch, fp3
     key_highest = ops._layout_key([work])
     torch.set_float32_matmul_precision("high")
     assert ops._layout_key([work]) != key_highest
+
+
+@pytest.mark.skipif(K is None, reason="triton not importable")
+def test_a_fused_step_of_works_the_kernels_all_reject_leaves_them_to_the_reference(monkeypatch):
+    """A channels_last conv weight (4-D, not contiguous) is the only parameter not being
+    refreshed at a refresh step: the fused step takes none of it and must hand it back
+    untouched (it raised on an empty list of step counters)."""
+    from q3r.optim import functional as F
+
+    monkeypatch.setenv("Q3R_BACKEND", "triton")
+    p = torch.randn(4, 3, 3, 3).to(DEVICE).to(memory_format=torch.channels_last)
+    work = F.ParamWork(p, torch.randn_like(p), torch.zeros_like(p), torch.zeros_like(p), torch.tensor(0.0),
+                       1e-2, 0.9, 0.999, 1e-8, 0.0)
+    with tile_settings(True):
+        assert ops.adamq3r_fused_([work]) == [work]
+    assert float(work.step) == 0.0
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 16, bias=False)).to(DEVICE).to(memory_format=torch.channels_last)
+    import q3r
+
+    opt = q3r.AdamQ3R(q3r.param_groups(model, q3r.find_targets(model, ["2"], target_rank=2), lmbda=0.1, steps=5), lr=1e-3)
+    x = torch.randn(2, 3, 8, 8).to(DEVICE).to(memory_format=torch.channels_last)
+    with tile_settings(True):
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    assert int(opt.state[model[0].weight]["step"]) == 2
+
+
+@pytest.mark.skipif(K is None, reason="triton not importable")
+@pytest.mark.parametrize("eps", [2.5, float("inf")])
+def test_the_kernels_take_eps_as_a_number_like_the_reference(eps, monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    U, V, _ = factors(16, 20, 4, gen)
+    sigma, W = torch.tensor([5.0, 3.0, 2.0, 1.0]).to(DEVICE), torch.randn(16, 20, generator=gen).to(DEVICE)
+    out = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("Q3R_BACKEND", backend)
+        out[backend] = torch.zeros_like(W)
+        with tile_settings(True):
+            ops.add_reweighting_([out[backend]], [W], [(U, V, sigma, eps)], 1.0)
+    torch.testing.assert_close(out["triton"], out["reference"], rtol=1e-5, atol=1e-5)
+
+
+def test_automatic_dispatch_keeps_wide_or_mixed_factors_off_the_kernels_in_every_op(monkeypatch):
+    """Q3R_TRITON_MAX_WIDTH bounds project and apply_reweighting too, not only the grouped
+    paths, and float64 V keeps a product on the reference path (the kernels take float32)."""
+    monkeypatch.setattr(ops, "backend_for", lambda device, dtype: "triton")  # as on a GPU, automatic
+    monkeypatch.setenv("Q3R_TRITON_MAX_WIDTH", "3")
+    monkeypatch.setattr(ops, "_kernels", lambda: pytest.fail("the kernels were called"))
+    gen = torch.Generator().manual_seed(2)
+    X = torch.randn(12, 10, generator=gen)
+    U, V, d = factors(12, 10, 5, gen)
+    torch.testing.assert_close(ops.project(X, U, V)[0], reference.project(X, U, V)[0])
+    torch.testing.assert_close(ops.apply_reweighting(X, U, V, d), reference.apply_reweighting(X, U, V, d))
+    U2, V2, d2 = factors(12, 10, 2, gen)
+    torch.testing.assert_close(ops.apply_reweighting(X, U2, V2.double(), d2),
+                               reference.apply_reweighting(X, U2, V2.double(), d2))

@@ -80,14 +80,17 @@ def _check(X: Tensor, U: Tensor, V: Tensor, d: Tensor | None = None) -> None:
             raise ValueError(f"{name} is on {t.device} but X is on {X.device}")
 
 
-def _fast(X: Tensor, U: Tensor) -> bool:
-    return backend_for(X.device, X.dtype) == "triton" and U.dtype == torch.float32
+def _fast(X: Tensor, U: Tensor, V: Tensor) -> bool:
+    """Whether the kernels take this product: the Triton backend for X, float32 factors, and
+    (under automatic dispatch) factors no wider than Q3R_TRITON_MAX_WIDTH, as add_reweighting_."""
+    return (backend_for(X.device, X.dtype) == "triton" and U.dtype == V.dtype == torch.float32
+            and _width_ok([(U,)], _width_limit()))
 
 
 def project(X: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
     """A = U^T X (..., k, d2), B = X V (..., d1, k) in the compute dtype."""
     _check(X, U, V)
-    if _fast(X, U):
+    if _fast(X, U, V):
         return _kernels().project(X, U, V)
     return reference.project(X, U, V)
 
@@ -95,7 +98,7 @@ def project(X: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
 def apply_reweighting(X: Tensor, U: Tensor, V: Tensor, d: Tensor) -> Tensor:
     """R(X) = (I + U diag d U^T) X (I + V diag d V^T) in the compute dtype."""
     _check(X, U, V, d)
-    if _fast(X, U):
+    if _fast(X, U, V):
         return _kernels().apply_reweighting(X, U, V, d.to(torch.float32).contiguous())
     return reference.apply_reweighting(X, U, V, d)
 
@@ -132,9 +135,10 @@ def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tu
             _check_eps(factors[i][2], factors[i][3], f"factors[{i}]")
         if tuple(outs[i].shape) != tuple(weights[i].shape):
             raise ValueError(f"out of shape {tuple(outs[i].shape)} for a weight of shape {tuple(weights[i].shape)}")
-    # the kernels read d (or sigma) as contiguous float32; these stay referenced until run()
-    fast_factors = [f if f[2].dtype == torch.float32 and f[2].is_contiguous()
-                    else (f[0], f[1], f[2].to(torch.float32).contiguous(), *f[3:]) for f in (factors[i] for i in fast)]
+    # the kernels read d (or sigma) as contiguous float32 and eps as a float32 tensor on the
+    # weight's device (the reference path also takes a Python number); these stay referenced
+    # until run()
+    fast_factors = [_kernel_operator(factors[i], weights[i].device) for i in fast]
     plan = _reweight_plan_for([outs[i] for i in fast], [weights[i] for i in fast], fast_factors)
     for i in slow:
         U, V, *rest = factors[i]
@@ -310,6 +314,20 @@ def _plan_for(works: list) -> _CachedPlan:
     return entry
 
 
+def _float32_tensor(t) -> bool:
+    return isinstance(t, Tensor) and t.dtype == torch.float32
+
+
+def _kernel_operator(f: tuple, device) -> tuple:
+    """(U, V, d) or (U, V, sigma, eps) as the kernels read them (see add_reweighting_)."""
+    U, V, d, *eps = f
+    if not (d.dtype == torch.float32 and d.is_contiguous()):
+        d = d.to(torch.float32).contiguous()
+    if eps and not (_float32_tensor(eps[0]) and eps[0].device == device):
+        eps = [torch.as_tensor(eps[0], dtype=torch.float32, device=device).reshape(())]
+    return (U, V, d, *eps)
+
+
 def adamq3r_fused_(works: list) -> list:
     """One AdamQ3R step (q3r.optim.functional arithmetic) for every work the Triton backend
     can take, in a few grouped launches; returns the works left for the reference path.
@@ -326,7 +344,9 @@ def adamq3r_fused_(works: list) -> list:
         where = (p.device, p.dtype)
         if where not in verdict:
             verdict[where] = backend_for(p.device, p.dtype) == "triton"
-        if verdict[where] and all(op[0].dtype == torch.float32 for op in work.operators) and _width_ok(work.operators, limit):
+        # (operators as the optimizer keeps them: float32 factors, eps a tensor)
+        if (verdict[where] and all(op[0].dtype == torch.float32 and (len(op) == 3 or _float32_tensor(op[3]))
+                                   for op in work.operators) and _width_ok(work.operators, limit)):
             taken.append(work)
         else:
             rest.append(work)
@@ -346,5 +366,6 @@ def adamq3r_fused_(works: list) -> list:
                    [grad_base[i] + offset for i, _, offset in region_map])
     skipped = set(rejected)
     done = [w for i, w in enumerate(taken) if i not in skipped]
-    torch._foreach_add_([w.step for w in done], 1.0)  # the reference increments the same counter
+    if done:  # (the plan may reject all: a channels_last conv weight alone, say)
+        torch._foreach_add_([w.step for w in done], 1.0)  # the reference increments the same counter
     return rest + [taken[i] for i in rejected]
