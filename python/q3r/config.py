@@ -50,16 +50,8 @@ def validate_q3r_options(opts: dict, where: str = "Q3R") -> None:
     sketch_options(opts.get("refresh_options"), f"{where}: refresh_options")
     if not isinstance(opts.get("stagger", False), bool):
         raise ValueError(f"{where}: stagger must be True or False, got {opts['stagger']!r}")
-    if schedule == "constant":
-        v = opts["eps_value"]
-        if not _is_real(v) or not (0 < v < math.inf):
-            raise ValueError(f"{where}: eps_schedule='constant' needs eps_value > 0, got eps_value={v!r}")
-    if schedule == "geometric":
-        floor, n = opts["eps_floor"], opts["num_refreshes"]
-        if not _is_real(floor) or not (0 < floor < math.inf):
-            raise ValueError(f"{where}: eps_schedule='geometric' needs eps_floor > 0, got eps_floor={floor!r}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{where}: eps_schedule='geometric' needs num_refreshes >= 1, got num_refreshes={n!r}")
+    if (why := reference.schedule_problem(schedule, opts["eps_value"], opts["eps_floor"], opts["num_refreshes"])):
+        raise ValueError(f"{where}: {why}")
 
 
 def default_names(prefix: str, slices) -> list[str]:

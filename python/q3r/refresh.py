@@ -328,12 +328,8 @@ def _check_inputs(weights, states, configs) -> None:
         if isinstance(cfg.rank, bool) or not isinstance(cfg.rank, int) or not 1 <= cfg.rank < min(W.shape):
             raise ValueError(f"target {cfg.name!r}: rank must be an int with 1 <= rank < {min(W.shape)} "
                              f"for a {tuple(W.shape)} weight, got {cfg.rank!r}")
-        schedule = reference.canonical_schedule(cfg.schedule)
-        needs = {"constant": ("eps_value",), "geometric": ("eps_floor", "num_refreshes")}.get(schedule, ())
-        for field in needs:
-            value = getattr(cfg, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"target {cfg.name!r}: eps_schedule {schedule!r} needs {field} > 0, got {value!r}")
+        if (why := reference.schedule_problem(cfg.schedule, cfg.eps_value, cfg.eps_floor, cfg.num_refreshes)):
+            raise ValueError(f"target {cfg.name!r}: {why}")
 
 
 class _Once:
