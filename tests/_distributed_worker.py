@@ -9,6 +9,7 @@ single-process run of the same global batch.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import os
@@ -119,7 +120,11 @@ def refresh_count(opt) -> int:
     if reg is not None:
         slices = [s for ss in reg.state.values() for s in ss]
     else:
-        slices = [s for st in opt.state.values() for s in st.get("q3r", [])]
+        local = getattr(opt, "optim", opt)  # (ZeroRedundancyOptimizer: the rank's own optimizer)
+        # (slice states ZeroRedundancyOptimizer.load_state_dict wrote are in the saved layout, a
+        # dict keyed "0", "1", ..., until AdamQ3R's next step adopts them)
+        held = [st.get("q3r", []) for st in local.state.values()]
+        slices = [s for ss in held for s in (ss.values() if isinstance(ss, dict) else ss)]
     return sum(int(s["refreshes"]) for s in slices)
 
 
@@ -231,10 +236,53 @@ def ddp_worker(rank, world, port, out_path, init=True):
         paths[name] = {"ops": [op for op, _ in log.entries], "states": [{k: v.cpu() for k, v in st.items()} for st in states]}
     replicated.PADDING_LIMIT = 2.0
     results["paths"] = paths
+    results["zero"] = zero_redundancy(rank, world)
     if rank == 0:
         torch.save(results, out_path)
     if init:
         dist.destroy_process_group()
+
+
+def zero_redundancy(rank, world) -> dict:
+    """DDP + ZeroRedundancyOptimizer(optimizer_class=AdamQ3R) as docs/distributed.md says
+    (configure(replicated=False): each rank updates and refreshes only its share of the
+    targets): the final weights; the weights of a run saved after 3 steps
+    (consolidate_state_dict), resumed into a fresh model and optimizer, and finished; the
+    weights the uninterrupted run had then; whether every rank updates some target."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def build():
+        model = make_model()
+        groups = q3r.param_groups(model, make_targets(model), lmbda=0.05, steps=PERIOD, refresh="exact")
+        return model, ZeroRedundancyOptimizer(groups, optimizer_class=q3r.AdamQ3R, lr=3e-3)
+
+    data = batches()
+    q3r.distributed.configure(replicated=False)
+    try:
+        model, opt = build()
+        ddp = DDP(model, device_ids=[rank] if DEVICE == "cuda" else None)
+        train(ddp, opt, data[:3], rank, world)
+        opt.consolidate_state_dict(to=0)
+        saved = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                 # (a deep copy: a state dict holds the live state tensors, which training changes)
+                 "optim": copy.deepcopy(opt.state_dict()) if rank == 0 else None}
+        train(ddp, opt, data[3:], rank, world)
+        out = {"weights": full_state(model),
+               "owns_targets": any(g.get("q3r") and g["params"] for g in opt.optim.param_groups)}
+        shared = [saved]
+        dist.broadcast_object_list(shared, src=0)  # (a file every rank reads, in a real run)
+        model, opt = build()
+        model.load_state_dict(shared[0]["model"])
+        opt.load_state_dict(shared[0]["optim"])
+        train(DDP(model, device_ids=[rank] if DEVICE == "cuda" else None), opt, data[3:], rank, world)
+        out["resumed"] = full_state(model)
+    finally:
+        q3r.distributed.configure(replicated=True)
+    owns = [None] * world
+    dist.all_gather_object(owns, out.pop("owns_targets"))
+    out["ranks_owning_targets"] = sum(owns)
+    return out
 
 
 def _fsdp_model(mesh_shape=None):

@@ -223,6 +223,15 @@ def test_ddp_refuses_ranks_that_are_not_replicas(runs):
     assert "configure(replicated=False)" in runs["ddp"]["different_targets"]
 
 
+def test_zero_redundancy_optimizer_with_adamq3r_matches_single_process_and_resumes(runs):
+    zero = runs["ddp"]["zero"]
+    assert zero["ranks_owning_targets"] == WORLD  # each rank updates and refreshes a share of the targets
+    assert _max_rel_diff(zero["weights"], runs["single"]["adamq3r"]) < 2e-5
+    # its consolidated state dict, loaded by ZeroRedundancyOptimizer.load_state_dict (which
+    # writes each rank's share straight into AdamQ3R's state), continues the run exactly
+    assert all(torch.equal(zero["resumed"][k], zero["weights"][k]) for k in zero["weights"])
+
+
 def test_ddp_factor_exchange_paths_agree(runs):
     paths = runs["ddp"]["paths"]
     assert paths["gather"]["ops"] == ["all_gather"] * 3

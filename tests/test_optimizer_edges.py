@@ -403,3 +403,51 @@ def test_building_an_optimizer_of_many_targets_is_not_quadratic(monkeypatch):
     params = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(200)]
     q3r.AdamQ3R([{"params": [p], "q3r": True, "target_rank": 2, "names": [f"w{i}"]} for i, p in enumerate(params)])
     assert len(calls) <= 3 * len(params)  # (quadratic: about 200 * 201 / 2)
+
+
+# ---------------------------------------------- state written by a wrapper (ZeRO)
+def test_a_q3r_group_without_parameters_keeps_its_names_unchecked():
+    # ZeroRedundancyOptimizer hands each rank a copy of every group, with only its parameters
+    model = TinyViT()
+    rest = list(model.parameters())
+    q3r.AdamQ3R([{"params": [], "q3r": True, "target_rank": 3, "names": ["elsewhere"]}, {"params": rest}])
+
+
+def _written_like_zero(opt_from, opt_to):
+    """What ZeroRedundancyOptimizer.load_state_dict does: each saved parameter state copied
+    straight into the local optimizer's state (0-dim tensors on the CPU), no load_state_dict."""
+    saved = _saved(opt_from.state_dict())
+    params = [p for g in opt_to.param_groups for p in g["params"]]
+    for index, st in saved["state"].items():
+        opt_to.state[params[index]] = copy.deepcopy(st)
+
+
+def test_slice_states_written_in_the_saved_layout_are_taken_over_at_the_next_step():
+    torch.manual_seed(0)
+    model = TinyViT()
+    opt = q3r.AdamQ3R(q3r.param_groups(model, _targets(model), lmbda=0.5, steps=2), lr=1e-2)
+    _steps(model, opt, 3)
+    twin = copy.deepcopy(model)
+    opt_twin = q3r.AdamQ3R(q3r.param_groups(twin, _targets(twin), lmbda=0.5, steps=2), lr=1e-2)
+    _written_like_zero(opt, opt_twin)
+    assert opt_twin.diagnostics() == opt.diagnostics()  # (diagnostics adopt them too)
+    _steps(model, opt, 3, start=3)
+    _steps(twin, opt_twin, 3, start=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_damaged_slice_states_written_in_the_saved_layout_are_refused_before_any_update():
+    torch.manual_seed(0)
+    model = TinyViT()
+    opt = q3r.AdamQ3R(q3r.param_groups(model, _targets(model), lmbda=0.5, steps=2), lr=1e-2)
+    _steps(model, opt, 3)
+    target = model.blocks[0].mlp.fc1.weight
+    opt.state[target]["q3r"] = {"0": {**opt.state[target]["q3r"][0], "U": torch.zeros(2, 2)}}
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = [int(st["step"]) for st in opt.state.values()]
+    opt.zero_grad()
+    _loss(model, 9).backward()
+    with pytest.raises(ValueError, match="different model or is damaged"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert steps == [int(st["step"]) for st in opt.state.values()]

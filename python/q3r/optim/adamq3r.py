@@ -123,8 +123,12 @@ class AdamQ3R(Optimizer):
         """A new Q3R group's slice names: one per slice when given, none taken twice in the
         optimizer (diagnostics and warnings are keyed by them)."""
         given = group.get("names")
-        if given and len(given) != len(names):
-            raise ValueError(f"{where}: names must give one name per slice ({len(names)} slices), got {len(given)}")
+        # (a group without parameters ignores its names: ZeroRedundancyOptimizer gives every rank
+        # a copy of each group, options and all, with only the parameters that rank updates)
+        if given and group["params"] and len(given) != len(names):
+            raise ValueError(f"{where}: names must give one name per slice ({len(names)} slices), got {len(given)} "
+                             "(a wrapper that splits a group's parameters between ranks, as ZeroRedundancyOptimizer "
+                             "does, cannot keep their names: make one group per target, as q3r.param_groups does)")
         taken = self._taken_names()
         clash = sorted({n for n in names if n in taken or names.count(n) > 1})
         if clash:
@@ -238,6 +242,7 @@ class AdamQ3R(Optimizer):
         return loss
 
     def _step(self) -> None:
+        self._adopt_written_states()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
@@ -294,6 +299,7 @@ class AdamQ3R(Optimizer):
         energy outside the target rank; flat {"<name>/<metric>": float} for loggers. With
         FSDP2-sharded parameters every rank must call it: each gathers the full weights, one
         at a time."""
+        self._adopt_written_states()
         out: dict[str, float] = {}
         for group in self.param_groups:
             if not group["q3r"]:
@@ -331,10 +337,24 @@ class AdamQ3R(Optimizer):
         super().load_state_dict(state_dict)
         self.__dict__.pop("_names_taken", None)  # (the saved groups' names replace these)
         for p, slices, shapes in stash:
-            self.state[p]["q3r"] = [
-                upgrade_state({key: value.detach().clone().to(device=p.device) for key, value in s.items()}, d1, d2)
-                for s, (d1, d2) in zip(slices, shapes)
-            ]
+            self.state[p]["q3r"] = _live_slice_states(p, slices, shapes)
+
+    def _adopt_written_states(self) -> None:
+        """Slice states that a wrapper wrote into ``self.state`` in the saved layout, bypassing
+        load_state_dict: ZeroRedundancyOptimizer.load_state_dict copies each rank's share of
+        the saved state straight in (and moves 0-dim tensors to the CPU). They are checked as
+        load_state_dict checks them, all before any is changed, then put in the live layout on
+        their parameter's device."""
+        found = []
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                st = self.state.get(p)
+                if isinstance(st, dict) and isinstance(st.get("q3r"), Mapping):
+                    listed = _listed(st, f"AdamQ3R param group {gi}")
+                    self._check_saved_param_state(listed, p, {**self.defaults, **group}, f"group {gi}")
+                    found.append((p, listed["q3r"], slice_shapes(p.shape, group["slice_dim"], group["slices"])))
+        for p, slices, shapes in found:
+            self.state[p]["q3r"] = _live_slice_states(p, slices, shapes)
 
     def _checked_for_load(self, state_dict: dict) -> tuple[dict, list]:
         """(the state dict to hand to torch's load: groups of torch's Adam / AdamW given this
@@ -416,6 +436,13 @@ class AdamQ3R(Optimizer):
         for s, (d1, d2) in zip(slices, shapes):
             if (why := slice_state_problem(p, s, d1, d2)) is not None:
                 raise ValueError(f"state_dict {where}: {why}: it comes from a different model or is damaged")
+
+
+def _live_slice_states(p, slices, shapes) -> list[dict]:
+    """Saved slice states as the optimizer keeps them: copies on p's device, upgraded from
+    older layouts."""
+    return [upgrade_state({key: value.detach().clone().to(device=p.device) for key, value in s.items()}, d1, d2)
+            for s, (d1, d2) in zip(slices, shapes)]
 
 
 def _listed(st, where: str):
