@@ -236,13 +236,15 @@ def add_reweighting_(outs, Xs, Us, Vs, ds, alphas, accumulate: bool = True, sigm
 
 def apply_reweighting(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """R(X) in float32, q3r.reference.apply_reweighting on the device (leading batch dims OK)."""
-    batch, (d1, d2), k = X.shape[:-2], X.shape[-2:], U.shape[-1]
+    (d1, d2), k = X.shape[-2:], U.shape[-1]
+    # the batch dims of all four broadcast together, as in the reference (factors may carry some X lacks)
+    batch = torch.broadcast_shapes(X.shape[:-2], U.shape[:-2], V.shape[:-2], d.shape[:-1])
     n = math.prod(batch)
-    Xs = X.reshape(n, d1, d2)
+    Xs = X.expand(*batch, d1, d2).reshape(n, d1, d2)
     Us = U.expand(*batch, d1, k).reshape(n, d1, k)
     Vs = V.expand(*batch, d2, k).reshape(n, d2, k)
     ds = d.expand(*batch, k).reshape(n, k)
     out = torch.empty(Xs.shape, dtype=torch.float32, device=X.device)
     add_reweighting_(list(out), list(Xs), list(Us), list(Vs), [t.contiguous() for t in ds], [1.0] * n,
                      accumulate=False)
-    return out.reshape(X.shape)
+    return out.reshape(*batch, d1, d2)

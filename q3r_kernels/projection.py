@@ -222,9 +222,10 @@ def put_workspace_fields(row: list[int], ws: m.Workspace, i: int) -> None:
 def project(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A = U^T X (..., k, d2), B = X V (..., d1, k): q3r.reference.project on the device.
     Leading batch dimensions become blocks of one launch."""
-    batch, (d1, d2), k = X.shape[:-2], X.shape[-2:], U.shape[-1]
+    (d1, d2), k = X.shape[-2:], U.shape[-1]
+    batch = torch.broadcast_shapes(X.shape[:-2], U.shape[:-2], V.shape[:-2])  # (as the reference's products)
     n = math.prod(batch)
-    Xs = X.reshape(n, d1, d2)
+    Xs = X.expand(*batch, d1, d2).reshape(n, d1, d2)
     Us = U.expand(*batch, d1, k).reshape(n, d1, k)
     Vs = V.expand(*batch, d2, k).reshape(n, d2, k)
     out = project_blocks(list(Xs), list(Us), list(Vs))

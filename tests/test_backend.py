@@ -199,3 +199,61 @@ def test_automatic_dispatch_keeps_wide_or_mixed_factors_off_the_kernels_in_every
     U2, V2, d2 = factors(12, 10, 2, gen)
     torch.testing.assert_close(ops.apply_reweighting(X, U2, V2.double(), d2),
                                reference.apply_reweighting(X, U2, V2.double(), d2))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_add_reweighting_into_outs_that_alias_the_weights(backend, monkeypatch):
+    """An out that is another view of a weight (its transpose; the next block's weight) must
+    not be read half-written: every block sees the weights as they were. An expanded out is
+    refused before anything is written."""
+    if backend == "triton" and K is None:
+        pytest.skip("Triton kernels unavailable here")
+    monkeypatch.setenv("Q3R_BACKEND", backend)
+    gen = torch.Generator().manual_seed(6)
+    W0, W1, W2, W3 = (torch.randn(20, 20, generator=gen).to(DEVICE) for _ in range(4))
+    U, V, d = factors(20, 20, 6, gen)
+    R = lambda X: reference.apply_reweighting(X, U, V, d)  # noqa: E731
+    expected_t = W0.t() + 0.5 * R(W0)
+    expected = (W2 + 0.5 * R(W1), W3 + 0.5 * R(W2))
+    with tile_settings(True):
+        ops.add_reweighting_([W0.t()], [W0], [(U, V, d)], 0.5)  # into the weight's transpose
+        ops.add_reweighting_([W2, W3], [W1, W2], [(U, V, d)] * 2, 0.5)  # block 0 writes block 1's weight
+    torch.testing.assert_close(W0.t(), expected_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(W2, expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(W3, expected[1], rtol=1e-5, atol=1e-5)
+    expanded = torch.zeros(1, 20, device=DEVICE).expand(20, 20)
+    keep = W1.clone()
+    with pytest.raises(ValueError, match=r"outs\[1\] has internal overlap"):
+        ops.add_reweighting_([W1, expanded], [W3, W3], [(U, V, d)] * 2, 1.0)
+    assert torch.equal(W1, keep)
+
+
+def test_a_bad_width_limit_is_an_error_wherever_automatic_dispatch_reads_it(monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    X = torch.randn(12, 10, generator=gen)
+    U, V, d = factors(12, 10, 5, gen)
+    for value in ("abc", "-5"):
+        monkeypatch.setenv("Q3R_TRITON_MAX_WIDTH", value)
+        with pytest.raises(ValueError, match="Q3R_TRITON_MAX_WIDTH must be an int >= 0"):
+            ops.apply_reweighting(X, U, V, d)  # (on CPU: the reference path, but the setting is still read)
+        with pytest.raises(ValueError, match="Q3R_TRITON_MAX_WIDTH must be an int >= 0"):
+            ops.add_reweighting_([X.clone()], [X], [(U, V, d)], 1.0)
+
+
+def test_forced_triton_refuses_what_the_kernels_cannot_take_instead_of_falling_back(monkeypatch):
+    if K is None:
+        pytest.skip("Triton kernels unavailable here")
+    monkeypatch.setenv("Q3R_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(2)
+    X = torch.randn(12, 10, generator=gen).to(DEVICE)
+    U, V, d = factors(12, 10, 5, gen)
+    with pytest.raises(_backend.BackendUnavailableError, match="float32 factors"):
+        ops.apply_reweighting(X, U.double(), V.double(), d)
+    with pytest.raises(_backend.BackendUnavailableError, match="float32 factors"):
+        ops.project(X, U.double(), V.double())
+    out = X.double()
+    with pytest.raises(_backend.BackendUnavailableError, match="block 0 does not fit the kernels"):
+        ops.add_reweighting_([out], [X], [(U, V, d)], 1.0)
+    assert torch.equal(out, X.double())
+    with pytest.raises(_backend.BackendUnavailableError, match="not meta"):
+        ops.apply_reweighting(X.to("meta"), U.to("meta"), V.to("meta"), d.to("meta"))

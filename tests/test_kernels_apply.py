@@ -61,6 +61,20 @@ def test_apply_reference_signature_with_batch_and_zero_width():
     assert torch.equal(same, X)
 
 
+def test_apply_broadcasts_batch_dims_the_factors_carry_and_x_lacks():
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(21, 18, generator=gen).to(DEVICE)
+    ops = [factors(21, 18, 9, gen) for _ in range(2)]
+    U, V, d = (torch.stack(t) for t in zip(*ops))
+    with tile_settings(True):
+        both = K.apply_reweighting(X, U, V, d)
+        only_d = K.apply_reweighting(X[None].expand(3, 21, 18), U[0], V[0], d[:1].expand(3, 9))
+    torch.testing.assert_close(both, reference.apply_reweighting(X, U, V, d), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(only_d, reference.apply_reweighting(X, U[0], V[0], d[:1].expand(3, 9)),
+                               rtol=1e-5, atol=1e-5)
+    assert both.shape == (2, 21, 18) and only_d.shape == (3, 21, 18)
+
+
 def test_regularizer_add_grad_uses_kernels_and_matches(monkeypatch):
     """Q3R.add_grad_ on the Triton backend (row slices, column slices) equals the reference."""
     from q3r import Q3R, Target

@@ -60,3 +60,11 @@ def test_project_reference_signature_with_batch():
     A_ref, B_ref = reference.project(X, U, V)
     torch.testing.assert_close(A, A_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(B, B_ref, rtol=1e-5, atol=1e-5)
+    # factors with a batch dim X lacks: broadcast, as the reference's products do
+    Ub, Vb = torch.stack([U, U.flip(-1)]), torch.stack([V, V.flip(-1)])
+    with tile_settings(True):
+        A, B = K.project(X[0], Ub, Vb)
+    A_ref, B_ref = reference.project(X[0], Ub, Vb)
+    assert A.shape == A_ref.shape == (2, 17, 33) and B.shape == B_ref.shape == (2, 19, 17)
+    torch.testing.assert_close(A, A_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(B, B_ref, rtol=1e-5, atol=1e-5)

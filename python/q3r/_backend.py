@@ -72,9 +72,11 @@ def triton_status(device_type: str = "cuda") -> tuple[bool, str]:
         return ok, why
     if device_type == "cuda":
         return _cuda_probe()
-    if _interpreting():
+    if _interpreting() and device_type == "cpu":
         return True, "TRITON_INTERPRET=1: Triton's interpreter runs the kernels on CPU tensors (slow; for tests)"
-    return False, f"{device_type} tensors need TRITON_INTERPRET=1 (the kernels compile for CUDA only)"
+    if device_type == "cpu":
+        return False, "cpu tensors need TRITON_INTERPRET=1 (the kernels compile for CUDA only)"
+    return False, f"the kernels run on cuda tensors (and, under TRITON_INTERPRET=1, cpu ones), not {device_type}"
 
 
 _warned: set[str] = set()

@@ -30,7 +30,7 @@ from torch import Tensor
 import os
 
 from . import reference
-from ._backend import backend_for, requested
+from ._backend import BackendUnavailableError, backend_for, requested
 
 __all__ = ["project", "apply_reweighting", "add_reweighting_", "adamq3r_fused_"]
 
@@ -44,7 +44,9 @@ def auto_max_width() -> int:
     try:
         width = int(value)
     except ValueError:
-        raise ValueError(f"Q3R_TRITON_MAX_WIDTH must be an int, got {value!r}") from None
+        width = -1
+    if width < 0:
+        raise ValueError(f"Q3R_TRITON_MAX_WIDTH must be an int >= 0, got {value!r}")
     return width
 
 
@@ -82,9 +84,22 @@ def _check(X: Tensor, U: Tensor, V: Tensor, d: Tensor | None = None) -> None:
 
 def _fast(X: Tensor, U: Tensor, V: Tensor) -> bool:
     """Whether the kernels take this product: the Triton backend for X, float32 factors, and
-    (under automatic dispatch) factors no wider than Q3R_TRITON_MAX_WIDTH, as add_reweighting_."""
-    return (backend_for(X.device, X.dtype) == "triton" and U.dtype == V.dtype == torch.float32
-            and _width_ok([(U,)], _width_limit()))
+    (under automatic dispatch) factors no wider than Q3R_TRITON_MAX_WIDTH, as add_reweighting_.
+    Forced (Q3R_BACKEND=triton), a product the kernels cannot take is an error."""
+    limit = _width_limit()  # (checked on every path: a bad setting is an error wherever it is read)
+    if backend_for(X.device, X.dtype) != "triton":
+        return False
+    if U.dtype == V.dtype == torch.float32:
+        return _width_ok([(U,)], limit)
+    _refuse_forced(f"the kernels take float32 factors, got U {U.dtype} and V {V.dtype}")
+    return False
+
+
+def _refuse_forced(why: str) -> None:
+    """Under Q3R_BACKEND=triton, an op the kernels cannot take raises rather than running on
+    the reference path unasked."""
+    if requested() == "triton":
+        raise BackendUnavailableError(f"Q3R_BACKEND=triton was requested but {why}")
 
 
 def project(X: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
@@ -128,6 +143,9 @@ def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tu
         U = f[0]
         ok = (verdict[where] and W.dim() == 2 and out.dtype in _FAST_OUT_DTYPES and U.dtype == torch.float32
               and (limit is None or U.shape[-1] <= limit))
+        if verdict[where] and not ok:
+            _refuse_forced(f"block {i} does not fit the kernels (a 2-D weight, an out of dtype float32, bfloat16 "
+                           f"or float16 and float32 factors; got {W.dim()}-D, {out.dtype}, {U.dtype})")
         (fast if ok else slow).append(i)
     for i in slow:  # all of them before the first is applied
         _check(weights[i], factors[i][0], factors[i][1], factors[i][2])
@@ -135,6 +153,7 @@ def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tu
             _check_eps(factors[i][2], factors[i][3], f"factors[{i}]")
         if tuple(outs[i].shape) != tuple(weights[i].shape):
             raise ValueError(f"out of shape {tuple(outs[i].shape)} for a weight of shape {tuple(weights[i].shape)}")
+    weights = _unaliased(outs, weights)
     # the kernels read d (or sigma) as contiguous float32 and eps as a float32 tensor on the
     # weight's device (the reference path also takes a Python number); these stay referenced
     # until run()
@@ -146,6 +165,31 @@ def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tu
         outs[i].add_(reference.apply_reweighting(weights[i], U, V, d).to(outs[i].dtype), alpha=alpha)
     if plan is not None:
         plan.run([outs[i] for i in fast], [alpha] * len(fast))
+
+
+def _unaliased(outs: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
+    """The weights, with a copy of each that shares memory with an out other than its own
+    block's out being that very view: outs are written while weights are still read (the
+    kernels' tiles, and the blocks one after another), so such a weight would be read
+    half-updated.  An out with internal overlap (an expanded view) is refused, as torch
+    refuses writes into one: nothing is written then.  (The optimizer and regularizer add
+    into gradients: no copy.)"""
+    for i, out in enumerate(outs):
+        if torch._debug_has_internal_overlap(out) == 1:  # 1: MemOverlap.Yes
+            raise ValueError(f"outs[{i}] has internal overlap (more than one element refers to a single memory "
+                             f"location, e.g. an expanded view): it cannot be written in place")
+    written: dict[int, list[int]] = {}
+    for i, out in enumerate(outs):
+        written.setdefault(out.untyped_storage().data_ptr(), []).append(i)
+    if not any(W.untyped_storage().data_ptr() in written for W in weights):
+        return weights
+    return [W.clone() if any(i != j or not _same_view(outs[i], W) for i in written.get(W.untyped_storage().data_ptr(), ()))
+            else W for j, W in enumerate(weights)]
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
 
 
 def _check_eps(sigma: Tensor, eps, name: str) -> None:
