@@ -115,6 +115,28 @@ def test_q3r_term_is_evaluated_at_pre_step_weights_and_skips_adam_moments():
     torch.testing.assert_close(opt.state[W]["exp_avg"].double(), 0.1 * g)  # no Q3R term in the moments
 
 
+def test_bf16_weights_get_the_q3r_term_rounded_once_with_the_adam_step():
+    """lr * 2 lambda R(W) well below half a bf16 ulp of W still moves W: the step is taken in
+    float32 and rounded once (rounded after Adam and again after the term, it vanished)."""
+    g = torch.Generator().manual_seed(3)
+    W0, grad = torch.randn(64, 48, generator=g).bfloat16(), torch.randn(64, 48, generator=g).bfloat16()
+    results = {}
+    for lmbda in (0.0, 0.1):
+        W = torch.nn.Parameter(W0.clone())
+        opt = q3r.AdamQ3R([{"params": [W], "q3r": True, "target_rank": 4, "lmbda": lmbda}], lr=1e-3)
+        W.grad = grad.clone()
+        opt.step()
+        results[lmbda] = W.detach().float()
+    moved = (results[0.0] != results[0.1]).float().mean().item()
+    assert moved > 0.01  # (about term / ulp of the entries; 0 when rounded twice)
+    # and by the term, to within an ulp: not noise
+    W32 = W0.float()
+    eps = sigma_next(W32.double(), 4)
+    term = 1e-3 * 2 * 0.1 * dense_reweighting(W32.double(), eps, W32.double())
+    ulp = (results[0.0].abs() * 2.0**-7).clamp_min(2.0**-133)
+    assert ((results[0.1] - (results[0.0] - term.float())).abs() <= ulp).all()
+
+
 def test_refresh_every_T_steps_from_step_zero_and_frozen_between():
     torch.manual_seed(2)
     model = TinyViT()

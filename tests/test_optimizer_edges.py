@@ -287,15 +287,20 @@ def test_a_penalty_logged_under_inference_mode_leaves_trainable_factors():
     assert model.blocks[0].attn.qkv.weight.grad is not None
 
 
-def test_an_error_of_the_update_itself_is_raised_as_it_is():
-    """An update that fails while the refresh waits (here: a model cast to bf16 after the
-    optimizer made its fp32 moments) is the caller's error, raised unchanged; it is not
-    reported as a failed refresh."""
-    model, opt = _adamq3r()
-    _steps(model, opt, 1)
-    model.to(torch.bfloat16)
-    with pytest.raises(RuntimeError) as caught:
-        _steps(model, opt, 1, start=1)
+def test_an_error_of_the_update_itself_is_raised_as_it_is(monkeypatch):
+    """An update that fails while the refresh waits is raised unchanged; it is not reported as
+    a failed refresh."""
+    from q3r.optim import functional
+
+    model, opt = _adamq3r()  # (a refresh every 3 steps)
+    _steps(model, opt, 3)
+
+    def failing(work, param=None):
+        raise RuntimeError("the update itself failed")
+
+    monkeypatch.setattr(functional, "adam_update_", failing)
+    with pytest.raises(RuntimeError, match="the update itself failed") as caught:
+        _steps(model, opt, 1, start=3)  # a refresh step: the others' updates run while it waits
     assert "refresh failed" not in str(caught.value)
 
 
@@ -451,3 +456,56 @@ def test_damaged_slice_states_written_in_the_saved_layout_are_refused_before_any
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert steps == [int(st["step"]) for st in opt.state.values()]
+
+
+# ------------------------------------------------------- group keys, moved models
+@pytest.mark.parametrize("flag", ["amsgrad", "maximize", "foreach", "fused", "capturable", "differentiable"])
+def test_torch_adam_flags_in_a_param_group_are_refused_not_ignored(flag):
+    model = TinyViT()
+    with pytest.raises(ValueError, match=f"param group 0: {flag}=True, which AdamQ3R does not have"):
+        q3r.AdamQ3R([{"params": list(model.parameters()), flag: True}])
+    opt = q3r.AdamQ3R([{"params": list(model.head.parameters())}])
+    with pytest.raises(ValueError, match=f"param group 1: {flag}=True"):
+        opt.add_param_group({"params": list(model.blocks.parameters()), flag: True})
+    assert len(opt.param_groups) == 1
+    q3r.AdamQ3R([{"params": list(model.parameters()), flag: False}])  # (False, as torch writes them: fine)
+
+
+def test_l2_weight_decay_in_a_param_group_is_refused():
+    model = TinyViT()
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False"):
+        q3r.AdamQ3R([{"params": list(model.parameters()), "weight_decay": 0.1, "decoupled_weight_decay": False}])
+
+
+def test_param_groups_refuses_unknown_options():
+    model = TinyViT()
+    with pytest.raises(TypeError, match=r"unknown options \['lmbd', 'step'\]"):
+        q3r.param_groups(model, _targets(model), lmbd=2.0, step=1)
+    groups = q3r.param_groups(model, _targets(model), lmbda=2.0, steps=1, lr=1e-3, betas=(0.8, 0.9), eps=1e-6)
+    assert all(g["lmbda"] == 2.0 for g in groups if g.get("q3r"))
+
+
+@pytest.mark.parametrize("change", ["dtype", "factors_device"])
+def test_a_model_cast_after_steps_is_refused_before_any_update(change):
+    torch.manual_seed(0)
+    model = TinyViT()
+    opt = q3r.AdamQ3R(q3r.param_groups(model, _targets(model), lmbda=0.5, steps=2), lr=1e-2)
+    _steps(model, opt, 3)
+    if change == "dtype":
+        model.to(torch.bfloat16)
+    else:  # (as a model moved to another device leaves the factors behind: here they move, the model stays)
+        target = model.blocks[0].mlp.fc1.weight
+        opt.state[target]["q3r"][0]["U"] = opt.state[target]["q3r"][0]["U"].to("meta")
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = [int(st["step"]) for st in opt.state.values()]
+    opt.zero_grad()
+    _loss(model, 9).backward()
+    with pytest.raises(ValueError, match="the model was cast or moved after the optimizer took steps"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert steps == [int(st["step"]) for st in opt.state.values()]
+    if change == "dtype":  # the way out the message gives
+        fresh = q3r.AdamQ3R(q3r.param_groups(model, _targets(model), lmbda=0.5, steps=2), lr=1e-2)
+        fresh.load_state_dict(opt.state_dict())
+        fresh.step()
+        assert fresh.state[model.blocks[0].mlp.fc1.weight]["exp_avg"].dtype == torch.bfloat16

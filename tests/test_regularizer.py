@@ -95,6 +95,28 @@ def test_attach_rejects_target_outside_optimizer():
         reg.attach(opt)
 
 
+def test_attach_refuses_a_second_attach_and_maximizing_groups():
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = reg.attach(opt)
+    with pytest.raises(ValueError, match="already attached"):
+        reg.attach(opt)
+    handle.remove()
+    reg.attach(opt)  # (attached again once the first hook is gone)
+    with pytest.raises(ValueError, match="maximize=True"):
+        reg.attach(torch.optim.SGD(model.parameters(), lr=0.1, maximize=True))
+    # a group switched to maximize after attach: refused at the step, before anything changes
+    opt.param_groups[0]["maximize"] = True
+    _task_loss(model, 0).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="maximize=True"):
+        opt.step()
+    assert reg.num_steps == 0
+    assert all(torch.equal(a, p.grad) and torch.equal(b, p) for a, b, p in zip(grads, weights, model.parameters()))
+
+
 def test_in_place_gradient_touches_only_the_slices_and_keeps_the_buffer():
     torch.manual_seed(3)
     W = torch.nn.Parameter(torch.randn(37, 53))

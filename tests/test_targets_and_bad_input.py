@@ -212,3 +212,20 @@ def test_gpt2_cross_attention_c_attn_is_not_cut_into_q_k_v():
     assert targets["transformer.h.0.attn.c_attn.weight"].slices == [(0, 48), (48, 96), (96, 144)]
     cross = targets["transformer.h.0.crossattention.c_attn.weight"]  # K and V only, (48, 96)
     assert tuple(cross.param.shape) == (48, 96) and cross.slices is None
+
+
+def test_targets_of_a_compiled_model_have_the_uncompiled_names():
+    """torch.compile wraps the model (and any compiled submodule) in an OptimizedModule whose
+    parameter names start with _orig_mod.: patterns, names and checkpoints must not see it."""
+    model = TinyViT()
+    compiled = torch.compile(model)  # (lazy: nothing is compiled until it is called)
+    model.blocks[1] = torch.compile(model.blocks[1])
+    plain = TinyViT()
+    kwargs = dict(target_rank=2, rank_overrides={r"blocks\.1\.mlp\.fc1": 3})
+    got = q3r.find_targets(compiled, ["attn.qkv", "mlp.fc1"], [r"blocks\.0\.attn\..*"], **kwargs)
+    want = q3r.find_targets(plain, ["attn.qkv", "mlp.fc1"], [r"blocks\.0\.attn\..*"], **kwargs)
+    assert [(t.name, t.slices, t.target_rank) for t in got] == [(t.name, t.slices, t.target_rank) for t in want]
+    assert got[-1].param is model.blocks[1]._orig_mod.mlp.fc1.weight
+    reg = q3r.Q3R(got, lmbda=0.1)
+    reg.penalty()
+    q3r.Q3R(want, lmbda=0.1).load_state_dict(reg.state_dict())  # (the same names: it loads)

@@ -193,10 +193,26 @@ class Q3R:
         for t in self.targets:
             if id(t.param) not in owned:
                 raise ValueError(f"Q3R target {t.name} is not among the optimizer's parameters")
+        self._check_descends(optimizer)
+        hooks = getattr(optimizer, "_optimizer_step_pre_hooks", {}).values()
+        if any(getattr(h, "__self__", None) is self and getattr(h, "__func__", None) is Q3R._before_step
+               for h in hooks):  # (twice would count two steps and add the term twice per step)
+            raise ValueError("this Q3R is already attached to this optimizer (remove the first hook's handle "
+                             "to attach again)")
         return optimizer.register_step_pre_hook(self._before_step)
+
+    def _check_descends(self, optimizer) -> None:
+        """The optimizer descends along .grad for every target: with maximize=True it would
+        ascend the penalty (grow the small singular values)."""
+        targets = {id(t.param) for t in self.targets}
+        for gi, group in enumerate(optimizer.param_groups):
+            if group.get("maximize") and any(id(p) in targets for p in group["params"]):
+                raise ValueError(f"optimizer param group {gi} has maximize=True: the Q3R term added to .grad "
+                                 "would be ascended; to maximize an objective J, maximize J - penalty() instead")
 
     def _before_step(self, optimizer, args, kwargs):
         """attach's step pre-hook: add_grad_ now, or wrap the step's closure (see attach)."""
+        self._check_descends(optimizer)  # (before anything changes; groups can change after attach)
         # (args are step's own: the optimizer first, then the closure if passed by position)
         closure = kwargs["closure"] if "closure" in kwargs else (args[1] if len(args) > 1 else None)
         if closure is None:

@@ -113,6 +113,20 @@ def _matches(pattern: str, name: str) -> bool:
         return False
 
 
+def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """model.named_modules() as find_targets names them: looking through the wrappers
+    torch.compile puts around a model or a submodule (an OptimizedModule holding the original
+    as ``_orig_mod``), so that the names, and the patterns and checkpoints that use them, are
+    those of the model uncompiled. (get_submodule resolves them: the wrapper forwards
+    attribute access to the original.)"""
+    out = []
+    for name, module in model.named_modules():
+        if type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module):
+            continue
+        out.append((".".join(part for part in name.split(".") if part != "_orig_mod"), module))
+    return out
+
+
 def _auto_fused(parent: nn.Module | None, child_name: str, module: nn.Module):
     """(slice_dim, slices, labels) for fused QKV weights we recognize, else None.
 
@@ -167,12 +181,13 @@ def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, s
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     rank_overrides = dict(rank_overrides or {})
     slices = dict(slices or {})
-    parents = {name: mod for name, mod in model.named_modules()}
+    modules = _named_modules(model)
+    parents = dict(modules)
     unmatched = [p for p in include if not any(_matches(p, name) for name in parents if name)]
     if unmatched:
         raise ValueError(f"include patterns {unmatched!r} match no module of the model")
     targets, used = [], set()
-    for name, module in model.named_modules():
+    for name, module in modules:
         if not name or not any(_matches(p, name) for p in include) or any(_matches(p, name) for p in exclude):
             continue
         weight = getattr(module, "weight", None)
@@ -224,6 +239,12 @@ def param_groups(model: nn.Module, targets: list[Target], weight_decay: float = 
     weight_decay applies to the non-target parameters only: on targets the Q3R term is the
     (reweighted) decay.
     """
+    from .config import Q3R_DEFAULTS  # (config imports this module)
+
+    unknown = sorted(set(q3r_options) - set(Q3R_DEFAULTS) - {"lr", "betas", "eps"})
+    if unknown:  # (a typo would leave its option at the default, silently)
+        raise TypeError(f"param_groups got unknown options {unknown}; Q3R options are {sorted(Q3R_DEFAULTS)}, "
+                        "and lr, betas, eps")
     target_ids = {id(t.param) for t in targets}
     rest = [p for p in model.parameters() if id(p) not in target_ids and p.requires_grad]
     groups = [{"params": rest, "weight_decay": weight_decay}] if rest else []

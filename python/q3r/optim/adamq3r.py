@@ -23,6 +23,22 @@ from .functional import ParamWork, adamq3r_step_
 __all__ = ["AdamQ3R"]
 
 
+# torch.optim.Adam options AdamQ3R does not have (refused as constructor arguments too): in a
+# param group they would be ignored, and amsgrad / maximize change the update rule
+_ADAM_ONLY_FLAGS = ("amsgrad", "maximize", "foreach", "fused", "capturable", "differentiable")
+
+
+def _check_adam_flags(group: dict, where: str) -> None:
+    """A new group's torch.optim.Adam options. (A loaded checkpoint of torch's Adam / AdamW
+    may say foreach / fused: those do not change the update; see AdamQ3R._adopted_group.)"""
+    for flag in _ADAM_ONLY_FLAGS:
+        if group.get(flag):
+            raise ValueError(f"{where}: {flag}={group[flag]!r}, which AdamQ3R does not have")
+    if group.get("decoupled_weight_decay") is False and group.get("weight_decay"):
+        raise ValueError(f"{where}: decoupled_weight_decay=False (Adam's L2 decay); AdamQ3R's weight decay is "
+                         "decoupled, as AdamW's")
+
+
 def _check_hyperparameters(group: dict, where: str) -> None:
     lr, eps, wd, betas = group["lr"], group["eps"], group["weight_decay"], group["betas"]
     if isinstance(lr, torch.Tensor) or not (0.0 <= lr < math.inf):
@@ -90,6 +106,7 @@ class AdamQ3R(Optimizer):
         merged = {**self.defaults, **param_group, "params": params}
         if param_names is not None:
             merged["param_names"] = param_names
+        _check_adam_flags(merged, where)
         _check_hyperparameters(merged, where)
         if merged.get("q3r"):
             validate_q3r_options(merged, where)
@@ -249,6 +266,8 @@ class AdamQ3R(Optimizer):
                     raise RuntimeError("AdamQ3R does not support sparse gradients")
                 if p.grad is not None and group["q3r"] and "q3r" not in self.state.get(p, {}):
                     self._check_new_target(p, group)  # (all before any state is made)
+                if p.grad is not None and self.state.get(p):
+                    self._check_state_follows(p, self.state[p])
         works, due, q3r_works = [], [], []
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -287,6 +306,27 @@ class AdamQ3R(Optimizer):
         self._set_operators([(w, st) for w, st in q3r_works if id(w.param) in refreshed])
         if later:
             adamq3r_step_(later)
+
+    def _check_state_follows(self, p, state: dict) -> None:
+        """p's state where p is now: a model cast (model.to(torch.bfloat16)) or moved after
+        steps leaves its Adam moments and factors behind; refused before any update, naming
+        the parameter, rather than failing inside one with some parameters updated.  (Every
+        step, for every parameter: the moments and factors are made, loaded and moved together,
+        so one of each is looked at.)"""
+        moment, slices = state.get("exp_avg"), state.get("q3r")
+        factor = slices[0].get("U") if isinstance(slices, list) and slices and isinstance(slices[0], dict) else None
+        if moment is not None and (moment.dtype != p.dtype or moment.device != p.device):
+            key, t = "exp_avg", moment
+        elif factor is not None and factor.device != p.device:
+            key, t = "U", factor
+        else:
+            return
+        gi, index = next((gi, i) for gi, g in enumerate(self.param_groups) for i, q in enumerate(g["params"]) if q is p)
+        raise ValueError(
+            f"AdamQ3R param group {gi}, parameter {index} ({tuple(p.shape)}, {p.dtype} on {p.device}): its state "
+            f"{key} is {t.dtype} on {t.device}; the model was cast or moved after the optimizer took steps. Cast or "
+            "move it before building the optimizer, or save the optimizer's state_dict and load it into one built "
+            "after the change (load_state_dict casts the moments)")
 
     @staticmethod
     def _set_operators(q3r_works: list) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from .. import reference
@@ -54,9 +55,11 @@ def q3r_terms(work: ParamWork) -> list[Tensor]:
     ]
 
 
-def adam_update_(work: ParamWork) -> None:
-    """torch.optim.Adam's single-tensor update (decoupled weight decay as in AdamW)."""
-    param, grad, exp_avg, exp_avg_sq = work.param, work.grad, work.exp_avg, work.exp_avg_sq
+def adam_update_(work: ParamWork, param: Tensor | None = None) -> None:
+    """torch.optim.Adam's single-tensor update (decoupled weight decay as in AdamW), of
+    ``param`` (default: work.param; or a float32 copy of it, see adamq3r_reference_)."""
+    param = work.param if param is None else param
+    grad, exp_avg, exp_avg_sq = work.grad, work.exp_avg, work.exp_avg_sq
     work.step += 1
     if work.weight_decay != 0:
         param.mul_(1 - work.lr * work.weight_decay)
@@ -74,9 +77,17 @@ def adamq3r_reference_(works: list[ParamWork]) -> None:
     """The reference AdamQ3R step over many parameters, one after another."""
     for work in works:
         terms = q3r_terms(work)  # at W_prev: before the Adam update moves W
-        adam_update_(work)
-        for view, term in zip(slice_views(work.param, work.slice_dim, work.slices), terms):
+        # a low-precision parameter with a Q3R term is updated in float32 and rounded once, as
+        # the fused kernel does: rounded after Adam and again after the term, a term below half
+        # an ulp of W would be lost (in bf16 most of it, at typical lr * 2 lambda); without a
+        # term the update stays torch.optim.Adam's, bit for bit
+        wide = work.param.float() if terms and work.param.dtype in (torch.bfloat16, torch.float16) else None
+        adam_update_(work, wide)
+        target = work.param if wide is None else wide
+        for view, term in zip(slice_views(target, work.slice_dim, work.slices), terms):
             view.sub_(term.to(view.dtype), alpha=work.lr)
+        if wide is not None:
+            work.param.copy_(wide)
 
 
 def adamq3r_step_(works: list[ParamWork]) -> None:
