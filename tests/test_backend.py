@@ -257,3 +257,13 @@ def test_forced_triton_refuses_what_the_kernels_cannot_take_instead_of_falling_b
     assert torch.equal(out, X.double())
     with pytest.raises(_backend.BackendUnavailableError, match="not meta"):
         ops.apply_reweighting(X.to("meta"), U.to("meta"), V.to("meta"), d.to("meta"))
+
+
+def test_info_says_when_a_forced_triton_cannot_run(monkeypatch):
+    from q3r import info
+
+    monkeypatch.setenv("Q3R_BACKEND", "triton")
+    monkeypatch.setattr(_backend, "triton_status", lambda device_type="cuda": (False, "no GPU here"))
+    assert "cannot run here" in info.report()
+    monkeypatch.setattr(_backend, "triton_status", lambda device_type="cuda": (True, "fine"))
+    assert "cannot run here" not in info.report()

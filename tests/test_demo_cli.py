@@ -34,10 +34,40 @@ def test_cli_rejects_unknown_command():
         cli.main(["frobnicate"])
 
 
-@pytest.mark.parametrize("option, message", [(["--target-rank", "5"], "target_rank"), (["--lmbda", "-1"], "lmbda")])
+@pytest.mark.parametrize("option, message", [
+    (["--target-rank", "5"], "target_rank"), (["--lmbda", "-1"], "lmbda"), (["--epochs", "0"], "epochs"),
+    (["--seed", "99999999999999999999"], "seed"), (["--json", "/no/such/dir/out.json"], "--json"),
+])
 def test_cli_demo_refuses_bad_options_before_training(option, message, capsys, monkeypatch):
     import q3r.demo
 
     monkeypatch.setattr(q3r.demo, "train", lambda *a, **k: pytest.fail("trained before checking its options"))
     assert cli.main(["demo", *option]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_demo_refuses_a_directory_as_json(tmp_path, capsys):
+    assert cli.main(["demo", "--json", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_python_dash_m_q3r_runs_the_cli():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "q3r", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "demo" in done.stdout
+
+
+def test_dev_script_resolves_a_relative_venv_against_where_it_was_called(tmp_path, monkeypatch):
+    """tools/dev.py runs its commands from the repository root: Q3R_VENV=rel must mean the
+    caller's ./rel, an absolute path."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("Q3R_VENV", "rel")
+    spec = importlib.util.spec_from_file_location("dev_script", Path(__file__).parent.parent / "tools" / "dev.py")
+    dev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev)
+    assert dev.VENV == tmp_path / "rel"

@@ -2,6 +2,7 @@
 
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -182,6 +183,24 @@ def test_diagnostics_report_every_slice():
     s = torch.linalg.svdvals(W.double())
     assert abs(diag["blocks.0.attn.qkv.weight[q]/tail_energy"] - float(s[3:].square().sum() / s.square().sum())) < 1e-6
     assert 1 <= diag["blocks.0.attn.qkv.weight[q]/effective_rank"] <= 24
+
+
+def test_diagnostics_of_non_finite_and_zero_weights():
+    """A logging call does not end a run whose weights went non-finite (NaN measures, the
+    operator's kept); a zero weight has effective rank 0."""
+    torch.manual_seed(6)
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.1)
+    reg.penalty()
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
+        model.blocks[0].attn.qkv.weight[:24].zero_()
+    diag = reg.diagnostics()
+    nan_target = "blocks.0.mlp.fc1.weight"
+    assert math.isnan(diag[f"{nan_target}/penalty"]) and math.isnan(diag[f"{nan_target}/effective_rank"])
+    assert diag[f"{nan_target}/envelope_rank"] == 3.0
+    assert diag["blocks.0.attn.qkv.weight[q]/effective_rank"] == 0.0
+    assert diag["blocks.0.attn.qkv.weight[q]/tail_energy"] == 0.0
 
 
 @pytest.mark.parametrize("dim, method", [(24, "randomized"), (48, "native")])

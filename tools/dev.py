@@ -19,7 +19,7 @@ import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VENV = Path(os.environ.get("Q3R_VENV", ROOT / ".venv"))
+VENV = Path(os.environ.get("Q3R_VENV", ROOT / ".venv")).resolve()  # (commands run from ROOT)
 PY = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 EXTRAS = {"demo": "demo", "test": "test,hf,triton,experiment"}
 

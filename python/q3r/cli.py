@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 
 
 def _demo(args) -> int:
@@ -13,14 +15,34 @@ def _demo(args) -> int:
     cfg = DemoConfig(epochs=args.epochs, lmbda=args.lmbda, target_rank=args.target_rank, seed=args.seed)
     try:
         check_config(cfg)
+        if args.json:  # (checked before the run, not found wanting after it)
+            _check_writable(args.json)
     except (ValueError, TypeError) as err:
         print(f"q3r demo: error: {err}", file=sys.stderr)
         return 2
     result = run_demo(cfg)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        _write_atomically(args.json, json.dumps(result, indent=2))
     return 0
+
+
+def _check_writable(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--json: {path} is a directory")
+    if not os.path.isdir(folder):
+        raise ValueError(f"--json: the directory {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--json: cannot write into {folder}")
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """A temporary file in the same directory, then renamed: an interrupted write leaves the
+    old file, not half of a new one."""
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(path)), delete=False,
+                                     prefix=".tmp-", suffix=".json") as f:
+        f.write(text)
+    os.replace(f.name, path)
 
 
 def _info(args) -> int:

@@ -94,7 +94,13 @@ def adamq3r_for(model: torch.nn.Module, cfg: DemoConfig) -> AdamQ3R:
 
 
 def check_config(cfg: DemoConfig) -> None:
-    """Raise ValueError for options the demo's optimizer refuses, before anything runs."""
+    """Raise ValueError for options the demo or its optimizer refuse, before anything runs."""
+    for name in ("epochs", "batch_size", "width"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {cfg.seed!r}")  # (torch.manual_seed's range)
     adamq3r_for(make_mlp(cfg.width), cfg)
 
 

@@ -22,6 +22,15 @@ def slice_diagnostics(W: Tensor, state: dict[str, Tensor], rank: int, lmbda: flo
     (what truncation to the target rank throws away); penalty: lmbda <W, R(W)>.
     """
     W32 = W.detach().to(reference.compute_dtype(W.dtype))
+    of_operator = {
+        "envelope_rank": float(reference.envelope_rank(state["sigma"], state["eps"])),
+        "eps": float(state["eps"]),
+    }
+    if not bool(torch.isfinite(W32).all()):
+        # (a logging call must not end a run whose weights went non-finite: SPEC section 5;
+        # the SVD would raise) the weights' own measures are NaN, the operator's are kept
+        nan = float("nan")
+        return {**of_operator, "sigma_next": nan, "effective_rank": nan, "tail_energy": nan, "penalty": nan}
     sv = torch.linalg.svdvals(W32).double()
     energy = sv.square()
     total = float(energy.sum())
@@ -29,10 +38,9 @@ def slice_diagnostics(W: Tensor, state: dict[str, Tensor], rank: int, lmbda: flo
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     U, V, d = operator_of(state)
     return {
-        "envelope_rank": float(reference.envelope_rank(state["sigma"], state["eps"])),
-        "eps": float(state["eps"]),
+        **of_operator,
         "sigma_next": float(sv[rank]) if sv.numel() > rank else 0.0,
-        "effective_rank": float(entropy.exp()),
+        "effective_rank": float(entropy.exp()) if total > 0 else 0.0,  # (a zero matrix has rank 0, not exp(0))
         "tail_energy": 0.0 if total == 0 else float(energy[rank:].sum()) / total,
         "penalty": float(lmbda * reference.penalty_value(W32, U, V, d)),
     }

@@ -45,6 +45,8 @@ def report() -> str:
     try:
         forced = _backend.requested()
         choice = f"forced by {_backend.ENV_VAR}={forced}" if forced else "automatic (CUDA + Triton -> triton, else reference)"
+        if forced == "triton" and not any(_backend.triton_status(t)[0] for t in ("cuda", "cpu")):
+            choice += " -- but it cannot run here (see above): every op will raise BackendUnavailableError"
     except ValueError as exc:
         choice = f"invalid: {exc}"
     lines.append(f"backend choice: {choice}")
