@@ -509,3 +509,15 @@ def test_a_model_cast_after_steps_is_refused_before_any_update(change):
         fresh.load_state_dict(opt.state_dict())
         fresh.step()
         assert fresh.state[model.blocks[0].mlp.fc1.weight]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_diagnostics_before_the_first_step_are_those_of_the_identity_operator_as_for_q3r():
+    torch.manual_seed(0)
+    model = TinyViT()
+    opt = q3r.AdamQ3R(q3r.param_groups(model, _targets(model), lmbda=0.5), lr=1e-2)
+    reg = q3r.Q3R(_targets(model), lmbda=0.5)
+    got, want = opt.diagnostics(), reg.diagnostics()
+    assert got.keys() == want.keys() and len(got) > 0
+    assert all(got[k] == want[k] for k in got)
+    assert all(v == float("inf") for k, v in got.items() if k.endswith("/eps"))
+    assert not opt.state  # (looking creates no state)

@@ -346,9 +346,11 @@ class AdamQ3R(Optimizer):
                 continue
             for p in group["params"]:
                 state = self.state.get(p)
-                if not state or "q3r" not in state:
-                    continue
-                pairs = distributed.diagnostic_slices(p, group["slice_dim"], group["slices"], state["q3r"])
+                # before its first step a target has the identity operator (eps = inf), as Q3R's
+                # before its first penalty / add_grad_: reported as such, not left out
+                slices = (state["q3r"] if state and "q3r" in state
+                          else distributed.new_target_states(p, group["slice_dim"], group["slices"]))
+                pairs = distributed.diagnostic_slices(p, group["slice_dim"], group["slices"], slices)
                 for (view, s), cfg in zip(pairs, self._group_configs(group, p)):
                     for key, value in slice_diagnostics(view, s, cfg.rank, group["lmbda"]).items():
                         out[f"{cfg.name}/{key}"] = value
