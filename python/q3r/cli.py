@@ -6,7 +6,8 @@ import argparse
 import json
 import os
 import sys
-import tempfile
+
+from ._files import write_text
 
 
 def _demo(args) -> int:
@@ -22,7 +23,7 @@ def _demo(args) -> int:
         return 2
     result = run_demo(cfg)
     if args.json:
-        _write_atomically(args.json, json.dumps(result, indent=2))
+        write_text(args.json, json.dumps(result, indent=2))
     return 0
 
 
@@ -34,15 +35,6 @@ def _check_writable(path: str) -> None:
         raise ValueError(f"--json: the directory {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise ValueError(f"--json: cannot write into {folder}")
-
-
-def _write_atomically(path: str, text: str) -> None:
-    """A temporary file in the same directory, then renamed: an interrupted write leaves the
-    old file, not half of a new one."""
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(path)), delete=False,
-                                     prefix=".tmp-", suffix=".json") as f:
-        f.write(text)
-    os.replace(f.name, path)
 
 
 def _info(args) -> int:

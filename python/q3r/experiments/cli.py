@@ -32,12 +32,23 @@ def _add_experiments(parser: argparse.ArgumentParser) -> None:
     vit.add_argument("--data-dir", default=None,
                      help="folder with the four Fashion-MNIST IDX .gz files (default: $Q3R_FMNIST_DIR or /usr/share/datasets/fashion-mnist)")
     vit.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
-    vit.add_argument("--workers", type=int, default=1,
+    vit.add_argument("--workers", type=_positive_int, default=1,
                      help="runs trained at once in separate processes (a small model leaves a GPU mostly idle)")
-    vit.add_argument("--epochs", type=int, default=None, help="override the size's number of epochs")
+    vit.add_argument("--epochs", type=_positive_int, default=None, help="override the size's number of epochs")
     vit.add_argument("--seed", type=int, default=None, help="override the seed (default 0)")
     vit.add_argument("--fresh", action="store_true", help="discard finished runs and checkpoints in --out")
     vit.set_defaults(func=run_vit_fmnist)
+
+
+def _positive_int(text: str) -> int:
+    # argparse turns this into "argument --epochs: must be an integer >= 1, got '0'" and exit code 2
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def _git_commit() -> str:
@@ -51,18 +62,16 @@ def _git_commit() -> str:
 
 
 def run_vit_fmnist(args) -> int:
-    from .harness import make_config, run_experiment
+    from .harness import UsageError, make_config, run_experiment
 
-    if args.workers < 1:
-        raise SystemExit(f"--workers must be >= 1, got {args.workers}")
-    cfg = make_config(args.size, epochs=args.epochs, seed=args.seed)
     out = args.out or f"runs/vit-fmnist-{args.size}"
     meta = dict(command="q3r experiment vit-fmnist " + " ".join(sys.argv[sys.argv.index("vit-fmnist") + 1:]) if "vit-fmnist" in sys.argv else "",
                 commit=os.environ.get("Q3R_COMMIT") or _git_commit())  # a copied tree has no .git
     try:
+        cfg = make_config(args.size, epochs=args.epochs, seed=args.seed)
         run_experiment(cfg, out, data_dir=args.data_dir, device=args.device, workers=args.workers, fresh=args.fresh, meta=meta)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (UsageError, FileNotFoundError) as err:  # the user's mistake: a message, not a traceback
+        print(f"q3r experiment: error: {err}", file=sys.stderr)
         return 2
     print(f"results in {out}/results.md, results.csv, results.json, results.png")
     return 0

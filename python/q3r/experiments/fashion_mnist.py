@@ -51,6 +51,16 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(shape)
 
 
+def counts(path=None) -> dict[str, int]:
+    """Number of items in each file, read from the IDX headers only (cheap: no full decompression)."""
+    folder = data_dir(path)
+    out = {}
+    for key, name in FILES.items():
+        with gzip.open(folder / name, "rb") as f:
+            out[key] = int.from_bytes(f.read(8)[4:8], "big")  # magic, then the first dimension
+    return out
+
+
 def load(path=None, device="cpu") -> dict[str, torch.Tensor]:
     """{train_images, train_labels, test_images, test_labels}; images uint8 (N, 1, 28, 28)."""
     folder = data_dir(path)

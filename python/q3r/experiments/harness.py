@@ -18,12 +18,14 @@ import copy
 import json
 import os
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 
 from . import fashion_mnist, report
+from .._files import write_text
 from .training import RunSpec, seed_generator, train_run
 
 EVAL_FRACTIONS = [1.0, 0.6, 0.4, 0.2, 0.1]
@@ -62,13 +64,21 @@ SIZES = {
 }
 
 
+class UsageError(ValueError):
+    """A bad argument or output folder: the command line prints it without a traceback."""
+
+
 def make_config(size: str, **overrides) -> dict:
     if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+        raise UsageError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     cfg = copy.deepcopy({**BASE, **SIZES[size], "size": size})
     for key, value in overrides.items():
         if value is not None:
             cfg[key] = value
+    if not (isinstance(cfg["epochs"], int) and cfg["epochs"] >= 1):  # 0 or less "trains" nothing
+        raise UsageError(f"epochs must be an integer >= 1, got {cfg['epochs']!r}")
+    if not (isinstance(cfg["seed"], int) and 0 <= cfg["seed"] < 2 ** 63):  # torch.manual_seed's range
+        raise UsageError(f"seed must be an integer in [0, 2**63), got {cfg['seed']!r}")
     return cfg
 
 
@@ -122,37 +132,89 @@ def _run_in_worker(cfg, spec, data_dir, device, checkpoint_dir, threads):
 
 
 def resolve_device(device: str) -> str:
+    """``auto`` -> cuda if there is one, else cpu; any other value must name a usable device."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def check_out_dir(out: Path, cfg: dict, fresh: bool) -> None:
+    """Refuse an --out that is not a folder, or that holds runs of another configuration."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"out {str(out)!r}: {existing} is a file, not a folder")
+    config_file = out / "config.json"
+    if fresh or not config_file.exists():
+        return
+    try:
+        same = json.loads(config_file.read_text()) == json.loads(json.dumps(cfg))
+    except ValueError:  # unreadable: cannot tell whether its runs match this configuration
+        raise UsageError(f"{config_file} is unreadable; use another --out or --fresh") from None
+    if not same:
+        raise UsageError(f"{out} holds runs of a different configuration; use another --out or --fresh")
+
+
+def check_data_size(cfg: dict, data_dir) -> None:
+    """Enough training and test images for the size's splits (read from the IDX headers)."""
+    have = fashion_mnist.counts(data_dir)
+    need_train = cfg["n_train"] + cfg["n_val"]
+    if need_train > have["train_labels"] or cfg["n_test"] > have["test_labels"]:
+        raise UsageError(f"size {cfg['size']!r} needs {need_train} training and {cfg['n_test']} test images; "
+                         f"{fashion_mnist.data_dir(data_dir)} holds {have['train_labels']} and {have['test_labels']}")
+
+
+def _read_runs(runs_dir: Path) -> dict:
+    """Finished runs by id; a file that does not parse (cut short by an older version) is
+    treated as not finished, so its run is trained again and the file rewritten."""
+    results = {}
+    for p in runs_dir.glob("*.json"):
+        try:
+            results[p.stem] = json.loads(p.read_text())
+        except ValueError as err:
+            warnings.warn(f"{p} is unreadable ({err}); its run will be trained again")
+    return results
 
 
 def run_experiment(cfg: dict, out_dir, data_dir=None, device="auto", workers=1, fresh=False, meta=None, log=print) -> dict:
     """Run (or resume) every planned run and write the outputs; returns the summary dict."""
+    # Every check comes before the first file is touched: a refused run (a typo in --device
+    # with --fresh, say) must neither delete finished runs nor leave folders behind.
     device = resolve_device(device)
+    if not (isinstance(workers, int) and workers >= 1):
+        raise UsageError(f"workers must be an integer >= 1, got {workers!r}")
     out = Path(out_dir)
+    check_out_dir(out, cfg, fresh)
+    check_data_size(cfg, data_dir)  # also fails, with the install hint, if the data is missing
     runs_dir, ckpt_dir = out / "runs", out / "checkpoints"
     runs_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    fashion_mnist.data_dir(data_dir)  # fail early, with the install hint, if the data is missing
-    config_file = out / "config.json"
-    if config_file.exists() and not fresh and json.loads(config_file.read_text()) != json.loads(json.dumps(cfg)):
-        raise ValueError(f"{out} holds runs of a different configuration; use another --out or --fresh")
     if fresh:
         for f in list(runs_dir.glob("*.json")) + list(ckpt_dir.glob("*.pt")):
             f.unlink()
-    config_file.write_text(json.dumps(cfg, indent=1))
+    write_text(out / "config.json", json.dumps(cfg, indent=1))
     if torch.device(device).type == "cpu" and cfg.get("cpu_threads"):
         # A tiny model gains nothing from threads, and on a busy machine they cost a lot.
         torch.set_num_threads(min(torch.get_num_threads(), cfg["cpu_threads"]))
     meta = dict(meta or {}, device=_device_name(device), torch=torch.__version__, size=cfg["size"])
     specs = plan(cfg)
-    results = {p.stem: json.loads(p.read_text()) for p in runs_dir.glob("*.json")}
+    results = _read_runs(runs_dir)
     todo = [s for s in specs if s.run_id not in results]
     log(f"{len(specs)} runs planned, {len(specs) - len(todo)} already finished; device {meta['device']}, {workers} worker(s)")
 
     def finished(result):
-        (runs_dir / f"{result['run']}.json").write_text(json.dumps(result, indent=1))
+        write_text(runs_dir / f"{result['run']}.json", json.dumps(result, indent=1))
         results[result["run"]] = result
         (ckpt_dir / f"{result['run']}.pt").unlink(missing_ok=True)
         report.write_outputs(out, cfg, [results[s.run_id] for s in specs if s.run_id in results], meta)

@@ -16,6 +16,8 @@ import json
 import math
 from pathlib import Path
 
+from .._files import atomic_path, write_text
+
 TARGET_SET_TITLES = {"qkv": "Q, K, V (separate slices)", "qkv+mlp": "Q, K, V + fc1 + fc2"}
 CLAIM_DROPS = {0.4: 1.3, 0.2: 4.0}  # the paper's shape: at 40% kept <= 1.3 points lost, at 20% <= 4
 
@@ -158,7 +160,7 @@ def plot(cells, path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:  # partial results (a run in progress) may have no curve yet
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # the format by name: the path may be a temporary one
     plt.close(fig)
 
 
@@ -177,13 +179,14 @@ def write_outputs(out_dir, cfg, results, meta) -> dict:
                                      model_params=e["model_params"], target_params=e["target_params"],
                                      target_params_dense=e["target_params_dense"], rel_trunc_error=e["rel_trunc_error"],
                                      run=r["run"], hparams=json.dumps(r["spec"]["hparams"], sort_keys=True)))
-    with open(out / "results.csv", "w", newline="") as f:
+    with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(flat[0]) if flat else ["target_set"])
         writer.writeheader()
         writer.writerows(flat)
     summary = dict(meta=meta, config=cfg, table=flat, claims=checks, runs=results, markdown=md)
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
-    (out / "results.md").write_text(md + "\n")
+    write_text(out / "results.json", json.dumps(summary, indent=1))
+    write_text(out / "results.md", md + "\n")
     if flat:
-        plot(cells, out / "results.png")
+        with atomic_path(out / "results.png") as tmp:
+            plot(cells, tmp)
     return summary

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import q3r
 from q3r.compress import compress, count_parameters
 
 from . import baselines, fashion_mnist
+from .._files import atomic_path
 from .vit import TARGET_SETS, ViT
 
 
@@ -174,8 +176,8 @@ def train_run(cfg: dict, spec: RunSpec, data: dict, device, checkpoint_dir: Path
     total = steps_per_epoch * epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, max(1, int(cfg["warmup"] * total))))
     start_epoch, seconds = 0, 0.0
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+    state = _read_checkpoint(checkpoint, device)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -203,13 +205,25 @@ def train_run(cfg: dict, spec: RunSpec, data: dict, device, checkpoint_dir: Path
         seconds += time.perf_counter() - t0
         if progress is None:  # worker processes: one line per epoch instead of a bar
             print(f"{spec.run_id}: epoch {epoch + 1}/{epochs} loss {loss.item():.3f} ({seconds:.0f}s)", flush=True)
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "epoch": epoch + 1, "seconds": seconds}, checkpoint)
+        with atomic_path(checkpoint) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "epoch": epoch + 1, "seconds": seconds}, tmp)
     if spec.method == "lorita":
         baselines.collapse_lorita_(model)
     evals = evaluate_run(cfg, spec, model, targets, data, device)
     return dict(run=spec.run_id, spec=asdict(spec), train_seconds=seconds, epochs=epochs,
                 steps=total, trained_params=_trained_params(spec, cfg, device), evals=evals)
+
+
+def _read_checkpoint(path: Path, device):
+    """The epoch checkpoint, or None if there is none or it is unreadable (then the run starts over)."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # a damaged file fails in many ways (EOFError, RuntimeError, KeyError, ...)
+        warnings.warn(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); training the run from epoch 0")
+        return None
 
 
 def _trained_params(spec, cfg, device) -> int:
