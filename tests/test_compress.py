@@ -189,7 +189,7 @@ def test_compressed_model_trains_and_keeps_bf16():
     assert small.attn.qkv.blocks[0].up.grad is not None
 
 
-def test_a_module_shared_by_two_parents_is_replaced_under_both():
+def test_a_module_shared_by_two_parents_is_replaced_under_both(tmp_path):
     torch.manual_seed(0)
     shared = nn.Linear(32, 32)
     model = nn.Module()
@@ -204,6 +204,15 @@ def test_a_module_shared_by_two_parents_is_replaced_under_both():
     assert isinstance(small.a, LowRankLinear) and small.b is small.a
     torch.testing.assert_close(forward(small), forward(twin), rtol=1e-5, atol=1e-6)
     assert count_parameters(small) == 4 * 64 + 32
+    # saved and loaded into a fresh model: rebuilt under both names, one module again
+    pytest.importorskip("safetensors")
+    path = tmp_path / "shared.safetensors"
+    save_compressed(small, path)
+    fresh = nn.Module()
+    fresh.a = fresh.b = nn.Linear(32, 32)
+    load_compressed(fresh, path)
+    assert isinstance(fresh.a, LowRankLinear) and fresh.b is fresh.a
+    torch.testing.assert_close(forward(fresh), forward(small))
 
 
 def test_tied_weights_of_two_modules_are_refused_before_any_change():
@@ -247,3 +256,111 @@ def test_a_frozen_layer_stays_frozen():
     small, _ = compress(model, ["0", "1"], rank=4)
     assert [p.requires_grad for p in small[0].parameters()] == [False] * 3
     assert all(p.requires_grad for p in small[1].parameters())
+
+
+def _mlp(hidden=16, out=10, seed=0, hidden2=None):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(24, hidden), nn.ReLU(), nn.Linear(hidden2 or hidden, out))
+
+
+def _snapshot(model):
+    return str(model), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, snapshot):
+    text, state = snapshot
+    assert str(model) == text and state.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("build, match", ids=["duplicate", "overlap", "out of bounds"], argvalues=[
+    (lambda m: q3r.find_targets(m, ["0"]) + q3r.find_targets(m, ["0", "2"]), r"target 0\.weight is named twice"),
+    (lambda m: [q3r.Target("0.weight", m[0].weight), q3r.Target("2.weight", m[2].weight, 1, [(0, 10), (8, 16)])],
+     r"of 2\.weight overlap"),
+    (lambda m: [q3r.Target("0.weight", m[0].weight), q3r.Target("2.weight", m[2].weight, 1, [(0, 10), (10, 20)])],
+     r"of 2\.weight is out of bounds"),
+])
+def test_a_duplicate_or_badly_sliced_target_late_in_the_list_leaves_the_model_untouched(build, match):
+    model = _mlp()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        compress(model, build(model), rank=2)
+    _assert_unchanged(model, before)
+
+
+def test_truncate_weights_checks_every_rank_before_writing():
+    model = _mlp()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"rank=12 is out of range for a 10x16 slice of 2\.weight"):
+        truncate_weights_(model, ["0", "2"], rank=12)  # fine for 16x24, too large for 10x16
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("patterns, build, match", ids=["other layer", "other layer, bias fits", "extra layer",
+                                                           "no module", "other target shape"], argvalues=[
+    (["0"], lambda: _mlp(out=12, seed=1), r"2\.weight: \(10, 16\) in the file, \(12, 16\) in the model"),
+    (["0"], lambda: _mlp(hidden2=12, seed=1), r"2\.weight: \(10, 16\) in the file, \(10, 12\) in the model"),
+    (["0"], lambda: nn.Sequential(*_mlp(seed=1), nn.Linear(10, 5)), r"3\.weight: missing from the file"),
+    (["2"], lambda: nn.Sequential(nn.Linear(24, 16), nn.ReLU()), r"the model has no module '2'"),
+    (["0"], lambda: _mlp(hidden=20, seed=1), r"factored '0' of 24 -> 16 features .* the model's '0' is 24 -> 20"),
+])
+def test_load_compressed_into_another_architecture_leaves_the_model_unchanged(tmp_path, patterns, build, match):
+    small, _ = compress(_mlp(), patterns, rank=3)
+    save_compressed(small, tmp_path / "small.safetensors")
+    model = build()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        load_compressed(model, tmp_path / "small.safetensors")
+    _assert_unchanged(model, before)
+
+
+def test_targets_found_on_a_model_of_another_size_are_refused():
+    targets = q3r.find_targets(_mlp(hidden=48), ["0"])
+    model = _mlp(hidden=20)
+    with pytest.raises(ValueError, match=r"target 0\.weight has shape \(48, 24\), but the model's 0\.weight has shape \(20, 24\)"):
+        compress(model, targets, rank=4)
+    assert isinstance(model[0], nn.Linear)
+
+
+def test_save_compressed_refuses_the_reserved_metadata_key(tmp_path):
+    small, _ = compress(_mlp(), ["0"], rank=3)
+    with pytest.raises(ValueError, match=r"metadata must not use the key 'q3r\.compressed'"):
+        save_compressed(small, tmp_path / "small.safetensors", metadata={"q3r.compressed": "mine"})
+    assert not (tmp_path / "small.safetensors").exists()
+
+
+@pytest.mark.parametrize("fn", [compress, truncate_weights_])
+@pytest.mark.parametrize("kwargs", [dict(fraction=0.3), dict(rank=2)])
+def test_rank_rule_is_checked_when_fraction_or_rank_is_given(fn, kwargs):
+    model = _mlp()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"rank_rule must be one of .*'bogus'"):
+        fn(model, ["0"], rank_rule="bogus", **kwargs)
+    _assert_unchanged(model, before)
+
+
+def test_unclear_inputs_get_errors_naming_the_parameter_or_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(TypeError, match="targets must be a list"):
+        compress(_mlp(), None, rank=2)
+    small, _ = compress(_mlp(), ["0"], rank=3)
+    save_compressed(small, tmp_path / "small.safetensors")
+    with pytest.raises(ValueError, match="the model has no module '0'"):
+        load_compressed(nn.Sequential(), tmp_path / "small.safetensors")  # (a model without parameters)
+    state = load_file(tmp_path / "small.safetensors")
+    for i, damaged in enumerate(["{not json", '{"0": {"kind": "linear"}}', '["0"]']):
+        path = tmp_path / f"damaged{i}.safetensors"
+        save_file(state, path, metadata={"q3r.compressed": damaged})
+        model = _mlp()
+        before = _snapshot(model)
+        with pytest.raises(ValueError, match=rf"damaged{i}\.safetensors: damaged 'q3r\.compressed' metadata"):
+            load_compressed(model, path)
+        _assert_unchanged(model, before)
+
+
+def test_load_compressed_keeps_the_training_mode_of_the_replaced_modules(tmp_path):
+    small, _ = compress(_mlp(), ["0"], rank=3)
+    save_compressed(small, tmp_path / "small.safetensors")
+    loaded = load_compressed(_mlp().eval(), tmp_path / "small.safetensors")
+    assert isinstance(loaded[0], LowRankLinear) and not loaded[0].training

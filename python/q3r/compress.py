@@ -58,7 +58,8 @@ def svd_truncate(W: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """
     U, sigma, V, _ = reference.anchor_factors(W.detach(), rank)
     root = sigma.sqrt()
-    return (U * root).to(W.dtype), (V * root).T.contiguous().to(W.dtype)
+    # (contiguous: safetensors' save of tensors shared between modules views them flat)
+    return (U * root).to(W.dtype).contiguous(), (V * root).T.contiguous().to(W.dtype)
 
 
 class LowRankLinear(nn.Module):
@@ -328,13 +329,48 @@ def _factored_module(module: nn.Module, t: Target, ranks: list[int]) -> nn.Modul
 
 
 def _resolve_targets(model: nn.Module, targets, fraction=None, rank=None) -> list[Target]:
-    if isinstance(targets, (str, list, tuple)) and all(isinstance(t, str) for t in ([targets] if isinstance(targets, str) else targets)):
+    usage = "targets must be a list of q3r.Target (see q3r.find_targets) or module-name patterns"
+    try:
+        targets = [targets] if isinstance(targets, str) else list(targets)
+    except TypeError:  # (None, a number, a single Target)
+        raise TypeError(f"{usage}, got {targets!r}") from None
+    if all(isinstance(t, str) for t in targets):
         # the ranks come from fraction / rank when given (checked by _slice_ranks), not from a default
         return _find_targets(model, targets, (), 0.2, None, "auto", None, check_ranks=fraction is None and rank is None)
-    targets = list(targets)
     if not all(isinstance(t, Target) for t in targets):
-        raise TypeError("targets must be a list of q3r.Target (see q3r.find_targets) or module-name patterns")
+        raise TypeError(usage)
     return targets
+
+
+def _check_rank_options(fraction, rank, rank_rule) -> None:
+    if fraction is not None and rank is not None:
+        raise ValueError(f"give fraction or rank, not both (got fraction={fraction!r}, rank={rank!r})")
+    # (checked even where fraction or rank makes it unused: a typo must not pass silently)
+    if rank_rule not in reference.RANK_RULES:
+        raise ValueError(f"rank_rule must be one of {reference.RANK_RULES}, got {rank_rule!r}")
+
+
+def _plan_ranks(model: nn.Module, targets: list[Target], fraction, rank, rank_rule) -> list[tuple[Target, list]]:
+    """Each target with the ranks of its slices, every target checked before the caller writes
+    anything (SPEC section 5): its slices fit its weight, the model's weight of that name has the
+    target's shape (targets found on a model of another size would be cut to ranks and a report
+    that do not fit), and no weight is named twice (the second cut would find a replaced module)."""
+    plans, seen = [], {}
+    for t in targets:
+        validate_slices(t.param.shape, t.slice_dim, t.slices, t.name)
+        try:
+            param = model.get_parameter(t.name)
+        except AttributeError:
+            raise ValueError(f"target {t.name}: the model has no parameter {t.name!r}") from None
+        if param.shape != t.param.shape:
+            raise ValueError(f"target {t.name} has shape {tuple(t.param.shape)}, but the model's {t.name} has shape "
+                             f"{tuple(param.shape)}: were the targets found on another model?")
+        if id(param) in seen:
+            again = "" if seen[id(param)] == t.name else f" (as {seen[id(param)]}: one module under two names)"
+            raise ValueError(f"target {t.name} is named twice in targets{again}; each module is cut once")
+        seen[id(param)] = t.name
+        plans.append((t, _slice_ranks(t, fraction, rank, rank_rule)))
+    return plans
 
 
 def _module_name(t: Target) -> str:
@@ -356,15 +392,15 @@ def compress(model: nn.Module, targets, *, fraction=None, rank=None, rank_rule: 
 
     Returns (compressed model, :class:`CompressionReport`).
     """
-    if fraction is not None and rank is not None:
-        raise ValueError(f"give fraction or rank, not both (got fraction={fraction!r}, rank={rank!r})")
+    _check_rank_options(fraction, rank, rank_rule)
     targets = _resolve_targets(model, targets, fraction, rank)
     # everything is checked before the first module is replaced (SPEC section 5)
-    plans = [(t, _module_names(model, t), _slice_ranks(t, fraction, rank, rank_rule)) for t in targets]
+    all_names = [_module_names(model, t) for t in targets]
+    plans = _plan_ranks(model, targets, fraction, rank, rank_rule)
     report = CompressionReport(model_params_before=count_parameters(model))
     if copy:
         model = copy_module.deepcopy(model)
-    for t, mod_names, ranks in plans:
+    for (t, ranks), mod_names in zip(plans, all_names):
         module = model.get_submodule(mod_names[0])
         for name, (d1, d2), r in zip(t.slice_names(), slice_shapes(t.param.shape, t.slice_dim, t.slices), ranks):
             report.slices.append(SliceRecord(name, (d1, d2), r, d1 * d2, d1 * d2 if r is None else r * (d1 + d2)))
@@ -385,8 +421,9 @@ def truncate_weights_(model: nn.Module, targets, *, fraction=None, rank=None, ra
     Keeps the architecture (and parameter count); the outputs equal those of the compressed
     model, which is what the tests check. Targets are looked up in ``model`` by name.
     """
-    for t in _resolve_targets(model, targets, fraction, rank):
-        ranks = _slice_ranks(t, fraction, rank, rank_rule)
+    _check_rank_options(fraction, rank, rank_rule)
+    # all ranks are checked before the first weight is overwritten
+    for t, ranks in _plan_ranks(model, _resolve_targets(model, targets, fraction, rank), fraction, rank, rank_rule):
         param = model.get_parameter(t.name)  # by name, so targets found on another copy work
         for view, r in zip(slice_views(param, t.slice_dim, t.slices), ranks):
             if r is not None:
@@ -417,30 +454,104 @@ def save_compressed(model: nn.Module, path: str, metadata: dict | None = None) -
     """Save a compressed model's weights and its factored layout to one safetensors file."""
     from safetensors.torch import save_model
 
-    meta = {_METADATA_KEY: json.dumps(_layout(model))}
-    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    save_model(model, str(path), metadata=meta)
+    extra = {str(k): str(v) for k, v in (metadata or {}).items()}
+    if _METADATA_KEY in extra:  # (it would replace the layout, and the file could not be loaded)
+        raise ValueError(f"metadata must not use the key {_METADATA_KEY!r}: save_compressed stores the factored layout there")
+    save_model(model, str(path), metadata={_METADATA_KEY: json.dumps(_layout(model)), **extra})
 
 
-def load_compressed(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
-    """Load a file from :func:`save_compressed` into a freshly built dense model of the same
-    architecture: the factored modules are rebuilt from the file's layout, then filled."""
-    from safetensors import safe_open
-    from safetensors.torch import load_model
+def _dense_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(out_features, in_features) of an nn.Linear or HF Conv1D; None for any other module."""
+    if _is_conv1d(module):
+        return tuple(module.weight.shape[::-1])
+    if isinstance(module, nn.Linear):
+        return tuple(module.weight.shape)
+    return None
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if _METADATA_KEY not in meta:
-        raise ValueError(f"{path} was not written by q3r.save_compressed (no {_METADATA_KEY!r} metadata)")
-    ref = next(iter(model.parameters()))
-    kw = dict(device=ref.device, dtype=ref.dtype)
-    for name, spec in json.loads(meta[_METADATA_KEY]).items():
+
+def _rebuilt_module(model: nn.Module, name: str, spec, path) -> nn.Module:
+    """The factored module the file's layout puts in place of ``model``'s dense module ``name``,
+    on its device and dtype and in its training mode, after checking that it replaces a dense
+    layer of the same shape (a load must not change the architecture it was given)."""
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{path} holds a factored module {name!r}, but the model has no module {name!r}") from None
+    shape = _dense_shape(old)
+    if shape is None:
+        raise TypeError(f"{path} holds a factored module {name!r}, but the model's {name!r} is a {type(old).__name__}, "
+                        "not an nn.Linear or HF Conv1D (load_compressed needs a freshly built dense model)")
+    kw = dict(device=old.weight.device, dtype=old.weight.dtype)
+    try:
         if spec["kind"] == "fused":
             new = LowRankFusedLinear(spec["in_features"], spec["out_features"], spec["slice_dim"],
                                      [tuple(s) for s in spec["slices"]], spec["ranks"], bias=spec["bias"], **kw)
         else:
             new = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"], **kw)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    load_model(model, str(path), strict=strict)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: damaged {_METADATA_KEY!r} metadata for module {name!r}: {spec!r} "
+                         f"({type(e).__name__}: {e})") from None
+    found, wanted = (new.out_features, new.in_features, new.bias is not None), (*shape, getattr(old, "bias", None) is not None)
+    if found != wanted:
+        raise ValueError(f"{path} holds a factored {name!r} of {found[1]} -> {found[0]} features (bias={found[2]}), but the "
+                         f"model's {name!r} is {wanted[1]} -> {wanted[0]} (bias={wanted[2]}): another architecture")
+    new.train(old.training)  # (as compress does: an eval-mode model stays in eval mode)
+    return new
+
+
+def _load_state(model: nn.Module, path, strict: bool) -> None:
+    """safetensors' load_model, except that every name and shape is checked before the first
+    tensor is copied (load_model copies what fits, then raises, leaving the model half-loaded)."""
+    from safetensors.torch import load_file
+
+    state, own = load_file(str(path)), model.state_dict()
+    problems = [f"{k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
+                for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if strict:
+        # save_model stores a tensor shared by several names (tied weights) under one of them
+        loaded = {own[k].untyped_storage().data_ptr() for k in state if k in own}
+        problems += [f"{k}: missing from the file" for k, v in own.items()
+                     if k not in state and v.untyped_storage().data_ptr() not in loaded]
+        problems += [f"{k}: not in the model" for k in state if k not in own]
+    if problems:
+        raise ValueError(f"{path} does not fit the model ({len(problems)} problems): " + "; ".join(problems[:10]))
+    model.load_state_dict(state, strict=False)
+
+
+def load_compressed(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
+    """Load a file from :func:`save_compressed` into a freshly built dense model of the same
+    architecture: the factored modules are rebuilt from the file's layout, then filled.
+    On any error the model is left as it was."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if _METADATA_KEY not in meta:
+        raise ValueError(f"{path} was not written by q3r.save_compressed (no {_METADATA_KEY!r} metadata)")
+    try:
+        layout = json.loads(meta[_METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: damaged {_METADATA_KEY!r} metadata ({e})") from None
+    if not isinstance(layout, dict):
+        raise ValueError(f"{path}: damaged {_METADATA_KEY!r} metadata (not a mapping of module names)")
+    # every replacement is built and checked before the first one is swapped in
+    swaps = []
+    for name, spec in layout.items():
+        new = _rebuilt_module(model, name, spec, path)
+        old = model.get_submodule(name)
+        # a module registered under several names (shared, ALBERT-style) is replaced under all,
+        # as compress replaced it: the file's layout names it once
+        for alias, module in model.named_modules(remove_duplicate=False):
+            if module is old:
+                parent_name, _, child = alias.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                swaps.append((parent, child, old, new))
+    for parent, child, _, new in swaps:
+        setattr(parent, child, new)
+    try:
+        _load_state(model, path, strict)
+    except BaseException:  # (put the dense modules back: the model is left unchanged)
+        for parent, child, old, _ in swaps:
+            setattr(parent, child, old)
+        raise
     return model
