@@ -40,7 +40,9 @@ Q3R_HD void round_pair(int table, int round, int m, int* p, int* q) {
 // Whether a_pq is large enough to rotate away.
 Q3R_HD bool needs_rotation(float app, float aqq, float apq, float tol, float abs_floor) {
   float mag = fabsf(apq);
-  return mag > abs_floor && mag > tol * sqrtf(fabsf(app) * fabsf(aqq));
+  // (the square roots taken apart: |a_pp a_qq| overflows float32 once the diagonal passes
+  // ~1.8e19, and against an infinite bound no pair would ever be rotated)
+  return mag > abs_floor && mag > tol * (sqrtf(fabsf(app)) * sqrtf(fabsf(aqq)));
 }
 
 // Rutishauser's stable rotation that zeroes a_pq:

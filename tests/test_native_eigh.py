@@ -109,6 +109,44 @@ def test_zero_and_empty_batches():
     assert evals.shape == (0, 4) and evecs.shape == (0, 4, 4)
 
 
+@needs_cpu_native
+@pytest.mark.parametrize("scale", [1e-36, 1e18, 1e20, 1e30])
+def test_huge_and_tiny_scales(scale):
+    G64 = make_case("spd", 17) * scale
+    evals, evecs = _native.batched_eigh(G64.float(), require_native=True)
+    check_decomposition(G64, evals, evecs)
+    if scale >= 1e18:  # the solver itself (no scaling by the wrapper): |a_pp a_qq| once overflowed
+        evals, evecs = _native.batched_eigh(G64.float(), require_native=True, prepared=True)
+        check_decomposition(G64, evals, evecs)
+
+
+@needs_cpu_native
+def test_non_finite_members_come_back_as_nan_and_the_others_exact():
+    G64 = make_case("spd", 6, batch=4)
+    G = G64.float()
+    G[1, 0, 3] = G[1, 3, 0] = float("nan")
+    G[2, 0, 0] = float("inf")
+    evals, evecs = _native.batched_eigh(G, require_native=True)
+    for bad in (1, 2):
+        assert evals[bad].isnan().all() and evecs[bad].isnan().all()
+    keep = [0, 3]
+    check_decomposition(G64[keep], evals[keep], evecs[keep])
+
+
+@needs_cpu_native
+def test_asymmetric_input_is_symmetrized_as_on_the_fallback():
+    A = torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(3))
+    evals, evecs = _native.batched_eigh(A, require_native=True)
+    check_decomposition((0.5 * (A + A.mT)).double(), evals, evecs)
+
+
+def test_low_precision_input_is_solved_in_float32_on_the_fallback():
+    G = make_case("spd", 5).to(torch.bfloat16)
+    evals, evecs = _native.batched_eigh(G)
+    assert evals.dtype == torch.float32
+    check_decomposition(G.double(), evals, evecs, rtol=1e-5)
+
+
 def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match="shape"):
         _native.batched_eigh(torch.zeros(3, 4))

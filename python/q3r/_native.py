@@ -20,6 +20,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from . import reference
+
 DEFAULT_MAX_SWEEPS = 30
 DEFAULT_TOL = 1e-7  # relative: rotate while |a_pq| > tol * sqrt(a_pp a_qq)
 
@@ -77,22 +79,43 @@ def status() -> str:
 
 
 def batched_eigh(G: Tensor, max_sweeps: int = DEFAULT_MAX_SWEEPS, tol: float = DEFAULT_TOL,
-                 require_native: bool = False) -> tuple[Tensor, Tensor]:
+                 require_native: bool = False, prepared: bool = False) -> tuple[Tensor, Tensor]:
     """Eigen-decomposition of symmetric G (b, k, k) -> (evals (b, k) descending, evecs (b, k, k)).
 
     Runs parallel-order cyclic Jacobi (csrc/) in float32 when the extension holds a part for
     G's device; otherwise torch.linalg.eigh in G's compute dtype (or NativeUnavailable when
     require_native).  Jacobi is cheap when G is nearly diagonal, as it is after a warm start.
+
+    The native path reads the upper triangle of each rotation's pair but rotates whole rows,
+    so G is symmetrized first, and scaled by its largest entry (float32's range, and its
+    subnormals, stay clear of the products); a member with a non-finite entry comes back as
+    NaN (SPEC section 5), all without a host sync.  ``prepared``: the caller's G already is
+    symmetric, finite (non-finite members zeroed) and scaled, as the refresh's Gram matrices
+    are (q3r.randomized.sketch): those steps are skipped.
     """
     if G.dim() != 3 or G.shape[-1] != G.shape[-2]:
         raise ValueError(f"G must have shape (batch, k, k), got {tuple(G.shape)}")
     if available(G.device) and G.dtype == torch.float32:
-        evals, evecs, _ = load().batched_eigh(G, int(max_sweeps), float(tol))
-        return evals, evecs
+        if prepared:
+            evals, evecs, _ = load().batched_eigh(G, int(max_sweeps), float(tol))
+            return evals, evecs
+        return _checked_native(G, int(max_sweeps), float(tol))
     if require_native:
         raise NativeUnavailable(f"native batched_eigh is not available for {G.device} / {G.dtype}; {status()}")
-    evals, evecs = torch.linalg.eigh(G)
+    evals, evecs = torch.linalg.eigh(G.to(reference.compute_dtype(G.dtype)))
     return evals.flip(-1), evecs.flip(-1)
+
+
+def _checked_native(G: Tensor, max_sweeps: int, tol: float) -> tuple[Tensor, Tensor]:
+    if G.shape[-1] == 0:
+        evals, evecs, _ = load().batched_eigh(G, max_sweeps, tol)
+        return evals, evecs
+    finite = torch.isfinite(G).flatten(1).all(1)
+    S = torch.where(finite[:, None, None], 0.5 * (G + G.mT), torch.zeros((), dtype=G.dtype, device=G.device))
+    scale = S.abs().amax(dim=(1, 2)).clamp_min(torch.finfo(G.dtype).tiny)
+    evals, evecs, _ = load().batched_eigh((S / scale[:, None, None]).contiguous(), max_sweeps, tol)
+    nan = torch.full((), float("nan"), dtype=G.dtype, device=G.device)
+    return torch.where(finite[:, None], evals * scale[:, None], nan), torch.where(finite[:, None, None], evecs, nan)
 
 
 def batched_eigh_with_sweeps(G: Tensor, max_sweeps: int = DEFAULT_MAX_SWEEPS,

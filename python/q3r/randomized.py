@@ -133,8 +133,8 @@ def eigensolver(name: str, max_sweeps: int = _native.DEFAULT_MAX_SWEEPS, tol: fl
             evals, evecs = torch.linalg.eigh(G)
             return evals.flip(-1), evecs.flip(-1)
         return solve
-    if name == "native":
-        return lambda G: _native.batched_eigh(G, max_sweeps=max_sweeps, tol=tol)
+    if name == "native":  # (sketch's Gram matrices are symmetric, scaled, non-finite members zeroed)
+        return lambda G: _native.batched_eigh(G, max_sweeps=max_sweeps, tol=tol, prepared=True)
     raise ValueError(f"eigensolver must be one of {EIGENSOLVERS}, got {name!r}")
 
 
