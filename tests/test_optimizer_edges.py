@@ -427,6 +427,19 @@ def _written_like_zero(opt_from, opt_to):
         opt_to.state[params[index]] = copy.deepcopy(st)
 
 
+def _assert_step_refused_leaving_all_as_it_was(model, opt, message: str) -> None:
+    """opt.step() on a fresh gradient raises a ValueError matching ``message`` and changes no
+    weight and no step count."""
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = [int(st["step"]) for st in opt.state.values()]
+    opt.zero_grad()
+    _loss(model, 9).backward()
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert steps == [int(st["step"]) for st in opt.state.values()]
+
+
 def test_slice_states_written_in_the_saved_layout_are_taken_over_at_the_next_step():
     torch.manual_seed(0)
     model = TinyViT()
@@ -448,14 +461,7 @@ def test_damaged_slice_states_written_in_the_saved_layout_are_refused_before_any
     _steps(model, opt, 3)
     target = model.blocks[0].mlp.fc1.weight
     opt.state[target]["q3r"] = {"0": {**opt.state[target]["q3r"][0], "U": torch.zeros(2, 2)}}
-    before = [p.detach().clone() for p in model.parameters()]
-    steps = [int(st["step"]) for st in opt.state.values()]
-    opt.zero_grad()
-    _loss(model, 9).backward()
-    with pytest.raises(ValueError, match="different model or is damaged"):
-        opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert steps == [int(st["step"]) for st in opt.state.values()]
+    _assert_step_refused_leaving_all_as_it_was(model, opt, "different model or is damaged")
 
 
 # ------------------------------------------------------- group keys, moved models
@@ -496,14 +502,7 @@ def test_a_model_cast_after_steps_is_refused_before_any_update(change):
     else:  # (as a model moved to another device leaves the factors behind: here they move, the model stays)
         target = model.blocks[0].mlp.fc1.weight
         opt.state[target]["q3r"][0]["U"] = opt.state[target]["q3r"][0]["U"].to("meta")
-    before = [p.detach().clone() for p in model.parameters()]
-    steps = [int(st["step"]) for st in opt.state.values()]
-    opt.zero_grad()
-    _loss(model, 9).backward()
-    with pytest.raises(ValueError, match="the model was cast or moved after the optimizer took steps"):
-        opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert steps == [int(st["step"]) for st in opt.state.values()]
+    _assert_step_refused_leaving_all_as_it_was(model, opt, "the model was cast or moved after the optimizer took steps")
     if change == "dtype":  # the way out the message gives
         fresh = q3r.AdamQ3R(q3r.param_groups(model, _targets(model), lmbda=0.5, steps=2), lr=1e-2)
         fresh.load_state_dict(opt.state_dict())
