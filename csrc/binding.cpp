@@ -25,7 +25,7 @@ void check_input(const at::Tensor& G, int64_t max_sweeps, double tol) {
   TORCH_CHECK(G.scalar_type() == at::kFloat, "batched_eigh: G must be float32, got ", G.scalar_type());
   TORCH_CHECK(max_sweeps >= 0, "batched_eigh: max_sweeps must be >= 0, got ", max_sweeps);
   TORCH_CHECK(tol > 0.0, "batched_eigh: tol must be > 0, got ", tol);
-  TORCH_CHECK(G.size(1) <= (1 << 15), "batched_eigh: k too large: ", G.size(1));
+  TORCH_CHECK(G.size(1) <= (1 << 15), "batched_eigh: k = ", G.size(1), " is above the limit of 32768");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> eigh_cpu(const at::Tensor& G, int64_t max_sweeps, double tol) {

@@ -153,6 +153,8 @@ def test_bad_input_is_rejected():
     if _native.available("cpu"):
         with pytest.raises(RuntimeError, match="float32"):
             _native.load().batched_eigh(torch.zeros(1, 3, 3, dtype=torch.float64), 5, 1e-7)
+        with pytest.raises(RuntimeError, match="k = 32769 is above the limit of 32768"):
+            _native.load().batched_eigh(torch.zeros(0, 32769, 32769), 5, 1e-7)
 
 
 def test_fallback_matches_contract():
