@@ -263,6 +263,55 @@ def test_stagger_spreads_refreshes_across_per_target_groups():
     assert all(int(opt.state[p]["q3r"][0]["refreshes"]) in (2, 3) for p in targets)
 
 
+def _refreshed_per_step(model, opt, names, steps, between=None):
+    """Which of the named targets each step refreshed (a string of their names)."""
+    log = []
+    for s in range(steps):
+        if between is not None:
+            between(s)
+        weights = {n: model[n].weight for n in names}
+        before = {n: int(opt.state[w]["q3r"][0]["refreshes"]) if "q3r" in opt.state.get(w, {}) else 0
+                  for n, w in weights.items()}
+        sum(m.weight.square().sum() for m in model.values()).backward()
+        opt.step()
+        opt.zero_grad()
+        log.append("".join(n for n, w in weights.items()
+                           if "q3r" in opt.state.get(w, {}) and int(opt.state[w]["q3r"][0]["refreshes"]) > before[n]))
+    return log
+
+
+def test_stagger_keeps_one_clock_for_targets_added_later():
+    """Targets added after some steps count their own steps behind the others': their phases
+    are on the optimizer's clock, so each step of a period still refreshes one of four."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({n: torch.nn.Linear(16, 16, bias=False) for n in "abcd"})
+    groups = q3r.param_groups(model, q3r.find_targets(model, list("abcd"), target_rank=3), steps=4, stagger=True,
+                              refresh="exact")
+    opt = q3r.AdamQ3R(groups[:2], lr=1e-3)
+    later = lambda s: [opt.add_param_group(g) for g in groups[2:]] if s == 2 else None  # noqa: E731
+    log = _refreshed_per_step(model, opt, "abcd", 16, later)
+    assert all(len(who) == 1 for who in log[4:]), log  # (before: two targets at two steps, none at the others)
+    assert sorted("".join(log[4:8])) == list("abcd")
+    # a copy resumed from a checkpoint keeps the clock (the largest step count)
+    twin = copy.deepcopy(model)
+    opt_twin = q3r.AdamQ3R(q3r.param_groups(twin, q3r.find_targets(twin, list("abcd"), target_rank=3), steps=4,
+                                            stagger=True, refresh="exact"), lr=1e-3)
+    opt_twin.load_state_dict(opt.state_dict())
+    assert _refreshed_per_step(twin, opt_twin, "abcd", 8) == _refreshed_per_step(model, opt, "abcd", 8)
+
+
+def test_the_refresh_schedule_counts_past_2_to_the_24_steps():
+    W = torch.nn.Parameter(torch.randn(8, 6))
+    opt = q3r.AdamQ3R([{"params": [W], "q3r": True, "target_rank": 2, "steps": 5}], lr=1e-3)
+    W.grad = torch.randn(8, 6)
+    opt.step()
+    opt.state[W]["step"].fill_(2**24 - 3)
+    for _ in range(20):
+        W.grad = torch.randn(8, 6)
+        opt.step()
+    assert int(opt.state[W]["q3r"][0]["refreshes"]) == 1 + 4  # (a float32 count stuck at 2**24: 1 + 1)
+
+
 @pytest.mark.parametrize("dim, method", [(24, "randomized"), (48, "randomized"), (48, "native")])
 def test_a_refresh_step_updates_the_other_parameters_before_it_waits_for_the_refresh(dim, method):
     """With stagger=True most parameters are not refreshed at a step: their updates are queued

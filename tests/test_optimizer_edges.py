@@ -483,6 +483,12 @@ def test_l2_weight_decay_in_a_param_group_is_refused():
         q3r.AdamQ3R([{"params": list(model.parameters()), "weight_decay": 0.1, "decoupled_weight_decay": False}])
 
 
+def test_param_groups_refuses_targets_of_another_model():
+    model = TinyViT()
+    with pytest.raises(ValueError, match=r"targets \['blocks.0.attn.qkv.weight', .*not parameters of this model"):
+        q3r.param_groups(model, _targets(copy.deepcopy(model)))
+
+
 def test_param_groups_refuses_unknown_options():
     model = TinyViT()
     with pytest.raises(TypeError, match=r"unknown options \['lmbd', 'step'\]"):

@@ -407,6 +407,16 @@ def test_bad_configs_are_refused_before_any_target_is_refreshed(bad, message):
         refresh_slices_(weights, states[:1], configs, method="exact")
 
 
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_a_state_without_its_keys_is_refused_before_any_target_is_refreshed(method):
+    gen = torch.Generator().manual_seed(6)
+    weights = [spectrum_case("trained_decay", gen), torch.randn(64, 80, generator=gen)]
+    states = [new_slice_state(*weights[0].shape), {}]
+    with pytest.raises(ValueError, match="target 'bad': its state must be a dict with the keys of new_slice_state"):
+        refresh_slices_(weights, states, [SliceConfig("good", RANK), SliceConfig("bad", RANK)], method=method)
+    assert int(states[0]["refreshes"]) == 0
+
+
 def test_mixed_shapes_dtypes_and_cold_warm_members_in_one_call():
     gen = torch.Generator().manual_seed(5)
     weights = [spectrum_case("trained_decay", gen), spectrum_case("trained_decay", gen).T.contiguous(),

@@ -232,3 +232,17 @@ def test_eps_schedules():
     assert ref.next_eps("track", 1.0, 0.0, 1)[0] > 0
     with pytest.raises(ValueError, match="eps_schedule"):
         ref.next_eps("cosine", 1.0, 1.0, 0)
+
+
+def test_params_rank_rule_is_the_floor_of_the_exact_value():
+    """floor(f d1 d2 / (d1 + d2)) of the decimal f, not of its float product, which may land
+    a few ulp below an integer (0.58 x 100 x 100 / 200 = 28.999999999999996)."""
+    from fractions import Fraction
+
+    assert ref.resolve_rank(0.58, 100, 100) == 29
+    for f in [i / 100 for i in range(1, 100)]:
+        for d1, d2 in [(100, 100), (64, 48), (768, 768), (3072, 768), (192, 576), (50, 30)]:
+            exact = Fraction(str(f)) * d1 * d2 / (d1 + d2)
+            want = exact.numerator // exact.denominator
+            if 1 <= want < min(d1, d2):
+                assert ref.resolve_rank(f, d1, d2) == want, (f, d1, d2)

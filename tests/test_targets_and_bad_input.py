@@ -229,3 +229,11 @@ def test_targets_of_a_compiled_model_have_the_uncompiled_names():
     reg = q3r.Q3R(got, lmbda=0.1)
     reg.penalty()
     q3r.Q3R(want, lmbda=0.1).load_state_dict(reg.state_dict())  # (the same names: it loads)
+
+
+def test_find_targets_checks_ranks_by_the_rank_rule_it_is_given():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="resolves to rank 0"):
+        q3r.find_targets(model, ["0"], target_rank=0.2)  # "params": floor(0.2 * 64 / 16) = 0
+    targets = q3r.find_targets(model, ["0"], target_rank=0.2, rank_rule="reference")  # int(0.2 * 8) = 1
+    assert q3r.Q3R(targets, rank_rule="reference").configs[0][0].rank == 1

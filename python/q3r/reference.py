@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import torch
 from torch import Tensor
@@ -147,7 +148,11 @@ def resolve_rank(target_rank, d1: int, d2: int, rule: str = "params", name: str 
     if isinstance(target_rank, float):
         if not (0.0 < target_rank < 1.0):
             raise ValueError(f"target_rank of {name} as a fraction must lie in (0, 1), got {target_rank!r}")
-        rank = int(target_rank * hi) if rule == "reference" else math.floor(target_rank * d1 * d2 / (d1 + d2))
+        # ("params": floor of the exact value; the float product may land a few ulp below an
+        # integer it equals, as 0.58 * 100 * 100 / 200 = 28.999999999999996, hence the margin.
+        # "reference" keeps the published code's float arithmetic)
+        exact = target_rank * d1 * d2 / (d1 + d2)
+        rank = int(target_rank * hi) if rule == "reference" else math.floor(exact * (1 + 8 * sys.float_info.epsilon))
     else:
         if target_rank < 1:
             raise ValueError(f"target_rank of {name} must be >= 1, got {target_rank!r}")

@@ -210,6 +210,9 @@ def new_slice_state(d1: int, d2: int, device=None) -> dict[str, Tensor]:
     }
 
 
+_STATE_KEYS = frozenset(new_slice_state(1, 1)) - {"tail"}  # (the warm-start tail is optional: upgrade_state)
+
+
 def upgrade_state(state: dict[str, Tensor], d1: int, d2: int) -> dict[str, Tensor]:
     """A d1 x d2 target's state as loaded from a checkpoint, in this version's layout (in
     place; returned).  The warm-start tail was "V_tail" (d2, j) before it became "tail" on
@@ -322,9 +325,15 @@ def _check_inputs(weights, states, configs) -> None:
     if not len(weights) == len(states) == len(configs):
         raise ValueError(f"refresh_slices_ needs one state and one config per weight, got {len(weights)} weights, "
                          f"{len(states)} states, {len(configs)} configs")
-    for W, cfg in zip(weights, configs):
+    for W, state, cfg in zip(weights, states, configs):
         if W.dim() != 2:
             raise ValueError(f"target {cfg.name!r}: a refresh takes 2-D weights, got shape {tuple(W.shape)}")
+        # (its keys only: a set operation per target, this runs at every refresh; AdamQ3R and
+        # Q3R check loaded states whole, q3r._state_check)
+        if not isinstance(state, dict) or not _STATE_KEYS <= state.keys():
+            have = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"target {cfg.name!r}: its state must be a dict with the keys of new_slice_state "
+                             f"{sorted(_STATE_KEYS)}, got {have}")
         if isinstance(cfg.rank, bool) or not isinstance(cfg.rank, int) or not 1 <= cfg.rank < min(W.shape):
             raise ValueError(f"target {cfg.name!r}: rank must be an int with 1 <= rank < {min(W.shape)} "
                              f"for a {tuple(W.shape)} weight, got {cfg.rank!r}")

@@ -157,6 +157,7 @@ def find_targets(
     rank_overrides: dict | None = None,
     fused: str = "auto",
     slices: dict | None = None,
+    rank_rule: str = "params",
 ) -> list[Target]:
     """Select target weights of ``model`` by module-name patterns.
 
@@ -168,11 +169,15 @@ def find_targets(
     A pattern of include, rank_overrides or slices that matches nothing is an error (a typo
     would leave a layer silently unregularized).  The weights must be parameters (nn.Parameter):
     a parametrized module's computed weight cannot be trained against.
+    rank_rule: the rule the ranks are checked by, as the optimizer or regularizer will resolve
+    them (see q3r.reference.resolve_rank).
     """
-    return _find_targets(model, include, exclude, target_rank, rank_overrides, fused, slices, check_ranks=True)
+    return _find_targets(model, include, exclude, target_rank, rank_overrides, fused, slices, check_ranks=True,
+                         rank_rule=rank_rule)
 
 
-def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, slices, check_ranks: bool) -> list[Target]:
+def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, slices, check_ranks: bool,
+                  rank_rule: str = "params") -> list[Target]:
     """find_targets; ``check_ranks=False`` leaves the ranks to the caller (compress, given its
     own fraction or rank)."""
     if fused not in ("auto", "none"):
@@ -220,7 +225,7 @@ def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, s
         pname = f"{name}.weight"
         cuts = validate_slices(weight.shape, slice_dim, cuts, pname)
         if check_ranks:
-            resolve_slice_ranks(weight.shape, slice_dim, cuts, rank, "params", pname)
+            resolve_slice_ranks(weight.shape, slice_dim, cuts, rank, rank_rule, pname)
         targets.append(Target(pname, weight, slice_dim, cuts, rank, labels))
     if not targets:
         raise ValueError(f"include patterns {include!r} matched no module with a 2-D weight")
@@ -245,6 +250,10 @@ def param_groups(model: nn.Module, targets: list[Target], weight_decay: float = 
     if unknown:  # (a typo would leave its option at the default, silently)
         raise TypeError(f"param_groups got unknown options {unknown}; Q3R options are {sorted(Q3R_DEFAULTS)}, "
                         "and lr, betas, eps")
+    owned = {id(p) for p in model.parameters()}
+    foreign = [t.name for t in targets if id(t.param) not in owned]
+    if foreign:  # (found on a copy, say: the model's own weight would go unregularized, silently)
+        raise ValueError(f"targets {foreign} are not parameters of this model (were they found on a copy of it?)")
     target_ids = {id(t.param) for t in targets}
     rest = [p for p in model.parameters() if id(p) not in target_ids and p.requires_grad]
     groups = [{"params": rest, "weight_decay": weight_decay}] if rest else []

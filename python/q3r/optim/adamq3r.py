@@ -169,7 +169,8 @@ class AdamQ3R(Optimizer):
     # ------------------------------------------------------------------- step
     def _init_state(self, p, group) -> dict:
         state = self.state[p]
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        # (float64: the refresh schedule reads it as an int, and a float32 count stops at 2**24)
+        state["step"] = torch.tensor(0.0, dtype=torch.float64)
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
@@ -221,15 +222,28 @@ class AdamQ3R(Optimizer):
                                         options=sketch_options(None if options is None else dict(options)))
         before_wait()
 
-    def _refresh_due(self, p, group: dict, step: int) -> bool:
-        """Every ``steps`` steps; with ``stagger=True`` each parameter at its own phase of the
-        period, balanced by refresh cost over all staggered groups with the same period, with the
-        targets of one stack kept in as few phases as the balance allows (stagger.stagger_phases)
+    def _refresh_due(self, p, group: dict, step: int, clock: int | None) -> bool:
+        """Every ``steps`` of the parameter's steps; with ``stagger=True`` each parameter at its
+        own phase of the period on the optimizer's clock (see _stagger_clock), balanced by
+        refresh cost over all staggered groups with the same period, with the targets of one
+        stack kept in as few phases as the balance allows (stagger.stagger_phases)
         (q3r.param_groups makes one group per target, so balancing within a group would
         leave every target at phase 0), so no step pays all refreshes."""
         if not group.get("stagger"):
             return step % group["steps"] == 0
-        return due_for_refresh(step, group["steps"], self._stagger_phase_table()[id(p)])
+        return due_for_refresh(clock, group["steps"], self._stagger_phase_table()[id(p)])
+
+    def _stagger_clock(self) -> int:
+        """The step the staggered phases count on: one clock for all targets. (Each parameter's
+        own step count would not do: a target added later, or one whose gradient was None at
+        some steps, counts behind the others, and its phase would land on the others'.) Kept
+        as the optimizer steps; after a load, unpickling or states written in by a wrapper, the
+        largest step count of any parameter, which is the steps since the first."""
+        clock = self.__dict__.get("_clock")
+        if clock is None:
+            clock = max((int(st["step"]) for st in self.state.values() if isinstance(st, dict) and "step" in st),
+                        default=0)
+        return clock
 
     def _stagger_phase_table(self) -> dict[int, int]:
         """{id(param): phase}, recomputed only when the staggered groups change."""
@@ -269,6 +283,7 @@ class AdamQ3R(Optimizer):
                 if p.grad is not None and self.state.get(p):
                     self._check_state_follows(p, self.state[p])
         works, due, q3r_works = [], [], []
+        clock = self._stagger_clock() if any(g["q3r"] and g.get("stagger") for g in self.param_groups) else None
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -280,11 +295,13 @@ class AdamQ3R(Optimizer):
                     group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
                 )
                 if group["q3r"]:
-                    if self._new_q3r_state(p, group, state) or self._refresh_due(p, group, int(state["step"])):
+                    if self._new_q3r_state(p, group, state) or self._refresh_due(p, group, int(state["step"]), clock):
                         due.append((p, group))
                     work.lmbda, work.slice_dim, work.slices = group["lmbda"], group["slice_dim"], group["slices"]
                     q3r_works.append((work, state))
                 works.append(work)
+        if clock is not None:
+            self._clock = clock + 1
         if any(distributed.is_sharded(w.param) for w in works):
             self.refresh(due)
             self._set_operators(q3r_works)
@@ -378,6 +395,7 @@ class AdamQ3R(Optimizer):
         state_dict, stash = self._checked_for_load(state_dict)
         super().load_state_dict(state_dict)
         self.__dict__.pop("_names_taken", None)  # (the saved groups' names replace these)
+        self.__dict__.pop("_clock", None)  # (counted again from the loaded step counts)
         for p, slices, shapes in stash:
             self.state[p]["q3r"] = _live_slice_states(p, slices, shapes)
 
@@ -397,6 +415,8 @@ class AdamQ3R(Optimizer):
                     found.append((p, listed["q3r"], slice_shapes(p.shape, group["slice_dim"], group["slices"])))
         for p, slices, shapes in found:
             self.state[p]["q3r"] = _live_slice_states(p, slices, shapes)
+        if found:
+            self.__dict__.pop("_clock", None)  # (the written states carry their step counts)
 
     def _checked_for_load(self, state_dict: dict) -> tuple[dict, list]:
         """(the state dict to hand to torch's load: groups of torch's Adam / AdamW given this
