@@ -407,6 +407,8 @@ class AdamQ3R(Optimizer):
         their parameter's device."""
         found = []
         for gi, group in enumerate(self.param_groups):
+            if not group["q3r"]:  # (no slice states there; this runs at every step)
+                continue
             for p in group["params"]:
                 st = self.state.get(p)
                 if isinstance(st, dict) and isinstance(st.get("q3r"), Mapping):
