@@ -716,6 +716,8 @@ def spawn(fn, world, *args, tries: int = 3):
     import torch.multiprocessing as mp
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # (a worker that aborts prints the Python stacks of its threads: where the abort came from)
+    os.environ.setdefault("PYTHONFAULTHANDLER", "1")
     for attempt in range(1, tries + 1):
         try:
             mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)

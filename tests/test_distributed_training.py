@@ -254,7 +254,7 @@ def test_the_fsdp2_example_runs(world, replicas):
            str(root / "examples" / "fsdp2_gpt_pretrain.py"), "--steps", "4", "--log-every", "2", "--period", "2",
            "--width", "32", "--depth", "1", "--seq", "16", "--batch", "2", "--replicas", str(replicas)]
     for _ in range(2):  # (one more try after a C++ abort of a worker: see _distributed_worker.spawn)
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
         if done.returncode == 0 or "SIGABRT" not in done.stderr:
             break
         print("a worker of the example died with SIGABRT; trying again")
