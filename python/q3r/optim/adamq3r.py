@@ -28,15 +28,16 @@ __all__ = ["AdamQ3R"]
 _ADAM_ONLY_FLAGS = ("amsgrad", "maximize", "foreach", "fused", "capturable", "differentiable")
 
 
-def _check_adam_flags(group: dict, where: str) -> None:
-    """A new group's torch.optim.Adam options. (A loaded checkpoint of torch's Adam / AdamW
-    may say foreach / fused: those do not change the update; see AdamQ3R._adopted_group.)"""
-    for flag in _ADAM_ONLY_FLAGS:
+def _check_adam_flags(group: dict, where: str, flags: tuple[str, ...] = _ADAM_ONLY_FLAGS) -> None:
+    """A group's torch.optim.Adam options that AdamQ3R does not have, and Adam's L2 decay.
+    (A loaded checkpoint of torch's Adam / AdamW is checked for the update-changing ones only,
+    amsgrad and maximize: foreach / fused there do not change its update.)"""
+    for flag in flags:
         if group.get(flag):
             raise ValueError(f"{where}: {flag}={group[flag]!r}, which AdamQ3R does not have")
     if group.get("decoupled_weight_decay") is False and group.get("weight_decay"):
-        raise ValueError(f"{where}: decoupled_weight_decay=False (Adam's L2 decay); AdamQ3R's weight decay is "
-                         "decoupled, as AdamW's")
+        raise ValueError(f"{where}: decoupled_weight_decay=False with weight_decay={group['weight_decay']} (Adam's "
+                         "L2 decay, added to the gradient); AdamQ3R's weight decay is decoupled, as AdamW's")
 
 
 def _check_hyperparameters(group: dict, where: str) -> None:
@@ -461,12 +462,7 @@ class AdamQ3R(Optimizer):
     def _adopted_group(saved: dict, group: dict, where: str) -> dict:
         """A saved group of torch's Adam / AdamW with this group's Q3R options, where its
         update is the one AdamQ3R makes (no amsgrad, no maximize, decoupled weight decay)."""
-        for flag in ("amsgrad", "maximize"):
-            if saved.get(flag):
-                raise ValueError(f"{where}: saved with {flag}=True, which AdamQ3R does not have")
-        if saved.get("weight_decay") and saved.get("decoupled_weight_decay") is False:
-            raise ValueError(f"{where}: saved by torch.optim.Adam with weight_decay={saved['weight_decay']} (L2, "
-                             "added to the gradient); AdamQ3R's weight decay is decoupled, as AdamW's")
+        _check_adam_flags(saved, where, flags=("amsgrad", "maximize"))
         if saved.get("weight_decay") and "decoupled_weight_decay" not in saved:  # (torch < 2.8 does not say)
             warnings.warn(f"{where}: a torch.optim checkpoint with weight_decay={saved['weight_decay']} that does not "
                           "say whether it was Adam's L2 decay or AdamW's decoupled one; AdamQ3R applies it decoupled",
