@@ -1,0 +1,163 @@
+"""examples/finetune_minilm_sentiment.py on a tiny randomly initialized BERT and a synthetic
+copy of the vaderSentiment archive: the data reader, the targets of a Hugging Face BERT, that
+AdamQ3R pushes them to low rank there, and the whole command (runs, table, save / load check,
+resume)."""
+
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import q3r
+
+transformers = pytest.importorskip("transformers", reason="transformers is installed by .ci/run")
+pytest.importorskip("safetensors")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+import finetune_minilm_sentiment as ex  # noqa: E402
+
+WORDS = ["good", "great", "fine", "lovely", "bad", "awful", "dull", "poor", "the", "film", "was", "a", "plot", "cast"]
+
+
+def _sentences(n: int, seed: int = 0) -> list[tuple[str, float]]:
+    """Sentences whose rating's sign follows their words (a learnable signal), a few neutral."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        pool = WORDS[:4] if positive else WORDS[4:8]
+        words = [pool[j] for j in torch.randint(0, 4, (2,), generator=g).tolist()]
+        words += [WORDS[8 + j] for j in torch.randint(0, 6, (3,), generator=g).tolist()]
+        rating = 0.0 if i % 17 == 0 else (1.5 if positive else -1.5)
+        rows.append((" ".join(words), rating))
+    return rows
+
+
+def _archive(tmp_path: Path, rows) -> Path:
+    """The layout of the vaderSentiment-3.3.2 sdist: the ratings file inside a tarball inside it."""
+    text = "\r\n".join(f"{i + 1}\t{r}\t{s}" for i, (s, r) in enumerate(rows)).encode()
+
+    def tar_gz(members: dict) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    inner = tar_gz({"hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt": text,
+                    "hutto_ICWSM_2014/tweets_GroundTruth.txt": b"1\t1.0\tnot this one"})
+    path = tmp_path / "vaderSentiment-3.3.2.tar.gz"
+    path.write_bytes(tar_gz({"vaderSentiment-3.3.2/setup.py": b"",
+                             "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz": inner}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32) with a word-level tokenizer, saved as a model folder."""
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
+    transformers.BertTokenizerFast(vocab=vocab).save_pretrained(folder)
+    config = transformers.BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_read_ratings_from_the_archive_a_folder_and_the_file(tmp_path):
+    rows = _sentences(40)
+    archive = _archive(tmp_path, rows)
+    assert ex.read_ratings(archive) == rows
+    assert ex.read_ratings(tmp_path) == rows  # a folder holding the archive
+    plain = tmp_path / "x" / ex.RATINGS_MEMBER
+    plain.parent.mkdir()
+    plain.write_text("\n".join(f"{i}\t{r}\t{s}" for i, (s, r) in enumerate(rows)))
+    assert ex.read_ratings(plain) == rows
+    for bad in (tmp_path / "missing.tar.gz", tmp_path / "x" / "empty"):
+        if bad.name == "empty":
+            bad.mkdir()
+        with pytest.raises(SystemExit, match="pip download --no-deps --no-binary :all: vaderSentiment"):
+            ex.read_ratings(bad)
+
+
+def test_split_drops_neutral_sentences_and_is_seeded():
+    rows = _sentences(100)
+    parts = ex.split(rows, n_test=20, n_val=10, seed=3)
+    assert [len(parts[k][1]) for k in ("test", "val", "train")] == [20, 10, 100 - 6 - 30]
+    sentences = [s for k in parts for s in parts[k][0]]
+    assert len(sentences) == 94
+    assert ex.split(rows, 20, 10, 3)["train"][0] == parts["train"][0]
+    assert ex.split(rows, 20, 10, 4)["train"][0] != parts["train"][0]
+    label = {s: int(r > 0) for s, r in rows if r != 0}
+    assert all(label[s] == y for k in parts for s, y in zip(parts[k][0], parts[k][1].tolist()))
+    with pytest.raises(SystemExit, match="leaves no training sentences"):
+        ex.split(rows, 60, 40, 0)
+
+
+def test_targets_of_a_hugging_face_bert(tiny_model_dir):
+    model, _ = ex.load_pretrained(tiny_model_dir, seed=0)
+    names = sorted(t.name for t in ex.find_encoder_targets(model, 0.2))
+    per_layer = ["attention.output.dense", "attention.self.key", "attention.self.query", "attention.self.value",
+                 "intermediate.dense", "output.dense"]
+    assert names == sorted(f"bert.encoder.layer.{i}.{n}.weight" for i in range(2) for n in per_layer)
+
+
+def _tail_fraction(model, targets, fraction):
+    """Mean fraction of ||W||_F^2 beyond each target's rank at ``fraction``."""
+    out = []
+    for t in targets:
+        d1, d2 = t.param.shape
+        r = q3r.reference.resolve_rank(fraction, d1, d2, "params", t.name)
+        s = torch.linalg.svdvals(model.get_parameter(t.name).detach())
+        out.append((s[r:].square().sum() / s.square().sum()).item())
+    return sum(out) / len(out)
+
+
+def test_adamq3r_fine_tuning_pushes_bert_targets_to_low_rank(tiny_model_dir):
+    """The same fine-tuning with AdamW and with AdamQ3R: both fit the training set, and only
+    AdamQ3R leaves almost no energy outside the targets' leading 20% of parameters."""
+    train = ex.split(_sentences(160), 20, 10, 0)["train"]
+    tails, fit = {}, {}
+    for method in ("dense", "q3r"):
+        model, tok = ex.load_pretrained(tiny_model_dir, seed=0)
+        opt = ex.make_optimizer(model, method, lr=3e-3, fraction=0.2, lmbda=30.0, weight_decay=0.01)
+        ex.fine_tune(model, tok, train, opt, epochs=8, batch_size=16, seed=0, log=lambda _: None)
+        fit[method] = ex.accuracy(model, tok, *train)
+        tails[method] = _tail_fraction(model, ex.find_encoder_targets(model, 0.2), 0.2)
+    assert min(fit.values()) >= 0.95, fit
+    assert tails["q3r"] < 0.1 * tails["dense"], tails  # (lambda 0 would give 1x)
+
+
+def test_the_whole_command_runs_resumes_and_reloads(tiny_model_dir, tmp_path, capsys):
+    archive = _archive(tmp_path, _sentences(200))
+    out = tmp_path / "out"
+    argv = ["--data", str(archive), "--model-dir", str(tiny_model_dir), "--out", str(out), "--fractions", "0.4",
+            "0.2", "--lambdas", "1", "30", "--epochs", "1", "--lr", "3e-3", "--batch-size", "16",
+            "--n-test", "40", "--n-val", "20"]
+    assert ex.main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert sorted(result["runs"]) == ["dense", "q3r-f0.2-lambda1", "q3r-f0.2-lambda30", "q3r-f0.4-lambda1",
+                                      "q3r-f0.4-lambda30"]
+    for run in result["runs"].values():
+        assert [e["fraction"] for e in run["evals"]] == ex.EVAL_FRACTIONS
+        kept = [e["target_params"] / e["target_params_dense"] for e in run["evals"]]
+        assert kept[0] == 1.0 and all(a > b for a, b in zip(kept, kept[1:]))
+        assert all(0.0 <= e["test_acc"] <= 1.0 for e in run["evals"])
+    for f, lm in result["chosen"].items():  # the lambda with the better validation accuracy at f
+        val = {l: next(e["val_acc"] for e in result["runs"][ex.run_id("q3r", float(f), l)]["evals"]
+                       if e["fraction"] == float(f)) for l in (1.0, 30.0)}
+        assert val[lm] == max(val.values())
+    md = (out / "results.md").read_text()
+    assert "| dense fine-tune + SVD |" in md and "Q3R fine-tune, target_rank 0.2" in md
+    assert "Saved and reloaded" in md and (out / "compressed.safetensors").exists()
+    capsys.readouterr()
+    assert ex.main(argv) == 0  # again: every run is kept, nothing is trained
+    assert capsys.readouterr().out.count("finished before, kept") == 5
+    assert ex.main(argv[:-1] + ["21"]) == 0  # another configuration: trained again
+    assert "finished before, kept" not in capsys.readouterr().out
