@@ -65,6 +65,28 @@ def test_warm_refresh_dispatches_the_same_ops_for_4_and_16_targets(method):
     assert sum(counts[16].values()) < 300
 
 
+@pytest.mark.parametrize("method", METHODS + ["exact"])
+def test_warm_refresh_calls_the_same_top_level_ops_for_4_and_16_targets(method):
+    """The same on the host side: ops that dispatch nothing (a .to to the dtype and device a
+    tensor already has) still cost a call each, which the dispatch mode above does not see;
+    the profiler's top-level aten ops do (start_basis once called .to per warm member)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    counts = {}
+    for n in (4, 16):
+        weights, configs, states = _targets(n)
+        for step in range(2):
+            refresh_slices_(_shrunk(weights, step), states, configs, method=method)
+        weights = _shrunk(weights, 2)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            assert all(refresh_slices_(weights, states, configs, method=method))
+        counts[n] = collections.Counter(
+            e.name for e in prof.events()
+            if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    grown = {op: (counts[4][op], counts[16][op]) for op in counts[16] if counts[16][op] > counts[4][op]}
+    assert not grown, grown
+
+
 def test_start_basis_copies_column_blocks_like_the_joined_columns():
     gen = torch.Generator().manual_seed(1)
     W = torch.randn(5, D1, D2, generator=gen)

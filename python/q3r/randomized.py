@@ -192,7 +192,12 @@ def start_basis(W: Tensor, k: int, warm: list[Start], generator: torch.Generator
         index = None if len(rows) == b else to_device(rows, torch.int64, W.device)
         offset = 0
         for pos, width in enumerate(widths):
-            value = torch.stack([blocks[pos].to(device=W.device, dtype=W.dtype) for _, blocks in entries])
+            # (no per-member .to: a no-op one still costs a dispatch per member; the copy into
+            # P casts, and only a member on another device is moved first)
+            parts = [blocks[pos] for _, blocks in entries]
+            if any(t.device != W.device for t in parts):
+                parts = [t.to(W.device) for t in parts]
+            value = torch.stack(parts)
             if index is None:
                 P[:, :, offset : offset + width] = value
             else:
