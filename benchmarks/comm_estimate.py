@@ -22,7 +22,7 @@ import pathlib
 import subprocess
 
 from q3r.distributed import replicated
-from q3r.distributed.rangefinder import sketch_width
+from q3r.distributed.rangefinder import cold_sketch_width, sketch_width
 from q3r.distributed.sharded import SketchOptions
 
 PERIOD = 5
@@ -85,16 +85,20 @@ def fsdp_step_bytes(shapes, P):
     return ring_all_reduce(sum(rank_of(d1, d2) * d2 for d1, d2 in shapes) * F32, P)
 
 
-def fsdp_refresh_bytes(shapes, P, q):
+def fsdp_refresh_bytes(shapes, P, q, cold=False):
     """Ours under FSDP2, one refresh with q power iterations: finite flags, q projections
-    Z = W^T Y (d2 x k), two Cholesky-QR passes over the k x k Gram matrices (fp64), and
-    B = Q^T W (k x d2) with ||W||^2; all-reduces batched over targets."""
+    Z = W^T Y (d2 x k), two Cholesky-QR passes over the k x k Gram matrices (fp64),
+    B = Q^T W (k x d2) with ||W||^2, and the ranks' agreement on the decisions and Ritz values
+    (4 + k fp64 per target, rangefinder._agreed); all-reduces batched over targets: q + 5.
+    ``cold``: a first refresh, whose sketch is wider (rangefinder.cold_sketch_width)."""
     over = SketchOptions().oversample
-    ks = [sketch_width(rank_of(d1, d2), d1, d2, over) for d1, d2 in shapes]
+    width = cold_sketch_width if cold else sketch_width
+    ks = [width(rank_of(d1, d2), d1, d2, over) for d1, d2 in shapes]
     gram = 2 * sum(k * k for k in ks) * F64
     proj = (q + 1) * sum(k * d2 for k, (d1, d2) in zip(ks, shapes)) * F32 + len(shapes) * F32
     flags = len(shapes) * F32
-    return ring_all_reduce(gram + proj + flags, P), 1 + q + 2 + 1
+    agree = sum(4 + k for k in ks) * F64
+    return ring_all_reduce(gram + proj + flags + agree, P), 1 + q + 2 + 1 + 1
 
 
 def rows():
@@ -107,7 +111,7 @@ def rows():
             ddp_ref, ddp_calls = ddp_refresh_bytes(shapes, P)
             fs_step = fsdp_step_bytes(shapes, P)
             fs_ref, fs_calls = fsdp_refresh_bytes(shapes, P, opts.power_iters)
-            fs_cold, _ = fsdp_refresh_bytes(shapes, P, opts.cold_power_iters)
+            fs_cold, _ = fsdp_refresh_bytes(shapes, P, opts.cold_power_iters, cold=True)
             common = dict(model=model, targets=len(shapes), target_MB=full / 1e6, ranks=P)
             yield dict(common, engine="DDP", scheme="reference", step_MB=ref_step / 1e6, refresh_MB=0.0,
                        avg_step_MB=ref_step / 1e6, calls_step="1+", calls_refresh=0,
