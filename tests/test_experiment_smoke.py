@@ -160,6 +160,7 @@ def test_resume_retrains_runs_whose_files_were_cut_short(tmp_path):
     run_experiment(cfg, out, data_dir=data, device="cpu", log=lambda *a: None)
     runs = sorted((out / "runs").glob("*.json"))
     assert len(runs) == len(plan(cfg)) and not list(out.rglob("*.tmp"))
+    assert json.loads((out / "results.json").read_text())["meta"]["runs_trained"] == len(runs)
     cut, lost = runs[0], runs[1]  # a run file cut short; a run killed while saving its checkpoint
     cut.write_text(cut.read_text()[:100])
     lost.unlink()
@@ -173,6 +174,8 @@ def test_resume_retrains_runs_whose_files_were_cut_short(tmp_path):
     assert len(summary["runs"]) == len(runs)
     for p in (cut, lost):
         assert json.loads(p.read_text())["run"] == p.stem
+    # (its wall time covers only what this command did: the two runs it trained again)
+    assert json.loads((out / "results.json").read_text())["meta"]["runs_trained"] == 2
 
 
 def test_a_checkpoint_write_cut_short_keeps_the_last_good_one(tmp_path, monkeypatch):

@@ -213,7 +213,10 @@ def run_experiment(cfg: dict, out_dir, data_dir=None, device="auto", workers=1, 
     todo = [s for s in specs if s.run_id not in results]
     log(f"{len(specs)} runs planned, {len(specs) - len(todo)} already finished; device {meta['device']}, {workers} worker(s)")
 
+    trained = []  # runs finished by this command
+
     def finished(result):
+        trained.append(result["run"])
         write_text(runs_dir / f"{result['run']}.json", json.dumps(result, indent=1))
         results[result["run"]] = result
         (ckpt_dir / f"{result['run']}.pt").unlink(missing_ok=True)
@@ -242,7 +245,10 @@ def run_experiment(cfg: dict, out_dir, data_dir=None, device="auto", workers=1, 
                 except Exception as err:  # one failed run must not lose the others' results
                     log(f"run {futures[fut].run_id} failed: {type(err).__name__}: {err}")
     ordered = [results[s.run_id] for s in specs if s.run_id in results]
-    summary = report.write_outputs(out, cfg, ordered, dict(meta, wall_seconds=round(time.perf_counter() - start, 1)))
+    # (the wall time of this command only: a command that resumes finished runs trains none of
+    # them, so it says how many it trained)
+    summary = report.write_outputs(out, cfg, ordered, dict(meta, wall_seconds=round(time.perf_counter() - start, 1),
+                                                           runs_trained=len(trained)))
     log(summary["markdown"])
     return summary
 
