@@ -307,6 +307,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    commit = _commit()  # (at the start: the code that trains, whatever is committed while it runs)
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model_dir) if args.model_dir else default_model_dir()
@@ -346,7 +347,7 @@ def main(argv=None) -> int:
     check = save_load_check(out, model_dir, splits, args, runs, chosen, settings)
     meta = dict(command=shlex.join(["python", "examples/finetune_minilm_sentiment.py",
                                     *(sys.argv[1:] if argv is None else argv)]),
-                commit=_commit(), device=f"cpu ({os.cpu_count()} cores), {torch.get_num_threads()} threads",
+                commit=commit, device=f"cpu ({os.cpu_count()} cores), {torch.get_num_threads()} threads",
                 torch=torch.__version__)
     md = (f"# MiniLM fine-tuned on Rotten Tomatoes sentences: test accuracy (%) by fraction of target parameters kept\n\n"
           f"{text}\n\n{check}\n\n`{meta['command']}` at commit {meta['commit']}, {meta['device']}, torch {meta['torch']}. "
