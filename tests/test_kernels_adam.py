@@ -15,8 +15,10 @@ pytestmark = needs_kernels
 
 # (shape, slice dim, slices or None, k per slice or None for a plain parameter, weight decay)
 SMALL = [
-    ((37, 53), 0, [(0, 11), (11, 24), (24, 37)], [5, 10, 3], 0.0),
-    ((23, 53), 1, [(0, 17), (17, 34), (40, 53)], [7, 3, 12], 0.0),  # columns 34:40 uncovered
+    # (Q3R regions with weight decay too: AdamQ3R accepts it in a q3r group, and the fused
+    # kernel decays them in the same pass)
+    ((37, 53), 0, [(0, 11), (11, 24), (24, 37)], [5, 10, 3], 0.05),
+    ((23, 53), 1, [(0, 17), (17, 34), (40, 53)], [7, 3, 12], 0.02),  # columns 34:40 uncovered
     ((37, 53), 0, None, [20], 0.0),
     ((53,), 0, None, None, 0.01),  # a bias: plain Adam(W)
     ((19, 21), 0, None, None, 0.01),
@@ -31,7 +33,7 @@ REAL = [
 ]
 
 
-def make_works(layout, dtype, seed=0, transpose_plain=False):
+def make_works(layout, dtype, seed=0, transpose_plain=False, beta1=0.9):
     gen = torch.Generator().manual_seed(seed)
     works = []
     for shape, dim, slices, ks, wd in layout:
@@ -41,7 +43,7 @@ def make_works(layout, dtype, seed=0, transpose_plain=False):
             param, grad = param.t().contiguous().t(), grad.t().contiguous().t()
         exp_avg = torch.empty_like(param).copy_(0.1 * rnd())
         exp_avg_sq = torch.empty_like(param).copy_(0.01 * rnd().abs())
-        work = F.ParamWork(param, grad, exp_avg, exp_avg_sq, torch.tensor(3.0), 1e-2, 0.9, 0.999, 1e-8, wd)
+        work = F.ParamWork(param, grad, exp_avg, exp_avg_sq, torch.tensor(3.0), 1e-2, beta1, 0.999, 1e-8, wd)
         if ks is not None:
             spans = [(0, shape[dim])] if slices is None else slices
             work.lmbda, work.slice_dim, work.slices = 0.1, dim, slices
@@ -66,11 +68,12 @@ def clone_works(works, dtype=None):
     return out
 
 
+@pytest.mark.parametrize("beta1", [0.9, 0.3])  # (the kernel's lerp takes another branch below 0.5)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("small", [True] + ([False] if CUDA else []))
-def test_fused_update_matches_reference_step(small, dtype, monkeypatch):
+def test_fused_update_matches_reference_step(small, dtype, beta1, monkeypatch):
     monkeypatch.setenv("Q3R_BACKEND", "triton")
-    works = make_works(SMALL if small else REAL, dtype, transpose_plain=small)
+    works = make_works(SMALL if small else REAL, dtype, transpose_plain=small, beta1=beta1)
     ref_path, exact = clone_works(works), clone_works(works, torch.float64)
     with tile_settings(small):
         assert ops.adamq3r_fused_(works) == []
