@@ -232,16 +232,32 @@ def test_group_options_round_trip_through_state_dict():
 
 @pytest.mark.parametrize("schedule, extra", [("geometric", dict(eps_floor=1e-2, num_refreshes=3)), ("track", {}), ("constant", dict(eps_value=0.3))])
 def test_eps_schedules_in_optimizer(schedule, extra):
+    """eps after every refresh (one per step), not only after the last: geometric falls by
+    c = (floor / eps0)^(1/3) per refresh to the floor; track follows sigma_{r+1} up as well as
+    down (the weight is scaled up between steps, where ``min`` would keep eps)."""
     model, _ = _build()
     opt = q3r.AdamQ3R(q3r.param_groups(model, _targets(model), lmbda=0.1, steps=1, eps_schedule=schedule, **extra), lr=1e-2)
-    _train(model, opt, 4)
-    s = opt.state[model.blocks[0].mlp.fc1.weight]["q3r"][0]
+    weight = model.blocks[0].mlp.fc1.weight
+    seen = []
+    for step in range(4):
+        _train(model, opt, 1, start=step)
+        s = opt.state[weight]["q3r"][0]
+        assert int(s["refreshes"]) == step + 1
+        seen.append((float(s["eps"]), float(s["eps0"]), float(s["sigma_next"])))
+        if schedule == "track" and step % 2 == 0:
+            with torch.no_grad():
+                weight.mul_(1.5)  # sigma_{r+1} at the next refresh rises
     if schedule == "geometric":
-        assert math.isclose(float(s["eps"]), max(float(s["eps0"]) * (1e-2 / float(s["eps0"])) ** (3 / 3), 1e-2), rel_tol=1e-5)
+        eps0 = seen[0][1]
+        expected = [max(eps0 * (1e-2 / eps0) ** (j / 3), 1e-2) for j in range(4)]
+        assert expected[1] > expected[2] > expected[3] == 1e-2  # (the path, not only its end point)
+        for (eps, _, _), want in zip(seen, expected):
+            assert math.isclose(eps, want, rel_tol=1e-5), (seen, expected)
     elif schedule == "constant":
-        assert math.isclose(float(s["eps"]), 0.3, rel_tol=1e-6)
+        assert all(math.isclose(eps, 0.3, rel_tol=1e-6) for eps, _, _ in seen)
     else:
-        assert math.isclose(float(s["eps"]), float(s["sigma_next"]), rel_tol=1e-6)
+        assert all(math.isclose(eps, nxt, rel_tol=1e-6) for eps, _, nxt in seen)
+        assert any(b[0] > 1.2 * a[0] for a, b in zip(seen, seen[1:])), seen  # eps rose with the weight
 
 
 def test_stagger_spreads_refreshes_across_per_target_groups():
