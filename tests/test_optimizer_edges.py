@@ -221,11 +221,18 @@ def test_a_damaged_regularizer_checkpoint_is_refused(change, message):
     reg = q3r.Q3R(_targets(model), lmbda=0.5, steps=2)
     reg.penalty()
     sd = _saved(reg.state_dict())
-    change(next(iter(sd["targets"].values()))[0])
+    # the last target damaged, every other one valid but different: a load that took the
+    # targets one by one would have replaced those before it found the damage
+    for states in list(sd["targets"].values())[:-1]:
+        for state in states:
+            state["U"] = state["U"].flip(-1).contiguous()
+    change(list(sd["targets"].values())[-1][0])
     before = reg.state_dict()
+    factors = {name: [state["U"] for state in states] for name, states in reg.state.items()}
     with pytest.raises(ValueError, match=message):
         reg.load_state_dict(sd)
     assert reg.num_steps == before["num_steps"] and reg.state_dict()["targets"].keys() == before["targets"].keys()
+    assert all(a is b for name, us in factors.items() for a, b in zip(us, [s["U"] for s in reg.state[name]]))
 
 
 # ------------------------------------------------------------------ groups
