@@ -14,7 +14,9 @@ SMALL = {
     "rows_11_13_13": ((37, 53), 0, [(0, 11), (11, 24), (24, 37)], [5, 10, 0]),
     "cols_with_gap": ((23, 53), 1, [(0, 17), (17, 34), (40, 53)], [7, 3, 12]),
     "whole": ((37, 53), 0, None, [20]),
-    # widths in multiples of 16 on aligned storage: the ALIGNED (128-bit access) variants
+    # widths in multiples of 16 on aligned storage (project_blocks itself always takes the
+    # unaligned loads; the ALIGNED variants run inside the apply and the fused step, and
+    # test_kernels_apply.py's aligned_cols case is the one that catches a broken one)
     "aligned_cols": ((32, 96), 1, [(0, 32), (32, 64), (64, 96)], [9, 20, 4]),
 }
 REAL = {
