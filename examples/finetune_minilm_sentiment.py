@@ -79,7 +79,12 @@ def read_ratings(path: str | os.PathLike) -> list[tuple[str, float]]:
         path = found[0]
     data = path.read_bytes()
     if path.name != RATINGS_MEMBER:
-        data = _member_of(data, RATINGS_MEMBER, path)
+        try:
+            data = _member_of(data, RATINGS_MEMBER)
+        except tarfile.TarError as err:
+            raise SystemExit(f"{path}: not a readable .tar.gz ({err}); {DATA_HINT}") from None
+        if data is None:
+            raise SystemExit(f"{path}: no {RATINGS_MEMBER} inside; {DATA_HINT}")
     rows = []
     for line in data.decode("utf-8").splitlines():
         parts = line.split("\t", 2)
@@ -90,23 +95,23 @@ def read_ratings(path: str | os.PathLike) -> list[tuple[str, float]]:
     return rows
 
 
-def _member_of(archive: bytes, name: str, where: Path) -> bytes:
-    """The bytes of the file called ``name`` in a .tar.gz, looking inside nested .tar.gz files."""
-    try:
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-            members = [m for m in tar.getmembers() if m.isfile()]
-            for m in members:
-                if m.name.rsplit("/", 1)[-1] == name:
-                    return tar.extractfile(m).read()
-            for m in members:
-                if m.name.endswith(".tar.gz"):
-                    try:
-                        return _member_of(tar.extractfile(m).read(), name, where)
-                    except SystemExit:
-                        continue
-    except tarfile.TarError as err:
-        raise SystemExit(f"{where}: not a readable .tar.gz ({err}); {DATA_HINT}") from None
-    raise SystemExit(f"{where}: no {name} inside; {DATA_HINT}")
+def _member_of(archive: bytes, name: str) -> bytes | None:
+    """The bytes of the file called ``name`` in a .tar.gz, looking inside nested .tar.gz files
+    (an unreadable nested one is passed over); None where there is none."""
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+        for m in members:
+            if m.name.rsplit("/", 1)[-1] == name:
+                return tar.extractfile(m).read()
+        for m in members:
+            if m.name.endswith(".tar.gz"):
+                try:
+                    found = _member_of(tar.extractfile(m).read(), name)
+                except tarfile.TarError:
+                    continue
+                if found is not None:
+                    return found
+    return None
 
 
 def split(rows: list[tuple[str, float]], n_test: int, n_val: int, seed: int) -> dict:
