@@ -16,6 +16,7 @@ steps (starting with the first), so the training loop needs no extra call.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -182,13 +183,24 @@ class Q3R:
         # all targets at once: grouped Triton launches on GPU, the reference loop elsewhere
         ops.add_reweighting_(grads, weights, factors, 2.0 * self.lmbda)
 
-    def attach(self, optimizer: torch.optim.Optimizer):
-        """Make ``optimizer.step()`` call :meth:`add_grad_` first. Returns the hook handle.
+    def attach(self, optimizer: torch.optim.Optimizer, carry_state: bool = True) -> "AttachHandle":
+        """Make ``optimizer.step()`` call :meth:`add_grad_` first. Returns a handle whose
+        ``remove()`` detaches it again.
 
         ``optimizer.step(closure)`` (LBFGS, closure loops): the step counts once and refreshes
         when due before the closure runs, and 2 lambda R(W) is added to the gradients after
         each evaluation of the closure (which zeroes and recomputes them). The loss it returns
-        is the closure's, without the penalty's value."""
+        is the closure's, without the penalty's value.
+
+        ``carry_state=True`` (default): ``optimizer.state_dict()`` also holds this
+        regularizer's :meth:`state_dict` (under ``"q3r"``) and ``optimizer.load_state_dict()``
+        restores it, so a loop or framework that checkpoints only the optimizer (the Hugging
+        Face Trainer's ``optimizer.pt``) resumes Q3R too. The saved state is checked before the
+        optimizer loads anything and committed after it loaded; a state dict without it (an
+        older checkpoint, DCP's ``get_state_dict``, which keeps only ``state`` and
+        ``param_groups``) leaves the regularizer as it is, with a warning."""
+        if not isinstance(carry_state, bool):
+            raise TypeError(f"Q3R.attach carry_state must be a bool, got {carry_state!r}")
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for t in self.targets:
             if id(t.param) not in owned:
@@ -199,7 +211,38 @@ class Q3R:
                for h in hooks):  # (twice would count two steps and add the term twice per step)
             raise ValueError("this Q3R is already attached to this optimizer (remove the first hook's handle "
                              "to attach again)")
-        return optimizer.register_step_pre_hook(self._before_step)
+        handles = [optimizer.register_step_pre_hook(self._before_step)]
+        if carry_state:
+            pending: list[dict] = []  # the checked state between the load's pre- and post-hook
+            handles += [
+                optimizer.register_state_dict_post_hook(self._save_into_optimizer_state),
+                optimizer.register_load_state_dict_pre_hook(lambda opt, sd: self._check_optimizer_state(sd, pending)),
+                optimizer.register_load_state_dict_post_hook(lambda opt: self._commit_optimizer_state(pending)),
+            ]
+        return AttachHandle(handles)
+
+    # (state carried in the optimizer's state_dict: a list, one entry per attached Q3R)
+    def _save_into_optimizer_state(self, optimizer, state_dict: dict) -> dict:
+        state_dict = dict(state_dict)
+        state_dict["q3r"] = [*state_dict.get("q3r", []), self.state_dict()]
+        return state_dict
+
+    def _check_optimizer_state(self, state_dict: dict, pending: list) -> None:
+        pending.clear()
+        mine = [s for s in state_dict.get("q3r", []) if isinstance(s, dict) and set(s.get("targets", {})) == set(self.state)]
+        if not mine:
+            warnings.warn(f"the optimizer state_dict being loaded holds no Q3R state for targets {sorted(self.state)}: "
+                          f"this attached Q3R keeps its own (step {self.num_steps}); load it with Q3R.load_state_dict, "
+                          "or attach with carry_state=False to silence this", stacklevel=4)
+            return
+        if len(mine) > 1:
+            raise ValueError(f"the optimizer state_dict holds {len(mine)} Q3R states for targets {sorted(self.state)}")
+        self._check_state_dict(mine[0])  # (raises before the optimizer loads anything)
+        pending.append(mine[0])
+
+    def _commit_optimizer_state(self, pending: list) -> None:
+        if pending:
+            self._commit_state_dict(pending.pop())
 
     def _check_descends(self, optimizer) -> None:
         """The optimizer descends along .grad for every target: with maximize=True it would
@@ -259,6 +302,10 @@ class Q3R:
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore factors and the step count; validates everything before changing anything."""
+        self._check_state_dict(state_dict)
+        self._commit_state_dict(state_dict)
+
+    def _check_state_dict(self, state_dict: dict) -> None:
         saved = state_dict.get("targets", {})
         if set(saved) != set(self.state):
             raise ValueError(
@@ -275,9 +322,23 @@ class Q3R:
         num_steps = state_dict.get("num_steps")
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
             raise ValueError(f"Q3R state_dict num_steps must be an int >= 0, got {num_steps!r}")
+
+    def _commit_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict["targets"]
         self.state = {
             t.name: [upgrade_state({k: v.detach().clone().to(t.param.device) for k, v in s.items()}, d1, d2)
                      for s, (d1, d2) in zip(saved[t.name], slice_shapes(t.param.shape, t.slice_dim, t.slices))]
             for t in self.targets
         }
-        self.num_steps = num_steps
+        self.num_steps = state_dict["num_steps"]
+
+
+class AttachHandle:
+    """What :meth:`Q3R.attach` returns: ``remove()`` takes all of its optimizer hooks away."""
+
+    def __init__(self, handles):
+        self._handles = handles
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()

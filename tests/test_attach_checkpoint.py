@@ -1,0 +1,179 @@
+"""Q3R.attach carries the regularizer's state in the optimizer's state_dict (carry_state)."""
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+
+import q3r
+from helpers import TinyViT
+
+INCLUDE = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+
+def _train(model, opt, steps, first_seed):
+    for seed in range(first_seed, first_seed + steps):
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(6, 4, 5, generator=g), torch.randint(0, 3, (6,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _setup(model, carry_state=True, include=INCLUDE):
+    reg = q3r.Q3R(q3r.find_targets(model, include, target_rank=3), lmbda=0.5, steps=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    handle = reg.attach(opt, carry_state=carry_state)
+    return reg, opt, handle
+
+
+def _round_trip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)  # (what the HF Trainer's resume does)
+
+
+def _resumed(model_state, opt_state, carry_state=True):
+    model = TinyViT()
+    model.load_state_dict(model_state)
+    reg, opt, _ = _setup(model, carry_state)
+    opt.load_state_dict(opt_state)
+    return model, reg, opt
+
+
+def test_optimizer_checkpoint_alone_resumes_the_regularizer_bit_for_bit():
+    torch.manual_seed(0)
+    model = TinyViT()
+    reg, opt, _ = _setup(model)
+    _train(model, opt, 5, 0)  # (step 5: mid-period, the factors of the refresh at step 4 in use)
+    model_state, opt_state = _round_trip(copy.deepcopy(model.state_dict())), _round_trip(opt.state_dict())
+    _train(model, opt, 6, 100)
+
+    model2, reg2, opt2 = _resumed(model_state, opt_state)
+    assert reg2.num_steps == 5
+    _train(model2, opt2, 6, 100)
+    assert reg2.num_steps == reg.num_steps == 11
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+    # the test can fail: without the carried state the resumed run refreshes from scratch
+    model3, reg3, opt3 = _resumed(model_state, opt_state, carry_state=False)
+    assert reg3.num_steps == 0
+    _train(model3, opt3, 6, 100)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), model3.parameters()))
+
+
+def test_a_damaged_carried_state_is_refused_before_the_optimizer_or_regularizer_changes():
+    torch.manual_seed(1)
+    model = TinyViT()
+    reg, opt, _ = _setup(model)
+    _train(model, opt, 4, 0)
+    saved = _round_trip(opt.state_dict())
+    last = reg.targets[-1].name
+    saved["q3r"][0]["targets"][last][0]["U"] = saved["q3r"][0]["targets"][last][0]["U"][:-1]
+
+    model2 = TinyViT()
+    model2.load_state_dict(model.state_dict())
+    reg2, opt2, _ = _setup(model2)
+    _train(model2, opt2, 2, 50)
+    reg_before = {k: [dict(s) for s in v] for k, v in reg2.state.items()}
+    opt_before = copy.deepcopy(opt2.state_dict())
+    with pytest.raises(ValueError, match=last):
+        opt2.load_state_dict(saved)
+    assert reg2.num_steps == 2
+    assert all(reg_before[k][i][key] is reg2.state[k][i][key] for k in reg_before
+               for i in range(len(reg_before[k])) for key in reg_before[k][i])
+    after = opt2.state_dict()
+    assert after["q3r"][0]["num_steps"] == 2
+    for pid, st in opt_before["state"].items():  # (AdamW's own state: the step count and moments)
+        for key, value in st.items():
+            assert torch.equal(value, after["state"][pid][key])
+
+
+def test_a_state_dict_without_it_warns_and_keeps_the_regularizer():
+    torch.manual_seed(2)
+    model = TinyViT()
+    plain = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    _train(model, plain, 3, 0)
+    reg, opt, _ = _setup(model)
+    _train(model, opt, 2, 10)
+    with pytest.warns(UserWarning, match="holds no Q3R state"):
+        opt.load_state_dict(plain.state_dict())
+    assert reg.num_steps == 2
+    assert opt.state_dict()["state"][0]["step"] == 3  # (the optimizer's own part loaded)
+    reg_quiet, opt_quiet, _ = _setup(TinyViT(), carry_state=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt_quiet.load_state_dict(torch.optim.AdamW(opt_quiet.param_groups[0]["params"]).state_dict())
+
+
+def test_two_regularizers_on_one_optimizer_each_get_their_own_state_back():
+    torch.manual_seed(3)
+    model = TinyViT()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    attn = q3r.Q3R(q3r.find_targets(model, ["attn.qkv", "attn.proj"], target_rank=3), lmbda=0.5, steps=2)
+    mlp = q3r.Q3R(q3r.find_targets(model, ["mlp.fc1", "mlp.fc2"], target_rank=3), lmbda=0.5, steps=3)
+    attn.attach(opt)
+    mlp.attach(opt)
+    _train(model, opt, 3, 0)
+    saved = _round_trip(opt.state_dict())
+    assert len(saved["q3r"]) == 2
+
+    opt2 = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    mlp2 = q3r.Q3R(q3r.find_targets(model, ["mlp.fc1", "mlp.fc2"], target_rank=3), lmbda=0.5, steps=3)
+    attn2 = q3r.Q3R(q3r.find_targets(model, ["attn.qkv", "attn.proj"], target_rank=3), lmbda=0.5, steps=2)
+    mlp2.attach(opt2)  # (attached in the other order)
+    attn2.attach(opt2)
+    opt2.load_state_dict(saved)
+    for reg, reg2 in ((attn, attn2), (mlp, mlp2)):
+        assert set(reg2.state) == set(reg.state)
+        for name in reg.state:
+            for s, s2 in zip(reg.state[name], reg2.state[name]):
+                assert s.keys() == s2.keys()  # (eps0 is NaN until a geometric schedule sets it: equal_nan)
+                assert all(torch.allclose(s[k], s2[k], rtol=0, atol=0, equal_nan=True) for k in s)
+
+
+def test_removing_the_handle_takes_every_hook_away():
+    torch.manual_seed(4)
+    model = TinyViT()
+    reg, opt, handle = _setup(model)
+    handle.remove()
+    assert "q3r" not in opt.state_dict()
+    _train(model, opt, 2, 0)
+    assert reg.num_steps == 0  # (the step hook is gone too)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.load_state_dict(opt.state_dict())
+    with pytest.raises(TypeError, match="carry_state"):
+        reg.attach(opt, carry_state="yes")
+
+
+def test_dcp_state_dicts_drop_the_carried_state_and_loading_says_so():
+    """torch.distributed.checkpoint's get_state_dict keeps only state and param_groups: the
+    optimizer's load warns, and docs/distributed.md's way (the Q3R state saved beside it,
+    carry_state=False) resumes quietly."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    torch.manual_seed(5)
+    model = TinyViT()
+    reg, opt, _ = _setup(model)
+    _train(model, opt, 4, 0)
+    msd, osd = get_state_dict(model, opt)
+    assert set(osd) == {"state", "param_groups"}
+    with pytest.warns(UserWarning, match="holds no Q3R state"):
+        set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+
+    saved = {"model": copy.deepcopy(msd), "optim": copy.deepcopy(osd), "q3r": copy.deepcopy(reg.state_dict())}
+    model2 = TinyViT()
+    reg2, opt2, _ = _setup(model2, carry_state=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        set_state_dict(model2, opt2, model_state_dict=saved["model"], optim_state_dict=saved["optim"])
+    reg2.load_state_dict(saved["q3r"])
+    _train(model, opt, 3, 100)
+    _train(model2, opt2, 3, 100)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
