@@ -104,6 +104,13 @@ def test_a_state_dict_without_it_warns_and_keeps_the_regularizer():
         opt.load_state_dict(plain.state_dict())
     assert reg.num_steps == 2
     assert opt.state_dict()["state"][0]["step"] == 3  # (the optimizer's own part loaded)
+    other = q3r.Q3R(q3r.find_targets(model, ["mlp.fc1"], target_rank=3), lmbda=0.5, steps=3)
+    other_opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    other.attach(other_opt)
+    _train(model, other_opt, 1, 20)
+    with pytest.warns(UserWarning, match="holds Q3R states of 1 other target sets"):
+        opt.load_state_dict(other_opt.state_dict())
+    assert reg.num_steps == 2
     reg_quiet, opt_quiet, _ = _setup(TinyViT(), carry_state=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

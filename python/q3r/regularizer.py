@@ -229,11 +229,13 @@ class Q3R:
 
     def _check_optimizer_state(self, state_dict: dict, pending: list) -> None:
         pending.clear()
-        mine = [s for s in state_dict.get("q3r", []) if isinstance(s, dict) and set(s.get("targets", {})) == set(self.state)]
+        carried = [s for s in state_dict.get("q3r", []) if isinstance(s, dict)]
+        mine = [s for s in carried if set(s.get("targets", {})) == set(self.state)]
         if not mine:
-            warnings.warn(f"the optimizer state_dict being loaded holds no Q3R state for targets {sorted(self.state)}: "
-                          f"this attached Q3R keeps its own (step {self.num_steps}); load it with Q3R.load_state_dict, "
-                          "or attach with carry_state=False to silence this", stacklevel=4)
+            others = f" (it holds Q3R states of {len(carried)} other target sets)" if carried else ""
+            warnings.warn(f"the optimizer state_dict being loaded holds no Q3R state for targets {sorted(self.state)}"
+                          f"{others}: this attached Q3R keeps its own (step {self.num_steps}); load it with "
+                          "Q3R.load_state_dict, or attach with carry_state=False to silence this", stacklevel=4)
             return
         if len(mine) > 1:
             raise ValueError(f"the optimizer state_dict holds {len(mine)} Q3R states for targets {sorted(self.state)}")
