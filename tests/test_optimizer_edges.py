@@ -6,6 +6,7 @@ update itself."""
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -533,3 +534,17 @@ def test_diagnostics_before_the_first_step_are_those_of_the_identity_operator_as
     assert all(got[k] == want[k] for k in got)
     assert all(v == float("inf") for k, v in got.items() if k.endswith("/eps"))
     assert not opt.state  # (looking creates no state)
+
+
+def test_adamq3r_without_a_q3r_group_warns_once_at_its_first_step():
+    """AdamQ3R(model.parameters()) is AdamW with no Q3R term: said once, not silently."""
+    torch.manual_seed(0)
+    model = TinyViT()
+    opt = q3r.AdamQ3R(model.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="no q3r=True param group"):
+        _steps(model, opt, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _steps(model, opt, 1, start=1)  # (once)
+        targets = q3r.find_targets(model, ["mlp.fc1"], target_rank=3)
+        _steps(model, q3r.AdamQ3R(q3r.param_groups(model, targets), lr=1e-3), 2)  # (a Q3R group: quiet)

@@ -275,6 +275,10 @@ class AdamQ3R(Optimizer):
 
     def _step(self) -> None:
         self._adopt_written_states()
+        if not any(g["q3r"] for g in self.param_groups) and not self.__dict__.get("_no_target_warned"):
+            self._no_target_warned = True  # (AdamQ3R(model.parameters()) is AdamW: say so, once)
+            warnings.warn("AdamQ3R has no q3r=True param group, so it steps as AdamW with no Q3R term; build the "
+                          "groups with q3r.param_groups(model, q3r.find_targets(model, ...))", stacklevel=4)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
