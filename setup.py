@@ -7,18 +7,26 @@ at build time, i.e. with
     pip install --no-build-isolation -e .
 
 Switches (environment variables):
-    Q3R_BUILD_NATIVE = auto | 1 | 0   auto (default): build if torch is importable, and skip
-                                      with a warning if compiling fails; 1: build or fail;
-                                      0: never build.
+    Q3R_BUILD_NATIVE = auto | 1 | 0   auto (default): build if torch is importable; if the
+                                      build fails, retry without the CUDA part, then skip with
+                                      a warning; 1: build or fail; 0: never build. (on/off,
+                                      true/false, yes/no are accepted; empty means auto.)
     Q3R_BUILD_CUDA   = auto | 1 | 0   auto (default): add the CUDA kernel when torch is a CUDA
-                                      build and nvcc is found (CUDA_HOME); 1: require it;
+                                      build and CUDA_HOME has an nvcc of torch's CUDA major
+                                      version; 1: require it (its failure fails the install);
                                       0: CPU part only.
-    TORCH_CUDA_ARCH_LIST               forwarded to torch's extension builder (e.g. "9.0").
+    TORCH_CUDA_ARCH_LIST               forwarded to torch's extension builder (e.g. "9.0");
+                                      with no GPU visible it defaults to "8.0;9.0+PTX".
+Q3R_BUILD_NATIVE=0, or a build that fails, removes python/q3r/_C*.so left by an earlier build
+(an editable install would load it).
 `python -m q3r.info` reports what the installed package holds.
 """
 
 import os
+import re
+import subprocess
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -29,8 +37,12 @@ PACKAGES = dict(
 )
 
 
+_SPELLINGS = {"": "auto", "true": "1", "on": "1", "yes": "1", "false": "0", "off": "0", "no": "0"}
+
+
 def _switch(name: str) -> str:
     value = os.environ.get(name, "auto").strip().lower()
+    value = _SPELLINGS.get(value, value)  # (an empty variable is unset; on/off, true/false too)
     if value not in ("auto", "0", "1"):
         raise SystemExit(f"{name} must be auto, 0 or 1, got {value!r}")
     return value
@@ -40,11 +52,44 @@ def _log(msg: str) -> None:
     print(f"q3r setup: {msg}", file=sys.stderr)
 
 
+HEADERS = ["csrc/jacobi_common.h", "csrc/jacobi_cpu.h", "csrc/jacobi_cuda.h"]  # a change rebuilds
+IN_PLACE = os.path.join("python", "q3r", "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+
+
+def _remove_in_place_module(why: str) -> None:
+    """An editable install loads python/q3r/_C*.so: one left by an earlier build would be used
+    although this build did not make it (older sources, or another torch)."""
+    if os.path.exists(IN_PLACE):
+        os.remove(IN_PLACE)
+        _log(f"removed {IN_PLACE} left by an earlier build ({why})")
+
+
+def _nvcc_major(cuda_home: str) -> str | None:
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    match = re.search(r"release (\d+)\.", out)
+    return match.group(1) if match else None
+
+
+def _cuda_problem(torch, cpp_extension) -> str | None:
+    """Why the CUDA part cannot be built here, or None."""
+    if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        return f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
+    nvcc = _nvcc_major(cpp_extension.CUDA_HOME)
+    if nvcc != torch.version.cuda.split(".")[0]:  # (torch's builder refuses another major version)
+        return f"nvcc in {cpp_extension.CUDA_HOME} is CUDA {nvcc}, torch was built with CUDA {torch.version.cuda}"
+    return None
+
+
 def _native_extension():
     """(ext_modules, cmdclass) for q3r._C, or ([], {}) when it is not to be built."""
     native = _switch("Q3R_BUILD_NATIVE")
     if native == "0":
         _log("Q3R_BUILD_NATIVE=0: pure-Python install")
+        _remove_in_place_module("Q3R_BUILD_NATIVE=0")
         return [], {}
     try:
         import torch  # noqa: F401
@@ -57,39 +102,76 @@ def _native_extension():
         return [], {}
 
     want_cuda = _switch("Q3R_BUILD_CUDA")
-    cuda_ok = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    if want_cuda == "1" and not cuda_ok:
-        raise SystemExit(f"Q3R_BUILD_CUDA=1 but torch.version.cuda={torch.version.cuda} and "
-                         f"CUDA_HOME={cpp_extension.CUDA_HOME}")
-    with_cuda = want_cuda != "0" and cuda_ok
+    cuda_problem = _cuda_problem(torch, cpp_extension) if want_cuda != "0" else "Q3R_BUILD_CUDA=0"
+    if want_cuda == "1" and cuda_problem is not None:
+        raise SystemExit(f"Q3R_BUILD_CUDA=1 but the CUDA part cannot be built: {cuda_problem}")
+    if want_cuda == "auto" and cuda_problem is not None and torch.version.cuda is not None:
+        _log(f"CPU part only: {cuda_problem}")
+    with_cuda = cuda_problem is None
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+        # (torch derives the list from the visible GPUs and fails on a build machine without
+        # one; the same default as CMakeLists.txt, with PTX for newer GPUs)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        _log("no GPU visible and TORCH_CUDA_ARCH_LIST unset: building for 8.0;9.0+PTX")
 
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # at::parallel_for over the batch
     cxx = ["-O3", *openmp]  # the C++ standard is torch's choice
-    sources = ["csrc/binding.cpp", "csrc/jacobi_cpu.cpp"]
-    if with_cuda:
-        sources.append("csrc/jacobi_cuda.cu")
-        ext = cpp_extension.CUDAExtension(
-            "q3r._C", sources, define_macros=[("Q3R_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
-            extra_link_args=openmp)
-    else:
-        ext = cpp_extension.CppExtension("q3r._C", sources, extra_compile_args=cxx, extra_link_args=openmp)
-    _log(f"building q3r._C (cpu{' + cuda' if with_cuda else ''})")
 
+    def extension(cuda: bool):
+        sources = ["csrc/binding.cpp", "csrc/jacobi_cpu.cpp"]
+        if not cuda:
+            return cpp_extension.CppExtension("q3r._C", sources, depends=HEADERS, extra_compile_args=cxx,
+                                              extra_link_args=openmp)
+        return cpp_extension.CUDAExtension(
+            "q3r._C", [*sources, "csrc/jacobi_cuda.cu"], depends=HEADERS, define_macros=[("Q3R_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=openmp)
+
+    _log(f"building q3r._C (cpu{' + cuda' if with_cuda else ''})")
     base = cpp_extension.BuildExtension.with_options(use_ninja=True)
 
     class BuildNative(base):
-        """In auto mode a failed compile leaves a working pure-Python install."""
+        """In auto mode a failed build leaves a working install: without the CUDA part if that
+        was what failed, else pure Python; never with a module from an earlier build."""
 
-        def build_extension(self, extension):
+        def build_extensions(self):
+            error = self._attempt()
+            if error is None:
+                return
+            if native == "1" or (with_cuda and want_cuda == "1"):
+                raise error
+            if with_cuda:
+                _log(f"building q3r._C with its CUDA part failed ({error}); building the CPU part only")
+                cpu = extension(cuda=False)
+                for ext in self.extensions:  # (the Extension setuptools prepared, given the CPU part's settings)
+                    for attr in ("sources", "define_macros", "include_dirs", "library_dirs", "libraries",
+                                 "extra_compile_args", "extra_link_args", "language"):
+                        setattr(ext, attr, getattr(cpu, attr))
+                error = self._attempt()
+                if error is None:
+                    return
+            _log(f"building q3r._C failed, continuing without it: {error}")
+            self.extensions = []  # (so an editable install does not look for its output)
+            _remove_in_place_module("this build failed")
+
+        def _attempt(self) -> Exception | None:
+            """One build of self.extensions; on failure the compiler is as before and no output
+            of an earlier build is left where this one should have written."""
+            compiler = {k: getattr(self.compiler, k) for k in ("compile", "_compile", "spawn") if hasattr(self.compiler, k)}
+            src_extensions = list(self.compiler.src_extensions)
             try:
-                super().build_extension(extension)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure
-                if native == "1":
-                    raise
-                _log(f"building {extension.name} failed, continuing without it: {exc}")
+                super().build_extensions()
+                return None
+            except Exception as exc:  # noqa: BLE001 - any compiler or toolchain failure
+                for key, value in compiler.items():  # (torch's builder wraps these per call)
+                    setattr(self.compiler, key, value)
+                self.compiler.src_extensions = src_extensions
+                for ext in self.extensions:
+                    stale = self.get_ext_fullpath(ext.name)
+                    if os.path.exists(stale):
+                        os.remove(stale)
+                return exc
 
-    return [ext], {"build_ext": BuildNative}
+    return [extension(with_cuda)], {"build_ext": BuildNative}
 
 
 ext_modules, cmdclass = _native_extension()

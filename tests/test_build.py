@@ -1,0 +1,111 @@
+"""setup.py's native build and its fallbacks, run on a copy of the tree (a build that fails
+removes python/q3r/_C*.so, which must not touch this checkout's)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
+NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+
+# setup.py seen through a CUDA build of torch (this one is a CPU build): torch.version.cuda and
+# the CUDA_HOME torch's builder found, from the environment
+FAKE_CUDA_TORCH = """
+import os, runpy, sys, torch
+from torch.utils import cpp_extension
+torch.version.cuda = os.environ["FAKE_TORCH_CUDA"]
+cpp_extension.CUDA_HOME = os.environ["FAKE_CUDA_HOME"]
+sys.argv = ["setup.py", *sys.argv[1:]]
+runpy.run_path("setup.py", run_name="__main__")
+"""
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """The files a build reads, copied, with a stale module from 'an earlier build' in place."""
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "CMakeLists.txt"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    for name in ("csrc", "python", "q3r_kernels"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    (tmp_path / "python" / "q3r" / f"_C{SUFFIX}").write_bytes(b"stale")
+    return tmp_path
+
+
+def _setup(tree, *args, script=None, **env):
+    cmd = [sys.executable, script or "setup.py", *args]
+    return subprocess.run(cmd, cwd=tree, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "MAX_JOBS": "1", **env})
+
+
+def _build_ext(tree, script=None, **env):
+    return _setup(tree, "build_ext", "--build-lib", str(tree / "out"), "--build-temp", str(tree / "tmp"),
+                  script=script, **env)
+
+
+def test_a_failed_compile_installs_pure_python_and_removes_an_earlier_module(tree):
+    out = _build_ext(tree, CC="/nonexistent/cc", CXX="/nonexistent/c++")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "building q3r._C failed, continuing without it" in out.stderr
+    assert not (tree / "python" / "q3r" / f"_C{SUFFIX}").exists()  # (the stale one is gone)
+    assert not list((tree / "out").rglob("_C*"))
+    # Q3R_BUILD_NATIVE=1: the same failure fails the build
+    assert _build_ext(tree, CC="/nonexistent/cc", CXX="/nonexistent/c++", Q3R_BUILD_NATIVE="1").returncode != 0
+
+
+@pytest.mark.parametrize("value, expected", [("0", "pure-Python install"), ("off", "pure-Python install"),
+                                             ("", "building q3r._C (cpu)"), ("on", "building q3r._C (cpu)")])
+def test_switch_spellings(tree, value, expected):
+    out = _setup(tree, "--name", Q3R_BUILD_NATIVE=value)
+    assert out.returncode == 0 and expected in out.stderr, out.stderr[-2000:]
+    assert (tree / "python" / "q3r" / f"_C{SUFFIX}").exists() == (expected != "pure-Python install")
+    assert _setup(tree, "--name", Q3R_BUILD_NATIVE="maybe").returncode != 0
+
+
+def test_sdist_carries_the_native_sources(tree):
+    out = _setup(tree, "-q", "sdist", "-d", str(tree / "dist"), Q3R_BUILD_NATIVE="0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (archive,) = (tree / "dist").glob("*.tar.gz")
+    names = {n.split("/", 1)[1] for n in tarfile.open(archive).getnames() if "/" in n}
+    assert {"CMakeLists.txt", "csrc/binding.cpp", "csrc/jacobi_cpu.cpp", "csrc/jacobi_cuda.cu",
+            "csrc/jacobi_common.h", "csrc/jacobi_cpu.h", "csrc/jacobi_cuda.h"} <= names
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs an nvcc (CUDA code compiles on this machine, nothing runs)")
+def test_cuda_torch_with_another_nvcc_major_builds_the_cpu_part_only(tree):
+    (tree / "fake_cuda_torch.py").write_text(FAKE_CUDA_TORCH)
+    home = str(Path(NVCC).resolve().parents[1])
+    out = _setup(tree, "--name", script="fake_cuda_torch.py", FAKE_TORCH_CUDA="7.5", FAKE_CUDA_HOME=home)
+    assert out.returncode == 0 and "CPU part only: nvcc in" in out.stderr, out.stderr[-2000:]
+    assert "building q3r._C (cpu)" in out.stderr
+    out = _setup(tree, "--name", script="fake_cuda_torch.py", FAKE_TORCH_CUDA="7.5", FAKE_CUDA_HOME=home,
+                 Q3R_BUILD_CUDA="1")
+    assert out.returncode != 0 and "Q3R_BUILD_CUDA=1 but the CUDA part cannot be built" in out.stderr
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs an nvcc (CUDA code compiles on this machine, nothing runs)")
+def test_a_failed_cuda_part_retries_with_the_cpu_part(tree):
+    """With a CPU torch posing as a CUDA build, the .cu file cannot compile (torch has no CUDA
+    headers): the build goes on with the CPU part, and that module imports and says so."""
+    (tree / "fake_cuda_torch.py").write_text(FAKE_CUDA_TORCH)
+    home = Path(NVCC).resolve().parents[1]
+    release = subprocess.run([NVCC, "--version"], capture_output=True, text=True).stdout
+    major = release.split("release ")[1].split(".")[0]
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+    out = subprocess.run([sys.executable, "fake_cuda_torch.py", "build_ext", "--build-lib", str(tree / "out"),
+                          "--build-temp", str(tree / "tmp")], cwd=tree, capture_output=True, text=True, timeout=1200,
+                         env={**env, "MAX_JOBS": "1", "FAKE_TORCH_CUDA": f"{major}.0", "FAKE_CUDA_HOME": str(home)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "building for 8.0;9.0+PTX" in out.stderr  # (no GPU visible: the default arch list)
+    assert "with its CUDA part failed" in out.stderr and "continuing without it" not in out.stderr
+    (module,) = (tree / "out" / "q3r").glob("_C*")
+    probe = ("import importlib.util, sys, torch; spec = importlib.util.spec_from_file_location('q3r._C', sys.argv[1]); "
+             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(dict(m.build_info()))")
+    info = subprocess.run([sys.executable, "-c", probe, str(module)], capture_output=True, text=True, timeout=120)
+    assert info.stdout.strip() == "{'cpu': True, 'cuda': False}", info.stderr[-2000:]
