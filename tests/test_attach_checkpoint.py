@@ -184,3 +184,32 @@ def test_dcp_state_dicts_drop_the_carried_state_and_loading_says_so():
     _train(model2, opt2, 3, 100)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
+
+
+def test_handle_is_a_context_manager_and_numpy_options_still_load_weights_only():
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(6)
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=np.float64(0.5), steps=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with reg.attach(opt):
+        _train(model, opt, 2, 0)
+        saved = _round_trip(opt.state_dict())  # (weights_only=True: numpy scalars would fail it)
+    assert reg.num_steps == 2 and saved["q3r"][0]["options"]["lmbda"] == 0.5
+    assert "q3r" not in opt.state_dict()  # (the with block removed the hooks)
+    _round_trip(reg.state_dict())
+
+
+def test_two_carrying_regularizers_over_the_same_targets_are_refused_and_bad_entries_named():
+    model = TinyViT()
+    reg, opt, _ = _setup(model)
+    twin = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=2), lmbda=0.1, steps=3)
+    with pytest.raises(ValueError, match="same targets"):
+        twin.attach(opt)
+    twin.attach(opt, carry_state=False)  # (its state checkpointed apart)
+    _train(model, opt, 2, 0)
+    saved = opt.state_dict()
+    saved["q3r"] = None
+    with pytest.raises(ValueError, match="'q3r' entry must be a list"):
+        opt.load_state_dict(saved)
+    assert reg.num_steps == 2

@@ -16,6 +16,7 @@ steps (starting with the first), so the training loop needs no extra call.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Callable
 
@@ -198,7 +199,10 @@ class Q3R:
         Face Trainer's ``optimizer.pt``) resumes Q3R too. The saved state is checked before the
         optimizer loads anything and committed after it loaded; a state dict without it (an
         older checkpoint, DCP's ``get_state_dict``, which keeps only ``state`` and
-        ``param_groups``) leaves the regularizer as it is, with a warning."""
+        ``param_groups``) leaves the regularizer as it is, with a warning.
+        (ZeroRedundancyOptimizer copies each rank's share into its local optimizer before
+        ``Optimizer.load_state_dict`` runs the hooks: there a refused Q3R state leaves the
+        regularizer unchanged, not the optimizer.)"""
         if not isinstance(carry_state, bool):
             raise TypeError(f"Q3R.attach carry_state must be a bool, got {carry_state!r}")
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -211,6 +215,11 @@ class Q3R:
                for h in hooks):  # (twice would count two steps and add the term twice per step)
             raise ValueError("this Q3R is already attached to this optimizer (remove the first hook's handle "
                              "to attach again)")
+        if carry_state and any(isinstance(other, Q3R) and set(other.state) == set(self.state)
+                               for other in _carrying(optimizer)):
+            raise ValueError("another Q3R over the same targets already carries its state in this optimizer's "
+                             "state_dict (their states could not be told apart): attach this one with carry_state=False "
+                             "and checkpoint it with Q3R.state_dict()")
         handles = [optimizer.register_step_pre_hook(self._before_step)]
         if carry_state:
             pending: list[dict] = []  # the checked state between the load's pre- and post-hook
@@ -229,7 +238,11 @@ class Q3R:
 
     def _check_optimizer_state(self, state_dict: dict, pending: list) -> None:
         pending.clear()
-        carried = [s for s in state_dict.get("q3r", []) if isinstance(s, dict)]
+        carried = state_dict.get("q3r", [])
+        if not isinstance(carried, list):
+            raise ValueError(f"the optimizer state_dict's 'q3r' entry must be a list of Q3R states, got "
+                             f"{type(carried).__name__}")
+        carried = [s for s in carried if isinstance(s, dict)]
         mine = [s for s in carried if set(s.get("targets", {})) == set(self.state)]
         if not mine:
             others = f" (it holds Q3R states of {len(carried)} other target sets)" if carried else ""
@@ -298,7 +311,7 @@ class Q3R:
         """Plain tensors and Python scalars only: loads with torch.load(weights_only=True)."""
         return {
             "num_steps": self.num_steps,
-            "options": dict(self.options),
+            "options": _plain(self.options),  # (numpy scalars would need weights_only=False)
             "targets": {name: [dict(s) for s in slices] for name, slices in self.state.items()},
         }
 
@@ -335,8 +348,28 @@ class Q3R:
         self.num_steps = state_dict["num_steps"]
 
 
+def _carrying(optimizer) -> list:
+    """The Q3Rs attached to optimizer with carry_state=True."""
+    hooks = getattr(optimizer, "_optimizer_state_dict_post_hooks", {}).values()
+    return [h.__self__ for h in hooks if getattr(h, "__func__", None) is Q3R._save_into_optimizer_state]
+
+
+def _plain(value):
+    """Options as plain Python values (a numpy float lambda from np.logspace, for example)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 class AttachHandle:
-    """What :meth:`Q3R.attach` returns: ``remove()`` takes all of its optimizer hooks away."""
+    """What :meth:`Q3R.attach` returns: ``remove()`` (or leaving a ``with`` block) takes all of
+    its optimizer hooks away."""
 
     def __init__(self, handles):
         self._handles = handles
@@ -344,3 +377,9 @@ class AttachHandle:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+    def __enter__(self) -> "AttachHandle":  # (as torch's RemovableHandle: `with reg.attach(opt): ...`)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
