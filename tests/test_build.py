@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
@@ -90,6 +91,8 @@ def test_cuda_torch_with_another_nvcc_major_builds_the_cpu_part_only(tree):
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs an nvcc (CUDA code compiles on this machine, nothing runs)")
+@pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU build of torch (posing as a CUDA build, its "
+                    "missing CUDA headers make the CUDA part fail)")
 def test_a_failed_cuda_part_retries_with_the_cpu_part(tree):
     """With a CPU torch posing as a CUDA build, the .cu file cannot compile (torch has no CUDA
     headers): the build goes on with the CPU part, and that module imports and says so."""
