@@ -33,7 +33,7 @@ parts=("$@")
 has() { [[ " ${parts[*]} " == *" $1 "* ]]; }
 
 if has build; then
-  (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} Q3R_BUILD_NATIVE=1 \
+  (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} Q3R_BUILD_NATIVE=1 Q3R_BUILD_CUDA=1 \
      $PY -m pip install --no-build-isolation --no-deps --no-index -e . && $PY -m q3r.info) \
      >"$OUT/build.log" 2>&1
   echo "build rc=$?"; tail -3 "$OUT/build.log"
