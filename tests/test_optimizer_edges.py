@@ -548,3 +548,22 @@ def test_adamq3r_without_a_q3r_group_warns_once_at_its_first_step():
         _steps(model, opt, 1, start=1)  # (once)
         targets = q3r.find_targets(model, ["mlp.fc1"], target_rank=3)
         _steps(model, q3r.AdamQ3R(q3r.param_groups(model, targets), lr=1e-3), 2)  # (a Q3R group: quiet)
+
+
+def test_numpy_option_values_still_give_a_weights_only_checkpoint():
+    """lambda from an np.logspace sweep: optimizer.pt must still load with weights_only=True (as
+    the Hugging Face Trainer loads it); the values are stored as plain Python numbers."""
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    model = TinyViT()
+    targets = q3r.find_targets(model, ["mlp.fc1"], target_rank=np.float64(0.3))
+    opt = q3r.AdamQ3R(q3r.param_groups(model, targets, lmbda=np.logspace(-2, 0, 3)[1], steps=3), lr=1e-3,
+                      eps_floor=np.float32(1e-4))
+    _steps(model, opt, 2)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    group = next(g for g in saved["param_groups"] if g["q3r"])
+    assert type(group["lmbda"]) is float and group["lmbda"] == pytest.approx(0.1)
+    assert type(group["eps_floor"]) is float

@@ -30,6 +30,20 @@ Q3R_DEFAULTS = {
 }
 
 
+def plain_values(value):
+    """Options as plain Python values: a numpy lambda (np.logspace sweeps) in a state dict makes
+    torch.load(weights_only=True) refuse the checkpoint, as the Hugging Face Trainer loads it."""
+    if isinstance(value, dict):
+        return {k: plain_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_values(v) for v in value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 

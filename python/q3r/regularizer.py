@@ -16,7 +16,6 @@ steps (starting with the first), so the training loop needs no extra call.
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from typing import Callable
 
@@ -26,7 +25,7 @@ from torch import Tensor
 from . import ops, reference
 from . import distributed
 from ._precision import autocast_off
-from .config import Q3R_DEFAULTS, slice_configs, validate_q3r_options
+from .config import Q3R_DEFAULTS, plain_values, slice_configs, validate_q3r_options
 from .diagnostics import slice_diagnostics
 from ._state_check import slice_state_problem
 from .refresh import operator_of, refresh_around, sketch_options, upgrade_state
@@ -311,7 +310,7 @@ class Q3R:
         """Plain tensors and Python scalars only: loads with torch.load(weights_only=True)."""
         return {
             "num_steps": self.num_steps,
-            "options": _plain(self.options),  # (numpy scalars would need weights_only=False)
+            "options": plain_values(self.options),  # (numpy scalars would need weights_only=False)
             "targets": {name: [dict(s) for s in slices] for name, slices in self.state.items()},
         }
 
@@ -352,19 +351,6 @@ def _carrying(optimizer) -> list:
     """The Q3Rs attached to optimizer with carry_state=True."""
     hooks = getattr(optimizer, "_optimizer_state_dict_post_hooks", {}).values()
     return [h.__self__ for h in hooks if getattr(h, "__func__", None) is Q3R._save_into_optimizer_state]
-
-
-def _plain(value):
-    """Options as plain Python values (a numpy float lambda from np.logspace, for example)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    return value
 
 
 class AttachHandle:

@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from .. import distributed
 from .._precision import no_autocast
-from ..config import Q3R_DEFAULTS, default_names, slice_configs, validate_q3r_options
+from ..config import Q3R_DEFAULTS, default_names, plain_values, slice_configs, validate_q3r_options
 from ..diagnostics import slice_diagnostics
 from .._state_check import slice_state_problem
 from ..refresh import _Once, refresh_around, sketch_options, upgrade_state
@@ -82,7 +82,7 @@ class AdamQ3R(Optimizer):
             raise TypeError(f"AdamQ3R got unknown arguments {sorted(unknown)}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, q3r=False)
         defaults.update(Q3R_DEFAULTS)
-        defaults.update(q3r_defaults)
+        defaults.update(plain_values(q3r_defaults))
         self._nonfinite_warned: set[str] = set()
         super().__init__(params, defaults)
 
@@ -118,8 +118,8 @@ class AdamQ3R(Optimizer):
                 distributed.check_sharding(p, where)
                 names += p_names
             self._check_names(merged, names, where)
-        if isinstance(param_group.get("refresh_options"), dict):  # a copy: the caller's dict may change later
-            param_group["refresh_options"] = dict(param_group["refresh_options"])
+        for key in Q3R_DEFAULTS.keys() & param_group.keys():  # (copies: the caller's dicts may change later)
+            param_group[key] = plain_values(param_group[key])
         taken = self._taken_names() if merged.get("q3r") else None
         super().add_param_group(param_group)
         if taken is not None:
