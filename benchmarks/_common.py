@@ -120,16 +120,23 @@ def cuda_time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
     return statistics.median(step_times_ms(fn, iters))
 
 
-def peak_bytes(fn) -> int:
-    """Peak allocated CUDA memory while fn() runs (after what is already allocated)."""
+def memory_during(fn) -> dict[str, int]:
+    """CUDA memory around fn(): "start" (allocated before it), "peak" (peak allocated while it
+    runs), "requested_peak" (the same counted in the bytes the tensors asked for: the
+    caching allocator rounds blocks up, and a block it does not split can be up to 1 MB
+    larger than asked, so two runs with different cache histories can differ by some MB in
+    "peak" alone). All 0 without CUDA (fn still runs)."""
     if not torch.cuda.is_available():
         fn()
-        return 0
+        return {"start": 0, "peak": 0, "requested_peak": 0}
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
+    stats = torch.cuda.memory_stats()
+    return {"start": start, "peak": torch.cuda.max_memory_allocated(),
+            "requested_peak": stats["requested_bytes.all.peak"]}
 
 
 # ------------------------------------------------------------------------------ models
