@@ -10,6 +10,8 @@ per slice; Q/K/V as separate slices; T = 5, lambda = 0.1) it reports:
   q3r_work_{ref,fast}_ms     the per-step Q3R work alone: 2 lambda R(W) added into every target's
                              gradient (what Q3R.add_grad_ does), reference / Triton
   train_{adamw,adamq3r_ref,adamq3r_fast}_ms   a whole training step (fwd + bwd + optimizer)
+  ratio_train_fast_over_adamw_interleaved    the same ratio from AdamW and AdamQ3R steps taken
+                             in turn on one model (median of per-pair ratios; drift falls on both)
   peak_{...}_bytes           peak allocated CUDA memory during that training step
   peak_{...}_requested_bytes the same in the bytes the tensors asked for (no allocator rounding)
   start_{...}_bytes          CUDA memory allocated when that training step began
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 
@@ -166,6 +169,8 @@ def bench_model(key: str, sweep: bool, tiny: bool = False, profile: bool = False
     set_backend("reference")
     res.append(("train_adamq3r_ref_ms", C.cuda_time_ms(train_q3r, warmup=1, iters=4), "ms"))
     res += memory_rows("adamq3r_ref", train_q3r)
+    set_backend("triton")
+    res += interleaved_rows(params, fwd_bwd, train_q3r, tiny)
 
     # ---- the per-step Q3R work alone: 2 lambda R(W) into every target gradient
     weights, grads, factors = [], [], []
@@ -211,6 +216,31 @@ def bench_model(key: str, sweep: bool, tiny: bool = False, profile: bool = False
     gc.collect()
     torch.cuda.empty_cache()
     return label, res
+
+
+def interleaved_rows(params, fwd_bwd, train_q3r, tiny: bool, pairs: int = 12) -> list[tuple[str, float, str]]:
+    """Whole training steps with fused AdamW and with AdamQ3R (fast path) taken in turn on the
+    same model, so that drift of the machine (clocks, temperature, a neighbour) falls on both
+    alike: train_{adamw,adamq3r_fast}_interleaved_ms (medians) and the median of the per-pair
+    ratios. A second AdamW is made for this and dropped after (the peak memory rows are
+    measured before it exists)."""
+    adamw = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=not tiny)
+
+    def train_adamw():
+        fwd_bwd()
+        adamw.step()
+
+    for _ in range(1 if tiny else 2):  # warm-up (AdamW's state is made here)
+        train_adamw()
+        train_q3r()
+    pairs = 1 if tiny else pairs
+    times = [(C.step_times_ms(train_adamw, 1)[0], C.step_times_ms(train_q3r, 1)[0]) for _ in range(pairs)]
+    del adamw
+    gc.collect()
+    ratios = [q / a for a, q in times]
+    return [("train_adamw_interleaved_ms", statistics.median(a for a, _ in times), "ms"),
+            ("train_adamq3r_fast_interleaved_ms", statistics.median(q for _, q in times), "ms"),
+            ("ratio_train_fast_over_adamw_interleaved", statistics.median(ratios), "x")]
 
 
 def memory_rows(name: str, train_step) -> list[tuple[str, float, str]]:

@@ -21,6 +21,7 @@ def test_bench_step_dry_run_prints_every_measure():
     assert "fp32_matmul=high" in out.stdout
     for measure in ("fwd_bwd_ms", "adamw_step_ms", "adamq3r_ref_step_ms", "adamq3r_fast_step_ms",
                     "q3r_work_ref_ms", "q3r_work_fast_ms", "ratio_train_fast_over_adamw", "tail_bytes",
+                    "ratio_train_fast_over_adamw_interleaved",
                     "peak_fast_above_adamw_and_factors_frac_of_factors",
                     "peak_requested_fast_above_adamw_and_factors_frac_of_factors", "start_fast_above_adamw_bytes",
                     "cycle_plain_phase4_ms", "cycle_stagger_max_over_median", "cycle_stagger_mean_over_adamw"):
