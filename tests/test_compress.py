@@ -17,6 +17,7 @@ from q3r.compress import (
     svd_truncate,
     truncate_weights_,
 )
+from q3r.targets import uncompiled
 
 
 class Conv1D(nn.Module):
@@ -155,6 +156,67 @@ def test_save_and_load_roundtrip(tmp_path, model_and_input):
     loaded = load_compressed(fresh, path)
     torch.testing.assert_close(loaded(x), small(x))
     assert count_parameters(loaded) == count_parameters(small)
+
+
+def _safetensors_keys(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return set(f.keys())
+
+
+def _uncompiled_output(model, x):
+    """model(x) with its compiled submodules run as the plain modules they wrap (no compile)."""
+    with uncompiled(model) as plain:
+        return plain(x)
+
+
+def test_a_compiled_model_compresses_saves_and_loads_under_its_uncompiled_names(tmp_path, model_and_input):
+    """torch.compile wraps a model (or a block, or a layer) in an OptimizedModule whose names
+    start with _orig_mod.: a model trained compiled must save what the plain model saves and
+    load into either. (No compiled forward runs: the wrappers are lazy, and _orig_mod is the
+    module itself.)"""
+    model, x = model_and_input
+    plain_file, compiled_file = tmp_path / "plain.safetensors", tmp_path / "compiled.safetensors"
+    reference, _ = compress(copy.deepcopy(model), PATTERNS, fraction=0.3)
+    save_compressed(reference, plain_file)
+
+    twin = copy.deepcopy(model)
+    twin.gpt = torch.compile(twin.gpt)  # a compiled block: its layers are compressed inside it
+    twin.fc1 = torch.compile(twin.fc1)  # a compiled layer: replaced by an (uncompiled) factored one
+    compiled = torch.compile(twin)
+    targets = q3r.find_targets(compiled, PATTERNS)
+    small, _ = compress(compiled, targets, fraction=0.3)
+    assert small is compiled and isinstance(twin.fc1, LowRankLinear)
+    assert type(twin.gpt).__name__ == "OptimizedModule" and isinstance(twin.gpt._orig_mod.c_attn, LowRankFusedLinear)
+    torch.testing.assert_close(_uncompiled_output(twin, x), reference(x))
+    save_compressed(small, compiled_file)
+    assert _safetensors_keys(compiled_file) == _safetensors_keys(plain_file)
+    assert not any("_orig_mod" in k for k in _safetensors_keys(compiled_file))
+    assert type(twin.gpt).__name__ == "OptimizedModule"  # (saving put the wrapper back)
+
+    plain = load_compressed(copy.deepcopy(model), compiled_file)  # trained compiled, deployed plain
+    torch.testing.assert_close(plain(x), reference(x))
+    fresh = copy.deepcopy(model)
+    fresh.gpt = torch.compile(fresh.gpt)
+    fresh_compiled = torch.compile(fresh)
+    assert load_compressed(fresh_compiled, plain_file) is fresh_compiled
+    assert type(fresh.gpt).__name__ == "OptimizedModule" and isinstance(fresh.gpt._orig_mod.c_proj, LowRankLinear)
+    torch.testing.assert_close(_uncompiled_output(fresh, x), reference(x))
+
+
+def test_a_failed_load_into_a_compiled_model_leaves_its_wrappers_and_layers(tmp_path, model_and_input):
+    model, _ = model_and_input
+    small, _ = compress(copy.deepcopy(model), PATTERNS, fraction=0.3)
+    path = tmp_path / "small.safetensors"
+    save_compressed(small, path)
+    other = copy.deepcopy(model)
+    other.extra = nn.Linear(2, 2).double()  # not in the file: refused after the layers were swapped in
+    wrapper = other.fc1 = torch.compile(other.fc1)
+    with pytest.raises(ValueError, match="extra.weight: missing from the file"):
+        load_compressed(torch.compile(other), path)
+    assert other.fc1 is wrapper and type(wrapper._orig_mod) is nn.Linear
+    assert type(other.attn.qkv) is nn.Linear and type(other.gpt.c_attn) is Conv1D
 
 
 def test_load_rejects_plain_safetensors(tmp_path, model_and_input):

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._precision import autocast_off
-from .targets import Target, _find_targets, slice_shapes, slice_views, validate_slices
+from .targets import Target, _find_targets, slice_shapes, slice_views, uncompiled, validate_slices
 
 __all__ = [
     "LowRankLinear",
@@ -393,13 +393,23 @@ def compress(model: nn.Module, targets, *, fraction=None, rank=None, rank_rule: 
     Returns (compressed model, :class:`CompressionReport`).
     """
     _check_rank_options(fraction, rank, rank_rule)
-    targets = _resolve_targets(model, targets, fraction, rank)
-    # everything is checked before the first module is replaced (SPEC section 5)
-    all_names = [_module_names(model, t) for t in targets]
-    plans = _plan_ranks(model, targets, fraction, rank, rank_rule)
+    # (names as in the uncompiled model: a torch.compile'd layer is replaced by an uncompiled
+    # factored one, and a compiled model or block keeps its wrapper around the factored modules)
+    with uncompiled(model) as plain:
+        targets = _resolve_targets(plain, targets, fraction, rank)
+        # everything is checked before the first module is replaced (SPEC section 5)
+        all_names = [_module_names(plain, t) for t in targets]
+        plans = _plan_ranks(plain, targets, fraction, rank, rank_rule)
     report = CompressionReport(model_params_before=count_parameters(model))
     if copy:
         model = copy_module.deepcopy(model)
+    with uncompiled(model) as plain:
+        _swap_in_factors(plain, plans, all_names, report)
+    report.model_params_after = count_parameters(model)
+    return model, report
+
+
+def _swap_in_factors(model: nn.Module, plans, all_names, report: CompressionReport) -> None:
     for (t, ranks), mod_names in zip(plans, all_names):
         module = model.get_submodule(mod_names[0])
         for name, (d1, d2), r in zip(t.slice_names(), slice_shapes(t.param.shape, t.slice_dim, t.slices), ranks):
@@ -410,8 +420,6 @@ def compress(model: nn.Module, targets, *, fraction=None, rank=None, rank_rule: 
         for mod_name in mod_names:  # one factored module wherever the module was (still shared)
             parent_name, _, child = mod_name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    report.model_params_after = count_parameters(model)
-    return model, report
 
 
 @torch.no_grad()
@@ -451,13 +459,16 @@ def _layout(model: nn.Module) -> dict:
 
 
 def save_compressed(model: nn.Module, path: str, metadata: dict | None = None) -> None:
-    """Save a compressed model's weights and its factored layout to one safetensors file."""
+    """Save a compressed model's weights and its factored layout to one safetensors file.
+    The names in it are those of the uncompiled model (a torch.compile'd model, or one with
+    compiled submodules, saves what the plain model saves), so that it loads into either."""
     from safetensors.torch import save_model
 
     extra = {str(k): str(v) for k, v in (metadata or {}).items()}
     if _METADATA_KEY in extra:  # (it would replace the layout, and the file could not be loaded)
         raise ValueError(f"metadata must not use the key {_METADATA_KEY!r}: save_compressed stores the factored layout there")
-    save_model(model, str(path), metadata={_METADATA_KEY: json.dumps(_layout(model)), **extra})
+    with uncompiled(model) as plain:
+        save_model(plain, str(path), metadata={_METADATA_KEY: json.dumps(_layout(plain)), **extra})
 
 
 def _dense_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -521,7 +532,15 @@ def _load_state(model: nn.Module, path, strict: bool) -> None:
 def load_compressed(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
     """Load a file from :func:`save_compressed` into a freshly built dense model of the same
     architecture: the factored modules are rebuilt from the file's layout, then filled.
-    On any error the model is left as it was."""
+    On any error the model is left as it was. ``model`` may be torch.compile'd, or hold
+    compiled submodules: names are matched as in the uncompiled model; a compiled layer that
+    is replaced by factors is left uncompiled. Returns ``model``."""
+    with uncompiled(model) as plain:
+        _load_compressed(plain, path, strict)
+    return model
+
+
+def _load_compressed(model: nn.Module, path: str, strict: bool) -> None:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -554,4 +573,3 @@ def load_compressed(model: nn.Module, path: str, strict: bool = True) -> nn.Modu
         for parent, child, old, _ in swaps:
             setattr(parent, child, old)
         raise
-    return model

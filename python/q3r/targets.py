@@ -8,6 +8,7 @@ no zero-padded full-size copy of a slice or of its gradient is ever made.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 
@@ -121,10 +122,47 @@ def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     attribute access to the original.)"""
     out = []
     for name, module in model.named_modules():
-        if type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module):
+        if _is_compile_wrapper(module):
             continue
         out.append((".".join(part for part in name.split(".") if part != "_orig_mod"), module))
     return out
+
+
+def _is_compile_wrapper(module) -> bool:
+    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
+
+
+@contextlib.contextmanager
+def uncompiled(model: nn.Module):
+    """The model without torch.compile's wrappers, for the duration of a with block: yields the
+    original root module, in which every compiled submodule is replaced by its original, so
+    that module names and state_dict keys are those of the uncompiled model (no "_orig_mod.").
+    On exit each wrapper goes back where it was, unless its slot was given another module
+    meanwhile (a layer replaced by load_compressed stays replaced)."""
+    root = model
+    while _is_compile_wrapper(root):
+        root = root._orig_mod
+    swapped, seen, todo = [], set(), [root]
+    try:
+        while todo:
+            parent = todo.pop()
+            if id(parent) in seen:
+                continue
+            seen.add(id(parent))
+            for name, child in list(parent._modules.items()):
+                original = child
+                while _is_compile_wrapper(original):
+                    original = original._orig_mod
+                if original is not child:
+                    parent._modules[name] = original
+                    swapped.append((parent, name, child, original))
+                if original is not None:
+                    todo.append(original)
+        yield root
+    finally:
+        for parent, name, wrapper, original in reversed(swapped):
+            if parent._modules.get(name) is original:
+                parent._modules[name] = wrapper
 
 
 def _auto_fused(parent: nn.Module | None, child_name: str, module: nn.Module):
