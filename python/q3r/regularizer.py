@@ -125,6 +125,9 @@ class Q3R:
     def penalty(self) -> Tensor:
         """lambda * sum over target slices of <W, R(W)>, differentiable in the weights.
 
+        Each call counts one training step (and refreshes when due): under gradient
+        accumulation, add it to one micro-batch's loss per optimizer step, or use attach.
+
         FSDP2-sharded targets: the value is the same on every rank; its gradient 2 lambda R(W)
         reaches the sharded ``.grad`` at the end of the backward pass, after FSDP2's gradient
         reduction (see q3r.distributed.sharded_penalty)."""
