@@ -1,6 +1,7 @@
 """q3r.compress: factored modules reproduce the SVD-truncated dense model; full rank is exact."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -426,3 +427,14 @@ def test_load_compressed_keeps_the_training_mode_of_the_replaced_modules(tmp_pat
     save_compressed(small, tmp_path / "small.safetensors")
     loaded = load_compressed(_mlp().eval(), tmp_path / "small.safetensors")
     assert isinstance(loaded[0], LowRankLinear) and not loaded[0].training
+
+
+def test_save_and_load_without_safetensors_say_how_to_get_it(tmp_path, monkeypatch, model_and_input):
+    model, _ = model_and_input
+    small, _ = compress(copy.deepcopy(model), PATTERNS, fraction=0.3)
+    for name in ("safetensors", "safetensors.torch"):
+        monkeypatch.setitem(sys.modules, name, None)  # (import of a None entry raises ImportError)
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        save_compressed(small, tmp_path / "small.safetensors")
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        load_compressed(copy.deepcopy(model), tmp_path / "small.safetensors")

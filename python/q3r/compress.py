@@ -458,10 +458,20 @@ def _layout(model: nn.Module) -> dict:
     return layout
 
 
+def _require_safetensors() -> None:
+    """An ImportError that says how to get safetensors (an optional dependency) when it is missing."""
+    try:
+        import safetensors  # noqa: F401
+    except ImportError as e:
+        raise ImportError("q3r.save_compressed / load_compressed need the safetensors package: "
+                          "pip install safetensors (or the q3r[io] extra)") from e
+
+
 def save_compressed(model: nn.Module, path: str, metadata: dict | None = None) -> None:
     """Save a compressed model's weights and its factored layout to one safetensors file.
     The names in it are those of the uncompiled model (a torch.compile'd model, or one with
     compiled submodules, saves what the plain model saves), so that it loads into either."""
+    _require_safetensors()
     from safetensors.torch import save_model
 
     extra = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -541,6 +551,7 @@ def load_compressed(model: nn.Module, path: str, strict: bool = True) -> nn.Modu
 
 
 def _load_compressed(model: nn.Module, path: str, strict: bool) -> None:
+    _require_safetensors()
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
