@@ -54,7 +54,8 @@ def _trainer(model, opt, out, accumulation):
     return transformers.Trainer(model=model, args=args, train_dataset=_Sentences(), optimizers=(opt, None))
 
 
-@pytest.mark.parametrize("make, accumulation", [(_adamq3r, 1), (_adamw_attached, 2)], ids=["AdamQ3R", "attached"])
+@pytest.mark.parametrize("make, accumulation", [(_adamq3r, 1), (_adamq3r, 2), (_adamw_attached, 2)],
+                         ids=["AdamQ3R", "AdamQ3R-accumulation2", "attached"])
 def test_trainer_resumes_q3r_from_its_own_checkpoint_bit_for_bit(tmp_path, make, accumulation):
     model = _model()
     opt, reg = make(model)

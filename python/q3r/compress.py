@@ -470,7 +470,9 @@ def _require_safetensors() -> None:
 def save_compressed(model: nn.Module, path: str, metadata: dict | None = None) -> None:
     """Save a compressed model's weights and its factored layout to one safetensors file.
     The names in it are those of the uncompiled model (a torch.compile'd model, or one with
-    compiled submodules, saves what the plain model saves), so that it loads into either."""
+    compiled submodules, saves what the plain model saves), so that it loads into either.
+    ``metadata``: extra string entries for the file's header (values are str()'d; the key
+    "q3r.compressed" is reserved for the layout)."""
     _require_safetensors()
     from safetensors.torch import save_model
 
@@ -544,7 +546,9 @@ def load_compressed(model: nn.Module, path: str, strict: bool = True) -> nn.Modu
     architecture: the factored modules are rebuilt from the file's layout, then filled.
     On any error the model is left as it was. ``model`` may be torch.compile'd, or hold
     compiled submodules: names are matched as in the uncompiled model; a compiled layer that
-    is replaced by factors is left uncompiled. Returns ``model``."""
+    is replaced by factors is left uncompiled. ``strict`` (default True): every tensor of the
+    model must be in the file and every tensor of the file in the model; False loads those
+    that match by name (shapes are checked either way). Returns ``model``."""
     with uncompiled(model) as plain:
         _load_compressed(plain, path, strict)
     return model

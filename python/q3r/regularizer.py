@@ -39,7 +39,16 @@ _SCALAR_OPTIONS = ("lmbda", "steps", "rank_rule", "eps_schedule", "eps_value", "
 
 
 class Q3R:
-    """The Q3R regularizer over a list of :class:`q3r.Target` (see :func:`q3r.find_targets`)."""
+    """The Q3R regularizer over a list of :class:`q3r.Target` (see :func:`q3r.find_targets`),
+    for any optimizer: :meth:`penalty` (a differentiable loss term), :meth:`add_grad_` (the
+    term's gradient added to ``.grad``), or :meth:`attach` (add_grad_ inside every
+    ``optimizer.step()``).
+
+    Options (as AdamQ3R's group options; defaults in q3r.config.Q3R_DEFAULTS): lmbda (0.1),
+    steps (5: refresh period), rank_rule, eps_schedule ("min"), eps_value, eps_floor,
+    num_refreshes, refresh ("auto"), refresh_options (SketchOptions fields), stagger (False).
+    Each target's rank is its ``target_rank`` (set by find_targets), not an option here.
+    """
 
     def __init__(self, targets: list[Target], **options):
         unknown = set(options) - set(_SCALAR_OPTIONS)

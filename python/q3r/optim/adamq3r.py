@@ -60,12 +60,16 @@ class AdamQ3R(Optimizer):
     bias-corrected Adam on the task gradient, then W <- W - lr * 2 * lmbda * R(W_prev).
     ``weight_decay`` is decoupled (AdamW); :func:`q3r.param_groups` sets it to 0 on targets.
 
-    Q3R group options: lmbda, steps, target_rank (int, fraction, or a list per slice),
-    rank_rule ("params" or "reference"), eps_schedule ("min", "geometric", "track",
-    "constant"), eps_value, eps_floor, num_refreshes, refresh ("auto" by default: the native Jacobi
-    solver on CUDA when built, the randomized refresh elsewhere; "exact" for full SVDs), stagger,
-    slices + slice_dim (one slicing
-    for every parameter of the group), names (one per slice, for diagnostics and errors).
+    Q3R group options (defaults in q3r.config.Q3R_DEFAULTS): lmbda (0.1), steps (5),
+    target_rank (0.2; an int, a parameter fraction, or a list per slice), rank_rule ("params"
+    or "reference"), eps_schedule ("min", "geometric", "track", "constant"), eps_value,
+    eps_floor, num_refreshes, refresh ("auto" by default: the native Jacobi solver on CUDA when
+    built, the randomized refresh elsewhere; "randomized", "native", or "exact" for full
+    SVDs), refresh_options (a dict of q3r.refresh.SketchOptions fields for the randomized
+    refresh), stagger (False: refresh every target at once every ``steps`` steps; True: a
+    1/steps share at each step), slices + slice_dim (one slicing for every parameter of the
+    group), names (one per slice, for diagnostics and errors). Any of them given to the
+    constructor becomes the default of every group.
     """
 
     def __init__(
