@@ -241,6 +241,38 @@ def test_eps_schedules():
         ref.next_eps("cosine", 1.0, 1.0, 0)
 
 
+def test_a_triplet_at_eps_is_outside_the_envelope():
+    """SPEC: the envelope holds the triplets strictly above eps; one at eps has d = 0 (and
+    would have d = 0 by the formula eps / sigma - 1 too, but counts in no envelope rank)."""
+    sigma = torch.tensor([3.0, 2.0, 2.0, 1.0], dtype=torch.float64)
+    assert int(ref.envelope_rank(sigma, 2.0)) == 1
+    assert ref.reweighting_coefficients(sigma, 2.0).tolist() == [2.0 / 3.0 - 1.0, 0.0, 0.0, 0.0]
+    assert int(ref.envelope_rank(sigma, 0.5)) == 4 and int(ref.envelope_rank(sigma, 3.0)) == 0
+
+
+def test_the_geometric_schedule_starts_where_it_has_no_eps0():
+    """A state without eps0 after its first refresh (refreshed under another schedule, or
+    loaded from an older checkpoint) starts the geometric schedule there: eps0 = sigma_{r+1},
+    not a NaN eps."""
+    eps, eps0 = ref.next_eps("geometric", 5.0, 3.0, 4, math.nan, eps_floor=0.5, num_refreshes=4)
+    assert (eps, eps0) == (3.0, 3.0)
+    eps, _ = ref.next_eps("geometric", eps, 100.0, 5, eps0, eps_floor=0.5, num_refreshes=4)
+    assert math.isclose(eps, 3.0 * (0.5 / 3.0) ** 0.25, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("schedule, kwargs, named", [
+    ("constant", dict(eps_value=math.inf), "eps_value"),
+    ("constant", dict(eps_value=0.0), "eps_value"),
+    ("geometric", dict(eps_floor=math.inf, num_refreshes=4), "eps_floor"),
+    ("geometric", dict(eps_floor=0.5, num_refreshes=0), "num_refreshes"),
+    ("geometric", dict(eps_floor=0.5, num_refreshes=2.0), "num_refreshes"),
+])
+def test_schedule_values_out_of_range_are_named(schedule, kwargs, named):
+    problem = ref.schedule_problem(schedule, **kwargs)
+    assert problem is not None and named in problem
+    assert ref.schedule_problem("geometric", eps_floor=0.5, num_refreshes=1) is None
+
+
 def test_params_rank_rule_is_the_floor_of_the_exact_value():
     """floor(f d1 d2 / (d1 + d2)) of the decimal f, not of its float product, which may land
     a few ulp below an integer (0.58 x 100 x 100 / 200 = 28.999999999999996)."""

@@ -185,17 +185,17 @@ def canonical_schedule(name: str) -> str:
 
 
 def schedule_problem(schedule: str, eps_value=None, eps_floor=None, num_refreshes=None) -> str | None:
-    """What an eps schedule lacks of the values it needs (None: nothing): constant needs
-    eps_value > 0, geometric eps_floor > 0 and an int num_refreshes >= 1."""
+    """What an eps schedule lacks of the values it needs (None: nothing): constant needs a
+    finite eps_value > 0, geometric a finite eps_floor > 0 and an int num_refreshes >= 1."""
     def positive(x) -> bool:
         return isinstance(x, numbers.Real) and not isinstance(x, bool) and 0 < x < math.inf
 
     schedule = canonical_schedule(schedule)
     if schedule == "constant" and not positive(eps_value):
-        return f"eps_schedule='constant' needs eps_value > 0, got eps_value={eps_value!r}"
+        return f"eps_schedule='constant' needs a finite eps_value > 0, got eps_value={eps_value!r}"
     if schedule == "geometric":
         if not positive(eps_floor):
-            return f"eps_schedule='geometric' needs eps_floor > 0, got eps_floor={eps_floor!r}"
+            return f"eps_schedule='geometric' needs a finite eps_floor > 0, got eps_floor={eps_floor!r}"
         if isinstance(num_refreshes, bool) or not isinstance(num_refreshes, int) or num_refreshes < 1:
             return f"eps_schedule='geometric' needs num_refreshes >= 1, got num_refreshes={num_refreshes!r}"
     return None
