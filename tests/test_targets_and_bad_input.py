@@ -160,6 +160,54 @@ def test_state_dict_from_a_different_model_is_rejected_before_any_change():
         opt.load_state_dict(fewer)
 
 
+def _damaged(sd, damage):
+    """A copy of an AdamQ3R state dict with one part of the sliced (qkv) target's state damaged."""
+    sd = copy.deepcopy(sd)
+    index = next(i for i, st in sd["state"].items() if len(st.get("q3r", {})) == 3)
+    st = sd["state"][index]
+    if damage == "exp_avg shape":
+        st["exp_avg"] = st["exp_avg"][:-1]
+    elif damage == "slice count":
+        del st["q3r"]["2"]
+    return sd
+
+
+@pytest.mark.parametrize("damage, message", [("exp_avg shape", "exp_avg is"), ("slice count", "2 Q3R slice states for 3 slices")])
+def test_a_damaged_state_dict_of_the_same_model_is_refused_before_any_change(damage, message):
+    _, opt = _trained(0)
+    sd = opt.state_dict()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(_damaged(sd, damage))
+    after = opt.state_dict()
+    for index, st in before["state"].items():
+        assert torch.equal(after["state"][index]["exp_avg"], st["exp_avg"])
+        assert after["state"][index].get("q3r", {}).keys() == st.get("q3r", {}).keys()
+
+
+def test_loaded_q3r_states_are_copied_not_shared():
+    """Changing (or reusing) the state dict after loading it must not change the optimizer's
+    Q3R state. (The Adam moments follow torch.optim: Optimizer.load_state_dict keeps a tensor
+    already of the parameter's dtype and device as it is.)"""
+    _, opt = _trained(0)
+    _, other = _trained(3)
+    sd = other.state_dict()
+    opt.load_state_dict(sd)
+    expected = copy.deepcopy(opt.state_dict())
+    for st in sd["state"].values():
+        for slice_state in st.get("q3r", {}).values():
+            for value in slice_state.values():
+                value.add_(1)  # (U, V, sigma, eps, counts: all of them)
+    checked = 0
+    for index, st in opt.state_dict()["state"].items():
+        for key, slice_state in st.get("q3r", {}).items():
+            for name, value in slice_state.items():
+                torch.testing.assert_close(value, expected["state"][index]["q3r"][key][name], rtol=0, atol=0,
+                                           equal_nan=True, msg=name)
+                checked += 1
+    assert checked > 0
+
+
 def test_non_finite_weights_skip_the_refresh_keep_factors_and_warn_once():
     model, opt = _trained(2)  # 2 steps with period 2: the next step refreshes
     fc1 = model.blocks[0].mlp.fc1.weight
