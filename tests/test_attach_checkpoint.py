@@ -213,3 +213,14 @@ def test_two_carrying_regularizers_over_the_same_targets_are_refused_and_bad_ent
     with pytest.raises(ValueError, match="'q3r' entry must be a list"):
         opt.load_state_dict(saved)
     assert reg.num_steps == 2
+
+
+def test_a_state_dict_carrying_two_states_for_one_regularizer_is_refused():
+    model = TinyViT()
+    reg, opt, _ = _setup(model)
+    _train(model, opt, 2, 0)
+    saved = opt.state_dict()
+    saved["q3r"] = saved["q3r"] * 2  # (which of the two would it load?)
+    with pytest.raises(ValueError, match="holds 2 Q3R states"):
+        opt.load_state_dict(saved)
+    assert reg.num_steps == 2

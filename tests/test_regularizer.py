@@ -171,6 +171,33 @@ def test_state_dict_from_other_model_is_rejected_without_change():
     assert reg.num_steps == 0 and all(before[k][0]["U"] is reg.state[k][0]["U"] for k in before)
 
 
+def test_a_negative_step_count_is_refused_and_loaded_factors_are_copies():
+    torch.manual_seed(5)
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.2, steps=3)
+    reg.penalty()
+    saved = reg.state_dict()
+    twin = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.2, steps=3)
+    with pytest.raises(ValueError, match="num_steps"):
+        twin.load_state_dict({**saved, "num_steps": -1})
+    assert twin.num_steps == 0
+    twin.load_state_dict(saved)
+    loaded = {name: [s["U"].clone() for s in slices] for name, slices in twin.state.items()}
+    for slices in saved["targets"].values():  # changing the loaded dict afterwards changes nothing
+        for s in slices:
+            s["U"].add_(1.0)
+    for name, slices in twin.state.items():
+        assert all(torch.equal(s["U"], u) for s, u in zip(slices, loaded[name]))
+
+
+def test_one_parameter_under_two_names_is_refused():
+    model = TinyViT()
+    t = q3r.find_targets(model, ["blocks.0.mlp.fc1"], target_rank=3)[0]
+    alias = q3r.Target(name="alias.weight", param=t.param, target_rank=3)
+    with pytest.raises(ValueError, match="distinct parameters"):
+        q3r.Q3R([t, alias])
+
+
 def test_diagnostics_report_every_slice():
     torch.manual_seed(6)
     model = TinyViT()
