@@ -87,6 +87,9 @@ def test_svd_truncate_is_the_best_rank_r_approximation():
     up, down = svd_truncate(W, 4)
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     torch.testing.assert_close(up @ down, U[:, :4] @ torch.diag(S[:4]) @ Vh[:4])
+    # balanced: sqrt(sigma) on each side (the factors of a layer trained further start alike)
+    torch.testing.assert_close(up.norm(dim=0), S[:4].sqrt())
+    torch.testing.assert_close(down.norm(dim=1), S[:4].sqrt())
 
 
 @pytest.mark.parametrize("fraction", [0.6, 0.4, 0.2, 0.1])
@@ -422,11 +425,25 @@ def test_unclear_inputs_get_errors_naming_the_parameter_or_file(tmp_path):
         _assert_unchanged(model, before)
 
 
-def test_load_compressed_keeps_the_training_mode_of_the_replaced_modules(tmp_path):
-    small, _ = compress(_mlp(), ["0"], rank=3)
+def test_compress_and_load_compressed_keep_the_training_mode_of_the_replaced_modules(tmp_path):
+    small, _ = compress(_mlp().eval(), ["0"], rank=3)
+    assert isinstance(small[0], LowRankLinear) and not small[0].training
+    small.train()
     save_compressed(small, tmp_path / "small.safetensors")
     loaded = load_compressed(_mlp().eval(), tmp_path / "small.safetensors")
     assert isinstance(loaded[0], LowRankLinear) and not loaded[0].training
+
+
+def test_a_strict_load_refuses_a_file_with_tensors_the_model_lacks(tmp_path):
+    small, _ = compress(_mlp(), ["0"], rank=3)
+    small.extra = nn.Linear(2, 2)
+    save_compressed(small, tmp_path / "small.safetensors")
+    model = _mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="extra.weight: not in the model"):
+        load_compressed(model, tmp_path / "small.safetensors")
+    assert isinstance(model[0], nn.Linear) and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert isinstance(load_compressed(model, tmp_path / "small.safetensors", strict=False)[0], LowRankLinear)
 
 
 def test_save_and_load_without_safetensors_say_how_to_get_it(tmp_path, monkeypatch, model_and_input):
