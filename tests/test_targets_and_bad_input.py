@@ -131,6 +131,21 @@ def test_bad_target_selection():
         q3r.find_targets(model, ["mlp.fc1"], fused="yes")
 
 
+def test_pattern_rules_first_override_wins_suffixes_are_dotted_and_tied_weights_count_once():
+    model = TinyViT()
+    # the first matching rank_overrides pattern wins (both match blocks.0.mlp.fc1)
+    got = q3r.find_targets(model, ["mlp.fc1"], target_rank=2, rank_overrides={r"blocks\.0\.mlp\.fc1": 3, "mlp.fc1": 4})
+    assert [t.target_rank for t in got] == [3, 4]
+    # a suffix pattern matches whole dotted components: "fc1" is not a suffix of "my_fc1"
+    net = torch.nn.Sequential()
+    net.add_module("my_fc1", torch.nn.Linear(8, 8))
+    net.add_module("fc1", torch.nn.Linear(8, 8))
+    assert [t.name for t in q3r.find_targets(net, ["fc1"], target_rank=2)] == ["fc1.weight"]
+    # a weight shared by two modules (tied) is one target
+    net.my_fc1.weight = net.fc1.weight
+    assert [t.name for t in q3r.find_targets(net, ["my_fc1", "fc1"], target_rank=2)] == ["my_fc1.weight"]
+
+
 def _trained(seed, dim=24):
     torch.manual_seed(seed)
     model = TinyViT(dim=dim)
