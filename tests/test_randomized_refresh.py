@@ -367,11 +367,14 @@ def test_weights_beyond_what_float32_factors_hold_are_skipped_and_stay_unpoisone
     check_against_exact([state], [exact], torch.randn(D1, D2, generator=gen))
 
 
-def test_float64_weights_beyond_float32_are_skipped_by_the_exact_path_too():
+@pytest.mark.parametrize("method", ["exact", *FAST])
+def test_float64_weights_beyond_float32_are_skipped(method):
+    """Their float64 sketch is finite, but float32 factors could not hold its singular values."""
     W = spectrum_case("trained_decay", torch.Generator().manual_seed(2)).double() * 1e50
     state = new_slice_state(D1, D2)
     with pytest.warns(RuntimeWarning, match="beyond float32's range"):
-        assert refresh_slices_([W], [state], [SliceConfig("w", RANK)], method="exact") == [False]
+        assert refresh_slices_([W], [state], [SliceConfig("w", RANK)], method=method) == [False]
+    assert int(state["refreshes"]) == 0 and state["sigma"].numel() == 0
 
 
 @pytest.mark.skipif(not _native.available("cpu"), reason=_native.status())
@@ -631,3 +634,17 @@ def test_default_refresh_is_auto_and_resolves_to_randomized_on_cpu():
     W = torch.nn.Parameter(torch.randn(12, 10))
     opt = q3r.AdamQ3R([{"params": [W], "q3r": True, "target_rank": 2}])
     assert opt.param_groups[0]["refresh"] == "auto"
+
+
+@pytest.mark.parametrize("method", ["exact", *FAST])
+@pytest.mark.parametrize("kind", ["random_init", "trained_decay"])
+def test_the_state_records_sigma_next_and_the_tail_energy_beyond_the_rank(method, kind):
+    """tail_energy: the fraction of ||W||_F^2 outside the leading r singular values;
+    sigma_next: sigma_{r+1} (what the diagnostics and a user reading the state see)."""
+    W = spectrum_case(kind, torch.Generator().manual_seed(5))
+    state = new_slice_state(D1, D2)
+    assert refresh_slices_([W], [state], [SliceConfig("w", RANK)], method=method) == [True]
+    s = torch.linalg.svdvals(W.double())
+    tail = float(s[RANK:].square().sum() / s.square().sum())
+    assert abs(float(state["tail_energy"]) - tail) <= 1e-4 * max(tail, 1e-3)
+    assert abs(float(state["sigma_next"]) - float(s[RANK])) <= 1e-3 * float(s[RANK])
