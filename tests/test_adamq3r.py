@@ -22,7 +22,7 @@ def _train(model, opt, steps, start=0, closure=False):
 
         def loss_fn():
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = torch.nn.functional.cross_entropy(model(x.to(next(model.parameters()).dtype)).float(), y)
             loss.backward()
             return loss
 
@@ -37,10 +37,10 @@ def _targets(model, rank=3):
     return q3r.find_targets(model, ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"], target_rank=rank)
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
-def test_lambda_zero_is_adam_bit_for_bit(weight_decay):
+@pytest.mark.parametrize("weight_decay, dtype", [(0.0, torch.float32), (0.05, torch.float32), (0.05, torch.bfloat16)])
+def test_lambda_zero_is_adam_bit_for_bit(weight_decay, dtype):
     torch.manual_seed(0)
-    a = TinyViT()
+    a = TinyViT().to(dtype)
     b = copy.deepcopy(a)
     groups = q3r.param_groups(a, _targets(a), weight_decay=weight_decay, lmbda=0.0, steps=2)
     ours = q3r.AdamQ3R(groups, lr=3e-3, betas=(0.8, 0.99), eps=1e-7)
