@@ -37,13 +37,16 @@ def _targets(model, rank=3):
     return q3r.find_targets(model, ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"], target_rank=rank)
 
 
-@pytest.mark.parametrize("weight_decay, dtype", [(0.0, torch.float32), (0.05, torch.float32), (0.05, torch.bfloat16)])
-def test_lambda_zero_is_adam_bit_for_bit(weight_decay, dtype):
+@pytest.mark.parametrize("weight_decay, dtype, adam_eps", [
+    (0.0, torch.float32, 1e-7), (0.05, torch.float32, 1e-7), (0.05, torch.bfloat16, 1e-7),
+    (0.05, torch.float16, 1e-3),  # (1e-7 is 0 in fp16: a zero gradient's step is 0 / 0 there, for torch's Adam too)
+])
+def test_lambda_zero_is_adam_bit_for_bit(weight_decay, dtype, adam_eps):
     torch.manual_seed(0)
     a = TinyViT().to(dtype)
     b = copy.deepcopy(a)
     groups = q3r.param_groups(a, _targets(a), weight_decay=weight_decay, lmbda=0.0, steps=2)
-    ours = q3r.AdamQ3R(groups, lr=3e-3, betas=(0.8, 0.99), eps=1e-7)
+    ours = q3r.AdamQ3R(groups, lr=3e-3, betas=(0.8, 0.99), eps=adam_eps)
     target_ids = {id(p) for g in groups if g.get("q3r") for p in g["params"]}
     names = {id(p): n for n, p in a.named_parameters()}
     b_params = dict(b.named_parameters())
@@ -52,12 +55,29 @@ def test_lambda_zero_is_adam_bit_for_bit(weight_decay, dtype):
             {"params": [b_params[names[id(p)]] for p in a.parameters() if id(p) not in target_ids], "weight_decay": weight_decay},
             {"params": [b_params[names[id(p)]] for p in a.parameters() if id(p) in target_ids], "weight_decay": 0.0},
         ],
-        lr=3e-3, betas=(0.8, 0.99), eps=1e-7, foreach=False,
+        lr=3e-3, betas=(0.8, 0.99), eps=adam_eps, foreach=False,
     )
     _train(a, ours, 7)
     _train(b, theirs, 7)
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lambda_zero_on_a_low_precision_target_is_adam_bit_for_bit(dtype):
+    """With lambda = 0 a target has no term, so nothing moves its update to float32: it is
+    torch.optim.Adam's, rounded as Adam rounds it."""
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(64, 48, generator=g).to(dtype)
+    grads = [torch.randn(64, 48, generator=g).to(dtype) for _ in range(3)]
+    ours, theirs = torch.nn.Parameter(W0.clone()), torch.nn.Parameter(W0.clone())
+    opt = q3r.AdamQ3R([{"params": [ours], "q3r": True, "target_rank": 4, "lmbda": 0.0}], lr=1e-3)
+    adam = torch.optim.Adam([theirs], lr=1e-3, foreach=False)
+    for grad in grads:
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        opt.step()
+        adam.step()
+    assert torch.equal(ours, theirs)
 
 
 def _hand_written_run(model, steps, lr, lmbda, T, rank, betas=(0.9, 0.999), adam_eps=1e-3):
