@@ -123,6 +123,10 @@ def test_bad_target_selection():
         q3r.find_targets(model, ["mlp.fc1"], rank_overrides={"mlp.fc_1": 2})
     with pytest.raises(ValueError, match=r"slices patterns \['fc2'\] match none"):
         q3r.find_targets(model, ["mlp.fc1"], slices={"fc2": (0, [(0, 8)])})
+    with pytest.raises(ValueError, match="must not be empty"):
+        q3r.find_targets(model, ["blocks.0.mlp.fc1"], slices={"fc1": (0, [])})
+    with pytest.raises(ValueError, match="must not be empty"):
+        q3r.AdamQ3R([{"params": [model.blocks[0].mlp.fc1.weight], "q3r": True, "target_rank": 3, "slices": []}])
     with pytest.raises(ValueError, match="overlap"):
         q3r.find_targets(model, ["blocks.0.mlp.fc1"], slices={"fc1": (0, [(0, 30), (20, 48)])})
     with pytest.raises(ValueError, match="target_rank"):
