@@ -395,7 +395,7 @@ def test_native_batches_float64_and_float32_stacks_apart():
 @pytest.mark.parametrize("bad, message", [
     (dict(rank=0), "rank must be"),
     (dict(rank=D2), "rank must be"),
-    (dict(schedule="constant"), "needs eps_value"),
+    (dict(schedule="constant"), "needs a finite eps_value"),
     (dict(schedule="geometric", eps_floor=0.1), "needs num_refreshes"),
 ])
 def test_bad_configs_are_refused_before_any_target_is_refreshed(bad, message):
@@ -648,3 +648,17 @@ def test_the_state_records_sigma_next_and_the_tail_energy_beyond_the_rank(method
     tail = float(s[RANK:].square().sum() / s.square().sum())
     assert abs(float(state["tail_energy"]) - tail) <= 1e-4 * max(tail, 1e-3)
     assert abs(float(state["sigma_next"]) - float(s[RANK])) <= 1e-3 * float(s[RANK])
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_envelope_members_far_below_sigma_next_get_the_float64_step(method):
+    """Under the geometric (or a constant) schedule eps can fall far below sigma_{r+1}: the
+    envelope then reaches members the fp32 Gram matrix cannot resolve even though
+    sigma_{r+1} / sigma_1 is large. The spectrum of a Q3R-trained 256 x 256 weight (MLP on
+    digits, eps at 2e-3 sigma_1, sigma_{r+1} at 0.39 sigma_1), where R(X) was off by 1.8e-3."""
+    gen = torch.Generator().manual_seed(0)
+    head = torch.tensor([5.82, 5.07, 4.83, 4.29, 3.99, 3.02, 2.25, 1.55, 0.031, 0.0259, 0.0127], dtype=torch.float64)
+    tail = torch.logspace(math.log10(0.0098), -8, min(D1, D2) - head.numel(), dtype=torch.float64)
+    weights = [with_spectrum(torch.cat([head, tail]), gen) for _ in range(2)]
+    configs = [SliceConfig(f"w{i}", 6, schedule="constant", eps_value=0.01186) for i in range(2)]
+    run_sequence(method, weights, configs, refreshes=3, drift=1e-3, gen=gen)
