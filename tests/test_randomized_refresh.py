@@ -273,7 +273,7 @@ def test_weights_that_moved_far_get_one_more_pass(method, sketch_calls):
     assert sum(iters == lag_iters for _, iters in sketch_calls) > 0  # the passes the lag asked for
     with pytest.raises(AssertionError):  # one pass from the old factors misses the contract
         run_sequence(method, weights, configs, refreshes=4, drift=3e-2, gen=torch.Generator().manual_seed(6),
-                     options=SketchOptions(max_lag=1.0))
+                     options=SketchOptions(max_lag=1.0, max_residual=1.0))
 
 
 @pytest.mark.parametrize("method", FAST)
@@ -290,8 +290,8 @@ def test_weights_that_moved_very_far_get_power_iterations(method, kind, seed, dr
                      gen=torch.Generator().manual_seed(seed + 1), options=options)
 
     run()
-    with pytest.raises(AssertionError, match="operator_error"):
-        run(SketchOptions(lag_power_iters=0))
+    with pytest.raises(AssertionError, match="operator_error"):  # (the residual check would catch it)
+        run(SketchOptions(lag_power_iters=0, max_residual=1.0))
 
 
 @pytest.mark.parametrize("method", FAST)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .randomized import residual_error
 from ._transfer import to_device
 
 if TYPE_CHECKING:
@@ -36,17 +37,19 @@ class Grown:
 
 
 def commit_columns(energy, members, states, S, finite: Tensor | None, trusted: Tensor | None = None,
-                   lag: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """What commit_sketch decides on, per member (b, k + 7) float64 on the device: the Ritz
+                   lag: Callable[[Tensor], Tensor] | None = None, residuals: Tensor | None = None) -> Tensor:
+    """What commit_sketch decides on, per member (b, 2 k + 7) float64 on the device: the Ritz
     values, ||W||_F^2, the previous eps, eps0 and refresh count, whether W was finite,
-    whether its basis passed its check (Sketch.trusted; None: all did) and its lag
-    (``lag``: the previous eps (b,) -> Sketch.lag; None: 0)."""
+    whether its basis passed its check (Sketch.trusted; None: all did), its lag (``lag``:
+    the previous eps (b,) -> Sketch.lag; None: 0) and its Ritz residuals (``residuals``
+    (b, k): Sketch.ritz_residuals; None: 0)."""
     prev = [torch.stack([states[i][key] for i in members]).to(device=S.device, dtype=torch.float64)
             for key in ("eps", "eps0", "refreshes")]
     flags = [torch.ones(S.shape[0], dtype=torch.bool, device=S.device) if t is None else t for t in (finite, trusted)]
     lags = torch.zeros_like(prev[0]) if lag is None else lag(prev[0]).double()
+    rho = torch.zeros_like(S, dtype=torch.float64) if residuals is None else residuals.double()
     return torch.cat([S.double(), energy[:, None], *(p[:, None] for p in prev), *(f.double()[:, None] for f in flags),
-                      lags[:, None]], dim=1)
+                      lags[:, None], rho], dim=1)
 
 
 def to_host(tables: list[Tensor]) -> list[Tensor]:
@@ -59,13 +62,14 @@ def to_host(tables: list[Tensor]) -> list[Tensor]:
 
 def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions, final: bool,
                   precise: bool = False, finite: Tensor | None = None,
-                  host: Tensor | None = None, grown=frozenset()) -> dict[int, int | Grown | None]:
+                  host: Tensor | None = None, grown=frozenset(), iterated=frozenset()) -> dict[int, int | Grown | None]:
     """Commit the members whose sketch reached eps; return {target: wider width, REFINE where
     the fp32 Ritz values cannot resolve sigma_{r+1}, None where only an exact SVD does,
     NONFINITE where ``finite`` (b,) says the weights were not, UNTRUSTED where the
     columns' trusted flag says the basis failed its check, LAGGING where their lag
-    exceeds opts.max_lag, or Grown} for the rest (``precise``: U, S, V come from the float64
-    Rayleigh-Ritz step).
+    exceeds opts.max_lag or whose residual estimate exceeds opts.max_residual (None there
+    for the members in ``iterated``, already sketched again with power iterations), or
+    Grown} for the rest (``precise``: U, S, V come from the float64 Rayleigh-Ritz step).
 
     A sketch is wide enough when at most k - oversampling / 2 Ritz values lie above the new
     eps, so the kept triplets had at least half the oversampling below them; a warm member
@@ -81,24 +85,16 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
     retry, commits = {}, []
     # Python floats from here on: the per-target arithmetic below is a few hundred scalars, and
     # indexing a host tensor costs an op dispatch per scalar (thousands per refresh)
-    for j, (i, row) in enumerate(zip(members, host.tolist())):
-        if not row[k + 4]:
-            retry[i] = NONFINITE
-            continue
-        if not row[k + 5]:
-            retry[i] = UNTRUSTED
+    rows = host.tolist()
+    scheduled = [_scheduled(row, k, configs[i]) for i, row in zip(members, rows)]
+    residual = [0.0] * len(members) if final or precise else _residual_errors(host, scheduled, members, configs, U, V)
+    for j, (i, row, plan) in enumerate(zip(members, rows, scheduled)):
+        if not isinstance(plan, tuple):
+            retry[i] = plan
             continue
         cfg = configs[i]
         sigma = row[:k]
-        if not all(map(math.isfinite, sigma)) or sigma[0] > _FP32_MAX:
-            # the sketch's products overflowed (weights near float32's limits, or float64
-            # ones beyond them): committed, NaN Ritz values would poison the warm start of
-            # every later refresh; the exact path decides (a float32 SVD of the weights)
-            retry[i] = None
-            continue
-        sigma_next = sigma[cfg.rank] if cfg.rank < k else 0.0  # (an exact SVD of rank >= min(d1, d2))
-        eps, eps0 = reference.next_eps(cfg.schedule, row[k + 1], sigma_next, int(row[k + 3]), row[k + 2],
-                                       cfg.eps_value, cfg.eps_floor, cfg.num_refreshes)
+        eps, eps0, sigma_next = plan
         r_env = sum(1 for value in sigma if value > eps)
         prev_env = states[i]["sigma"].shape[0]  # (a shape: no device access)
         # the Ritz values of new members are not to be trusted, nor is their count (a bulk lifted
@@ -113,6 +109,12 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
             retry[i] = grow or LAGGING  # (a grown sketch iterates more than a lagging one: it does both)
             continue
         resolvable = opts.resolvable_ratio_fp64 if precise else opts.resolvable_ratio
+        # far from converged (SketchOptions.max_residual); judged only where the fp32 Ritz
+        # values resolve sigma_{r+1} and eps, as is their residual (else REFINE follows)
+        if (not final and residual[j] > opts.max_residual
+                and min(sigma_next, eps) >= opts.resolvable_ratio * sigma[0]):
+            retry[i] = None if i in iterated else grow or LAGGING
+            continue
         # (a sketch as wide as the matrix spans it: its float64 step is exact up to rounding,
         # but its fp32 Gram matrix resolves a deep tail no better than a narrower one's).
         # The deepest value the operator needs is the smaller of sigma_{r+1} and eps: under the
@@ -142,6 +144,36 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
     if commits:
         _store_commits(commits, states, U, S, V, opts)
     return retry
+
+
+def _scheduled(row: list[float], k: int, cfg) -> tuple[float, float, float] | int | None:
+    """A member's (new eps, eps0, sigma_{r+1}) from its commit_columns row, or what it gets
+    instead of a commit: NONFINITE, UNTRUSTED, or None (an exact SVD) where the sketch's
+    products overflowed."""
+    if not row[k + 4]:
+        return NONFINITE
+    if not row[k + 5]:
+        return UNTRUSTED
+    sigma = row[:k]
+    if not all(map(math.isfinite, sigma)) or sigma[0] > _FP32_MAX:
+        # the sketch's products overflowed (weights near float32's limits, or float64
+        # ones beyond them): committed, NaN Ritz values would poison the warm start of
+        # every later refresh; the exact path decides (a float32 SVD of the weights)
+        return None
+    sigma_next = sigma[cfg.rank] if cfg.rank < k else 0.0  # (an exact SVD of rank >= min(d1, d2))
+    eps, eps0 = reference.next_eps(cfg.schedule, row[k + 1], sigma_next, int(row[k + 3]), row[k + 2],
+                                   cfg.eps_value, cfg.eps_floor, cfg.num_refreshes)
+    return eps, eps0, sigma_next
+
+
+def _residual_errors(host: Tensor, scheduled: list, members, configs, U, V) -> list[float]:
+    """randomized.residual_error of every member at its new eps (0 for those not committed),
+    on the host, for the whole stack at once."""
+    k = (host.shape[1] - 7) // 2
+    eps = torch.tensor([plan[0] if isinstance(plan, tuple) else math.inf for plan in scheduled], dtype=host.dtype)
+    ranks = torch.tensor([configs[i].rank for i in members], dtype=torch.int64)
+    sigma = host[:, :k].nan_to_num(0.0, 0.0, 0.0)  # (members with non-finite values are not committed)
+    return residual_error(sigma, host[:, k + 7:].nan_to_num(0.0, 1.0, 1.0), eps, ranks, U.shape[-2], V.shape[-2]).tolist()
 
 
 def flat_beyond(sigma: list[float], total: float, n: int, eps: float, tolerance: float) -> bool:

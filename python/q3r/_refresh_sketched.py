@@ -193,7 +193,8 @@ def _finish_stacks(weights, states, configs, stacks: list[_Stack], solvers, opts
     (on a GPU each transfer waits for the device to drain; ``before_wait`` runs first)."""
     solved = [st.sketch.triplets(*st.eig) for st in stacks]
     columns = [C.commit_columns(st.energy, st.members, states, S, st.sketch.finite, st.sketch.trusted,
-                                lambda eps, st=st, V=V, S=S: _first_pass_lag(st, V, S, eps))
+                                lambda eps, st=st, V=V, S=S: _first_pass_lag(st, V, S, eps),
+                                st.sketch.ritz_residuals(*st.eig))
                for st, (_, S, V) in zip(stacks, solved)]
     if before_wait is not None:
         before_wait()
@@ -217,7 +218,7 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
     g, members, k = st.group, st.members, st.k
     final = k >= g.n
     retry = C.commit_sketch(st.energy, members, states, configs, U, S, V, opts, final=final,
-                           finite=st.sketch.finite, host=host, grown=g.grown)
+                           finite=st.sketch.finite, host=host, grown=g.grown, iterated=g.iterated)
     refined_V = {}  # a widened retry of a refined member starts from its refined V
     refine = [i for i, width in retry.items() if width == C.REFINE]
     if refine:  # the same subspace, its k x k problem in float64 (see SketchOptions)

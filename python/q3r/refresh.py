@@ -105,6 +105,18 @@ class SketchOptions:
                       the difference between two passes then understates the error left, so
                       the second sketch is not checked again but iterated enough; a widening
                       it needs after that takes as many)
+    max_residual      the lag sees how far the vectors moved, not how far the sketch is from
+                      the weights' own triplets: where the spectrum is flat around eps and the
+                      weights move fast (the first warm refreshes of random-init weights), one
+                      pass leaves Ritz values near eps up to 1% short with a small lag (MLP on
+                      the digits, step 5: lag 2.1e-4, R(X) off by 4.3e-3; a small ViT's MLP
+                      weights, step 5: off by 1.3e-3 to 2.1e-3 after the lag's 4 power
+                      iterations).  A sketch whose residual estimate (randomized.residual_error
+                      from its Ritz residuals: the error was 1.4x to 3.5x the estimate along
+                      real training runs) exceeds this is sketched again from its new V with
+                      lag_power_iters, as a lagging one, and one that already was gets an exact
+                      SVD; judged only where the fp32 Ritz values resolve sigma_{r+1} and eps
+                      (see resolvable_ratio); 1: never
     resolvable_ratio  the k x k Gram matrix holds sigma^2 in fp32, so it resolves sigma_{r+1}
                       only down to about sqrt(fp32 eps) sigma_1; a target whose estimated
                       sigma_{r+1} / sigma_1 is below this ratio has its Rayleigh-Ritz step
@@ -145,6 +157,7 @@ class SketchOptions:
     max_envelope_growth: int = 2
     max_lag: float = 6e-4
     lag_power_iters: int = 4
+    max_residual: float = 3e-4
     grown_power_iters: int = 8
     max_sketched_growth: int = 32
     resolvable_ratio: float = 1e-2
