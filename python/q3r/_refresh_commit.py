@@ -87,7 +87,7 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
     # indexing a host tensor costs an op dispatch per scalar (thousands per refresh)
     rows = host.tolist()
     scheduled = [_scheduled(row, k, configs[i]) for i, row in zip(members, rows)]
-    residual = [0.0] * len(members) if final or precise else _residual_errors(host, scheduled, members, configs, U, V)
+    residual = [0.0] * len(members) if final or precise else _residual_errors(host, k, scheduled, members, configs, U, V)
     for j, (i, row, plan) in enumerate(zip(members, rows, scheduled)):
         if not isinstance(plan, tuple):
             retry[i] = plan
@@ -166,10 +166,9 @@ def _scheduled(row: list[float], k: int, cfg) -> tuple[float, float, float] | in
     return eps, eps0, sigma_next
 
 
-def _residual_errors(host: Tensor, scheduled: list, members, configs, U, V) -> list[float]:
+def _residual_errors(host: Tensor, k: int, scheduled: list, members, configs, U, V) -> list[float]:
     """randomized.residual_error of every member at its new eps (0 for those not committed),
-    on the host, for the whole stack at once."""
-    k = (host.shape[1] - 7) // 2
+    on the host, for the whole stack at once (host: the stack's commit_columns)."""
     eps = torch.tensor([plan[0] if isinstance(plan, tuple) else math.inf for plan in scheduled], dtype=host.dtype)
     ranks = torch.tensor([configs[i].rank for i in members], dtype=torch.int64)
     sigma = host[:, :k].nan_to_num(0.0, 0.0, 0.0)  # (members with non-finite values are not committed)

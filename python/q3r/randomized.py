@@ -273,7 +273,7 @@ class Sketch:
     P: Tensor | None = None  # (b, d2, k) the start basis, its first warm_widths[j] columns warm
     warm_widths: list[int] | None = None
     # (b, k, k) H = R^T R for the residual R = (I - Q Q^T) W W^T Q of the range (scaled as G):
-    # the Ritz residuals in k x k form (see residual_error); None: not computed
+    # the Ritz residuals in k x k form (see ritz_residuals); None: not computed
     H: Tensor | None = None
 
     def triplets(self, lam: Tensor, E: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -405,7 +405,7 @@ def sketch(
     else:
         Q = range_basis(W, P, iters, finite, inv)
     B, G = gram(W, Q, inv)
-    # the Ritz residuals in k x k form (Sketch.residual_error): one more product with W
+    # the Ritz residuals in k x k form (Sketch.ritz_residuals): one more product with W
     R = _scaled(W @ B.mT, inv) - Q @ G
     H = R.mT @ R
     usable = finite if trusted is None else finite & trusted  # an unchecked basis may be garbage

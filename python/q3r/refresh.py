@@ -114,9 +114,10 @@ class SketchOptions:
                       iterations).  A sketch whose residual estimate (randomized.residual_error
                       from its Ritz residuals: the error was 1.4x to 3.5x the estimate along
                       real training runs) exceeds this is sketched again from its new V with
-                      lag_power_iters, as a lagging one, and one that already was gets an exact
-                      SVD; judged only where the fp32 Ritz values resolve sigma_{r+1} and eps
-                      (see resolvable_ratio); 1: never
+                      lag_power_iters, as a lagging one, and one that already took power
+                      iterations (lagging or grown) gets an exact SVD; judged only where the
+                      fp32 Ritz values resolve sigma_{r+1} and eps (see resolvable_ratio);
+                      1: never
     resolvable_ratio  the k x k Gram matrix holds sigma^2 in fp32, so it resolves sigma_{r+1}
                       only down to about sqrt(fp32 eps) sigma_1; a target whose estimated
                       sigma_{r+1} / sigma_1 is below this ratio has its Rayleigh-Ritz step
