@@ -55,3 +55,19 @@ def test_the_diagnostics_penalty_scales_with_lambda():
     refresh_slices_([W], [state], [SliceConfig("t", 3)])
     half, whole = slice_diagnostics(W, state, 3, 0.5)["penalty"], slice_diagnostics(W, state, 3, 1.0)["penalty"]
     assert whole > 0 and abs(half - whole / 2) <= 1e-6 * whole
+
+
+def test_factors_on_another_device_are_refused_by_name():
+    # (meta tensors stand in for another device on a CPU-only machine)
+    gen = torch.Generator().manual_seed(2)
+    X = torch.randn(8, 6, generator=gen)
+    U, V, d = _factors(gen)
+    for name, args in (("U", (U.to("meta"), V, d)), ("V", (U, V.to("meta"), d)), ("d", (U, V, d.to("meta")))):
+        with pytest.raises(ValueError, match=f"{name} is on meta but X is on cpu"):
+            ops.apply_reweighting(X, *args)
+
+
+def test_automatic_dispatch_takes_factors_exactly_as_wide_as_the_limit():
+    assert ops._width_ok([(torch.zeros(4, 7),), (torch.zeros(5, 3),)], 7)
+    assert not ops._width_ok([(torch.zeros(4, 8),)], 7)
+    assert ops._width_ok([(torch.zeros(4, 4096),)], None)  # (forced: no limit)

@@ -662,3 +662,91 @@ def test_envelope_members_far_below_sigma_next_get_the_float64_step(method):
     weights = [with_spectrum(torch.cat([head, tail]), gen) for _ in range(2)]
     configs = [SliceConfig(f"w{i}", 6, schedule="constant", eps_value=0.01186) for i in range(2)]
     run_sequence(method, weights, configs, refreshes=3, drift=1e-3, gen=gen)
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_max_widenings_bounds_the_wider_sketches(method, sketch_calls, exact_fallbacks):
+    # a constant eps under 46 singular values: the cold sketch (48 wide) has fewer than
+    # oversampling / 2 Ritz values below it and is widened (to 46 + 16) where one widening is
+    # allowed, and left to an exact SVD where none is (exact_fraction 1.5: no width is too wide)
+    gen = torch.Generator().manual_seed(3)
+    W = spectrum_case("exp_decay", gen)
+    sigma = torch.linalg.svdvals(W.double())
+    cfg = [SliceConfig("t", RANK, schedule="constant", eps_value=float(sigma[45] + sigma[46]) / 2)]
+    for widenings in (1, 0):
+        sketch_calls.clear()
+        exact_fallbacks.clear()
+        state = [new_slice_state(D1, D2)]
+        options = SketchOptions(max_widenings=widenings, exact_fraction=1.5)
+        assert all(refresh_slices_([W], state, cfg, method=method, options=options))
+        widths = [k for k, _ in sketch_calls]
+        assert widths == ([48, 62] if widenings else [48])
+        assert exact_fallbacks == ([] if widenings else [[0]])
+        assert state[0]["sigma"].shape[0] == 46
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_a_sketch_as_wide_as_the_matrix_commits_at_once(method, sketch_calls, exact_fallbacks):
+    # 40 x 30, rank 10: the cold sketch (rank + 2 oversampling, capped) spans the matrix; with
+    # eps under all but its last value, the envelope fills it, which would ask a narrower
+    # sketch to widen -- but nothing is wider: it commits, exact up to rounding
+    gen = torch.Generator().manual_seed(4)
+    W = torch.randn(40, 30, generator=gen) / math.sqrt(30)
+    sigma = torch.linalg.svdvals(W.double())
+    cfg = [SliceConfig("t", 10, schedule="constant", eps_value=float(sigma[-2] + sigma[-1]) / 2)]
+    fast, exact = [new_slice_state(40, 30)], [new_slice_state(40, 30)]
+    assert all(refresh_slices_([W], fast, cfg, method=method, options=SketchOptions(exact_fraction=1.5)))
+    refresh_slices_([W], exact, cfg, method="exact")
+    assert [k for k, _ in sketch_calls] == [30] and not exact_fallbacks
+    assert fast[0]["sigma"].shape[0] == 29
+    check_against_exact(fast, exact, torch.randn(40, 30, generator=gen))
+
+
+def test_the_lag_counts_only_the_warm_columns_of_the_start():
+    # a member with 3 warm columns topped up to 6: new vectors lying in the top-up columns left
+    # the warm span entirely, new vectors in the warm columns did not leave it at all
+    from q3r.randomized import Sketch, weighted_lag
+
+    gen = torch.Generator().manual_seed(5)
+    P = torch.linalg.qr(torch.randn(20, 6, generator=gen)).Q[None]
+    sk = Sketch(Q=None, B=None, G=None, scale=None, finite=None, P=P, warm_widths=[3])
+    sigma, eps = torch.tensor([[4.0, 3.0, 2.0]]), torch.tensor([1.0])
+    assert float(sk.lag(P[:, :, :3], sigma, eps)[0]) < 1e-4  # (0 up to fp32 rounding of cos^2)
+    moved = float(sk.lag(P[:, :, 3:], sigma, eps)[0])
+    assert moved == pytest.approx(float(weighted_lag(sigma, torch.zeros(1, 3), eps, 20)[0]), rel=1e-5)
+    assert moved > 0.1
+
+
+def test_orthonormalize_takes_a_second_pass_for_an_ill_conditioned_basis():
+    # columns at angles of about 1e-2: one Cholesky-QR pass is off by cond^2 * eps ~ 1e-3
+    from q3r.randomized import orthonormalize
+
+    gen = torch.Generator().manual_seed(6)
+    base = torch.randn(2, 200, 1, generator=gen)
+    Y = base + 1e-2 * torch.randn(2, 200, 8, generator=gen)
+    Q = orthonormalize(Y)
+    defect = (Q.mT @ Q - torch.eye(8)).abs().max()
+    assert float(defect) < 1e-5
+    Y64 = Y.double()  # (and Q spans Y)
+    resid = Y64 - Q.double() @ (Q.double().mT @ Y64)
+    assert float(resid.norm() / Y64.norm()) < 1e-5
+
+
+def test_randomized_triplets_of_a_mixed_stack():
+    # cold, warm and all-zero members in one call: each gets its own leading triplets
+    from q3r.randomized import eigensolver, randomized_triplets
+
+    gen = torch.Generator().manual_seed(7)
+    W = torch.stack([spectrum_case("exp_decay", gen), spectrum_case("trained_decay", gen), torch.zeros(D1, D2)])
+    warm = torch.linalg.svd(W[1].double() + 1e-3 * torch.randn(D1, D2, generator=gen, dtype=torch.float64)).Vh[:20].mT.float()
+    U, S, V = randomized_triplets(W, 24, [None, warm, None], eigensolver("torch"), cold_power_iters=4, warm_power_iters=2,
+                                  generator=gen)
+    for j in range(2):
+        exact = torch.linalg.svdvals(W[j].double())[:8]
+        torch.testing.assert_close(S[j, :8].double(), exact, rtol=1e-4, atol=0)
+        recon = (U[j, :, :8] * S[j, :8]) @ V[j, :, :8].T  # (the leading part of W)
+        best = torch.linalg.svd(W[j].double())
+        lead = (best.U[:, :8] * best.S[:8]) @ best.Vh[:8]
+        assert float((recon.double() - lead).norm() / lead.norm()) < 1e-3
+    assert torch.isfinite(torch.stack([U[2].abs().sum(), S[2].abs().sum(), V[2].abs().sum()])).all()
+    assert float(S[2].abs().max()) == 0

@@ -53,3 +53,11 @@ def test_due_for_refresh():
     assert [due_for_refresh(s, 5) for s in range(11)] == [s % 5 == 0 for s in range(11)]
     assert [s for s in range(12) if due_for_refresh(s, 5, phase=3)] == [0, 3, 8]
     assert [s for s in range(12) if due_for_refresh(s, 5, phase=0)] == [0, 5, 10]
+
+
+def test_refresh_cost_caps_the_sketch_width_at_the_matrix():
+    # k = rank + oversampling, at most min(d1, d2): a sketch is never wider than the matrix
+    from q3r.stagger import PER_SLICE_COST
+
+    assert refresh_cost(20, 30, 15, oversampling=16) == 20 * 30 * 20 + 20**3 + PER_SLICE_COST
+    assert refresh_cost(200, 300, 15, oversampling=16) == 200 * 300 * 31 + 31**3 + PER_SLICE_COST
