@@ -163,3 +163,15 @@ def test_a_target_still_far_from_converged_after_its_power_iterations_gets_the_e
     refresh_slices_(weights, states, configs, method="randomized")
     assert sketches == [0, SketchOptions().lag_power_iters]  # (one stack of both targets per attempt)
     assert sorted(fallbacks) == [0, 1]
+
+
+def test_max_residual_1_turns_the_check_off_and_skips_its_product(monkeypatch):
+    weights, states, configs = _mlp_at_its_first_warm_refresh()
+    calls = []
+    sketch = randomized.sketch
+    monkeypatch.setattr(randomized, "sketch", lambda *a, **kw: calls.append(kw["residuals"]) or sketch(*a, **kw))
+    refresh_slices_(weights, copy.deepcopy(states), configs, method="randomized", options=SketchOptions(max_residual=1.0))
+    assert calls and not any(calls)  # (two sketches: the lag sends the first weight back)
+    calls.clear()
+    refresh_slices_(weights, copy.deepcopy(states), configs, method="randomized")
+    assert calls == [True, True]

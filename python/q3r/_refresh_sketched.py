@@ -182,7 +182,7 @@ def _sketch_stack_(weights, st: _Stack, attempt: int, opts: SketchOptions) -> No
     st.sketch = randomized.sketch(stack, st.k, st.starts, cold_power_iters=opts.cold_power_iters,
                                   warm_power_iters=opts.warm_power_iters if st.power_iters is None else st.power_iters,
                                   generator=gen, check_later=attempt == 0,
-                                  max_top_up=opts.oversampling // 2)
+                                  max_top_up=opts.oversampling // 2, residuals=opts.max_residual < 1)
     st.energy = torch.linalg.vector_norm(stack, dim=(-1, -2), dtype=torch.float64).square()
 
 

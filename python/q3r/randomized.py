@@ -371,6 +371,7 @@ def sketch(
     generator: torch.Generator | None = None,
     check_later: bool = False,
     max_top_up: int = 0,
+    residuals: bool = True,
 ) -> Sketch:
     """Range finder and Gram matrices of a stack W (b, d1, d2) in W's compute dtype.
 
@@ -378,7 +379,8 @@ def sketch(
     cold_power_iters (the whole stack takes the larger count when they are mixed).
     ``check_later`` (no power iteration, every member short of k warm columns by at most
     ``max_top_up``): one Cholesky-QR pass whose check is left in ``Sketch.trusted`` instead
-    of deciding here on a second pass, which costs a host sync.
+    of deciding here on a second pass, which costs a host sync.  ``residuals``: compute
+    ``Sketch.H`` for the Ritz residuals (one more product with W; False: H is None).
 
     Non-finite weights are found on the way, without a host sync of their own: the largest
     |entry| that scales each member is NaN or inf exactly then (min and max propagate NaN).
@@ -405,13 +407,14 @@ def sketch(
     else:
         Q = range_basis(W, P, iters, finite, inv)
     B, G = gram(W, Q, inv)
-    # the Ritz residuals in k x k form (Sketch.ritz_residuals): one more product with W
-    R = _scaled(W @ B.mT, inv) - Q @ G
-    H = R.mT @ R
+    H = None
+    if residuals:  # the Ritz residuals in k x k form (Sketch.ritz_residuals): one more product with W
+        R = _scaled(W @ B.mT, inv) - Q @ G
+        H = R.mT @ R
     usable = finite if trusted is None else finite & trusted  # an unchecked basis may be garbage
     zero = torch.zeros((), dtype=G.dtype, device=G.device)
     G = torch.where(usable[:, None, None], G, zero)
-    H = torch.where(usable[:, None, None], H, zero)
+    H = None if H is None else torch.where(usable[:, None, None], H, zero)
     return Sketch(Q, B, G, scale, finite, trusted, P, [_warm_width(start, k) for start in warm], H)
 
 

@@ -117,7 +117,8 @@ class SketchOptions:
                       lag_power_iters, as a lagging one, and one that already took power
                       iterations (lagging or grown) gets an exact SVD; judged only where the
                       fp32 Ritz values resolve sigma_{r+1} and eps (see resolvable_ratio);
-                      1: never
+                      the residuals cost one more product with the weights per sketch (a warm
+                      one-pass sketch takes two without it); 1 or more: never, and not computed
     resolvable_ratio  the k x k Gram matrix holds sigma^2 in fp32, so it resolves sigma_{r+1}
                       only down to about sqrt(fp32 eps) sigma_1; a target whose estimated
                       sigma_{r+1} / sigma_1 is below this ratio has its Rayleigh-Ritz step
