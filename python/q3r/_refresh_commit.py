@@ -87,7 +87,8 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
     # indexing a host tensor costs an op dispatch per scalar (thousands per refresh)
     rows = host.tolist()
     scheduled = [_scheduled(row, k, configs[i]) for i, row in zip(members, rows)]
-    residual = [0.0] * len(members) if final or precise else _residual_errors(host, k, scheduled, members, configs, U, V)
+    checked = not (final or precise or opts.max_residual >= 1)  # (>= 1: the check is off)
+    residual = _residual_errors(host, k, scheduled, members, configs, U, V) if checked else [0.0] * len(members)
     for j, (i, row, plan) in enumerate(zip(members, rows, scheduled)):
         if not isinstance(plan, tuple):
             retry[i] = plan
