@@ -750,3 +750,27 @@ def test_randomized_triplets_of_a_mixed_stack():
         assert float((recon.double() - lead).norm() / lead.norm()) < 1e-3
     assert torch.isfinite(torch.stack([U[2].abs().sum(), S[2].abs().sum(), V[2].abs().sum()])).all()
     assert float(S[2].abs().max()) == 0
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_a_cold_sketch_too_narrow_and_far_from_converged_is_widened_with_power_iterations(method, sketch_calls):
+    # random init 400 x 300, rank 16, a constant eps under 45 singular values: the cold sketch
+    # (48 wide) is too narrow; widened in one pass (the check off), R(X) was off by 2.8e-3;
+    # with the check the wider sketch takes lag_power_iters (and an exact SVD follows here,
+    # this bulk being that flat)
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(400, 300, generator=gen) / math.sqrt(300)
+    sigma = torch.linalg.svdvals(W.double())
+    cfg = [SliceConfig("t", 16, schedule="constant", eps_value=float(sigma[44]))]
+    exact = [new_slice_state(400, 300)]
+    refresh_slices_([W], exact, cfg, method="exact")
+    X = torch.randn(400, 300, generator=gen)
+
+    def error(options):
+        fast = [new_slice_state(400, 300)]
+        assert all(refresh_slices_([W], fast, cfg, method=method, options=options))
+        return operator_error(fast[0], exact[0], X)
+
+    assert error(None) <= 1e-3
+    assert (59, SketchOptions().lag_power_iters) in sketch_calls
+    assert error(SketchOptions(max_residual=1.0)) > 2e-3

@@ -28,7 +28,7 @@ def test_ritz_residuals_are_those_of_the_triplets(scale):
     W = torch.randn(2, 40, 64, generator=gen, dtype=torch.float64) / 8
     warm = torch.linalg.svd(W[1] + 1e-2 * torch.randn(40, 64, generator=gen, dtype=torch.float64)).Vh[:10].mT
     W = (W * scale).float()
-    sk = randomized.sketch(W, 14, [None, warm.float()], cold_power_iters=1, generator=gen)
+    sk = randomized.sketch(W, 14, [None, warm.float()], cold_power_iters=1, generator=gen, residuals=True)
     lam, E, U, S, V = _ritz(sk)
     rho = sk.ritz_residuals(lam, E)
     W64, U, S, V = W.double(), U.double(), S.double(), V.double()
@@ -43,7 +43,7 @@ def test_a_sketch_that_holds_the_range_has_no_residual_and_no_error_estimate():
     U0 = torch.linalg.qr(torch.randn(50, 8, generator=gen, dtype=torch.float64)).Q
     V0 = torch.linalg.qr(torch.randn(70, 8, generator=gen, dtype=torch.float64)).Q
     W = ((U0 * torch.linspace(3, 1, 8, dtype=torch.float64)) @ V0.T).float()[None]  # rank 8 < k = 12
-    sk = randomized.sketch(W, 12, [None], cold_power_iters=2, generator=gen)
+    sk = randomized.sketch(W, 12, [None], cold_power_iters=2, generator=gen, residuals=True)
     lam, E, U, S, V = _ritz(sk)
     assert float(sk.ritz_residuals(lam, E)[0, :8].max()) < 1e-4
     rho = sk.ritz_residuals(lam, E)
@@ -54,7 +54,7 @@ def test_a_sketch_that_holds_the_range_has_no_residual_and_no_error_estimate():
 def test_the_estimate_is_finite_for_zero_values_and_zero_without_H():
     W = torch.zeros(2, 30, 40)
     W[1, :5, :5] = torch.eye(5)  # rank 5: the Ritz values past it are zero, and those before equal
-    sk = randomized.sketch(W, 10, [None, None], generator=torch.Generator().manual_seed(2))
+    sk = randomized.sketch(W, 10, [None, None], generator=torch.Generator().manual_seed(2), residuals=True)
     lam, E, U, S, V = _ritz(sk)
     rho = sk.ritz_residuals(lam, E)
     assert torch.isfinite(rho).all()
@@ -175,3 +175,13 @@ def test_max_residual_1_turns_the_check_off_and_skips_its_product(monkeypatch):
     calls.clear()
     refresh_slices_(weights, copy.deepcopy(states), configs, method="randomized")
     assert calls == [True, True]
+
+
+def test_no_oversampling_leaves_eps_without_a_shortfall_estimate():
+    # sigma_{r+1} is the last Ritz value, which stands in for the uncaptured spectrum (its gap
+    # is 0 by construction): a converged sketch must not look far off for it
+    sigma = torch.tensor([[3.0, 2.0, 1.5, 1.0]], dtype=torch.float64)
+    rho = torch.full((1, 4), 1e-6, dtype=torch.float64)
+    eps = sigma[:, 3].clone()
+    assert float(randomized.residual_error(sigma, rho, eps, torch.tensor([3]), 30, 40)[0]) < 1e-5
+    assert float(randomized.residual_error(sigma, rho, sigma[:, 2].clone(), torch.tensor([2]), 30, 40)[0]) < 1e-5

@@ -36,6 +36,16 @@ class Grown:
     width: int
 
 
+@dataclass(frozen=True)
+class Wider:
+    """commit_sketch's answer for "its sketch is too narrow and far from converged (its
+    residual estimate exceeds max_residual): sketch it again from its new V, this wide, with
+    lag_power_iters" -- a widening, counted against max_widenings.  A plain int answer is a
+    widening without power iterations."""
+
+    width: int
+
+
 def commit_columns(energy, members, states, S, finite: Tensor | None, trusted: Tensor | None = None,
                    lag: Callable[[Tensor], Tensor] | None = None, residuals: Tensor | None = None) -> Tensor:
     """What commit_sketch decides on, per member (b, 2 k + 7) float64 on the device: the Ritz
@@ -67,9 +77,10 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
     the fp32 Ritz values cannot resolve sigma_{r+1}, None where only an exact SVD does,
     NONFINITE where ``finite`` (b,) says the weights were not, UNTRUSTED where the
     columns' trusted flag says the basis failed its check, LAGGING where their lag
-    exceeds opts.max_lag or whose residual estimate exceeds opts.max_residual (None there
-    for the members in ``iterated``, already sketched again with power iterations), or
-    Grown} for the rest (``precise``: U, S, V come from the float64 Rayleigh-Ritz step).
+    exceeds opts.max_lag or whose residual estimate exceeds opts.max_residual (Wider where
+    such a sketch is also too narrow; None where it already took power iterations: cold
+    ones, and those in ``iterated``), or Grown} for the rest (``precise``: U, S, V come from
+    the float64 Rayleigh-Ritz step).
 
     A sketch is wide enough when at most k - oversampling / 2 Ritz values lie above the new
     eps, so the kept triplets had at least half the oversampling below them; a warm member
@@ -111,10 +122,19 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
             continue
         resolvable = opts.resolvable_ratio_fp64 if precise else opts.resolvable_ratio
         # far from converged (SketchOptions.max_residual); judged only where the fp32 Ritz
-        # values resolve sigma_{r+1} and eps, as is their residual (else REFINE follows)
+        # values resolve sigma_{r+1} and eps, as is their residual (else REFINE follows).
+        # Sketched again with power iterations: wider where it is also too narrow (a plain
+        # widening, one pass, left a random-init cold sketch off by 2.8e-3), as it is where it
+        # grew; an exact SVD where it already took power iterations (a cold sketch took
+        # cold_power_iters; ``iterated``: a lagging or grown one)
         if (not final and residual[j] > opts.max_residual
                 and min(sigma_next, eps) >= opts.resolvable_ratio * sigma[0]):
-            retry[i] = None if i in iterated else grow or LAGGING
+            cold = int(row[k + 3]) == 0
+            narrow = r_env > k - margin
+            if grow or narrow:
+                retry[i] = grow or Wider(r_env + opts.oversampling)
+            else:
+                retry[i] = None if cold or i in iterated else LAGGING
             continue
         # (a sketch as wide as the matrix spans it: its float64 step is exact up to rounding,
         # but its fp32 Gram matrix resolves a deep tail no better than a narrower one's).
@@ -173,7 +193,8 @@ def _residual_errors(host: Tensor, k: int, scheduled: list, members, configs, U,
     eps = torch.tensor([plan[0] if isinstance(plan, tuple) else math.inf for plan in scheduled], dtype=host.dtype)
     ranks = torch.tensor([configs[i].rank for i in members], dtype=torch.int64)
     sigma = host[:, :k].nan_to_num(0.0, 0.0, 0.0)  # (members with non-finite values are not committed)
-    return residual_error(sigma, host[:, k + 7:].nan_to_num(0.0, 1.0, 1.0), eps, ranks, U.shape[-2], V.shape[-2]).tolist()
+    rho = host[:, k + 7:].nan_to_num(1.0, 1.0, 1.0)  # (an unknown residual counts as a large one)
+    return residual_error(sigma, rho, eps, ranks, U.shape[-2], V.shape[-2]).tolist()
 
 
 def flat_beyond(sigma: list[float], total: float, n: int, eps: float, tolerance: float) -> bool:

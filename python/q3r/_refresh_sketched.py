@@ -249,9 +249,12 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
         elif isinstance(width, C.Grown):  # wider and iterated (SketchOptions.max_envelope_growth)
             g.grown.add(i)
             again_from_new_V(i, width.width, opts.grown_power_iters)  # (wider than the cap: exact SVD)
-        elif width != C.REFINE:
+        elif width != C.REFINE:  # wider: one pass (an int), or iterated (C.Wider)
             if g.widenings.get(i, 0) >= opts.max_widenings:  # still not wide enough
                 g.exact.append(i)
                 continue
             g.widenings[i] = g.widenings.get(i, 0) + 1
-            again_from_new_V(i, width)
+            if isinstance(width, C.Wider):
+                again_from_new_V(i, width.width, opts.lag_power_iters)
+            else:
+                again_from_new_V(i, width)

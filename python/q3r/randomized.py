@@ -300,7 +300,8 @@ class Sketch:
 
     def ritz_residuals(self, lam: Tensor, E: Tensor) -> Tensor:
         """rho (b, k): ||W v_i - sigma_i u_i|| / sigma_i of the triplets from the eigenpairs
-        (lam, E) of G, from H alone: W v_i = Z e_i / sqrt(lam_i) and sigma_i u_i = Q e_i
+        (lam, E) of G -- the part of the residual outside span(Q), which is all of it for exact
+        eigenpairs (an eigensolver's own error, inside span(Q), is not seen) -- from H alone: W v_i = Z e_i / sqrt(lam_i) and sigma_i u_i = Q e_i
         sqrt(lam_i) (scaled), so the residual is (Z - Q G) e_i / sqrt(lam_i) = R e_i / sqrt(lam_i)
         and rho_i = sqrt(e_i^T H e_i) / lam_i (lam_i at least the smallest normal number: 0,
         not NaN, where both are 0).  Zero where H was not computed."""
@@ -326,8 +327,9 @@ def residual_error(sigma: Tensor, rho: Tensor, eps: Tensor, ranks: Tensor, d1: i
               + sum_i s_i^2 (delta_eps - delta_i)^2 (d1 + d2) / (d1 d2) )
 
     with s_i = eps / sigma_i, d_i = s_i - 1, and delta_eps = delta_{r+1} where eps was set
-    from sigma_{r+1} (equal to it: the `min` and `track` schedules), so that it falls short
-    with it, else 0.
+    from sigma_{r+1} (equal to it: the `min` and `track` schedules, and the first `geometric`
+    refresh), so that it falls short with it, else 0 (and 0 where sigma_{r+1} is the last Ritz
+    value: no oversampling).
 
     Calibrated along real training runs (an MLP and a small ViT on the digits, 4,916 warm
     refreshes of a target; benchmarks/results/probes/residual_estimate_cpu_*.md): the true error
@@ -345,7 +347,9 @@ def residual_error(sigma: Tensor, rho: Tensor, eps: Tensor, ranks: Tensor, d1: i
     angle = (rho * amp).clamp_max_(1.0)
     short = (rho.square() * amp).div_(2).clamp_max_(1.0)  # relative shortfall of each Ritz value
     at_rank = ranks.clamp_max(k - 1)[:, None]
-    tracks = sigma.gather(1, at_rank)[:, 0] == eps
+    # (sigma_{r+1} the last Ritz value, which stands in for the uncaptured top: no estimate of
+    # its own shortfall, whose gap is 0 by construction)
+    tracks = (sigma.gather(1, at_rank)[:, 0] == eps) & (ranks < k - 1)
     short_eps = short.gather(1, at_rank).mul_(tracks[:, None])
     inside = (sigma > eps[:, None]) & (torch.arange(k, device=sigma.device) < k - 1)
     s = torch.where(inside, eps[:, None] / sigma.clamp_min(_tiny(sigma.dtype)), 0.0)
@@ -371,7 +375,7 @@ def sketch(
     generator: torch.Generator | None = None,
     check_later: bool = False,
     max_top_up: int = 0,
-    residuals: bool = True,
+    residuals: bool = False,
 ) -> Sketch:
     """Range finder and Gram matrices of a stack W (b, d1, d2) in W's compute dtype.
 

@@ -43,7 +43,7 @@ def rel_error(op, exact, X):
 
 
 def one_sketch(W, k, start, iters, eps_prev, rank):
-    sk = randomized.sketch(W[None], k, [start], warm_power_iters=iters)
+    sk = randomized.sketch(W[None], k, [start], warm_power_iters=iters, residuals=True)
     lam, E = randomized.eigensolver("torch")(sk.G)
     U, S, V = sk.triplets(lam, E)
     eps, _ = reference.next_eps("min", eps_prev, float(S[0, rank]), 1, eps_prev)  # (as the refresh sets it)
