@@ -774,3 +774,17 @@ def test_a_cold_sketch_too_narrow_and_far_from_converged_is_widened_with_power_i
     assert error(None) <= 1e-3
     assert (59, SketchOptions().lag_power_iters) in sketch_calls
     assert error(SketchOptions(max_residual=1.0)) > 2e-3
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_a_cold_sketch_far_from_converged_takes_the_exact_svd_at_once(method, sketch_calls, exact_fallbacks):
+    # a cold sketch already took cold_power_iters (here none, so that it is far off): more
+    # iterations from its own V are not tried; the exact SVD is
+    gen = torch.Generator().manual_seed(9)
+    weights = [spectrum_case("random_init", gen)]
+    configs = configs_for(weights[0], "min", 1)
+    fast, exact = [new_slice_state(D1, D2)], [new_slice_state(D1, D2)]
+    assert all(refresh_slices_(weights, fast, configs, method=method, options=SketchOptions(cold_power_iters=0)))
+    refresh_slices_(weights, exact, configs, method="exact")
+    assert len(sketch_calls) == 1 and exact_fallbacks == [[0]]
+    check_against_exact(fast, exact, torch.randn(D1, D2, generator=gen))
