@@ -113,12 +113,16 @@ class SketchOptions:
                       weights, step 5: off by 1.3e-3 to 2.1e-3 after the lag's 4 power
                       iterations).  A sketch whose residual estimate (randomized.residual_error
                       from its Ritz residuals: the error was 1.4x to 3.5x the estimate along
-                      real training runs) exceeds this is sketched again from its new V with
-                      lag_power_iters, as a lagging one, and one that already took power
-                      iterations (lagging or grown) gets an exact SVD; judged only where the
-                      fp32 Ritz values resolve sigma_{r+1} and eps (see resolvable_ratio);
-                      the residuals cost one more product with the weights per sketch (a warm
-                      one-pass sketch takes two without it); 1 or more: never, and not computed
+                      real training runs) exceeds this is sketched again from its new V: with
+                      lag_power_iters as a lagging one, wider too where it is also too narrow
+                      (a widening), as a Grown one where its envelope grew; one that already
+                      took power iterations (a cold sketch, or a lagging or grown one) gets an
+                      exact SVD instead; judged only where the fp32 Ritz values resolve
+                      sigma_{r+1} and eps (see resolvable_ratio); the residuals cost one more
+                      product with the weights per sketch (a warm one-pass sketch takes two
+                      without it); 1 or more: never, and not computed -- and then a sketch that
+                      is only too narrow is widened in one pass, which left a cold random-init
+                      400 x 300 sketch under a low constant eps off by 2.8e-3
     resolvable_ratio  the k x k Gram matrix holds sigma^2 in fp32, so it resolves sigma_{r+1}
                       only down to about sqrt(fp32 eps) sigma_1; a target whose estimated
                       sigma_{r+1} / sigma_1 is below this ratio has its Rayleigh-Ritz step
