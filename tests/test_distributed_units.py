@@ -131,6 +131,8 @@ def test_configure_validates():
         for bad in (-1e-3, float("nan"), float("inf"), True):
             with pytest.raises(ValueError, match="max_lag"):
                 q3r.distributed.configure(replicated=False, oversample=SKETCH.oversample + 1, max_lag=bad)
+            with pytest.raises(ValueError, match="max_residual"):
+                q3r.distributed.configure(replicated=False, oversample=SKETCH.oversample + 1, max_residual=bad)
         # a refused call changes nothing
         assert dataclasses.asdict(SKETCH) == before and _REPLICATED == replicated
     finally:

@@ -57,17 +57,18 @@ def _cases() -> dict:
         # every singular value 1, drifting: half the bulk lies just above eps, more members than
         # the sketch's Ritz values show (see test_randomized_refresh's flat-spectrum test)
         "orthogonal_init": (24, orthogonal, {}),
-        "orthogonal_init_flat_rule_off": (24, orthogonal, {"flat_tolerance": -1.0}),
+        "orthogonal_init_flat_rule_off": (24, orthogonal, {"flat_tolerance": -1.0, "max_residual": 1.0}),
         # no oversampling: sigma_{r+1} is not among the kept triplets, eps must still come from it
         "random_init_oversample_0": (RANK, random_init, {"oversample": 0}),
         # the noise lifts the bulk's top edge above eps: the envelope grows from 32 to over 60
         "bulk_rising_above_eps": (RANK, rising, {}),
-        # the same without the growth rule (and the lag rule, which would catch it here too): a
-        # warm sketch misses some of the new members
-        "bulk_rising_above_eps_growth_rule_off": (RANK, rising, {"max_envelope_growth": 10**9, "max_lag": 1.0}),
+        # the same without the growth rule (and the lag and residual rules, which would catch it
+        # here too): a warm sketch misses some of the new members
+        "bulk_rising_above_eps_growth_rule_off": (RANK, rising, {"max_envelope_growth": 10**9, "max_lag": 1.0,
+                                                                  "max_residual": 1.0}),
         # noise of 1e-1 of the rms entry per period: two power iterations from the old V lag
         "moving_fast": (RANK, moving_fast, {}),
-        "moving_fast_lag_rule_off": (RANK, moving_fast, {"max_lag": 1.0}),
+        "moving_fast_lag_rule_off": (RANK, moving_fast, {"max_lag": 1.0, "max_residual": 1.0}),
         # no widening allowed: the envelope fills its sketch, and the user is told
         "bulk_rising_above_eps_no_widening": (RANK, rising, {"max_widenings": 0}),
         # 256 x 256, rank 24: the cold eps sits just above a flat bulk that then rises above

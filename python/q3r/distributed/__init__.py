@@ -65,14 +65,16 @@ _REPLICATED = {"enabled": True, "group": None}
 def configure(*, replicated: bool | None = None, group=None, oversample: int | None = None,
               power_iters: int | None = None, cold_power_iters: int | None = None,
               max_widenings: int | None = None, max_envelope_growth: int | None = None,
-              max_lag: float | None = None, flat_tolerance: float | None = None, seed: int | None = None) -> None:
+              max_lag: float | None = None, flat_tolerance: float | None = None, max_residual: float | None = None,
+              seed: int | None = None) -> None:
     """Process-wide settings.
 
     replicated: divide refreshes of plain (non-DTensor) targets across ranks when
     torch.distributed is initialized (default True; set False when ranks train different
     weights, e.g. independent runs that share a process group). group: the process group of
     the replicas (default: the world). oversample / power_iters / cold_power_iters /
-    max_widenings / max_envelope_growth / max_lag / flat_tolerance (negative: never) / seed:
+    max_widenings / max_envelope_growth / max_lag / flat_tolerance (negative: never) /
+    max_residual (1 or more: never) / seed:
     the randomized refresh of sharded targets (see :class:`SketchOptions`).
     """
     options = {"oversample": oversample, "power_iters": power_iters, "cold_power_iters": cold_power_iters,
@@ -85,6 +87,10 @@ def configure(*, replicated: bool | None = None, group=None, oversample: int | N
                                 or not 0 <= max_lag < math.inf):
         raise ValueError(f"q3r.distributed.configure: max_lag must be a finite number >= 0, got {max_lag!r}")
     options["max_lag"] = None if max_lag is None else float(max_lag)
+    if max_residual is not None and (isinstance(max_residual, bool) or not isinstance(max_residual, (int, float))
+                                     or not 0 <= max_residual < math.inf):
+        raise ValueError(f"q3r.distributed.configure: max_residual must be a finite number >= 0, got {max_residual!r}")
+    options["max_residual"] = None if max_residual is None else float(max_residual)
     if flat_tolerance is not None and (isinstance(flat_tolerance, bool) or not isinstance(flat_tolerance, (int, float))
                                        or not -math.inf < flat_tolerance < 1):
         raise ValueError(f"q3r.distributed.configure: flat_tolerance must be a finite number < 1, got {flat_tolerance!r}")

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .._refresh_commit import flat_beyond
-from ..randomized import weighted_lag
+from ..randomized import residual_error, weighted_lag
 
 __all__ = ["sketch_width", "cold_sketch_width", "gaussian_sketch", "cholesky_qr", "range_finder_svd", "enveloping_svd"]
 
@@ -140,6 +140,9 @@ def enveloping_svd(
     prev_eps: list[float] | None = None,
     max_lag: float = 1.0,
     flat_tolerance: float = -1.0,
+    ranks: list[int] | None = None,
+    max_residual: float = 1.0,
+    resolvable_ratio: float = 1e-2,
 ) -> list[tuple]:
     """range_finder_svd of each row-sharded slice i (whole shape shapes[i]), sketched
     widths[i] wide from starts[i] (its previous V, or None: cold), and widened while the
@@ -157,7 +160,13 @@ def enveloping_svd(
     the contract allows where the spectrum is flat around eps. A sketch whose uncaptured part
     sits at eps (q3r._refresh_commit.flat_beyond with ``flat_tolerance``; negative: never) is
     sketched again min(d1, d2) wide, the SVD up to rounding: its Ritz values undercount the
-    members above eps there. Retries take cold_power_iters.
+    members above eps there. A sketch whose residual estimate (q3r.randomized.residual_error from
+    its Ritz residuals ||X v_i - sigma_i u_i||, summed over ranks in one more small collective
+    per attempt, none where every sketch spans its matrix; ``ranks[i]``: each slice's target rank) exceeds max_residual (1 or more: never,
+    and not computed) where its Ritz values resolve sigma_{r+1} and eps (at least
+    resolvable_ratio sigma_1) is far from the weights' own triplets: a warm first sketch is
+    sketched again at its width (wider where it is too narrow), any other as wide as the matrix.
+    Retries take cold_power_iters.
 
     Every rank decides alike: S comes from the same all-reduced B on every rank, and one small
     all-reduce per attempt makes the decisions one where a solver that is not bitwise
@@ -179,39 +188,68 @@ def enveloping_svd(
         omegas = [gaussian_sketch(shapes[i][1], widths[i], seeds(i, attempt), Xs[i].device, starts[i]) for i in todo]
         warm = [attempt == 0 and starts[i] is not None and starts[i].shape[-1] > 0 for i in todo]
         found = range_finder_svd([Xs[i] for i in todo], omegas, all_reduce, power_iters if all(warm) else cold_power_iters)
-        # S, frob2 and the cos^2 of each new right singular vector to the warm columns (0 for
-        # cold slices), for every slice, in one transfer
+        # (no collective where every sketch spans its matrix: the SVD up to rounding, nothing to judge)
+        judged = ranks is not None and max_residual < 1 and any(widths[i] < min(shapes[i]) for i in todo)
+        residuals = _residuals_squared([Xs[i] for i in todo], found, all_reduce) if judged else None
+        # S, frob2, the cos^2 of each new right singular vector to the warm columns (0 for cold
+        # slices) and the squared Ritz residuals (0 unchecked), for every slice, in one transfer
         insides = [_inside(starts[i], V) if warm[n] else torch.zeros_like(S) for n, (i, (_, S, V, _)) in enumerate(zip(todo, found))]
-        hosts = torch.cat([t.reshape(-1).to(torch.float32) for (_, S, _, frob2), inside in zip(found, insides)
-                           for t in (S, frob2, inside)]).cpu()
-        hosts = hosts.split([n for _, S, _, _ in found for n in (S.numel(), 1, S.numel())])
+        res = residuals or [torch.zeros_like(S) for _, S, _, _ in found]
+        hosts = torch.cat([t.reshape(-1).to(torch.float32) for (_, S, _, frob2), inside, r2 in zip(found, insides, res)
+                           for t in (S, frob2, inside, r2)]).cpu()
+        hosts = hosts.split([n for _, S, _, _ in found for n in (S.numel(), 1, S.numel(), S.numel())])
         wanted = []  # per slice: (r_env, the width to sketch it again at, or 0)
         for n, i in enumerate(todo):
-            S_host, inside = hosts[3 * n], hosts[3 * n + 2]
+            S_host, inside = hosts[4 * n], hosts[4 * n + 2]
             eps, r_env = envelope(i, S_host)
             short = r_env > widths[i] - margin or (warm[n] and prev_envs is not None and r_env > prev_envs[i] + max_growth)
             lags = warm[n] and prev_eps is not None and _lag(S_host, inside, prev_eps[i], shapes[i][1]) > max_lag
             exact = widths[i] >= min(shapes[i])  # (the SVD up to rounding: nothing to improve)
+            far = (residuals is not None and not exact
+                   and _far(S_host, hosts[4 * n + 3], eps, ranks[i], shapes[i], max_residual, resolvable_ratio))
             if short and not exact and widened[i] < max_widenings:
                 wanted.append((r_env, min(max(r_env + oversample, 2 * widths[i]), min(shapes[i]))))
-            elif not exact and flat_beyond(S_host.tolist(), float(hosts[3 * n + 1]), min(shapes[i]), eps, flat_tolerance):
+            elif not exact and flat_beyond(S_host.tolist(), float(hosts[4 * n + 1]), min(shapes[i]), eps, flat_tolerance):
                 wanted.append((r_env, min(shapes[i])))
+            elif far:  # (a warm first sketch: more iterations at its width; else the SVD up to rounding)
+                wanted.append((r_env, widths[i] if warm[n] else min(shapes[i])))
             else:  # (a lag is only measured on attempt 0)
                 wanted.append((r_env, widths[i] if lags and not exact else 0))
         retry = []
-        agreed, spectra = _agreed(wanted, all_reduce, Xs[todo[0]].device, [hosts[3 * n] for n in range(len(todo))])
+        agreed, spectra = _agreed(wanted, all_reduce, Xs[todo[0]].device, [hosts[4 * n] for n in range(len(todo))])
         for n, (i, (U, S, V, frob2), (r_env, wider)) in enumerate(zip(todo, found, agreed)):
             # the ranks' mean S (their own in the usual, bitwise equal case): every rank then
             # commits the same sigma and eps, so the same number of triplets above eps, which
             # sizes the per-step all-reduce
             S_host = spectra[n]
-            results[i] = (U, S_host.to(S.device, S.dtype), V, frob2, r_env, S_host, float(hosts[3 * n + 1]))
+            results[i] = (U, S_host.to(S.device, S.dtype), V, frob2, r_env, S_host, float(hosts[4 * n + 1]))
             if wider:
                 widened[i] += wider > widths[i]
                 widths[i], starts[i] = wider, V
                 retry.append(i)
         todo = retry
     return results
+
+
+def _residuals_squared(Xs: list[Tensor], found: list[tuple], all_reduce: AllReduce) -> list[Tensor]:
+    """||X v_i - sigma_i u_i||^2 (k,) of each slice's Ritz triplets, summed over the ranks'
+    rows in one collective."""
+    local = [(x.to(torch.float32) @ V - U * S).square().sum(dim=0) for x, (U, S, V, _) in zip(Xs, found)]
+    return _flat_sum(local, all_reduce)
+
+
+def _far(S: Tensor, r2: Tensor, eps: float, rank: int, shape: tuple[int, int], max_residual: float,
+         resolvable_ratio: float) -> bool:
+    """Whether a slice's Ritz triplets are far from its weights' own (on the host): the
+    residual estimate of q3r.randomized.residual_error over max_residual, judged only where the
+    Ritz values resolve sigma_{r+1} and eps."""
+    S64 = S.double()
+    sigma_next = float(S64[rank]) if rank < S64.shape[0] else 0.0
+    if S64.shape[0] < 2 or min(sigma_next, eps) < resolvable_ratio * float(S64[0]):
+        return False
+    rho = (r2.double().clamp_min(0).sqrt() / S64.clamp_min(torch.finfo(torch.float64).tiny)).nan_to_num(1.0, 1.0, 1.0)
+    est = residual_error(S64[None], rho[None], torch.tensor([eps], dtype=torch.float64), torch.tensor([rank]), *shape)
+    return float(est[0]) > max_residual
 
 
 def _inside(start: Tensor, V: Tensor) -> Tensor:

@@ -74,7 +74,12 @@ class SketchOptions:
     sketch whose lag exceeds ``max_lag`` (as q3r.refresh.SketchOptions.max_lag: the weights
     moved far since the last refresh), at its width. A sketch whose uncaptured part sits
     within ``flat_tolerance`` of eps is sketched again min(d1, d2) wide, the SVD up to rounding
-    (as q3r.refresh.SketchOptions.flat_tolerance: a spectrum flat around eps). Across warm
+    (as q3r.refresh.SketchOptions.flat_tolerance: a spectrum flat around eps). A sketch whose
+    Ritz residuals put it far from the weights' own triplets (``max_residual``, as
+    q3r.refresh.SketchOptions.max_residual; 1 or more: never) is sketched again, at its width
+    with cold_power_iters after a warm first pass, else as wide as the matrix: along real
+    training runs (one rank, benchmarks/results/probes/sharded_training_*), 2 warm power
+    iterations left 4 of some 10,000 warm target refreshes off by up to 1.66e-3.  Across warm
     refreshes this is subspace iteration continued over training, which is why 2 suffice then."""
 
     oversample: int = 16
@@ -84,6 +89,7 @@ class SketchOptions:
     max_envelope_growth: int = 2
     max_lag: float = 6e-4
     flat_tolerance: float = 2e-2
+    max_residual: float = 3e-4
     seed: int = 0
 
 
@@ -207,7 +213,7 @@ def _refresh_sharded(params, slicings, states, configs, warned) -> None:
             lambda j, S: _envelope(prev[j], live[j][5], S)[::2], reduce,
             SKETCH.power_iters, SKETCH.cold_power_iters, SKETCH.oversample, SKETCH.max_widenings,
             [r_env for *_, r_env in prev], SKETCH.max_envelope_growth, [eps for eps, *_ in prev], SKETCH.max_lag,
-            SKETCH.flat_tolerance)
+            SKETCH.flat_tolerance, [item[5].rank for item in live], SKETCH.max_residual)
         for (p, x, lo, hi, s, cfg, shape), before, (U_loc, S, V, _, r_env, S_host, frob2) in zip(live, prev, results):
             keep = _kept_width(cfg.rank, shape, r_env, S.shape[0])
             if r_env > S.shape[0] - _margin() and S.shape[0] < min(shape) and _leads(p):
