@@ -13,7 +13,8 @@ width k (target rank + oversampling) and q power iterations:
     U_r = Q_r Ub,  V = Vh^T              U stays row-sharded like X
 
 Every stage is batched over all slices: one collective per stage whatever the number of
-targets, q + 3 per refresh; enveloping_svd adds one small one to agree on widenings, and
+targets, q + 3 per refresh; enveloping_svd adds one small one to agree on widenings (and one
+for the Ritz residuals of its residual check, where a sketch is narrower than its matrix), and
 repeats the whole for the slices whose sketch did not reach eps. Cholesky-QR squares the condition number, so the Gram matrix is accumulated and
 factored in float64, each pass adds a tiny shift (so a rank-deficient sketch, e.g. zero
 weights or a sketch as wide as the matrix, still factors), and the passes are repeated
