@@ -83,3 +83,27 @@ def test_the_sharded_refresh_of_a_flat_fast_moving_layer_meets_the_contract():
     assert max(on) <= 1e-3
     assert max(off) > 1.2e-3  # (1.4e-3 when measured: blocks.1.mlp.fc1)
     assert math.isfinite(sum(on))
+
+
+def test_a_sketch_still_far_after_its_retry_is_sketched_as_wide_as_the_matrix_even_with_no_widenings(monkeypatch):
+    # a flat power law drifting far: the warm first sketch and its retry at the same width are
+    # both far from converged; the matrix-wide sketch that follows must still fit in the
+    # attempts when max_widenings is 0 (it did not: the far sketch was returned)
+    import q3r.distributed.rangefinder as rf
+
+    gen = torch.Generator().manual_seed(0)
+    d, rank = 200, 20
+    U = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
+    W0 = (U * (1 + torch.arange(d, dtype=torch.float64)) ** -0.15) @ V.T
+    W1 = (W0 + 0.3 * torch.randn(d, d, generator=gen, dtype=torch.float64) * W0.norm() / d).float()
+    V0 = torch.linalg.svd(W0)[2][:36].T.float()
+    far = []
+    judge = rf._far
+    monkeypatch.setattr(rf, "_far", lambda *a: far.append(judge(*a)) or far[-1])
+    envelope = lambda i, S: (float(S[rank]), int((S > float(S[rank])).sum()))  # noqa: E731
+    for widenings in (0, 3):
+        far.clear()
+        (_, S, *_), = enveloping_svd([W1], [(d, d)], [36], [V0], lambda i, a: a, envelope, lambda t: t,
+                                     2, 8, 16, widenings, None, 2, None, 1.0, -1.0, [rank], 3e-4)
+        assert far[:2] == [True, True] and S.shape[0] == d

@@ -181,9 +181,10 @@ def enveloping_svd(
     widened = [0] * len(Xs)
     margin = max(oversample // 2, 1)
     todo = list(range(len(Xs)))
-    # attempt 0, one more for a slice whose warm sketch lagged, and the widenings: each slice
-    # is widened max_widenings times at most
-    for attempt in range(max_widenings + 2):
+    # attempt 0, one more at the same width for a slice whose warm sketch lagged or was far
+    # (only ever after attempt 0), the widenings (each slice is widened max_widenings times at
+    # most), and one as wide as the matrix (a flat or still far one), after which nothing retries
+    for attempt in range(max_widenings + 3):
         if not todo:
             break
         omegas = [gaussian_sketch(shapes[i][1], widths[i], seeds(i, attempt), Xs[i].device, starts[i]) for i in todo]
