@@ -68,3 +68,27 @@ def dense_reweighting(W_anchor: torch.Tensor, eps: float, X: torch.Tensor) -> to
 def sigma_next(W: torch.Tensor, rank: int) -> float:
     s = torch.linalg.svdvals(W.double())
     return float(s[rank]) if s.numel() > rank else 0.0
+
+
+def train_to_first_warm_refresh(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor):
+    """Train 5 steps on batches of 64 (the order of the long-run probes: a permutation from
+    seed 1), so that the refresh of step 5 is due; returns its target weights (copies), slice
+    states (copies) and slice configs, in the order a refresh takes them."""
+    import copy
+
+    from q3r.targets import slice_views
+
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
+    for step in range(5):
+        idx = perm[64 * step: 64 * (step + 1)]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    weights, states, configs = [], [], []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if group.get("q3r"):
+                weights += [v.detach().clone() for v in slice_views(p, group["slice_dim"], group["slices"])]
+                states += copy.deepcopy(opt.state[p]["q3r"])
+                configs += opt._group_configs(group, p)
+    return weights, states, configs

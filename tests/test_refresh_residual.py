@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import q3r
+from helpers import train_to_first_warm_refresh
 from q3r import randomized, reference
 from q3r.refresh import SketchOptions, operator_of, refresh_slices_
-from q3r.targets import slice_views
 
 
 def _ritz(sk):
@@ -101,20 +100,7 @@ def _mlp_at_its_first_warm_refresh():
     targets = q3r.find_targets(model, ["2", "4"], target_rank=0.05)
     opt = q3r.AdamQ3R(q3r.param_groups(model, targets, weight_decay=0.01, lmbda=3.0, steps=5, refresh="randomized"),
                       lr=2e-3)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
-    for step in range(5):
-        idx = perm[64 * step: 64 * (step + 1)]
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-    weights, states, configs = [], [], []
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if group.get("q3r"):
-                weights += [v.detach().clone() for v in slice_views(p, group["slice_dim"], group["slices"])]
-                states += copy.deepcopy(opt.state[p]["q3r"])
-                configs += opt._group_configs(group, p)
-    return weights, states, configs
+    return train_to_first_warm_refresh(model, opt, x, y)
 
 
 @pytest.mark.parametrize("method", ["randomized", "native"])

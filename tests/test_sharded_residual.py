@@ -2,14 +2,13 @@
 FSDP2's refresh), on one rank (the all-reduce is the identity): the real case that left its 2
 warm power iterations off by 1.4e-3 (benchmarks/results/probes/sharded_training_*)."""
 
-import copy
 import math
 
 import pytest
 import torch
-from torch import nn
 
 import q3r
+from helpers import train_to_first_warm_refresh
 from q3r import reference
 from q3r.distributed import sharded
 from q3r.distributed.rangefinder import enveloping_svd, sketch_width
@@ -37,21 +36,7 @@ def _vit_at_its_first_warm_refresh():
     groups = q3r.param_groups(model, targets, weight_decay=0.01, lmbda=0.1, steps=5, refresh="randomized",
                               eps_schedule="geometric", eps_floor=floor, num_refreshes=203)
     opt = q3r.AdamQ3R(groups, lr=2e-3)
-    x = x.view(-1, 1, 8, 8)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
-    for step in range(5):
-        idx = perm[64 * step: 64 * (step + 1)]
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-    weights, states, configs = [], [], []
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if group.get("q3r"):
-                weights += [v.detach().clone() for v in slice_views(p, group["slice_dim"], group["slices"])]
-                states += copy.deepcopy(opt.state[p]["q3r"])
-                configs += opt._group_configs(group, p)
-    return weights, states, configs
+    return train_to_first_warm_refresh(model, opt, x.view(-1, 1, 8, 8), y)
 
 
 def _sharded_error(W, state, cfg, max_residual, gen):

@@ -123,14 +123,23 @@ def summarize(paths):
               f"{sum(r['err' + n] > 1e-3 and r['est' + n] <= OPTS.max_residual for r in rows)}")
 
 
-if __name__ == "__main__":
+def run(check_fn, records, summarize_fn) -> None:
+    """The command line of this probe and of those built on it: ``--summarize FILES``, or a
+    training run (training_refresh_accuracy_probe's arguments plus ``--out``) whose every
+    refresh first goes through ``check_fn``, saving ``records`` to ``--out``."""
+    global check
     if sys.argv[1] == "--summarize":
-        summarize(sys.argv[2:])
-        sys.exit()
+        summarize_fn(sys.argv[2:])
+        return
+    check = check_fn  # (Checker calls this module's check)
     P.Checker = Checker
     out = sys.argv[sys.argv.index("--out") + 1]
     try:
         P.main()
     finally:
         with open(out, "w") as f:
-            json.dump(RECORDS, f)
+            json.dump(records, f)
+
+
+if __name__ == "__main__":
+    run(check, RECORDS, summarize)

@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import residual_estimate_probe as E  # noqa: E402
-import training_refresh_accuracy_probe as P  # noqa: E402
 
 from q3r import reference  # noqa: E402
 from q3r.distributed import sharded  # noqa: E402
@@ -71,14 +70,4 @@ def summarize(paths):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--summarize":
-        summarize(sys.argv[2:])
-        sys.exit()
-    E.check = check  # (the calibration probe's checker calls its module's check)
-    P.Checker = E.Checker
-    out = sys.argv[sys.argv.index("--out") + 1]
-    try:
-        P.main()
-    finally:
-        with open(out, "w") as f:
-            json.dump(RECORDS, f)
+    E.run(check, RECORDS, summarize)
