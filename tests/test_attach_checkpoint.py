@@ -224,3 +224,111 @@ def test_a_state_dict_carrying_two_states_for_one_regularizer_is_refused():
     with pytest.raises(ValueError, match="holds 2 Q3R states"):
         opt.load_state_dict(saved)
     assert reg.num_steps == 2
+
+
+class _CopiesStateFirst(torch.optim.AdamW):
+    """As ZeroRedundancyOptimizer.load_state_dict does: write the saved per-parameter state into
+    the live state first, then call Optimizer.load_state_dict (which runs the hooks)."""
+
+    def load_state_dict(self, state_dict):
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, value in state_dict["state"].items():
+            self.state[params[index]] = copy.deepcopy(value)
+        super().load_state_dict(state_dict)
+
+
+def _damaged_and_live(make_opt, seed):
+    """A run's optimizer state_dict with one carried factor cut short, and a second run (2 steps
+    in) whose optimizer would load it."""
+    torch.manual_seed(seed)
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.5, steps=3)
+    opt = make_opt(model.parameters())
+    reg.attach(opt)
+    _train(model, opt, 4, 0)
+    if hasattr(opt, "consolidate_state_dict"):  # (ZeroRedundancyOptimizer)
+        opt.consolidate_state_dict(to=0)
+    saved = _round_trip(opt.state_dict())
+    last = reg.targets[-1].name
+    saved["q3r"][0]["targets"][last][0]["V"] = saved["q3r"][0]["targets"][last][0]["V"][:, :-1]
+    model2 = TinyViT()
+    model2.load_state_dict(model.state_dict())
+    reg2 = q3r.Q3R(q3r.find_targets(model2, INCLUDE, target_rank=3), lmbda=0.5, steps=3)
+    opt2 = make_opt(model2.parameters())
+    handle = reg2.attach(opt2)
+    _train(model2, opt2, 2, 50)
+    return saved, last, reg2, opt2, handle
+
+
+def _moments(opt):
+    return {id(p): {k: v.clone() for k, v in opt.state[p].items()} for g in opt.param_groups for p in g["params"]}
+
+
+def _assert_same_moments(before, opt):
+    for g in opt.param_groups:
+        for p in g["params"]:
+            assert before[id(p)].keys() == opt.state[p].keys()
+            assert all(torch.equal(before[id(p)][k], opt.state[p][k]) for k in before[id(p)])
+
+
+def test_an_optimizer_that_loads_its_state_before_the_hooks_is_left_unchanged_by_a_refused_state():
+    saved, last, reg2, opt2, handle = _damaged_and_live(lambda ps: _CopiesStateFirst(ps, lr=3e-3), 5)
+    assert "load_state_dict" in vars(opt2)  # (the check-first wrapper on the instance)
+    before = _moments(opt2)
+    with pytest.raises(ValueError, match=last):
+        opt2.load_state_dict(saved)
+    assert reg2.num_steps == 2
+    _assert_same_moments(before, opt2)  # (without the wrapper: the saved step-4 moments)
+    good = copy.deepcopy(saved)
+    good["q3r"] = _round_trip(opt2.state_dict())["q3r"]  # (a sound carried state: loads, checked once)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt2.load_state_dict(good)
+    handle.remove()
+    assert "load_state_dict" not in vars(opt2)  # (the class's own method again)
+    assert opt2.load_state_dict.__func__ is _CopiesStateFirst.load_state_dict
+
+
+def test_check_first_wrappers_of_two_regularizers_chain_and_come_off_in_any_order():
+    torch.manual_seed(6)
+    model = TinyViT()
+    opt = _CopiesStateFirst(model.parameters(), lr=3e-3)
+    attn = q3r.Q3R(q3r.find_targets(model, ["attn.qkv", "attn.proj"], target_rank=3), lmbda=0.5, steps=2)
+    mlp = q3r.Q3R(q3r.find_targets(model, ["mlp.fc1", "mlp.fc2"], target_rank=3), lmbda=0.5, steps=3)
+    h_attn, h_mlp = attn.attach(opt), mlp.attach(opt)
+    _train(model, opt, 3, 0)
+    saved = _round_trip(opt.state_dict())
+    bad = copy.deepcopy(saved)
+    name = mlp.targets[0].name
+    bad["q3r"][1]["targets"][name][0]["sigma"] = bad["q3r"][1]["targets"][name][0]["sigma"][:-1]
+    _train(model, opt, 1, 10)  # (moves the moments and both step counts on)
+    before, counts = _moments(opt), (attn.num_steps, mlp.num_steps)
+    with pytest.raises(ValueError, match=name):
+        opt.load_state_dict(bad)
+    _assert_same_moments(before, opt)
+    assert (attn.num_steps, mlp.num_steps) == counts
+    h_attn.remove()  # (the inner wrapper: becomes a pass-through, the outer one stays)
+    with pytest.raises(ValueError, match=name):
+        opt.load_state_dict(bad)
+    _assert_same_moments(before, opt)
+    opt.load_state_dict(saved)
+    assert (attn.num_steps, mlp.num_steps) == (counts[0], 3)  # (only mlp still carries its state)
+    h_mlp.remove()
+    assert "load_state_dict" not in vars(opt)
+
+
+def test_zero_redundancy_optimizer_is_left_unchanged_by_a_refused_carried_state(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        make = lambda ps: ZeroRedundancyOptimizer(ps, optimizer_class=torch.optim.AdamW, lr=3e-3)  # noqa: E731
+        saved, last, reg2, opt2, _ = _damaged_and_live(make, 7)
+        before = _moments(opt2.optim)
+        with pytest.raises(ValueError, match=last):
+            opt2.load_state_dict(saved)
+        assert reg2.num_steps == 2
+        _assert_same_moments(before, opt2.optim)
+    finally:
+        dist.destroy_process_group()

@@ -211,9 +211,11 @@ class Q3R:
         optimizer loads anything and committed after it loaded; a state dict without it (an
         older checkpoint, DCP's ``get_state_dict``, which keeps only ``state`` and
         ``param_groups``) leaves the regularizer as it is, with a warning.
-        (ZeroRedundancyOptimizer copies each rank's share into its local optimizer before
-        ``Optimizer.load_state_dict`` runs the hooks: there a refused Q3R state leaves the
-        regularizer unchanged, not the optimizer.)"""
+        (An optimizer class that overrides ``load_state_dict`` may change its state before
+        ``Optimizer.load_state_dict`` runs the hooks, as ZeroRedundancyOptimizer does: for such
+        an optimizer the check runs first, through a wrapper set on the instance that
+        ``remove()`` takes away again, so that a refused Q3R state leaves the optimizer unchanged
+        too.)"""
         if not isinstance(carry_state, bool):
             raise TypeError(f"Q3R.attach carry_state must be a bool, got {carry_state!r}")
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -234,11 +236,15 @@ class Q3R:
         handles = [optimizer.register_step_pre_hook(self._before_step)]
         if carry_state:
             pending: list[dict] = []  # the checked state between the load's pre- and post-hook
+            early = _CheckFirst(optimizer, lambda sd: self._check_optimizer_state(sd, pending))
             handles += [
                 optimizer.register_state_dict_post_hook(self._save_into_optimizer_state),
-                optimizer.register_load_state_dict_pre_hook(lambda opt, sd: self._check_optimizer_state(sd, pending)),
+                optimizer.register_load_state_dict_pre_hook(
+                    lambda opt, sd: None if early.checked else self._check_optimizer_state(sd, pending)),
                 optimizer.register_load_state_dict_post_hook(lambda opt: self._commit_optimizer_state(pending)),
             ]
+            if early.installed:
+                handles.append(early)
         return AttachHandle(handles)
 
     # (state carried in the optimizer's state_dict: a list, one entry per attached Q3R)
@@ -363,6 +369,51 @@ def _carrying(optimizer) -> list:
     """The Q3Rs attached to optimizer with carry_state=True."""
     hooks = getattr(optimizer, "_optimizer_state_dict_post_hooks", {}).values()
     return [h.__self__ for h in hooks if getattr(h, "__func__", None) is Q3R._save_into_optimizer_state]
+
+
+class _CheckFirst:
+    """For an optimizer whose class overrides ``load_state_dict``: an instance attribute that runs
+    ``check`` on the state dict before the class's own method changes anything (torch runs the
+    load pre-hooks only inside ``Optimizer.load_state_dict``, which such a method may call last,
+    as ZeroRedundancyOptimizer does after copying each rank's share into its local optimizer).
+    ``checked`` tells the pre-hook not to check the same load twice. ``remove()`` puts the
+    instance back as it was, or, where something wrapped ``load_state_dict`` again after us,
+    leaves a pass-through."""
+
+    def __init__(self, optimizer, check: Callable[[dict], None]):
+        self.checked = False
+        self.installed = type(optimizer).load_state_dict is not torch.optim.Optimizer.load_state_dict
+        if not self.installed:
+            return
+        self._optimizer, self._check, self._active = optimizer, check, True
+        self._had_own = "load_state_dict" in vars(optimizer)
+        self._inner = optimizer.load_state_dict  # (bound: the class's method, or an earlier wrapper)
+        optimizer.load_state_dict = self._load
+
+    def _load(self, state_dict: dict):
+        if not self._active:
+            return self._inner(state_dict)
+        self._check(state_dict)  # (raises before the optimizer changed anything)
+        self.checked = True
+        try:
+            return self._inner(state_dict)
+        finally:
+            self.checked = False
+
+    def remove(self) -> None:
+        if not self.installed or not self._active:
+            return
+        self._active = False
+        if vars(self._optimizer).get("load_state_dict") != self._load:
+            return  # (wrapped again since: stays a pass-through)
+        layer = self  # (and the pass-throughs left below it go too)
+        while layer._had_own and isinstance(below := getattr(layer._inner, "__self__", None), _CheckFirst) \
+                and not below._active and layer._inner == below._load:
+            layer = below
+        if layer._had_own:
+            self._optimizer.load_state_dict = layer._inner
+        else:
+            del self._optimizer.load_state_dict
 
 
 class AttachHandle:
