@@ -788,3 +788,25 @@ def test_a_cold_sketch_far_from_converged_takes_the_exact_svd_at_once(method, sk
     refresh_slices_(weights, exact, configs, method="exact")
     assert len(sketch_calls) == 1 and exact_fallbacks == [[0]]
     check_against_exact(fast, exact, torch.randn(D1, D2, generator=gen))
+
+
+@pytest.mark.parametrize("method", FAST + ["exact"])
+def test_tail_energy_of_a_weight_inside_its_rank_is_a_fraction_near_zero(method):
+    # rank 10 under the target rank: ||W||_F^2 minus the head's energy is rounding alone, of
+    # either sign; the stored fraction stays in [0, 1]
+    gen = torch.Generator().manual_seed(11)
+    weights = [torch.randn(D1, 10, generator=gen) @ torch.randn(10, D2, generator=gen) for _ in range(12)]
+    configs = [SliceConfig(f"w{i}", RANK) for i in range(12)]
+    states = [new_slice_state(D1, D2) for _ in range(12)]
+    assert all(refresh_slices_(weights, states, configs, method=method))
+    tails = torch.stack([s["tail_energy"] for s in states])
+    assert tails.dtype == torch.float32 and bool(((tails >= 0) & (tails < 1e-5)).all()), tails
+
+
+def test_tail_fraction_is_clamped_to_a_fraction():
+    from q3r._refresh_commit import tail_fraction
+    assert tail_fraction(25.0, [4.0, 3.0, 1.0], 2) == 0.0  # (16 + 9 = 25: the head is all of it)
+    assert tail_fraction(25.0 * (1 - 1e-12), [4.0, 3.0], 2) == 0.0  # (rounding: head > total)
+    assert tail_fraction(0.0, [0.0, 0.0], 1) == 0.0
+    assert tail_fraction(26.0, [4.0, 3.0, 1.0], 2) == 1.0 / 26.0
+    assert tail_fraction(25.0, [4.0, 3.0], 0) == 1.0

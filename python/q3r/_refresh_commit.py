@@ -158,13 +158,18 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
         if not final and flat_beyond(sigma, row[k], U.shape[-2], eps, opts.flat_tolerance):
             retry[i] = None  # (see SketchOptions.flat_tolerance)
             continue
-        total = row[k]
-        head = math.fsum(value * value for value in sigma[: cfg.rank])
-        tail = 0.0 if total == 0 else min(max(total - head, 0.0) / total, 1.0)
-        commits.append((j, i, r_env, [eps, eps0, sigma_next, tail]))
+        commits.append((j, i, r_env, [eps, eps0, sigma_next, tail_fraction(row[k], sigma, cfg.rank)]))
     if commits:
         _store_commits(commits, states, U, S, V, opts)
     return retry
+
+
+def tail_fraction(total: float, sigma: list[float], rank: int) -> float:
+    """The fraction of ||W||_F^2 (``total``) outside the leading ``rank`` values of ``sigma``, in
+    [0, 1]: the head's energy can exceed the separately computed total by rounding (a weight of
+    rank <= ``rank``), and a zero weight has no tail."""
+    head = math.fsum(value * value for value in sigma[:rank])
+    return 0.0 if total == 0 else min(max(total - head, 0.0) / total, 1.0)
 
 
 def _scheduled(row: list[float], k: int, cfg) -> tuple[float, float, float] | int | None:
