@@ -332,3 +332,34 @@ def test_zero_redundancy_optimizer_is_left_unchanged_by_a_refused_carried_state(
         _assert_same_moments(before, opt2.optim)
     finally:
         dist.destroy_process_group()
+
+
+def test_the_state_creating_step_of_get_state_dict_is_not_a_training_step():
+    """get_state_dict on a fresh optimizer steps with lr 0 on zero gradients: the attached Q3R
+    neither counts it nor puts its term into AdamW's moments (they stay zero, as without it).
+    A real step with lr 0 counts, as does one where a target's gradient is not zero."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    torch.manual_seed(8)
+    model = TinyViT()
+    reg, opt, _ = _setup(model)
+    get_state_dict(model, opt)
+    assert reg.num_steps == 0 and opt.state  # (the optimizer's state was created)
+    assert all(not opt.state[t.param]["exp_avg"].any() for t in reg.targets)
+
+    for group in opt.param_groups:
+        group["lr"] = torch.tensor(0.0)
+    before = {t.name: t.param.detach().clone() for t in reg.targets}
+    _train(model, opt, 1, 0)  # (gradients of the loss: counted, the term added)
+    assert reg.num_steps == 1 and all(opt.state[t.param]["exp_avg"].any() for t in reg.targets)
+    assert all(torch.equal(before[t.name], t.param) for t in reg.targets)  # (lr 0 moved nothing)
+    opt.zero_grad(set_to_none=False)
+    reg.targets[0].param.grad[0, 0] = 1.0  # (one target's gradient not zero: a step)
+    opt.step()
+    assert reg.num_steps == 2
+    opt.zero_grad(set_to_none=False)
+    opt.step()  # (every gradient zero, every lr 0: skipped)
+    assert reg.num_steps == 2
+    opt.param_groups[-1]["lr"] = 1e-9
+    opt.step()
+    assert reg.num_steps == 3

@@ -291,7 +291,8 @@ class Q3R:
         # (args are step's own: the optimizer first, then the closure if passed by position)
         closure = kwargs["closure"] if "closure" in kwargs else (args[1] if len(args) > 1 else None)
         if closure is None:
-            self.add_grad_()
+            if not self._creates_state_only(optimizer):
+                self.add_grad_()
             return None
         self._begin_step()
 
@@ -303,6 +304,27 @@ class Q3R:
         if "closure" in kwargs:
             return args, {**kwargs, "closure": closure_with_term}
         return (args[0], closure_with_term, *args[2:]), kwargs
+
+    def _creates_state_only(self, optimizer) -> bool:
+        """A step with lr 0 in every group on all-zero gradients of every target: how
+        torch.distributed.checkpoint's get_state_dict / set_state_dict create a fresh
+        optimizer's state. It is not a training step: not counted, nothing added (the term
+        would be the only thing in Adam's moments). The gradients are looked at (a device
+        sync) only where every lr is 0. FSDP2-sharded targets are left out (their step counts,
+        as before): a rank sees only its shards, and ranks that disagreed would leave the
+        refresh's collectives waiting."""
+        for group in optimizer.param_groups:
+            lr = group.get("lr")
+            if isinstance(lr, Tensor):
+                if lr.numel() != 1 or lr.device.type != "cpu":  # (no sync for a device lr)
+                    return False
+                lr = lr.item()
+            if lr != 0:
+                return False
+        if any(distributed.is_sharded(t.param) for t in self.targets):
+            return False
+        grads = [t.param.grad for t in self.targets]
+        return bool(grads) and all(g is not None for g in grads) and not any(bool(g.any()) for g in grads)
 
     @autocast_off
     @torch.no_grad()
