@@ -455,3 +455,163 @@ def test_save_and_load_without_safetensors_say_how_to_get_it(tmp_path, monkeypat
         save_compressed(small, tmp_path / "small.safetensors")
     with pytest.raises(ImportError, match="pip install safetensors"):
         load_compressed(copy.deepcopy(model), tmp_path / "small.safetensors")
+
+
+def test_transformer_encoder_layer_linears_are_refused_before_any_change():
+    # its eval-mode fast path (and nn.TransformerEncoder's) reads linear1 / linear2 .weight itself:
+    # compressed, the layer failed with AttributeError at evaluation
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+    before = _snapshot(layer)
+    with pytest.raises(TypeError, match=r"linear1\.weight belongs to an nn\.TransformerEncoderLayer"):
+        compress(layer, ["linear1", "linear2"], rank=4)
+    _assert_unchanged(layer, before)
+
+
+@pytest.mark.parametrize("fn", [compress, truncate_weights_])
+def test_non_finite_weights_late_in_the_list_are_refused_before_any_change(fn):
+    for bad in (float("nan"), float("inf")):  # (NaN failed in the SVD after the first swap; inf cut to NaN factors)
+        model = _mlp()
+        with torch.no_grad():
+            model[2].weight[3, 5] = bad
+        before = _snapshot(model)
+        with pytest.raises(ValueError, match=r"target 2\.weight has non-finite weights"):
+            fn(model, ["0", "2"], rank=2)
+        text, state = before
+        assert str(model) == text
+        assert all(torch.equal(v, model.state_dict()[k]) or (k == "2.weight" and torch.equal(v.nan_to_num(), model.state_dict()[k].nan_to_num()))
+                   for k, v in state.items())
+
+
+def test_a_failing_svd_of_a_later_target_leaves_the_model_as_it_was(monkeypatch):
+    # every factored module is built before the first is swapped in
+    compress_module = sys.modules["q3r.compress"]  # (q3r.compress is also the function's name)
+    model = _mlp()
+    before = _snapshot(model)
+    real, calls = compress_module.svd_truncate, []
+
+    def failing_second(W, rank):
+        calls.append(rank)
+        if len(calls) == 2:
+            raise torch.linalg.LinAlgError("did not converge")
+        return real(W, rank)
+
+    monkeypatch.setattr(compress_module, "svd_truncate", failing_second)
+    with pytest.raises(torch.linalg.LinAlgError):
+        compress(model, ["0", "2"], rank=2)
+    assert calls == [2, 2]
+    _assert_unchanged(model, before)
+
+
+def test_a_per_slice_rank_list_of_the_wrong_length_is_refused():
+    model = Toy()
+    qkv = model.attn.qkv.weight
+    slices = [(0, 8), (8, 16), (16, 24)]
+    for ranks in ([3, 3], [3, 3, 3, 3]):
+        target = q3r.Target("attn.qkv.weight", qkv, 0, slices, target_rank=ranks)
+        for fn in (compress, truncate_weights_):
+            before = _snapshot(model)
+            with pytest.raises(ValueError, match=rf"lists {len(ranks)} ranks for 3 slices"):
+                fn(model, [target])
+            _assert_unchanged(model, before)
+    plain = _mlp()
+    with pytest.raises(ValueError, match="lists 2 ranks for 1 slices"):
+        compress(plain, [q3r.Target("0.weight", plain[0].weight, target_rank=[3, 5])])
+
+
+def test_compress_by_fraction_cuts_at_the_rank_training_used():
+    # 0.58 * 100 * 100 / 200 = 28.999999999999996 in floats: the training rank is 29, and a plain
+    # floor cut one below it
+    model = nn.Sequential(nn.Linear(100, 100))
+    trained = q3r.find_targets(model, ["0"], target_rank=0.58)[0]
+    assert q3r.reference.resolve_rank(0.58, 100, 100) == 29
+    _, report = compress(model, ["0"], fraction=0.58, copy=True)
+    assert [s.rank for s in report.slices] == [29]
+    assert trained.target_rank == 0.58
+    dense = truncate_weights_(copy.deepcopy(model), ["0"], fraction=0.58)
+    sigma = torch.linalg.svdvals(dense[0].weight.detach().double())
+    assert int((sigma > 1e-4 * sigma[0]).sum()) == 29
+
+
+@pytest.mark.parametrize("rank", [-1, 0, 12, True, 2.0])
+def test_svd_truncate_refuses_a_rank_outside_1_to_min_d(rank):
+    W = torch.randn(17, 11)
+    with pytest.raises(ValueError, match=r"rank of svd_truncate must be an int in \[1, 11\]"):
+        svd_truncate(W, rank)
+    up, down = svd_truncate(W, 11)  # (full rank: exact)
+    torch.testing.assert_close(up @ down, W, rtol=1e-4, atol=1e-5)
+
+
+def test_low_rank_modules_refuse_ranks_that_are_not_ints():
+    with pytest.raises(ValueError, match="ranks of LowRankFusedLinear must be ints >= 1"):
+        LowRankFusedLinear(8, 12, 0, [(0, 6), (6, 12)], [2.9, 3])
+    with pytest.raises(ValueError, match="rank of LowRankLinear must be an int >= 1"):
+        LowRankLinear(8, 12, True)
+
+
+def test_a_strict_load_refuses_a_file_that_lacks_tensors_of_views_of_one_buffer(tmp_path):
+    # the model's dense parameters are views of one flat buffer (they share a storage without
+    # being tied): the file lacks 4.weight / 4.bias, which must not pass as tied to 2.*
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 8))
+
+    small, _ = compress(build(), ["0"], rank=4)
+    del small[4]
+    path = tmp_path / "partial.safetensors"
+    save_compressed(small, str(path))
+    model = build()
+    params = [(mod, n) for mod in (model[2], model[4]) for n in ("weight", "bias")]
+    flat = torch.cat([getattr(mod, n).detach().reshape(-1) for mod, n in params])
+    offset = 0
+    for mod, n in params:
+        p = getattr(mod, n)
+        setattr(mod, n, nn.Parameter(flat[offset:offset + p.numel()].view_as(p)))
+        offset += p.numel()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"4\.weight: missing from the file"):
+        load_compressed(model, str(path))
+    _assert_unchanged(model, before)
+
+
+def test_load_into_a_meta_model_is_refused_and_tied_weights_still_load(tmp_path):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    small, _ = compress(model, ["0"], rank=4, copy=True)
+    path = tmp_path / "m.safetensors"
+    save_compressed(small, str(path))
+    with torch.device("meta"):
+        empty = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    with pytest.raises(ValueError, match="meta device"):
+        load_compressed(empty, str(path))
+    assert isinstance(empty[0], nn.Linear)  # (unchanged)
+
+    class Tied(nn.Module):  # (two names, one tensor: save_model stores it once)
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16, bias=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    torch.manual_seed(2)
+    tied = Tied()
+    path2 = tmp_path / "tied.safetensors"
+    save_compressed(tied, str(path2))
+    fresh = Tied()
+    load_compressed(fresh, str(path2))
+    assert torch.equal(fresh.a.weight, tied.a.weight) and fresh.b.weight is fresh.a.weight
+
+
+def test_a_frozen_dense_layer_loads_as_frozen_factors(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 8))
+    model[0].requires_grad_(False)
+    small, _ = compress(model, ["0", "1"], rank=4, copy=True)
+    path = tmp_path / "frozen.safetensors"
+    save_compressed(small, str(path))
+    fresh = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 8))
+    fresh[0].requires_grad_(False)
+    fresh[1].bias.requires_grad_(False)
+    load_compressed(fresh, str(path))
+    assert [p.requires_grad for p in fresh[0].parameters()] == [False] * 3
+    assert {n: p.requires_grad for n, p in fresh[1].named_parameters()} == {"down": True, "up": True, "bias": False}

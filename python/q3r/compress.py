@@ -18,13 +18,17 @@ the same parameter-fraction rule training uses (:func:`q3r.reference.resolve_ran
 model trained with ``target_rank=f`` is cut where it was pushed; ``fraction=1.0`` keeps the
 dense weight untouched. ``rank`` (an int, 1 <= r <= min(d1, d2)) gives that rank everywhere;
 with neither, each target's own ``target_rank`` is used.
+
+Everything is checked, and every factored module built, before the first module is replaced:
+an error leaves the model as it was. Refused: tied weights, non-finite weights, and layers
+whose owner reads their weight itself (an ``nn.MultiheadAttention``'s ``out_proj``, the
+linears of an ``nn.TransformerEncoderLayer``, whose inference fast path does).
 """
 
 from __future__ import annotations
 
 import copy as copy_module
 import json
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +37,8 @@ from torch import Tensor, nn
 
 from . import reference
 from ._precision import autocast_off
-from .targets import Target, _find_targets, slice_shapes, slice_views, uncompiled, validate_slices
+from .targets import (Target, _find_targets, resolve_slice_ranks, slice_shapes, slice_views, uncompiled,
+                      validate_slices)
 
 __all__ = [
     "LowRankLinear",
@@ -54,8 +59,14 @@ def svd_truncate(W: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Balanced rank-``rank`` factors (up (d1, r), down (r, d2)) of W (d1, d2): up @ down = W_r.
 
     The SVD runs in fp32 (SPEC: precision); sqrt(sigma) goes to each side so neither factor
-    is badly scaled if the factored layer is trained further.
+    is badly scaled if the factored layer is trained further. ``rank``: an int in
+    [1, min(d1, d2)] (min(d1, d2) is exact).
     """
+    if W.dim() != 2:
+        raise ValueError(f"svd_truncate needs a 2-D W, got shape {tuple(W.shape)}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(W.shape):
+        raise ValueError(f"rank of svd_truncate must be an int in [1, {min(W.shape)}] for a {W.shape[0]}x{W.shape[1]} W, "
+                         f"got {rank!r}")
     U, sigma, V, _ = reference.anchor_factors(W.detach(), rank)
     root = sigma.sqrt()
     # (contiguous: safetensors' save of tensors shared between modules views them flat)
@@ -67,7 +78,7 @@ class LowRankLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
-        if not (isinstance(rank, int) and rank >= 1):
+        if isinstance(rank, bool) or not (isinstance(rank, int) and rank >= 1):
             raise ValueError(f"rank of LowRankLinear must be an int >= 1, got {rank!r}")
         kw = dict(device=device, dtype=dtype)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
@@ -134,7 +145,9 @@ class LowRankFusedLinear(nn.Module):
         extent = (out_features, in_features)[slice_dim]
         validate_slices((out_features, in_features), slice_dim, slices, "LowRankFusedLinear")
         self.in_features, self.out_features, self.slice_dim = in_features, out_features, slice_dim
-        self.slices, self.ranks = slices, [int(r) for r in ranks]
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
+            raise ValueError(f"ranks of LowRankFusedLinear must be ints >= 1, got {ranks!r}")
+        self.slices, self.ranks = slices, list(ranks)
         self.segments = _segments(extent, slices)
         rank_of = dict(zip(slices, self.ranks))
         kw = dict(device=device, dtype=dtype)
@@ -248,7 +261,7 @@ def _slice_ranks(t: Target, fraction, rank, rank_rule: str) -> list[int | None]:
             raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
         if fraction == 1.0:
             return [None] * len(shapes)
-        ranks = [math.floor(fraction * d1 * d2 / (d1 + d2)) for d1, d2 in shapes]  # (resolve_rank's rule)
+        ranks = [reference.fraction_rank(fraction, d1, d2) for d1, d2 in shapes]  # (resolve_rank's rule)
         for r, (d1, d2) in zip(ranks, shapes):
             if r < 1:
                 raise ValueError(f"fraction={fraction!r} keeps no rank of the {d1}x{d2} slice of {t.name} "
@@ -261,8 +274,7 @@ def _slice_ranks(t: Target, fraction, rank, rank_rule: str) -> list[int | None]:
             if not (1 <= rank <= min(d1, d2)):
                 raise ValueError(f"rank={rank} is out of range for a {d1}x{d2} slice of {t.name}: need 1 <= rank <= {min(d1, d2)}")
         return [rank] * len(shapes)
-    specs = t.target_rank if isinstance(t.target_rank, (list, tuple)) else [t.target_rank] * len(shapes)
-    return [reference.resolve_rank(s, d1, d2, rank_rule, t.name) for s, (d1, d2) in zip(specs, shapes)]
+    return resolve_slice_ranks(t.param.shape, t.slice_dim, t.slices, t.target_rank, rank_rule, t.name)
 
 
 def _linear_view(module: nn.Module, t: Target):
@@ -299,6 +311,10 @@ def _module_names(model: nn.Module, t: Target) -> list[str]:
         if isinstance(owner, nn.MultiheadAttention):  # (it reads out_proj.weight directly)
             raise TypeError(f"target {t.name} is the out_proj of an nn.MultiheadAttention, which reads its weight "
                             "directly: compress cannot replace it by factors")
+        if isinstance(owner, nn.TransformerEncoderLayer):  # (its inference fast path reads linear1 / linear2 .weight)
+            raise TypeError(f"target {t.name} belongs to an nn.TransformerEncoderLayer, whose inference fast path "
+                            "(eval mode, as nn.TransformerEncoder uses it) reads its weights directly: compress cannot "
+                            "replace it by factors")
     return names
 
 
@@ -369,7 +385,10 @@ def _plan_ranks(model: nn.Module, targets: list[Target], fraction, rank, rank_ru
             again = "" if seen[id(param)] == t.name else f" (as {seen[id(param)]}: one module under two names)"
             raise ValueError(f"target {t.name} is named twice in targets{again}; each module is cut once")
         seen[id(param)] = t.name
-        plans.append((t, _slice_ranks(t, fraction, rank, rank_rule)))
+        ranks = _slice_ranks(t, fraction, rank, rank_rule)
+        if any(r is not None for r in ranks) and param.device.type != "meta" and not bool(torch.isfinite(param).all()):
+            raise ValueError(f"target {t.name} has non-finite weights (NaN or inf): they have no SVD to truncate")
+        plans.append((t, ranks))
     return plans
 
 
@@ -410,16 +429,20 @@ def compress(model: nn.Module, targets, *, fraction=None, rank=None, rank_rule: 
 
 
 def _swap_in_factors(model: nn.Module, plans, all_names, report: CompressionReport) -> None:
+    # every factored module is built (its SVDs taken) before the first is swapped in: an error
+    # on a later target leaves the model as it was
+    swaps, records = [], []
     for (t, ranks), mod_names in zip(plans, all_names):
         module = model.get_submodule(mod_names[0])
         for name, (d1, d2), r in zip(t.slice_names(), slice_shapes(t.param.shape, t.slice_dim, t.slices), ranks):
-            report.slices.append(SliceRecord(name, (d1, d2), r, d1 * d2, d1 * d2 if r is None else r * (d1 + d2)))
-        if all(r is None for r in ranks):
-            continue
-        new = _factored_module(module, t, ranks)
+            records.append(SliceRecord(name, (d1, d2), r, d1 * d2, d1 * d2 if r is None else r * (d1 + d2)))
+        if any(r is not None for r in ranks):
+            swaps.append((_factored_module(module, t, ranks), mod_names))
+    for new, mod_names in swaps:
         for mod_name in mod_names:  # one factored module wherever the module was (still shared)
             parent_name, _, child = mod_name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    report.slices += records
 
 
 @torch.no_grad()
@@ -430,7 +453,8 @@ def truncate_weights_(model: nn.Module, targets, *, fraction=None, rank=None, ra
     model, which is what the tests check. Targets are looked up in ``model`` by name.
     """
     _check_rank_options(fraction, rank, rank_rule)
-    # all ranks are checked before the first weight is overwritten
+    # all ranks, shapes and finiteness are checked before the first weight is overwritten (one
+    # target at a time after that: a copy of every truncated weight would double their memory)
     for t, ranks in _plan_ranks(model, _resolve_targets(model, targets, fraction, rank), fraction, rank, rank_rule):
         param = model.get_parameter(t.name)  # by name, so targets found on another copy work
         for view, r in zip(slice_views(param, t.slice_dim, t.slices), ranks):
@@ -518,7 +542,10 @@ def _rebuilt_module(model: nn.Module, name: str, spec, path) -> nn.Module:
     if found != wanted:
         raise ValueError(f"{path} holds a factored {name!r} of {found[1]} -> {found[0]} features (bias={found[2]}), but the "
                          f"model's {name!r} is {wanted[1]} -> {wanted[0]} (bias={wanted[2]}): another architecture")
-    new.train(old.training)  # (as compress does: an eval-mode model stays in eval mode)
+    new.train(old.training)  # (as compress does: an eval-mode model stays in eval mode, a frozen layer frozen)
+    bias = getattr(old, "bias", None)
+    for param in new.parameters():
+        param.requires_grad_(bias.requires_grad if param is new.bias and bias is not None else old.weight.requires_grad)
     return new
 
 
@@ -528,17 +555,28 @@ def _load_state(model: nn.Module, path, strict: bool) -> None:
     from safetensors.torch import load_file
 
     state, own = load_file(str(path)), model.state_dict()
+    meta = [k for k, v in own.items() if v.device.type == "meta"]
+    if meta:  # (load_state_dict would copy nothing into them, with a warning at most)
+        raise ValueError(f"load_compressed needs a model with storage: {meta[:3]} are on the meta device "
+                         "(materialize it first, e.g. model.to_empty(device='cpu'))")
     problems = [f"{k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
                 for k, v in state.items() if k in own and v.shape != own[k].shape]
     if strict:
-        # save_model stores a tensor shared by several names (tied weights) under one of them
-        loaded = {own[k].untyped_storage().data_ptr() for k in state if k in own}
+        # save_model stores a tensor shared by several names (tied weights) under one of them:
+        # a tensor the file lacks is covered where it is the same view of memory as one it holds
+        loaded = {_view_key(own[k]) for k in state if k in own}
         problems += [f"{k}: missing from the file" for k, v in own.items()
-                     if k not in state and v.untyped_storage().data_ptr() not in loaded]
+                     if k not in state and _view_key(v) not in loaded]
         problems += [f"{k}: not in the model" for k in state if k not in own]
     if problems:
         raise ValueError(f"{path} does not fit the model ({len(problems)} problems): " + "; ".join(problems[:10]))
     model.load_state_dict(state, strict=False)
+
+
+def _view_key(t: Tensor) -> tuple:
+    """What makes two tensors the same memory: storage, offset, shape and strides (views of
+    one flat buffer share a storage, not this)."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype
 
 
 def load_compressed(model: nn.Module, path: str, strict: bool = True) -> nn.Module:

@@ -131,6 +131,14 @@ def anchor_factors(W: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Ten
 RANK_RULES = ("params", "reference")
 
 
+def fraction_rank(fraction: float, d1: int, d2: int) -> int:
+    """floor(f d1 d2 / (d1 + d2)): the rank at which factors d1 x r + r x d2 keep a fraction f
+    of a d1 x d2 weight's parameters (rank rule "params"; q3r.compress cuts by it too). The
+    float product may land a few ulp below an integer it equals, as 0.58 * 100 * 100 / 200 =
+    28.999999999999996, hence the margin."""
+    return math.floor(fraction * d1 * d2 / (d1 + d2) * (1 + 8 * sys.float_info.epsilon))
+
+
 def resolve_rank(target_rank, d1: int, d2: int, rule: str = "params", name: str = "target") -> int:
     """The integer target rank of a d1 x d2 target (SPEC section 3).
 
@@ -148,11 +156,8 @@ def resolve_rank(target_rank, d1: int, d2: int, rule: str = "params", name: str 
     if isinstance(target_rank, float):
         if not (0.0 < target_rank < 1.0):
             raise ValueError(f"target_rank of {name} as a fraction must lie in (0, 1), got {target_rank!r}")
-        # ("params": floor of the exact value; the float product may land a few ulp below an
-        # integer it equals, as 0.58 * 100 * 100 / 200 = 28.999999999999996, hence the margin.
-        # "reference" keeps the published code's float arithmetic)
-        exact = target_rank * d1 * d2 / (d1 + d2)
-        rank = int(target_rank * hi) if rule == "reference" else math.floor(exact * (1 + 8 * sys.float_info.epsilon))
+        # ("reference" keeps the published code's float arithmetic)
+        rank = int(target_rank * hi) if rule == "reference" else fraction_rank(target_rank, d1, d2)
     else:
         if target_rank < 1:
             raise ValueError(f"target_rank of {name} must be >= 1, got {target_rank!r}")
