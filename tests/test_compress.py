@@ -615,3 +615,39 @@ def test_a_frozen_dense_layer_loads_as_frozen_factors(tmp_path):
     load_compressed(fresh, str(path))
     assert [p.requires_grad for p in fresh[0].parameters()] == [False] * 3
     assert {n: p.requires_grad for n, p in fresh[1].named_parameters()} == {"down": True, "up": True, "bias": False}
+
+
+def test_hooks_on_a_replaced_module_are_named_in_a_warning():
+    model = _mlp()
+    seen = []
+    model[2].register_forward_hook(lambda m, i, o: seen.append(1))
+    with pytest.warns(UserWarning, match="module 2 has hooks registered on it") as record:
+        small, _ = compress(model, ["0", "2"], rank=2)
+    assert len(record) == 1 and record[0].filename == __file__
+    small(torch.randn(3, 24))
+    assert seen == []  # (what the warning says)
+
+
+def test_a_model_with_factored_layers_of_its_own_loads_them_as_they_are(tmp_path):
+    class Net(nn.Module):  # (LowRankLinear as part of the architecture)
+        def __init__(self):
+            super().__init__()
+            self.low, self.fc = LowRankLinear(16, 16, 4), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.low(x)))
+
+    torch.manual_seed(0)
+    small, _ = compress(Net(), ["fc"], rank=2)
+    path = tmp_path / "own.safetensors"
+    save_compressed(small, str(path))
+    fresh = Net()
+    own = fresh.low
+    load_compressed(fresh, str(path))
+    assert fresh.low is own and isinstance(fresh.fc, LowRankLinear)
+    x = torch.randn(5, 16)
+    assert torch.equal(fresh(x), small(x))
+    other = Net()
+    other.low = LowRankLinear(16, 16, 3)  # (another rank: another architecture)
+    with pytest.raises(TypeError, match="not an nn.Linear"):
+        load_compressed(other, str(path))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy as copy_module
 import json
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -428,6 +429,10 @@ def compress(model: nn.Module, targets, *, fraction=None, rank=None, rank_rule: 
     return model, report
 
 
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                 "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
 def _swap_in_factors(model: nn.Module, plans, all_names, report: CompressionReport) -> None:
     # every factored module is built (its SVDs taken) before the first is swapped in: an error
     # on a later target leaves the model as it was
@@ -439,6 +444,10 @@ def _swap_in_factors(model: nn.Module, plans, all_names, report: CompressionRepo
         if any(r is not None for r in ranks):
             swaps.append((_factored_module(module, t, ranks), mod_names))
     for new, mod_names in swaps:
+        old = model.get_submodule(mod_names[0])
+        if any(getattr(old, hooks, None) for hooks in _MODULE_HOOKS):
+            warnings.warn(f"module {mod_names[0]} has hooks registered on it; the factored module that replaces it "
+                          "does not carry them (register them again on it if they still apply)", stacklevel=3)
         for mod_name in mod_names:  # one factored module wherever the module was (still shared)
             parent_name, _, child = mod_name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -469,16 +478,23 @@ def truncate_weights_(model: nn.Module, targets, *, fraction=None, rank=None, ra
 _METADATA_KEY = "q3r.compressed"
 
 
+def _spec(m: nn.Module) -> dict | None:
+    """A factored module's entry in the layout (None: not a factored module)."""
+    if isinstance(m, LowRankFusedLinear):
+        return dict(kind="fused", in_features=m.in_features, out_features=m.out_features,
+                    slice_dim=m.slice_dim, slices=[list(s) for s in m.slices], ranks=m.ranks, bias=m.bias is not None)
+    if isinstance(m, LowRankLinear):
+        return dict(kind="linear", in_features=m.in_features, out_features=m.out_features,
+                    rank=m.rank, bias=m.bias is not None)
+    return None
+
+
 def _layout(model: nn.Module) -> dict:
     """What load_compressed needs to rebuild the factored modules on a fresh dense model."""
     layout = {}
     for name, m in model.named_modules():
-        if isinstance(m, LowRankFusedLinear):
-            layout[name] = dict(kind="fused", in_features=m.in_features, out_features=m.out_features,
-                                slice_dim=m.slice_dim, slices=[list(s) for s in m.slices], ranks=m.ranks, bias=m.bias is not None)
-        elif isinstance(m, LowRankLinear) and not any(name.startswith(f + ".") for f in layout):
-            layout[name] = dict(kind="linear", in_features=m.in_features, out_features=m.out_features,
-                                rank=m.rank, bias=m.bias is not None)
+        if _spec(m) is not None and not any(name.startswith(f + ".") for f in layout):
+            layout[name] = _spec(m)
     return layout
 
 
@@ -524,6 +540,8 @@ def _rebuilt_module(model: nn.Module, name: str, spec, path) -> nn.Module:
         old = model.get_submodule(name)
     except AttributeError:
         raise ValueError(f"{path} holds a factored module {name!r}, but the model has no module {name!r}") from None
+    if _spec(old) is not None and _spec(old) == spec:  # (factored in the model's own architecture: filled as it is)
+        return old
     shape = _dense_shape(old)
     if shape is None:
         raise TypeError(f"{path} holds a factored module {name!r}, but the model's {name!r} is a {type(old).__name__}, "
@@ -611,6 +629,8 @@ def _load_compressed(model: nn.Module, path: str, strict: bool) -> None:
     for name, spec in layout.items():
         new = _rebuilt_module(model, name, spec, path)
         old = model.get_submodule(name)
+        if new is old:
+            continue
         # a module registered under several names (shared, ALBERT-style) is replaced under all,
         # as compress replaced it: the file's layout names it once
         for alias, module in model.named_modules(remove_duplicate=False):
