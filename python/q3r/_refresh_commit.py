@@ -72,7 +72,8 @@ def to_host(tables: list[Tensor]) -> list[Tensor]:
 
 def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions, final: bool,
                   precise: bool = False, finite: Tensor | None = None,
-                  host: Tensor | None = None, grown=frozenset(), iterated=frozenset()) -> dict[int, int | Grown | None]:
+                  host: Tensor | None = None, grown=frozenset(), iterated=frozenset(),
+                  residuals: bool = True) -> dict[int, int | Grown | None]:
     """Commit the members whose sketch reached eps; return {target: wider width, REFINE where
     the fp32 Ritz values cannot resolve sigma_{r+1}, None where only an exact SVD does,
     NONFINITE where ``finite`` (b,) says the weights were not, UNTRUSTED where the
@@ -87,7 +88,9 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
     whose envelope would grow by more than opts.max_envelope_growth is sketched again as a
     Grown one (see SketchOptions), once: ``grown`` holds the members that already were.  All
     scalars of the group cross to the host in one transfer (``host``: their commit_columns,
-    when the caller moved them together with other stacks').
+    when the caller moved them together with other stacks'). ``residuals``: whether ``host``
+    holds the Ritz residuals (the residual check runs where it does, unless
+    opts.max_residual >= 1; a precise commit judges them down to resolvable_ratio_fp64).
     """
     k = S.shape[1]
     if host is None:
@@ -98,7 +101,7 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
     # indexing a host tensor costs an op dispatch per scalar (thousands per refresh)
     rows = host.tolist()
     scheduled = [_scheduled(row, k, configs[i]) for i, row in zip(members, rows)]
-    checked = not (final or precise or opts.max_residual >= 1)  # (>= 1: the check is off)
+    checked = residuals and not (final or opts.max_residual >= 1)  # (>= 1: the check is off)
     residual = _residual_errors(host, k, scheduled, members, configs, U, V) if checked else [0.0] * len(members)
     for j, (i, row, plan) in enumerate(zip(members, rows, scheduled)):
         if not isinstance(plan, tuple):
@@ -121,14 +124,15 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
             retry[i] = grow or LAGGING  # (a grown sketch iterates more than a lagging one: it does both)
             continue
         resolvable = opts.resolvable_ratio_fp64 if precise else opts.resolvable_ratio
-        # far from converged (SketchOptions.max_residual); judged only where the fp32 Ritz
-        # values resolve sigma_{r+1} and eps, as is their residual (else REFINE follows).
+        # far from converged (SketchOptions.max_residual); judged only where the Ritz values
+        # resolve sigma_{r+1} and eps, as do their residuals (fp32: else REFINE follows, which
+        # judges them in float64).
         # Sketched again with power iterations: wider where it is also too narrow (a plain
         # widening, one pass, left a random-init cold sketch off by 2.8e-3), as it is where it
         # grew; an exact SVD where it already took power iterations (a cold sketch took
         # cold_power_iters; ``iterated``: a lagging or grown one)
         if (not final and residual[j] > opts.max_residual
-                and min(sigma_next, eps) >= opts.resolvable_ratio * sigma[0]):
+                and min(sigma_next, eps) >= resolvable * sigma[0]):
             cold = int(row[k + 3]) == 0
             narrow = r_env > k - margin
             if grow or narrow:

@@ -223,10 +223,19 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
     refine = [i for i, width in retry.items() if width == C.REFINE]
     if refine:  # the same subspace, its k x k problem in float64 (see SketchOptions)
         rows = to_device([members.index(i) for i in refine], torch.int64, U.device)
-        sub = weights.stack(refine).double()
-        U2, S2, V2 = randomized.ritz_triplets(sub, U.index_select(0, rows).double(), solvers["torch"])
-        retry.update(C.commit_sketch(st.energy.index_select(0, rows), refine, states, configs, U2, S2, V2, opts,
-                                     final=final, precise=True, grown=g.grown))
+        sub, Q2, energy = weights.stack(refine).double(), U.index_select(0, rows).double(), st.energy.index_select(0, rows)
+        B2, G2 = randomized.gram(sub, Q2)
+        lam2, E2 = solvers["torch"](G2)
+        U2, S2, V2 = randomized.ritz_from_eig(Q2, B2, lam2, E2)
+        # their residual check, in float64 too: the fp32 one cannot judge these targets (their
+        # sigma_{r+1} or eps lies below resolvable_ratio sigma_1), and skipping it committed
+        # sketches far from converged (a first warm refresh with one dominant direction:
+        # sigma_{r+1} / sigma_1 = 3e-3, R(X) off by 6.7e-3 with an estimate of 3.0e-3)
+        rho2 = (randomized.ritz_residuals(randomized.residual_gram(sub, Q2, B2, G2), lam2, E2)
+                if opts.max_residual < 1 and not final else None)
+        host2, = C.to_host([C.commit_columns(energy, refine, states, S2, None, residuals=rho2)])
+        retry.update(C.commit_sketch(energy, refine, states, configs, U2, S2, V2, opts, final=final, precise=True,
+                                     host=host2, grown=g.grown, iterated=g.iterated, residuals=rho2 is not None))
         refined_V = {i: V2[j].to(V.dtype) for j, i in enumerate(refine)}
 
     def again_from_new_V(i: int, width: int, iters: int | None = None) -> None:

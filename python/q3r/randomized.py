@@ -155,13 +155,6 @@ def ritz_from_eig(Q: Tensor, B: Tensor, lam: Tensor, E: Tensor) -> tuple[Tensor,
     return U, sigma, V
 
 
-def ritz_triplets(W: Tensor, Q: Tensor, eigh: Eigh) -> tuple[Tensor, Tensor, Tensor]:
-    """Rayleigh-Ritz in span(Q): U (b, d1, k), sigma (b, k) descending, V (b, d2, k)."""
-    B, G = gram(W, Q)
-    lam, E = eigh(G)
-    return ritz_from_eig(Q, B, lam, E)
-
-
 Start = Tensor | tuple[Tensor, ...] | None  # a warm start: columns, or column blocks to join
 
 
@@ -305,9 +298,21 @@ class Sketch:
         sqrt(lam_i) (scaled), so the residual is (Z - Q G) e_i / sqrt(lam_i) = R e_i / sqrt(lam_i)
         and rho_i = sqrt(e_i^T H e_i) / lam_i (lam_i at least the smallest normal number: 0,
         not NaN, where both are 0).  Zero where H was not computed."""
-        if self.H is None:
-            return torch.zeros_like(lam)
-        return (E * (self.H @ E)).sum(dim=-2).clamp_min(0).sqrt() / lam.clamp_min(_tiny(lam.dtype))
+        return torch.zeros_like(lam) if self.H is None else ritz_residuals(self.H, lam, E)
+
+
+def residual_gram(W: Tensor, Q: Tensor, B: Tensor, G: Tensor, inv: Tensor | None = None) -> Tensor:
+    """H = R^T R (b, k, k) for the residual R = W B^T - Q G = (I - Q Q^T) W W^T Q of the range
+    Q of W (b, d1, d2), B = Q^T W and G = B B^T as gram gives them (``inv``: their scale, see
+    sketch): one more product with W."""
+    R = _scaled(W @ B.mT, inv) - Q @ G
+    return R.mT @ R
+
+
+def ritz_residuals(H: Tensor, lam: Tensor, E: Tensor) -> Tensor:
+    """rho (b, k) from residual_gram's H and the eigenpairs (lam, E) of G: see
+    Sketch.ritz_residuals."""
+    return (E * (H @ E)).sum(dim=-2).clamp_min(0).sqrt() / lam.clamp_min(_tiny(lam.dtype))
 
 
 def residual_error(sigma: Tensor, rho: Tensor, eps: Tensor, ranks: Tensor, d1: int, d2: int) -> Tensor:
@@ -413,8 +418,7 @@ def sketch(
     B, G = gram(W, Q, inv)
     H = None
     if residuals:  # the Ritz residuals in k x k form (Sketch.ritz_residuals): one more product with W
-        R = _scaled(W @ B.mT, inv) - Q @ G
-        H = R.mT @ R
+        H = residual_gram(W, Q, B, G, inv)
     usable = finite if trusted is None else finite & trusted  # an unchecked basis may be garbage
     zero = torch.zeros((), dtype=G.dtype, device=G.device)
     G = torch.where(usable[:, None, None], G, zero)

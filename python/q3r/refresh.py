@@ -117,10 +117,13 @@ class SketchOptions:
                       lag_power_iters as a lagging one, wider too where it is also too narrow
                       (a widening), as a Grown one where its envelope grew; one that already
                       took power iterations (a cold sketch, or a lagging or grown one) gets an
-                      exact SVD instead; judged only where the fp32 Ritz values resolve
-                      sigma_{r+1} and eps (see resolvable_ratio); the residuals cost one more
-                      product with the weights per sketch (a warm one-pass sketch takes two
-                      without it); 1 or more: never, and not computed -- and then a sketch that
+                      exact SVD instead; judged where the fp32 Ritz values resolve
+                      sigma_{r+1} and eps (see resolvable_ratio), and for the targets below
+                      that after their float64 Rayleigh-Ritz step, from float64 residuals,
+                      down to resolvable_ratio_fp64; the residuals cost one more product with
+                      the weights per sketch (a warm one-pass sketch takes two without it; in
+                      float64 for the refined targets); 1 or more: never, and not computed --
+                      and then a sketch that
                       is only too narrow is widened in one pass, which left a cold random-init
                       400 x 300 sketch under a low constant eps off by 2.8e-3
     resolvable_ratio  the k x k Gram matrix holds sigma^2 in fp32, so it resolves sigma_{r+1}
