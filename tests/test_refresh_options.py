@@ -104,3 +104,25 @@ def test_the_options_are_copied_and_saved_as_plain_values():
         torch.save(state, buffer)
         buffer.seek(0)
         torch.load(buffer, weights_only=True)  # plain dicts and numbers only
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("max_residual", float("nan"), "max_residual must be a finite number >= 0"),  # (NaN turned the check off)
+    ("max_lag", float("nan"), "max_lag must be a finite number >= 0"),
+    ("max_residual", -1.0, "max_residual must be a finite number >= 0"),  # (sent every warm sketch back)
+    ("max_residual", "0.1", "max_residual must be a finite number"),  # (failed mid-refresh, unnamed)
+    ("oversampling", 2.5, "oversampling must be an int >= 0"),
+    ("cold_power_iters", -1, "cold_power_iters must be an int >= 0"),
+    ("max_stack_bytes", 0, "max_stack_bytes must be an int > 0"),
+    ("tol", 0.0, "tol must be a finite number > 0"),
+    ("exact_fraction", float("nan"), "exact_fraction must be a finite number"),
+    ("max_widenings", True, "max_widenings must be an int"),
+])
+def test_sketch_options_built_directly_are_checked_too(field, value, words):
+    import dataclasses
+
+    with pytest.raises(ValueError, match=f"SketchOptions: {words}"):
+        q3r.refresh.SketchOptions(**{field: value})
+    with pytest.raises(ValueError, match=words):  # (replace builds a new one: checked as well)
+        dataclasses.replace(q3r.refresh.DEFAULT_SKETCH, **{field: value})
+    assert q3r.refresh.SketchOptions(exact_fraction=1.5).exact_fraction == 1.5  # (above 1: never too wide)

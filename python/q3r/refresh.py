@@ -179,6 +179,21 @@ class SketchOptions:
     max_stack_bytes: int = 2**30
     seed: int = 0x51E5
 
+    def __post_init__(self):  # (every way of building one is checked: a NaN would turn a check off)
+        for f in dataclasses.fields(self):
+            _check_sketch_option(f.name, getattr(self, f.name), f.default, "SketchOptions")
+
+
+def _check_sketch_option(name: str, value, default, where: str) -> None:
+    """A SketchOptions field's value: an int where the default is one, else a finite number;
+    >= 0 (> 0 for max_stack_bytes and tol). Raises ValueError naming it."""
+    ok = (isinstance(value, int) and not isinstance(value, bool)) if type(default) is int else (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+    positive = name in ("max_stack_bytes", "tol")
+    if not ok or value < 0 or (positive and value == 0):
+        raise ValueError(f"{where}: {name} must be a{'n int' if type(default) is int else ' finite number'} "
+                         f"{'> 0' if positive else '>= 0'}, got {value!r}")
+
 
 DEFAULT_SKETCH = SketchOptions()
 
@@ -195,12 +210,7 @@ def sketch_options(overrides: dict | None, where: str = "refresh_options") -> Sk
     for name, value in overrides.items():
         if name not in defaults:
             raise ValueError(f"{where}: unknown option {name!r}; the options are {sorted(defaults)}")
-        kind = type(defaults[name])
-        ok = (isinstance(value, int) and not isinstance(value, bool)) if kind is int else (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
-        if not ok or value < 0 or (name in ("max_stack_bytes", "tol") and value == 0):
-            raise ValueError(f"{where}: {name} must be a{'n int' if kind is int else ' finite number'} "
-                             f"{'> 0' if name in ('max_stack_bytes', 'tol') else '>= 0'}, got {value!r}")
+        _check_sketch_option(name, value, defaults[name], where)
     return dataclasses.replace(DEFAULT_SKETCH, **overrides) if overrides else DEFAULT_SKETCH
 
 
