@@ -69,8 +69,12 @@ def _cases() -> dict:
         # noise of 1e-1 of the rms entry per period: two power iterations from the old V lag
         "moving_fast": (RANK, moving_fast, {}),
         "moving_fast_lag_rule_off": (RANK, moving_fast, {"max_lag": 1.0, "max_residual": 1.0}),
-        # no widening allowed: the envelope fills its sketch, and the user is told
-        "bulk_rising_above_eps_no_widening": (RANK, rising, {"max_widenings": 0}),
+        # no widening allowed: the envelope fills its sketch, and the user is told (the residual
+        # rule off; on, it sketches as wide as the matrix, see the next)
+        "bulk_rising_above_eps_no_widening": (RANK, rising, {"max_widenings": 0, "max_residual": 1.0}),
+        # sigma_{r+1} at 1e-3 sigma_1, below what float32 residuals judged: the check stood
+        # aside and the full sketch was committed, with a warning (R(X) off by 9.0e-3)
+        "bulk_rising_above_eps_no_widening_checked": (RANK, rising, {"max_widenings": 0}),
         # 256 x 256, rank 24: the cold eps sits just above a flat bulk that then rises above
         # it by about 75 members; R(X) errs by about as much as eps does
         "cold_eps_above_a_flat_bulk": (24, lifted, {}),
@@ -112,7 +116,8 @@ def _check_case(cases, out, case):
 
 
 @pytest.mark.parametrize("case", ["random_init", "random_init_oversample_0", "bulk_rising_above_eps", "moving_fast",
-                                  "cold_eps_above_a_flat_bulk", "orthogonal_init"])
+                                  "cold_eps_above_a_flat_bulk", "orthogonal_init",
+                                  "bulk_rising_above_eps_no_widening_checked"])
 def test_sharded_refresh_meets_the_accuracy_contract(sharded, case):
     _check_case(*sharded, case)
     assert not sharded[1][case]["warnings"]

@@ -92,3 +92,68 @@ def test_a_sketch_still_far_after_its_retry_is_sketched_as_wide_as_the_matrix_ev
         (_, S, *_), = enveloping_svd([W1], [(d, d)], [36], [V0], lambda i, a: a, envelope, lambda t: t,
                                      2, 8, 16, widenings, None, 2, None, 1.0, -1.0, [rank], 3e-4)
         assert far[:2] == [True, True] and S.shape[0] == d
+
+
+def test_a_dominant_direction_does_not_hide_a_far_sketch():
+    # one direction 300 sigma_1 strong along each weight's top one puts sigma_{r+1} near
+    # 1.4e-3 sigma_1: float32 residuals (X v_i - sigma_i u_i) carried that direction's rounding,
+    # so the check stood aside below 1e-2 sigma_1 and a sketch off by 1.4e-3 was committed
+    weights, states, configs = _vit_at_its_first_warm_refresh()
+    spiked = [w + 300 * float(torch.linalg.svdvals(w.double())[0]) * torch.outer(s["U"][:, 0], s["V"][:, 0])
+              for w, s in zip(weights, states)]
+    on = [_sharded_error(w, s, c, sharded.SKETCH.max_residual, torch.Generator().manual_seed(2))
+          for w, s, c in zip(spiked, states, configs)]
+    off = [_sharded_error(w, s, c, 1.0, torch.Generator().manual_seed(2)) for w, s, c in zip(spiked, states, configs)]
+    assert max(on) <= 1e-3
+    assert max(off) > 1.2e-3  # (1.42e-3 when measured)
+
+
+def _projected_residuals(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """||(I - P_U) X v_i||^2 in float64: the residuals the triplets (U, S, V) would have after an
+    exact Rayleigh-Ritz step on span(U)."""
+    Q = torch.linalg.qr(U.double()).Q
+    P = X.double() @ V.double()
+    return (P - Q @ (Q.T @ P)).square().sum(dim=0)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_residuals_are_the_float64_rayleigh_ritz_ones_summed_over_row_shards(ranks):
+    from q3r.distributed.rangefinder import _residuals_squared, range_finder_svd
+
+    gen = torch.Generator().manual_seed(4)
+    d1, d2, k = 61, 47, 12
+    U0 = torch.linalg.qr(torch.randn(d1, d2, generator=gen, dtype=torch.float64)).Q
+    V0 = torch.linalg.qr(torch.randn(d2, d2, generator=gen, dtype=torch.float64)).Q
+    # a dominant direction (its float32 rounding, some 6e-8 x 1e3, swamps the residuals of the
+    # k - 1 triplets near 1), then a tail at 1e-5 that leaves them small but not zero
+    sigma = torch.cat([torch.tensor([1e3]), torch.linspace(1, 0.5, k - 1), 1e-5 * torch.rand(d2 - k, generator=gen)]).double()
+    X = ((U0 * sigma) @ V0.T).float()
+    omega = torch.randn(d2, k, generator=gen)
+    (U, S, V, _), = range_finder_svd([X], [omega], lambda t: t, power_iters=1)
+    want = _projected_residuals(X, U, V)
+    rows = torch.tensor_split(torch.arange(d1), ranks)
+    # every rank's partial sums, added as an all-reduce would (rank r sees the sum of all)
+    flats = []
+    _residuals_squared([X[rows[0]]], [(U[rows[0]], S, V, None)], lambda t: flats.append(t) or t)
+    for r in range(1, ranks):
+        _residuals_squared([X[rows[r]]], [(U[rows[r]], S, V, None)], lambda t: flats.append(t) or t)
+    total = sum(flats)
+    got, = _residuals_squared([X[rows[0]]], [(U[rows[0]], S, V, None)], lambda t: total)
+    assert got.dtype == torch.float64
+    # as the check reads them, relative to each Ritz value: rho_i = ||r_i|| / sigma_i (the
+    # Cholesky shift of G, relative 1e-12, puts the dominant one off by some 1e-6, the others 1e-7)
+    rho, rho_want = got.sqrt() / S.double(), want.sqrt() / S.double()
+    assert torch.allclose(rho, rho_want, rtol=1e-3, atol=1e-5)
+    assert float((rho - rho_want)[1:].abs().max()) < 1e-6
+    # the float32 form puts the small triplets' residuals off by more than they are
+    fp32 = (X @ V - U * S).square().sum(dim=0).double().sqrt() / S.double()
+    assert float((fp32 - rho_want)[1:].abs().max()) > float(rho_want[1:].max())
+
+
+def test_residuals_of_zero_weights_are_zero():
+    from q3r.distributed.rangefinder import _residuals_squared
+
+    X = torch.zeros(9, 7)
+    U, V = torch.zeros(9, 4), torch.linalg.qr(torch.randn(7, 4)).Q
+    r2, = _residuals_squared([X], [(U, torch.zeros(4), V, None)], lambda t: t)
+    assert torch.equal(r2, torch.zeros(4, dtype=torch.float64))

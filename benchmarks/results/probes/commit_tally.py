@@ -1,6 +1,6 @@
 """Run a probe script and count what the fast refresh decided for its targets: every answer of
 q3r._refresh_commit.commit_sketch other than a commit (lagging, exact, untrusted, refine, grown,
-widen), over the whole run, printed as one TALLY line at the end.
+widen), and the commits themselves, over the whole run, printed as one TALLY line at the end.
 
     python benchmarks/results/probes/commit_tally.py SCRIPT [ARGS...]
 """
@@ -24,7 +24,14 @@ def counting(*args, **kwargs):
     return retry
 
 
+def storing(commits, *args, **kwargs):
+    tally["commits"] += len(commits)
+    return store(commits, *args, **kwargs)
+
+
+store = C._store_commits
 RS.C.commit_sketch = counting  # (the sketched refresh calls it through its module alias)
+C._store_commits = storing
 script, sys.argv = sys.argv[1], sys.argv[1:]
 try:
     runpy.run_path(script, run_name="__main__")

@@ -24,10 +24,21 @@ import residual_estimate_probe as E  # noqa: E402
 
 from q3r import reference  # noqa: E402
 from q3r.distributed import sharded  # noqa: E402
+import q3r.distributed.rangefinder as rangefinder  # noqa: E402
 from q3r.distributed.rangefinder import enveloping_svd, sketch_width  # noqa: E402
 
 RECORDS = []
 GEN = torch.Generator().manual_seed(11)
+SKETCHES = [0]  # range_finder_svd calls: the sketches a refresh took (its cost)
+_range_finder_svd = rangefinder.range_finder_svd
+
+
+def _counted(*args, **kwargs):
+    SKETCHES[0] += 1
+    return _range_finder_svd(*args, **kwargs)
+
+
+rangefinder.range_finder_svd = _counted
 
 
 def RESIDUAL(cfg):
@@ -45,6 +56,7 @@ def check(views, states, configs, step):
         d1, d2 = W.shape
         prev = (float(st["eps"]), float(st["eps0"]), int(st["refreshes"]), int((st["sigma"] > st["eps"]).sum()))
         width = max(sketch_width(cfg.rank, d1, d2, S_.oversample), st["V"].shape[-1])
+        SKETCHES[0] = 0
         (U, S, V, _, r_env, S_host, _), = enveloping_svd(
             [W], [(d1, d2)], [width], [st["V"]], lambda j, a: sharded._seed(cfg.name, prev[2], a),
             lambda j, S: sharded._envelope(prev, cfg, S)[::2], lambda t: t,
@@ -57,7 +69,8 @@ def check(views, states, configs, step):
                                       cfg.eps_value, cfg.eps_floor, cfg.num_refreshes)
         err = max(E.rel_error((U, V, S, eps), (Ux, Vxh.mT, Sx, eps_x),
                               torch.randn(W.shape, generator=GEN, dtype=torch.float64)) for _ in range(2))
-        RECORDS.append(dict(step=step, name=cfg.name, shape=[d1, d2], err=err, width=width, kept=int(S.shape[0])))
+        RECORDS.append(dict(step=step, name=cfg.name, shape=[d1, d2], err=err, width=width, kept=int(S.shape[0]),
+                            sketches=SKETCHES[0]))
 
 
 def summarize(paths):
@@ -65,8 +78,12 @@ def summarize(paths):
         rows = json.load(open(p))
         bad = [r for r in rows if r["err"] > 1e-3]
         worst = max(rows, key=lambda r: r["err"])
+        # (sketches: recorded since ad-hoc runs of later commits; absent in older files)
+        cost = (f", sketches {sum(r['sketches'] for r in rows)} (matrix-wide: "
+                f"{sum(r['kept'] >= min(r['shape']) for r in rows)})" if "sketches" in rows[0] else "")
         print(f"{p}: {len(rows)} warm target refreshes, worst R(X) error {worst['err']:.2e} (step {worst['step']}, "
-              f"{worst['name']}), over 1e-3: {len(bad)}" + (f" at steps {sorted({r['step'] for r in bad})}" if bad else ""))
+              f"{worst['name']}), over 1e-3: {len(bad)}" + (f" at steps {sorted({r['step'] for r in bad})}" if bad else "")
+              + cost)
 
 
 if __name__ == "__main__":
