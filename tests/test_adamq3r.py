@@ -366,6 +366,28 @@ def test_stagger_rolled_back_to_a_checkpoint_refreshes_as_a_fresh_load_does():
     assert _refreshed_per_step(model, opt, "abcd", 8) == _refreshed_per_step(fresh_model, fresh, "abcd", 8)
 
 
+def test_stagger_a_step_with_no_gradient_does_not_move_the_clock():
+    """optimizer.step() with every .grad None (a loop that steps on a skipped batch) steps
+    nothing; it moved the staggered clock, which a resumed run rebuilds from the step counts
+    without it: the resumed run's refreshes fell on other steps (a review's case)."""
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict({n: torch.nn.Linear(16, 16, bias=False) for n in "abcd"})
+        groups = q3r.param_groups(model, q3r.find_targets(model, list("abcd"), target_rank=3), steps=4, stagger=True,
+                                  refresh="exact")
+        return model, q3r.AdamQ3R(groups, lr=1e-3)
+
+    model, opt = build()
+    _refreshed_per_step(model, opt, "abcd", 3)
+    opt.zero_grad(set_to_none=True)
+    opt.step()  # (nothing to step)
+    checkpoint = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    resumed_model, resumed = build()
+    resumed_model.load_state_dict(checkpoint[0])
+    resumed.load_state_dict(checkpoint[1])
+    assert _refreshed_per_step(resumed_model, resumed, "abcd", 8) == _refreshed_per_step(model, opt, "abcd", 8)
+
+
 def test_the_refresh_schedule_counts_past_2_to_the_24_steps():
     W = torch.nn.Parameter(torch.randn(8, 6))
     opt = q3r.AdamQ3R([{"params": [W], "q3r": True, "target_rank": 2, "steps": 5}], lr=1e-3)

@@ -108,9 +108,18 @@ def test_a_state_dict_without_it_warns_and_keeps_the_regularizer():
     other_opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     other.attach(other_opt)
     _train(model, other_opt, 1, 20)
-    with pytest.warns(UserWarning, match="holds Q3R states of 1 other target sets"):
+    # Q3R states of other targets only: another model or setup, refused before anything loads
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"other target sets \(\[\['blocks.0.mlp.fc1.weight'"):
         opt.load_state_dict(other_opt.state_dict())
     assert reg.num_steps == 2
+    after = opt.state_dict()
+    for pid, st in before["state"].items():
+        assert all(torch.equal(value, after["state"][pid][key]) for key, value in st.items())
+    # loaded before attaching, it loads (the optimizer's part; the carried entry is not read)
+    fresh = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    fresh.load_state_dict(other_opt.state_dict())
+    assert fresh.state_dict()["state"][0]["step"] == 1
     reg_quiet, opt_quiet, _ = _setup(TinyViT(), carry_state=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -16,6 +16,7 @@ steps (starting with the first), so the training loop needs no extra call.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable
 
@@ -156,32 +157,38 @@ class Q3R:
 
     @autocast_off
     @torch.no_grad()
-    def add_grad_(self) -> None:
+    def add_grad_(self, *, grad_scale: float = 1.0) -> None:
         """Add 2 lambda R(W) to each target's ``.grad`` slice in place (targets without a
-        gradient are skipped, as optimizers skip them)."""
+        gradient are skipped, as optimizers skip them). ``grad_scale``: the loss scale still in
+        the gradients, by which the term is multiplied too (torch.amp.GradScaler's, where the
+        optimizer unscales them itself; attach passes it)."""
+        if not (isinstance(grad_scale, (int, float)) and not isinstance(grad_scale, bool)
+                and 0 < grad_scale < math.inf):
+            raise ValueError(f"Q3R.add_grad_: grad_scale must be a finite number > 0, got {grad_scale!r}")
         with_grad = [t for t in self.targets if t.param.grad is not None]
         if self.lmbda == 0 or any(distributed.is_sharded(t.param) for t in with_grad):
             self._begin_step()
             if self.lmbda != 0:
-                self._add_grad_targets_(with_grad)
+                self._add_grad_targets_(with_grad, grad_scale)
             return
         # the targets not refreshed now need nothing from the refresh: their terms are queued
         # as soon as its device work is, and run while the host waits for and decides its commits
         due = self._due_now()
         now, later = [t for t in with_grad if t.name not in due], [t for t in with_grad if t.name in due]
         refresh_around(
-            self._begin_step, (lambda: self._add_grad_targets_(now)) if now else None,
+            self._begin_step, (lambda: self._add_grad_targets_(now, grad_scale)) if now else None,
             f"Q3R.add_grad_: the refresh failed after the gradients of the {len(now)} targets not being "
             f"refreshed had their terms added; the {len(later)} being refreshed did not",
         )
         if later:
-            self._add_grad_targets_(later)
+            self._add_grad_targets_(later, grad_scale)
 
-    def _add_grad_targets_(self, targets: list[Target]) -> None:
+    def _add_grad_targets_(self, targets: list[Target], grad_scale: float = 1.0) -> None:
+        alpha = 2.0 * self.lmbda * grad_scale
         sharded = [t for t in targets if distributed.is_sharded(t.param)]
         if sharded:  # FSDP2: local rows, one all-reduce for all targets
             distributed.sharded_add_grad_(
-                [(t.param, t.slice_dim, t.slices, [operator_of(s) for s in self.state[t.name]], 2.0 * self.lmbda)
+                [(t.param, t.slice_dim, t.slices, [operator_of(s) for s in self.state[t.name]], alpha)
                  for t in sharded],
                 [t.param.grad for t in sharded],
             )
@@ -193,7 +200,7 @@ class Q3R:
             grads += slice_views(t.param.grad, t.slice_dim, t.slices)
             factors += [(s["U"], s["V"], s["sigma"], s["eps"]) for s in self.state[t.name]]
         # all targets at once: grouped Triton launches on GPU, the reference loop elsewhere
-        ops.add_reweighting_(grads, weights, factors, 2.0 * self.lmbda)
+        ops.add_reweighting_(grads, weights, factors, alpha)
 
     def attach(self, optimizer: torch.optim.Optimizer, carry_state: bool = True) -> "AttachHandle":
         """Make ``optimizer.step()`` call :meth:`add_grad_` first. Returns a handle whose
@@ -210,7 +217,12 @@ class Q3R:
         Face Trainer's ``optimizer.pt``) resumes Q3R too. The saved state is checked before the
         optimizer loads anything and committed after it loaded; a state dict without it (an
         older checkpoint, DCP's ``get_state_dict``, which keeps only ``state`` and
-        ``param_groups``) leaves the regularizer as it is, with a warning.
+        ``param_groups``) leaves the regularizer as it is, with a warning; one that holds Q3R
+        states for other targets only (another model or choice of targets) is refused with a
+        ValueError before anything loads (load it before attaching to keep this Q3R's state).
+        Under ``torch.amp.GradScaler`` a step the scaler skips is not counted; with an
+        optimizer that unscales its gradients itself (``fused=True``) the term is added at
+        their loss scale.
         (An optimizer class that overrides ``load_state_dict`` may change its state before
         ``Optimizer.load_state_dict`` runs the hooks, as ZeroRedundancyOptimizer does: for such
         an optimizer the check runs first, through a wrapper set on the instance that
@@ -261,10 +273,17 @@ class Q3R:
                              f"{type(carried).__name__}")
         carried = [s for s in carried if isinstance(s, dict)]
         mine = [s for s in carried if set(s.get("targets", {})) == set(self.state)]
+        if not mine and carried:
+            # (states saved by Q3Rs over other targets: another model or another setup, as a
+            # state dict of another model is refused everywhere else; it warned and loaded)
+            raise ValueError(f"the optimizer state_dict holds Q3R states for other target sets "
+                             f"({[sorted(s.get('targets', {})) for s in carried]}), none for this attached Q3R's "
+                             f"targets {sorted(self.state)}: it comes from another model or another choice of "
+                             "targets; load it before attaching, or attach with carry_state=False, to keep "
+                             "this Q3R's own state")
         if not mine:
-            others = f" (it holds Q3R states of {len(carried)} other target sets)" if carried else ""
             warnings.warn(f"the optimizer state_dict being loaded holds no Q3R state for targets {sorted(self.state)}"
-                          f"{others}: this attached Q3R keeps its own (step {self.num_steps}); load it with "
+                          f": this attached Q3R keeps its own (step {self.num_steps}); load it with "
                           "Q3R.load_state_dict, or attach with carry_state=False to silence this", stacklevel=4)
             return
         if len(mine) > 1:
@@ -291,8 +310,9 @@ class Q3R:
         # (args are step's own: the optimizer first, then the closure if passed by position)
         closure = kwargs["closure"] if "closure" in kwargs else (args[1] if len(args) > 1 else None)
         if closure is None:
-            if not self._creates_state_only(optimizer):
-                self.add_grad_()
+            grad_scale = _amp_grad_scale(optimizer)
+            if grad_scale is not None and not self._creates_state_only(optimizer):
+                self.add_grad_(grad_scale=grad_scale)
             return None
         self._begin_step()
 
@@ -385,6 +405,22 @@ class Q3R:
             for t in self.targets
         }
         self.num_steps = state_dict["num_steps"]
+
+
+def _amp_grad_scale(optimizer) -> float | None:
+    """The loss scale still in the gradients when a step begins: 1, except under
+    torch.amp.GradScaler with an optimizer that unscales them itself (``fused=True`` Adam,
+    AdamW, SGD: ``_step_supports_amp_scaling``). GradScaler then sets ``optimizer.grad_scale``
+    (None once unscale_ ran) and ``optimizer.found_inf`` for the step and calls it even on
+    inf/NaN gradients, which the fused kernel skips: None then, for a step that is not taken
+    (not counted, nothing added, as GradScaler skips other optimizers' steps). Without this
+    the term went into gradients still scaled by 65536, and the kernel divided it away.
+    Reading found_inf is a device sync, under that pairing only."""
+    found_inf = getattr(optimizer, "found_inf", None)
+    if isinstance(found_inf, Tensor) and bool(found_inf.ne(0).any()):
+        return None
+    grad_scale = getattr(optimizer, "grad_scale", None)
+    return 1.0 if grad_scale is None else float(grad_scale)
 
 
 def _carrying(optimizer) -> list:

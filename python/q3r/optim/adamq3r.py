@@ -309,8 +309,8 @@ class AdamQ3R(Optimizer):
                     work.lmbda, work.slice_dim, work.slices = group["lmbda"], group["slice_dim"], group["slices"]
                     q3r_works.append((work, state))
                 works.append(work)
-        if clock is not None:
-            self._clock = clock + 1
+        if clock is not None and works:  # (a step with no gradient at all steps nothing: a
+            self._clock = clock + 1       # clock rebuilt from the step counts after a load skips it too)
         if any(distributed.is_sharded(w.param) for w in works):
             self.refresh(due)
             self._set_operators(q3r_works)

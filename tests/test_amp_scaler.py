@@ -1,0 +1,89 @@
+"""torch.amp.GradScaler with AdamQ3R and with a Q3R attached to torch's optimizers, fused or
+not: a step GradScaler skips (inf/NaN gradients) is not a training step for Q3R either (not
+counted, nothing added: the same weights and refresh schedule as a run without it), and the
+term is added at the gradients' scale. A fused optimizer unscales the gradients itself, after
+Q3R's pre-hook: the term went in unscaled and the kernel divided it by 65536 (a review's case).
+Runs on the CPU (GradScaler("cpu"), fused AdamW on the CPU)."""
+
+import pytest
+import torch
+from torch import nn
+
+import q3r
+
+BAD = 4  # the step whose gradients get an inf
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                         nn.Linear(32, 4))
+
+
+def _batches(n=10):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]
+
+
+def _train(kind, scaler=True, inject=False, omit_bad=False, unscale_first=False):
+    model = _model()
+    targets = q3r.find_targets(model, ["2", "4"], target_rank=4)
+    if kind == "adamq3r":
+        opt = q3r.AdamQ3R(q3r.param_groups(model, targets, lmbda=0.5, steps=3), lr=1e-2)
+        counter = lambda: int(opt.state[targets[0].param]["step"])  # noqa: E731
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=kind == "fused")
+        reg = q3r.Q3R(targets, lmbda=0.5, steps=3)
+        reg.attach(opt)
+        counter = lambda: reg.num_steps  # noqa: E731
+    sc = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=1000) if scaler else None
+    for i, (x, y) in enumerate(_batches()):
+        if omit_bad and i == BAD:
+            continue
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if sc is None:
+            loss.backward()
+            opt.step()
+            continue
+        sc.scale(loss).backward()
+        if inject and i == BAD:
+            model[0].weight.grad[0, 0] = float("inf")
+        if unscale_first:
+            sc.unscale_(opt)
+        sc.step(opt)
+        sc.update()
+    return model, counter()
+
+
+def _max_diff(a, b):
+    return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+@pytest.mark.parametrize("kind", ["fused", "foreach", "adamq3r"])
+def test_a_scaled_run_matches_the_unscaled_one(kind, unscale_first):
+    plain, steps = _train("foreach" if kind == "fused" else kind, scaler=False)
+    scaled, scaled_steps = _train(kind, unscale_first=unscale_first)
+    assert scaled_steps == steps == 10
+    # (a power-of-two scale: the same values up to the fused kernel's own rounding; the
+    # term unscaled by the kernel left fc2 2.7 away)
+    assert _max_diff(scaled, plain) < 1e-5
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+@pytest.mark.parametrize("kind", ["fused", "foreach", "adamq3r"])
+def test_a_step_the_scaler_skips_is_not_a_q3r_step(kind, unscale_first):
+    skipped, steps = _train(kind, inject=True, unscale_first=unscale_first)
+    without, steps_without = _train(kind, omit_bad=True, unscale_first=unscale_first)
+    assert steps == steps_without == 9  # (the fused one counted 10 and refreshed off schedule)
+    assert _max_diff(skipped, without) < 1e-6
+
+
+def test_add_grad_checks_its_scale():
+    model = _model()
+    reg = q3r.Q3R(q3r.find_targets(model, ["2"], target_rank=4), lmbda=0.5)
+    for bad in (0.0, -1.0, float("inf"), float("nan"), True, "2"):
+        with pytest.raises(ValueError, match="grad_scale"):
+            reg.add_grad_(grad_scale=bad)
+    assert reg.num_steps == 0
