@@ -344,23 +344,24 @@ def test_stagger_keeps_one_clock_for_targets_added_later():
     assert _refreshed_per_step(twin, opt_twin, "abcd", 8) == _refreshed_per_step(model, opt, "abcd", 8)
 
 
+def _four_staggered_targets():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({n: torch.nn.Linear(16, 16, bias=False) for n in "abcd"})
+    groups = q3r.param_groups(model, q3r.find_targets(model, list("abcd"), target_rank=3), steps=4, stagger=True,
+                              refresh="exact")
+    return model, q3r.AdamQ3R(groups, lr=1e-3)
+
+
 def test_stagger_rolled_back_to_a_checkpoint_refreshes_as_a_fresh_load_does():
     """Loading an earlier checkpoint into the optimizer that took more steps since: the clock
     is counted again from the loaded step counts, not kept from the steps taken."""
-    def build():
-        torch.manual_seed(0)
-        model = torch.nn.ModuleDict({n: torch.nn.Linear(16, 16, bias=False) for n in "abcd"})
-        groups = q3r.param_groups(model, q3r.find_targets(model, list("abcd"), target_rank=3), steps=4, stagger=True,
-                                  refresh="exact")
-        return model, q3r.AdamQ3R(groups, lr=1e-3)
-
-    model, opt = build()
+    model, opt = _four_staggered_targets()
     _refreshed_per_step(model, opt, "abcd", 3)
     checkpoint = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     _refreshed_per_step(model, opt, "abcd", 6)  # (9 steps: not a multiple of the period on from 3)
     model.load_state_dict(checkpoint[0])
     opt.load_state_dict(copy.deepcopy(checkpoint[1]))
-    fresh_model, fresh = build()
+    fresh_model, fresh = _four_staggered_targets()
     fresh_model.load_state_dict(checkpoint[0])
     fresh.load_state_dict(copy.deepcopy(checkpoint[1]))
     assert _refreshed_per_step(model, opt, "abcd", 8) == _refreshed_per_step(fresh_model, fresh, "abcd", 8)
@@ -370,19 +371,12 @@ def test_stagger_a_step_with_no_gradient_does_not_move_the_clock():
     """optimizer.step() with every .grad None (a loop that steps on a skipped batch) steps
     nothing; it moved the staggered clock, which a resumed run rebuilds from the step counts
     without it: the resumed run's refreshes fell on other steps (a review's case)."""
-    def build():
-        torch.manual_seed(0)
-        model = torch.nn.ModuleDict({n: torch.nn.Linear(16, 16, bias=False) for n in "abcd"})
-        groups = q3r.param_groups(model, q3r.find_targets(model, list("abcd"), target_rank=3), steps=4, stagger=True,
-                                  refresh="exact")
-        return model, q3r.AdamQ3R(groups, lr=1e-3)
-
-    model, opt = build()
+    model, opt = _four_staggered_targets()
     _refreshed_per_step(model, opt, "abcd", 3)
     opt.zero_grad(set_to_none=True)
     opt.step()  # (nothing to step)
     checkpoint = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    resumed_model, resumed = build()
+    resumed_model, resumed = _four_staggered_targets()
     resumed_model.load_state_dict(checkpoint[0])
     resumed.load_state_dict(checkpoint[1])
     assert _refreshed_per_step(resumed_model, resumed, "abcd", 8) == _refreshed_per_step(model, opt, "abcd", 8)
