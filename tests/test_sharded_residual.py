@@ -157,3 +157,14 @@ def test_residuals_of_zero_weights_are_zero():
     U, V = torch.zeros(9, 4), torch.linalg.qr(torch.randn(7, 4)).Q
     r2, = _residuals_squared([X], [(U, torch.zeros(4), V, None)], lambda t: t)
     assert torch.equal(r2, torch.zeros(4, dtype=torch.float64))
+
+
+def test_non_finite_factors_give_nan_residuals_not_an_error():
+    from q3r.distributed.rangefinder import _far, _residuals_squared
+
+    X = torch.randn(9, 7)
+    U, V = torch.full((9, 4), float("nan")), torch.linalg.qr(torch.randn(7, 4)).Q
+    S = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    r2, = _residuals_squared([X], [(U, S, V, None)], lambda t: t)
+    assert bool(r2.isnan().all())
+    assert _far(S, r2.float(), 1.5, 2, (9, 7), 3e-4, 1e-4)  # (read as far: sketched again)

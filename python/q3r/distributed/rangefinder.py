@@ -256,9 +256,11 @@ def _residuals_squared(Xs: list[Tensor], found: list[tuple], all_reduce: AllRedu
     out = []
     for G, C, norms in zip(sums[0::3], sums[1::3], sums[2::3]):
         # G is I up to float32 rounding; shifted as in cholesky_qr for a zero column
-        L = torch.linalg.cholesky(_shifted(G))
+        # (a failed factorization, non-finite factors from an overflowed sketch: NaN residuals,
+        # which _far reads as far, as it read the float32 ones; no exception, no host sync)
+        L, info = torch.linalg.cholesky_ex(_shifted(G))
         inside = (C * torch.cholesky_solve(C, L)).sum(dim=0)  # ||P_U X v_i||^2
-        out.append((norms - inside).clamp_min(0))
+        out.append(torch.where(info == 0, (norms - inside).clamp_min(0), torch.nan))
     return out
 
 
