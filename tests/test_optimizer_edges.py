@@ -200,6 +200,13 @@ def _damaged(opt, change):
     (lambda st: st.update(q3r={"U": 1}), "keyed '0' .. 'n-1'"),
     (lambda st: st.update(q3r=3), "must be a list"),
     (lambda st: st.update(exp_avg=3.0), "exp_avg is float"),
+    # damaged values (they loaded: NaN weights at the next step, kept as the last good factors)
+    (lambda st: st["q3r"]["0"]["U"].view(-1)[3].fill_(float("nan")), "'U' holds non-finite"),
+    (lambda st: st["q3r"]["0"]["V"].view(-1)[0].fill_(float("inf")), "'V' holds non-finite"),
+    (lambda st: st["q3r"]["0"]["sigma"][0].fill_(float("nan")), "'sigma' holds non-finite"),
+    (lambda st: st["q3r"]["0"]["tail"].view(-1)[0].fill_(float("nan")), "'tail' holds non-finite"),
+    (lambda st: st["q3r"]["0"]["eps"].fill_(float("nan")), "'eps' must be a number >= 0"),
+    (lambda st: st["q3r"]["0"]["eps"].fill_(-1.0), "'eps' must be a number >= 0"),
 ])
 def test_a_damaged_checkpoint_is_refused_before_anything_changes(change, message):
     model, opt = _adamq3r()
@@ -219,6 +226,7 @@ def test_a_damaged_checkpoint_is_refused_before_anything_changes(change, message
     (lambda s: s.pop("eps"), "lacks 'eps'"),
     (lambda s: s.pop("sigma"), "lacks 'sigma'"),
     (lambda s: s.update(eps0=float("nan")), "'eps0' must be a tensor"),
+    (lambda s: s["U"].view(-1)[0].fill_(float("nan")), "'U' holds non-finite"),
 ])
 def test_a_damaged_regularizer_checkpoint_is_refused(change, message):
     torch.manual_seed(0)

@@ -4,6 +4,9 @@ with a ValueError, not accepted now and fail in the middle of a later step."""
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
 from . import distributed
@@ -38,7 +41,25 @@ def slice_state_problem(p, s, d1: int, d2: int) -> str | None:
         moved = _moved_between_layouts(p, s["U"].shape[0], rows, d1)
         return (f"factors of shapes U {tuple(s['U'].shape)}, V {tuple(s['V'].shape)}, sigma ({k},) "
                 f"do not fit a {d1}x{d2} slice" + (f" ({moved})" if moved else ""))
-    return tail_mismatch(s, d1, d2)
+    return tail_mismatch(s, d1, d2) or _non_finite(s)
+
+
+def _non_finite(s: dict) -> str | None:
+    """Why the values of a well-formed state are damaged: non-finite factors (they turned the
+    weights NaN at the next step, and the refresh's non-finite guard then kept them as the
+    last good ones) or an eps that is NaN or negative (+inf is a state before its first
+    refresh; eps0, sigma_next and tail_energy are NaN there too, and only reported). A
+    sharded factor is judged by this rank's shard: no collective in a load's checks."""
+    for key in ("U", "V", "sigma", "tail"):
+        t = s.get(key)
+        if isinstance(t, Tensor) and t.numel():
+            local = t.to_local() if distributed.is_sharded(t) else t
+            if not bool(torch.isfinite(local).all()):
+                return f"slice state {key!r} holds non-finite values (a damaged checkpoint)"
+    eps = float(s["eps"].to_local() if distributed.is_sharded(s["eps"]) else s["eps"])
+    if math.isnan(eps) or eps < 0:
+        return f"slice state 'eps' must be a number >= 0 (+inf before the first refresh), got {eps}"
+    return None
 
 
 def _moved_between_layouts(p, saved_rows: int, rows: int, d1: int) -> str | None:
