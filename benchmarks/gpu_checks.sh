@@ -6,7 +6,8 @@
 #
 #   build       the native extension with its CUDA part (sm_90), then `python -m q3r.info`
 #   tests       the suite's CUDA tests: kernels at real sizes in fp32/bf16, native solver,
-#               randomized refresh on CUDA, NCCL world size 1 (not the multi-process/CPU ones)
+#               randomized refresh on CUDA, NCCL world size 1, GradScaler with fused AdamW on CUDA
+#               (not the multi-process/CPU ones)
 #   step        bench_step.py on ViT-B/16 and GPT-2-small: per-step work, step ratios, memory,
 #               whole-step T-cycles with real refreshes (plain and staggered), device time per
 #               kernel, a sweep of tile settings; fp32 dots at torch's "highest" and "high" precision
@@ -42,6 +43,7 @@ if has tests; then
   $PY -m pytest -q -rs tests/test_kernels_project.py tests/test_kernels_apply.py tests/test_kernels_adam.py \
       tests/test_backend.py tests/test_native_eigh.py tests/test_randomized_refresh.py tests/test_auto_width.py \
       tests/test_reweight_plan.py tests/test_refresh_host_work.py tests/test_distributed_gpu.py \
+      tests/test_amp_scaler.py \
       >"$OUT/gpu_tests.log" 2>&1
   echo "tests rc=$?"; tail -3 "$OUT/gpu_tests.log"
 fi

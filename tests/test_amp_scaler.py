@@ -3,7 +3,8 @@ not: a step GradScaler skips (inf/NaN gradients) is not a training step for Q3R 
 counted, nothing added: the same weights and refresh schedule as a run without it), and the
 term is added at the gradients' scale. A fused optimizer unscales the gradients itself, after
 Q3R's pre-hook: the term went in unscaled and the kernel divided it by 65536 (a review's case).
-Runs on the CPU (GradScaler("cpu"), fused AdamW on the CPU)."""
+Runs on the CPU (GradScaler("cpu"), fused AdamW on the CPU), and on CUDA where there is one
+(benchmarks/gpu_checks.sh runs it there: the fused kernel and the Triton term)."""
 
 import pytest
 import torch
@@ -12,21 +13,23 @@ from torch import nn
 import q3r
 
 BAD = 4  # the step whose gradients get an inf
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
-def _model():
+def _model(device="cpu"):
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                         nn.Linear(32, 4))
+                         nn.Linear(32, 4)).to(device)
 
 
-def _batches(n=10):
+def _batches(device, n=10):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]
+    return [(torch.randn(16, 16, generator=g).to(device), torch.randint(0, 4, (16,), generator=g).to(device))
+            for _ in range(n)]
 
 
-def _train(kind, scaler=True, inject=False, omit_bad=False, unscale_first=False):
-    model = _model()
+def _train(kind, scaler=True, inject=False, omit_bad=False, unscale_first=False, device="cpu"):
+    model = _model(device)
     targets = q3r.find_targets(model, ["2", "4"], target_rank=4)
     if kind == "adamq3r":
         opt = q3r.AdamQ3R(q3r.param_groups(model, targets, lmbda=0.5, steps=3), lr=1e-2)
@@ -36,8 +39,8 @@ def _train(kind, scaler=True, inject=False, omit_bad=False, unscale_first=False)
         reg = q3r.Q3R(targets, lmbda=0.5, steps=3)
         reg.attach(opt)
         counter = lambda: reg.num_steps  # noqa: E731
-    sc = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=1000) if scaler else None
-    for i, (x, y) in enumerate(_batches()):
+    sc = torch.amp.GradScaler(device, init_scale=2.0 ** 16, growth_interval=1000) if scaler else None
+    for i, (x, y) in enumerate(_batches(device)):
         if omit_bad and i == BAD:
             continue
         opt.zero_grad()
@@ -60,22 +63,24 @@ def _max_diff(a, b):
     return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters()))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("unscale_first", [False, True])
 @pytest.mark.parametrize("kind", ["fused", "foreach", "adamq3r"])
-def test_a_scaled_run_matches_the_unscaled_one(kind, unscale_first):
-    plain, steps = _train("foreach" if kind == "fused" else kind, scaler=False)
-    scaled, scaled_steps = _train(kind, unscale_first=unscale_first)
+def test_a_scaled_run_matches_the_unscaled_one(kind, unscale_first, device):
+    plain, steps = _train("foreach" if kind == "fused" else kind, scaler=False, device=device)
+    scaled, scaled_steps = _train(kind, unscale_first=unscale_first, device=device)
     assert scaled_steps == steps == 10
     # (a power-of-two scale: the same values up to the fused kernel's own rounding; the
     # term unscaled by the kernel left fc2 2.7 away)
     assert _max_diff(scaled, plain) < 1e-5
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("unscale_first", [False, True])
 @pytest.mark.parametrize("kind", ["fused", "foreach", "adamq3r"])
-def test_a_step_the_scaler_skips_is_not_a_q3r_step(kind, unscale_first):
-    skipped, steps = _train(kind, inject=True, unscale_first=unscale_first)
-    without, steps_without = _train(kind, omit_bad=True, unscale_first=unscale_first)
+def test_a_step_the_scaler_skips_is_not_a_q3r_step(kind, unscale_first, device):
+    skipped, steps = _train(kind, inject=True, unscale_first=unscale_first, device=device)
+    without, steps_without = _train(kind, omit_bad=True, unscale_first=unscale_first, device=device)
     assert steps == steps_without == 9  # (the fused one counted 10 and refreshed off schedule)
     assert _max_diff(skipped, without) < 1e-6
 
