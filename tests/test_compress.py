@@ -279,6 +279,14 @@ def test_a_module_shared_by_two_parents_is_replaced_under_both(tmp_path):
     load_compressed(fresh, path)
     assert isinstance(fresh.a, LowRankLinear) and fresh.b is fresh.a
     torch.testing.assert_close(forward(fresh), forward(small))
+    # found under its second name too (named_modules lists a shared module under its first
+    # only: "match no module of the model"), and one target under both
+    other = nn.Module()
+    other.a = other.b = nn.Linear(32, 32)
+    assert [t.name for t in q3r.find_targets(other, ["b"])] == ["b.weight"]
+    assert [t.name for t in q3r.find_targets(other, ["a", "b"])] == ["a.weight"]
+    small_b, _ = compress(other, ["b"], rank=4)
+    assert isinstance(small_b.a, LowRankLinear) and small_b.b is small_b.a
 
 
 def test_tied_weights_of_two_modules_are_refused_before_any_change():
@@ -651,3 +659,70 @@ def test_a_model_with_factored_layers_of_its_own_loads_them_as_they_are(tmp_path
     other.low = LowRankLinear(16, 16, 3)  # (another rank: another architecture)
     with pytest.raises(TypeError, match="not an nn.Linear"):
         load_compressed(other, str(path))
+
+
+class _ReadsItsLayersWeights(nn.Module):
+    """Owners that read a layer's weight themselves, as Hugging Face T5's feed-forward reads
+    ``wo.weight.dtype``, timm BEiT / EVA attention calls ``F.linear(x, qkv.weight, ...)`` and a
+    GPT-2-style block might read a Conv1D's (in, out) weight: each raised AttributeError after
+    compress (a review's case with the real T5, BEiT and Mamba)."""
+
+    def __init__(self, dim=24):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(3 * dim))
+        self.wo = nn.Linear(3 * dim, dim)
+        self.c_proj = Conv1D(dim, dim)
+
+    def forward(self, x):
+        h = torch.nn.functional.linear(x, self.qkv.weight, self.q_bias)
+        h = self.wo(h.to(self.wo.weight.dtype))
+        return h @ self.c_proj.weight + self.c_proj.bias
+
+
+@pytest.mark.parametrize("fraction", [0.4, 0.1])
+def test_owners_that_read_the_weight_of_a_compressed_layer_get_the_dense_product(tmp_path, fraction):
+    torch.manual_seed(0)
+    model = _ReadsItsLayersWeights().double().eval()
+    x = torch.randn(4, 24, dtype=torch.double)
+    patterns = ["qkv", "wo", "c_proj"]
+    dense = truncate_weights_(copy.deepcopy(model), patterns, fraction=fraction)
+    small, _ = compress(model, q3r.find_targets(model, patterns, fused="none"), fraction=fraction, copy=True)
+    torch.testing.assert_close(small(x), dense(x))
+    assert small.c_proj.conv1d_layout and not small.wo.conv1d_layout
+    assert small.c_proj.weight.shape == dense.c_proj.weight.shape  # (Conv1D's (in, out))
+    small(x).sum().backward()  # (gradients reach the factors through the product)
+    assert small.qkv.up.grad is not None and small.c_proj.down.grad is not None
+    # loaded into a fresh dense model: the same layout, the same outputs
+    save_compressed(small, tmp_path / "m.safetensors")
+    fresh = _ReadsItsLayersWeights().double().eval()
+    load_compressed(fresh, tmp_path / "m.safetensors")
+    assert fresh.c_proj.conv1d_layout
+    torch.testing.assert_close(fresh(x), dense(x))
+    # a fused layer reads its dense product too
+    fused = LowRankFusedLinear(6, 9, 0, [(0, 3), (3, 6)], [2, 2], bias=False)
+    torch.testing.assert_close(fused.weight, fused.dense_weight())
+
+
+def test_find_targets_passes_factored_layers_by():
+    torch.manual_seed(0)
+    model = _ReadsItsLayersWeights()
+    compress(model, q3r.find_targets(model, ["wo"]), rank=4)
+    found = q3r.find_targets(model, ["wo", "qkv"], fused="none")
+    assert [t.name for t in found] == ["qkv.weight"]  # (not the computed wo.weight)
+    with pytest.raises(ValueError, match="match no module with a 2-D weight|matched no module"):
+        q3r.find_targets(model, ["wo"])
+
+
+def test_hugging_face_t5_feed_forward_compresses_and_runs():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4, vocab_size=50,
+                                   decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    dense = truncate_weights_(copy.deepcopy(model), ["DenseReluDense.wo"], fraction=0.3)
+    small, _ = compress(model, q3r.find_targets(model, ["DenseReluDense.wo"]), fraction=0.3, copy=True)
+    with torch.no_grad():  # (it read wo.weight.dtype: AttributeError)
+        torch.testing.assert_close(small(input_ids=ids, decoder_input_ids=ids).logits,
+                                   dense(input_ids=ids, decoder_input_ids=ids).logits, rtol=1e-4, atol=1e-5)

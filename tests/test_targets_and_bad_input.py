@@ -29,6 +29,24 @@ def test_timm_style_qkv_is_split_into_row_slices():
     assert t.slices is None
 
 
+def test_an_exclude_pattern_that_matches_nothing_is_refused():
+    # (a typo in exclude selected the layer it meant to leave out, silently)
+    with pytest.raises(ValueError, match=r"exclude patterns \['blocks.0.attn.qvk'\] match no module"):
+        q3r.find_targets(TinyViT(), ["attn.qkv"], exclude=["blocks.0.attn.qvk"])
+
+
+def test_a_qkv_laid_out_per_head_is_left_whole_with_a_warning():
+    # timm's TinyViT / EfficientFormer attention (key_dim; rows [q_h k_h v_h] per head h): row
+    # thirds would mix Q, K and V of different heads (a review found half the "q" slice was not Q)
+    model = TinyViT(dim=24)
+    model.blocks[0].attn.key_dim = 4
+    with pytest.warns(UserWarning, match="laid out per head"):
+        (t,) = q3r.find_targets(model, ["blocks.0.attn.qkv"])
+    assert t.slices is None
+    (t,) = q3r.find_targets(model, ["blocks.0.attn.qkv"], slices={"qkv": (0, [(0, 24), (24, 48)])})
+    assert t.slices == [(0, 24), (24, 48)]  # (the user's layout, no warning needed)
+
+
 def test_rank_overrides_and_per_slice_ranks():
     model = TinyViT(dim=24)
     targets = q3r.find_targets(model, ["attn.qkv", "mlp.fc1"], target_rank=0.25, rank_overrides={"mlp.fc1": 5})

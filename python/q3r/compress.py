@@ -21,8 +21,9 @@ with neither, each target's own ``target_rank`` is used.
 
 Everything is checked, and every factored module built, before the first module is replaced:
 an error leaves the model as it was. Refused: tied weights, non-finite weights, and layers
-whose owner reads their weight itself (an ``nn.MultiheadAttention``'s ``out_proj``, the
-linears of an ``nn.TransformerEncoderLayer``, whose inference fast path does).
+whose owner needs a real ``nn.Linear`` (an ``nn.MultiheadAttention``'s ``out_proj``, the
+linears of an ``nn.TransformerEncoderLayer``, whose inference fast path reads them). An owner
+that only reads ``.weight`` gets the dense product (see ``_read_weight``).
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ def svd_truncate(W: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 class LowRankLinear(nn.Module):
     """``y = x down^T up^T + bias``: a Linear whose (out, in) weight is up (out, r) @ down (r, in)."""
 
+    _q3r_factored = True  # (q3r.find_targets passes factored layers by: their weight is computed)
+    conv1d_layout = False  # (True where it replaced an HF Conv1D: ``weight`` reads (in, out))
+
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         if isinstance(rank, bool) or not (isinstance(rank, int) and rank >= 1):
@@ -101,8 +105,22 @@ class LowRankLinear(nn.Module):
     def dense_weight(self) -> Tensor:
         return self.up @ self.down
 
+    weight = property(lambda self: _read_weight(self), doc="the dense weight, for code that reads a layer's "
+                      "``.weight``: see _read_weight")
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+def _read_weight(module) -> Tensor:
+    """``.weight`` of a factored module: the dense product, rebuilt at every read, in the layout
+    of the layer it replaced (an HF Conv1D's (in, out) where ``conv1d_layout``). Some owners
+    read their layer's weight themselves, and had an AttributeError after compress: Hugging
+    Face T5's feed-forward reads ``wo.weight.dtype``, timm BEiT / EVA attention with q/v biases
+    calls ``F.linear(x, qkv.weight, ...)``, HF Mamba multiplies by ``dt_proj.weight``. Their
+    outputs are right; such a layer saves parameters, not compute."""
+    W = module.dense_weight()
+    return W.transpose(0, 1) if module.conv1d_layout else W
 
 
 class _DenseBlock(nn.Module):
@@ -138,6 +156,9 @@ class LowRankFusedLinear(nn.Module):
     ``ranks`` has one int per slice, in the order of ``slices``.
     """
 
+    _q3r_factored = True
+    conv1d_layout = False
+
     def __init__(self, in_features, out_features, slice_dim, slices, ranks, bias=True, device=None, dtype=None):
         super().__init__()
         slices = [tuple(s) for s in slices]
@@ -172,6 +193,8 @@ class LowRankFusedLinear(nn.Module):
     def dense_weight(self) -> Tensor:
         parts = [blk.dense_weight() if isinstance(blk, LowRankLinear) else blk.weight for blk in self.blocks]
         return torch.cat(parts, dim=self.slice_dim)
+
+    weight = LowRankLinear.weight
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, slice_dim={self.slice_dim}, slices={self.slices}, ranks={self.ranks}"
@@ -335,6 +358,7 @@ def _factored_module(module: nn.Module, t: Target, ranks: list[int]) -> nn.Modul
                 block.up.data, block.down.data = svd_truncate(part, block.rank)
             else:
                 block.weight.data.copy_(part)
+    new.conv1d_layout = _is_conv1d(module)
     if bias is not None:
         new.bias.data.copy_(bias.detach())
         new.bias.requires_grad_(bias.requires_grad)
@@ -560,6 +584,7 @@ def _rebuilt_module(model: nn.Module, name: str, spec, path) -> nn.Module:
     if found != wanted:
         raise ValueError(f"{path} holds a factored {name!r} of {found[1]} -> {found[0]} features (bias={found[2]}), but the "
                          f"model's {name!r} is {wanted[1]} -> {wanted[0]} (bias={wanted[2]}): another architecture")
+    new.conv1d_layout = _is_conv1d(old)
     new.train(old.training)  # (as compress does: an eval-mode model stays in eval mode, a frozen layer frozen)
     bias = getattr(old, "bias", None)
     for param in new.parameters():

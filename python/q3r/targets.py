@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -119,9 +120,11 @@ def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     torch.compile puts around a model or a submodule (an OptimizedModule holding the original
     as ``_orig_mod``), so that the names, and the patterns and checkpoints that use them, are
     those of the model uncompiled. (get_submodule resolves them: the wrapper forwards
-    attribute access to the original.)"""
+    attribute access to the original.) A module registered under several names is listed
+    under each (named_modules' default lists it under its first only: a pattern naming
+    another of its names matched nothing); its weight is still one target."""
     out = []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):
         if _is_compile_wrapper(module):
             continue
         out.append((".".join(part for part in name.split(".") if part != "_orig_mod"), module))
@@ -176,6 +179,14 @@ def _auto_fused(parent: nn.Module | None, child_name: str, module: nn.Module):
     if weight is None or weight.dim() != 2:
         return None
     if child_name == "qkv" and parent is not None and hasattr(parent, "num_heads") and weight.shape[0] % 3 == 0:
+        if hasattr(parent, "key_dim"):
+            # timm's TinyViT, EfficientFormer (and kin) lay qkv's rows out per head, [q_h k_h v_h]
+            # for each head h (view(B, N, heads, -1).split(...)): thirds of the rows would mix
+            # Q, K and V of different heads (half of the "q" slice of tiny_vit_5m_224 was K and V)
+            warnings.warn(f"{type(parent).__name__}.{child_name} has key_dim, as attention blocks whose qkv rows "
+                          "are laid out per head do: left whole, not cut into Q, K, V thirds; pass "
+                          "slices={...} to find_targets for the layout it has", stacklevel=3)
+            return None
         third = weight.shape[0] // 3
         return 0, [(0, third), (third, 2 * third), (2 * third, 3 * third)], ["q", "k", "v"]
     # (a cross-attention c_attn holds K and V only: (d, 2d), which may also divide by 3)
@@ -226,12 +237,15 @@ def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, s
     slices = dict(slices or {})
     modules = _named_modules(model)
     parents = dict(modules)
-    unmatched = [p for p in include if not any(_matches(p, name) for name in parents if name)]
-    if unmatched:
-        raise ValueError(f"include patterns {unmatched!r} match no module of the model")
+    for option, patterns in (("include", include), ("exclude", exclude)):  # (a typo must not pass silently)
+        unmatched = [p for p in patterns if not any(_matches(p, name) for name in parents if name)]
+        if unmatched:
+            raise ValueError(f"{option} patterns {unmatched!r} match no module of the model")
     targets, used = [], set()
     for name, module in modules:
         if not name or not any(_matches(p, name) for p in include) or any(_matches(p, name) for p in exclude):
+            continue
+        if getattr(type(module), "_q3r_factored", False):  # (already factored: its weight is computed)
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor):
