@@ -13,6 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from q3r import _native, randomized
+from q3r import _refresh_sketched as _sketched
 from q3r.refresh import SliceConfig, new_slice_state, refresh_slices_
 
 D1, D2, RANK = 96, 64, 5  # sketch width 21 <= 32: the sketched path, not the exact fallback
@@ -403,6 +404,62 @@ def test_a_sketch_makes_no_full_size_temporary(warm):
     unit = randomized.sketch(torch.stack(weights).mT, k, starts, check_later=warm, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(sk.G, unit.G, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sk.scale, unit.scale * 1e-30, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_warm_refresh_makes_no_float64_copy_of_the_weights(dtype):
+    """The energy ||W||_F^2 a commit compares its Ritz values with was a float64 norm, which
+    casts its input inside the op: a float64 copy of every stack (twice its float32 bytes)
+    at every refresh.  Now nothing a warm refresh allocates is larger than the stack in
+    float32 (the stack itself; a bf16 stack's float32 copy for the sketch).  Random-init
+    weights: no member takes the float64 Rayleigh-Ritz step, whose float64 stack is by design."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n = 4
+    weights, configs, states = _targets(n, seed=3)
+    weights = [w.to(dtype) for w in weights]
+    refresh_slices_(weights, states, configs, method="randomized")  # cold
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        assert all(refresh_slices_([w * 0.98 for w in weights], states, configs, method="randomized"))
+    largest = max(e.self_cpu_memory_usage for e in prof.events())
+    assert 0 < largest <= 4 * n * D1 * D2
+    for w, s in zip(weights, states):  # and the tail energy it stored is right
+        sv = torch.linalg.svdvals(w.double() * 0.98)
+        assert abs(float(s["tail_energy"]) - float(sv[RANK:].square().sum() / sv.square().sum())) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("tall", [False, True])
+def test_stack_energy_is_the_float64_frobenius_norm_or_nan_at_extreme_scales(dtype, tall):
+    gen = torch.Generator().manual_seed(4)
+    exponents = (-30, -9, 0, 9, 30)
+    weights = [(torch.randn(D2, D1, generator=gen) * 10.0**e).to(dtype) for e in exponents]
+    stack = torch.stack(weights).mT if tall else torch.stack(weights)  # (a transposed view when tall)
+    energy = _sketched._energy(stack, randomized.max_abs(stack)[0])
+    expected = torch.stack([w.double().square().sum() for w in weights])
+    fast = torch.tensor([abs(e) < 9.6 for e in exponents])  # (|W| within 2^-32 .. 2^32)
+    torch.testing.assert_close(energy[fast], expected[fast], rtol=1e-6, atol=0)
+    assert energy[~fast].isnan().all()  # (left to _exact_energies)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("scale", [1e-25, 1e25])
+def test_weights_of_extreme_scale_get_their_tail_energy_from_a_float64_norm(method, scale):
+    """Where float32 squares would underflow or overflow, the commit's energy comes from a
+    float64 norm of the member: the tail energy and the commit are those of the weights at
+    unit scale (a stack mixing both scales: only the extreme members are filled in)."""
+    weights, configs, states = _targets(4, seed=5)
+    for w in weights[::2]:
+        w.mul_(scale)
+    unit_states = [new_slice_state(D1, D2) for _ in weights]
+    for step in range(3):  # cold, then warm
+        refresh_slices_(_shrunk(weights, step), states, configs, method=method)
+        refresh_slices_(_shrunk([w / scale if j % 2 == 0 else w for j, w in enumerate(weights)], step), unit_states,
+                        configs, method=method)
+    for j, (s, u) in enumerate(zip(states, unit_states)):
+        assert float(s["tail_energy"]) > 0.5  # (random weights at 20% ranks: most energy in the tail)
+        assert abs(float(s["tail_energy"]) - float(u["tail_energy"])) < 1e-5, j
+        assert s["sigma"].shape == u["sigma"].shape
 
 
 def test_exact_refresh_of_several_shape_groups_skips_only_the_nonfinite_target():

@@ -5,6 +5,7 @@ Rayleigh-Ritz step, or an exact SVD."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _refresh_commit as C
-from . import randomized
+from . import randomized, reference
 from ._transfer import to_device
 
 if TYPE_CHECKING:
@@ -183,7 +184,36 @@ def _sketch_stack_(weights, st: _Stack, attempt: int, opts: SketchOptions) -> No
                                   warm_power_iters=opts.warm_power_iters if st.power_iters is None else st.power_iters,
                                   generator=gen, check_later=attempt == 0,
                                   max_top_up=opts.oversampling // 2, residuals=opts.max_residual < 1)
-    st.energy = torch.linalg.vector_norm(stack, dim=(-1, -2), dtype=torch.float64).square()
+    st.energy = _energy(stack, st.sketch.scale)
+
+
+# the max |entry| range (powers of 2) in which squares summed in float32 neither overflow
+# nor lose more than rounding to underflow, whatever the shape
+_FAST_ENERGY_RANGE = (2.0**-32, 2.0**32)
+
+
+def _energy(stack: Tensor, scale: Tensor) -> Tensor:
+    """(b,) float64 ||W||_F^2 of each member: norms along its contiguous dimension in its
+    compute dtype, summed in float64; NaN where its largest |entry| (``scale``) lies outside
+    _FAST_ENERGY_RANGE, for _exact_energies to fill in.  ``vector_norm(stack, dtype=float64)``
+    cast its input first: a float64 copy of the whole stack (twice its bytes, up to 2 GiB at
+    the default max_stack_bytes) at every refresh, for a total no more exact than the float32
+    Ritz values it is compared with (both about 1e-7 relative)."""
+    dim = -1 if stack.stride(-1) == 1 else -2  # (an all-tall stack is a transposed view)
+    norms = torch.linalg.vector_norm(stack, dim=dim, dtype=reference.compute_dtype(stack.dtype))
+    low, high = _FAST_ENERGY_RANGE
+    return torch.where((scale >= low) & (scale <= high), norms.double().square().sum(dim=-1), math.nan)
+
+
+def _exact_energies(weights, st: _Stack, host: Tensor) -> None:
+    """Fill in the energies _energy left NaN (finite weights of extreme scale: its float32
+    squares would overflow or underflow) in ``host``, the stack's commit columns, from a
+    float64 norm of each such member: a host sync per member, for weights no training
+    run has."""
+    k = (host.shape[1] - 7) // 2  # (C.commit_columns: k Ritz values, the energy, ..., k residuals)
+    missing = host[:, k].isnan() & (host[:, k + 4] != 0)  # (a non-finite member's is not needed)
+    for j in missing.nonzero().flatten().tolist():
+        host[j, k] = float(torch.linalg.vector_norm(weights[st.members[j]], dtype=torch.float64).square())
 
 
 def _finish_stacks(weights, states, configs, stacks: list[_Stack], solvers, opts: SketchOptions,
@@ -199,6 +229,8 @@ def _finish_stacks(weights, states, configs, stacks: list[_Stack], solvers, opts
     if before_wait is not None:
         before_wait()
     hosts = C.to_host(columns)
+    for st, host in zip(stacks, hosts):
+        _exact_energies(weights, st, host)
     for st, (U, S, V), host in zip(stacks, solved, hosts):
         _finish_stack(weights, states, configs, st, U, S, V, host, solvers, opts)
 
@@ -223,7 +255,8 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
     refine = [i for i, width in retry.items() if width == C.REFINE]
     if refine:  # the same subspace, its k x k problem in float64 (see SketchOptions)
         rows = to_device([members.index(i) for i in refine], torch.int64, U.device)
-        sub, Q2, energy = weights.stack(refine).double(), U.index_select(0, rows).double(), st.energy.index_select(0, rows)
+        sub, Q2 = weights.stack(refine).double(), U.index_select(0, rows).double()
+        energy = torch.linalg.vector_norm(sub, dim=(-1, -2)).square()  # (exact: its Ritz values are too)
         B2, G2 = randomized.gram(sub, Q2)
         lam2, E2 = solvers["torch"](G2)
         U2, S2, V2 = randomized.ritz_from_eig(Q2, B2, lam2, E2)
