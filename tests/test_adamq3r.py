@@ -145,24 +145,49 @@ def test_low_precision_weights_get_the_q3r_term_rounded_once_with_the_adam_step(
     # denominator (eps = 1e-8 is 0 in fp16 too): torch.optim.Adam itself steps to inf there)
     W0, grad = W0.to(dtype), (grad + 0.5 * grad.sign()).to(dtype)
     results = {}
-    for lmbda, wide in ((0.0, False), (0.1, False), (0.1, True)):
+    for lmbda, wide in ((0.0, False), (0.1, False), (0.1, True), (0.0, True)):
         W = torch.nn.Parameter(W0.float() if wide else W0.clone())
         opt = q3r.AdamQ3R([{"params": [W], "q3r": True, "target_rank": 4, "lmbda": lmbda}], lr=1e-3)
         W.grad = grad.float() if wide else grad.clone()
         opt.step()
-        results[lmbda if not wide else "fp32"] = W.detach().float()
+        results[(lmbda, "fp32") if wide else lmbda] = W.detach().float().clone()
     # the same step on float32 weights, rounded once, is what the low-precision step gives
-    # (up to near-ties: its moments are stored in the low precision); rounded twice, about 9%
-    # of the entries differ
-    assert (results[0.1] != results["fp32"].to(dtype).float()).float().mean().item() < 0.01
+    # (its moments too are taken in float32); rounded twice, about 9% of the entries differ
+    assert (results[0.1] != results[(0.1, "fp32")].to(dtype).float()).float().mean().item() < 0.01
     moved = (results[0.0] != results[0.1]).float().mean().item()
     assert moved > 0.01  # (about term / ulp of the entries; 0 when rounded twice)
-    # and by the term, to within an ulp: not noise
+    # and by the term, to within an ulp of the float32 Adam step: not noise (lmbda = 0 is
+    # torch.optim.Adam in the low precision, a little off the float32 step where W ~ lr)
     W32 = W0.float()
     eps = sigma_next(W32.double(), 4)
     term = 1e-3 * 2 * 0.1 * dense_reweighting(W32.double(), eps, W32.double())
-    ulp = (results[0.0].abs() * 2.0**-mantissa_bits).clamp_min(tiny)
-    assert ((results[0.1] - (results[0.0] - term.float())).abs() <= ulp).all()
+    adam = results[(0.0, "fp32")]
+    ulp = (adam.abs() * 2.0**-mantissa_bits).clamp_min(tiny)
+    assert ((results[0.1] - (adam - term.float())).abs() <= ulp).all()
+
+
+def test_float16_target_with_small_gradients_stays_finite():
+    """In float16, (1 - beta2) g^2 of a small g underflows to 0, and eps = 1e-8 is 0 there too:
+    a target's moments are taken in float32 with its step (as the fused kernel takes them), not
+    in float16, where the update was inf and R(W) spread it over the whole target as NaN."""
+    g = torch.Generator().manual_seed(5)
+    W0 = torch.randn(37, 53, generator=g).half()
+    runs = {}
+    for dtype in (torch.float16, torch.float32):  # (the same float16 weights and gradients)
+        W = torch.nn.Parameter(W0.to(dtype, copy=True))
+        opt = q3r.AdamQ3R([{"params": [W], "q3r": True, "target_rank": 3, "refresh": "exact"}], lr=1e-2)
+        gen = torch.Generator().manual_seed(6)
+        for step in range(3):
+            # every (1 - beta2) g^2 underflows in float16
+            W.grad = (1e-3 * torch.randn(37, 53, generator=gen)).half().to(dtype)
+            opt.step()
+            if step == 0:
+                runs[dtype] = W.detach().float().clone()
+        assert torch.isfinite(W).all()
+    # the first step is the float32 step rounded once (up to near-ties; later steps read the
+    # second moments back as float16 zeros, in the kernel as here, and differ more)
+    rounded = runs[torch.float32].to(torch.float16).float()
+    assert (runs[torch.float16] != rounded).float().mean().item() < 0.01
 
 
 def test_refresh_every_T_steps_from_step_zero_and_frozen_between():

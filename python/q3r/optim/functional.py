@@ -57,9 +57,17 @@ def q3r_terms(work: ParamWork) -> list[Tensor]:
 
 def adam_update_(work: ParamWork, param: Tensor | None = None) -> None:
     """torch.optim.Adam's single-tensor update (decoupled weight decay as in AdamW), of
-    ``param`` (default: work.param; or a float32 copy of it, see adamq3r_reference_)."""
+    ``param`` (default: work.param; or a float32 copy of it, see adamq3r_reference_, whose
+    moments are then computed in float32 as well)."""
     param = work.param if param is None else param
     grad, exp_avg, exp_avg_sq = work.grad, work.exp_avg, work.exp_avg_sq
+    # a float32 copy of a low-precision parameter takes float32 moments too, stored rounded
+    # once, as the fused kernel does: in float16, (1 - beta2) g^2 of a small g (|g| < 0.008)
+    # underflows to 0 and eps = 1e-8 is 0 there too, so the update was inf, and at the next
+    # step R(W) spread it over the whole target as NaN while the kernels' update stayed finite
+    wide = param.dtype != exp_avg.dtype
+    if wide:
+        grad, exp_avg, exp_avg_sq = (t.to(param.dtype) for t in (grad, exp_avg, exp_avg_sq))
     work.step += 1
     if work.weight_decay != 0:
         param.mul_(1 - work.lr * work.weight_decay)
@@ -71,6 +79,9 @@ def adam_update_(work: ParamWork, param: Tensor | None = None) -> None:
     step_size = work.lr / bias_correction1
     denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(work.eps)
     param.addcdiv_(exp_avg, denom, value=-step_size)
+    if wide:
+        work.exp_avg.copy_(exp_avg)
+        work.exp_avg_sq.copy_(exp_avg_sq)
 
 
 def adamq3r_reference_(works: list[ParamWork]) -> None:
