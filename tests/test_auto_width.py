@@ -52,6 +52,22 @@ def test_narrow_factors_and_forced_triton_go_to_the_kernels(triton_everywhere, m
         ops.adamq3r_fused_([_work(ops.AUTO_MAX_WIDTH_DEFAULT + 1)])
 
 
+def test_factors_not_all_float32_stay_on_the_reference_path(triton_everywhere):
+    """A V of another dtype than float32 is no more the kernels' than such a U: automatic
+    dispatch keeps it on the reference path, as project and apply_reweighting do (the
+    kernels refused it with a TypeError)."""
+    work = _work(16)
+    U, V, sigma, eps = work.operators[0]
+    work.operators = [(U, V.double(), sigma, eps)]
+    assert ops.adamq3r_fused_([work]) == [work]
+    out = torch.zeros_like(work.param)
+    ops.add_reweighting_([out], [work.param], work.operators, alpha=0.5)
+    from q3r import reference
+
+    d = reference.reweighting_coefficients(sigma, eps)
+    torch.testing.assert_close(out, 0.5 * reference.apply_reweighting(work.param, U, V, d))
+
+
 def test_bad_width_setting(monkeypatch):
     monkeypatch.setenv("Q3R_TRITON_MAX_WIDTH", "wide")
     with pytest.raises(ValueError, match="Q3R_TRITON_MAX_WIDTH"):

@@ -140,12 +140,14 @@ def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tu
         where = (W.device, W.dtype)
         if where not in verdict:
             verdict[where] = backend_for(*where) == "triton"
-        U = f[0]
-        ok = (verdict[where] and W.dim() == 2 and out.dtype in _FAST_OUT_DTYPES and U.dtype == torch.float32
-              and (limit is None or U.shape[-1] <= limit))
+        U, V = f[0], f[1]
+        # (V too: the kernels refuse a factor of another dtype with a TypeError, where the
+        # reference path takes it)
+        ok = (verdict[where] and W.dim() == 2 and out.dtype in _FAST_OUT_DTYPES
+              and U.dtype == V.dtype == torch.float32 and (limit is None or U.shape[-1] <= limit))
         if verdict[where] and not ok:
             _refuse_forced(f"block {i} does not fit the kernels (a 2-D weight, an out of dtype float32, bfloat16 "
-                           f"or float16 and float32 factors; got {W.dim()}-D, {out.dtype}, {U.dtype})")
+                           f"or float16 and float32 factors; got {W.dim()}-D, {out.dtype}, U {U.dtype}, V {V.dtype})")
         (fast if ok else slow).append(i)
     for i in slow:  # all of them before the first is applied
         _check(weights[i], factors[i][0], factors[i][1], factors[i][2])
@@ -389,7 +391,7 @@ def adamq3r_fused_(works: list) -> list:
         if where not in verdict:
             verdict[where] = backend_for(p.device, p.dtype) == "triton"
         # (operators as the optimizer keeps them: float32 factors, eps a tensor)
-        if (verdict[where] and all(op[0].dtype == torch.float32 and (len(op) == 3 or _float32_tensor(op[3]))
+        if (verdict[where] and all(op[0].dtype == op[1].dtype == torch.float32 and (len(op) == 3 or _float32_tensor(op[3]))
                                    for op in work.operators) and _width_ok(work.operators, limit)):
             taken.append(work)
         else:
