@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from q3r import ops
+from q3r import ops, reference
 from q3r.optim.functional import ParamWork
 
 
@@ -62,8 +62,6 @@ def test_factors_not_all_float32_stay_on_the_reference_path(triton_everywhere):
     assert ops.adamq3r_fused_([work]) == [work]
     out = torch.zeros_like(work.param)
     ops.add_reweighting_([out], [work.param], work.operators, alpha=0.5)
-    from q3r import reference
-
     d = reference.reweighting_coefficients(sigma, eps)
     torch.testing.assert_close(out, 0.5 * reference.apply_reweighting(work.param, U, V, d))
 
