@@ -6,6 +6,8 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <climits>
 #include <tuple>
 
 #include "jacobi_cpu.h"
@@ -64,6 +66,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eigh_cuda(const at::Tensor& G, in
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_eigh(const at::Tensor& G, int64_t max_sweeps, double tol) {
   check_input(G, max_sweeps, tol);
+  // the solvers count sweeps in an int: a bound past INT_MAX is no bound, not its low 32 bits
+  // (2**32 truncated to 0 sweeps and returned G's diagonal as the eigenvalues)
+  max_sweeps = std::min<int64_t>(max_sweeps, INT_MAX);
   if (G.is_cuda()) {
 #ifdef Q3R_WITH_CUDA
     return eigh_cuda(G, max_sweeps, tol);

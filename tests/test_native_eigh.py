@@ -157,6 +157,14 @@ def test_bad_input_is_rejected():
             _native.load().batched_eigh(torch.zeros(0, 32769, 32769), 5, 1e-7)
 
 
+@needs_cpu_native
+def test_a_sweep_bound_past_int32_is_no_bound():
+    G = make_case("spd", 9)
+    evals, evecs, sweeps = _native.batched_eigh_with_sweeps(G.float(), max_sweeps=2**32)
+    assert sweeps.min() > 0
+    check_decomposition(G.float().double(), evals, evecs)
+
+
 def test_fallback_matches_contract():
     """float64 input (or no extension) goes through torch.linalg.eigh, same output contract."""
     G = make_case("spd", 9)
