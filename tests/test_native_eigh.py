@@ -165,6 +165,40 @@ def test_a_sweep_bound_past_int32_is_no_bound():
     check_decomposition(G.float().double(), evals, evecs)
 
 
+@needs_cpu_native
+def test_an_input_autograd_records_gets_its_true_gradient():
+    """The native solver has no backward (autograd saw only the scaling around it: a wrong
+    gradient); such a G takes torch.linalg.eigh, and require_native says why it cannot."""
+    G = make_case("spd", 5).float().requires_grad_()
+    evals, _ = _native.batched_eigh(G)
+    evals.sum().backward()  # d(trace)/dG = I
+    assert torch.allclose(G.grad, torch.eye(5).expand(3, 5, 5), atol=1e-5)
+    with pytest.raises(_native.NativeUnavailable, match="requires grad"):
+        _native.batched_eigh(G, require_native=True)
+    with torch.no_grad():
+        _native.batched_eigh(G, require_native=True)
+
+
+def test_the_fallback_symmetrizes_and_nans_as_the_native_path_does():
+    """torch.linalg.eigh reads only the lower triangle; the native path symmetrizes and NaNs a
+    member with a non-finite entry anywhere. Both paths must give the same answer."""
+    A = torch.randn(2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    evals, evecs = _native.batched_eigh(A)  # (float64: the fallback)
+    check_decomposition(0.5 * (A + A.mT), evals, evecs, rtol=1e-12)
+    A[1, 0, 3] = float("nan")  # above the diagonal
+    evals, evecs = _native.batched_eigh(A)
+    assert evals[1].isnan().all() and evecs[1].isnan().all() and evals[0].isfinite().all()
+    with pytest.raises(ValueError, match="real"):  # (the cast to float64 dropped the imaginary part)
+        _native.batched_eigh(A.to(torch.complex128))
+
+
+@needs_cpu_native
+def test_entries_near_the_float32_maximum_do_not_overflow_the_symmetrization():
+    G = torch.diag_embed(torch.tensor([[2e38, 1e38, 1e30]]))
+    evals, _ = _native.batched_eigh(G, require_native=True)
+    assert torch.allclose(evals, torch.tensor([[2e38, 1e38, 1e30]]), rtol=1e-6)
+
+
 def test_fallback_matches_contract():
     """float64 input (or no extension) goes through torch.linalg.eigh, same output contract."""
     G = make_case("spd", 9)

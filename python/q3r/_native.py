@@ -91,31 +91,53 @@ def batched_eigh(G: Tensor, max_sweeps: int = DEFAULT_MAX_SWEEPS, tol: float = D
     subnormals, stay clear of the products); a member with a non-finite entry comes back as
     NaN (SPEC section 5), all without a host sync.  ``prepared``: the caller's G already is
     symmetric, finite (non-finite members zeroed) and scaled, as the refresh's Gram matrices
-    are (q3r.randomized.sketch): those steps are skipped.
+    are (q3r.randomized.sketch): those steps are skipped.  The fallback symmetrizes and NaNs
+    non-finite members the same way; a G that requires grad (with grad enabled) takes it, as the
+    native solver has no backward; complex G is refused.
     """
     if G.dim() != 3 or G.shape[-1] != G.shape[-2]:
         raise ValueError(f"G must have shape (batch, k, k), got {tuple(G.shape)}")
-    if available(G.device) and G.dtype == torch.float32:
+    if G.is_complex():  # (the cast to the compute dtype below would drop the imaginary part)
+        raise ValueError(f"G must be real symmetric, got {G.dtype}")
+    # the native solver has no backward: autograd would see only the scaling around it and
+    # return a wrong gradient, so a G that autograd records takes torch.linalg.eigh
+    recorded = G.requires_grad and torch.is_grad_enabled()
+    if available(G.device) and G.dtype == torch.float32 and not recorded:
         if prepared:
             evals, evecs, _ = load().batched_eigh(G, int(max_sweeps), float(tol))
             return evals, evecs
-        return _checked_native(G, int(max_sweeps), float(tol))
+        return _checked(G, lambda S: load().batched_eigh(S, int(max_sweeps), float(tol))[:2], scaled=True)
     if require_native:
-        raise NativeUnavailable(f"native batched_eigh is not available for {G.device} / {G.dtype}; {status()}")
-    evals, evecs = torch.linalg.eigh(G.to(reference.compute_dtype(G.dtype)))
+        why = "G requires grad and the native solver has no backward" if recorded else status()
+        raise NativeUnavailable(f"native batched_eigh is not available for {G.device} / {G.dtype}; {why}")
+    G = G.to(reference.compute_dtype(G.dtype))
+    if prepared:
+        return _eigh_descending(G)
+    # the same symmetrization and non-finite members as the native path (torch.linalg.eigh
+    # reads only the lower triangle: an asymmetric G, or a NaN above the diagonal, gave
+    # another answer than the native solver)
+    return _checked(G, _eigh_descending, scaled=False)
+
+
+def _eigh_descending(G: Tensor) -> tuple[Tensor, Tensor]:
+    evals, evecs = torch.linalg.eigh(G)
     return evals.flip(-1), evecs.flip(-1)
 
 
-def _checked_native(G: Tensor, max_sweeps: int, tol: float) -> tuple[Tensor, Tensor]:
+def _checked(G: Tensor, solve, scaled: bool) -> tuple[Tensor, Tensor]:
     if G.shape[-1] == 0:
-        evals, evecs, _ = load().batched_eigh(G, max_sweeps, tol)
-        return evals, evecs
+        return solve(G)
     finite = torch.isfinite(G).flatten(1).all(1)
-    S = torch.where(finite[:, None, None], 0.5 * (G + G.mT), torch.zeros((), dtype=G.dtype, device=G.device))
-    scale = S.abs().amax(dim=(1, 2)).clamp_min(torch.finfo(G.dtype).tiny)
-    evals, evecs, _ = load().batched_eigh((S / scale[:, None, None]).contiguous(), max_sweeps, tol)
+    # (halved before the sum: G + G^T overflows float32 for entries past ~1.7e38)
+    S = torch.where(finite[:, None, None], 0.5 * G + 0.5 * G.mT, torch.zeros((), dtype=G.dtype, device=G.device))
+    if scaled:
+        scale = S.abs().amax(dim=(1, 2)).clamp_min(torch.finfo(G.dtype).tiny)
+        evals, evecs = solve((S / scale[:, None, None]).contiguous())
+        evals = evals * scale[:, None]
+    else:
+        evals, evecs = solve(S)
     nan = torch.full((), float("nan"), dtype=G.dtype, device=G.device)
-    return torch.where(finite[:, None], evals * scale[:, None], nan), torch.where(finite[:, None, None], evecs, nan)
+    return torch.where(finite[:, None], evals, nan), torch.where(finite[:, None, None], evecs, nan)
 
 
 def batched_eigh_with_sweeps(G: Tensor, max_sweeps: int = DEFAULT_MAX_SWEEPS,
