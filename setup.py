@@ -18,7 +18,7 @@ Switches (environment variables):
     TORCH_CUDA_ARCH_LIST               forwarded to torch's extension builder (e.g. "9.0");
                                       with no GPU visible it defaults to "8.0;9.0+PTX".
 Q3R_BUILD_NATIVE=0, or a build that fails, removes python/q3r/_C*.so left by an earlier build
-(an editable install would load it).
+(an editable install would load it), and so does an editable install without torch at build time.
 `python -m q3r.info` reports what the installed package holds.
 """
 
@@ -54,6 +54,8 @@ def _log(msg: str) -> None:
 
 HEADERS = ["csrc/jacobi_common.h", "csrc/jacobi_cpu.h", "csrc/jacobi_cuda.h"]  # a change rebuilds
 IN_PLACE = os.path.join("python", "q3r", "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+# only an editable install loads IN_PLACE: an sdist or a wheel leaves a developer's build there
+EDITABLE = any(command in sys.argv for command in ("editable_wheel", "develop"))
 
 
 def _remove_in_place_module(why: str) -> None:
@@ -99,6 +101,8 @@ def _native_extension():
             raise SystemExit("Q3R_BUILD_NATIVE=1 but torch is not importable at build time "
                              "(use pip install --no-build-isolation)")
         _log("torch not importable at build time: pure-Python install (no q3r._C)")
+        if EDITABLE:  # (a build-isolated `pip install -e .` after a --no-build-isolation one)
+            _remove_in_place_module("torch not importable at build time")
         return [], {}
 
     want_cuda = _switch("Q3R_BUILD_CUDA")

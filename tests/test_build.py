@@ -27,6 +27,14 @@ sys.argv = ["setup.py", *sys.argv[1:]]
 runpy.run_path("setup.py", run_name="__main__")
 """
 
+# setup.py as pip's build-isolated environment runs it: no torch to import
+NO_TORCH = """
+import runpy, sys
+sys.modules["torch"] = None  # (import torch raises ImportError)
+sys.argv = ["setup.py", *sys.argv[1:]]
+runpy.run_path("setup.py", run_name="__main__")
+"""
+
 
 @pytest.fixture
 def tree(tmp_path):
@@ -58,6 +66,17 @@ def test_a_failed_compile_installs_pure_python_and_removes_an_earlier_module(tre
     assert not list((tree / "out").rglob("_C*"))
     # Q3R_BUILD_NATIVE=1: the same failure fails the build
     assert _build_ext(tree, CC="/nonexistent/cc", CXX="/nonexistent/c++", Q3R_BUILD_NATIVE="1").returncode != 0
+
+
+def test_an_editable_install_without_torch_removes_an_earlier_module(tree):
+    """A build-isolated `pip install -e .` after a --no-build-isolation one said 'pure-Python
+    install' and left the earlier module, which the editable install then loaded."""
+    (tree / "no_torch.py").write_text(NO_TORCH)
+    stale = tree / "python" / "q3r" / f"_C{SUFFIX}"
+    out = _setup(tree, "--name", script="no_torch.py")  # (an sdist or a wheel: a developer's build stays)
+    assert out.returncode == 0 and "torch not importable" in out.stderr and stale.exists(), out.stderr[-2000:]
+    out = _setup(tree, "editable_wheel", "--help", script="no_torch.py")
+    assert out.returncode == 0 and not stale.exists(), out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("value, expected", [("0", "pure-Python install"), ("off", "pure-Python install"),
