@@ -78,8 +78,10 @@ def _nvcc_major(cuda_home: str) -> str | None:
 
 def _cuda_problem(torch, cpp_extension) -> str | None:
     """Why the CUDA part cannot be built here, or None."""
-    if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
-        return f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build (torch.version.cuda=None)"
+    if cpp_extension.CUDA_HOME is None:
+        return "no CUDA toolkit found (CUDA_HOME unset and no nvcc on PATH)"
     nvcc = _nvcc_major(cpp_extension.CUDA_HOME)
     if nvcc != torch.version.cuda.split(".")[0]:  # (torch's builder refuses another major version)
         return f"nvcc in {cpp_extension.CUDA_HOME} is CUDA {nvcc}, torch was built with CUDA {torch.version.cuda}"
@@ -109,7 +111,7 @@ def _native_extension():
     cuda_problem = _cuda_problem(torch, cpp_extension) if want_cuda != "0" else "Q3R_BUILD_CUDA=0"
     if want_cuda == "1" and cuda_problem is not None:
         raise SystemExit(f"Q3R_BUILD_CUDA=1 but the CUDA part cannot be built: {cuda_problem}")
-    if want_cuda == "auto" and cuda_problem is not None and torch.version.cuda is not None:
+    if want_cuda == "auto" and cuda_problem is not None:  # (a CPU torch too: say why, nvcc or not)
         _log(f"CPU part only: {cuda_problem}")
     with_cuda = cuda_problem is None
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:

@@ -85,6 +85,8 @@ def test_switch_spellings(tree, value, expected):
     out = _setup(tree, "--name", Q3R_BUILD_NATIVE=value)
     assert out.returncode == 0 and expected in out.stderr, out.stderr[-2000:]
     assert (tree / "python" / "q3r" / f"_C{SUFFIX}").exists() == (expected != "pure-Python install")
+    if expected != "pure-Python install" and torch.version.cuda is None:  # (the CUDA part's skip is explained)
+        assert "CPU part only: torch" in out.stderr and "is a CPU build" in out.stderr
     assert _setup(tree, "--name", Q3R_BUILD_NATIVE="maybe").returncode != 0
 
 

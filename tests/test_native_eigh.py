@@ -211,6 +211,14 @@ def test_status_is_a_line():
     assert text.startswith("q3r._C ") and "\n" not in text
 
 
+@needs_cpu_native
+def test_status_names_every_reason_a_cuda_torch_gets_the_cpu_part_alone(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(_native, "build_info", lambda: {"cpu": True, "cuda": False})
+    text = _native.status()
+    assert "another CUDA major version" in text and "compile failed" in text and "Q3R_BUILD_CUDA=0" in text
+
+
 @needs_cuda_native
 # the kernel's three memory layouts on an H100: A and Vt in shared memory (k <= 169), A only
 # (k up to about 235: 170 and 171 are a warm ViT-B / GPT-2 refresh), neither (300, 1024)

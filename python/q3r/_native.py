@@ -74,7 +74,9 @@ def status() -> str:
     elif torch.version.cuda is None:
         cuda = "CUDA part: not built (this torch is a CPU-only build)"
     else:
-        cuda = "CUDA part: not built (no nvcc / CUDA_HOME at build time, or Q3R_BUILD_CUDA=0)"
+        # (every way setup.py leaves it out; its log, `pip install -v`, says which)
+        cuda = ("CUDA part: not built (at build time: no nvcc / CUDA_HOME, an nvcc of another CUDA major "
+                "version than torch's, Q3R_BUILD_CUDA=0, or its compile failed and the CPU part was built alone)")
     return f"q3r._C loaded; CPU part: built; {cuda}"
 
 
