@@ -7,6 +7,7 @@ does not grow with the number of same-shaped targets, and the batched pieces
 """
 
 import collections
+import math
 
 import pytest
 import torch
@@ -430,36 +431,51 @@ def test_a_warm_refresh_makes_no_float64_copy_of_the_weights(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("tall", [False, True])
-def test_stack_energy_is_the_float64_frobenius_norm_or_nan_at_extreme_scales(dtype, tall):
+def test_stack_energy_is_the_float64_frobenius_norm_where_float32_squares_hold(dtype, tall):
     gen = torch.Generator().manual_seed(4)
-    exponents = (-30, -9, 0, 9, 30)
+    exponents = (-30, -12, 0, 12, 30)
     weights = [(torch.randn(D2, D1, generator=gen) * 10.0**e).to(dtype) for e in exponents]
     stack = torch.stack(weights).mT if tall else torch.stack(weights)  # (a transposed view when tall)
-    energy = _sketched._energy(stack, randomized.max_abs(stack)[0])
+    energy = _sketched._energy(stack)
     expected = torch.stack([w.double().square().sum() for w in weights])
-    fast = torch.tensor([abs(e) < 9.6 for e in exponents])  # (|W| within 2^-32 .. 2^32)
-    torch.testing.assert_close(energy[fast], expected[fast], rtol=1e-6, atol=0)
-    assert energy[~fast].isnan().all()  # (left to _exact_energies)
+    torch.testing.assert_close(energy[1:4], expected[1:4], rtol=1e-6, atol=0)
+    if dtype != torch.float64:  # (float32 squares: 1e-60 underflows, 1e60 overflows; _checked_energy redoes them)
+        assert energy[0] < _sketched._FAST_ENERGY_MIN and energy[4].isinf()
+    else:
+        torch.testing.assert_close(energy, expected, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("scale", [1e-25, 1e25])
-def test_weights_of_extreme_scale_get_their_tail_energy_from_a_float64_norm(method, scale):
+def test_weights_of_extreme_scale_get_their_tail_energy_from_a_float64_norm(method, scale, monkeypatch):
     """Where float32 squares would underflow or overflow, the commit's energy comes from a
     float64 norm of the member: the tail energy and the commit are those of the weights at
-    unit scale (a stack mixing both scales: only the extreme members are filled in)."""
-    weights, configs, states = _targets(4, seed=5)
-    for w in weights[::2]:
+    unit scale.  Only those members are redone (one float64 norm each, a host sync): not the
+    others of their stack, nor a zero weight, whose energy is 0 in any precision, nor one with
+    non-finite weights, skipped anyway."""
+    weights, configs, states = _targets(6, seed=5)
+    for w in weights[:4:2]:
         w.mul_(scale)
-    unit_states = [new_slice_state(D1, D2) for _ in weights]
+    weights[4].zero_()
+    redone = []
+    float64_energy = _sketched._float64_energy
+    monkeypatch.setattr(_sketched, "_float64_energy", lambda W: redone.append(W.shape) or float64_energy(W))
+    unit_states = [new_slice_state(D1, D2) for _ in weights[:5]]
     for step in range(3):  # cold, then warm
-        refresh_slices_(_shrunk(weights, step), states, configs, method=method)
-        refresh_slices_(_shrunk([w / scale if j % 2 == 0 else w for j, w in enumerate(weights)], step), unit_states,
-                        configs, method=method)
-    for j, (s, u) in enumerate(zip(states, unit_states)):
+        if step == 0:
+            assert all(refresh_slices_(weights, states, configs, method=method))
+            weights[5][0, 0] = math.inf  # (now in a warm stack, skipped with a warning: its energy is not needed)
+        else:
+            with pytest.warns(RuntimeWarning, match="non-finite"):
+                assert refresh_slices_(_shrunk(weights, step), states, configs, method=method) == [True] * 5 + [False]
+        refresh_slices_(_shrunk([w / scale if j in (0, 2) else w for j, w in enumerate(weights[:5])], step),
+                        unit_states, configs[:5], method=method)
+    for j, (s, u) in enumerate(zip(states[:4], unit_states)):
         assert float(s["tail_energy"]) > 0.5  # (random weights at 20% ranks: most energy in the tail)
         assert abs(float(s["tail_energy"]) - float(u["tail_energy"])) < 1e-5, j
         assert s["sigma"].shape == u["sigma"].shape
+    assert float(states[4]["tail_energy"]) == 0.0
+    assert len(redone) == 2 * 2  # (the two extreme members at each warm refresh; the first is exact)
 
 
 def test_exact_refresh_of_several_shape_groups_skips_only_the_nonfinite_target():

@@ -73,7 +73,7 @@ def to_host(tables: list[Tensor]) -> list[Tensor]:
 def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions, final: bool,
                   precise: bool = False, finite: Tensor | None = None,
                   host: Tensor | None = None, grown=frozenset(), iterated=frozenset(),
-                  residuals: bool = True) -> dict[int, int | Grown | None]:
+                  residuals: bool = True, energy_check=None) -> dict[int, int | Grown | None]:
     """Commit the members whose sketch reached eps; return {target: wider width, REFINE where
     the fp32 Ritz values cannot resolve sigma_{r+1}, None where only an exact SVD does,
     NONFINITE where ``finite`` (b,) says the weights were not, UNTRUSTED where the
@@ -91,6 +91,8 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
     when the caller moved them together with other stacks'). ``residuals``: whether ``host``
     holds the Ritz residuals (the residual check runs where it does, unless
     opts.max_residual >= 1; a precise commit judges them down to resolvable_ratio_fp64).
+    ``energy_check(target, sigma_1, energy) -> energy``: for each member with finite weights,
+    the energy to decide on in place of the one in the columns (see _refresh_sketched._energy).
     """
     k = S.shape[1]
     if host is None:
@@ -100,6 +102,10 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
     # Python floats from here on: the per-target arithmetic below is a few hundred scalars, and
     # indexing a host tensor costs an op dispatch per scalar (thousands per refresh)
     rows = host.tolist()
+    if energy_check is not None:
+        for i, row in zip(members, rows):
+            if row[k + 4]:  # (a non-finite member's is not needed)
+                row[k] = energy_check(i, row[0], row[k])
     scheduled = [_scheduled(row, k, configs[i]) for i, row in zip(members, rows)]
     checked = residuals and not (final or opts.max_residual >= 1)  # (>= 1: the check is off)
     residual = _residual_errors(host, k, scheduled, members, configs, U, V) if checked else [0.0] * len(members)

@@ -184,36 +184,43 @@ def _sketch_stack_(weights, st: _Stack, attempt: int, opts: SketchOptions) -> No
                                   warm_power_iters=opts.warm_power_iters if st.power_iters is None else st.power_iters,
                                   generator=gen, check_later=attempt == 0,
                                   max_top_up=opts.oversampling // 2, residuals=opts.max_residual < 1)
-    st.energy = _energy(stack, st.sketch.scale)
+    st.energy = _energy(stack)
 
 
-# the max |entry| range (powers of 2) in which squares summed in float32 neither overflow
-# nor lose more than rounding to underflow, whatever the shape
-_FAST_ENERGY_RANGE = (2.0**-32, 2.0**32)
+# below this, an energy summed from float32 squares may have lost a visible part of itself to
+# underflow (squares below 2^-126 lose bits: at most n 2^-126 in all, n 2^-62 of this)
+_FAST_ENERGY_MIN = 2.0**-64
 
 
-def _energy(stack: Tensor, scale: Tensor) -> Tensor:
+def _energy(stack: Tensor) -> Tensor:
     """(b,) float64 ||W||_F^2 of each member: norms along its contiguous dimension in its
-    compute dtype, summed in float64; NaN where its largest |entry| (``scale``) lies outside
-    _FAST_ENERGY_RANGE, for _exact_energies to fill in.  ``vector_norm(stack, dtype=float64)``
-    cast its input first: a float64 copy of the whole stack (twice its bytes, up to 2 GiB at
-    the default max_stack_bytes) at every refresh, for a total no more exact than the float32
-    Ritz values it is compared with (both about 1e-7 relative)."""
+    compute dtype, then their norm in float64.  ``vector_norm(stack, dtype=float64)`` cast
+    its input first: a float64 copy of the whole stack (twice its bytes, up to 2 GiB at the
+    default max_stack_bytes) at every refresh, for a total no more exact than the float32
+    Ritz values it is compared with (both about 1e-7 relative).  Where float32 squares
+    overflow (inf) or underflow (below _FAST_ENERGY_MIN), _checked_energy redoes it."""
     dim = -1 if stack.stride(-1) == 1 else -2  # (an all-tall stack is a transposed view)
     norms = torch.linalg.vector_norm(stack, dim=dim, dtype=reference.compute_dtype(stack.dtype))
-    low, high = _FAST_ENERGY_RANGE
-    return torch.where((scale >= low) & (scale <= high), norms.double().square().sum(dim=-1), math.nan)
+    return torch.linalg.vector_norm(norms, dim=-1, dtype=torch.float64).square()
 
 
-def _exact_energies(weights, st: _Stack, host: Tensor) -> None:
-    """Fill in the energies _energy left NaN (finite weights of extreme scale: its float32
-    squares would overflow or underflow) in ``host``, the stack's commit columns, from a
-    float64 norm of each such member: a host sync per member, for weights no training
+def _checked_energy(weights) -> Callable[[int, float, float], float]:
+    """commit_sketch's ``energy_check``: a member's energy from a float64 norm of its weights
+    where _energy could not give it (finite weights whose float32 squares overflowed, inf, or
+    may have underflowed: below _FAST_ENERGY_MIN, the weights not zero, their top Ritz value
+    is not); else the energy as it is.  A host sync per redone member, for weights no training
     run has."""
-    k = (host.shape[1] - 7) // 2  # (C.commit_columns: k Ritz values, the energy, ..., k residuals)
-    missing = host[:, k].isnan() & (host[:, k + 4] != 0)  # (a non-finite member's is not needed)
-    for j in missing.nonzero().flatten().tolist():
-        host[j, k] = float(torch.linalg.vector_norm(weights[st.members[j]], dtype=torch.float64).square())
+
+    def check(i: int, sigma_1: float, energy: float) -> float:
+        if math.isinf(energy) or (energy < _FAST_ENERGY_MIN and sigma_1 > 0):
+            return _float64_energy(weights[i])
+        return energy
+
+    return check
+
+
+def _float64_energy(W: Tensor) -> float:
+    return float(torch.linalg.vector_norm(W, dtype=torch.float64).square())
 
 
 def _finish_stacks(weights, states, configs, stacks: list[_Stack], solvers, opts: SketchOptions,
@@ -229,8 +236,6 @@ def _finish_stacks(weights, states, configs, stacks: list[_Stack], solvers, opts
     if before_wait is not None:
         before_wait()
     hosts = C.to_host(columns)
-    for st, host in zip(stacks, hosts):
-        _exact_energies(weights, st, host)
     for st, (U, S, V), host in zip(stacks, solved, hosts):
         _finish_stack(weights, states, configs, st, U, S, V, host, solvers, opts)
 
@@ -250,7 +255,8 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
     g, members, k = st.group, st.members, st.k
     final = k >= g.n
     retry = C.commit_sketch(st.energy, members, states, configs, U, S, V, opts, final=final,
-                           finite=st.sketch.finite, host=host, grown=g.grown, iterated=g.iterated)
+                           finite=st.sketch.finite, host=host, grown=g.grown, iterated=g.iterated,
+                           energy_check=_checked_energy(weights))
     refined_V = {}  # a widened retry of a refined member starts from its refined V
     refine = [i for i, width in retry.items() if width == C.REFINE]
     if refine:  # the same subspace, its k x k problem in float64 (see SketchOptions)
