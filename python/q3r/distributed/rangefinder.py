@@ -118,7 +118,7 @@ def range_finder_svd(
     # B = Q^T X and ||X||^2 in one collective
     parts = []
     for x, q in zip(Xs, Q):
-        parts += [q.transpose(0, 1) @ x, x.square().sum().reshape(1)]
+        parts += [q.transpose(0, 1) @ x, torch.linalg.vector_norm(x).square().reshape(1)]  # (no x.square() temporary)
     sums = _flat_sum(parts, all_reduce)
     out = []
     for i, q in enumerate(Q):
