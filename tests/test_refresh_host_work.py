@@ -478,6 +478,37 @@ def test_weights_of_extreme_scale_get_their_tail_energy_from_a_float64_norm(meth
     assert len(redone) == 2 * 2  # (the two extreme members at each warm refresh; the first is exact)
 
 
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("scale", [1e-25, 1e25])
+def test_extreme_scale_members_of_the_float64_rayleigh_ritz_step_get_a_float64_energy(monkeypatch, method, scale):
+    """One dominant direction (sigma_{r+1} some 5e-3 sigma_1) sends warm members to the float64
+    Rayleigh-Ritz step (REFINE), whose commit takes its energy from its own float64 stack: the
+    stack's energy is NaN for members of extreme scale (_energy leaves them to _exact_energies,
+    which fills in the host columns only), and taken from there the tail energy was NaN."""
+    gen = torch.Generator().manual_seed(5)
+    weights = []
+    for _ in range(4):
+        W = torch.randn(D1, D2, generator=gen)
+        u, v = torch.randn(D1, generator=gen), torch.randn(D2, generator=gen)
+        weights.append(W + 300 * float(torch.linalg.svdvals(W)[0]) * torch.outer(u / u.norm(), v / v.norm()))
+    configs = [SliceConfig(f"t{i}", RANK) for i in range(4)]
+    states, unit_states = ([new_slice_state(D1, D2) for _ in weights] for _ in range(2))
+    precise = []
+    commit = _sketched.C.commit_sketch
+    monkeypatch.setattr(_sketched.C, "commit_sketch",
+                        lambda *a, **kw: precise.extend(a[1] if kw.get("precise") else []) or commit(*a, **kw))
+    for step in range(3):  # cold, then warm
+        refresh_slices_([w * scale if j % 2 == 0 else w for j, w in enumerate(_shrunk(weights, step))], states,
+                        configs, method=method)
+    assert {0, 2} <= set(precise)  # (the extreme members took the float64 step)
+    for step in range(3):
+        refresh_slices_(_shrunk(weights, step), unit_states, configs, method=method)
+    for j, (s, u) in enumerate(zip(states, unit_states)):
+        assert 0 < float(u["tail_energy"]) < 1e-3  # (the dominant direction holds nearly all of it)
+        assert abs(float(s["tail_energy"]) - float(u["tail_energy"])) < 1e-2 * float(u["tail_energy"]), j
+        assert s["sigma"].shape == u["sigma"].shape
+
 def test_exact_refresh_of_several_shape_groups_skips_only_the_nonfinite_target():
     """The exact path reads every group's finiteness flags together: each flag must land on
     its own target (the groups are of different sizes, the bad target is in the second)."""
