@@ -168,3 +168,18 @@ def test_non_finite_factors_give_nan_residuals_not_an_error():
     r2, = _residuals_squared([X], [(U, S, V, None)], lambda t: t)
     assert bool(r2.isnan().all())
     assert _far(S, r2.float(), 1.5, 2, (9, 7), 3e-4, 1e-4)  # (read as far: sketched again)
+
+
+def test_a_failed_factorization_of_finite_factors_gives_nan_residuals(monkeypatch):
+    # non-finite factors give NaN through the arithmetic alone; the residuals must be NaN for
+    # any failed Cholesky of U^T U (info != 0), whatever the partial factor holds (finite
+    # numbers here: read as residuals they would let the check pass a sketch it cannot judge)
+    import q3r.distributed.rangefinder as rf
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(9, 7, generator=gen)
+    U, V = torch.linalg.qr(torch.randn(9, 4, generator=gen)).Q, torch.linalg.qr(torch.randn(7, 4, generator=gen)).Q
+    shifted = rf._shifted
+    monkeypatch.setattr(rf, "_shifted", lambda g: shifted(g) - 2 * torch.eye(g.shape[0], dtype=g.dtype))  # indefinite
+    r2, = rf._residuals_squared([X], [(U, torch.tensor([4.0, 3.0, 2.0, 1.0]), V, None)], lambda t: t)
+    assert bool(r2.isnan().all())
