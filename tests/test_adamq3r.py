@@ -190,6 +190,32 @@ def test_float16_target_with_small_gradients_stays_finite():
     assert (runs[torch.float16] != rounded).float().mean().item() < 0.01
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_target_stores_its_float32_moments_rounded_once_per_step(dtype):
+    """The reference step takes a low-precision target's Adam moments in float32 and stores
+    both back rounded once (as the fused kernel does). The run-level tests could not see a
+    second moment left unstored (it stayed 0): the kernel parity test judges the fused run by
+    its distance to the float32 run against the reference's own, so a worse reference passes,
+    and in the float16 underflow test the stored (1 - beta2) g^2 rounds to 0 anyway."""
+    g = torch.Generator().manual_seed(7)
+    W = torch.nn.Parameter(torch.randn(24, 18, generator=g).to(dtype))
+    opt = q3r.AdamQ3R([{"params": [W], "q3r": True, "target_rank": 3, "lmbda": 0.1, "refresh": "exact"}],
+                      lr=1e-3, betas=(0.9, 0.99))
+    m = torch.zeros(24, 18)
+    v = torch.zeros(24, 18)
+    for _ in range(3):
+        W.grad = torch.randn(24, 18, generator=g).to(dtype)
+        grad = W.grad.float()
+        opt.step()
+        # the float32 recurrences from the stored (rounded) moments, rounded once
+        m = m.lerp(grad, 0.1).to(dtype).float()
+        v = (v * 0.99).addcmul(grad, grad, value=0.01).to(dtype).float()
+        state = opt.state[W]
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == dtype
+        assert torch.equal(state["exp_avg"].float(), m)
+        assert torch.equal(state["exp_avg_sq"].float(), v)
+
+
 def test_refresh_every_T_steps_from_step_zero_and_frozen_between():
     torch.manual_seed(2)
     model = TinyViT()
