@@ -714,6 +714,18 @@ def test_find_targets_passes_factored_layers_by():
         q3r.find_targets(model, ["wo"])
 
 
+def test_find_targets_passes_factored_fused_layers_by():
+    # a LowRankFusedLinear's .weight is computed too (the dense product of its blocks): a
+    # pattern naming it must pass it by, not refuse it as a computed (parametrized) weight
+    torch.manual_seed(0)
+    model = _ReadsItsLayersWeights()
+    thirds = {"qkv": (0, [(0, 24), (24, 48), (48, 72)])}
+    compress(model, q3r.find_targets(model, ["qkv"], slices=thirds), rank=4)
+    assert isinstance(model.qkv, LowRankFusedLinear)
+    found = q3r.find_targets(model, ["qkv", "wo"])
+    assert [t.name for t in found] == ["wo.weight"]
+
+
 def test_hugging_face_t5_feed_forward_compresses_and_runs():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
