@@ -92,3 +92,22 @@ def test_add_grad_checks_its_scale():
         with pytest.raises(ValueError, match="grad_scale"):
             reg.add_grad_(grad_scale=bad)
     assert reg.num_steps == 0
+
+
+def test_add_grad_passes_the_scale_to_the_sharded_term(monkeypatch):
+    # FSDP2-sharded targets take add_grad_'s other branch (one all-reduce for all targets, in
+    # q3r.distributed.sharded_add_grad_): the loss scale must reach that term too. The CPU
+    # GradScaler tests run unsharded only; here the sharded call is stood in for, and the
+    # alpha each target gets is read off it
+    model = _model()
+    reg = q3r.Q3R(q3r.find_targets(model, ["2", "4"], target_rank=4), lmbda=0.5)
+    for t in reg.targets:
+        t.param.grad = torch.zeros_like(t.param)
+    alphas = []
+    monkeypatch.setattr(q3r.distributed, "is_sharded", lambda t: any(t is x.param for x in reg.targets))
+    monkeypatch.setattr(q3r.distributed, "sharded_add_grad_",
+                        lambda entries, grads: alphas.append([entry[-1] for entry in entries]))
+    monkeypatch.setattr(reg, "_begin_step", lambda: None)  # (the sharded refresh needs a process group)
+    reg.add_grad_()
+    reg.add_grad_(grad_scale=8.0)
+    assert alphas == [[1.0, 1.0], [8.0, 8.0]]  # (2 lambda, times the scale)
