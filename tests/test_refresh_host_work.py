@@ -484,8 +484,8 @@ def test_weights_of_extreme_scale_get_their_tail_energy_from_a_float64_norm(meth
 def test_extreme_scale_members_of_the_float64_rayleigh_ritz_step_get_a_float64_energy(monkeypatch, method, scale):
     """One dominant direction (sigma_{r+1} some 5e-3 sigma_1) sends warm members to the float64
     Rayleigh-Ritz step (REFINE), whose commit takes its energy from its own float64 stack: the
-    stack's energy is NaN for members of extreme scale (_energy leaves them to _exact_energies,
-    which fills in the host columns only), and taken from there the tail energy was NaN."""
+    stack's energy is inf or 0 for members of extreme scale (float32 squares; _checked_energy
+    redoes it in the first commit's rows only), and taken from there the tail energy was wrong."""
     gen = torch.Generator().manual_seed(5)
     weights = []
     for _ in range(4):
@@ -508,6 +508,7 @@ def test_extreme_scale_members_of_the_float64_rayleigh_ritz_step_get_a_float64_e
         assert 0 < float(u["tail_energy"]) < 1e-3  # (the dominant direction holds nearly all of it)
         assert abs(float(s["tail_energy"]) - float(u["tail_energy"])) < 1e-2 * float(u["tail_energy"]), j
         assert s["sigma"].shape == u["sigma"].shape
+
 
 def test_exact_refresh_of_several_shape_groups_skips_only_the_nonfinite_target():
     """The exact path reads every group's finiteness flags together: each flag must land on
