@@ -207,6 +207,15 @@ def _damaged(opt, change):
     (lambda st: st["q3r"]["0"]["tail"].view(-1)[0].fill_(float("nan")), "'tail' holds non-finite"),
     (lambda st: st["q3r"]["0"]["eps"].fill_(float("nan")), "'eps' must be a number >= 0"),
     (lambda st: st["q3r"]["0"]["eps"].fill_(-1.0), "'eps' must be a number >= 0"),
+    # a singular value <= 0 makes R indefinite (s_i = eps / sigma_i < 0): it loaded silently
+    (lambda st: st["q3r"]["0"]["sigma"][0].fill_(-1.0), "'sigma' holds values <= 0"),
+    # Adam's own entries: these loaded, and the next step failed with a KeyError, or (a negative
+    # count) inside the update, after the parameters before it had been updated
+    (lambda st: st.pop("step"), r"lacks \['step'\]"),
+    (lambda st: st.pop("exp_avg_sq"), r"lacks \['exp_avg_sq'\]"),
+    (lambda st: st.update(step=torch.tensor(-3.0)), "step count must be a whole number >= 0"),
+    (lambda st: st.update(step=torch.tensor(2.5)), "step count must be a whole number >= 0"),
+    (lambda st: st.update(step=torch.ones(2)), "step count must be a one-element"),
 ])
 def test_a_damaged_checkpoint_is_refused_before_anything_changes(change, message):
     model, opt = _adamq3r()
@@ -220,6 +229,41 @@ def test_a_damaged_checkpoint_is_refused_before_anything_changes(change, message
     assert opt.param_groups[0]["lr"] == 123.0
     assert all(torch.equal(opt.state[W][k], v) for k, v in kept.items()) and "q3r" in opt.state[W]
     _steps(model, opt, 1, start=2)  # and it trains on
+
+
+@pytest.mark.parametrize("change, message", [
+    # a saved group's target_rank or slices that do not fit its weight loaded, and the next
+    # refresh or diagnostics() raised; a group without lr loaded, and the next step raised KeyError
+    (lambda g: g.update(target_rank=10**6), "resolves to rank 1000000"),
+    (lambda g: g.update(slices=[(0, 10**6)]), "out of bounds"),
+    (lambda g: g.pop("lr"), r"lacks \['lr'\]"),
+])
+def test_a_checkpoint_whose_group_does_not_fit_is_refused_before_anything_changes(change, message):
+    model, opt = _adamq3r()
+    _steps(model, opt, 2)
+    sd = _saved(opt.state_dict())
+    change(next(g for g in sd["param_groups"] if g["q3r"]))
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["state"][pid]["exp_avg"], st["exp_avg"]) for pid, st in before["state"].items())
+    _steps(model, opt, 1, start=2)  # and it trains on
+
+
+def test_a_q3r_option_missing_from_a_checkpoint_keeps_the_optimizers_value():
+    # (an edited checkpoint, or one from before the option existed: torch's load then took the
+    # library default, lmbda 0.1 here, for a run built with 0.5, and nothing said so)
+    model, opt = _adamq3r()
+    _steps(model, opt, 2)
+    sd = _saved(opt.state_dict())
+    for g in sd["param_groups"]:
+        if g["q3r"]:
+            g.pop("lmbda")
+            g.pop("steps")
+    opt.load_state_dict(sd)
+    assert all(g["lmbda"] == 0.5 and g["steps"] == 3 for g in opt.param_groups if g["q3r"])
 
 
 @pytest.mark.parametrize("change, message", [

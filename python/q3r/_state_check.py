@@ -56,6 +56,11 @@ def _non_finite(s: dict) -> str | None:
             local = t.to_local() if distributed.is_sharded(t) else t
             if not bool(torch.isfinite(local).all()):
                 return f"slice state {key!r} holds non-finite values (a damaged checkpoint)"
+    sigma = s["sigma"].to_local() if distributed.is_sharded(s["sigma"]) else s["sigma"]
+    # (the kept triplets are those with sigma > eps >= 0: a sigma <= 0 gives s_i = eps / sigma <= 0
+    # or inf, an operator that is no longer positive definite, and it loaded without a word)
+    if sigma.numel() and not bool((sigma > 0).all()):
+        return f"slice state 'sigma' holds values <= 0 (singular values above eps are > 0), got {sigma.tolist()}"
     eps = float(s["eps"].to_local() if distributed.is_sharded(s["eps"]) else s["eps"])
     if math.isnan(eps) or eps < 0:
         return f"slice state 'eps' must be a number >= 0 (+inf before the first refresh), got {eps}"

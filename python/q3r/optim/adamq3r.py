@@ -17,7 +17,7 @@ from ..diagnostics import slice_diagnostics
 from .._state_check import slice_state_problem
 from ..refresh import _Once, refresh_around, sketch_options, upgrade_state
 from ..stagger import due_for_refresh, target_phases
-from ..targets import slice_shapes, slice_views
+from ..targets import slice_shapes, slice_views, validate_slices
 from .functional import ParamWork, adamq3r_step_
 
 __all__ = ["AdamQ3R"]
@@ -448,6 +448,14 @@ class AdamQ3R(Optimizer):
                 )
             if "q3r" not in saved:  # torch.optim.Adam / AdamW
                 saved = self._adopted_group(saved, group, f"state_dict param group {gi}")
+            missing = [key for key in ("lr", "betas", "eps", "weight_decay") if key not in saved]
+            if missing:  # (torch's load took such a group and its next step failed with a KeyError)
+                raise ValueError(f"state_dict param group {gi} lacks {missing}: it is damaged")
+            if saved.get("q3r"):
+                # a Q3R option the saved group lacks (a checkpoint from before the option existed,
+                # or an edited one) keeps this optimizer's value: torch's load, then __setstate__,
+                # gave it the library default instead, e.g. lmbda 0.1 where the run was built with 0.5
+                saved = {**{key: group[key] for key in Q3R_DEFAULTS if key not in saved}, **saved}
             groups.append(saved)
             merged = {**self.defaults, **saved}
             _check_hyperparameters(merged, f"state_dict param group {gi}")
@@ -483,6 +491,14 @@ class AdamQ3R(Optimizer):
             return
         if not isinstance(st, dict):
             raise ValueError(f"state_dict {where}: a parameter's state must be a dict, got {type(st).__name__}")
+        # Adam's own entries: a state without one loaded and failed at the next step with a
+        # KeyError; a negative step count failed inside the update, after the parameters before
+        # it had been updated (a complex bias correction)
+        missing = [key for key in ("step", "exp_avg", "exp_avg_sq") if key not in st]
+        if st and missing:
+            raise ValueError(f"state_dict {where}: a parameter's state lacks {missing} (keys: {sorted(st)}): it is damaged")
+        if st and (why := _step_problem(st["step"])):
+            raise ValueError(f"state_dict {where}: the step count {why}: it is damaged")
         for key in ("exp_avg", "exp_avg_sq"):
             if key in st and (not isinstance(st[key], torch.Tensor) or tuple(st[key].shape) != tuple(p.shape)):
                 got = tuple(st[key].shape) if isinstance(st[key], torch.Tensor) else type(st[key]).__name__
@@ -495,6 +511,12 @@ class AdamQ3R(Optimizer):
                 raise ValueError(f"state_dict {where}: Q3R state for a parameter of a non-Q3R group")
             return
         validate_q3r_options(group, f"state_dict {where}")
+        # the saved group's slices and target_rank must fit the parameter (a target_rank of 100
+        # for a 16x8 weight loaded, and the next refresh or diagnostics() raised)
+        if p.dim() == 2:
+            label = f"state_dict {where} param {tuple(p.shape)}"
+            slice_configs(p.shape, group, default_names(label, validate_slices(p.shape, group["slice_dim"],
+                                                                              group["slices"], label)))
         shapes = slice_shapes(p.shape, group["slice_dim"], group["slices"])
         slices = st.get("q3r", [])
         if not isinstance(slices, (list, tuple)):
@@ -504,6 +526,20 @@ class AdamQ3R(Optimizer):
         for s, (d1, d2) in zip(slices, shapes):
             if (why := slice_state_problem(p, s, d1, d2)) is not None:
                 raise ValueError(f"state_dict {where}: {why}: it comes from a different model or is damaged")
+
+
+def _step_problem(step) -> str | None:
+    """Why a saved Adam step count is not one (None: it is): a finite whole number >= 0, as a
+    number or a one-element real tensor."""
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
+            return f"must be a one-element real tensor, got {step.dtype} of shape {tuple(step.shape)}"
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, (int, float)):
+        return f"must be a number, got {type(step).__name__}"
+    if not (math.isfinite(step) and step >= 0 and step == int(step)):
+        return f"must be a whole number >= 0, got {step!r}"
+    return None
 
 
 def _live_slice_states(p, slices, shapes) -> list[dict]:
