@@ -580,6 +580,32 @@ def test_a_model_cast_after_steps_is_refused_before_any_update(change):
         assert fresh.state[model.blocks[0].mlp.fc1.weight]["exp_avg"].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("change", ["grad_dtype", "shape"])
+def test_a_gradient_that_does_not_fit_its_parameter_is_refused_before_any_update(change):
+    # a bf16 model whose parameters keep float32 gradients (torch's grad_dtype), or a gradient
+    # replaced through .data: the update failed on the arithmetic after the parameters before it
+    # had been updated and had their step counted
+    torch.manual_seed(0)
+    model = TinyViT().to(torch.bfloat16 if change == "grad_dtype" else torch.float32)
+    opt = q3r.AdamQ3R(q3r.param_groups(model, _targets(model), lmbda=0.5, steps=2), lr=1e-2)
+    _steps(model, opt, 2)
+    head = model.head.weight
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = [int(st["step"]) for st in opt.state.values()]
+    opt.zero_grad()
+    if change == "grad_dtype":
+        head.grad_dtype = torch.float32
+        message = r"its gradient is \(3, 24\), torch.float32"
+    _loss(model, 9).backward()
+    if change == "shape":
+        head.grad.data = head.grad.data.t().contiguous()
+        message = r"its gradient is \(24, 3\)"
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert steps == [int(st["step"]) for st in opt.state.values()]
+
+
 def test_diagnostics_before_the_first_step_are_those_of_the_identity_operator_as_for_q3r():
     torch.manual_seed(0)
     model = TinyViT()

@@ -287,6 +287,8 @@ class AdamQ3R(Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("AdamQ3R does not support sparse gradients")
+                if p.grad is not None:
+                    self._check_grad_fits(p, group)
                 if p.grad is not None and group["q3r"] and "q3r" not in self.state.get(p, {}):
                     self._check_new_target(p, group)  # (all before any state is made)
                 if p.grad is not None and self.state.get(p):
@@ -332,6 +334,22 @@ class AdamQ3R(Optimizer):
         self._set_operators([(w, st) for w, st in q3r_works if id(w.param) in refreshed])
         if later:
             adamq3r_step_(later)
+
+    def _check_grad_fits(self, p, group: dict) -> None:
+        """p's gradient has p's shape, dtype and device (torch's ``.grad`` setter refuses others,
+        but ``.grad.data = ...`` or a ``grad_dtype`` set on the parameter gets them there): the
+        update failed on such a gradient with an error of the arithmetic ("expected dtype
+        c10::BFloat16 for `end`"), after the parameters before it had been updated and had
+        their step counted. Refused here, before any update, naming the parameter."""
+        g = p.grad
+        if g.shape == p.shape and g.dtype == p.dtype and g.device == p.device:
+            return
+        gi = next(i for i, q in enumerate(self.param_groups) if q is group)
+        index = next(i for i, q in enumerate(group["params"]) if q is p)
+        raise ValueError(
+            f"AdamQ3R param group {gi}, parameter {index} ({tuple(p.shape)}, {p.dtype} on {p.device}): its gradient "
+            f"is {tuple(g.shape)}, {g.dtype} on {g.device}; AdamQ3R needs a gradient of the parameter's shape, dtype "
+            "and device (as torch.optim.Adam does)")
 
     def _check_state_follows(self, p, state: dict) -> None:
         """p's state where p is now: a model cast (model.to(torch.bfloat16)) or moved after
