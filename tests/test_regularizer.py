@@ -96,6 +96,31 @@ def test_attach_rejects_target_outside_optimizer():
         reg.attach(opt)
 
 
+def test_attach_refuses_targets_that_adamq3r_regularizes_itself():
+    # attached to AdamQ3R over its own q3r=True targets, Q3R added its term to .grad on top of
+    # AdamQ3R's decoupled one: twice the regularization, silently
+    model = TinyViT()
+    targets = q3r.find_targets(model, INCLUDE, target_rank=3)
+    opt = q3r.AdamQ3R(q3r.param_groups(model, targets, lmbda=0.1), lr=1e-3)
+    hooks = dict(opt._optimizer_step_pre_hooks)
+    with pytest.raises(ValueError, match=r"\['blocks.0.attn.proj.weight', .*in q3r=True param groups"):
+        q3r.Q3R(targets).attach(opt)
+    assert dict(opt._optimizer_step_pre_hooks) == hooks
+    # a plain group of AdamQ3R (no Q3R term there) can still take an attached Q3R
+    plain = q3r.AdamQ3R(model.parameters(), lr=1e-3)
+    q3r.Q3R(targets).attach(plain)
+
+
+@pytest.mark.parametrize("given", ["parameters", "weights"])
+def test_q3r_of_parameters_rather_than_targets_names_what_it_needs(given):
+    # (it failed with "'Parameter' object has no attribute 'param'", or with
+    # "distinct names, got [None, None, ...]")
+    model = TinyViT()
+    params = model.parameters() if given == "parameters" else [model.head.weight]
+    with pytest.raises(TypeError, match="q3r.Target objects .*find_targets.*got a Parameter"):
+        q3r.Q3R(params)
+
+
 def test_attach_refuses_a_second_attach_and_maximizing_groups():
     model = TinyViT()
     reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3))

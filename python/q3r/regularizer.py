@@ -62,6 +62,12 @@ class Q3R:
         targets = list(targets)
         if not targets:
             raise ValueError("Q3R needs at least one target, got an empty list")
+        # (Q3R(model.parameters()) or Q3R([layer.weight]) failed with "'Parameter' object has no
+        # attribute 'param'", or with "distinct names, got [None, None]", which said neither)
+        wrong = next((t for t in targets if not isinstance(t, Target)), None)
+        if wrong is not None:
+            raise TypeError(f"Q3R targets must be q3r.Target objects (from q3r.find_targets(model, patterns, "
+                            f"target_rank=...)), got a {type(wrong).__name__}")
         names = [t.name for t in targets]
         if len(set(names)) != len(names) or len({id(t.param) for t in targets}) != len(targets):
             raise ValueError(f"Q3R targets must be distinct parameters with distinct names, got {names}")
@@ -235,6 +241,14 @@ class Q3R:
             if id(t.param) not in owned:
                 raise ValueError(f"Q3R target {t.name} is not among the optimizer's parameters")
         self._check_descends(optimizer)
+        # a target already in a q3r=True group of AdamQ3R gets its term from AdamQ3R: attached
+        # too, it was regularized twice (once decoupled, once through .grad), without a word
+        twice = sorted(t.name for t in self.targets for group in optimizer.param_groups
+                       if group.get("q3r") is True and any(p is t.param for p in group["params"]))
+        if twice:
+            raise ValueError(f"Q3R targets {twice} are in q3r=True param groups of the optimizer, which regularizes "
+                             "them itself (AdamQ3R): attached as well they would get the term twice; attach Q3R to "
+                             "a plain optimizer, or drop these targets from it")
         hooks = getattr(optimizer, "_optimizer_step_pre_hooks", {}).values()
         if any(getattr(h, "__self__", None) is self and getattr(h, "__func__", None) is Q3R._before_step
                for h in hooks):  # (twice would count two steps and add the term twice per step)
