@@ -3,6 +3,7 @@
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -109,6 +110,28 @@ def test_attach_refuses_targets_that_adamq3r_regularizes_itself():
     # a plain group of AdamQ3R (no Q3R term there) can still take an attached Q3R
     plain = q3r.AdamQ3R(model.parameters(), lr=1e-3)
     q3r.Q3R(targets).attach(plain)
+
+
+def test_penalty_and_attach_in_one_step_warn_once_that_the_term_is_added_twice():
+    # the README says to use one of the two modes per step; used together, the term reached
+    # .grad twice and the step counted twice without a word
+    torch.manual_seed(0)
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reg.penalty()  # (before attaching: not a step of this optimizer, no warning for it)
+    reg.attach(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _task_loss(model, 0).backward()
+        opt.step()  # attach alone: silent
+    for step in (1, 2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.zero_grad()
+            (_task_loss(model, step) + reg.penalty()).backward()
+            opt.step()
+        assert len([w for w in caught if "added to the gradients twice" in str(w.message)]) == (step == 1)
 
 
 @pytest.mark.parametrize("given", ["parameters", "weights"])

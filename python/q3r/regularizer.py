@@ -148,6 +148,7 @@ class Q3R:
         reaches the sharded ``.grad`` at the end of the backward pass, after FSDP2's gradient
         reduction (see q3r.distributed.sharded_penalty)."""
         self._begin_step()
+        self._penalty_since_step = True  # (read by attach's hook: both modes in one step, see there)
         total = None
         sharded = [t for t in self.targets if distributed.is_sharded(t.param)]
         if sharded:
@@ -259,6 +260,7 @@ class Q3R:
             raise ValueError("another Q3R over the same targets already carries its state in this optimizer's "
                              "state_dict (their states could not be told apart): attach this one with carry_state=False "
                              "and checkpoint it with Q3R.state_dict()")
+        self.__dict__.pop("_penalty_since_step", None)  # (penalties before attaching are not this step's)
         handles = [optimizer.register_step_pre_hook(self._before_step)]
         if carry_state:
             pending: list[dict] = []  # the checked state between the load's pre- and post-hook
@@ -321,6 +323,14 @@ class Q3R:
     def _before_step(self, optimizer, args, kwargs):
         """attach's step pre-hook: add_grad_ now, or wrap the step's closure (see attach)."""
         self._check_descends(optimizer)  # (before anything changes; groups can change after attach)
+        # penalty() in the loss of a step of an optimizer this Q3R is attached to: the term
+        # reaches .grad twice (the penalty's gradient, then attach's) and the step counts twice,
+        # which the README's "use one of the two modes per step" says but nothing did: warn once
+        if self.__dict__.pop("_penalty_since_step", False) and not self.__dict__.get("_both_modes_warned"):
+            self._both_modes_warned = True
+            warnings.warn("Q3R.penalty() was called in a step of an optimizer this Q3R is attached to: the term is "
+                          "added to the gradients twice (by the penalty and by attach) and the step counted twice; "
+                          "use penalty() or attach(), not both", stacklevel=3)
         # (args are step's own: the optimizer first, then the closure if passed by position)
         closure = kwargs["closure"] if "closure" in kwargs else (args[1] if len(args) > 1 else None)
         if closure is None:
