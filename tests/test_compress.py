@@ -232,6 +232,17 @@ def test_load_rejects_plain_safetensors(tmp_path, model_and_input):
         load_compressed(copy.deepcopy(model), tmp_path / "plain.safetensors")
 
 
+def test_load_rejects_a_file_that_is_not_safetensors_naming_it(tmp_path, model_and_input):
+    # a torch.save checkpoint passed by mistake raised safetensors' own
+    # "SafetensorError: Error while deserializing header: header too large", naming neither
+    model, _ = model_and_input
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"model.pt is not a safetensors file written by q3r.save_compressed"):
+        load_compressed(model, tmp_path / "model.pt")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("kwargs, error", [
     (dict(fraction=0.0), ValueError),
     (dict(fraction=1.5), ValueError),

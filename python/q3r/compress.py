@@ -637,10 +637,13 @@ def load_compressed(model: nn.Module, path: str, strict: bool = True) -> nn.Modu
 
 def _load_compressed(model: nn.Module, path: str, strict: bool) -> None:
     _require_safetensors()
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:  # (a torch.save file, say: "Error while deserializing header: header too large")
+        raise ValueError(f"{path} is not a safetensors file written by q3r.save_compressed ({e})") from None
     if _METADATA_KEY not in meta:
         raise ValueError(f"{path} was not written by q3r.save_compressed (no {_METADATA_KEY!r} metadata)")
     try:
