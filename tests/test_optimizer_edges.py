@@ -541,6 +541,16 @@ def test_torch_adam_flags_in_a_param_group_are_refused_not_ignored(flag):
     q3r.AdamQ3R([{"params": list(model.parameters()), flag: False}])  # (False, as torch writes them: fine)
 
 
+@pytest.mark.parametrize("option", [dict(lr="1e-3"), dict(eps="1e-8"), dict(weight_decay="0.01"), dict(betas=("0.9", 0.99))])
+def test_a_hyperparameter_given_as_a_string_is_refused_naming_it(option):
+    # (lr="1e-3" read from a config file failed with "'<=' not supported between instances of
+    # 'float' and 'str'", naming no option)
+    model = TinyViT()
+    key = next(iter(option))
+    with pytest.raises((TypeError, ValueError), match=f"param group 0: .*{key}"):
+        q3r.AdamQ3R(model.parameters(), **option)
+
+
 def test_l2_weight_decay_in_a_param_group_is_refused():
     model = TinyViT()
     with pytest.raises(ValueError, match="decoupled_weight_decay=False"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Mapping
 from typing import Callable
@@ -42,13 +43,19 @@ def _check_adam_flags(group: dict, where: str, flags: tuple[str, ...] = _ADAM_ON
 
 def _check_hyperparameters(group: dict, where: str) -> None:
     lr, eps, wd, betas = group["lr"], group["eps"], group["weight_decay"], group["betas"]
+    # (a string, lr="1e-3" from a config file, failed with "'<=' not supported between instances
+    # of 'float' and 'str'", naming no option)
+    for key, value in (("lr", lr), ("eps", eps), ("weight_decay", wd)):
+        if isinstance(value, (bool, str)) or not isinstance(value, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"{where}: {key} must be a number, got {value!r}")
     if isinstance(lr, torch.Tensor) or not (0.0 <= lr < math.inf):
         raise ValueError(f"{where}: invalid learning rate lr={lr!r}")
     if not 0.0 <= eps:
         raise ValueError(f"{where}: invalid epsilon eps={eps!r}")
     if not 0.0 <= wd:
         raise ValueError(f"{where}: invalid weight_decay={wd!r}")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)):
         raise ValueError(f"{where}: invalid betas={betas!r}; need two values in [0, 1)")
 
 
