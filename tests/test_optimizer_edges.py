@@ -306,6 +306,14 @@ def test_named_parameter_groups_take_their_names_for_diagnostics():
     assert f"{fc1}/eps" in opt.diagnostics()
 
 
+def test_a_parameter_listed_twice_in_a_q3r_group_is_refused_naming_it():
+    # (it was refused as "slice names [...] are used twice", names the caller never gave)
+    model = TinyViT()
+    W = model.blocks[0].mlp.fc1.weight
+    with pytest.raises(ValueError, match="param group 0: parameter 1 of the group is listed twice"):
+        q3r.AdamQ3R([{"params": [W, W], "q3r": True, "target_rank": 2}])
+
+
 def test_slice_names_must_be_one_per_slice_and_distinct():
     model = TinyViT()
     a, b = model.blocks[0].mlp.fc1.weight, model.blocks[0].mlp.fc2.weight

@@ -122,6 +122,12 @@ class AdamQ3R(Optimizer):
         _check_hyperparameters(merged, where)
         if merged.get("q3r"):
             validate_q3r_options(merged, where)
+            # (a parameter listed twice was refused as "slice names [...] are used twice",
+            # which pointed at names the caller never gave)
+            twice = next((i for i, p in enumerate(params) if any(q is p for q in params[:i])), None)
+            if twice is not None:
+                raise ValueError(f"{where}: parameter {twice} of the group is listed twice (a Q3R target is "
+                                 "regularized once: list each parameter once)")
             names = []
             for p in params:
                 p_names = self._names(merged, params, p, where)
