@@ -192,7 +192,11 @@ def _damaged(opt, change):
     (lambda st: st["q3r"]["0"].update(eps=torch.ones(1)), "'eps' must have 0 dims"),
     (lambda st: st["q3r"]["0"].update(sigma=st["q3r"]["0"]["sigma"][:, None]), "'sigma' must have 1 dims"),
     (lambda st: st["q3r"]["0"].update(refreshes=torch.tensor(1.0)), "must be an integer"),
-    (lambda st: st["q3r"]["0"].update(U=st["q3r"]["0"]["U"].to(torch.complex64)), "'U' must be a real floating"),
+    (lambda st: st["q3r"]["0"].update(U=st["q3r"]["0"]["U"].to(torch.complex64)), "'U' must be a float32 tensor"),
+    # (q3r keeps every state in float32: a float64 U loaded and stayed float64, a float16 one rounded)
+    (lambda st: st["q3r"]["0"].update(U=st["q3r"]["0"]["U"].double()), "'U' must be a float32 tensor"),
+    (lambda st: st["q3r"]["0"].update(sigma=st["q3r"]["0"]["sigma"].half()), "'sigma' must be a float32 tensor"),
+    (lambda st: st["q3r"]["0"].update(tail=st["q3r"]["0"]["tail"].double()), "'tail' must be a float32 tensor"),
     (lambda st: st["q3r"]["0"].update(refreshes=torch.tensor(1 + 0j)), "'refreshes' must be an integer"),
     (lambda st: st["q3r"]["0"].update(tail_energy=torch.ones(1)), "'tail_energy' must have 0 dims"),
     (lambda st: st["q3r"]["0"].update(V=st["q3r"]["0"]["V"][:-1]), "do not fit"),

@@ -30,8 +30,15 @@ def slice_state_problem(p, s, d1: int, d2: int) -> str | None:
         if t.dim() != dims:
             return f"slice state {key!r} must have {dims} dims, got shape {tuple(t.shape)}"
         if (key == "refreshes") == t.is_floating_point() or t.is_complex():
-            kind = "an integer" if key == "refreshes" else "a real floating-point"
+            kind = "an integer" if key == "refreshes" else "a float32"
             return f"slice state {key!r} must be {kind} tensor, got {t.dtype}"
+        if key != "refreshes" and t.dtype != torch.float32:
+            # (the library keeps every state in float32, for float64 weights too: a float64 U
+            # loaded and stayed float64, and a float16 one would have rounded the operator)
+            return f"slice state {key!r} must be a float32 tensor, as q3r stores it, got {t.dtype}"
+    tail = s.get("tail")
+    if isinstance(tail, Tensor) and tail.dtype != torch.float32:
+        return f"slice state 'tail' must be a float32 tensor, as q3r stores it, got {tail.dtype}"
     k = s["sigma"].shape[0]
     try:
         rows = distributed.factor_rows(p, s["U"], d1)
