@@ -637,7 +637,11 @@ def load_compressed(model: nn.Module, path: str, strict: bool = True) -> nn.Modu
 
 def _load_compressed(model: nn.Module, path: str, strict: bool) -> None:
     _require_safetensors()
-    from safetensors import SafetensorError, safe_open
+    import safetensors
+    from safetensors import safe_open
+
+    # (safetensors' error type: top-level in the versions we test; any error of an older one)
+    SafetensorError = getattr(safetensors, "SafetensorError", Exception)
 
     try:
         with safe_open(str(path), framework="pt") as f:
