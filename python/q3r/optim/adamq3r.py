@@ -296,16 +296,21 @@ class AdamQ3R(Optimizer):
             self._no_target_warned = True  # (AdamQ3R(model.parameters()) is AdamW: say so, once)
             warnings.warn("AdamQ3R has no q3r=True param group, so it steps as AdamW with no Q3R term; build the "
                           "groups with q3r.param_groups(model, q3r.find_targets(model, ...))", stacklevel=4)
+        # (every check before any update; this loop runs every step, so each attribute is read once)
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
                     raise RuntimeError("AdamQ3R does not support sparse gradients")
-                if p.grad is not None:
-                    self._check_grad_fits(p, group)
-                if p.grad is not None and group["q3r"] and "q3r" not in self.state.get(p, {}):
+                if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                    self._refuse_grad(p, g, group)
+                state = self.state.get(p)
+                if group["q3r"] and (not state or "q3r" not in state):
                     self._check_new_target(p, group)  # (all before any state is made)
-                if p.grad is not None and self.state.get(p):
-                    self._check_state_follows(p, self.state[p])
+                if state:
+                    self._check_state_follows(p, state)
         works, due, q3r_works = [], [], []
         clock = self._stagger_clock() if any(g["q3r"] and g.get("stagger") for g in self.param_groups) else None
         for group in self.param_groups:
@@ -348,15 +353,12 @@ class AdamQ3R(Optimizer):
         if later:
             adamq3r_step_(later)
 
-    def _check_grad_fits(self, p, group: dict) -> None:
-        """p's gradient has p's shape, dtype and device (torch's ``.grad`` setter refuses others,
-        but ``.grad.data = ...`` or a ``grad_dtype`` set on the parameter gets them there): the
-        update failed on such a gradient with an error of the arithmetic ("expected dtype
+    def _refuse_grad(self, p, g, group: dict) -> None:
+        """p's gradient g lacks p's shape, dtype or device (torch's ``.grad`` setter refuses
+        those, but ``.grad.data = ...`` or a ``grad_dtype`` set on the parameter gets them
+        there): the update failed on it with an error of the arithmetic ("expected dtype
         c10::BFloat16 for `end`"), after the parameters before it had been updated and had
-        their step counted. Refused here, before any update, naming the parameter."""
-        g = p.grad
-        if g.shape == p.shape and g.dtype == p.dtype and g.device == p.device:
-            return
+        their step counted. Refused before any update, naming the parameter."""
         gi = next(i for i, q in enumerate(self.param_groups) if q is group)
         index = next(i for i, q in enumerate(group["params"]) if q is p)
         raise ValueError(
