@@ -39,7 +39,7 @@ runpy.run_path("setup.py", run_name="__main__")
 @pytest.fixture
 def tree(tmp_path):
     """The files a build reads, copied, with a stale module from 'an earlier build' in place."""
-    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "CMakeLists.txt"):
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "CMakeLists.txt", "LICENSE"):
         shutil.copy(ROOT / name, tmp_path / name)
     for name in ("csrc", "python", "q3r_kernels"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
@@ -90,13 +90,17 @@ def test_switch_spellings(tree, value, expected):
     assert _setup(tree, "--name", Q3R_BUILD_NATIVE="maybe").returncode != 0
 
 
-def test_sdist_carries_the_native_sources(tree):
+def test_sdist_carries_the_native_sources_and_the_license_not_the_tests(tree):
+    (tree / "tests").mkdir()
+    (tree / "tests" / "test_something.py").write_text("")  # (setuptools' default took tests/test_*.py)
     out = _setup(tree, "-q", "sdist", "-d", str(tree / "dist"), Q3R_BUILD_NATIVE="0")
     assert out.returncode == 0, out.stderr[-3000:]
     (archive,) = (tree / "dist").glob("*.tar.gz")
     names = {n.split("/", 1)[1] for n in tarfile.open(archive).getnames() if "/" in n}
     assert {"CMakeLists.txt", "csrc/binding.cpp", "csrc/jacobi_cpu.cpp", "csrc/jacobi_cuda.cu",
-            "csrc/jacobi_common.h", "csrc/jacobi_cpu.h", "csrc/jacobi_cuda.h"} <= names
+            "csrc/jacobi_common.h", "csrc/jacobi_cpu.h", "csrc/jacobi_cuda.h", "LICENSE"} <= names
+    # (no half test suite: the tests need the whole repository and run from a clone)
+    assert not any(n.startswith("tests/") for n in names)
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs an nvcc (CUDA code compiles on this machine, nothing runs)")
