@@ -439,11 +439,18 @@ def _replica_drift(mesh_shape, rank, world) -> dict[str, bool]:
 
 def _refused_layouts(mesh) -> dict[str, str]:
     """Layouts q3r does not handle must be refused when the optimizer / regularizer is built."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    def uneven():  # Shard(0) rows split 5 / 3 over the shard dim, where FSDP2 (torch.chunk) gives 4 / 4
+        rows = 5 if mesh.get_local_rank(1) == 0 else 3
+        return DTensor.from_local(torch.randn(rows, 6), mesh, [Replicate(), Shard(0)], run_check=False,
+                                  shape=torch.Size((8, 6)), stride=(6, 1))
 
     out = {}
-    for label, placements in (("shard_cols", [Replicate(), Shard(1)]), ("shard_twice", [Shard(0), Shard(0)])):
-        w = nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, placements))
+    for label, make in (("shard_cols", lambda: distribute_tensor(torch.randn(8, 6), mesh, [Replicate(), Shard(1)])),
+                        ("shard_twice", lambda: distribute_tensor(torch.randn(8, 6), mesh, [Shard(0), Shard(0)])),
+                        ("uneven_rows", uneven)):
+        w = nn.Parameter(make())
         for who, build in (("AdamQ3R", lambda: q3r.AdamQ3R([{"params": [w], "q3r": True, "target_rank": 2}])),
                            ("Q3R", lambda: q3r.Q3R([q3r.Target("w", w, target_rank=2)]))):
             try:

@@ -212,10 +212,13 @@ def test_hsdp_replicas_that_drifted_apart_are_made_equal_at_the_next_refresh(run
 
 def test_hsdp_refuses_layouts_it_cannot_handle_when_built(runs):
     refused = runs["hsdp"]["refused"]
-    assert len(refused) == 4
+    assert len(refused) == 6
     for who, message in refused.items():
-        assert "placements" in message and ("Shard(dim=1)" in message or "(Shard(dim=0), Shard(dim=0))" in message), who
+        assert "placements" in message and ("Shard(dim=1)" in message or "(Shard(dim=0), Shard(dim=0))" in message
+                                            or "must be split as FSDP2 splits them" in message), who
         assert message.startswith("AdamQ3R param group 0" if who.startswith("AdamQ3R") else "Q3R target w"), who
+    # (a hand-built Shard(0) DTensor with another row split: refused when built, not at a later step)
+    assert "got 5 local rows" in refused["AdamQ3R uneven_rows"] or "got 3 local rows" in refused["AdamQ3R uneven_rows"]
 
 
 def test_ddp_refuses_ranks_that_are_not_replicas(runs):

@@ -117,7 +117,7 @@ def shard_mesh_dim(p, where: str = "q3r") -> int:
 def check_sharding(p, where: str) -> None:
     """Refuse, when the optimizer or regularizer is built, a DTensor target q3r cannot handle."""
     if is_sharded(p):
-        shard_mesh_dim(p, where)
+        row_range(p, where)  # (its placements, then its rows: refused here, not at a later step)
 
 
 def _group(p):
@@ -129,15 +129,18 @@ def _leads(p) -> bool:
     return all(c == 0 for c in p.device_mesh.get_coordinate())
 
 
-def row_range(p) -> tuple[int, int]:
-    """Rows [start, stop) of the parameter p held by this rank (torch.chunk layout of Shard(0))."""
-    mesh, dim = p.device_mesh, shard_mesh_dim(p)
+def row_range(p, where: str = "q3r") -> tuple[int, int]:
+    """Rows [start, stop) of the parameter p held by this rank (torch.chunk layout of Shard(0),
+    FSDP2's; another split, a DTensor built by hand, is refused)."""
+    mesh, dim = p.device_mesh, shard_mesh_dim(p, where)
     n, world, me = p.shape[0], mesh.size(dim), mesh.get_local_rank(dim)
     chunk = -(-n // world)
     start = min(me * chunk, n)
     stop = min(start + chunk, n)
     if p.to_local().shape[0] != stop - start:
-        raise NotImplementedError(f"q3r: unexpected uneven sharding of a {tuple(p.shape)} target (local rows {p.to_local().shape[0]})")
+        raise NotImplementedError(f"{where}: a sharded target's rows must be split as FSDP2 splits them (torch.chunk: "
+                                  f"rows {start}..{stop} here), got {p.to_local().shape[0]} local rows of a "
+                                  f"{tuple(p.shape)} target (placements {tuple(p.placements)})")
     return start, stop
 
 
