@@ -29,10 +29,10 @@ def slice_state_problem(p, s, d1: int, d2: int) -> str | None:
             return f"slice state {key!r} must be a tensor, got {type(t).__name__}"
         if t.dim() != dims:
             return f"slice state {key!r} must have {dims} dims, got shape {tuple(t.shape)}"
-        if (key == "refreshes") == t.is_floating_point() or t.is_complex():
-            kind = "an integer" if key == "refreshes" else "a float32"
-            return f"slice state {key!r} must be {kind} tensor, got {t.dtype}"
-        if key != "refreshes" and t.dtype != torch.float32:
+        if key == "refreshes":
+            if t.is_floating_point() or t.is_complex():
+                return f"slice state {key!r} must be an integer tensor, got {t.dtype}"
+        elif t.dtype != torch.float32:
             # (the library keeps every state in float32, for float64 weights too: a float64 U
             # loaded and stayed float64, and a float16 one would have rounded the operator)
             return f"slice state {key!r} must be a float32 tensor, as q3r stores it, got {t.dtype}"
@@ -59,19 +59,22 @@ def _non_finite(s: dict) -> str | None:
     sharded factor is judged by this rank's shard: no collective in a load's checks."""
     for key in ("U", "V", "sigma", "tail"):
         t = s.get(key)
-        if isinstance(t, Tensor) and t.numel():
-            local = t.to_local() if distributed.is_sharded(t) else t
-            if not bool(torch.isfinite(local).all()):
-                return f"slice state {key!r} holds non-finite values (a damaged checkpoint)"
-    sigma = s["sigma"].to_local() if distributed.is_sharded(s["sigma"]) else s["sigma"]
+        if isinstance(t, Tensor) and t.numel() and not bool(torch.isfinite(_local(t)).all()):
+            return f"slice state {key!r} holds non-finite values (a damaged checkpoint)"
+    sigma = _local(s["sigma"])
     # (the kept triplets are those with sigma > eps >= 0: a sigma <= 0 gives s_i = eps / sigma <= 0
     # or inf, an operator that is no longer positive definite, and it loaded without a word)
     if sigma.numel() and not bool((sigma > 0).all()):
         return f"slice state 'sigma' holds values <= 0 (singular values above eps are > 0), got {sigma.tolist()}"
-    eps = float(s["eps"].to_local() if distributed.is_sharded(s["eps"]) else s["eps"])
+    eps = float(_local(s["eps"]))
     if math.isnan(eps) or eps < 0:
         return f"slice state 'eps' must be a number >= 0 (+inf before the first refresh), got {eps}"
     return None
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's part of a sharded state tensor, or the tensor (no collective in a load's checks)."""
+    return t.to_local() if distributed.is_sharded(t) else t
 
 
 def _moved_between_layouts(p, saved_rows: int, rows: int, d1: int) -> str | None:
