@@ -31,6 +31,7 @@ import os
 
 from . import reference
 from ._backend import BackendUnavailableError, backend_for, requested
+from .targets import uncovered_ranges
 
 __all__ = ["project", "apply_reweighting", "add_reweighting_", "adamq3r_fused_"]
 
@@ -164,7 +165,16 @@ def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tu
     for i in slow:
         U, V, *rest = factors[i]
         d = rest[0] if len(rest) == 1 else reference.reweighting_coefficients(*rest)
-        outs[i].add_(reference.apply_reweighting(weights[i], U, V, d).to(outs[i].dtype), alpha=alpha)
+        out, W = outs[i], weights[i]
+        if out.dim() == 2 and out.dtype == reference.compute_dtype(W.dtype):
+            # R(W) = W + two rank-k products, added in place: no full-size temporary (R(W)
+            # written out took three). The products read W before out changes: W may be out.
+            parts = reference.reweighting_low_rank(W, U, V, d)
+            out.add_(W, alpha=alpha)
+            for L, M in parts:
+                out.addmm_(L, M, alpha=alpha)
+        else:  # (a low-precision out takes R(W) rounded once to its dtype, as before)
+            out.add_(reference.apply_reweighting(W, U, V, d).to(out.dtype), alpha=alpha)
     if plan is not None:
         plan.run([outs[i] for i in fast], [alpha] * len(fast))
 
@@ -233,18 +243,6 @@ def _reweight_layout_key(outs: list, weights: list, factors: list) -> tuple:
 
 
 # ------------------------------------------------------------------ fused AdamQ3R step
-def _complement(extent: int, slices) -> list[tuple[int, int]]:
-    """Ranges along the slice dimension that no slice covers (they get plain Adam)."""
-    out, pos = [], 0
-    for a, b in sorted(slices):
-        if a > pos:
-            out.append((pos, a))
-        pos = max(pos, b)
-    if pos < extent:
-        out.append((pos, extent))
-    return out
-
-
 def _regions(work, K):
     """The fused kernel's regions of one parameter, or None if its layout does not fit
     (their float rows are filled per step by adamq3r_fused_; only the layout matters here)."""
@@ -263,7 +261,7 @@ def _regions(work, K):
     regions = [K.AdamRegion(*(t.narrow(dim, a, b - a) for t in tensors), None, tuple(op))
                for (a, b), op in zip(spans, operators)]
     regions += [K.AdamRegion(*(t.narrow(dim, a, b - a) for t in tensors), None)
-                for a, b in _complement(work.param.shape[dim], spans)]
+                for a, b in uncovered_ranges(work.param.shape[dim], spans)]
     return regions
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "reweighting_coefficients",
     "operator_udv",
     "project",
+    "reweighting_low_rank",
     "apply_reweighting",
     "penalty_value",
     "anchor_factors",
@@ -81,20 +82,37 @@ def project(X: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
     return U.to(X.dtype).transpose(-1, -2) @ X, X @ V.to(X.dtype)
 
 
-def apply_reweighting(X: Tensor, U: Tensor, V: Tensor, d: Tensor) -> Tensor:
-    """R(X) = (I + U diag(d) U^T) X (I + V diag(d) V^T), in O(d1 d2 k).
+def reweighting_low_rank(X: Tensor, U: Tensor, V: Tensor, d: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """R(X) - X as two rank-k products, [(L1, M1), (L2, M2)] with R(X) = X + L1 M1 + L2 M2:
 
-    R(X) = X + (U diag d)(A + C diag(d) V^T) + B diag(d) V^T  with A = U^T X, B = X V, C = A V.
-    Returns the compute dtype (float32 or float64); the caller casts.
+        L1 = U,      M1 = diag(d) (A + C diag(d) V^T)      A = U^T X, C = A V
+        L2 = X V,    M2 = diag(d) V^T
+
+    in the compute dtype. Every piece has k rows or columns: a caller adds them into a
+    full-size tensor with ``addmm_`` (the fallback steps do: AdamQ3R's term, the Q3R
+    regularizer's gradient), which needs no full-size temporary; R(X) written out as
+    X + (U diag d) inner + (B diag d) V^T took three.
     """
     X = X.to(compute_dtype(X.dtype))
     U, V, d = U.to(X.dtype), V.to(X.dtype), d.to(X.dtype)
     A, B = project(X, U, V)
     C = A @ V
-    Vt = V.transpose(-1, -2)
-    dd = d.unsqueeze(-2)  # (..., 1, k): scales columns
-    inner = A + (C * dd) @ Vt
-    return X + (U * dd) @ inner + (B * dd) @ Vt
+    d_rows = d.unsqueeze(-1)  # (..., k, 1): scales rows of a (k, d2) matrix
+    inner = A + (C * d.unsqueeze(-2)) @ V.transpose(-1, -2)
+    return [(U, inner.mul_(d_rows)), (B, V.transpose(-1, -2) * d_rows)]
+
+
+def apply_reweighting(X: Tensor, U: Tensor, V: Tensor, d: Tensor) -> Tensor:
+    """R(X) = (I + U diag(d) U^T) X (I + V diag(d) V^T), in O(d1 d2 k).
+
+    R(X) = X + U diag(d) (A + C diag(d) V^T) + B diag(d) V^T  with A = U^T X, B = X V, C = A V
+    (see reweighting_low_rank). Returns the compute dtype (float32 or float64); the caller casts.
+    """
+    X = X.to(compute_dtype(X.dtype))
+    (L1, M1), (L2, M2) = reweighting_low_rank(X, U, V, d)
+    if X.dim() == 2:  # the output is the only full-size tensor made
+        return torch.addmm(X, L1, M1).addmm_(L2, M2)
+    return (L1 @ M1).add_(X).add_(L2 @ M2)
 
 
 def penalty_value(X: Tensor, U: Tensor, V: Tensor, d: Tensor) -> Tensor:

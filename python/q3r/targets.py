@@ -91,6 +91,18 @@ def slice_views(t: Tensor, slice_dim: int, slices) -> list[Tensor]:
     return [t.narrow(slice_dim, a, b - a) for a, b in slices]
 
 
+def uncovered_ranges(extent: int, slices) -> list[tuple[int, int]]:
+    """Ranges along the slice dimension that no slice covers (AdamQ3R gives them plain Adam)."""
+    out, pos = [], 0
+    for a, b in sorted(slices):
+        if a > pos:
+            out.append((pos, a))
+        pos = max(pos, b)
+    if pos < extent:
+        out.append((pos, extent))
+    return out
+
+
 def resolve_slice_ranks(shape, slice_dim, slices, target_rank, rank_rule, name) -> list[int]:
     """The integer rank of every slice; target_rank is one spec or a list per slice."""
     shapes = slice_shapes(shape, slice_dim, slices)

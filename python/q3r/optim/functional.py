@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..targets import slice_views
+from ..targets import slice_views, uncovered_ranges
 
 
 @dataclass
@@ -44,21 +44,10 @@ class ParamWork:
     operators: list[tuple[Tensor, ...]] = field(default_factory=list)
 
 
-def q3r_terms(work: ParamWork) -> list[Tensor]:
-    """2 lambda R_j(W_j) per slice, in float32, from the weights as they are now."""
-    if work.lmbda == 0 or not work.operators:
-        return []
-    views = slice_views(work.param, work.slice_dim, work.slices)
-    return [
-        reference.apply_reweighting(view, *reference.operator_udv(op)).mul_(2.0 * work.lmbda)
-        for view, op in zip(views, work.operators)
-    ]
-
-
-def adam_update_(work: ParamWork, param: Tensor | None = None) -> None:
-    """torch.optim.Adam's single-tensor update (decoupled weight decay as in AdamW), of
-    ``param`` (default: work.param; or a float32 copy of it, see adamq3r_reference_, whose
-    moments are then computed in float32 as well)."""
+def adam_update_(work: ParamWork, param: Tensor | None = None, decay: bool = True) -> None:
+    """torch.optim.Adam's single-tensor update (decoupled weight decay as in AdamW, unless
+    ``decay`` is False: the caller applied it), of ``param`` (default: work.param; or a float32
+    copy of it, see adamq3r_reference_, whose moments are then computed in float32 as well)."""
     param = work.param if param is None else param
     grad, exp_avg, exp_avg_sq = work.grad, work.exp_avg, work.exp_avg_sq
     # a float32 copy of a low-precision parameter takes float32 moments too, stored rounded
@@ -69,7 +58,7 @@ def adam_update_(work: ParamWork, param: Tensor | None = None) -> None:
     if wide:
         grad, exp_avg, exp_avg_sq = (t.to(param.dtype) for t in (grad, exp_avg, exp_avg_sq))
     work.step += 1
-    if work.weight_decay != 0:
+    if decay and work.weight_decay != 0:
         param.mul_(1 - work.lr * work.weight_decay)
     exp_avg.lerp_(grad, 1 - work.beta1)
     exp_avg_sq.mul_(work.beta2).addcmul_(grad, grad, value=1 - work.beta2)
@@ -85,18 +74,39 @@ def adam_update_(work: ParamWork, param: Tensor | None = None) -> None:
 
 
 def adamq3r_reference_(works: list[ParamWork]) -> None:
-    """The reference AdamQ3R step over many parameters, one after another."""
+    """The reference AdamQ3R step over many parameters, one after another.
+
+    With c = lr 2 lambda and R_j(W) = W + L M (two rank-k products), a slice's step is
+
+        W <- W (1 - lr wd - c) - Adam step - c L M        (L, M from W_prev)
+
+    which is W (1 - lr wd) - Adam step - lr 2 lambda R_j(W_prev) as the module docstring has
+    it, with no full-size temporary: W_prev enters through the scaling, made before Adam's
+    update reads nothing of W. Uncovered rows or columns of a sliced weight take W (1 - lr wd).
+    """
     for work in works:
-        terms = q3r_terms(work)  # at W_prev: before the Adam update moves W
+        if work.lmbda == 0 or not work.operators:  # without a term, torch.optim.Adam's update bit for bit
+            adam_update_(work)
+            continue
         # a low-precision parameter with a Q3R term is updated in float32 and rounded once, as
         # the fused kernel does: rounded after Adam and again after the term, a term below half
-        # an ulp of W would be lost (in bf16 most of it, at typical lr * 2 lambda); without a
-        # term the update stays torch.optim.Adam's, bit for bit
-        wide = work.param.float() if terms and work.param.dtype in (torch.bfloat16, torch.float16) else None
-        adam_update_(work, wide)
+        # an ulp of W would be lost (in bf16 most of it, at typical lr * 2 lambda)
+        wide = work.param.float() if work.param.dtype in (torch.bfloat16, torch.float16) else None
         target = work.param if wide is None else wide
-        for view, term in zip(slice_views(target, work.slice_dim, work.slices), terms):
-            view.sub_(term.to(view.dtype), alpha=work.lr)
+        views = slice_views(target, work.slice_dim, work.slices)
+        # R_j(W_prev) - W_prev as rank-k products, before anything moves W
+        terms = [reference.reweighting_low_rank(view, *reference.operator_udv(op))
+                 for view, op in zip(views, work.operators)]
+        c, decay = work.lr * 2.0 * work.lmbda, work.lr * work.weight_decay
+        for view in views:
+            view.mul_(1 - decay - c)
+        if decay != 0 and work.slices is not None:
+            for a, b in uncovered_ranges(target.shape[work.slice_dim], work.slices):
+                target.narrow(work.slice_dim, a, b - a).mul_(1 - decay)
+        adam_update_(work, target, decay=False)
+        for view, parts in zip(views, terms):
+            for L, M in parts:
+                view.addmm_(L, M, alpha=-c)
         if wide is not None:
             work.param.copy_(wide)
 

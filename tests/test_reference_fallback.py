@@ -1,0 +1,127 @@
+"""The reference path as the fallback step (CPU; GPU where the kernels do not run): R(W) is
+added as W plus two rank-k products, in place, so a step makes no full-size temporary of its
+own, and its arithmetic is the decoupled step of SPEC section 3."""
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import q3r
+from q3r import reference
+from helpers import dense_reweighting
+
+SHAPES = [(37, 53), (53, 37), (1, 9), (16, 16)]
+
+
+def _operator(W: torch.Tensor, k: int, keep: int):
+    """(U, V, d) of W's top-k triplets with eps = sigma_{keep}: the triplets past `keep` get d = 0."""
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    eps = S[keep] if keep < S.numel() else S[-1] / 2
+    return U[:, :k], Vh[:k].mT, reference.reweighting_coefficients(S[:k], eps)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("k", [0, 1, 4])
+def test_the_low_rank_parts_add_up_to_the_dense_operator(shape, k):
+    g = torch.Generator().manual_seed(sum(shape) + k)
+    W, X = (torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(2))
+    k = min(k, min(shape))
+    U, V, d = _operator(W, k, k)
+    parts = reference.reweighting_low_rank(X, U, V, d)
+    assert len(parts) == 2 and all(L.shape[-1] == M.shape[-2] == k for L, M in parts)
+    total = X + sum(L @ M for L, M in parts)
+    eps = float(torch.linalg.svdvals(W)[k]) if k < min(shape) else float(torch.linalg.svdvals(W)[-1]) / 2
+    expected = dense_reweighting(W, eps, X) if k else X
+    torch.testing.assert_close(total, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reference.apply_reweighting(X, U, V, d), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_low_rank_parts_of_a_batch_are_those_of_each_member():
+    g = torch.Generator().manual_seed(3)
+    W, X = torch.randn(3, 13, 9, generator=g), torch.randn(3, 13, 9, generator=g)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    d = reference.reweighting_coefficients(S[:, :4], S[:, 4])
+    batched = reference.reweighting_low_rank(X, U[:, :, :4], Vh[:, :4].mT, d)
+    for b in range(3):
+        single = reference.reweighting_low_rank(X[b], U[b, :, :4], Vh[b, :4].mT, d[b])
+        for (Lb, Mb), (L, M) in zip(batched, single):
+            torch.testing.assert_close(Lb[b] @ Mb[b], L @ M)
+
+
+def _full_size_allocations(run, nbytes: int) -> int:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    return sum(1 for e in prof.events() if e.self_cpu_memory_usage >= nbytes)
+
+
+def _stepped(dtype, lmbda: float, weight_decay: float = 0.0, slices=None):
+    """An AdamQ3R over one 96 x 80 target, past its first (refresh) step: the next step is a
+    plain one. Returns (parameter, optimizer)."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(96, 80, generator=g).to(dtype))
+    group = {"params": [W], "q3r": True, "target_rank": 3, "lmbda": lmbda, "steps": 1000,
+             "refresh": "exact", "weight_decay": weight_decay}
+    if slices is not None:
+        group["slices"] = slices
+    opt = q3r.AdamQ3R([group], lr=1e-2)
+    W.grad = torch.randn(96, 80, generator=g).to(dtype)
+    opt.step()
+    return W, opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_decay, slices", [(0.0, None), (0.1, [(0, 30), (30, 61), (70, 96)])])
+def test_a_fallback_step_with_a_term_makes_no_more_full_size_tensors_than_adams_own(dtype, weight_decay, slices,
+                                                                                     monkeypatch):
+    """Adam's own arithmetic makes full-size temporaries (its denominator, as torch.optim.Adam's
+    does), and a low-precision target with a term is stepped in float32: a float32 copy of it
+    and of its gradient and two moments (4). The Q3R term adds none; R(W) written out per
+    slice made three, and the low-precision target's slices were each converted again.
+    Counted: allocations of at least a float32 tensor of the smallest slice's size."""
+    monkeypatch.setenv("Q3R_BACKEND", "reference")
+    full = 96 * 80 * 4 if slices is None else 26 * 80 * 4
+    W, opt = _stepped(torch.float32, 0.0, weight_decay, slices)
+    adams_own = _full_size_allocations(opt.step, full)
+    W, opt = _stepped(dtype, 0.5, weight_decay, slices)
+    with_term = _full_size_allocations(opt.step, full)
+    assert adams_own >= 1
+    assert with_term <= adams_own + (4 if dtype != torch.float32 else 0), (with_term, adams_own)
+
+
+def test_the_regularizers_fallback_adds_its_term_to_the_gradient_with_no_full_size_tensor(monkeypatch):
+    monkeypatch.setenv("Q3R_BACKEND", "reference")
+    model = torch.nn.Sequential(torch.nn.Linear(80, 96, bias=False))
+    reg = q3r.Q3R(q3r.find_targets(model, ["0"], target_rank=3), lmbda=0.5, refresh="exact")
+    model[0].weight.grad = torch.randn(96, 80)
+    reg.add_grad_()  # (the first call refreshes)
+    before = model[0].weight.grad.clone()
+    assert _full_size_allocations(reg.add_grad_, 96 * 80 * 4) == 0
+    state = reg.state[reg.targets[0].name][0]
+    W = model[0].weight.detach()
+    expected = before + 2 * 0.5 * reference.apply_reweighting(W, state["U"], state["V"], reference.reweighting_coefficients(
+        state["sigma"], state["eps"]))
+    torch.testing.assert_close(model[0].weight.grad, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_the_fallback_step_is_the_decoupled_step_on_slices_with_a_gap_and_weight_decay(dtype, monkeypatch):
+    """W <- W (1 - lr wd) - Adam step - lr 2 lambda R_j(W_prev) on each slice, W (1 - lr wd) -
+    Adam step on the rows no slice covers (61..69), written out with R(W_prev) in float64."""
+    monkeypatch.setenv("Q3R_BACKEND", "reference")
+    slices, lr, wd, lmbda = [(0, 30), (30, 61), (70, 96)], 1e-2, 0.1, 0.5
+    W, opt = _stepped(dtype, lmbda, wd, slices)
+    prev = W.detach().double().clone()
+    state = opt.state[W]
+    m, v = state["exp_avg"].double().clone(), state["exp_avg_sq"].double().clone()
+    g = torch.randn(96, 80, generator=torch.Generator().manual_seed(9)).to(dtype)
+    W.grad = g
+    opt.step()
+    g = g.double()
+    m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+    expected = prev * (1 - lr * wd) - lr / (1 - 0.9**2) * m / ((v / (1 - 0.999**2)).sqrt() + 1e-8)
+    for (a, b), s in zip(slices, state["q3r"]):
+        d = reference.reweighting_coefficients(s["sigma"], s["eps"]).double()  # (as the step takes it: float32 state)
+        R = reference.apply_reweighting(prev[a:b], s["U"].double(), s["V"].double(), d)
+        expected[a:b] -= lr * 2 * lmbda * R
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(W.detach().double(), expected.to(dtype).double(), rtol=tol, atol=tol)
