@@ -227,7 +227,7 @@ def find_targets(
     rank_overrides: {pattern: rank spec}, first matching pattern wins over target_rank.
     fused: "auto" slices timm ``qkv`` and GPT-2 ``c_attn`` into Q, K, V; "none" never slices.
     slices: {module pattern: (slice_dim, [(start, stop), ...])} for anything else; wins over auto.
-    A pattern of include, rank_overrides or slices that matches nothing is an error (a typo
+    A pattern of include, exclude, rank_overrides or slices that matches nothing is an error (a typo
     would leave a layer silently unregularized).  The weights must be parameters (nn.Parameter):
     a parametrized module's computed weight cannot be trained against.
     rank_rule: the rule the ranks are checked by, as the optimizer or regularizer will resolve
