@@ -109,9 +109,9 @@ def apply_reweighting(X: Tensor, U: Tensor, V: Tensor, d: Tensor) -> Tensor:
     (see reweighting_low_rank). Returns the compute dtype (float32 or float64); the caller casts.
     """
     X = X.to(compute_dtype(X.dtype))
-    (L1, M1), (L2, M2) = reweighting_low_rank(X, U, V, d)
-    if X.dim() == 2:  # the output is the only full-size tensor made
-        return torch.addmm(X, L1, M1).addmm_(L2, M2)
+    (L1, M1), (L2, M2) = parts = reweighting_low_rank(X, U, V, d)
+    if X.dim() == 2 and all(t.dim() == 2 for pair in parts for t in pair):  # (factors with batch dims: below)
+        return torch.addmm(X, L1, M1).addmm_(L2, M2)  # the output is the only full-size tensor made
     return (L1 @ M1).add_(X).add_(L2 @ M2)
 
 
