@@ -372,3 +372,47 @@ def test_the_state_creating_step_of_get_state_dict_is_not_a_training_step():
     opt.param_groups[-1]["lr"] = 1e-9
     opt.step()
     assert reg.num_steps == 3
+
+
+def test_attach_to_an_accelerate_prepared_optimizer_hooks_the_optimizer_it_wraps():
+    # Accelerator.prepare returns an AcceleratedOptimizer, a torch.optim.Optimizer subclass that
+    # never runs Optimizer.__init__ and steps / saves / loads through .optimizer: attach on it
+    # raised "'AcceleratedOptimizer' object has no attribute '_optimizer_step_pre_hooks'"
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(cpu=True)
+
+    def run(wrap):
+        torch.manual_seed(0)
+        model = TinyViT()
+        reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.5, steps=3)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        if wrap:
+            opt = accelerator.prepare(opt)
+            assert type(opt).__name__ == "AcceleratedOptimizer"
+        reg.attach(opt)
+        _train(model, opt, 4, 0)
+        return model, reg, opt
+
+    model, reg, opt = run(wrap=False)
+    model_w, reg_w, opt_w = run(wrap=True)
+    assert reg_w.num_steps == reg.num_steps == 4
+    for a, b in zip(model.parameters(), model_w.parameters()):
+        assert torch.equal(a, b)
+    # the carried state travels through the wrapper's state_dict / load_state_dict too
+    state = _round_trip(opt_w.state_dict())
+    assert state["q3r"][0]["num_steps"] == 4
+    torch.manual_seed(0)
+    model2 = TinyViT()
+    model2.load_state_dict(model_w.state_dict())
+    reg2 = q3r.Q3R(q3r.find_targets(model2, INCLUDE, target_rank=3), lmbda=0.5, steps=3)
+    opt2 = accelerator.prepare(torch.optim.AdamW(model2.parameters(), lr=3e-3))
+    reg2.attach(opt2)
+    opt2.load_state_dict(state)
+    assert reg2.num_steps == 4
+
+
+def test_attach_to_something_that_is_no_optimizer_says_so():
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3))
+    with pytest.raises(TypeError, match="needs a torch.optim.Optimizer"):
+        reg.attach(model)

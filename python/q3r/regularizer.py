@@ -237,6 +237,7 @@ class Q3R:
         too.)"""
         if not isinstance(carry_state, bool):
             raise TypeError(f"Q3R.attach carry_state must be a bool, got {carry_state!r}")
+        optimizer = _hookable(optimizer)
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for t in self.targets:
             if id(t.param) not in owned:
@@ -445,6 +446,23 @@ def _amp_grad_scale(optimizer) -> float | None:
         return None
     grad_scale = getattr(optimizer, "grad_scale", None)
     return 1.0 if grad_scale is None else float(grad_scale)
+
+
+def _hookable(optimizer):
+    """The optimizer whose step attach hooks: ``optimizer`` itself, or, for a wrapper that
+    subclasses torch.optim.Optimizer without running its __init__ and steps, saves and loads
+    through the optimizer it wraps (accelerate's AcceleratedOptimizer, what
+    ``Accelerator.prepare`` returns: ``.optimizer``), the wrapped one. attach on such a wrapper
+    failed with "'AcceleratedOptimizer' object has no attribute '_optimizer_step_pre_hooks'"."""
+    seen = optimizer
+    while not hasattr(optimizer, "_optimizer_step_pre_hooks"):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            raise TypeError(f"Q3R.attach needs a torch.optim.Optimizer (it registers step hooks); "
+                            f"{type(seen).__name__} has no step hooks and wraps no optimizer as .optimizer: "
+                            "attach to the optimizer it wraps")
+        optimizer = inner
+    return optimizer
 
 
 def _carrying(optimizer) -> list:
