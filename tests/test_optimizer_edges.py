@@ -563,6 +563,14 @@ def test_a_hyperparameter_given_as_a_string_is_refused_naming_it(option):
         q3r.AdamQ3R(model.parameters(), **option)
 
 
+def test_a_tensor_lr_is_refused_saying_why():
+    # (torch.optim.Adam takes lr=torch.tensor(...); AdamQ3R refused it as "invalid learning rate
+    # lr=tensor(0.0010)", which read as if the value were wrong)
+    model = TinyViT()
+    with pytest.raises(TypeError, match="param group 0: lr must be a Python number, got a Tensor"):
+        q3r.AdamQ3R(model.parameters(), lr=torch.tensor(1e-3))
+
+
 def test_l2_weight_decay_in_a_param_group_is_refused():
     model = TinyViT()
     with pytest.raises(ValueError, match="decoupled_weight_decay=False"):

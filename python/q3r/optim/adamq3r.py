@@ -48,7 +48,10 @@ def _check_hyperparameters(group: dict, where: str) -> None:
     for key, value in (("lr", lr), ("eps", eps), ("weight_decay", wd)):
         if isinstance(value, (bool, str)) or not isinstance(value, (numbers.Real, torch.Tensor)):
             raise TypeError(f"{where}: {key} must be a number, got {value!r}")
-    if isinstance(lr, torch.Tensor) or not (0.0 <= lr < math.inf):
+    if isinstance(lr, torch.Tensor):  # (torch's Adam takes one for capturable / compiled steps; AdamQ3R has neither)
+        raise TypeError(f"{where}: lr must be a Python number, got a Tensor ({lr!r}); AdamQ3R has no capturable or "
+                        "compiled step that a tensor lr is for: pass float(lr)")
+    if not (0.0 <= lr < math.inf):
         raise ValueError(f"{where}: invalid learning rate lr={lr!r}")
     if not 0.0 <= eps:
         raise ValueError(f"{where}: invalid epsilon eps={eps!r}")
