@@ -86,6 +86,14 @@ def test_info_module_runs():
     assert "torch" in out and "Triton kernels on cuda tensors" in out and "native extension" in out
 
 
+def test_info_module_takes_help_and_refuses_unknown_arguments():
+    # (--help printed the report, and --bogus was ignored, as `q3r info` does not)
+    out = subprocess.run([sys.executable, "-m", "q3r.info", "--help"], check=True, capture_output=True, text=True).stdout
+    assert "usage: python -m q3r.info" in out and "native extension:" not in out
+    bad = subprocess.run([sys.executable, "-m", "q3r.info", "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
+
+
 def test_fp32_dot_precision_follows_torch_matmul_precision(monkeypatch, fp32_precision_reset):
     monkeypatch.setattr(K.CONFIG, "precision", "auto")
     torch.set_float32_matmul_precision("highest")

@@ -60,4 +60,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    # (--help printed the report and any other argument was ignored, where `q3r info` refuses it)
+    argparse.ArgumentParser(prog="python -m q3r.info",
+                            description="which backends (Triton, native extension) are available and why not").parse_args()
     main()
