@@ -54,7 +54,7 @@ def _full_size_allocations(run, nbytes: int) -> int:
     return sum(1 for e in prof.events() if e.self_cpu_memory_usage >= nbytes)
 
 
-def _stepped(dtype, lmbda: float, weight_decay: float = 0.0, slices=None):
+def _stepped(dtype, lmbda: float, weight_decay: float = 0.0, slices=None, slice_dim: int = 0):
     """An AdamQ3R over one 96 x 80 target, past its first (refresh) step: the next step is a
     plain one. Returns (parameter, optimizer)."""
     g = torch.Generator().manual_seed(0)
@@ -62,7 +62,7 @@ def _stepped(dtype, lmbda: float, weight_decay: float = 0.0, slices=None):
     group = {"params": [W], "q3r": True, "target_rank": 3, "lmbda": lmbda, "steps": 1000,
              "refresh": "exact", "weight_decay": weight_decay}
     if slices is not None:
-        group["slices"] = slices
+        group["slices"], group["slice_dim"] = slices, slice_dim
     opt = q3r.AdamQ3R([group], lr=1e-2)
     W.grad = torch.randn(96, 80, generator=g).to(dtype)
     opt.step()
@@ -103,13 +103,16 @@ def test_the_regularizers_fallback_adds_its_term_to_the_gradient_with_no_full_si
     torch.testing.assert_close(model[0].weight.grad, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("slice_dim", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_the_fallback_step_is_the_decoupled_step_on_slices_with_a_gap_and_weight_decay(dtype, monkeypatch):
+def test_the_fallback_step_is_the_decoupled_step_on_slices_with_a_gap_and_weight_decay(dtype, slice_dim, monkeypatch):
     """W <- W (1 - lr wd) - Adam step - lr 2 lambda R_j(W_prev) on each slice, W (1 - lr wd) -
-    Adam step on the rows no slice covers (61..69), written out with R(W_prev) in float64."""
+    Adam step on the rows (columns) no slice covers, written out with R(W_prev) in float64.
+    Column slices are views with gaps between their rows, into which the term is added."""
     monkeypatch.setenv("Q3R_BACKEND", "reference")
-    slices, lr, wd, lmbda = [(0, 30), (30, 61), (70, 96)], 1e-2, 0.1, 0.5
-    W, opt = _stepped(dtype, lmbda, wd, slices)
+    slices = [(0, 30), (30, 61), (70, 96)] if slice_dim == 0 else [(0, 20), (20, 41), (55, 80)]
+    lr, wd, lmbda = 1e-2, 0.1, 0.5
+    W, opt = _stepped(dtype, lmbda, wd, slices, slice_dim)
     prev = W.detach().double().clone()
     state = opt.state[W]
     m, v = state["exp_avg"].double().clone(), state["exp_avg_sq"].double().clone()
@@ -121,7 +124,7 @@ def test_the_fallback_step_is_the_decoupled_step_on_slices_with_a_gap_and_weight
     expected = prev * (1 - lr * wd) - lr / (1 - 0.9**2) * m / ((v / (1 - 0.999**2)).sqrt() + 1e-8)
     for (a, b), s in zip(slices, state["q3r"]):
         d = reference.reweighting_coefficients(s["sigma"], s["eps"]).double()  # (as the step takes it: float32 state)
-        R = reference.apply_reweighting(prev[a:b], s["U"].double(), s["V"].double(), d)
-        expected[a:b] -= lr * 2 * lmbda * R
+        R = reference.apply_reweighting(prev.narrow(slice_dim, a, b - a), s["U"].double(), s["V"].double(), d)
+        expected.narrow(slice_dim, a, b - a).sub_(lr * 2 * lmbda * R)
     tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2}[dtype]
     torch.testing.assert_close(W.detach().double(), expected.to(dtype).double(), rtol=tol, atol=tol)
