@@ -2,6 +2,7 @@
 
 import copy
 import sys
+import warnings
 
 import pytest
 import torch
@@ -749,3 +750,24 @@ def test_hugging_face_t5_feed_forward_compresses_and_runs():
     with torch.no_grad():  # (it read wo.weight.dtype: AttributeError)
         torch.testing.assert_close(small(input_ids=ids, decoder_input_ids=ids).logits,
                                    dense(input_ids=ids, decoder_input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_a_rank_that_saves_no_parameters_is_cut_with_a_warning_naming_the_slice():
+    """rank=min(d1, d2) of a non-square weight (or a "min" rank rule) gives r (d1 + d2) >= d1 d2:
+    the factored layer is exact (or truncated) but larger than the dense one. compress does as
+    asked and says so; a fraction below 1 never asks for it."""
+    model = nn.Sequential(nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 40))
+    x = torch.randn(3, 20)
+    with pytest.warns(UserWarning, match=r"2 slice\(s\) have at least as many parameters factored as dense.*"
+                                         r"0\.weight \(10x20 at rank 10\), 2\.weight \(40x10 at rank 10\)"):
+        small, report = compress(model, ["0", "2"], rank=10, copy=True)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+    assert report.model_params_after > report.model_params_before
+    square = nn.Sequential(nn.Linear(20, 20))
+    with pytest.warns(UserWarning, match=r"1 slice\(s\).*0\.weight \(20x20 at rank 10\);"):  # 10 * 40 = 400: as many
+        compress(square, ["0"], rank=10, copy=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compress(model, ["0", "2"], rank=6, copy=True)  # 6 * 30 = 180 < 200; 6 * 50 = 300 < 400
+        compress(model, ["0", "2"], fraction=0.99, copy=True)
+        compress(square, ["0"], rank=9, copy=True)

@@ -467,6 +467,12 @@ def _swap_in_factors(model: nn.Module, plans, all_names, report: CompressionRepo
             records.append(SliceRecord(name, (d1, d2), r, d1 * d2, d1 * d2 if r is None else r * (d1 + d2)))
         if any(r is not None for r in ranks):
             swaps.append((_factored_module(module, t, ranks), mod_names))
+    larger = [f"{r.name} ({r.shape[0]}x{r.shape[1]} at rank {r.rank})" for r in records
+              if r.rank is not None and r.kept_params >= r.dense_params]
+    if larger:  # (rank= or a rank rule other than "params" can ask for this; a fraction below 1 cannot)
+        warnings.warn(f"compress: {len(larger)} slice(s) have at least as many parameters factored as dense, "
+                      f"r (d1 + d2) >= d1 d2: {', '.join(larger[:3])}{', ...' if len(larger) > 3 else ''}; "
+                      "a rank below d1 d2 / (d1 + d2) saves parameters there", stacklevel=3)
     for new, mod_names in swaps:
         old = model.get_submodule(mod_names[0])
         if any(getattr(old, hooks, None) for hooks in _MODULE_HOOKS):
