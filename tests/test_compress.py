@@ -10,6 +10,7 @@ from torch import nn
 
 import q3r
 from q3r.compress import (
+    LowRankEmbedding,
     LowRankFusedLinear,
     LowRankLinear,
     compress,
@@ -319,9 +320,9 @@ def test_multihead_attention_out_proj_is_refused():
 
 
 def test_a_bad_target_late_in_the_list_leaves_the_model_untouched():
-    model = nn.Sequential(nn.Linear(16, 16), nn.Embedding(20, 16))
+    model = nn.Sequential(nn.Linear(16, 16), nn.Embedding(20, 16, max_norm=1.0))
     targets = q3r.find_targets(model, ["0", "1"], target_rank=4)
-    with pytest.raises(TypeError, match="Embedding"):
+    with pytest.raises(TypeError, match="nn.Embedding with max_norm=1.0"):
         compress(model, targets, rank=4)
     assert isinstance(model[0], nn.Linear)
 
@@ -771,3 +772,98 @@ def test_a_rank_that_saves_no_parameters_is_cut_with_a_warning_naming_the_slice(
         compress(model, ["0", "2"], rank=6, copy=True)  # 6 * 30 = 180 < 200; 6 * 50 = 300 < 400
         compress(model, ["0", "2"], fraction=0.99, copy=True)
         compress(square, ["0"], rank=9, copy=True)
+
+
+class _Tokens(nn.Module):
+    """Token embedding (with a padding row) -> linear head: an embedding table as a target."""
+
+    def __init__(self, padding_idx=0, **embedding_options):
+        super().__init__()
+        self.emb = nn.Embedding(50, 24, padding_idx=padding_idx, **embedding_options)
+        self.head = nn.Linear(24, 7)
+
+    def forward(self, idx):
+        return self.head(self.emb(idx).relu())
+
+
+def test_an_embedding_table_is_compressed_to_factors_with_the_outputs_of_its_truncated_twin():
+    torch.manual_seed(0)
+    model = _Tokens(padding_idx=-1)  # (stored as 49, as nn.Embedding stores it)
+    idx = torch.tensor([[0, 3, 49, 17], [49, 49, 5, 2]])
+    twin = truncate_weights_(copy.deepcopy(model), ["emb"], rank=6)
+    small, report = compress(model, ["emb"], rank=6, copy=True)
+    assert isinstance(small.emb, LowRankEmbedding) and small.emb.padding_idx == 49
+    assert (small.emb.up.shape, small.emb.down.shape) == ((50, 6), (6, 24))
+    torch.testing.assert_close(small(idx), twin(idx), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(small.emb.weight, twin.emb.weight, rtol=1e-5, atol=1e-5)  # (.weight: the dense table)
+    assert report.slices[0].kept_params == 6 * (50 + 24) < report.slices[0].dense_params == 50 * 24
+    # as in nn.Embedding, the padding row of the looked-up table gets no gradient
+    small.emb(idx).sum().backward()
+    assert small.emb.up.grad[49].abs().sum() == 0 and small.emb.up.grad[3].abs().sum() > 0
+    assert small.emb.down.grad.abs().sum() > 0
+    # built directly: a negative padding_idx counts from the end, as nn.Embedding's does; its row starts at 0
+    direct = LowRankEmbedding(50, 24, 3, padding_idx=-2)
+    assert direct.padding_idx == 48 and direct.up[48].abs().sum() == 0 and direct.up[47].abs().sum() > 0
+    with pytest.raises(ValueError, match="padding_idx of LowRankEmbedding must be within num_embeddings"):
+        LowRankEmbedding(50, 24, 3, padding_idx=50)
+
+
+def test_a_compressed_embedding_saves_and_loads_into_a_fresh_model_and_refuses_another(tmp_path):
+    pytest.importorskip("safetensors")
+    torch.manual_seed(1)
+    model = _Tokens(scale_grad_by_freq=True)
+    small, _ = compress(model, ["emb"], fraction=0.3, copy=True)
+    path = tmp_path / "tokens.safetensors"
+    save_compressed(small, path)
+    fresh = load_compressed(_Tokens(scale_grad_by_freq=True), path)
+    idx = torch.randint(0, 50, (3, 5))
+    assert isinstance(fresh.emb, LowRankEmbedding) and fresh.emb.scale_grad_by_freq
+    torch.testing.assert_close(fresh(idx), small(idx), rtol=0, atol=0)
+    for other, match in ((_Tokens(padding_idx=3, scale_grad_by_freq=True), r"padding_idx.* = \(50, 24, 0, True, False\), "
+                          r"but the model's is \(50, 24, 3, True, False\): another architecture"),
+                         (_Tokens(), r"\(50, 24, 0, True, False\), but the model's is \(50, 24, 0, False, False\)"),
+                         (_Tokens(max_norm=2.0, scale_grad_by_freq=True), "max_norm"),):
+        before = copy.deepcopy(other.state_dict())
+        with pytest.raises((ValueError, TypeError), match=match):
+            load_compressed(other, path)
+        assert isinstance(other.emb, nn.Embedding)
+        assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
+    linear = nn.Module()
+    linear.emb, linear.head = nn.Linear(24, 50), nn.Linear(24, 7)
+    with pytest.raises(TypeError, match="not an nn.Embedding"):
+        load_compressed(linear, path)
+
+
+def test_an_embedding_with_max_norm_or_slices_is_refused_before_anything_changes():
+    model = _Tokens(max_norm=1.0)
+    with pytest.raises(TypeError, match="max_norm=1.0: its forward renormalizes rows"):
+        compress(model, ["head", "emb"], rank=4)
+    assert isinstance(model.head, nn.Linear) and isinstance(model.emb, nn.Embedding)
+    model = _Tokens()
+    targets = q3r.find_targets(model, ["emb"], target_rank=2, slices={"emb": (0, [(0, 25), (25, 50)])})
+    with pytest.raises(ValueError, match="nn.Embedding cut into slices"):
+        compress(model, targets, rank=2)
+    assert isinstance(model.emb, nn.Embedding)
+
+
+def test_a_q3r_trained_embedding_target_is_cut_where_it_was_pushed():
+    """An embedding target trained with AdamQ3R towards 20% of its parameters, then compressed
+    at that fraction: the factored model's outputs are the truncated twin's, and it finds the
+    table itself no longer (factored layers are passed by)."""
+    torch.manual_seed(2)
+    model = _Tokens()
+    targets = q3r.find_targets(model, ["emb"], target_rank=0.2)
+    opt = q3r.AdamQ3R(q3r.param_groups(model, targets, lmbda=1.0, steps=2), lr=1e-2)
+    for _ in range(6):
+        idx = torch.randint(0, 50, (8, 4))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(idx).mean(1), torch.randint(0, 7, (8,))).backward()
+        opt.step()
+    twin = truncate_weights_(copy.deepcopy(model), targets, fraction=0.2)
+    small, report = compress(model, targets, fraction=0.2, copy=True)
+    assert report.slices[0].rank == 3  # floor(0.2 * 50 * 24 / 74)
+    idx = torch.randint(0, 50, (4, 6))
+    torch.testing.assert_close(small(idx), twin(idx), rtol=1e-5, atol=1e-5)
+    assert q3r.find_targets(small, ["head"], target_rank=2)[0].name == "head.weight"
+    with pytest.raises(ValueError, match="emb"):
+        q3r.find_targets(small, ["emb"], target_rank=2)  # (factored: passed by, so the pattern matches nothing)

@@ -7,7 +7,9 @@ factored module whose output equals the layer with SVD-truncated weights:
   ``y = up @ (down @ x) + bias``;
 * a fused weight cut into slices (timm ``qkv`` rows, GPT-2 ``c_attn`` columns) becomes a
   :class:`LowRankFusedLinear` holding one factor pair per slice and producing the same fused
-  output layout; parts of the weight outside every slice stay dense.
+  output layout; parts of the weight outside every slice stay dense;
+* an ``nn.Embedding`` (its table as the weight, unsliced, without ``max_norm``) becomes a
+  :class:`LowRankEmbedding`.
 
 Biases are kept (the published code's truncation drops them, which changes the model).
 HF ``Conv1D`` stores its weight transposed (in, out) and computes ``x @ W + b``; it is
@@ -45,6 +47,7 @@ from .targets import (Target, _find_targets, resolve_slice_ranks, slice_shapes, 
 __all__ = [
     "LowRankLinear",
     "LowRankFusedLinear",
+    "LowRankEmbedding",
     "CompressionReport",
     "SliceRecord",
     "compress",
@@ -110,6 +113,54 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+class LowRankEmbedding(nn.Module):
+    """An nn.Embedding whose (num_embeddings, embedding_dim) table is up (num, r) @ down (r, dim):
+    each index looks up an r-wide row of ``up``, then one (r -> dim) product. ``padding_idx``,
+    ``scale_grad_by_freq`` and ``sparse`` act on ``up`` as nn.Embedding's act on its table
+    (the padding row of ``up`` gets no gradient; ``down`` is shared by all rows and does)."""
+
+    _q3r_factored = True
+    conv1d_layout = False
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx: int | None = None,
+                 scale_grad_by_freq: bool = False, sparse: bool = False, device=None, dtype=None):
+        super().__init__()
+        if isinstance(rank, bool) or not (isinstance(rank, int) and rank >= 1):
+            raise ValueError(f"rank of LowRankEmbedding must be an int >= 1, got {rank!r}")
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx of LowRankEmbedding must be within num_embeddings ({num_embeddings}), "
+                                 f"got {padding_idx!r}")
+            padding_idx %= num_embeddings  # (as nn.Embedding stores a negative one)
+        kw = dict(device=device, dtype=dtype)
+        self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
+        self.padding_idx, self.scale_grad_by_freq, self.sparse = padding_idx, scale_grad_by_freq, sparse
+        self.up = nn.Parameter(torch.empty(num_embeddings, rank, **kw))
+        self.down = nn.Parameter(torch.empty(rank, embedding_dim, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Init so that up @ down has nn.Embedding's N(0, 1) entries, with a zero padding row."""
+        nn.init.normal_(self.up)
+        nn.init.normal_(self.down, std=self.rank ** -0.5)
+        if self.padding_idx is not None:
+            with torch.no_grad():
+                self.up[self.padding_idx].zero_()
+
+    def forward(self, indices: Tensor) -> Tensor:
+        codes = F.embedding(indices, self.up, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
+        return codes @ self.down
+
+    def dense_weight(self) -> Tensor:
+        return self.up @ self.down
+
+    weight = LowRankLinear.weight
+
+    def extra_repr(self) -> str:
+        extra = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}{extra}"
 
 
 def _read_weight(module) -> Tensor:
@@ -309,18 +360,33 @@ def _linear_view(module: nn.Module, t: Target):
     return W, t.slice_dim
 
 
+def _check_embedding(module: nn.Embedding, name: str) -> None:
+    """An nn.Embedding compress can replace by a LowRankEmbedding: not one with max_norm, whose
+    forward renormalizes the rows it looks up in its table, in place (factors have no rows to
+    renormalize; the outputs would differ from the embedding's)."""
+    if module.max_norm is not None:
+        raise TypeError(f"{name} is an nn.Embedding with max_norm={module.max_norm}: its forward renormalizes rows of "
+                        "its table in place, which a factored table cannot do; compress cannot replace it")
+
+
 def _module_names(model: nn.Module, t: Target) -> list[str]:
     """Every name under which the target's module is registered in ``model`` (a module shared
     by two parents is replaced under both), after checking that compress can replace it:
-    an nn.Linear or HF Conv1D whose weight no other module uses and whose owner does not read
+    an nn.Linear, HF Conv1D or nn.Embedding whose weight no other module uses and whose owner does not read
     the weight itself.  Raises before anything changes."""
     name = _module_name(t)
     try:
         module = model.get_submodule(name)
     except AttributeError:
         raise ValueError(f"target {t.name}: the model has no module {name!r}") from None
-    if not (_is_conv1d(module) or isinstance(module, nn.Linear)):
-        raise TypeError(f"compress handles nn.Linear and HF Conv1D targets; {t.name} belongs to a {type(module).__name__}")
+    if not (_is_conv1d(module) or isinstance(module, (nn.Linear, nn.Embedding))):
+        raise TypeError(f"compress handles nn.Linear, HF Conv1D and nn.Embedding targets; {t.name} belongs to a "
+                        f"{type(module).__name__}")
+    if isinstance(module, nn.Embedding):
+        _check_embedding(module, t.name)
+        if t.slices is not None:
+            raise ValueError(f"target {t.name} is an nn.Embedding cut into slices; compress factors an embedding table "
+                             "whole (leave its slices out)")
     names, tied = [], []
     for other_name, other in model.named_modules(remove_duplicate=False):
         if other is module:
@@ -347,7 +413,10 @@ def _factored_module(module: nn.Module, t: Target, ranks: list[int]) -> nn.Modul
     out_f, in_f = W.shape
     bias = getattr(module, "bias", None)
     kw = dict(device=W.device, dtype=W.dtype)
-    if t.slices is None:
+    if isinstance(module, nn.Embedding):  # (its table (num, dim) is the weight; out_f, in_f = num, dim)
+        new = LowRankEmbedding(out_f, in_f, ranks[0], module.padding_idx, module.scale_grad_by_freq, module.sparse, **kw)
+        new.up.data, new.down.data = svd_truncate(W, ranks[0])
+    elif t.slices is None:
         new = LowRankLinear(in_f, out_f, ranks[0], bias=bias is not None, **kw)
         new.up.data, new.down.data = svd_truncate(W, ranks[0])
     else:
@@ -516,6 +585,9 @@ def _spec(m: nn.Module) -> dict | None:
     if isinstance(m, LowRankLinear):
         return dict(kind="linear", in_features=m.in_features, out_features=m.out_features,
                     rank=m.rank, bias=m.bias is not None)
+    if isinstance(m, LowRankEmbedding):
+        return dict(kind="embedding", num_embeddings=m.num_embeddings, embedding_dim=m.embedding_dim, rank=m.rank,
+                    padding_idx=m.padding_idx, scale_grad_by_freq=m.scale_grad_by_freq, sparse=m.sparse)
     return None
 
 
@@ -572,6 +644,8 @@ def _rebuilt_module(model: nn.Module, name: str, spec, path) -> nn.Module:
         raise ValueError(f"{path} holds a factored module {name!r}, but the model has no module {name!r}") from None
     if _spec(old) is not None and _spec(old) == spec:  # (factored in the model's own architecture: filled as it is)
         return old
+    if isinstance(spec, dict) and spec.get("kind") == "embedding":
+        return _rebuilt_embedding(old, name, spec, path)
     shape = _dense_shape(old)
     if shape is None:
         raise TypeError(f"{path} holds a factored module {name!r}, but the model's {name!r} is a {type(old).__name__}, "
@@ -595,6 +669,30 @@ def _rebuilt_module(model: nn.Module, name: str, spec, path) -> nn.Module:
     bias = getattr(old, "bias", None)
     for param in new.parameters():
         param.requires_grad_(bias.requires_grad if param is new.bias and bias is not None else old.weight.requires_grad)
+    return new
+
+
+def _rebuilt_embedding(old: nn.Module, name: str, spec: dict, path) -> LowRankEmbedding:
+    """The LowRankEmbedding of the file's layout in place of the model's nn.Embedding ``name``,
+    after checking that it replaces an embedding of the same table and options."""
+    if not isinstance(old, nn.Embedding):
+        raise TypeError(f"{path} holds a factored embedding {name!r}, but the model's {name!r} is a {type(old).__name__}, "
+                        "not an nn.Embedding (load_compressed needs a freshly built dense model)")
+    _check_embedding(old, name)
+    try:
+        new = LowRankEmbedding(spec["num_embeddings"], spec["embedding_dim"], spec["rank"], spec["padding_idx"],
+                               spec["scale_grad_by_freq"], spec["sparse"], device=old.weight.device, dtype=old.weight.dtype)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: damaged {_METADATA_KEY!r} metadata for module {name!r}: {spec!r} "
+                         f"({type(e).__name__}: {e})") from None
+    found = (new.num_embeddings, new.embedding_dim, new.padding_idx, new.scale_grad_by_freq, new.sparse)
+    wanted = (old.num_embeddings, old.embedding_dim, old.padding_idx, old.scale_grad_by_freq, old.sparse)
+    if found != wanted:
+        raise ValueError(f"{path} holds a factored embedding {name!r} of (num_embeddings, embedding_dim, padding_idx, "
+                         f"scale_grad_by_freq, sparse) = {found}, but the model's is {wanted}: another architecture")
+    new.train(old.training)
+    for param in new.parameters():
+        param.requires_grad_(old.weight.requires_grad)
     return new
 
 
