@@ -867,3 +867,19 @@ def test_a_q3r_trained_embedding_target_is_cut_where_it_was_pushed():
     assert q3r.find_targets(small, ["head"], target_rank=2)[0].name == "head.weight"
     with pytest.raises(ValueError, match="emb"):
         q3r.find_targets(small, ["emb"], target_rank=2)  # (factored: passed by, so the pattern matches nothing)
+
+
+def test_a_target_of_a_module_compress_has_no_factored_form_for_is_refused_naming_it():
+    class Scale(nn.Module):  # (a 2-D weight Q3R can train, in a module compress knows nothing of)
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            return x @ self.weight
+
+    model = nn.Sequential(nn.Linear(8, 8), Scale())
+    with pytest.raises(TypeError, match=r"compress handles nn.Linear, HF Conv1D and nn.Embedding targets; 1.weight "
+                                        r"belongs to a Scale"):
+        compress(model, q3r.find_targets(model, ["0", "1"], target_rank=2), rank=2)
+    assert isinstance(model[0], nn.Linear)
