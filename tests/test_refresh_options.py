@@ -126,3 +126,27 @@ def test_sketch_options_built_directly_are_checked_too(field, value, words):
     with pytest.raises(ValueError, match=words):  # (replace builds a new one: checked as well)
         dataclasses.replace(q3r.refresh.DEFAULT_SKETCH, **{field: value})
     assert q3r.refresh.SketchOptions(exact_fraction=1.5).exact_fraction == 1.5  # (above 1: never too wide)
+
+
+def test_numpy_numbers_from_a_sweep_are_taken_and_kept_as_plain_python_numbers(seen_options):
+    """refresh_options from numpy (np.arange / np.linspace sweeps), as lmbda from one is: taken,
+    equal to the plain values, and saved as plain numbers (a numpy scalar in a state dict makes
+    torch.load(weights_only=True) refuse it). An integral field still refuses a float of any kind."""
+    np = pytest.importorskip("numpy")
+    options = {"oversampling": np.int64(4), "flat_tolerance": np.float32(0.25), "max_lag": np.int32(1)}
+    built = q3r.refresh.SketchOptions(**options)
+    assert built == q3r.refresh.SketchOptions(oversampling=4, flat_tolerance=float(np.float32(0.25)), max_lag=1)
+    assert [type(getattr(built, f)) for f in options] == [int, float, int]
+    model, targets = _model_and_targets()
+    reg = q3r.Q3R(targets, lmbda=0.1, refresh="randomized", refresh_options=options)
+    opt = q3r.AdamQ3R(q3r.param_groups(model, targets, refresh="randomized", refresh_options=options), lr=1e-3)
+    _step(model, opt)
+    _step(model, torch.optim.SGD(model.parameters(), lr=1e-3), reg)
+    assert [opts for opts, _ in seen_options] == [built, built]
+    for state in (opt.state_dict(), reg.state_dict()):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    with pytest.raises(ValueError, match="oversampling must be an int >= 0, got np.float64"):
+        q3r.refresh.SketchOptions(oversampling=np.float64(4))

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -181,18 +182,25 @@ class SketchOptions:
 
     def __post_init__(self):  # (every way of building one is checked: a NaN would turn a check off)
         for f in dataclasses.fields(self):
-            _check_sketch_option(f.name, getattr(self, f.name), f.default, "SketchOptions")
+            value = _check_sketch_option(f.name, getattr(self, f.name), f.default, "SketchOptions")
+            object.__setattr__(self, f.name, value)  # (a numpy number as the plain Python one)
 
 
-def _check_sketch_option(name: str, value, default, where: str) -> None:
-    """A SketchOptions field's value: an int where the default is one, else a finite number;
-    >= 0 (> 0 for max_stack_bytes and tol). Raises ValueError naming it."""
-    ok = (isinstance(value, int) and not isinstance(value, bool)) if type(default) is int else (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+def _check_sketch_option(name: str, value, default, where: str):
+    """A SketchOptions field's value: an integer where the default is an int, else a finite real
+    number; >= 0 (> 0 for max_stack_bytes and tol). Returns it as a plain Python int or float
+    (a numpy number from a sweep is taken, and stored as what a weights_only load reads).
+    Raises ValueError naming it."""
+    whole = type(default) is int
+    ok = (isinstance(value, numbers.Integral) if whole else isinstance(value, numbers.Real)) and not isinstance(value, bool)
+    if ok:
+        value = int(value) if whole else (int(value) if isinstance(value, numbers.Integral) else float(value))
+        ok = whole or math.isfinite(value)
     positive = name in ("max_stack_bytes", "tol")
     if not ok or value < 0 or (positive and value == 0):
-        raise ValueError(f"{where}: {name} must be a{'n int' if type(default) is int else ' finite number'} "
+        raise ValueError(f"{where}: {name} must be a{'n int' if whole else ' finite number'} "
                          f"{'> 0' if positive else '>= 0'}, got {value!r}")
+    return value
 
 
 DEFAULT_SKETCH = SketchOptions()
@@ -210,7 +218,7 @@ def sketch_options(overrides: dict | None, where: str = "refresh_options") -> Sk
     for name, value in overrides.items():
         if name not in defaults:
             raise ValueError(f"{where}: unknown option {name!r}; the options are {sorted(defaults)}")
-        _check_sketch_option(name, value, defaults[name], where)
+        _check_sketch_option(name, value, defaults[name], where)  # (naming where; the new one stores plain values)
     return dataclasses.replace(DEFAULT_SKETCH, **overrides) if overrides else DEFAULT_SKETCH
 
 
