@@ -61,3 +61,27 @@ def test_refresh_cost_caps_the_sketch_width_at_the_matrix():
 
     assert refresh_cost(20, 30, 15, oversampling=16) == 20 * 30 * 20 + 20**3 + PER_SLICE_COST
     assert refresh_cost(200, 300, 15, oversampling=16) == 200 * 300 * 31 + 31**3 + PER_SLICE_COST
+
+
+def test_stagger_phases_place_the_largest_costs_first():
+    # longest-processing-time order: the big target goes first and the small ones fill the
+    # other phase around it (4 and 4); smallest first spread the small ones evenly and then
+    # stacked the big one on top of two of them (6 against 2)
+    costs = [1.0, 1.0, 1.0, 1.0, 4.0]
+    phases = stagger_phases(costs, 2)
+    assert sorted(sum(c for c, p in zip(costs, phases) if p == s) for s in range(2)) == [4.0, 4.0]
+
+
+def test_stagger_phases_keep_the_greedy_balance_where_grouping_touches_no_fewer_stacks():
+    # one stack: the greedy balance and the consecutive runs both touch it once per phase, so
+    # grouping saves nothing and the documented rule keeps the greedy phases (phases are
+    # computed, not stored: another choice here moves every target of a resumed run)
+    costs = [1.0] * 10
+    assert stagger_phases(costs, 5, ["a"] * 10) == stagger_phases(costs, 5) == [0, 1, 2, 3, 4] * 2
+
+
+@pytest.mark.parametrize("period", [2.0, 2.5, None, "5"])
+def test_stagger_phases_refuse_a_period_that_is_not_an_int(period):
+    # the documented ValueError naming the period, not a TypeError from deep inside range()
+    with pytest.raises(ValueError, match="period must be an int >= 1"):
+        stagger_phases([1.0, 2.0], period)
