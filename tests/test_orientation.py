@@ -168,3 +168,11 @@ def test_a_tail_that_does_not_fit_is_rejected_on_load_without_change():
     with pytest.raises(ValueError, match="tail of shape \\(24, 3\\)"):
         opt2.load_state_dict(osd)
     assert not opt2.state
+
+
+def test_upgrade_state_keeps_a_square_targets_V_tail():
+    # a square target is decomposed as it is (not tall), so its old V_tail (d2, j) is still
+    # its warm-start tail: dropping it would cost its next refresh the warm columns
+    square = {"V": torch.zeros(30, 3), "V_tail": torch.randn(30, 4)}
+    kept = square["V_tail"]
+    assert upgrade_state(square, 30, 30)["tail"] is kept and "V_tail" not in square

@@ -814,3 +814,70 @@ def test_tail_fraction_is_clamped_to_a_fraction():
     assert tail_fraction(0.0, [0.0, 0.0], 1) == 0.0
     assert tail_fraction(26.0, [4.0, 3.0, 1.0], 2) == 1.0 / 26.0
     assert tail_fraction(25.0, [4.0, 3.0], 0) == 1.0
+
+
+def test_flat_beyond_compares_the_uncaptured_rms_with_eps_less_the_tolerance():
+    # (SketchOptions.flat_tolerance) 2 captured values of a 10-wide matrix, the other 8 at an rms of
+    # 0.99 eps: within 2% of eps, flat beyond the sketch; 0.97 eps is not
+    from q3r._refresh_commit import flat_beyond
+
+    eps = 0.5
+    for rms, flat in [(0.99 * eps, True), (0.97 * eps, False)]:
+        total = 2.0**2 + 1.0**2 + 8 * rms**2
+        assert flat_beyond([2.0, 1.0], total, 10, eps, 0.02) is flat
+    assert not flat_beyond([2.0, 1.0], 1e9, 10, math.inf, 0.02)  # no eps yet: nothing to compare with
+
+
+def test_flat_beyond_a_sketch_as_wide_as_the_matrix_is_false_not_a_division_by_zero():
+    # nothing lies beyond a sketch that spans the matrix; rounding can still leave a positive
+    # "uncaptured" energy, which must not be divided by the zero columns left
+    from q3r._refresh_commit import flat_beyond
+
+    assert flat_beyond([1.0, 1.0], 2.0 + 1e-9, 2, 0.5, 0.02) is False
+
+
+def test_the_warm_start_tail_holds_twice_the_oversampling_of_the_next_singular_vectors():
+    # the state's tail (module docstring of q3r.refresh): up to 2 x oversampling right singular
+    # vectors just below the kept ones, so that a target narrower than its stack fills the
+    # stack's sketch with them instead of with Gaussian columns
+    from q3r.refresh import DEFAULT_SKETCH
+
+    gen = torch.Generator().manual_seed(12)
+    W = spectrum_case("trained_decay", gen).T.contiguous()  # wide: 96 x 120, the tail on V's side
+    state = new_slice_state(*W.shape)
+    assert refresh_slices_([W], [state], [SliceConfig("w", RANK)], method="exact") == [True]
+    r_env, j = state["sigma"].shape[0], 2 * DEFAULT_SKETCH.oversampling
+    assert state["tail"].shape == (W.shape[1], j)
+    Vh = torch.linalg.svd(W.double()).Vh
+    cos = (state["tail"].double().T @ Vh[r_env: r_env + j].T).diagonal().abs()
+    assert float(cos.min()) > 1 - 1e-4  # the next right singular vectors, in order
+
+
+def test_a_rank_as_large_as_the_matrix_or_a_missing_config_is_refused_before_any_refresh():
+    # refresh_slices_ checks its direct callers' arguments (rank < min(d1, d2): sigma_{r+1}
+    # must exist; one config per weight: zip would drop a target silently)
+    gen = torch.Generator().manual_seed(13)
+    W = torch.randn(20, 30, generator=gen)
+    state = new_slice_state(20, 30)
+    with pytest.raises(ValueError, match=r"rank must be an int with 1 <= rank < 20"):
+        refresh_slices_([W], [state], [SliceConfig("w", 20)], method="exact")
+    with pytest.raises(ValueError, match="one state and one config per weight"):
+        refresh_slices_([W, W], [state, new_slice_state(20, 30)], [SliceConfig("w", 4)], method="exact")
+    with pytest.raises(ValueError, match="one state and one config per weight"):
+        refresh_slices_([W], [state], [SliceConfig("w", 4), SliceConfig("x", 4)], method="exact")
+    assert int(state["refreshes"]) == 0
+
+
+def test_a_cold_member_of_a_stack_with_warm_members_gets_the_cold_power_iterations():
+    # a stack takes the larger power-iteration count when it mixes cold and warm members
+    # (randomized.sketch): with warm_power_iters=0 a cold member sketched in one pass had its
+    # leading values off by 11% to 20% (trained_decay, 24 wide), against 5e-7 after 4 iterations
+    from q3r.randomized import eigensolver, randomized_triplets
+
+    gen = torch.Generator().manual_seed(0)
+    W = torch.stack([spectrum_case("trained_decay", gen), spectrum_case("trained_decay", gen)])
+    warm = torch.linalg.svd(W[1].double()).Vh[:24].mT.float()
+    _, S, _ = randomized_triplets(W, 24, [None, warm], eigensolver("torch"), cold_power_iters=4, warm_power_iters=0,
+                                  generator=torch.Generator().manual_seed(1))
+    exact = torch.linalg.svdvals(W[0].double())[:8]
+    torch.testing.assert_close(S[0, :8].double(), exact, rtol=1e-4, atol=0)

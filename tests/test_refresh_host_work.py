@@ -568,3 +568,28 @@ def test_a_group_larger_than_max_stack_bytes_is_refreshed_in_bounded_stacks(meth
             X = torch.randn(D1, D2, generator=gen)
             Rf, Re = (reference.apply_reweighting(X, *operator_of(s)) for s in (f, e))
             assert float((Rf - Re).norm() / Re.norm()) <= 1e-3
+
+
+def test_orthonormalize_nearly_parallel_columns_is_not_left_to_one_pass():
+    # two columns at an angle of ~1e-3 rad: the normalized Gram matrix's off-diagonal row sums
+    # pass 1 (outside the one-pass bound of 1/2), and one Cholesky-QR pass leaves Q^T Q off the
+    # identity by ~0.3; the second pass (or Householder QR) must make it orthonormal
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 200, 1, generator=gen)
+    Y = torch.cat([base + 1e-3 * torch.randn(1, 200, 1, generator=gen) for _ in range(2)]
+                  + [torch.randn(1, 200, 6, generator=gen)], dim=-1)
+    Q = randomized.orthonormalize(Y)
+    assert float((Q.mT @ Q - torch.eye(8)).abs().max()) < 1e-5
+    assert float((Y - Q @ (Q.mT @ Y)).norm() / Y.norm()) < 1e-5  # and it still spans Y
+
+
+@pytest.mark.parametrize("method", METHODS + ["exact"])
+def test_targets_larger_than_max_stack_bytes_are_refreshed_one_per_stack(method):
+    # at least one target per stack (OrientedWeights.chunks): a budget below one target's size
+    # refreshes each alone rather than none
+    from q3r.refresh import SketchOptions
+
+    weights, configs, states = _targets(3, seed=10)
+    opts = SketchOptions(max_stack_bytes=D1 * D2)  # a quarter of one float32 target
+    assert refresh_slices_(weights, states, configs, method=method, options=opts) == [True] * 3
+    assert [int(s["refreshes"]) for s in states] == [1, 1, 1]
