@@ -322,3 +322,82 @@ def test_find_targets_checks_ranks_by_the_rank_rule_it_is_given():
         q3r.find_targets(model, ["0"], target_rank=0.2)  # "params": floor(0.2 * 64 / 16) = 0
     targets = q3r.find_targets(model, ["0"], target_rank=0.2, rank_rule="reference")  # int(0.2 * 8) = 1
     assert q3r.Q3R(targets, rank_rule="reference").configs[0][0].rank == 1
+
+
+def test_uncovered_ranges_lists_every_gap_between_slices_and_nothing_else():
+    # the rows no slice covers get plain Adam (and decay) from AdamQ3R and the fused kernels:
+    # a gap of a single row must be listed, and slices that reach the end leave no empty range
+    from q3r.targets import uncovered_ranges
+
+    assert uncovered_ranges(10, [(0, 3), (4, 10)]) == [(3, 4)]
+    assert uncovered_ranges(10, [(1, 3), (3, 9)]) == [(0, 1), (9, 10)]
+    assert uncovered_ranges(9, [(6, 9), (0, 3), (3, 6)]) == []
+
+
+def test_a_row_between_slices_gets_the_adamw_update_with_its_weight_decay():
+    # row 3 belongs to no slice: no Q3R term, but the group's decoupled weight decay and Adam,
+    # as torch.optim.AdamW gives it
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(10, 8, generator=gen)
+    p, ref = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt = q3r.AdamQ3R([{"params": [p], "q3r": True, "slices": [(0, 3), (4, 10)], "target_rank": 1,
+                        "weight_decay": 0.1, "lmbda": 0.5}], lr=1e-2)
+    adamw = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        grad = torch.randn(10, 8, generator=gen)
+        p.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        adamw.step()
+    torch.testing.assert_close(p.detach()[3], ref.detach()[3], rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(p.detach()[:3], ref.detach()[:3])  # (the slices do get the Q3R term)
+
+
+def test_a_qkv_whose_rows_do_not_divide_by_three_is_left_whole():
+    # thirds of 10 rows would leave the last row out of every slice (no Q3R term on it): such
+    # a weight is no fused Q, K, V
+    class Attention(torch.nn.Module):
+        num_heads = 2
+
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 10)
+
+    model = torch.nn.Sequential(Attention())
+    (target,) = q3r.find_targets(model, ["qkv"], target_rank=2)
+    assert target.slices is None and target.slice_names() == ["0.qkv.weight"]
+
+
+def test_param_groups_leave_frozen_parameters_out():
+    # param_groups hands the optimizer only trainable parameters: a frozen backbone
+    # (fine-tuning) stays out of every group, so nothing can step it (a .grad set on it by
+    # other code included) and it takes no optimizer state
+    model = TinyViT()
+    for p in model.blocks[0].parameters():
+        p.requires_grad_(False)
+    groups = q3r.param_groups(model, q3r.find_targets(model, ["blocks.1.mlp.fc1"], target_rank=3), weight_decay=0.05)
+    grouped = {id(p) for g in groups for p in g["params"]}
+    assert not grouped & {id(p) for p in model.blocks[0].parameters()}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"steps": True}, "steps .* got True"),  # a bool is no period, though it is an int
+        ({"stagger": 1}, "stagger must be True or False, got 1"),
+        ({"stagger": "yes"}, "stagger must be True or False"),
+        ({"slices": [(0, 5), (5, 10)], "target_rank": 2, "names": ["only_one"]}, "one name per slice"),
+        ({"slices": [(False, 5)], "target_rank": 2}, "pairs of ints"),
+    ],
+)
+def test_more_bad_q3r_options_raise_and_change_nothing(options, message):
+    # as test_bad_q3r_options_raise_and_change_nothing: refused when the group is added, before
+    # anything changes, with the option named
+    p = torch.nn.Parameter(torch.randn(10, 8))
+    q = torch.nn.Parameter(torch.randn(3))
+    opt = q3r.AdamQ3R([{"params": [q]}], lr=1e-3)
+    with pytest.raises((ValueError, TypeError), match=message):
+        opt.add_param_group({"params": [p], "q3r": True, **options})
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"][0] is q
+    with pytest.raises((ValueError, TypeError), match=message):
+        q3r.AdamQ3R([{"params": [p], "q3r": True, **options}])
