@@ -153,3 +153,47 @@ def test_a_plan_kept_across_a_change_of_tile_settings_refuses_to_run():
         plan.run(outs, [ALPHA] * len(outs))
     for out, X, (U, V, d) in zip(outs, views, ops_):
         torch.testing.assert_close(out, ALPHA * reference.apply_reweighting(X, U, V, d), rtol=1e-5, atol=1e-5)
+
+
+def _plan(views, ops_):
+    outs = [torch.zeros_like(X) for X in views]
+    with tile_settings(True):
+        return K.ReweightPlan(views, outs, ops_)
+
+
+def test_a_new_width_of_one_block_moves_the_workspace_of_every_block():
+    """A staggered refresh that widens one block's factors moves the workspace pieces of every
+    block laid out after it: their rows must be rewritten too, or two blocks share workspace
+    memory (the existing staggered case keeps every padded width, so nothing moved there).
+    The rows must be those a plan built afresh has."""
+    from q3r_kernels import _meta as m
+
+    gen = torch.Generator().manual_seed(5)
+    views = [torch.randn(48, 40, generator=gen).to(DEVICE) for _ in range(3)]
+    ops_ = [factors(48, 40, 4, gen) for _ in views]
+    plan = _plan(views, ops_)
+    wider = list(ops_)  # block 0: 4 -> 36 wide, past the 32 columns its pieces were padded to
+    wider[0] = factors(48, 40, 36, gen)
+    with tile_settings(True):
+        assert m.padded_width(36) > m.padded_width(4)
+        plan.update_factors({0: wider[0]})
+    fresh = _plan(views, wider)
+    for g, f in zip(plan.groups, fresh.groups):
+        assert torch.equal(g["host"][:, m.WORKSPACE_COLUMNS], f["host"][:, m.WORKSPACE_COLUMNS])
+
+
+def test_update_factors_refuses_a_float64_eps_and_a_negative_block_index():
+    # the kernels read eps as float32 through its address, and block -1 is no block of the
+    # plan (not the last one): both are refused before anything is written
+    gen = torch.Generator().manual_seed(6)
+    _, views = _blocks(gen)
+    ops_ = _operators(views, [5] * 7, gen)
+    plan = _plan(views, ops_)
+    before = [g["host"].clone() for g in plan.groups]
+    U, V, sigma, eps = ops_[1]
+    with tile_settings(True):
+        with pytest.raises(ValueError, match="eps must be a one-element float32 tensor"):
+            plan.update_factors({1: (U, V, sigma, eps.double())})
+        with pytest.raises(ValueError, match="block -1 of this plan has no Q3R term"):
+            plan.update_factors({-1: ops_[-1]})
+    assert all(torch.equal(g["host"], b) for g, b in zip(plan.groups, before))
