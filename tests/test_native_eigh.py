@@ -253,3 +253,24 @@ def test_cuda_small_batches_on_several_blocks_equal_one_block_per_matrix(k):
     many = _native.batched_eigh_with_sweeps(torch.cat([G, filler]))
     for a, b in zip(few, many):
         assert torch.equal(a, b[:3])
+
+
+def test_a_native_extension_that_fails_to_import_warns_once_and_a_missing_one_does_not(monkeypatch):
+    # a build that exists but does not load (built against another torch) is worth a warning;
+    # a plain install without the extension is not: both take the torch.linalg.eigh path
+    import importlib
+    import warnings
+
+    for message, warns in [("undefined symbol: _ZN3c10", True), ("No module named 'q3r._C'", False)]:
+        monkeypatch.setattr(_native, "_state", {})
+
+        def fail(name, message=message):
+            raise ImportError(message)
+
+        monkeypatch.setattr(importlib, "import_module", fail)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert _native.load() is None and _native.load() is None  # (memoized: tried once)
+        assert [str(w.message).startswith("q3r: native extension q3r._C failed to import") for w in caught] == (
+            [True] if warns else [])
+        assert not _native.available("cpu")
