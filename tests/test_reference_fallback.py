@@ -128,3 +128,32 @@ def test_the_fallback_step_is_the_decoupled_step_on_slices_with_a_gap_and_weight
         expected.narrow(slice_dim, a, b - a).sub_(lr * 2 * lmbda * R)
     tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2}[dtype]
     torch.testing.assert_close(W.detach().double(), expected.to(dtype).double(), rtol=tol, atol=tol)
+
+
+def test_the_fallback_steps_scaling_of_the_slices_has_no_bias_that_accumulates_over_steps():
+    """The term's W part, W - (lr wd + lr 2 lambda) W, is rounded per element: as one factor
+    (1 - lr wd - lr 2 lambda) rounded to float32 it was off by up to 2^-25, the same in every
+    element and every step, so a float32 weight drifted from the float64 step along W itself,
+    linearly in the number of steps (here 200 steps: 6e-6 of |W|^2; the per-element rounding:
+    5e-8). c = lr 2 lambda is put halfway between two float32 neighbours of 1 - c."""
+    from q3r.optim import functional
+
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(48, 40, generator=g, dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(W0, full_matrices=False)
+    op = (U[:, :4].float(), Vh[:4].mT.float(), S[:4].float(), S[4].float())
+    lmbda = 0.1
+    lr = 3355.5 * 2.0**-24 / (2 * lmbda)  # c = 2.0e-4
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        W = W0.to(dtype, copy=True)
+        zero = torch.zeros_like(W)  # no task gradient: Adam's update is 0, the step is the term alone
+        work = functional.ParamWork(W, zero, zero.clone(), zero.clone(), torch.tensor(0.0), lr, 0.9, 0.999, 1e-8, 0.0,
+                                    lmbda, 0, None, [op])
+        for _ in range(200):
+            functional.adamq3r_reference_([work])
+        out[dtype] = W.double()
+    exact = out[torch.float64]
+    assert float(exact.norm()) < 0.99 * float(W0.norm())  # (the term did move W)
+    bias = float(((out[torch.float32] - exact) * exact).sum() / exact.square().sum())
+    assert abs(bias) < 5e-7, bias
