@@ -712,14 +712,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_then_collect(fn, rank, *args):
+    """fn, then a garbage collection while the interpreter is whole: FSDP2 leaves reference
+    cycles that hold its process groups (and gloo's worker threads), and collected at
+    interpreter teardown one aborted now and then with "terminate called without an active
+    exception" after the work was done (examples/fsdp2_gpt_pretrain.py: 5 of 16 runs without
+    the collection, none of 16 with it)."""
+    import gc
+
+    try:
+        fn(rank, *args)
+    finally:
+        gc.collect()
+
+
 def spawn(fn, world, *args, tries: int = 3):
-    """Run fn on ``world`` CPU processes (gloo). A process killed by a signal gets another
-    try, up to ``tries`` in all: now and then a worker aborts in the FSDP2 part with
-    "terminate called without an active exception" (a C++ abort inside torch's gloo / FSDP2
-    machinery, not a Python error): once in a full-suite run of an earlier session, and twice
-    in a row in one CI run while other multi-process jobs shared the 2 cores; dozens of runs of
-    these tests alone, also under synthetic CPU load, did not repeat it. A worker that raises,
-    or results that differ, still fail the tests."""
+    """Run fn on ``world`` CPU processes (gloo), collecting garbage in each before it exits
+    (see _run_then_collect). A process killed by a signal still gets another try, up to
+    ``tries`` in all (that abort came twice in a row in one CI run while other multi-process
+    jobs shared the 2 cores). A worker that raises, or results that differ, still fail the
+    tests."""
+    import functools
+
     import torch.multiprocessing as mp
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -727,7 +741,7 @@ def spawn(fn, world, *args, tries: int = 3):
     os.environ.setdefault("PYTHONFAULTHANDLER", "1")
     for attempt in range(1, tries + 1):
         try:
-            mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+            mp.spawn(functools.partial(_run_then_collect, fn), args=(world, free_port(), *args), nprocs=world, join=True)
             return
         except mp.ProcessExitedException as crash:
             if crash.signal_name is None or attempt == tries:
