@@ -883,3 +883,43 @@ def test_a_target_of_a_module_compress_has_no_factored_form_for_is_refused_namin
                                         r"belongs to a Scale"):
         compress(model, q3r.find_targets(model, ["0", "1"], target_rank=2), rank=2)
     assert isinstance(model[0], nn.Linear)
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """Hugging Face's scaled word embedding (Gemma, BART, M2M100...): rows times embed_scale."""
+
+    def forward(self, idx):
+        return super().forward(idx) * 4.0
+
+
+class _InitOnlyEmbedding(nn.Embedding):
+    """A subclass that changes only the init: its forward is nn.Embedding's."""
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, std=0.02)
+
+
+def test_an_embedding_subclass_with_its_own_forward_is_refused_and_one_without_is_compressed(tmp_path):
+    """A LowRankEmbedding is a plain lookup: in place of a subclass with its own forward (HF
+    Gemma's embed_tokens multiply by sqrt(hidden), BART / OPT positional embeddings take a shape
+    or position_ids) it changed the outputs silently or failed at the next forward."""
+    torch.manual_seed(3)
+    model = _Tokens()
+    model.emb = _ScaledEmbedding(50, 24, padding_idx=0)
+    with pytest.raises(TypeError, match="emb.weight is a _ScaledEmbedding, an nn.Embedding subclass with its own forward"):
+        compress(model, ["head", "emb"], rank=4)
+    assert isinstance(model.head, nn.Linear) and type(model.emb) is _ScaledEmbedding
+    plain = _Tokens()
+    plain.emb = _InitOnlyEmbedding(50, 24, padding_idx=0)
+    idx = torch.randint(0, 50, (3, 5))
+    twin = truncate_weights_(copy.deepcopy(plain), ["emb"], rank=4)
+    small, _ = compress(plain, ["emb"], rank=4, copy=True)
+    assert isinstance(small.emb, LowRankEmbedding)
+    torch.testing.assert_close(small(idx), twin(idx), rtol=1e-5, atol=1e-5)
+    pytest.importorskip("safetensors")
+    path = tmp_path / "tokens.safetensors"
+    save_compressed(small, path)
+    with pytest.raises(TypeError, match="_ScaledEmbedding, an nn.Embedding subclass with its own forward"):
+        load_compressed(model, path)
+    assert type(model.emb) is _ScaledEmbedding
+

@@ -8,8 +8,8 @@ factored module whose output equals the layer with SVD-truncated weights:
 * a fused weight cut into slices (timm ``qkv`` rows, GPT-2 ``c_attn`` columns) becomes a
   :class:`LowRankFusedLinear` holding one factor pair per slice and producing the same fused
   output layout; parts of the weight outside every slice stay dense;
-* an ``nn.Embedding`` (its table as the weight, unsliced, without ``max_norm``) becomes a
-  :class:`LowRankEmbedding`.
+* an ``nn.Embedding`` (its table as the weight, unsliced, without ``max_norm``, not a
+  subclass with its own forward) becomes a :class:`LowRankEmbedding`.
 
 Biases are kept (the published code's truncation drops them, which changes the model).
 HF ``Conv1D`` stores its weight transposed (in, out) and computes ``x @ W + b``; it is
@@ -361,9 +361,16 @@ def _linear_view(module: nn.Module, t: Target):
 
 
 def _check_embedding(module: nn.Embedding, name: str) -> None:
-    """An nn.Embedding compress can replace by a LowRankEmbedding: not one with max_norm, whose
-    forward renormalizes the rows it looks up in its table, in place (factors have no rows to
+    """An nn.Embedding compress can replace by a LowRankEmbedding: not a subclass with its own
+    forward (Hugging Face's scaled word embeddings multiply the rows by embed_scale (Gemma, BART,
+    M2M100...), its learned positional ones take a shape or position_ids and add an offset (BART,
+    OPT): a plain lookup in their place changes the outputs or fails), and not one with max_norm,
+    whose forward renormalizes the rows it looks up in its table, in place (factors have no rows to
     renormalize; the outputs would differ from the embedding's)."""
+    if type(module).forward is not nn.Embedding.forward:
+        raise TypeError(f"{name} is a {type(module).__name__}, an nn.Embedding subclass with its own forward: a "
+                        "LowRankEmbedding (a plain lookup) in its place would not compute what it computes; compress "
+                        "cannot replace it")
     if module.max_norm is not None:
         raise TypeError(f"{name} is an nn.Embedding with max_norm={module.max_norm}: its forward renormalizes rows of "
                         "its table in place, which a factored table cannot do; compress cannot replace it")
