@@ -923,3 +923,21 @@ def test_an_embedding_subclass_with_its_own_forward_is_refused_and_one_without_i
         load_compressed(model, path)
     assert type(model.emb) is _ScaledEmbedding
 
+
+def test_a_compressed_embedding_under_autocast_gives_the_tables_dtype_as_nn_embedding_does():
+    """nn.Embedding is not autocast: an fp32 table gives fp32 rows under torch.autocast. The
+    factored lookup's product ran in bf16 there, so an fp32 model's residual stream (LLaMA's
+    inputs_embeds onward) turned bf16 and the outputs left the truncated twin's."""
+    torch.manual_seed(4)
+    model = _Tokens()
+    twin = truncate_weights_(copy.deepcopy(model), ["emb"], rank=6)
+    small, _ = compress(model, ["emb"], rank=6, copy=True)
+    idx = torch.randint(0, 50, (3, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense_rows, rows = twin.emb(idx), small.emb(idx)
+    assert dense_rows.dtype == rows.dtype == torch.float32
+    torch.testing.assert_close(rows, dense_rows, rtol=1e-5, atol=1e-5)
+    # a bf16 table gives bf16 rows, with autocast or without
+    half = compress(copy.deepcopy(model).to(torch.bfloat16), ["emb"], rank=6)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert half.emb(idx).dtype == torch.bfloat16

@@ -115,6 +115,9 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")  # (device types autocast knows; not meta)
+
+
 class LowRankEmbedding(nn.Module):
     """An nn.Embedding whose (num_embeddings, embedding_dim) table is up (num, r) @ down (r, dim):
     each index looks up an r-wide row of ``up``, then one (r -> dim) product. ``padding_idx``,
@@ -151,6 +154,14 @@ class LowRankEmbedding(nn.Module):
 
     def forward(self, indices: Tensor) -> Tensor:
         codes = F.embedding(indices, self.up, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
+        # autocast off for the product: nn.Embedding is not autocast (its rows come out in the
+        # table's dtype), and a bf16 product under autocast would turn the residual stream of an
+        # fp32 model (LLaMA's inputs_embeds onward) bf16. (torch.autocast itself, not
+        # no_autocast's ExitStack: torch.compile(fullgraph=True) traces it.)
+        device_type = codes.device.type
+        if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return codes @ self.down
         return codes @ self.down
 
     def dense_weight(self) -> Tensor:
