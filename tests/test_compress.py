@@ -941,3 +941,20 @@ def test_a_compressed_embedding_under_autocast_gives_the_tables_dtype_as_nn_embe
     half = compress(copy.deepcopy(model).to(torch.bfloat16), ["emb"], rank=6)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert half.emb(idx).dtype == torch.bfloat16
+
+
+def test_an_nn_linear_subclass_with_its_own_forward_is_compressed_with_a_warning_naming_it():
+    """compress cannot tell a subclass that computes what nn.Linear does (HF's FalconLinear) from
+    one that does not (Llama4Router): it replaces it, as before, and says so."""
+
+    class Routed(nn.Linear):
+        def forward(self, x):
+            return super().forward(x).relu()
+
+    model = nn.Sequential(nn.Linear(8, 12), Routed(12, 6))
+    with pytest.warns(UserWarning, match=r"1\.weight belongs to a Routed, an nn.Linear subclass with its own forward"):
+        small, _ = compress(model, ["0", "1"], rank=3, copy=True)
+    assert isinstance(small[1], LowRankLinear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compress(nn.Sequential(nn.Linear(8, 12)), ["0"], rank=3)  # (a plain nn.Linear: quiet)

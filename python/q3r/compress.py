@@ -400,6 +400,12 @@ def _module_names(model: nn.Module, t: Target) -> list[str]:
     if not (_is_conv1d(module) or isinstance(module, (nn.Linear, nn.Embedding))):
         raise TypeError(f"compress handles nn.Linear, HF Conv1D and nn.Embedding targets; {t.name} belongs to a "
                         f"{type(module).__name__}")
+    if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
+        # (not refused: some compute just what nn.Linear does, as HF's FalconLinear; others do
+        # not, as Llama4Router's top-k routing, and compress cannot tell them apart)
+        warnings.warn(f"{t.name} belongs to a {type(module).__name__}, an nn.Linear subclass with its own forward; "
+                      "compress replaces it by a LowRankLinear, which computes x W_r^T + b as nn.Linear does: check "
+                      f"that this is what {type(module).__name__} computes", stacklevel=4)
     if isinstance(module, nn.Embedding):
         _check_embedding(module, t.name)
         if t.slices is not None:
