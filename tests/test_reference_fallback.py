@@ -157,3 +157,37 @@ def test_the_fallback_steps_scaling_of_the_slices_has_no_bias_that_accumulates_o
     assert float(exact.norm()) < 0.99 * float(W0.norm())  # (the term did move W)
     bias = float(((out[torch.float32] - exact) * exact).sum() / exact.square().sum())
     assert abs(bias) < 5e-7, bias
+
+
+def _cuda_step_peak(dtype, lmbda: float, d1: int, d2: int, k: int) -> int:
+    """Bytes allocated above what was held when a (non-refresh) AdamQ3R step on one CUDA target began."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(d1, d2, device="cuda", generator=g).to(dtype))
+    opt = q3r.AdamQ3R([{"params": [W], "q3r": True, "target_rank": k, "lmbda": lmbda, "steps": 1000,
+                        "refresh": "exact"}], lr=1e-3)
+    W.grad = torch.randn(d1, d2, device="cuda", generator=g).to(dtype)
+    opt.step()  # (the refresh)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    opt.step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_cuda_the_fallback_steps_term_adds_to_the_peak_no_more_than_its_factor_sized_pieces(dtype, monkeypatch):
+    """The reference path on a GPU (where it serves factors wider than Q3R_TRITON_MAX_WIDTH):
+    a step with a term peaks above a float32 step with lambda = 0 (Adam's own temporaries) by no
+    more than a few factor-sized pieces (A, B, the products' halves: (d1 + d2) k floats each),
+    plus, for a low-precision target, its float32 copy, gradient and two moments. R(W) written
+    out added three full-size float32 tensors per slice."""
+    monkeypatch.setenv("Q3R_BACKEND", "reference")
+    d1, d2, k = 2048, 1536, 64
+    adams_own = _cuda_step_peak(torch.float32, 0.0, d1, d2, k)
+    with_term = _cuda_step_peak(dtype, 0.5, d1, d2, k)
+    full32 = d1 * d2 * 4
+    allowed = 6 * (d1 + d2) * k * 4 + (4 * full32 if dtype != torch.float32 else 0) + 2**20
+    assert adams_own >= full32  # (its denominator, at least)
+    assert with_term - adams_own <= allowed, (with_term, adams_own, allowed)
