@@ -754,7 +754,7 @@ def test_hugging_face_t5_feed_forward_compresses_and_runs():
 
 
 def test_a_rank_that_saves_no_parameters_is_cut_with_a_warning_naming_the_slice():
-    """rank=min(d1, d2) of a non-square weight (or a "min" rank rule) gives r (d1 + d2) >= d1 d2:
+    """rank=min(d1, d2) of a non-square weight (or the "reference" rank rule: int(f max(d1, d2))) gives r (d1 + d2) >= d1 d2:
     the factored layer is exact (or truncated) but larger than the dense one. compress does as
     asked and says so; a fraction below 1 never asks for it."""
     model = nn.Sequential(nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 40))
@@ -767,6 +767,9 @@ def test_a_rank_that_saves_no_parameters_is_cut_with_a_warning_naming_the_slice(
     square = nn.Sequential(nn.Linear(20, 20))
     with pytest.warns(UserWarning, match=r"1 slice\(s\).*0\.weight \(20x20 at rank 10\);"):  # 10 * 40 = 400: as many
         compress(square, ["0"], rank=10, copy=True)
+    trained = q3r.find_targets(square, ["0"], target_rank=0.5, rank_rule="reference")  # int(0.5 * 20) = 10
+    with pytest.warns(UserWarning, match=r"1 slice\(s\).*0\.weight \(20x20 at rank 10\);"):
+        compress(square, trained, rank_rule="reference", copy=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compress(model, ["0", "2"], rank=6, copy=True)  # 6 * 30 = 180 < 200; 6 * 50 = 300 < 400
@@ -832,6 +835,25 @@ def test_a_compressed_embedding_saves_and_loads_into_a_fresh_model_and_refuses_a
     linear.emb, linear.head = nn.Linear(24, 50), nn.Linear(24, 7)
     with pytest.raises(TypeError, match="not an nn.Embedding"):
         load_compressed(linear, path)
+
+
+def test_a_frozen_embedding_stays_frozen_when_compressed_and_when_loaded(tmp_path):
+    # (a frozen input embedding is common in fine-tuning; its factors must not start training)
+    pytest.importorskip("safetensors")
+    model = _Tokens()
+    model.emb.requires_grad_(False)
+    small, _ = compress(model, ["emb"], fraction=0.3, copy=True)
+    assert [p.requires_grad for p in small.emb.parameters()] == [False, False]
+    path = tmp_path / "frozen.safetensors"
+    save_compressed(small, path)
+    fresh = _Tokens()
+    fresh.emb.requires_grad_(False)
+    fresh = load_compressed(fresh, path)
+    assert isinstance(fresh.emb, LowRankEmbedding)
+    assert [p.requires_grad for p in fresh.emb.parameters()] == [False, False]
+    assert all(p.requires_grad for p in fresh.head.parameters())
+    trainable = load_compressed(_Tokens(), path)
+    assert [p.requires_grad for p in trainable.emb.parameters()] == [True, True]
 
 
 def test_an_embedding_with_max_norm_or_slices_is_refused_before_anything_changes():
