@@ -76,13 +76,11 @@ def adam_update_(work: ParamWork, param: Tensor | None = None, decay: bool = Tru
 def adamq3r_reference_(works: list[ParamWork]) -> None:
     """The reference AdamQ3R step over many parameters, one after another.
 
-    With c = lr 2 lambda and R_j(W) = W + L M (two rank-k products), a slice's step is
-
-        W <- W - (lr wd + c) W - Adam step - c L M        (L, M from W_prev)
-
-    which is W (1 - lr wd) - Adam step - lr 2 lambda R_j(W_prev) as the module docstring has
-    it, with no full-size temporary: W_prev enters through the scaling, made before Adam's
-    update reads nothing of W. Uncovered rows or columns of a sliced weight take W (1 - lr wd).
+    A slice's rows are taken a block at a time (q3r.reference.reweighting_row_blocks): R_j of
+    the block from W_prev, then W <- W (1 - lr wd) - lr 2 lambda R_j (W_prev) in those rows; then
+    Adam's update without its decay, which reads nothing of W. That is the module docstring's
+    step, with one block-sized temporary instead of R_j(W_prev) written out. Uncovered rows or
+    columns of a sliced weight take W (1 - lr wd).
     """
     for work in works:
         if work.lmbda == 0 or not work.operators:  # without a term, torch.optim.Adam's update bit for bit
@@ -93,24 +91,17 @@ def adamq3r_reference_(works: list[ParamWork]) -> None:
         # an ulp of W would be lost (in bf16 most of it, at typical lr * 2 lambda)
         wide = work.param.float() if work.param.dtype in (torch.bfloat16, torch.float16) else None
         target = work.param if wide is None else wide
-        views = slice_views(target, work.slice_dim, work.slices)
-        # R_j(W_prev) - W_prev as rank-k products, before anything moves W
-        terms = [reference.reweighting_low_rank(view, *reference.operator_udv(op))
-                 for view, op in zip(views, work.operators)]
         c, decay = work.lr * 2.0 * work.lmbda, work.lr * work.weight_decay
-        for view in views:
-            # W - (lr wd + c) W, each element rounded once: not W * (1 - lr wd - c), whose
-            # factor, rounded to float32, is off by up to 2^-25, a bias of the same sign in
-            # every element and every step (c = 2e-4, 3,000 steps of a 128 x 128 float32 W:
-            # sigma_1 off the float64 step by 7.9e-5 relative, this way by 7e-8)
-            view.add_(view, alpha=-(decay + c))
+        for view, op in zip(slice_views(target, work.slice_dim, work.slices), work.operators):
+            for a, b, R in reference.reweighting_row_blocks(view, *reference.operator_udv(op)):
+                rows = view[a:b]
+                if decay != 0:
+                    rows.mul_(1 - decay)  # (AdamW's decay, as torch takes it)
+                rows.sub_(R, alpha=c)
         if decay != 0 and work.slices is not None:
             for a, b in uncovered_ranges(target.shape[work.slice_dim], work.slices):
                 target.narrow(work.slice_dim, a, b - a).mul_(1 - decay)
         adam_update_(work, target, decay=False)
-        for view, parts in zip(views, terms):
-            for L, M in parts:
-                view.addmm_(L, M, alpha=-c)
         if wide is not None:
             work.param.copy_(wide)
 
