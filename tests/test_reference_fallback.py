@@ -134,11 +134,12 @@ def test_the_fallback_step_is_the_decoupled_step_on_slices_with_a_gap_and_weight
 
 
 def test_the_fallback_steps_scaling_of_the_slices_has_no_bias_that_accumulates_over_steps():
-    """The term's W part, W - (lr wd + lr 2 lambda) W, is rounded per element: as one factor
-    (1 - lr wd - lr 2 lambda) rounded to float32 it was off by up to 2^-25, the same in every
-    element and every step, so a float32 weight drifted from the float64 step along W itself,
-    linearly in the number of steps (here 200 steps: 6e-6 of |W|^2; the per-element rounding:
-    5e-8). c = lr 2 lambda is put halfway between two float32 neighbours of 1 - c."""
+    """The term is subtracted as lr 2 lambda R(W) per element (a block of rows of R at a time).
+    Taken as W times one factor (1 - lr wd - lr 2 lambda) plus the rank-k products (29e6178),
+    that factor rounded to float32 was off by up to 2^-25, the same in every element and every
+    step, so a float32 weight drifted from the float64 step along W itself, linearly in the
+    number of steps (here 200 steps: 6e-6 of |W|^2; per element: 5e-8). c = lr 2 lambda is put
+    halfway between two float32 neighbours of 1 - c."""
     from q3r.optim import functional
 
     g = torch.Generator().manual_seed(0)
