@@ -248,3 +248,21 @@ def test_the_fallback_step_does_not_drift_where_the_term_barely_moves_w():
         exact = out[torch.float64]
         drift = float(((out[torch.float32] - exact) * exact).sum() / exact.square().sum())
         assert abs(drift) < 1.5e-7, (seed, drift)
+
+
+def test_a_low_precision_gradient_takes_the_regularizers_term_in_blocks_too(monkeypatch):
+    """bf16 weights and gradients (the usual bf16 model): the fallback reads W once as float32
+    (one full-size float32 copy) and adds R(W) rounded to bf16 a block at a time, equal to R(W)
+    written out and rounded once; it wrote R(W) out in float32 first (a second full-size one)."""
+    monkeypatch.setenv("Q3R_BACKEND", "reference")
+    monkeypatch.setitem(reference.ROW_BLOCK_ELEMENTS, "cpu", 1000)
+    model = torch.nn.Sequential(torch.nn.Linear(80, 96, bias=False)).to(torch.bfloat16)
+    reg = q3r.Q3R(q3r.find_targets(model, ["0"], target_rank=3), lmbda=0.5, refresh="exact")
+    model[0].weight.grad = torch.randn(96, 80).to(torch.bfloat16)
+    reg.add_grad_()  # (the first call refreshes)
+    before = model[0].weight.grad.clone()
+    assert _full_size_allocations(reg.add_grad_, 96 * 80 * 4) == 1
+    state = reg.state[reg.targets[0].name][0]
+    R = reference.apply_reweighting(model[0].weight.detach(), state["U"], state["V"],
+                                    reference.reweighting_coefficients(state["sigma"], state["eps"]))
+    torch.testing.assert_close(model[0].weight.grad, before.add(R.to(torch.bfloat16), alpha=1.0), rtol=0.02, atol=0.02)

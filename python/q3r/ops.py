@@ -166,12 +166,13 @@ def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tu
         U, V, *rest = factors[i]
         d = rest[0] if len(rest) == 1 else reference.reweighting_coefficients(*rest)
         out, W = outs[i], weights[i]
-        if out.dtype == reference.compute_dtype(W.dtype) and (W.dim(), U.dim(), V.dim(), d.dim()) == (2, 2, 2, 1):
-            # R(W) a block of rows at a time, each added once: a block-sized temporary, not
-            # R(W) written out (three full-size ones); W may be out (a block reads only its rows)
+        if (W.dim(), U.dim(), V.dim(), d.dim()) == (2, 2, 2, 1):
+            # R(W) a block of rows at a time, each added once (a low-precision out takes it
+            # rounded to its dtype): a block-sized temporary, not R(W) written out (three
+            # full-size ones); W may be out (a block reads only its rows)
             for a, b, R in reference.reweighting_row_blocks(W, U, V, d):
-                out[a:b].add_(R, alpha=alpha)
-        else:  # (a low-precision out takes R(W) rounded once to its dtype)
+                out[a:b].add_(R.to(out.dtype), alpha=alpha)
+        else:  # (factors with batch dimensions)
             out.add_(reference.apply_reweighting(W, U, V, d).to(out.dtype), alpha=alpha)
     if plan is not None:
         plan.run([outs[i] for i in fast], [alpha] * len(fast))
