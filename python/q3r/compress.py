@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._precision import autocast_off
+from .distributed import is_sharded
 from .targets import (Target, _find_targets, resolve_slice_ranks, slice_shapes, slice_views, uncompiled,
                       validate_slices)
 
@@ -516,6 +517,24 @@ def _module_name(t: Target) -> str:
     return t.name[: -len(".weight")]
 
 
+# how to get from an FSDP2-sharded model to one compress can cut: its full weights, in a plain model
+_GATHER_FIRST = ("gather the full weights into an unsharded copy of the model first, e.g. "
+                 "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+                 "full_state_dict=True, cpu_offload=True)) on rank 0, load that into a freshly built dense model, "
+                 "and compress (save, load) that one (docs/distributed.md)")
+
+
+def _refuse_sharded(model: nn.Module, what: str) -> None:
+    """A TypeError naming the first DTensor (an FSDP2-sharded weight) among ``model``'s
+    parameters and buffers: a rank holds only some rows of it, and compress replaces modules
+    that FSDP2 manages (their SVDs, the swapped modules and a saved file would all be wrong)."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if is_sharded(t):
+                raise TypeError(f"{what} needs a model with full weights, but its {kind} {name} is a DTensor "
+                                f"(sharded by FSDP2, placements {tuple(t.placements)}): {_GATHER_FIRST}")
+
+
 def compress(model: nn.Module, targets, *, fraction=None, rank=None, rank_rule: str = "params", copy: bool = False):
     """Truncate every target (each slice on its own) by an exact SVD; swap in factored modules.
 
@@ -533,6 +552,7 @@ def compress(model: nn.Module, targets, *, fraction=None, rank=None, rank_rule: 
     # (names as in the uncompiled model: a torch.compile'd layer is replaced by an uncompiled
     # factored one, and a compiled model or block keeps its wrapper around the factored modules)
     with uncompiled(model) as plain:
+        _refuse_sharded(plain, "compress")
         targets = _resolve_targets(plain, targets, fraction, rank)
         # everything is checked before the first module is replaced (SPEC section 5)
         all_names = [_module_names(plain, t) for t in targets]
@@ -585,6 +605,7 @@ def truncate_weights_(model: nn.Module, targets, *, fraction=None, rank=None, ra
     model, which is what the tests check. Targets are looked up in ``model`` by name.
     """
     _check_rank_options(fraction, rank, rank_rule)
+    _refuse_sharded(model, "truncate_weights_")
     # all ranks, shapes and finiteness are checked before the first weight is overwritten (one
     # target at a time after that: a copy of every truncated weight would double their memory)
     for t, ranks in _plan_ranks(model, _resolve_targets(model, targets, fraction, rank), fraction, rank, rank_rule):
@@ -646,6 +667,7 @@ def save_compressed(model: nn.Module, path: str, metadata: dict | None = None) -
     if _METADATA_KEY in extra:  # (it would replace the layout, and the file could not be loaded)
         raise ValueError(f"metadata must not use the key {_METADATA_KEY!r}: save_compressed stores the factored layout there")
     with uncompiled(model) as plain:
+        _refuse_sharded(plain, "save_compressed")
         save_model(plain, str(path), metadata={_METADATA_KEY: json.dumps(_layout(plain)), **extra})
 
 
@@ -765,6 +787,7 @@ def load_compressed(model: nn.Module, path: str, strict: bool = True) -> nn.Modu
 
 def _load_compressed(model: nn.Module, path: str, strict: bool) -> None:
     _require_safetensors()
+    _refuse_sharded(model, "load_compressed")
     import safetensors
     from safetensors import safe_open
 
