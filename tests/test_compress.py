@@ -164,6 +164,33 @@ def test_save_and_load_roundtrip(tmp_path, model_and_input):
     assert count_parameters(loaded) == count_parameters(small)
 
 
+def test_a_ddp_wrapper_is_refused_by_compress_and_load_and_saved_under_the_wrapped_names(tmp_path, model_and_input):
+    """DDP's reducer keeps the parameters it was built with: factored layers swapped in under it
+    would train with gradients never averaged across ranks. compress and load_compressed refuse
+    the wrapper (the model unchanged) and say to pass model.module; save_compressed saves the
+    model it wraps, under names that load into a dense model."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model, x = model_and_input
+    fresh = copy.deepcopy(model)
+    small, _ = compress(copy.deepcopy(model), PATTERNS, fraction=0.3)
+    path = tmp_path / "small.safetensors"
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        save_compressed(DDP(small), path)
+        assert not any(k.startswith("module.") for k in _safetensors_keys(path))
+        ddp = DDP(model)
+        for call in (lambda: compress(ddp, PATTERNS, fraction=0.3), lambda: compress(ddp, PATTERNS, fraction=0.3, copy=True),
+                     lambda: load_compressed(ddp, path)):  # (a file that loads into ddp.module)
+            with pytest.raises(TypeError, match=r"DistributedDataParallel wrapper.*pass the wrapped model \(model.module\)"):
+                call()
+            assert all(type(m) in (nn.Linear, Conv1D) for m in model.modules() if hasattr(m, "weight"))
+        torch.testing.assert_close(load_compressed(fresh, path)(x), small(x))
+    finally:
+        dist.destroy_process_group()
+
+
 def _safetensors_keys(path):
     from safetensors import safe_open
 

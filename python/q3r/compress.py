@@ -535,6 +535,21 @@ def _refuse_sharded(model: nn.Module, what: str) -> None:
                                 f"(sharded by FSDP2, placements {tuple(t.placements)}): {_GATHER_FIRST}")
 
 
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+def _refuse_ddp(model: nn.Module, what: str) -> None:
+    """DDP's reducer keeps the parameters it was built with: factored modules swapped in under
+    the wrapper would train with gradients that are never averaged across ranks (the ranks
+    drift apart without an error)."""
+    if _is_ddp(model):
+        raise TypeError(f"{what}: model is a DistributedDataParallel wrapper, whose gradient reducer keeps the "
+                        f"parameters it was built with, so the factored layers' gradients would never be averaged "
+                        f"across ranks; pass the wrapped model (model.module) and wrap the result in a new "
+                        f"DistributedDataParallel to train it further")
+
+
 def compress(model: nn.Module, targets, *, fraction=None, rank=None, rank_rule: str = "params", copy: bool = False):
     """Truncate every target (each slice on its own) by an exact SVD; swap in factored modules.
 
@@ -552,6 +567,7 @@ def compress(model: nn.Module, targets, *, fraction=None, rank=None, rank_rule: 
     # (names as in the uncompiled model: a torch.compile'd layer is replaced by an uncompiled
     # factored one, and a compiled model or block keeps its wrapper around the factored modules)
     with uncompiled(model) as plain:
+        _refuse_ddp(plain, "compress")
         _refuse_sharded(plain, "compress")
         targets = _resolve_targets(plain, targets, fraction, rank)
         # everything is checked before the first module is replaced (SPEC section 5)
@@ -657,7 +673,8 @@ def _require_safetensors() -> None:
 def save_compressed(model: nn.Module, path: str, metadata: dict | None = None) -> None:
     """Save a compressed model's weights and its factored layout to one safetensors file.
     The names in it are those of the uncompiled model (a torch.compile'd model, or one with
-    compiled submodules, saves what the plain model saves), so that it loads into either.
+    compiled submodules, saves what the plain model saves), so that it loads into either; a
+    DistributedDataParallel wrapper saves the model it wraps (no "module." prefix).
     ``metadata``: extra string entries for the file's header (values are str()'d; the key
     "q3r.compressed" is reserved for the layout)."""
     _require_safetensors()
@@ -667,6 +684,7 @@ def save_compressed(model: nn.Module, path: str, metadata: dict | None = None) -
     if _METADATA_KEY in extra:  # (it would replace the layout, and the file could not be loaded)
         raise ValueError(f"metadata must not use the key {_METADATA_KEY!r}: save_compressed stores the factored layout there")
     with uncompiled(model) as plain:
+        plain = plain.module if _is_ddp(plain) else plain  # (the names of the model DDP wraps, as load wants them)
         _refuse_sharded(plain, "save_compressed")
         save_model(plain, str(path), metadata={_METADATA_KEY: json.dumps(_layout(plain)), **extra})
 
@@ -787,6 +805,7 @@ def load_compressed(model: nn.Module, path: str, strict: bool = True) -> nn.Modu
 
 def _load_compressed(model: nn.Module, path: str, strict: bool) -> None:
     _require_safetensors()
+    _refuse_ddp(model, "load_compressed")
     _refuse_sharded(model, "load_compressed")
     import safetensors
     from safetensors import safe_open
