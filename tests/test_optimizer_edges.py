@@ -679,3 +679,60 @@ def test_numpy_option_values_still_give_a_weights_only_checkpoint():
     group = next(g for g in saved["param_groups"] if g["q3r"])
     assert type(group["lmbda"]) is float and group["lmbda"] == pytest.approx(0.1)
     assert type(group["eps_floor"]) is float
+
+
+def _inert_warnings(model, steps, schedule, refresh, mode):
+    """The inert-target warnings of ``steps`` training steps of ``model`` (a Sequential of
+    Linears, all targets) under AdamQ3R or a Q3R attached to AdamW."""
+    targets = q3r.find_targets(model, [str(i) for i in range(len(model))], target_rank=3)
+    options = dict(lmbda=0.1, steps=2, eps_schedule=schedule, refresh=refresh)
+    if mode == "adamq3r":
+        opt = q3r.AdamQ3R(q3r.param_groups(model, targets, **options), lr=1e-2)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        q3r.Q3R(targets, **options).attach(opt)
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    return [str(w.message) for w in caught if "at their first refresh" in str(w.message)]
+
+
+@pytest.mark.parametrize("refresh,mode", [("exact", "adamq3r"), ("randomized", "adamq3r"), ("randomized", "attach")])
+def test_a_zero_initialized_target_is_reported_once_as_inert_under_min(refresh, mode):
+    """Under `min`, a first refresh of a zero (or rank <= r) weight puts eps at about 0 for good
+    and the Q3R term stays off: one warning naming it (not at each later refresh), none for a
+    target that starts nonzero, none under `track` (eps follows sigma_{r+1} back up)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Linear(10, 12, bias=False))
+    with torch.no_grad():
+        model[1].weight.zero_()
+    messages = _inert_warnings(model, 7, "min", refresh, mode)  # refreshes at steps 0, 2, 4, 6
+    assert len(messages) == 1 and "1 target(s)" in messages[0] and "'1.weight'" in messages[0], messages
+    assert "'0.weight'" not in messages[0]
+    model[1].weight.data.zero_()
+    assert _inert_warnings(model, 3, "track", refresh, mode) == []
+    low_rank = torch.nn.Sequential(torch.nn.Linear(12, 10))
+    with torch.no_grad():  # rank 2 <= r = 3: sigma_4 is float32 rounding
+        low_rank[0].weight.copy_(torch.randn(10, 2) @ torch.randn(2, 12))
+    assert len(_inert_warnings(low_rank, 1, "min", refresh, mode)) == 1
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_a_weight_that_stays_of_rank_r_is_reported_at_its_first_refresh_only(method):
+    """Later refreshes of a weight already at eps ~ 0 say nothing more (a weight trained down to
+    rank r reaches it the intended way, and is not reported either)."""
+    from q3r.refresh import SliceConfig, new_slice_state, refresh_slices_
+
+    gen = torch.Generator().manual_seed(1)
+    W = torch.randn(20, 2, generator=gen) @ torch.randn(2, 30, generator=gen)
+    state, config = new_slice_state(20, 30), SliceConfig("w", 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            refresh_slices_([W], [state], [config], method=method)
+    assert [str(w.message).count("'w'") for w in caught if "at their first refresh" in str(w.message)] == [1]
+    assert float(state["eps"]) <= 2.0**-20 * float(state["sigma"][0])  # (sigma_3 of a rank-2 W: rounding)

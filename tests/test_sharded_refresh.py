@@ -52,8 +52,11 @@ def _cases() -> dict:
     flat_gen = torch.Generator().manual_seed(3)
     orthogonal = _drifting(torch.linalg.qr(torch.randn(256, 256, dtype=torch.float64, generator=flat_gen)).Q.float(),
                            3e-3, flat_gen)
+    zero_init = [torch.zeros(N, N)] + _drifting(torch.randn(N, N, generator=gen) / math.sqrt(N), 1e-3, gen)[1:]
     return {
         "random_init": (RANK, random_init, {}),
+        # zero at the first refresh: eps = sigma_{r+1} = 0 for good under `min` (warned once)
+        "zero_init": (RANK, zero_init, {}),
         # every singular value 1, drifting: half the bulk lies just above eps, more members than
         # the sketch's Ritz values show (see test_randomized_refresh's flat-spectrum test)
         "orthogonal_init": (24, orthogonal, {}),
@@ -170,6 +173,15 @@ def test_an_envelope_left_filling_its_sketch_is_reported_once(sharded):
     messages = sharded[1]["bulk_rising_above_eps_no_widening"]["warnings"]
     assert len(messages) == 1  # (rank 0's; the refreshes share one set of warned targets)
     assert "bulk_rising_above_eps_no_widening" in messages[0] and "max_widenings" in messages[0]
+
+
+def test_a_zero_initialized_target_is_reported_once_as_inert_under_min(sharded):
+    """Its first refresh brings eps to about 0, where the `min` schedule keeps it: the Q3R term
+    stays off, said once (rank 0); the other cases, nonzero from the start, are not reported."""
+    warned = {name: [m for m in out["warnings"] if "at their first refresh" in m] for name, out in sharded[1].items()}
+    assert len(warned["zero_init"]) == 1 and "'zero_init'" in warned["zero_init"][0], warned["zero_init"]
+    assert not any(messages for name, messages in warned.items() if name != "zero_init"), warned
+    assert all(float(state["eps"]) < 1e-30 for state in sharded[1]["zero_init"]["history"])
 
 
 def test_a_checkpoint_with_grown_factors_loads_with_the_factor_planner(sharded):

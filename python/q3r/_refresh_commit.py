@@ -7,6 +7,7 @@ decide on crosses to the host in one transfer."""
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -171,7 +172,36 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
         commits.append((j, i, r_env, [eps, eps0, sigma_next, tail_fraction(row[k], sigma, cfg.rank)]))
     if commits:
         _store_commits(commits, states, U, S, V, opts)
+        warn_inert([configs[i].name for j, i, _, (_, _, sigma_next, _) in commits
+                    if inert_under_min(configs[i], int(rows[j][k + 3]), rows[j][0], sigma_next)], stacklevel=6)
     return retry
+
+
+# sigma_{r+1} at or below this share of sigma_1 at a first refresh: weights of rank <= r up to
+# float32 rounding (zero-initialized weights: sigma = 0 throughout)
+INERT_RATIO = 2.0**-20
+
+
+def inert_under_min(cfg, refresh_index: int, sigma_1: float, sigma_next: float) -> bool:
+    """Whether this first refresh leaves the target's Q3R term off for good: under the `min`
+    schedule eps = min(eps, sigma_{r+1}) never rises again, and a weight of rank <= r (a
+    zero-initialized one) brings it down to about 0 at once, where R weighs every direction
+    that later grows above it by about eps^2 / sigma^2 (SPEC section 3, literally)."""
+    return (refresh_index == 0 and reference.canonical_schedule(cfg.schedule) == "min"
+            and sigma_next <= INERT_RATIO * sigma_1)
+
+
+def warn_inert(names: list[str], stacklevel: int) -> None:
+    """One warning for the targets inert_under_min found in one commit (it happens once per
+    target and run: a first refresh)."""
+    if names:
+        shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warnings.warn(f"q3r: {len(names)} target(s) had sigma_{{r+1}} = 0 (up to float32 rounding) at their first "
+                      f"refresh, {shown}: zero-initialized weights, or weights of rank <= r. Under "
+                      "eps_schedule='min' eps never rises again, so their Q3R term stays about 0 for the rest of "
+                      "training. Start them from nonzero weights, or give them eps_schedule='track' (eps = "
+                      "sigma_{r+1} at every refresh) or 'geometric' with an eps_floor", UserWarning,
+                      stacklevel=stacklevel)
 
 
 def tail_fraction(total: float, sigma: list[float], rank: int) -> float:

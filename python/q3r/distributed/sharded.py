@@ -44,6 +44,7 @@ from torch import Tensor
 
 from .. import reference
 from .._precision import no_autocast, refresh_precision
+from .._refresh_commit import inert_under_min, warn_inert
 from ..refresh import SliceConfig, _warn_nonfinite, new_slice_state, warn_once
 from ..targets import slice_shapes, slice_views
 from . import comm
@@ -310,6 +311,8 @@ def _commit_(s: dict, cfg: SliceConfig, prev: tuple, p, lo: int, hi: int, U_loc:
     where fewer are kept), and prev (see _previous)."""
     sigma_next = float(S_host[cfg.rank]) if cfg.rank < S_host.shape[0] else 0.0
     eps, eps0, _ = _envelope(prev, cfg, S_host)
+    if _leads(p) and inert_under_min(cfg, prev[2], float(S_host[0]) if S_host.numel() else 0.0, sigma_next):
+        warn_inert([cfg.name], stacklevel=5)
     head = float(S_host[: cfg.rank].double().square().sum())
     k = S.shape[0]
     local = p.to_local()
