@@ -881,3 +881,25 @@ def test_a_cold_member_of_a_stack_with_warm_members_gets_the_cold_power_iteratio
                                   generator=torch.Generator().manual_seed(1))
     exact = torch.linalg.svdvals(W[0].double())[:8]
     torch.testing.assert_close(S[0, :8].double(), exact, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_float64_stack_with_warm_starts_of_different_widths(method):
+    """Float64 weights of one shape whose envelopes differ: at a warm refresh their starts (the
+    float32 factors V and tail) come in column blocks of different widths, and are copied into
+    the float64 start basis member by member set. That copy cast only when every member of the
+    stack had the same widths; otherwise it raised "Index put requires the source and
+    destination dtypes match" (found by differential fuzzing against a float64 oracle)."""
+    gen = torch.Generator().manual_seed(8)
+    i = torch.arange(min(D1, D2), dtype=torch.float64)
+    weights = [with_spectrum(scale * (1 + i) ** -0.8, gen).double() for scale in (10.0, 11.0)]
+    configs = [SliceConfig(f"t{j}", RANK + 4, schedule="constant", eps_value=1.0) for j in range(2)]
+    fast = [new_slice_state(*w.shape) for w in weights]
+    exact = [new_slice_state(*w.shape) for w in weights]
+    for _ in range(3):  # one cold refresh, then warm ones
+        assert refresh_slices_(weights, fast, configs, method=method) == [True, True]
+        refresh_slices_(weights, exact, configs, method="exact")
+        for f, e, w in zip(fast, exact, weights):
+            assert operator_error(f, e, torch.randn(w.shape, generator=gen, dtype=torch.float64)) <= 1e-3
+        weights = [w + 1e-3 * torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in weights]
+    assert [int(s["sigma"].numel()) for s in fast] == [17, 20]  # (the two envelopes differ)

@@ -193,8 +193,8 @@ def start_basis(W: Tensor, k: int, warm: list[Start], generator: torch.Generator
             value = torch.stack(parts)
             if index is None:
                 P[:, :, offset : offset + width] = value
-            else:
-                P[index, :, offset : offset + width] = value
+            else:  # (an index_put does not cast: float32 factors into a float64 stack's P)
+                P[index, :, offset : offset + width] = value.to(P.dtype)
             offset += width
     warm_widths = [0] * b
     for widths, entries in by_widths.items():
