@@ -243,16 +243,19 @@ class AdamQ3R(Optimizer):
                                         options=sketch_options(None if options is None else dict(options)))
         before_wait()
 
-    def _refresh_due(self, p, group: dict, step: int, clock: int | None) -> bool:
+    def _refresh_due(self, p, group: dict, step: int, clock: int | None, phases: dict[int, int] | None) -> bool:
         """Every ``steps`` of the parameter's steps; with ``stagger=True`` each parameter at its
         own phase of the period on the optimizer's clock (see _stagger_clock), balanced by
         refresh cost over all staggered groups with the same period, with the targets of one
         stack kept in as few phases as the balance allows (stagger.stagger_phases)
         (q3r.param_groups makes one group per target, so balancing within a group would
-        leave every target at phase 0), so no step pays all refreshes."""
+        leave every target at phase 0), so no step pays all refreshes. ``phases``: the
+        step's _stagger_phase_table(), looked up once per step by the caller (its signature
+        walks every staggered group's parameters: looked up per target, a step cost
+        quadratic host time in the number of targets)."""
         if not group.get("stagger"):
             return step % group["steps"] == 0
-        return due_for_refresh(clock, group["steps"], self._stagger_phase_table()[id(p)])
+        return due_for_refresh(clock, group["steps"], phases[id(p)])
 
     def _stagger_clock(self) -> int:
         """The step the staggered phases count on: one clock for all targets. (Each parameter's
@@ -316,6 +319,7 @@ class AdamQ3R(Optimizer):
                     self._check_state_follows(p, state)
         works, due, q3r_works = [], [], []
         clock = self._stagger_clock() if any(g["q3r"] and g.get("stagger") for g in self.param_groups) else None
+        phases = self._stagger_phase_table() if clock is not None else None  # (once per step, see _refresh_due)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -327,7 +331,7 @@ class AdamQ3R(Optimizer):
                     group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
                 )
                 if group["q3r"]:
-                    if self._new_q3r_state(p, group, state) or self._refresh_due(p, group, int(state["step"]), clock):
+                    if self._new_q3r_state(p, group, state) or self._refresh_due(p, group, int(state["step"]), clock, phases):
                         due.append((p, group))
                     work.lmbda, work.slice_dim, work.slices = group["lmbda"], group["slice_dim"], group["slices"]
                     q3r_works.append((work, state))
