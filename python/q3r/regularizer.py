@@ -321,9 +321,26 @@ class Q3R:
                 raise ValueError(f"optimizer param group {gi} has maximize=True: the Q3R term added to .grad "
                                  "would be ascended; to maximize an objective J, maximize J - penalty() instead")
 
+    def _check_still_owned(self, optimizer) -> None:
+        """Every target is still one of the optimizer's parameters. accelerate's prepare with
+        FSDP2 (``Accelerator._prepare_fsdp2``) shards the model into new DTensor parameters and
+        swaps them into the param groups of an optimizer built before it: a Q3R attached then
+        kept the old parameters, which get no gradient, so every step was counted and refreshed
+        the stale weights but added no term, without a word."""
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        gone = [t.name for t in self.targets if id(t.param) not in owned]
+        if gone:
+            raise RuntimeError(
+                f"Q3R targets {gone[:3]}{' ...' if len(gone) > 3 else ''} ({len(gone)} of {len(self.targets)}) are no "
+                "longer among the parameters of the optimizer this Q3R is attached to: their parameters were replaced "
+                "after attach (accelerate's prepare does this under FSDP2, sharding the model into new parameters), "
+                "so Q3R would regularize stale copies and add nothing. Find the targets on the prepared model and "
+                "attach a new Q3R to the optimizer that prepare returns")
+
     def _before_step(self, optimizer, args, kwargs):
         """attach's step pre-hook: add_grad_ now, or wrap the step's closure (see attach)."""
-        self._check_descends(optimizer)  # (before anything changes; groups can change after attach)
+        self._check_still_owned(optimizer)  # (before anything changes; groups can change after attach)
+        self._check_descends(optimizer)
         # penalty() in the loss of a step of an optimizer this Q3R is attached to: the term
         # reaches .grad twice (the penalty's gradient, then attach's) and the step counts twice,
         # which the README's "use one of the two modes per step" says but nothing did: warn once
