@@ -289,7 +289,7 @@ class Q3R:
             raise ValueError(f"the optimizer state_dict's 'q3r' entry must be a list of Q3R states, got "
                              f"{type(carried).__name__}")
         carried = [s for s in carried if isinstance(s, dict)]
-        mine = [s for s in carried if set(s.get("targets", {})) == set(self.state)]
+        mine = [s for s in carried if _saved_targets(s, self.state) is not None]
         if not mine and carried:
             # (states saved by Q3Rs over other targets: another model or another setup, as a
             # state dict of another model is refused everywhere else; it warned and loaded)
@@ -422,8 +422,9 @@ class Q3R:
         self._commit_state_dict(state_dict)
 
     def _check_state_dict(self, state_dict: dict) -> None:
-        saved = state_dict.get("targets", {})
-        if set(saved) != set(self.state):
+        saved = _saved_targets(state_dict, self.state)
+        if saved is None:
+            saved = state_dict.get("targets", {})
             raise ValueError(
                 f"Q3R state_dict targets {sorted(saved)} do not match this regularizer's {sorted(self.state)}: "
                 "it comes from a different model"
@@ -440,13 +441,29 @@ class Q3R:
             raise ValueError(f"Q3R state_dict num_steps must be an int >= 0, got {num_steps!r}")
 
     def _commit_state_dict(self, state_dict: dict) -> None:
-        saved = state_dict["targets"]
+        saved = _saved_targets(state_dict, self.state)
         self.state = {
             t.name: [upgrade_state({k: v.detach().clone().to(t.param.device) for k, v in s.items()}, d1, d2)
                      for s, (d1, d2) in zip(saved[t.name], slice_shapes(t.param.shape, t.slice_dim, t.slices))]
             for t in self.targets
         }
         self.num_steps = state_dict["num_steps"]
+
+
+def _saved_targets(state_dict, names) -> dict | None:
+    """A saved Q3R state's per-target entries keyed by ``names`` (None: other targets). A state
+    saved before find_targets named the targets of a DistributedDataParallel wrapper as in the
+    model it wraps has every name with DDP's "module." prefix: it loads too."""
+    saved = state_dict.get("targets", {}) if isinstance(state_dict, dict) else {}
+    if not isinstance(saved, dict):
+        return None
+    if set(saved) == set(names):
+        return saved
+    if saved and all(isinstance(k, str) and k.startswith("module.") for k in saved):
+        stripped = {k[len("module."):]: v for k, v in saved.items()}
+        if set(stripped) == set(names):
+            return stripped
+    return None
 
 
 def _amp_grad_scale(optimizer) -> float | None:

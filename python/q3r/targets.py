@@ -247,6 +247,12 @@ def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, s
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     rank_overrides = dict(rank_overrides or {})
     slices = dict(slices or {})
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # names as in the model DDP wraps, as for torch.compile's wrappers (_named_modules):
+        # with "module." the Q3R states that an attached Q3R carries in the optimizer's
+        # checkpoint did not load where the same script runs unwrapped (accelerate's prepare
+        # wraps in DDP only under a launcher), and compress(model.module, targets) failed
+        model = model.module
     modules = _named_modules(model)
     parents = dict(modules)
     for option, patterns in (("include", include), ("exclude", exclude)):  # (a typo must not pass silently)

@@ -1,0 +1,106 @@
+"""find_targets on a DistributedDataParallel wrapper (what accelerate's prepare returns under a
+launcher, e.g. when Q3R is attached after prepare) names the targets as in the model it wraps,
+as it does through torch.compile's wrappers. With DDP's "module." prefix, the Q3R state that an
+attached Q3R carries in the optimizer's checkpoint did not load where the same script runs
+unwrapped (plain ``python``: accelerate does not wrap), and compress(model.module, targets)
+failed with "the model has no module 'module....'"; states saved that way still load."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import q3r
+
+PATTERNS = ["0", "2"]
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 16), nn.GELU(), nn.Linear(16, 4))
+
+
+def _train(model, opt, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        model(torch.randn(8, 16, generator=g)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_targets_of_a_ddp_wrapper_are_named_as_in_the_wrapped_model(one_process_group):
+    model = _model()
+    ddp = DDP(model)
+    found = q3r.find_targets(ddp, PATTERNS, target_rank=0.3)
+    plain = q3r.find_targets(model, PATTERNS, target_rank=0.3)
+    assert [t.name for t in found] == [t.name for t in plain] == ["0.weight", "2.weight"]
+    assert all(a.param is b.param for a, b in zip(found, plain))
+    small, _ = q3r.compress(model, found, fraction=0.5, copy=True)  # (before: "the model has no module 'module.0'")
+    assert type(small[0]).__name__ != "Linear"
+
+
+def test_a_checkpoint_of_a_ddp_run_resumes_unwrapped_bit_for_bit(one_process_group):
+    # the straight run: unwrapped, 5 steps
+    straight = _model()
+    opt = torch.optim.AdamW(straight.parameters(), lr=1e-2)
+    q3r.Q3R(q3r.find_targets(straight, PATTERNS, target_rank=0.3), lmbda=0.5, steps=2).attach(opt)
+    _train(straight, opt, 3)
+    _train(straight, opt, 2, seed=2)
+
+    # 3 steps under DDP, targets found on the wrapper and Q3R attached after wrapping
+    model = _model()
+    ddp = DDP(model)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+    q3r.Q3R(q3r.find_targets(ddp, PATTERNS, target_rank=0.3), lmbda=0.5, steps=2).attach(opt)
+    _train(ddp, opt, 3)
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    assert sorted(saved["opt"]["q3r"][0]["targets"]) == ["0.weight", "2.weight"]
+
+    # resumed unwrapped (before: "holds Q3R states for other target sets (['module.0.weight', ...])")
+    resumed = _model()
+    resumed.load_state_dict(saved["model"])
+    opt = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    reg = q3r.Q3R(q3r.find_targets(resumed, PATTERNS, target_rank=0.3), lmbda=0.5, steps=2)
+    reg.attach(opt)
+    opt.load_state_dict(saved["opt"])
+    assert reg.num_steps == 3
+    _train(resumed, opt, 2, seed=2)
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, straight.state_dict()[k]), k
+
+
+def test_a_state_saved_with_ddps_prefix_still_loads():
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    reg = q3r.Q3R(q3r.find_targets(model, PATTERNS, target_rank=0.3), lmbda=0.5, steps=2)
+    reg.attach(opt)
+    _train(model, opt, 3)
+    old = reg.state_dict()
+    old["targets"] = {f"module.{k}": v for k, v in old["targets"].items()}  # (as find_targets(ddp) named them)
+    other = q3r.Q3R(q3r.find_targets(model, PATTERNS, target_rank=0.3), lmbda=0.5, steps=2)
+    other.load_state_dict(old)
+    assert other.num_steps == 3
+    assert all(torch.equal(a["U"], b["U"]) for k in other.state for a, b in zip(other.state[k], reg.state[k]))
+    # through the optimizer's carried copy too
+    sd = opt.state_dict()
+    sd["q3r"] = [old]
+    fresh = _model()
+    opt2 = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    reg2 = q3r.Q3R(q3r.find_targets(fresh, PATTERNS, target_rank=0.3), lmbda=0.5, steps=2)
+    reg2.attach(opt2)
+    opt2.load_state_dict(sd)
+    assert reg2.num_steps == 3
+    # other names are still refused
+    old["targets"] = {f"other.{k}": v for k, v in reg.state_dict()["targets"].items()}
+    with pytest.raises(ValueError, match="do not match"):
+        other.load_state_dict(old)
