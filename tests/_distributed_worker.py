@@ -175,6 +175,16 @@ def single_process(kind: str, extras: dict | None = None) -> dict[str, torch.Ten
     return full_state(model)
 
 
+def single_process_adamq3r(patterns) -> dict[str, torch.Tensor]:
+    """The final weights of one process with AdamQ3R on the targets ``patterns`` finds (as
+    zero_redundancy builds them)."""
+    model = make_model()
+    targets = q3r.find_targets(model, patterns, target_rank=0.3)
+    opt = q3r.AdamQ3R(q3r.param_groups(model, targets, lmbda=0.05, steps=PERIOD, refresh="exact"), lr=3e-3)
+    train(model, opt, batches())
+    return full_state(model)
+
+
 # ------------------------------------------------------------------ workers
 def _init(rank, world, port):
     if DEVICE == "cuda":
@@ -236,29 +246,35 @@ def ddp_worker(rank, world, port, out_path, init=True):
         paths[name] = {"ops": [op for op, _ in log.entries], "states": [{k: v.cpu() for k, v in st.items()} for st in states]}
     replicated.PADDING_LIMIT = 2.0
     results["paths"] = paths
-    results["zero"] = zero_redundancy(rank, world)
+    results["zero"] = zero_redundancy(rank, world, configure=True)
+    results["zero_unconfigured"] = zero_redundancy(rank, world, configure=False)
+    # one target: the rank ZeRO gives it refreshes it, the other has none (it waited for ever)
+    results["zero_one_target"] = zero_redundancy(rank, world, configure=False, patterns=["blocks.0.fc1"])
     if rank == 0:
         torch.save(results, out_path)
     if init:
         dist.destroy_process_group()
 
 
-def zero_redundancy(rank, world) -> dict:
-    """DDP + ZeroRedundancyOptimizer(optimizer_class=AdamQ3R) as docs/distributed.md says
-    (configure(replicated=False): each rank updates and refreshes only its share of the
-    targets): the final weights; the weights of a run saved after 3 steps
-    (consolidate_state_dict), resumed into a fresh model and optimizer, and finished; the
-    weights the uninterrupted run had then; whether every rank updates some target."""
+def zero_redundancy(rank, world, configure: bool, patterns=None) -> dict:
+    """DDP + ZeroRedundancyOptimizer(optimizer_class=AdamQ3R), each rank updating and
+    refreshing only its share of the targets, with configure(replicated=False) as
+    docs/distributed.md said until AdamQ3R found out by itself (``configure``), or without:
+    the final weights; the weights of a run saved after 3 steps (consolidate_state_dict),
+    resumed into a fresh model and optimizer, and finished; the weights the uninterrupted
+    run had then; how many ranks update some target. ``patterns``: the targets (default:
+    make_targets')."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     def build():
         model = make_model()
-        groups = q3r.param_groups(model, make_targets(model), lmbda=0.05, steps=PERIOD, refresh="exact")
+        targets = make_targets(model) if patterns is None else q3r.find_targets(model, patterns, target_rank=0.3)
+        groups = q3r.param_groups(model, targets, lmbda=0.05, steps=PERIOD, refresh="exact")
         return model, ZeroRedundancyOptimizer(groups, optimizer_class=q3r.AdamQ3R, lr=3e-3)
 
     data = batches()
-    q3r.distributed.configure(replicated=False)
+    q3r.distributed.configure(replicated=not configure)
     try:
         model, opt = build()
         ddp = DDP(model, device_ids=[rank] if DEVICE == "cuda" else None)

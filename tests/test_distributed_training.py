@@ -160,7 +160,10 @@ def test_ddp_collectives(runs, kind):
         if not log["refreshed"]:
             assert log["q3r_calls"] == 0  # no per-step collective under DDP
         else:
-            assert log["ops"] == ["all_gather"] * 3  # the same targets everywhere? header, factors
+            # the same targets everywhere? header, factors; and at AdamQ3R's first step, once, whether
+            # its ranks hold the same targets at all (ZeroRedundancyOptimizer's do not)
+            once = int(kind == "adamq3r" and log["first_refresh"])
+            assert log["ops"] == ["all_gather"] * (3 + once)
             # the factors of a refresh are a fraction of one full-size buffer of the targets,
             # which the reference scheme all-reduces at every step
             assert 0 < log["q3r_bytes"] < target_bytes
@@ -242,10 +245,17 @@ def test_ddp_refuses_ranks_that_are_not_replicas(runs):
     assert "configure(replicated=False)" in runs["ddp"]["different_targets"]
 
 
-def test_zero_redundancy_optimizer_with_adamq3r_matches_single_process_and_resumes(runs):
-    zero = runs["ddp"]["zero"]
-    assert zero["ranks_owning_targets"] == WORLD  # each rank updates and refreshes a share of the targets
-    assert _max_rel_diff(zero["weights"], runs["single"]["adamq3r"]) < 2e-5
+@pytest.mark.parametrize("case", ["zero", "zero_unconfigured", "zero_one_target"])
+def test_zero_redundancy_optimizer_with_adamq3r_matches_single_process_and_resumes(runs, case):
+    """With configure(replicated=False), and without it: AdamQ3R finds at its first step that its
+    ranks hold different targets and refreshes each rank's own (before, the unconfigured run
+    raised at its first refresh, and with one target the rank without it left the other
+    waiting)."""
+    zero = runs["ddp"][case]
+    # each rank updates and refreshes a share of the targets (one target: one rank)
+    assert zero["ranks_owning_targets"] == (1 if case == "zero_one_target" else WORLD)
+    single = worker.single_process_adamq3r(["blocks.0.fc1"]) if case == "zero_one_target" else runs["single"]["adamq3r"]
+    assert _max_rel_diff(zero["weights"], single) < 2e-5
     # its consolidated state dict, loaded by ZeroRedundancyOptimizer.load_state_dict (which
     # writes each rank's share straight into AdamQ3R's state), continues the run exactly
     assert all(torch.equal(zero["resumed"][k], zero["weights"][k]) for k in zero["weights"])

@@ -17,6 +17,10 @@ AdamQ3R and Q3R dispatch here by themselves; users only set up DDP / FSDP2 as us
 from __future__ import annotations
 
 import math
+import zlib
+
+import torch
+import torch.distributed as dist
 
 from .._precision import refresh_precision
 from . import comm
@@ -54,6 +58,7 @@ __all__ = [
     "refresh_sharded_",
     "refresh_slices_",
     "refresh_slices_replicated_",
+    "same_targets_on_every_rank",
     "sharded_add_grad_",
     "sharded_adamq3r_step_",
     "sharded_penalty",
@@ -118,11 +123,27 @@ def is_replicated_distributed() -> bool:
     return _REPLICATED["enabled"] and comm.world_size(_REPLICATED["group"]) > 1
 
 
+def same_targets_on_every_rank(targets: list[tuple[str, tuple[int, ...]]]) -> bool:
+    """Whether every rank of the replicas' group holds these same (name, shape) targets: one
+    all_gather of their count and a checksum. Every rank of the group must call it at the same
+    point (an optimizer's first step). False under ZeroRedundancyOptimizer, whose ranks each
+    hold a share of the targets (some none at all), and for pipeline stages."""
+    group = _REPLICATED["group"]
+    text = "\n".join(f"{name}:{tuple(shape)}" for name, shape in targets)
+    backend = dist.get_backend(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    mine = torch.tensor([len(targets), zlib.crc32(text.encode())], dtype=torch.float64, device=device)
+    everyone = torch.stack(comm.all_gather(mine, group)).cpu()
+    return bool((everyone == everyone[0]).all())
+
+
 def refresh_slices_(weights, states, configs, method: str = "exact", warned: set | None = None,
-                    before_wait=None, options=None) -> list[bool]:
+                    before_wait=None, options=None, replicated: bool | None = None) -> list[bool]:
     """:func:`q3r.refresh.refresh_slices_`, divided across ranks when running data-parallel
-    (``before_wait`` then runs after the refresh: its exchanges may still raise)."""
-    if is_replicated_distributed():
+    (``before_wait`` then runs after the refresh: its exchanges may still raise).
+    ``replicated=False``: refresh on this rank alone even so (an optimizer whose ranks hold
+    different targets, see same_targets_on_every_rank); None: the process setting (configure)."""
+    if is_replicated_distributed() and replicated is not False:
         with refresh_precision():  # (the local refresh inside pins again: a no-op)
             done = refresh_slices_replicated_(weights, states, configs, method, warned, _REPLICATED["group"], options)
         if before_wait is not None:

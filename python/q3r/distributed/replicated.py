@@ -110,8 +110,8 @@ def _check_same_targets(configs, shapes, device, group) -> None:
         raise RuntimeError(
             f"q3r: the ranks refresh different targets now (this rank: {len(configs)}, e.g. {configs[0].name!r}); a "
             "distributed refresh divides the work of data-parallel replicas. Where ranks train different weights "
-            "(pipeline stages, ZeroRedundancyOptimizer's shares) or on different schedules, call "
-            "q3r.distributed.configure(replicated=False)"
+            "(pipeline stages) or on different schedules, call q3r.distributed.configure(replicated=False) "
+            "(AdamQ3R under ZeroRedundancyOptimizer finds that out by itself)"
         )
 
 

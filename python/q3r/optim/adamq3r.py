@@ -98,6 +98,7 @@ class AdamQ3R(Optimizer):
         defaults.update(Q3R_DEFAULTS)
         defaults.update(plain_values(q3r_defaults))
         self._nonfinite_warned: set[str] = set()
+        self._replicas: bool | None = None  # (see _decide_replicas)
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -107,6 +108,7 @@ class AdamQ3R(Optimizer):
             for key, value in Q3R_DEFAULTS.items():
                 group.setdefault(key, value)
         self.__dict__.setdefault("_nonfinite_warned", set())
+        self.__dict__.setdefault("_replicas", None)
 
     # ----------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
@@ -240,8 +242,31 @@ class AdamQ3R(Optimizer):
             # divided across ranks under DDP, plain refresh_slices_ otherwise
             distributed.refresh_slices_(weights, states, configs, method=method, warned=self._nonfinite_warned,
                                         before_wait=before_wait,
-                                        options=sketch_options(None if options is None else dict(options)))
+                                        options=sketch_options(None if options is None else dict(options)),
+                                        replicated=self._replicas)
         before_wait()
+
+    def _decide_replicas(self) -> None:
+        """Under DDP every rank's optimizer holds the same targets, and a refresh divides their
+        work across the ranks (q3r.distributed). Under ZeroRedundancyOptimizer (AdamQ3R as its
+        local optimizer) each rank holds a share of them, some ranks none at all: dividing that
+        work raised, or waited for ever on a rank with nothing due. Decided once, at the first
+        step with a process group up, by one all_gather of the count and a checksum of this
+        optimizer's target names and shapes on every rank (every rank's optimizer steps, and
+        ZeRO gives each rank every param group, empty ones too): where they differ, each rank
+        refreshes its own targets, as configure(replicated=False) does for a whole process."""
+        if self._replicas is not None or not distributed.is_replicated_distributed():
+            return
+        if not any(g["q3r"] for g in self.param_groups):
+            return
+        # (FSDP2: every rank holds every target, as a DTensor; ZeroRedundancyOptimizer takes none)
+        if any(distributed.is_sharded(p) for g in self.param_groups if g["q3r"] for p in g["params"]):
+            self._replicas = True
+            return
+        # (by group and position too: groups without names get made-up ones, alike on every rank)
+        targets = [(f"{gi}.{j}:{','.join(self._names(g, g['params'], p, 'AdamQ3R'))}", tuple(p.shape))
+                   for gi, g in enumerate(self.param_groups) if g["q3r"] for j, p in enumerate(g["params"])]
+        self._replicas = distributed.same_targets_on_every_rank(targets)
 
     def _refresh_due(self, p, group: dict, step: int, clock: int | None, phases: dict[int, int] | None) -> bool:
         """Every ``steps`` of the parameter's steps; with ``stagger=True`` each parameter at its
@@ -317,6 +342,7 @@ class AdamQ3R(Optimizer):
                     self._check_new_target(p, group)  # (all before any state is made)
                 if state:
                     self._check_state_follows(p, state)
+        self._decide_replicas()
         works, due, q3r_works = [], [], []
         clock = self._stagger_clock() if any(g["q3r"] and g.get("stagger") for g in self.param_groups) else None
         phases = self._stagger_phase_table() if clock is not None else None  # (once per step, see _refresh_due)
