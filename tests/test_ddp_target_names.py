@@ -104,3 +104,35 @@ def test_a_state_saved_with_ddps_prefix_still_loads():
     old["targets"] = {f"other.{k}": v for k, v in reg.state_dict()["targets"].items()}
     with pytest.raises(ValueError, match="do not match"):
         other.load_state_dict(old)
+
+
+def test_targets_of_a_compiled_ddp_wrapper_are_named_as_in_the_wrapped_model(one_process_group):
+    """torch.compile(DDP(m)) is what accelerate's prepare returns with a dynamo backend under a
+    launcher (DDP first, torch.compile last); its targets kept the "module." prefix that the
+    DDP wrapper alone lost, so the same script's checkpoints still did not resume across a run
+    with and without the launcher (there: torch.compile(m), no prefix)."""
+    model = _model()
+    plain = [t.name for t in q3r.find_targets(model, PATTERNS, target_rank=0.3)]
+    for wrapped in (torch.compile(DDP(model)), DDP(torch.compile(model)), torch.compile(DDP(torch.compile(model)))):
+        found = q3r.find_targets(wrapped, PATTERNS, target_rank=0.3)
+        assert [t.name for t in found] == plain == ["0.weight", "2.weight"], type(wrapped).__name__
+        assert all(t.param is model.get_parameter(t.name) for t in found)
+
+
+def test_truncate_weights_on_a_ddp_wrapper_cuts_the_wrapped_weights(one_process_group):
+    """truncate_weights_ looks the targets up by name in the model it is given: with the DDP
+    wrapper's targets named as in the wrapped model, truncate_weights_(ddp, ...) failed with
+    "the model has no parameter '0.weight'" (patterns and find_targets' targets alike), where
+    it had cut the weights before. In place, the wrapper's parameters stay the ones DDP averages."""
+    from q3r.compress import truncate_weights_
+
+    reference = truncate_weights_(_model(), PATTERNS, fraction=0.5)
+    for how in ("patterns", "targets", "compiled"):
+        model = _model()
+        ddp = DDP(model)
+        wrapper = torch.compile(ddp) if how == "compiled" else ddp
+        targets = PATTERNS if how == "patterns" else q3r.find_targets(ddp, PATTERNS, target_rank=0.3)
+        assert truncate_weights_(wrapper, targets, fraction=0.5) is wrapper
+        for k, v in reference.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0, msg=f"{how}: {k}")
+        assert not torch.equal(model[0].weight, _model()[0].weight)  # (cut, not left as it was)

@@ -43,7 +43,7 @@ from . import reference
 from ._precision import autocast_off
 from .distributed import is_sharded
 from .targets import (Target, _find_targets, resolve_slice_ranks, slice_shapes, slice_views, uncompiled,
-                      validate_slices)
+                      unwrapped_root, validate_slices)
 
 __all__ = [
     "LowRankLinear",
@@ -618,14 +618,17 @@ def truncate_weights_(model: nn.Module, targets, *, fraction=None, rank=None, ra
     """The dense twin of :func:`compress`: overwrite each target slice by its SVD truncation.
 
     Keeps the architecture (and parameter count); the outputs equal those of the compressed
-    model, which is what the tests check. Targets are looked up in ``model`` by name.
+    model, which is what the tests check. Targets are looked up in ``model`` by name, as
+    find_targets names them: through torch.compile's and DistributedDataParallel's wrappers
+    (in place, the weights stay the parameters a DDP wrapper averages; returns ``model``).
     """
     _check_rank_options(fraction, rank, rank_rule)
-    _refuse_sharded(model, "truncate_weights_")
+    plain = unwrapped_root(model)  # (find_targets' names: no "module.", no "_orig_mod.")
+    _refuse_sharded(plain, "truncate_weights_")
     # all ranks, shapes and finiteness are checked before the first weight is overwritten (one
     # target at a time after that: a copy of every truncated weight would double their memory)
-    for t, ranks in _plan_ranks(model, _resolve_targets(model, targets, fraction, rank), fraction, rank, rank_rule):
-        param = model.get_parameter(t.name)  # by name, so targets found on another copy work
+    for t, ranks in _plan_ranks(plain, _resolve_targets(plain, targets, fraction, rank), fraction, rank, rank_rule):
+        param = plain.get_parameter(t.name)  # by name, so targets found on another copy work
         for view, r in zip(slice_views(param, t.slice_dim, t.slices), ranks):
             if r is not None:
                 up, down = svd_truncate(view, r)

@@ -147,6 +147,20 @@ def _is_compile_wrapper(module) -> bool:
     return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
 
 
+def unwrapped_root(model: nn.Module) -> nn.Module:
+    """``model`` without the wrappers that torch.compile and DistributedDataParallel put around
+    it, in any order and number: torch.compile(DDP(m)) (accelerate's prepare with a dynamo
+    backend under a launcher), DDP(torch.compile(m)) and DDP(m) all give m, whose names have
+    neither "module." nor "_orig_mod."."""
+    while True:
+        if _is_compile_wrapper(model):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
 @contextlib.contextmanager
 def uncompiled(model: nn.Module):
     """The model without torch.compile's wrappers, for the duration of a with block: yields the
@@ -247,12 +261,11 @@ def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, s
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     rank_overrides = dict(rank_overrides or {})
     slices = dict(slices or {})
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        # names as in the model DDP wraps, as for torch.compile's wrappers (_named_modules):
-        # with "module." the Q3R states that an attached Q3R carries in the optimizer's
-        # checkpoint did not load where the same script runs unwrapped (accelerate's prepare
-        # wraps in DDP only under a launcher), and compress(model.module, targets) failed
-        model = model.module
+    # names as in the model DDP wraps, as for torch.compile's wrappers (_named_modules):
+    # with "module." the Q3R states that an attached Q3R carries in the optimizer's
+    # checkpoint did not load where the same script runs unwrapped (accelerate's prepare
+    # wraps in DDP only under a launcher), and compress(model.module, targets) failed
+    model = unwrapped_root(model)
     modules = _named_modules(model)
     parents = dict(modules)
     for option, patterns in (("include", include), ("exclude", exclude)):  # (a typo must not pass silently)
