@@ -607,6 +607,11 @@ def sharded_refresh_worker(rank, world, port, cases_path, out_path, ckpt_dir, me
         q3r.distributed.configure(**defaults)
         out[name] = {"history": history, "warnings": [str(w.message) for w in caught],
                      "checkpoint": _load_grown_factors(states[-1], states[0], os.path.join(ckpt_dir, name))}
+    # every rank's warnings too (those meant to come once, from rank 0, must not repeat elsewhere)
+    by_rank = [None] * world
+    dist.all_gather_object(by_rank, {name: case["warnings"] for name, case in out.items()})
+    for name in out:
+        out[name]["warnings_by_rank"] = [w[name] for w in by_rank]
     if rank == 0:
         torch.save(out, out_path)
     dist.destroy_process_group()

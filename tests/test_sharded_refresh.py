@@ -182,6 +182,9 @@ def test_a_zero_initialized_target_is_reported_once_as_inert_under_min(sharded):
     assert len(warned["zero_init"]) == 1 and "'zero_init'" in warned["zero_init"][0], warned["zero_init"]
     assert not any(messages for name, messages in warned.items() if name != "zero_init"), warned
     assert all(float(state["eps"]) < 1e-30 for state in sharded[1]["zero_init"]["history"])
+    # once in all: rank 0 says it, the other rank (which refreshed the same target) does not
+    by_rank = [[m for m in w if "at their first refresh" in m] for w in sharded[1]["zero_init"]["warnings_by_rank"]]
+    assert [len(w) for w in by_rank] == [1, 0], by_rank
 
 
 def test_a_checkpoint_with_grown_factors_loads_with_the_factor_planner(sharded):
