@@ -807,3 +807,35 @@ def spawn(fn, world, *args, tries: int = 3):
             if crash.signal_name is None or attempt == tries:
                 raise
             print(f"distributed worker {crash.error_index} died with {crash.signal_name}; trying again")
+
+
+def ddp_inert_worker(rank, world, port, out_path):
+    """4 zero-initialized targets under DDP (the ranks divide the refreshes): the names each
+    rank's inert-target warnings give (gathered; rank 0 writes them)."""
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    _init(rank, world, port)
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.zero_()
+    ddp = DDP(model)
+    opt = q3r.AdamQ3R(q3r.param_groups(model, q3r.find_targets(ddp, ["0", "1", "2", "3"], target_rank=0.25),
+                                       lmbda=0.1, steps=2), lr=1e-2)
+    gen = torch.Generator().manual_seed(rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            ddp(torch.randn(4, 16, generator=gen)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    named = sorted(f"{i}.weight" for m in caught if "at their first refresh" in str(m.message)
+                   for i in range(4) if f"'{i}.weight'" in str(m.message))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, named)
+    if rank == 0:
+        torch.save(gathered, out_path)
+    dist.destroy_process_group()

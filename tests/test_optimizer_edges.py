@@ -736,3 +736,14 @@ def test_a_weight_that_stays_of_rank_r_is_reported_at_its_first_refresh_only(met
             refresh_slices_([W], [state], [config], method=method)
     assert [str(w.message).count("'w'") for w in caught if "at their first refresh" in str(w.message)] == [1]
     assert float(state["eps"]) <= 2.0**-20 * float(state["sigma"][0])  # (sigma_3 of a rank-2 W: rounding)
+
+
+def test_under_ddp_each_rank_names_the_inert_targets_it_refreshed(tmp_path):
+    """The README's zero-initialized-target note: under DDP the ranks divide the refreshes, and
+    each rank's warning names the targets it refreshed, every target on exactly one rank."""
+    import _distributed_worker as worker
+
+    worker.spawn(worker.ddp_inert_worker, 2, str(tmp_path / "out.pt"))
+    by_rank = torch.load(tmp_path / "out.pt")
+    assert all(by_rank), by_rank  # (both ranks refreshed some)
+    assert sorted(n for names in by_rank for n in names) == ["0.weight", "1.weight", "2.weight", "3.weight"], by_rank
