@@ -532,7 +532,7 @@ def _refuse_sharded(model: nn.Module, what: str) -> None:
         for name, t in named:
             if is_sharded(t):
                 raise TypeError(f"{what} needs a model with full weights, but its {kind} {name} is a DTensor "
-                                f"(sharded by FSDP2, placements {tuple(t.placements)}): {_GATHER_FIRST}")
+                                f"(a distributed tensor, placements {tuple(t.placements)}): {_GATHER_FIRST}")
 
 
 def _is_ddp(model: nn.Module) -> bool:
