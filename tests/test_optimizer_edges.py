@@ -747,3 +747,62 @@ def test_under_ddp_each_rank_names_the_inert_targets_it_refreshed(tmp_path):
     by_rank = torch.load(tmp_path / "out.pt")
     assert all(by_rank), by_rank  # (both ranks refreshed some)
     assert sorted(n for names in by_rank for n in names) == ["0.weight", "1.weight", "2.weight", "3.weight"], by_rank
+
+
+def test_a_compiled_training_step_runs_the_refresh_and_the_update_eagerly(monkeypatch):
+    """torch.compile of a loss with penalty() in it, of AdamQ3R's step, and of AdamW's step with
+    an attached Q3R: dynamo traced into the refresh and recompiled it at every refresh (a 2-layer
+    MLP: 18.7 s for 10 compiled AdamQ3R steps on the CPU, against under a second eagerly).
+    The refresh and the update now run eagerly (graph breaks), with the same results."""
+    import q3r.ops
+    import q3r.refresh as refresh_module
+
+    traced, added = [], []
+
+    def spy(real, calls):
+        def call(*args, **kwargs):
+            calls.append(torch.compiler.is_compiling())
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(refresh_module, "_refresh_slices", spy(refresh_module._refresh_slices, traced))
+    # (attach's term: on a GPU the kernels' launch tables read data pointers, which tracing has not)
+    monkeypatch.setattr(q3r.ops, "add_reweighting_", spy(q3r.ops.add_reweighting_, added))
+    x = torch.randn(32, 12, generator=torch.Generator().manual_seed(0))
+
+    def run(mode, compiled):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6))
+        targets = q3r.find_targets(model, ["0", "2"], target_rank=2)
+        reg = None
+        if mode == "adamq3r":
+            opt = q3r.AdamQ3R(q3r.param_groups(model, targets, lmbda=0.1, steps=2), lr=1e-2)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            reg = q3r.Q3R(targets, lmbda=0.1, steps=2)
+            if mode == "attach":
+                reg.attach(opt)
+
+        def loss_fn():
+            loss = model(x).square().mean()
+            return loss + reg.penalty() if mode == "penalty" else loss
+
+        loss_fn = torch.compile(loss_fn, backend="eager") if compiled else loss_fn
+        step = torch.compile(opt.step, backend="eager") if compiled and mode != "penalty" else opt.step
+        for _ in range(5):  # refreshes at steps 0, 2 and 4
+            opt.zero_grad()
+            loss_fn().backward()
+            step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    for mode in ("adamq3r", "attach", "penalty"):
+        eager = run(mode, compiled=False)
+        traced.clear()
+        added.clear()
+        compiled = run(mode, compiled=True)
+        assert len(traced) == 3 and not any(traced), (mode, traced)
+        assert len(added) == (5 if mode == "attach" else 0) and not any(added), (mode, added)
+        for a, b in zip(eager, compiled):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

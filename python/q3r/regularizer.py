@@ -118,6 +118,9 @@ class Q3R:
             return {name for name, phase in phases.items() if due_for_refresh(self.num_steps, period, phase)}
         return {t.name for t in self.targets} if self.num_steps % period == 0 else set()
 
+    # (eager inside torch.compile: a compiled loss with penalty() in it traced the refresh and
+    # recompiled it at every refresh; the penalty's own arithmetic is still compiled)
+    @torch.compiler.disable
     def _begin_step(self, before_wait: Callable[[], None] | None = None) -> None:
         due = self._due_now()
         if due:
@@ -162,6 +165,7 @@ class Q3R:
                 total = value if total is None else total + value
         return self.lmbda * total
 
+    @torch.compiler.disable  # (see _begin_step)
     @autocast_off
     @torch.no_grad()
     def add_grad_(self, *, grad_scale: float = 1.0) -> None:
