@@ -322,7 +322,7 @@ class AdamQ3R(Optimizer):
         return loss
 
     # (run eagerly inside torch.compile(optimizer.step): traced, the refresh's host logic and the
-    # kernels' launches recompiled at every refresh, 18.7 s for 10 steps of a 2-layer MLP on the
+    # kernels' launches recompiled at every refresh, 16.8-18.7 s for 10 steps of a 2-layer MLP on the
     # CPU against well under 1 s eagerly; the update is one fused pass already)
     @torch.compiler.disable
     def _step(self) -> None:
