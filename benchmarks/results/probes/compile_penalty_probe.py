@@ -1,4 +1,4 @@
-import torch, q3r, warnings, time
+import torch, q3r, time
 torch.manual_seed(0)
 def build():
     torch.manual_seed(0)
