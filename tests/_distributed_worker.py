@@ -801,22 +801,65 @@ def spawn(fn, world, *args, tries: int = 3):
     os.environ.setdefault("PYTHONFAULTHANDLER", "1")
     for attempt in range(1, tries + 1):
         try:
-            mp.spawn(functools.partial(_run_then_collect, fn), args=(world, free_port(), *args), nprocs=world, join=True)
-            return
+            context = mp.spawn(functools.partial(_run_then_collect, fn), args=(world, free_port(), *args),
+                               nprocs=world, join=False)
+            if _joined(context, SPAWN_TIMEOUT_S):
+                return
+            if attempt == tries:
+                raise TimeoutError(f"distributed workers of {fn.__name__} still running after {SPAWN_TIMEOUT_S} s, "
+                                   f"{tries} times")
+            print(f"distributed workers of {fn.__name__} hung; killed, trying again")
         except mp.ProcessExitedException as crash:
             if crash.signal_name is None or attempt == tries:
                 raise
             print(f"distributed worker {crash.error_index} died with {crash.signal_name}; trying again")
 
 
+# a worker that hangs (a gloo teardown waiting for a peer that has exited: once in CI, in a DDP
+# worker that destroyed its process group with the DDP model still alive) is killed after this
+# and counts as a crash: the suite must not wait for ever
+SPAWN_TIMEOUT_S = 600
+
+
+def _joined(context, timeout: float) -> bool:
+    """Wait for the spawned processes; False (after killing them) if they are not all done
+    within ``timeout`` seconds. A worker that raised or died raises here, as mp.spawn does."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            for process in context.processes:
+                process.join()
+            return False
+    return True
+
+
 def ddp_inert_worker(rank, world, port, out_path):
     """4 zero-initialized targets under DDP (the ranks divide the refreshes): the names each
     rank's inert-target warnings give (gathered; rank 0 writes them)."""
+    import gc
+
+    _init(rank, world, port)
+    named = _inert_names_under_ddp(rank)
+    # DDP's reducer torn down while its process group is up: with the DDP model still alive at
+    # destroy_process_group, its collection afterwards hung a worker in 10 of 24 runs here
+    gc.collect()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, named)
+    if rank == 0:
+        torch.save(gathered, out_path)
+    dist.destroy_process_group()
+
+
+def _inert_names_under_ddp(rank) -> list[str]:
     import warnings
 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    _init(rank, world, port)
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
     with torch.no_grad():
@@ -832,10 +875,5 @@ def ddp_inert_worker(rank, world, port, out_path):
             ddp(torch.randn(4, 16, generator=gen)).square().mean().backward()
             opt.step()
             opt.zero_grad()
-    named = sorted(f"{i}.weight" for m in caught if "at their first refresh" in str(m.message)
-                   for i in range(4) if f"'{i}.weight'" in str(m.message))
-    gathered = [None] * world
-    dist.all_gather_object(gathered, named)
-    if rank == 0:
-        torch.save(gathered, out_path)
-    dist.destroy_process_group()
+    return sorted(f"{i}.weight" for m in caught if "at their first refresh" in str(m.message)
+                  for i in range(4) if f"'{i}.weight'" in str(m.message))
