@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ._compile import eager_under_compile
 from . import ops, reference
 from . import distributed
 from ._precision import autocast_off
@@ -120,7 +121,7 @@ class Q3R:
 
     # (eager inside torch.compile: a compiled loss with penalty() in it traced the refresh and
     # recompiled it at every refresh; the penalty's own arithmetic is still compiled)
-    @torch.compiler.disable
+    @eager_under_compile
     def _begin_step(self, before_wait: Callable[[], None] | None = None) -> None:
         due = self._due_now()
         if due:
@@ -165,7 +166,7 @@ class Q3R:
                 total = value if total is None else total + value
         return self.lmbda * total
 
-    @torch.compiler.disable  # (see _begin_step)
+    @eager_under_compile  # (see _begin_step)
     @autocast_off
     @torch.no_grad()
     def add_grad_(self, *, grad_scale: float = 1.0) -> None:

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
+from .._compile import eager_under_compile
 from .. import distributed
 from .._precision import no_autocast
 from ..config import Q3R_DEFAULTS, default_names, plain_values, slice_configs, validate_q3r_options
@@ -324,7 +325,7 @@ class AdamQ3R(Optimizer):
     # (run eagerly inside torch.compile(optimizer.step): traced, the refresh's host logic and the
     # kernels' launches recompiled at every refresh, 16.8-18.7 s for 10 steps of a 2-layer MLP on the
     # CPU against well under 1 s eagerly; the update is one fused pass already)
-    @torch.compiler.disable
+    @eager_under_compile
     def _step(self) -> None:
         self._adopt_written_states()
         if not any(g["q3r"] for g in self.param_groups) and not self.__dict__.get("_no_target_warned"):
