@@ -752,7 +752,7 @@ def test_under_ddp_each_rank_names_the_inert_targets_it_refreshed(tmp_path):
 def test_a_compiled_training_step_runs_the_refresh_and_the_update_eagerly(monkeypatch):
     """torch.compile of a loss with penalty() in it, of AdamQ3R's step, and of AdamW's step with
     an attached Q3R: dynamo traced into the refresh and recompiled it at every refresh (a 2-layer
-    MLP: 16.8 and 18.7 s in two runs of 10 compiled AdamQ3R steps on the CPU, 0.2 s now).
+    MLP: 16.8 and 18.7 s in two runs of 10 compiled AdamQ3R steps on the CPU, under a second now).
     The refresh and the update now run eagerly (graph breaks), with the same results."""
     import q3r.ops
     import q3r.refresh as refresh_module
