@@ -17,14 +17,13 @@ AdamQ3R and Q3R dispatch here by themselves; users only set up DDP / FSDP2 as us
 from __future__ import annotations
 
 import math
-import zlib
 
 import torch
 import torch.distributed as dist
 
 from .._precision import refresh_precision
 from . import comm
-from .replicated import assign_by_cost, refresh_cost, refresh_slices_replicated_
+from .replicated import assign_by_cost, refresh_cost, refresh_slices_replicated_, same_on_every_rank
 from .sharded import (
     SKETCH,
     ShardedTerms,
@@ -129,12 +128,9 @@ def same_targets_on_every_rank(targets: list[tuple[str, tuple[int, ...]]]) -> bo
     point (an optimizer's first step). False under ZeroRedundancyOptimizer, whose ranks each
     hold a share of the targets (some none at all), and for pipeline stages."""
     group = _REPLICATED["group"]
-    text = "\n".join(f"{name}:{tuple(shape)}" for name, shape in targets)
-    backend = dist.get_backend(group)
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    mine = torch.tensor([len(targets), zlib.crc32(text.encode())], dtype=torch.float64, device=device)
-    everyone = torch.stack(comm.all_gather(mine, group)).cpu()
-    return bool((everyone == everyone[0]).all())
+    on_cuda = dist.get_backend(group) == "nccl"  # (NCCL moves CUDA tensors only)
+    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+    return same_on_every_rank(targets, device, group)
 
 
 def refresh_slices_(weights, states, configs, method: str = "exact", warned: set | None = None,

@@ -99,14 +99,20 @@ def _unpack_(state: dict[str, Tensor], flat: Tensor, row: list[int], keys: list[
         offset += n
 
 
+def same_on_every_rank(targets: list[tuple[str, tuple[int, ...]]], device, group) -> bool:
+    """Whether every rank of ``group`` has these same (name, shape) targets: one all_gather of
+    their count and a checksum of their names and shapes. Every rank must call it."""
+    text = "\n".join(f"{name}:{tuple(shape)}" for name, shape in targets)
+    mine = torch.tensor([len(targets), zlib.crc32(text.encode())], dtype=torch.float64, device=device)
+    everyone = torch.stack(comm.all_gather(mine, group)).cpu()
+    return bool((everyone == everyone[0]).all())
+
+
 def _check_same_targets(configs, shapes, device, group) -> None:
     """Refuse, with a message that says what to do, ranks that refresh different targets (the
     stages of a pipeline, different periods): the exchange's own collectives have sizes that
-    depend on the targets, and would fail obscurely or hang. One all_gather of two numbers."""
-    names = "\n".join(f"{c.name}:{s}" for c, s in zip(configs, shapes))
-    mine = torch.tensor([len(configs), zlib.crc32(names.encode())], dtype=torch.float64, device=device)
-    everyone = torch.stack(comm.all_gather(mine, group)).cpu()
-    if not bool((everyone == everyone[0]).all()):
+    depend on the targets, and would fail obscurely or hang."""
+    if not same_on_every_rank([(c.name, s) for c, s in zip(configs, shapes)], device, group):
         raise RuntimeError(
             f"q3r: the ranks refresh different targets now (this rank: {len(configs)}, e.g. {configs[0].name!r}); a "
             "distributed refresh divides the work of data-parallel replicas. Where ranks train different weights "
