@@ -410,7 +410,24 @@ def test_a_row_sliced_factor_in_parameter_rows_is_explained():
     pid = next(pid for pid, st in sd["state"].items() if "q3r" in st and len(st["q3r"]) == 3)
     s = sd["state"][pid]["q3r"]["0"]
     s["U"] = torch.zeros(qkv.shape[0], s["U"].shape[1])
-    with pytest.raises(ValueError, match="U has the parameter's rows, as an FSDP2 run saves it"):
+    with pytest.raises(ValueError, match="U has the parameter's rows or columns, as a sharded run saves it"):
+        opt.load_state_dict(sd)
+
+
+def test_a_column_sliced_factor_in_parameter_columns_is_explained():
+    """A tensor-parallel Shard(1) run keeps V of a column slice (GPT-2 c_attn) in the
+    parameter's columns: loaded into an unsharded run, the refusal says so."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 8))
+    p = model[0].weight  # 8 x 12, cut into two column slices
+    opt = q3r.AdamQ3R([{"params": [p], "q3r": True, "target_rank": 2, "slice_dim": 1, "slices": [(0, 5), (5, 12)]}],
+                      lr=1e-2)
+    model(torch.randn(4, 12)).square().sum().backward()
+    opt.step()
+    sd = _saved(opt.state_dict())
+    s = sd["state"][0]["q3r"]["1"]
+    s["V"] = torch.zeros(p.shape[1], s["V"].shape[1])
+    with pytest.raises(ValueError, match="V has the parameter's rows or columns, as a sharded run saves it"):
         opt.load_state_dict(sd)
 
 

@@ -41,11 +41,11 @@ def slice_state_problem(p, s, d1: int, d2: int) -> str | None:
         return f"slice state 'tail' must be a float32 tensor, as q3r stores it, got {tail.dtype}"
     k = s["sigma"].shape[0]
     try:
-        rows = distributed.factor_rows(p, s["U"], d1)
+        u_rows, v_rows = distributed.factor_rows(p, s, d1, d2)
     except ValueError as err:
         return str(err)
-    if tuple(s["U"].shape) != (rows, k) or tuple(s["V"].shape) != (d2, k):
-        moved = _moved_between_layouts(p, s["U"].shape[0], rows, d1)
+    if tuple(s["U"].shape) != (u_rows, k) or tuple(s["V"].shape) != (v_rows, k):
+        moved = _moved_between_layouts(p, s, u_rows, v_rows, d1, d2)
         return (f"factors of shapes U {tuple(s['U'].shape)}, V {tuple(s['V'].shape)}, sigma ({k},) "
                 f"do not fit a {d1}x{d2} slice" + (f" ({moved})" if moved else ""))
     return tail_mismatch(s, d1, d2) or _non_finite(s)
@@ -77,15 +77,19 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if distributed.is_sharded(t) else t
 
 
-def _moved_between_layouts(p, saved_rows: int, rows: int, d1: int) -> str | None:
-    """Why U's rows differ where a checkpoint of a row-sliced target moved between an unsharded
-    run (U in the slice's rows) and an FSDP2 one (U in the parameter's rows), else None."""
-    if saved_rows == rows or d1 == p.shape[0]:
-        return None
-    if saved_rows == d1:
-        return ("U has the slice's rows, as an unsharded run saves it; an FSDP2 run keeps U in the parameter's "
-                "rows: checkpoints of row-sliced targets do not move between unsharded and FSDP2 runs")
-    if saved_rows == p.shape[0]:
-        return ("U has the parameter's rows, as an FSDP2 run saves it; an unsharded run keeps U in the slice's "
-                "rows: checkpoints of row-sliced targets do not move between FSDP2 and unsharded runs")
+def _moved_between_layouts(p, s: dict, u_rows: int, v_rows: int, d1: int, d2: int) -> str | None:
+    """Why a factor's rows differ where a checkpoint of a sliced target moved between a run in
+    which the factor is kept in the slice's rows or columns (an unsharded run) and one that
+    keeps it in the parameter's, sharded like the weight (U of an FSDP2 / Shard(0) target, V
+    of a Shard(1) one), else None."""
+    for key, saved, rows, own, whole in (("U", s["U"].shape[0], u_rows, d1, p.shape[0]),
+                                         ("V", s["V"].shape[0], v_rows, d2, p.shape[1])):
+        if saved == rows or own == whole:
+            continue
+        if saved == own:
+            return (f"{key} has the slice's rows, as a run that does not shard it saves it; a sharded run keeps {key} "
+                    "in the parameter's rows or columns: checkpoints of sliced targets do not move between the two")
+        if saved == whole:
+            return (f"{key} has the parameter's rows or columns, as a sharded run saves it; an unsharded run keeps {key} "
+                    "in the slice's: checkpoints of sliced targets do not move between the two")
     return None

@@ -1,4 +1,14 @@
-"""Q3R on weights sharded by FSDP2 (``fully_shard``): DTensors with ``Shard(0)`` on one mesh dim.
+"""Q3R on sharded weights: DTensors with ``Shard(0)`` or ``Shard(1)`` on one mesh dim.
+
+``Shard(0)`` is FSDP2's (``fully_shard``) and tensor parallelism's ``ColwiseParallel``;
+``Shard(1)`` is ``RowwiseParallel``'s. A ``Shard(1)`` target is handled as its transpose, whose
+rows are sharded: the operator is the same for W^T with U and V trading places (SPEC section 2:
+R_{U,V}(X)^T = R_{V,U}(X^T)), so everything below, written for sharded rows, runs on transposed
+views of the local shard and a view of each slice state in which U and V trade places
+(q3r._orientation.TransposedState). Only the small correction (``ShardedTerms``) and the refresh
+see the transpose; the fused per-step kernels get the local shard as it is, with the local
+factors in the parameter's orientation. "Rows" below are the rows of the target as handled: a
+``Shard(1)`` target's columns.
 
 On a 1-D mesh that is plain FSDP2; on a 2-D mesh (HSDP: ``fully_shard(mesh=init_device_mesh(..,
 (replicas, shards)))``, placements ``(Replicate(), Shard(0))``) every collective below runs over
@@ -24,13 +34,15 @@ shards still agree and copies drifted ones from the first replica (_resync_repli
 The refresh runs the randomized range finder of :mod:`.rangefinder` on the local rows.
 
 Layout of the factors, chosen so that torch.distributed.checkpoint saves and reshards them:
-U of every slice is a DTensor of shape (rows of the *parameter*, k), Shard(0), i.e. stored in
-the parameter's row coordinates and sharded exactly like the weight; for a row slice
-(timm qkv) the rows outside the slice are zero. The width k is target rank + oversampling
+U of every slice of a Shard(0) target is a DTensor of shape (rows of the *parameter*, k),
+Shard(0), i.e. stored in the parameter's row coordinates and sharded exactly like the weight;
+for a row slice (timm qkv) the rows outside the slice are zero. For a Shard(1) target V plays
+that part: a DTensor of shape (columns of the parameter, k), Shard(0) where the weight has
+Shard(1), zero outside a column slice; its U is then the plain, replicated factor. The width k is target rank + oversampling
 unless the envelope outgrows it (then r_env + oversampling, see _kept_width), so a
 checkpoint template built before loading has the shapes of the saved factors, or
-checkpoint.FactorLoadPlanner gives it them. V, sigma and the scalars are plain tensors,
-identical on every rank (DCP treats them as replicated).
+checkpoint.FactorLoadPlanner gives it them. The other factor, sigma and the scalars are plain
+tensors, identical on every rank (DCP treats them as replicated).
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from .._orientation import TransposedState
 from .._precision import no_autocast, refresh_precision
 from .._refresh_commit import inert_under_min, warn_inert
 from ..refresh import SliceConfig, _warn_nonfinite, new_slice_state, warn_once
@@ -55,7 +68,7 @@ try:  # DTensor is public since torch 2.4; keep `import q3r` working without it
 except ImportError:  # pragma: no cover
     DTensor, Replicate, Shard = None, None, None
 
-__all__ = ["SketchOptions", "SKETCH", "is_sharded", "shard_mesh_dim", "check_sharding", "row_range", "local_slices", "refresh_sharded_", "ShardedTerms", "sharded_penalty", "diagnostic_slices", "factor_rows", "new_target_states"]
+__all__ = ["SketchOptions", "SKETCH", "is_sharded", "shard_mesh_dim", "shard_axis", "check_sharding", "row_range", "local_slices", "refresh_sharded_", "ShardedTerms", "sharded_penalty", "diagnostic_slices", "factor_rows", "new_target_states"]
 
 
 @dataclasses.dataclass
@@ -102,17 +115,57 @@ def is_sharded(t) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
-def shard_mesh_dim(p, where: str = "q3r") -> int:
-    """The mesh dim over which the rows of the DTensor p are sharded. Supported: Shard(0) on
-    exactly one mesh dim and Replicate() on any others (FSDP2 on a 1-D mesh, HSDP on a 2-D one)."""
+def _sharding(p, where: str = "q3r") -> tuple[int, int]:
+    """(mesh dim, tensor dim) of the one sharded dim of the 2-D DTensor p. Supported: Shard(0)
+    or Shard(1) on exactly one mesh dim and Replicate() on any others (FSDP2 or tensor parallel
+    on a 1-D mesh, HSDP or data-parallel replicas of a tensor-parallel group on a 2-D one)."""
     placements = tuple(p.placements)
-    shard_dims = [i for i, on in enumerate(placements) if on == Shard(0)]
-    if len(shard_dims) != 1 or any(not isinstance(on, Replicate) for i, on in enumerate(placements) if i != shard_dims[0]):
+    # (type, not isinstance: _StridedShard, FSDP2 + TP's split of an already sharded dim, is a Shard)
+    shard_dims = [i for i, on in enumerate(placements) if type(on) is Shard and on.dim % max(p.dim(), 1) in (0, 1)]
+    if (p.dim() != 2 or len(shard_dims) != 1
+            or any(not isinstance(on, Replicate) for i, on in enumerate(placements) if i != shard_dims[0])):
         raise NotImplementedError(
-            f"{where}: a sharded target must be a DTensor with Shard(0) on one mesh dim and Replicate() on "
-            f"any others (FSDP2 / HSDP fully_shard), got placements {placements} on a {p.device_mesh.ndim}-D mesh"
+            f"{where}: a sharded target must be a 2-D DTensor with Shard(0) or Shard(1) on one mesh dim and "
+            f"Replicate() on any others (FSDP2 / HSDP fully_shard, ColwiseParallel / RowwiseParallel on their own), "
+            f"got placements {placements} on a {p.device_mesh.ndim}-D mesh"
         )
-    return shard_dims[0]
+    return shard_dims[0], placements[shard_dims[0]].dim % 2
+
+
+def shard_mesh_dim(p, where: str = "q3r") -> int:
+    """The mesh dim over which the DTensor p is sharded (see _sharding for what is supported)."""
+    return _sharding(p, where)[0]
+
+
+def shard_axis(p, where: str = "q3r") -> int:
+    """0 where the DTensor p's rows are sharded (Shard(0)), 1 where its columns are (Shard(1))."""
+    return _sharding(p, where)[1]
+
+
+def _oriented(t: Tensor, axis: int) -> Tensor:
+    """t as a target sharded along ``axis`` is handled: itself, or its transpose (a view)."""
+    return t if axis == 0 else t.mT
+
+
+def _oriented_slicing(axis: int, slice_dim: int) -> int:
+    """The slice dim of the target as handled: row slices of a transposed target are column slices."""
+    return slice_dim if axis == 0 else 1 - slice_dim
+
+
+def _oriented_state(s: dict, axis: int):
+    """A slice state as the handled target sees it (U and V trade places for a transposed one)."""
+    return s if axis == 0 else TransposedState(s)
+
+
+def _oriented_operator(op: tuple, axis: int) -> tuple:
+    """(U, V, ...) of the parameter as the handled target's, or back (the same swap both ways)."""
+    return op if axis == 0 else (op[1], op[0], *op[2:])
+
+
+def _factor_placements(p) -> tuple:
+    """The placements of the sharded factor of p (its rows: p's sharded dim): p's, with Shard(0)
+    where p has its Shard."""
+    return tuple(Shard(0) if type(on) is Shard else on for on in p.placements)
 
 
 def check_sharding(p, where: str) -> None:
@@ -131,16 +184,19 @@ def _leads(p) -> bool:
 
 
 def row_range(p, where: str = "q3r") -> tuple[int, int]:
-    """Rows [start, stop) of the parameter p held by this rank (torch.chunk layout of Shard(0),
-    FSDP2's; another split, a DTensor built by hand, is refused)."""
-    mesh, dim = p.device_mesh, shard_mesh_dim(p, where)
-    n, world, me = p.shape[0], mesh.size(dim), mesh.get_local_rank(dim)
+    """Rows [start, stop) of the parameter p held by this rank, or its columns for Shard(1)
+    (torch.chunk layout, FSDP2's and DTensor's; another split, a DTensor built by hand, is
+    refused)."""
+    mesh, (dim, axis) = p.device_mesh, _sharding(p, where)
+    n, world, me = p.shape[axis], mesh.size(dim), mesh.get_local_rank(dim)
     chunk = -(-n // world)
     start = min(me * chunk, n)
     stop = min(start + chunk, n)
-    if p.to_local().shape[0] != stop - start:
-        raise NotImplementedError(f"{where}: a sharded target's rows must be split as FSDP2 splits them (torch.chunk: "
-                                  f"rows {start}..{stop} here), got {p.to_local().shape[0]} local rows of a "
+    held = p.to_local().shape[axis]
+    if held != stop - start:
+        what = ("rows", "columns")[axis]
+        raise NotImplementedError(f"{where}: a sharded target's {what} must be split as FSDP2 and DTensor split them "
+                                  f"(torch.chunk: {what} {start}..{stop} here), got {held} local {what} of a "
                                   f"{tuple(p.shape)} target (placements {tuple(p.placements)})")
     return start, stop
 
@@ -193,10 +249,12 @@ def _refresh_sharded(params, slicings, states, configs, warned) -> None:
     by_group: dict[int, list] = {}
     for p, (slice_dim, slices), sts, cfgs in zip(params, slicings, states, configs):
         start, _ = row_range(p)
-        local = p.to_local().detach()
-        shapes = slice_shapes(p.shape, slice_dim, slices)
-        for (x, lo, hi), shape, s, cfg in zip(local_slices(local, start, slice_dim, slices), shapes, sts, cfgs):
-            by_group.setdefault(id(_group(p)), []).append((p, x, lo, hi, s, cfg, shape))
+        axis = shard_axis(p)  # (a Shard(1) target as its transpose: x, shape and s all transposed)
+        local = _oriented(p.to_local().detach(), axis)
+        shapes = slice_shapes(_oriented(p, axis).shape, _oriented_slicing(axis, slice_dim), slices)
+        views = local_slices(local, start, _oriented_slicing(axis, slice_dim), slices)
+        for (x, lo, hi), shape, s, cfg in zip(views, shapes, sts, cfgs):
+            by_group.setdefault(id(_group(p)), []).append((p, x, lo, hi, _oriented_state(s, axis), cfg, shape))
     for items in by_group.values():
         group = _group(items[0][0])
         reduce = lambda t: comm.all_reduce_(t, group)  # noqa: E731
@@ -315,10 +373,12 @@ def _commit_(s: dict, cfg: SliceConfig, prev: tuple, p, lo: int, hi: int, U_loc:
         warn_inert([cfg.name], stacklevel=5)
     head = float(S_host[: cfg.rank].double().square().sum())
     k = S.shape[0]
+    axis = shard_axis(p)  # (s: the state as the handled target sees it, see _oriented_state)
     local = p.to_local()
-    U_rows = torch.zeros(local.shape[0], k, dtype=torch.float32, device=local.device)
+    U_rows = torch.zeros(local.shape[axis], k, dtype=torch.float32, device=local.device)
     U_rows[lo:hi] = U_loc
-    s["U"] = DTensor.from_local(U_rows, p.device_mesh, p.placements, run_check=False, shape=(p.shape[0], k), stride=(k, 1))
+    s["U"] = DTensor.from_local(U_rows, p.device_mesh, _factor_placements(p), run_check=False,
+                                shape=(p.shape[axis], k), stride=(k, 1))
     s["V"] = V.to(torch.float32).contiguous()
     s["sigma"] = S.to(torch.float32).contiguous()
     # fresh scalars rather than fill_: the old ones may be views shared with other state
@@ -334,7 +394,8 @@ def _commit_(s: dict, cfg: SliceConfig, prev: tuple, p, lo: int, hi: int, U_loc:
 class _LocalSlice:
     """One slice's part on this rank: the view x of its local rows, the rows [lo, hi) of the
     local shard it covers, its local operator (U_r, V, sigma, eps) or (U_r, V, d) cut to the m
-    triplets above eps, and, when m > 0, A and the correction M (see ShardedTerms)."""
+    triplets above eps, and, when m > 0, A and the correction M (see ShardedTerms); all of the
+    target as handled (transposed for Shard(1))."""
 
     x: Tensor
     lo: int
@@ -357,7 +418,10 @@ class ShardedTerms:
     a block, fused Triton kernels included, with A_r = U_r^T X_r -- and A = U^T X = sum over
     ranks of A_r. Only the m triplets above eps enter (they lead: sigma is sorted), so A and M
     are m x d2. Construction computes every A_r and sums them in one collective per process
-    group. Everything is evaluated at the weights as they were at construction.
+    group. Everything is evaluated at the weights as they were at construction. A Shard(1)
+    target is held transposed (module docstring): x, the operators and the views of what the
+    term is added to are its transpose's; the local operators handed to q3r.ops (add_,
+    local_work) are turned back, so those see the local shard as it is.
     """
 
     def __init__(self, entries):
@@ -368,9 +432,12 @@ class ShardedTerms:
         counts = iter(torch.stack([(udv(op)[2] != 0).sum() for op in flat]).tolist() if flat else [])  # one sync
         for p, slice_dim, slices, ops in entries:
             start, _ = row_range(p)
-            group = _group(p)
+            group, axis = _group(p), shard_axis(p)
+            slice_dim = _oriented_slicing(axis, slice_dim)
             parts = []
-            for (x, lo, hi), op in zip(local_slices(p.to_local().detach(), start, slice_dim, slices), ops):
+            views = local_slices(_oriented(p.to_local().detach(), axis), start, slice_dim, slices)
+            for (x, lo, hi), op in zip(views, ops):
+                op = _oriented_operator(op, axis)
                 m = int(next(counts)) if op[0].shape[-1] else 0
                 if m == 0:  # R = I; U may be the slice-shaped start of a slice never refreshed
                     empty = x.new_zeros(x.shape[0], 0, dtype=torch.float32)
@@ -380,7 +447,7 @@ class ShardedTerms:
                 part = _LocalSlice(x, lo, hi, local, A=local[0].transpose(0, 1) @ x.to(torch.float32))
                 parts.append(part)
                 pending.setdefault(id(group), [group, []])[1].append(part)
-            self._targets[id(p)] = (slice_dim, slices, start, group, parts)
+            self._targets[id(p)] = (slice_dim, slices, start, group, parts, axis)
         for group, parts in pending.values():
             local_A = [part.A for part in parts]
             total = comm.all_reduce_(torch.cat([a.reshape(-1) for a in local_A]), group)
@@ -398,7 +465,7 @@ class ShardedTerms:
         all-reduce per process group, the parts of the all-reduced A and C = A V added once."""
         local: dict[int, list] = {}
         shared = []
-        for *_, group, parts in self._targets.values():
+        for *_, group, parts, _ in self._targets.values():
             sums = local.setdefault(id(group), [group, []])[1]
             for part in parts:
                 X = part.x.to(torch.float32)
@@ -412,16 +479,17 @@ class ShardedTerms:
         return torch.stack(total + shared).sum()
 
     def _views(self, p, t: Tensor) -> list[Tensor]:
-        """The slices' views of t, a tensor laid out like p's local shard."""
-        slice_dim, slices, start, _, _ = self._targets[id(p)]
-        return [view for view, _, _ in local_slices(t, start, slice_dim, slices)]
+        """The slices' views of t, a tensor laid out like p's local shard, as the target is
+        handled (transposed views for Shard(1))."""
+        slice_dim, slices, start, _, _, axis = self._targets[id(p)]
+        return [view for view, _, _ in local_slices(_oriented(t, axis), start, slice_dim, slices)]
 
     def full_terms(self, p) -> list[Tensor]:
         """R(X)_r of every slice of p in float32, whole (for weights or gradients that are not
         float32: added in one rounding, as the reference path does; split, the small
         correction would be rounded away)."""
         out = []
-        for part in self._targets[id(p)][-1]:
+        for part in self._targets[id(p)][4]:
             R = reference.apply_reweighting(part.x, *reference.operator_udv(part.operator)).to(torch.float32)
             if part.M is not None:
                 R.addmm_(part.operator[0], part.M)
@@ -432,16 +500,16 @@ class ShardedTerms:
         """The ParamWork of a float32 parameter on its local shard, with the local operators of
         the slices that have local rows: the AdamQ3R step of q3r.optim.functional (fused
         kernels where they run) takes it, and :meth:`correct_` then adds the rest."""
-        slice_dim, slices, _, _, parts = self._targets[id(work.param)]
+        slice_dim, slices, _, _, parts, axis = self._targets[id(work.param)]
         live = [(i, part) for i, part in enumerate(parts) if part.x.numel()]
-        if slices is not None:  # the slices' ranges in the local shard
+        if slices is not None:  # the slices' ranges in the local shard (along work.slice_dim)
             slices = [(part.lo, part.hi) if slice_dim == 0 else slices[i] for i, part in live]
-        return _localized(work, slices=slices, operators=[part.operator for _, part in live])
+        return _localized(work, slices=slices, operators=[_oriented_operator(part.operator, axis) for _, part in live])
 
     def correct_(self, p, t: Tensor, alpha: float) -> None:
         """t[slice] += alpha * U_r M for every slice of p (t: float32, laid out like p's local
         shard): one rank-m matmul per slice, in place."""
-        for part, view in zip(self._targets[id(p)][-1], self._views(p, t)):
+        for part, view in zip(self._targets[id(p)][4], self._views(p, t)):
             if part.M is not None and view.numel():
                 view.addmm_(part.operator[0], part.M, alpha=alpha)
 
@@ -458,11 +526,12 @@ class ShardedTerms:
                 for view, R in zip(self._views(p, t), self.full_terms(p)):
                     view.add_(R.to(view.dtype), alpha=alpha)
                 continue
-            for view, part in zip(self._views(p, t), self._targets[id(p)][-1]):
-                if view.numel():
-                    outs.append(view)
-                    xs.append(part.x)
-                    operators.append(part.operator)
+            axis = self._targets[id(p)][5]
+            for view, part in zip(self._views(p, t), self._targets[id(p)][4]):
+                if view.numel():  # (the local shard as it is: q3r.ops sees no transposed view)
+                    outs.append(_oriented(view, axis))
+                    xs.append(_oriented(part.x, axis))
+                    operators.append(_oriented_operator(part.operator, axis))
             corrected.append((p, t))
         add_reweighting_(outs, xs, operators, alpha)
         for p, t in corrected:
@@ -477,12 +546,15 @@ def diagnostic_slices(p, slice_dim: int, slices, states) -> list[tuple[Tensor, d
         return list(zip(slice_views(p.detach(), slice_dim, slices), states))
     W = p.detach().full_tensor()
     views = slice_views(W, slice_dim, slices)
-    rows = [(a, b) for a, b in slices] if slices is not None and slice_dim == 0 else [(0, W.shape[0])] * len(views)
+    axis = shard_axis(p)
+    key = ("U", "V")[axis]  # the factor sharded like p, in p's rows (Shard(0)) or columns (Shard(1))
+    ranges = [(a, b) for a, b in slices] if slices is not None and slice_dim == axis else [(0, W.shape[axis])] * len(views)
     out = []
-    for view, (a, b), s in zip(views, rows, states):
-        # U is in parameter rows once refreshed here; before, it is the empty slice-shaped start
-        U = s["U"].full_tensor()[a:b] if is_sharded(s["U"]) else s["U"]
-        out.append((view, {**s, "U": U}))
+    for view, (a, b), s in zip(views, ranges, states):
+        # that factor is in the parameter's rows / columns once refreshed here; before, it is
+        # the empty slice-shaped start
+        factor = s[key].full_tensor()[a:b] if is_sharded(s[key]) else s[key]
+        out.append((view, {**s, key: factor}))
     return out
 
 
@@ -490,30 +562,38 @@ def new_target_states(p, slice_dim: int, slices) -> list[dict]:
     """The slice states of target p before its first refresh (refresh.new_slice_state). For a
     sharded p, U is a zero-wide DTensor in the parameter's rows, sharded like p, as a refresh
     leaves it: a checkpoint template made before any refresh (a fresh Q3R regularizer) then
-    takes a saved U's shards (FactorLoadPlanner widens it), not the whole of it."""
+    takes a saved U's shards (FactorLoadPlanner widens it), not the whole of it. For a Shard(1)
+    target V is that DTensor, in the parameter's columns."""
     states = [new_slice_state(d1, d2, p.device) for d1, d2 in slice_shapes(p.shape, slice_dim, slices)]
     if is_sharded(p):
-        local = p.to_local()
-        shape = (p.shape[0], 0)
+        local, axis = p.to_local(), shard_axis(p)
+        shape = (p.shape[axis], 0)
         for s in states:
-            s["U"] = DTensor.from_local(local.new_zeros(local.shape[0], 0, dtype=torch.float32), p.device_mesh,
-                                        p.placements, run_check=False, shape=shape,
-                                        stride=torch.empty(shape, device="meta").stride())
+            s[("U", "V")[axis]] = DTensor.from_local(
+                local.new_zeros(local.shape[axis], 0, dtype=torch.float32), p.device_mesh, _factor_placements(p),
+                run_check=False, shape=shape, stride=torch.empty(shape, device="meta").stride())
     return states
 
 
-def factor_rows(p, U, d1: int) -> int:
-    """The rows a loaded factor U of a d1-row slice of p must have: the parameter's when U is
-    sharded (parameter rows, see the module docstring), else d1. A sharded p with a plain,
-    non-empty U (a checkpoint of an unsharded run) is refused: its rows would be misread."""
-    if is_sharded(U):
-        return p.shape[0]
-    if is_sharded(p) and U.shape[-1] > 0:
-        raise ValueError(
-            f"the factor U {tuple(U.shape)} of an FSDP2-sharded {tuple(p.shape)} parameter was saved unsharded; "
-            "save and load FSDP2 runs with torch.distributed.checkpoint (docs/distributed.md)"
-        )
-    return d1
+def factor_rows(p, s: dict, d1: int, d2: int) -> tuple[int, int]:
+    """The rows a loaded slice state s of a d1 x d2 slice of p must give its factors (U, V):
+    the slice's, except for the factor sharded like p, which has the parameter's rows (U of a
+    Shard(0) target) or columns (V of a Shard(1) one), see the module docstring. A sharded p
+    whose factor is plain and non-empty (a checkpoint of an unsharded run) is refused: its rows
+    would be misread."""
+    rows = {"U": d1, "V": d2}
+    if is_sharded(p):
+        axis = shard_axis(p)
+        key = ("U", "V")[axis]
+        if is_sharded(s[key]):
+            rows[key] = p.shape[axis]
+        elif s[key].shape[-1] > 0:
+            raise ValueError(
+                f"the factor {key} {tuple(s[key].shape)} of a sharded {tuple(p.shape)} parameter (placements "
+                f"{tuple(p.placements)}) was saved unsharded; save and load sharded runs with "
+                "torch.distributed.checkpoint (docs/distributed.md)"
+            )
+    return rows["U"], rows["V"]
 
 
 def _local(t):
