@@ -1,0 +1,244 @@
+"""Worker processes for tests/test_tensor_parallel.py: the test model of _distributed_worker
+under tensor parallelism (torch.distributed.tensor.parallel.parallelize_module on a 1-D mesh).
+
+In every block attn.qkv and fc1 are ColwiseParallel (weight Shard(0), the layout of FSDP2's
+row shards) and attn.proj and fc2 RowwiseParallel (weight Shard(1): each rank holds a range of
+columns). fc2's column slices (0, 40), (40, 75) are so column slices of a column-sharded
+weight, the first crossing the shard boundary (75 columns split 38 / 37, torch.chunk); fc1's
+75 rows split 38 / 37. Every rank trains on the whole global batch (tensor parallelism splits
+the weights, not the data), so the weights must match a single-process run of that batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import q3r
+import _distributed_worker as base
+from _distributed_worker import DEVICE, OPTIMIZERS, batches, diagnostics_of, full_state, loss_of, train
+
+
+def tp_plan(depth: int) -> dict:
+    """ColwiseParallel / RowwiseParallel for attn.qkv, attn.proj, fc1, fc2 of every block.
+
+    qkv's output is gathered (Replicate) because the attention views it by heads; proj then
+    takes that replicated input. fc1 keeps its output a DTensor (Shard(-1)): handed on as a
+    local tensor, fc2's RowwiseParallel would rebuild it with DTensor.from_local, which assumes
+    an even split and gets 76 / 74 columns instead of 75 (sharding propagation refuses it)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {}
+    for i in range(depth):
+        plan.update({f"blocks.{i}.attn.qkv": ColwiseParallel(output_layouts=Replicate()),
+                     f"blocks.{i}.attn.proj": RowwiseParallel(input_layouts=Replicate()),
+                     f"blocks.{i}.fc1": ColwiseParallel(use_local_output=False),
+                     f"blocks.{i}.fc2": RowwiseParallel()})
+    return plan
+
+
+def tp_model(mesh):
+    """The test model (same initialization as base.make_model) with tp_plan on ``mesh``."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    model = base.make_model()
+    return parallelize_module(model, mesh, tp_plan(len(model.blocks)))
+
+
+def tp_worker(rank, world, port, out_path, ckpt_dir, oversample):
+    """Everything the tests read, in one process group: the forward against the plain model;
+    training with each optimizer kind; the factor layout; a DCP save / resume of AdamQ3R and
+    of a Q3R regularizer in penalty mode; layouts that must be refused. Rank 0 writes it."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    base._init(rank, world, port)
+    q3r.distributed.configure(oversample=oversample)
+    mesh = init_device_mesh(DEVICE, (world,))
+    results = {"forward": _forward_diff(mesh), "placements": _placements(tp_model(mesh))}
+    data = batches()
+    for kind in OPTIMIZERS:
+        model = tp_model(mesh)
+        opt = OPTIMIZERS[kind](model)
+        logs = []
+        train(model, opt, data, 0, 1, logs)  # (rank 0 of a world of 1: every rank the whole batch)
+        results[kind] = {"weights": full_state(model), "logs": logs, "penalties": getattr(opt, "penalty_values", []),
+                         "diagnostics": diagnostics_of(opt), "layout": _layout(model, opt)}
+    results["resume_adamq3r"] = _resume_adamq3r(mesh, f"{ckpt_dir}/adamq3r")
+    results["resume_penalty"] = _resume_regularizer(mesh, f"{ckpt_dir}/penalty")
+    results["refused"] = _refused_layouts(world)
+    if rank == 0:
+        torch.save(results, out_path)
+    dist.destroy_process_group()
+
+
+def _forward_diff(mesh) -> float:
+    """Largest difference of the logits of the parallelized model from the plain one's."""
+    tokens = batches(1)[0][:, :-1].to(DEVICE)
+    with torch.no_grad():
+        return float((tp_model(mesh)(tokens) - base.make_model()(tokens)).abs().max())
+
+
+def _placements(model) -> dict[str, str]:
+    return {name: repr(tuple(p.placements)) for name, p in model.named_parameters() if hasattr(p, "placements")}
+
+
+def _slice_states(opt, model, name: str) -> list[dict]:
+    """The slice states of target ``name`` (AdamQ3R's, or an attached / penalty Q3R's)."""
+    reg = getattr(opt, "q3r_regularizer", None)
+    if reg is not None:
+        return reg.state[name]
+    return opt.state[model.get_parameter(name)]["q3r"]
+
+
+def _describe(t) -> dict:
+    """Type, global shape, placements and local shape of a factor; its whole value; and whether
+    every rank holds the same local tensor (the plain factors must be replicated)."""
+    sharded = hasattr(t, "to_local")
+    local = t.to_local() if sharded else t
+    same = None  # (a DTensor's local shards differ, in shape too)
+    if not sharded:
+        gathered = q3r.distributed.comm.all_gather(local.detach().contiguous(), None)
+        same = all(torch.equal(g, gathered[0]) for g in gathered)
+    return {"type": type(t).__name__, "shape": tuple(t.shape), "local_shape": tuple(local.shape),
+            "placements": repr(tuple(t.placements)) if sharded else None,
+            "whole": (t.full_tensor() if sharded else t).detach().cpu().clone(), "same_on_every_rank": same}
+
+
+def _layout(model, opt) -> dict:
+    """U and V of every slice of block 0's fc2 (Shard(1), column slices), proj (Shard(1),
+    whole) and qkv (Shard(0), row slices), with the local shape of the weight."""
+    out = {}
+    for name in ("blocks.0.fc2.weight", "blocks.0.attn.proj.weight", "blocks.0.attn.qkv.weight"):
+        p = model.get_parameter(name)
+        out[name] = {"W_local_shape": tuple(p.to_local().shape), "W_placements": repr(tuple(p.placements)),
+                     "slices": [{"U": _describe(s["U"]), "V": _describe(s["V"])} for s in _slice_states(opt, model, name)]}
+    return out
+
+
+def _resume_adamq3r(mesh, ckpt_dir) -> dict:
+    """AdamQ3R saved with torch.distributed.checkpoint after 3 steps, trained 2 more; a fresh
+    parallelized model + AdamQ3R loaded from the checkpoint as docs/distributed.md says and
+    trained the same 2 steps: both final weights."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    data = batches()
+    model = tp_model(mesh)
+    opt = base.make_adamq3r(model)
+    train(model, opt, data[:3], 0, 1)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
+    train(model, opt, data[3:], 0, 1)
+    out = {"straight": full_state(model)}
+    model = tp_model(mesh)
+    opt = base.make_adamq3r(model)
+    msd, osd = get_state_dict(model, opt)  # template (initializes the optimizer state)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=ckpt_dir, planner=q3r.distributed.FactorLoadPlanner())
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    # the loaded factors of fc2's first slice, before training goes on (V: a DTensor, Shard(0))
+    out["loaded_fc2_V"] = _describe(_slice_states(opt, model, "blocks.0.fc2.weight")[0]["V"])
+    train(model, opt, data[3:], 0, 1)
+    out["resumed"] = full_state(model)
+    return out
+
+
+def _resume_regularizer(mesh, ckpt_dir) -> dict:
+    """A Q3R regularizer in penalty mode (AdamW on loss + penalty()), saved after 3 steps with
+    its state and resumed into a fresh regularizer that has not refreshed yet (its factors
+    zero wide: FactorLoadPlanner widens them): both final weights, or the error."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    data = batches()
+
+    def build():
+        model = tp_model(mesh)
+        opt = base.make_penalized_adamw(model)
+        return model, opt, opt.q3r_regularizer
+
+    model, opt, reg = build()
+    train(model, opt, data[:3], 0, 1)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd, "q3r": reg.state_dict()}, checkpoint_id=ckpt_dir)
+    train(model, opt, data[3:], 0, 1)
+    out = {"straight": full_state(model)}
+    model, opt, reg = build()
+    out["fresh_fc2_V"] = _describe(reg.state["blocks.0.fc2.weight"][0]["V"])  # the template's, before loading
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd, "q3r": reg.state_dict()}
+    try:
+        dcp.load(sd, checkpoint_id=ckpt_dir, planner=q3r.distributed.FactorLoadPlanner())
+        set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        reg.load_state_dict(sd["q3r"])
+    except Exception as err:  # (reported to the test, which fails on it)
+        out["error"] = f"{type(err).__name__}: {str(err)[:3000]}"
+        return out
+    train(model, opt, data[3:], 0, 1)
+    out["resumed"] = full_state(model)
+    return out
+
+
+def _refused_layouts(world) -> dict[str, str]:
+    """Layouts q3r does not handle, refused when AdamQ3R / Q3R is built: a weight sharded on two
+    mesh dims (a (1, world) mesh: the placements are what counts), and a Shard(1) weight whose
+    columns are not split as torch.chunk splits them."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    mesh2 = init_device_mesh(DEVICE, (1, world), mesh_dim_names=("a", "b"))
+    mesh1 = init_device_mesh(DEVICE, (world,))
+    rank = dist.get_rank()
+
+    def uneven_columns():  # 10 columns split 7 / 3 where torch.chunk gives 5 / 5
+        cols = 7 if rank == 0 else 3
+        return DTensor.from_local(torch.randn(8, cols), mesh1, [Shard(1)], run_check=False,
+                                  shape=torch.Size((8, 10)), stride=(10, 1))
+
+    makes = {"(Shard(0), Shard(1))": lambda: distribute_tensor(torch.randn(8, 10), mesh2, [Shard(0), Shard(1)]),
+             "(Shard(1), Shard(0))": lambda: distribute_tensor(torch.randn(8, 10), mesh2, [Shard(1), Shard(0)]),
+             "(Shard(1), Shard(1))": lambda: distribute_tensor(torch.randn(8, 10), mesh2, [Shard(1), Shard(1)])}
+    if world == 2:
+        makes["uneven_columns"] = uneven_columns
+    out = {}
+    for label, make in makes.items():
+        w = nn.Parameter(make())
+        for who, build in (("AdamQ3R", lambda: q3r.AdamQ3R([{"params": [w], "q3r": True, "target_rank": 2}])),
+                           ("Q3R", lambda: q3r.Q3R([q3r.Target("w", w, target_rank=2)]))):
+            try:
+                build()
+                out[f"{who} {label}"] = "no error"
+            except Exception as err:  # (any other error is reported to the test, which fails on it)
+                out[f"{who} {label}"] = f"{type(err).__name__}: {err}"
+    return out
+
+
+def tp_replicas_worker(rank, world, port, out_path, oversample):
+    """Data-parallel replicas of a tensor-parallel group on a (2, world // 2) mesh ("dp", "tp"):
+    parallelize_module on the tp dim, then torch's replicate (FSDP2-based DDP) on the dp dim, so
+    that the targets' placements are (Replicate(), Shard(0)) and (Replicate(), Shard(1)); each
+    replica trains on its half of the global batch. Rank 0 writes the final weights per
+    optimizer kind and the placements."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    base._init(rank, world, port)
+    q3r.distributed.configure(oversample=oversample)
+    mesh = init_device_mesh(DEVICE, (2, world // 2), mesh_dim_names=("dp", "tp"))
+    results = {}
+    for kind in OPTIMIZERS:
+        model = base.make_model()
+        parallelize_module(model, mesh["tp"], tp_plan(len(model.blocks)))
+        for block in model.blocks:
+            replicate(block, mesh=mesh["dp"])
+        replicate(model, mesh=mesh["dp"])
+        opt = OPTIMIZERS[kind](model)
+        train(model, opt, batches(), mesh.get_local_rank("dp"), 2)
+        results[kind] = {"weights": full_state(model), "penalties": getattr(opt, "penalty_values", [])}
+        results["placements"] = _placements(model)
+    if rank == 0:
+        torch.save(results, out_path)
+    dist.destroy_process_group()

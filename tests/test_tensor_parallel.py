@@ -1,0 +1,193 @@
+"""Tensor parallelism (torch.distributed.tensor.parallel, gloo, 2 CPU processes) against a
+single-process run of the same global batch.
+
+The test model of _distributed_worker with ColwiseParallel qkv / fc1 (weights Shard(0)) and
+RowwiseParallel proj / fc2 (weights Shard(1), fc2 cut into column slices, one crossing the
+shard boundary) in every block (tests/_tp_worker.py). One spawn runs every scenario (process
+start-up dominates on CPU); the tests below read its results. As in the FSDP2 tests the sketch
+is as wide as each matrix, which makes the sharded refresh the exact SVD up to rounding, so the
+weights must agree to fp32 rounding with the single-process run (exact refresh).
+
+Layout of a Shard(1) target's factors: V is a DTensor of shape (the parameter's columns, k),
+Shard(0) where the weight has Shard(1) (its rows sharded like the weight's columns; for a
+column slice the rows outside the slice are zero); U is a plain tensor (slice rows x k), the
+same on every rank. A Shard(0) target keeps FSDP2's layout (U a DTensor in parameter rows).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import _distributed_worker as worker
+import _tp_worker as tp
+
+WORLD = 2
+FULL_WIDTH = 10_000  # oversampling that caps every sketch at min(d1, d2)
+FC2, PROJ, QKV = "blocks.0.fc2.weight", "blocks.0.attn.proj.weight", "blocks.0.attn.qkv.weight"
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tp")
+    worker.spawn(tp.tp_worker, WORLD, str(tmp / "tp.pt"), str(tmp / "ckpt"), FULL_WIDTH)
+    # data-parallel replicas of a tensor-parallel group: 2 x WORLD processes
+    worker.spawn(tp.tp_replicas_worker, 2 * WORLD, str(tmp / "replicas.pt"), FULL_WIDTH)
+    torch.set_num_threads(1)
+    extras = {kind: {} for kind in worker.OPTIMIZERS}
+    single = {kind: worker.single_process(kind, extras[kind]) for kind in worker.OPTIMIZERS}
+    load = lambda path: torch.load(path, weights_only=False)  # noqa: E731  (our own file)
+    return {"tp": load(tmp / "tp.pt"), "replicas": load(tmp / "replicas.pt"), "single": single, "single_extras": extras}
+
+
+def _max_rel_diff(got: dict, ref: dict) -> float:
+    assert set(got) == set(ref)
+    return max(float((got[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-12)) for k in ref)
+
+
+def test_the_parallelized_model_computes_the_plain_models_function(runs):
+    """The premise of the comparisons below: the TP plan shards the targets as intended and the
+    forward is the plain model's (up to the order of the row-parallel sums)."""
+    placements = runs["tp"]["placements"]
+    for block in range(2):
+        for name, placement in (("attn.qkv", "Shard(dim=0)"), ("fc1", "Shard(dim=0)"),
+                                ("attn.proj", "Shard(dim=1)"), ("fc2", "Shard(dim=1)")):
+            assert placements[f"blocks.{block}.{name}.weight"] == f"({placement},)"
+    assert runs["tp"]["forward"] < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw", "q3r_penalty"])
+def test_tensor_parallel_matches_single_process(runs, kind):
+    assert _max_rel_diff(runs["tp"][kind]["weights"], runs["single"][kind]) < 2e-5
+
+
+@pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw", "q3r_penalty"])
+def test_replicas_of_a_tensor_parallel_group_match_single_process(runs, kind):
+    """A (2, WORLD) mesh: tensor parallel on the second dim, replicas (torch's replicate) on the
+    first, each on half the global batch: placements (Replicate(), Shard(0 or 1))."""
+    placements = runs["replicas"]["placements"]
+    assert placements[FC2] == placements[PROJ] == "(Replicate(), Shard(dim=1))"
+    assert placements[QKV] == "(Replicate(), Shard(dim=0))"
+    assert _max_rel_diff(runs["replicas"][kind]["weights"], runs["single"][kind]) < 2e-5
+    if kind == "q3r_penalty":
+        got, ref = runs["replicas"][kind]["penalties"], runs["single_extras"][kind]["penalties"]
+        assert len(got) == len(ref) == worker.STEPS
+        assert all(abs(g - r) <= 2e-5 * r for g, r in zip(got, ref))
+
+
+def test_penalty_value_matches_single_process(runs):
+    """Q3R.penalty() on every rank is the whole model's value (summed over the Shard(0) row
+    shards and the Shard(1) column shards)."""
+    got, ref = runs["tp"]["q3r_penalty"]["penalties"], runs["single_extras"]["q3r_penalty"]["penalties"]
+    assert len(got) == len(ref) == worker.STEPS and min(ref) > 0
+    for g, r in zip(got, ref):
+        assert abs(g - r) <= 2e-5 * r
+
+
+@pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw"])
+def test_diagnostics_of_tensor_parallel_targets_match_single_process(runs, kind):
+    """diagnostics() gathers each sharded weight and its factors: the values of one process."""
+    got, ref = runs["tp"][kind]["diagnostics"], runs["single_extras"][kind]["diagnostics"]
+    assert set(got) == set(ref) and any(k.endswith("/penalty") for k in ref)
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw", "q3r_penalty"])
+def test_no_hidden_collectives_in_a_step(runs, kind):
+    """CommDebugMode (every collective inside opt.step(), DTensor redistributions included)
+    sees exactly the collectives q3r counts itself: no weight is gathered by a training step."""
+    logs = runs["tp"][kind]["logs"]
+    assert len(logs) == worker.STEPS
+    if kind != "q3r_penalty":  # (penalty mode refreshes in penalty(), outside the counted step)
+        assert logs[0]["refreshed"] and not logs[1]["refreshed"]
+    for log in logs:
+        assert log["all_calls"] == log["q3r_calls"], log
+
+
+@pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw", "q3r_penalty"])
+def test_factor_layout_of_column_sharded_targets(runs, kind):
+    """fc2 (Shard(1), column slices (0, 40), (40, 75)) and proj (Shard(1), whole): V a DTensor
+    of shape (the parameter's columns, k), Shard(0), local rows = the weight's local columns,
+    zero outside its slice; U a plain (slice rows x k) tensor, the same on every rank."""
+    layout = runs["tp"][kind]["layout"]
+    for name, column_ranges in ((FC2, [(0, 40), (40, worker.HIDDEN)]), (PROJ, [(0, worker.WIDTH)])):
+        entry = layout[name]
+        assert entry["W_placements"] == "(Shard(dim=1),)"
+        rows, local_cols = entry["W_local_shape"]
+        columns = column_ranges[-1][1]
+        assert len(entry["slices"]) == len(column_ranges)
+        for (a, b), s in zip(column_ranges, entry["slices"]):
+            U, V = s["U"], s["V"]
+            k = U["shape"][1]
+            assert k > 0  # refreshed
+            assert V["type"] == "DTensor" and V["placements"] == "(Shard(dim=0),)", (name, V)
+            assert V["shape"] == (columns, k) and V["local_shape"] == (local_cols, k), (name, V)
+            assert U["type"] == "Tensor" and U["shape"] == (rows, k) and U["same_on_every_rank"], (name, U)
+            whole = V["whole"]
+            assert whole[a:b].abs().max() > 0, (name, a, b)
+            assert whole[:a].abs().sum() == 0 and whole[b:].abs().sum() == 0, (name, a, b)
+            # V's columns are orthonormal (right singular vectors of the slice)
+            torch.testing.assert_close(whole.T @ whole, torch.eye(k), atol=1e-4, rtol=0)
+    # fc2's 75 columns split as torch.chunk splits them: 38 / 37
+    assert layout[FC2]["W_local_shape"][1] == -(-worker.HIDDEN // WORLD)
+
+
+@pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw"])
+def test_factor_layout_of_row_sharded_targets_is_fsdp2s(runs, kind):
+    """qkv (Shard(0), row slices): U a DTensor in the parameter's rows sharded like the weight,
+    V plain and the same on every rank, as under FSDP2."""
+    entry = runs["tp"][kind]["layout"][QKV]
+    assert entry["W_placements"] == "(Shard(dim=0),)"
+    assert len(entry["slices"]) == 3
+    for s in entry["slices"]:
+        U, V = s["U"], s["V"]
+        assert U["type"] == "DTensor" and U["placements"] == entry["W_placements"]
+        assert U["shape"][0] == 3 * worker.WIDTH and U["local_shape"][0] == entry["W_local_shape"][0]
+        assert V["type"] == "Tensor" and V["shape"] == (worker.WIDTH, U["shape"][1]) and V["same_on_every_rank"]
+
+
+def test_checkpoint_resumes_identically(runs):
+    """AdamQ3R saved with torch.distributed.checkpoint after 3 steps and resumed into a fresh
+    parallelized model + optimizer (FactorLoadPlanner) continues bit for bit; the loaded V of a
+    column-sharded target is a DTensor sharded like the weight's columns."""
+    res = runs["tp"]["resume_adamq3r"]
+    assert set(res["straight"]) == set(res["resumed"])
+    for name, w in res["straight"].items():
+        assert torch.equal(w, res["resumed"][name]), name
+    V = res["loaded_fc2_V"]
+    assert V["type"] == "DTensor" and V["placements"] == "(Shard(dim=0),)" and V["shape"][0] == worker.HIDDEN
+    assert V["shape"][1] > 0 and V["whole"].abs().max() > 0
+
+
+def test_regularizer_checkpoint_resumes_identically(runs):
+    """A Q3R regularizer in penalty mode, saved with its state and loaded into a fresh one whose
+    factors are still zero wide (FactorLoadPlanner widens them): the same weights as the
+    uninterrupted run. The fresh V of a column-sharded target is already a DTensor in the
+    parameter's columns, so that it takes the saved V's shards."""
+    res = runs["tp"]["resume_penalty"]
+    fresh = res["fresh_fc2_V"]
+    assert fresh["type"] == "DTensor" and fresh["placements"] == "(Shard(dim=0),)", fresh
+    assert fresh["shape"] == (worker.HIDDEN, 0) and fresh["local_shape"] == (-(-worker.HIDDEN // WORLD), 0), fresh
+    assert "error" not in res, res.get("error")
+    for name, w in res["straight"].items():
+        assert torch.equal(w, res["resumed"][name]), name
+
+
+def test_layouts_it_cannot_handle_are_refused_when_built(runs):
+    """A weight sharded on two mesh dims (FSDP2 + TP and the like): NotImplementedError naming
+    the placements, from AdamQ3R and from Q3R; a Shard(1) weight whose columns are not split
+    as torch.chunk splits them: NotImplementedError too."""
+    refused = runs["tp"]["refused"]
+    assert len(refused) == 8
+    for placements in ("(Shard(0), Shard(1))", "(Shard(1), Shard(0))", "(Shard(1), Shard(1))"):
+        for who in ("AdamQ3R", "Q3R"):
+            message = refused[f"{who} {placements}"]
+            assert message.startswith("NotImplementedError: "), (who, message)
+            assert placements.replace("Shard(", "Shard(dim=") in message, (who, message)
+            where = "AdamQ3R param group 0" if who == "AdamQ3R" else "Q3R target w"
+            assert message.startswith(f"NotImplementedError: {where}"), message
+    for who in ("AdamQ3R", "Q3R"):
+        assert refused[f"{who} uneven_columns"].startswith("NotImplementedError: "), refused[f"{who} uneven_columns"]
