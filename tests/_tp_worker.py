@@ -242,3 +242,37 @@ def tp_replicas_worker(rank, world, port, out_path, oversample):
     if rank == 0:
         torch.save(results, out_path)
     dist.destroy_process_group()
+
+
+def tp_kernels_worker(rank, world, port, out_path, oversample):
+    """Tensor-parallel training with the Triton kernels forced (CPU tensors under
+    TRITON_INTERPRET=1, which the test environment sets): the fused plans get each rank's shard
+    as it is (a Shard(1) weight's local columns, its local factors turned back from the
+    transposed frame) and ShardedTerms adds the rest. Rank 0 writes the final weights and what
+    the plans took."""
+    import os
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from q3r import ops
+
+    base._init(rank, world, port)
+    os.environ["Q3R_BACKEND"] = "triton"
+    q3r.distributed.configure(oversample=oversample)
+    mesh = init_device_mesh(DEVICE, (world,))
+    results = {}
+    for kind in OPTIMIZERS:
+        ops._PLANS.clear()
+        model = tp_model(mesh)
+        opt = OPTIMIZERS[kind](model)
+        train(model, opt, batches(), 0, 1)
+        plans = {key[0]: entry for key, entry in ops._PLANS.items()}  # the last of each kind
+        adam = plans.get("adam")
+        results[kind] = {
+            "weights": full_state(model), "plans": sorted(plans),
+            "q3r_regions": 0 if adam is None else sum(j is not None for _, j, _ in adam.region_map),
+            "rejected": None if adam is None else len(adam.rejected),
+        }
+    if rank == 0:
+        torch.save(results, out_path)
+    dist.destroy_process_group()

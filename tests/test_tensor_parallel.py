@@ -21,6 +21,7 @@ import torch
 
 import _distributed_worker as worker
 import _tp_worker as tp
+from _kernel_utils import needs_kernels
 
 WORLD = 2
 FULL_WIDTH = 10_000  # oversampling that caps every sketch at min(d1, d2)
@@ -75,6 +76,40 @@ def test_replicas_of_a_tensor_parallel_group_match_single_process(runs, kind):
         got, ref = runs["replicas"][kind]["penalties"], runs["single_extras"][kind]["penalties"]
         assert len(got) == len(ref) == worker.STEPS
         assert all(abs(g - r) <= 2e-5 * r for g, r in zip(got, ref))
+
+
+def _local_slice_count(rank: int) -> int:
+    """Target slices of the tensor-parallel test model with a part on this rank: per block on
+    rank 0, Q and part of K of the Shard(0) qkv (rows 0..47 of 96), the whole fc1 and proj, and
+    of fc2's column slices (0, 40), (40, 75) only the first (columns 0..37 of 75): 5."""
+    from q3r.distributed.sharded import local_slices
+
+    count = 0
+    for t in worker.make_targets(worker.make_model()):
+        axis = 1 if t.name.split(".")[-2] in ("fc2", "proj") else 0
+        n = t.param.shape[axis]
+        chunk = -(-n // WORLD)
+        start, stop = min(rank * chunk, n), min((rank + 1) * chunk, n)
+        local = torch.empty(stop - start, t.param.shape[1 - axis])
+        slice_dim = t.slice_dim if axis == 0 else 1 - t.slice_dim
+        count += sum(view.numel() > 0 for view, _, _ in local_slices(local, start, slice_dim, t.slices))
+    return count
+
+
+@needs_kernels
+def test_tensor_parallel_with_the_fused_kernels_matches_single_process(runs, tmp_path):
+    """With the Triton kernels forced (the interpreter on CPU): the fused AdamQ3R plan takes
+    every slice with a part on rank 0 (the Shard(1) ones as their local columns with the local
+    factors in the parameter's orientation), add_grad_ / penalty the grouped reweighting plan,
+    and the weights still match one process."""
+    path = tmp_path / "kernels.pt"
+    worker.spawn(tp.tp_kernels_worker, WORLD, str(path), FULL_WIDTH)
+    res = torch.load(path, weights_only=False)
+    assert res["adamq3r"]["plans"] == ["adam"]
+    assert res["adamq3r"]["q3r_regions"] == _local_slice_count(0) and res["adamq3r"]["rejected"] == 0
+    assert "reweight" in res["q3r_adamw"]["plans"] and "reweight" in res["q3r_penalty"]["plans"]
+    for kind in worker.OPTIMIZERS:
+        assert _max_rel_diff(res[kind]["weights"], runs["single"][kind]) < 2e-5, kind
 
 
 def test_penalty_value_matches_single_process(runs):
