@@ -19,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import q3r
 import _distributed_worker as worker
 import _tp_worker as tp
 from _kernel_utils import needs_kernels
@@ -128,6 +129,26 @@ def test_diagnostics_of_tensor_parallel_targets_match_single_process(runs, kind)
     assert set(got) == set(ref) and any(k.endswith("/penalty") for k in ref)
     for key, value in ref.items():
         assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw"])
+def test_collectives_are_fsdp2s_with_shard1_targets_transposed(runs, kind):
+    """As under FSDP2 (test_fsdp_collectives): one all-reduce per step for all targets, of the
+    r_env x d matrices A of the targets as handled (a Shard(1) target's A = V^T X^T is r_env x
+    d1), and 1 + q + 4 per refresh plus the step's."""
+    from q3r.distributed.sharded import SKETCH
+
+    oriented_d2 = []
+    for t in worker.make_targets(worker.make_model()):
+        axis = 1 if t.name.split(".")[-2] in ("fc2", "proj") else 0
+        for d1, d2 in q3r.targets.slice_shapes(t.param.shape, t.slice_dim, t.slices):
+            oriented_d2.append((q3r.reference.resolve_rank(t.target_rank, d1, d2), (d2, d1)[axis]))
+    r_bytes = 4 * sum(r * d for r, d in oriented_d2)
+    logs = runs["tp"][kind]["logs"]
+    assert logs[0]["first_refresh"] and logs[2]["refreshed"] and not logs[1]["refreshed"]
+    assert logs[1]["ops"] == ["all_reduce"] and logs[1]["q3r_bytes"] == r_bytes  # (r_env = r after the first refresh)
+    assert logs[0]["ops"] == ["all_reduce"] * (1 + SKETCH.cold_power_iters + 4 + 1)
+    assert logs[2]["ops"] == ["all_reduce"] * (1 + SKETCH.power_iters + 4 + 1)
 
 
 @pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw", "q3r_penalty"])
