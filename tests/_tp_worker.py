@@ -276,3 +276,100 @@ def tp_kernels_worker(rank, world, port, out_path, oversample):
     if rank == 0:
         torch.save(results, out_path)
     dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- Hugging Face tp_plan="auto"
+HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+HF_STEPS = 4
+
+
+def save_tiny_llama(path: str) -> None:
+    """A tiny random Llama (its config carries Hugging Face's tensor-parallel plan: q/k/v, gate,
+    up column-wise, o and down row-wise, the embedding vocabulary-parallel), saved to ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    LlamaForCausalLM(config).save_pretrained(path)
+
+
+def _hf_optimizer(model, kind):
+    """AdamQ3R, or AdamW with a Q3R attached / on loss + penalty() (the regularizer or None).
+    The embedding is a target too: under tp_plan its gradient comes Replicate(), unlike its
+    Shard(0) weight, and the term must still reach the right rows."""
+    embedding = q3r.Target("model.embed_tokens.weight", model.get_input_embeddings().weight, target_rank=4)
+    targets = [*q3r.find_targets(model, HF_TARGETS, target_rank=0.25), embedding]
+    if kind == "adamq3r":
+        return q3r.AdamQ3R(q3r.param_groups(model, targets, lmbda=0.1, steps=2, refresh="exact"), lr=3e-3), None
+    reg = q3r.Q3R(targets, lmbda=0.1, steps=2, refresh="exact")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    if kind == "q3r_adamw":
+        reg.attach(opt)
+        return opt, None
+    return opt, reg
+
+
+def hf_train(path: str, kind: str, tp: bool) -> dict[str, torch.Tensor]:
+    """HF_STEPS steps of the saved Llama on the same batches, loaded whole or with
+    tp_plan="auto" (every rank the whole batch); the full weights at the end."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **({"tp_plan": "auto"} if tp else {}))
+    opt, reg = _hf_optimizer(model, kind)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(HF_STEPS):
+        tokens = torch.randint(0, 64, (2, 16), generator=gen)
+        loss = model(tokens, labels=tokens).loss
+        if reg is not None:
+            loss = loss + reg.penalty()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return full_state(model)
+
+
+def hf_tp_worker(rank, world, port, path, out_path, oversample):
+    """Hugging Face's own tensor parallelism (from_pretrained(tp_plan="auto")) with each
+    optimizer kind: the final weights, and the placements of the parameters and of the
+    embedding's gradient (Replicate() against its weight's Shard(0): q3r's step must place it
+    like the weight before working on local shards)."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    # (what torchrun sets: without them from_pretrained loads the model whole, not parallelized)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    base._init(rank, world, port)
+    q3r.distributed.configure(oversample=oversample)
+    model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto")
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    model(tokens, labels=tokens).loss.backward()
+    embedding = model.get_input_embeddings().weight
+    results = {"placements": _placements(model),
+               "embedding_grad": repr(tuple(embedding.grad.placements)), "embedding": repr(tuple(embedding.placements))}
+    results["term"] = hf_term(path, tp=True)
+    for kind in OPTIMIZERS:
+        results[kind] = hf_train(path, kind, tp=True)
+    if rank == 0:
+        torch.save(results, out_path)
+    dist.destroy_process_group()
+
+
+def hf_term(path: str, tp: bool) -> dict[str, torch.Tensor]:
+    """2 lambda R(W) of every target of the saved Llama, whole: Q3R.add_grad_ (refreshing
+    first) into zero gradients. The embedding is a target too, its zero gradient placed as a
+    backward pass places it under tp_plan: Replicate(), unlike its Shard(0) weight."""
+    from torch.distributed.tensor import Replicate
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **({"tp_plan": "auto"} if tp else {}))
+    embedding = model.get_input_embeddings().weight
+    targets = [*q3r.find_targets(model, HF_TARGETS, target_rank=0.25), q3r.Target("embedding", embedding, target_rank=4)]
+    reg = q3r.Q3R(targets, lmbda=0.1, steps=2, refresh="exact")
+    for t in targets:
+        t.param.grad = torch.zeros_like(t.param)
+    if tp:
+        embedding.grad = embedding.grad.redistribute(embedding.device_mesh, [Replicate()])
+    reg.add_grad_()
+    return {t.name: (t.param.grad.full_tensor() if tp else t.param.grad).clone() for t in targets}

@@ -600,6 +600,27 @@ def _local(t):
     return t.to_local() if is_sharded(t) else t
 
 
+def placed_like_param(p, g):
+    """The gradient g of the DTensor p with p's placements (redistributed where they differ,
+    else g itself). A gradient may come placed otherwise: Hugging Face's tensor-parallel
+    embedding (weight Shard(0)) gets a Replicate() one. torch.optim's DTensor ops redistribute
+    it on the fly; q3r works on the local shards, which must then cover the same entries."""
+    if g is None or not (is_sharded(p) and is_sharded(g)):
+        return g
+    if g.device_mesh == p.device_mesh and tuple(g.placements) == tuple(p.placements):
+        return g
+    return g.redistribute(p.device_mesh, p.placements)
+
+
+def _grads_placed_like_params_(params) -> None:
+    """Replace each .grad that is placed unlike its parameter by one placed like it (the same
+    values), so that a term added to its local shard lands on the right entries."""
+    for p in params:
+        placed = placed_like_param(p, p.grad)
+        if placed is not p.grad:
+            p.grad = placed
+
+
 def _localized(work, **changes):
     """work on the local shards of its tensors (a plain tensor stays as it is)."""
     return dataclasses.replace(work, param=_local(work.param), grad=_local(work.grad), exp_avg=_local(work.exp_avg),
@@ -613,6 +634,7 @@ def sharded_adamq3r_step_(works) -> None:
     per step for all targets), all evaluated before the update moves the weights."""
     from ..optim.functional import adam_update_, adamq3r_step_
 
+    works = [dataclasses.replace(w, grad=placed_like_param(w.param, w.grad)) for w in works]
     q3r_works = [w for w in works if is_sharded(w.param) and w.lmbda != 0 and w.operators]
     terms = ShardedTerms([(w.param, w.slice_dim, w.slices, w.operators) for w in q3r_works])
     with_term = {id(w) for w in q3r_works}
@@ -639,7 +661,14 @@ def sharded_add_grad_(entries, grads) -> None:
     terms = ShardedTerms([entry[:4] for entry in entries])
     by_scale: dict[float, list] = {}
     for entry, g in zip(entries, grads):
-        by_scale.setdefault(entry[4], []).append((entry[0], _local(g)))
+        p = entry[0]
+        if g is p.grad:  # (placed like p first: the term goes into the local shard)
+            _grads_placed_like_params_([p])
+            g = p.grad
+        elif placed_like_param(p, g) is not g:  # (a copy placed like p would take the term, not g)
+            raise ValueError(f"a gradient placed {tuple(g.placements)} for a sharded target placed "
+                             f"{tuple(p.placements)}: pass it placed like its parameter")
+        by_scale.setdefault(entry[4], []).append((p, _local(g)))
     for scale, pairs in by_scale.items():
         terms.add_(pairs, scale)
 
@@ -681,6 +710,7 @@ class _PenaltyOfShards(torch.autograd.Function):
                 if p.grad is None:
                     p.grad = DTensor.from_local(torch.zeros_like(p.to_local()), p.device_mesh, p.placements,
                                                 run_check=False, shape=p.shape, stride=p.stride())
+            _grads_placed_like_params_(params)
             with no_autocast():  # (a backward pass may run inside the caller's autocast too)
                 terms.add_([(p, p.grad.to_local()) for p in params], factor)
 
