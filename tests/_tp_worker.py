@@ -17,7 +17,7 @@ from torch import nn
 
 import q3r
 import _distributed_worker as base
-from _distributed_worker import DEVICE, OPTIMIZERS, batches, diagnostics_of, full_state, loss_of, train
+from _distributed_worker import DEVICE, OPTIMIZERS, batches, diagnostics_of, full_state, train
 
 
 def tp_plan(depth: int) -> dict:
