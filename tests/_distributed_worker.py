@@ -502,8 +502,9 @@ def _refused_layouts(mesh) -> dict[str, str]:
                                   shape=torch.Size((8, 6)), stride=(6, 1))
 
     out = {}
-    # (Replicate + Shard(1), tensor parallel's RowwiseParallel with replicas, is handled: tests/test_tensor_parallel.py)
-    for label, make in (("shard_rows_and_cols", lambda: distribute_tensor(torch.randn(8, 6), mesh, [Shard(0), Shard(1)])),
+    # (Replicate + Shard(1), tensor parallel's RowwiseParallel with replicas, and Shard(0) + Shard(1), FSDP2 over
+    # it, are handled: tests/test_tensor_parallel.py)
+    for label, make in (("shard_cols_twice", lambda: distribute_tensor(torch.randn(8, 6), mesh, [Shard(1), Shard(1)])),
                         ("shard_twice", lambda: distribute_tensor(torch.randn(8, 6), mesh, [Shard(0), Shard(0)])),
                         ("uneven_rows", uneven)):
         w = nn.Parameter(make())

@@ -197,9 +197,16 @@ def _refused_layouts(world) -> dict[str, str]:
         return DTensor.from_local(torch.randn(8, cols), mesh1, [Shard(1)], run_check=False,
                                   shape=torch.Size((8, 10)), stride=(10, 1))
 
-    makes = {"(Shard(0), Shard(1))": lambda: distribute_tensor(torch.randn(8, 10), mesh2, [Shard(0), Shard(1)]),
-             "(Shard(1), Shard(0))": lambda: distribute_tensor(torch.randn(8, 10), mesh2, [Shard(1), Shard(0)]),
-             "(Shard(1), Shard(1))": lambda: distribute_tensor(torch.randn(8, 10), mesh2, [Shard(1), Shard(1)])}
+    def strided_other_factor():  # FSDP2's _StridedShard of rows, but not of the later dim's chunks (sf 3, not 2)
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        return DTensor.from_local(torch.randn(8 // world, 10), mesh2, [_StridedShard(0, split_factor=3), Shard(0)],
+                                  run_check=False, shape=torch.Size((8, 10)), stride=(10, 1))
+
+    # ((Shard(0), Shard(1)) and (Shard(1), Shard(0)) are blocks, handled: test_fsdp2_over_tensor_parallel_*)
+    makes = {"(Shard(0), Shard(0))": lambda: distribute_tensor(torch.randn(8, 10), mesh2, [Shard(0), Shard(0)]),
+             "(Shard(1), Shard(1))": lambda: distribute_tensor(torch.randn(8, 10), mesh2, [Shard(1), Shard(1)]),
+             "(_StridedShard(0), Shard(0))": strided_other_factor}
     if world == 2:
         makes["uneven_columns"] = uneven_columns
     out = {}
@@ -373,3 +380,73 @@ def hf_term(path: str, tp: bool) -> dict[str, torch.Tensor]:
         embedding.grad = embedding.grad.redistribute(embedding.device_mesh, [Replicate()])
     reg.add_grad_()
     return {t.name: (t.param.grad.full_tensor() if tp else t.param.grad).clone() for t in targets}
+
+
+# ---------------------------------------------------------------- FSDP2 over tensor parallel
+def fsdp_tp_model(mesh):
+    """tp_plan on the mesh's "tp" dim, then FSDP2 (fully_shard) over its "dp" dim: the 2-D
+    layout of torchtitan's FSDP + TP. qkv and fc1 (ColwiseParallel) become
+    (_StridedShard(0), Shard(0)): rows split over both dims; proj and fc2 (RowwiseParallel)
+    (Shard(0), Shard(1)): a block of rows x columns on each rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = tp_model(mesh["tp"])
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    return model
+
+
+def fsdp_tp_worker(rank, world, port, out_path, ckpt_dir, oversample):
+    """On a (2, world // 2) ("dp", "tp") mesh: training with each optimizer kind (each dp rank
+    its half of the global batch), the factor layout and diagnostics, a DCP save / resume of
+    AdamQ3R, and AdamQ3R / attach with the Triton kernels forced (the interpreter on CPU)."""
+    import os
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from q3r import ops
+
+    base._init(rank, world, port)
+    q3r.distributed.configure(oversample=oversample)
+    mesh = init_device_mesh(DEVICE, (2, world // 2), mesh_dim_names=("dp", "tp"))
+    dp = mesh.get_local_rank("dp")
+    results = {"placements": _placements(fsdp_tp_model(mesh))}
+    data = batches()
+    for kind in OPTIMIZERS:
+        model = fsdp_tp_model(mesh)
+        opt = OPTIMIZERS[kind](model)
+        logs = []
+        train(model, opt, data, dp, 2, logs)
+        results[kind] = {"weights": full_state(model), "logs": logs, "penalties": getattr(opt, "penalty_values", []),
+                         "diagnostics": diagnostics_of(opt), "layout": _layout(model, opt)}
+    # DCP: saved after 3 steps, continued 2; resumed into a fresh model + optimizer
+    model = fsdp_tp_model(mesh)
+    opt = base.make_adamq3r(model)
+    train(model, opt, data[:3], dp, 2)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
+    train(model, opt, data[3:], dp, 2)
+    resume = {"straight": full_state(model)}
+    model = fsdp_tp_model(mesh)
+    opt = base.make_adamq3r(model)
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=ckpt_dir, planner=q3r.distributed.FactorLoadPlanner())
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    train(model, opt, data[3:], dp, 2)
+    resume["resumed"] = full_state(model)
+    results["resume"] = resume
+    os.environ["Q3R_BACKEND"] = "triton"
+    for kind in ("adamq3r", "q3r_adamw"):
+        ops._PLANS.clear()
+        model = fsdp_tp_model(mesh)
+        opt = OPTIMIZERS[kind](model)
+        train(model, opt, data, dp, 2)
+        results[f"{kind} kernels"] = {"weights": full_state(model), "plans": sorted({key[0] for key in ops._PLANS})}
+    del os.environ["Q3R_BACKEND"]
+    if rank == 0:
+        torch.save(results, out_path)
+    dist.destroy_process_group()

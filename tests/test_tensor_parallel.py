@@ -37,11 +37,14 @@ def runs(tmp_path_factory):
     worker.spawn(tp.tp_worker, WORLD, str(tmp / "tp.pt"), str(tmp / "ckpt"), FULL_WIDTH)
     # data-parallel replicas of a tensor-parallel group: 2 x WORLD processes
     worker.spawn(tp.tp_replicas_worker, 2 * WORLD, str(tmp / "replicas.pt"), FULL_WIDTH)
+    # FSDP2 over tensor parallel: 2 x WORLD processes
+    worker.spawn(tp.fsdp_tp_worker, 2 * WORLD, str(tmp / "fsdp_tp.pt"), str(tmp / "fsdp_tp_ckpt"), FULL_WIDTH)
     torch.set_num_threads(1)
     extras = {kind: {} for kind in worker.OPTIMIZERS}
     single = {kind: worker.single_process(kind, extras[kind]) for kind in worker.OPTIMIZERS}
     load = lambda path: torch.load(path, weights_only=False)  # noqa: E731  (our own file)
-    return {"tp": load(tmp / "tp.pt"), "replicas": load(tmp / "replicas.pt"), "single": single, "single_extras": extras}
+    return {"tp": load(tmp / "tp.pt"), "replicas": load(tmp / "replicas.pt"), "fsdp_tp": load(tmp / "fsdp_tp.pt"),
+            "single": single, "single_extras": extras}
 
 
 def _max_rel_diff(got: dict, ref: dict) -> float:
@@ -111,6 +114,67 @@ def test_tensor_parallel_with_the_fused_kernels_matches_single_process(runs, tmp
     assert "reweight" in res["q3r_adamw"]["plans"] and "reweight" in res["q3r_penalty"]["plans"]
     for kind in worker.OPTIMIZERS:
         assert _max_rel_diff(res[kind]["weights"], runs["single"][kind]) < 2e-5, kind
+
+
+def test_fsdp2_over_tensor_parallel_has_the_2d_layouts(runs):
+    """torchtitan's 2-D layout: ColwiseParallel then FSDP2 splits rows over both mesh dims
+    (_StridedShard(0) of each tensor-parallel chunk), RowwiseParallel then FSDP2 gives a block."""
+    placements = runs["fsdp_tp"]["placements"]
+    for block in range(2):
+        for name in ("attn.qkv", "fc1"):
+            assert placements[f"blocks.{block}.{name}.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+        for name in ("attn.proj", "fc2"):
+            assert placements[f"blocks.{block}.{name}.weight"] == "(Shard(dim=0), Shard(dim=1))"
+
+
+@pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw", "q3r_penalty"])
+def test_fsdp2_over_tensor_parallel_matches_single_process(runs, kind):
+    """A 2 x 2 (dp, tp) mesh, each dp rank on half the global batch: weights, penalty values and
+    diagnostics of one process; the rows of qkv / fc1 split over both dims (sums over two
+    groups in turn), the blocks of proj / fc2 (corrections over rows and columns, and a
+    refresh of each rank's rows gathered over the columns)."""
+    res = runs["fsdp_tp"][kind]
+    assert _max_rel_diff(res["weights"], runs["single"][kind]) < 2e-5
+    if kind == "q3r_penalty":
+        got, ref = res["penalties"], runs["single_extras"][kind]["penalties"]
+        assert len(got) == len(ref) == worker.STEPS and all(abs(g - r) <= 2e-5 * r for g, r in zip(got, ref))
+    else:
+        ref = runs["single_extras"][kind]["diagnostics"]
+        assert set(res["diagnostics"]) == set(ref)
+        for key, value in ref.items():
+            assert res["diagnostics"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    for log in res["logs"]:
+        assert log["all_calls"] == log["q3r_calls"], log  # no hidden DTensor redistribution / gather
+
+
+@pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw"])
+def test_fsdp2_over_tensor_parallel_factor_layout(runs, kind):
+    """U of a block target (fc2) in the parameter's rows, split like them over dp and
+    replicated over tp (every tp rank of a row shard refreshes the same gathered rows); U of a
+    row target split over both dims (qkv) placed like the weight; V plain."""
+    layout = runs["fsdp_tp"][kind]["layout"]
+    for s in layout[FC2]["slices"]:
+        U, V = s["U"], s["V"]
+        assert U["type"] == "DTensor" and U["placements"] == "(Shard(dim=0), Replicate())" and U["shape"][0] == worker.WIDTH
+        assert V["type"] == "Tensor" and V["same_on_every_rank"]
+    for s in layout[QKV]["slices"]:
+        assert s["U"]["placements"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+        assert s["U"]["local_shape"][0] == layout[QKV]["W_local_shape"][0]
+
+
+def test_fsdp2_over_tensor_parallel_checkpoint_resumes_identically(runs):
+    res = runs["fsdp_tp"]["resume"]
+    assert set(res["straight"]) == set(res["resumed"])
+    for name, w in res["straight"].items():
+        assert torch.equal(w, res["resumed"][name]), name
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw"])
+def test_fsdp2_over_tensor_parallel_with_the_fused_kernels_matches_single_process(runs, kind):
+    res = runs["fsdp_tp"][f"{kind} kernels"]
+    assert res["plans"] == (["adam"] if kind == "adamq3r" else ["reweight"])
+    assert _max_rel_diff(res["weights"], runs["single"][kind]) < 2e-5
 
 
 def test_penalty_value_matches_single_process(runs):
@@ -233,16 +297,18 @@ def test_regularizer_checkpoint_resumes_identically(runs):
 
 
 def test_layouts_it_cannot_handle_are_refused_when_built(runs):
-    """A weight sharded on two mesh dims (FSDP2 + TP and the like): NotImplementedError naming
-    the placements, from AdamQ3R and from Q3R; a Shard(1) weight whose columns are not split
-    as torch.chunk splits them: NotImplementedError too."""
+    """A weight sharded along the same dim on two mesh dims other than as FSDP2 over
+    ColwiseParallel does it (_StridedShard(0) of the later dim's chunks): NotImplementedError
+    naming the placements, from AdamQ3R and from Q3R; a Shard(1) weight whose columns are not
+    split as torch.chunk splits them: NotImplementedError too."""
     refused = runs["tp"]["refused"]
     assert len(refused) == 8
-    for placements in ("(Shard(0), Shard(1))", "(Shard(1), Shard(0))", "(Shard(1), Shard(1))"):
+    for placements in ("(Shard(dim=0), Shard(dim=0))", "(Shard(dim=1), Shard(dim=1))", "(_StridedShard(dim=0, sf=3), Shard(dim=0))"):
+        label = placements.replace("dim=", "").replace(", sf=3", "")
         for who in ("AdamQ3R", "Q3R"):
-            message = refused[f"{who} {placements}"]
+            message = refused[f"{who} {label}"]
             assert message.startswith("NotImplementedError: "), (who, message)
-            assert placements.replace("Shard(", "Shard(dim=") in message, (who, message)
+            assert placements in message, (who, message)
             where = "AdamQ3R param group 0" if who == "AdamQ3R" else "Q3R target w"
             assert message.startswith(f"NotImplementedError: {where}"), message
     for who in ("AdamQ3R", "Q3R"):

@@ -67,8 +67,12 @@ try:  # DTensor is public since torch 2.4; keep `import q3r` working without it
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover
     DTensor, Replicate, Shard = None, None, None
+try:  # (private: FSDP2's placement of a tensor-parallel weight's rows; a Shard subclass in some versions)
+    from torch.distributed.tensor.placement_types import _StridedShard
+except ImportError:  # pragma: no cover
+    _StridedShard = ()
 
-__all__ = ["SketchOptions", "SKETCH", "is_sharded", "shard_mesh_dim", "shard_axis", "check_sharding", "row_range", "local_slices", "refresh_sharded_", "ShardedTerms", "sharded_penalty", "diagnostic_slices", "factor_rows", "new_target_states"]
+__all__ = ["SketchOptions", "SKETCH", "is_sharded", "shard_axis", "check_sharding", "row_range", "local_slices", "refresh_sharded_", "ShardedTerms", "sharded_penalty", "diagnostic_slices", "factor_rows", "new_target_states"]
 
 
 @dataclasses.dataclass
@@ -115,31 +119,86 @@ def is_sharded(t) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
-def _sharding(p, where: str = "q3r") -> tuple[int, int]:
-    """(mesh dim, tensor dim) of the one sharded dim of the 2-D DTensor p. Supported: Shard(0)
-    or Shard(1) on exactly one mesh dim and Replicate() on any others (FSDP2 or tensor parallel
-    on a 1-D mesh, HSDP or data-parallel replicas of a tensor-parallel group on a 2-D one)."""
-    placements = tuple(p.placements)
-    # (type, not isinstance: _StridedShard, FSDP2 + TP's split of an already sharded dim, is a Shard)
-    shard_dims = [i for i, on in enumerate(placements) if type(on) is Shard and on.dim % max(p.dim(), 1) in (0, 1)]
-    if (p.dim() != 2 or len(shard_dims) != 1
-            or any(not isinstance(on, Replicate) for i, on in enumerate(placements) if i != shard_dims[0])):
-        raise NotImplementedError(
-            f"{where}: a sharded target must be a 2-D DTensor with Shard(0) or Shard(1) on one mesh dim and "
-            f"Replicate() on any others (FSDP2 / HSDP fully_shard, ColwiseParallel / RowwiseParallel on their own), "
-            f"got placements {placements} on a {p.device_mesh.ndim}-D mesh"
-        )
-    return shard_dims[0], placements[shard_dims[0]].dim % 2
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How a 2-D DTensor target is split, as q3r handles it.
+
+    axis: 0 where rows are split (the target as it is), 1 where only columns are (handled as
+    its transpose, whose rows are split). row_dims: the mesh dims that split the handled rows,
+    the outer split first (two for FSDP2 over a ColwiseParallel weight: tensor parallel's
+    Shard(0), then FSDP2's _StridedShard(0) of each tensor-parallel chunk). col_dim: the mesh
+    dim that also splits the columns of a row-split target (FSDP2 over a RowwiseParallel
+    weight: a block of rows x columns on each rank), else None. rows / cols: this rank's
+    handled rows [start, stop) and, for a block, columns [start, stop), in torch.chunk layout
+    (FSDP2's and DTensor's) nested in the order of row_dims."""
+
+    axis: int
+    row_dims: tuple[int, ...]
+    col_dim: int | None
+    rows: tuple[int, int]
+    cols: tuple[int, int] | None
 
 
-def shard_mesh_dim(p, where: str = "q3r") -> int:
-    """The mesh dim over which the DTensor p is sharded (see _sharding for what is supported)."""
-    return _sharding(p, where)[0]
+_SUPPORTED = ("Shard(0) or Shard(1) on one mesh dim (FSDP2 / HSDP fully_shard, ColwiseParallel / RowwiseParallel), "
+              "or FSDP2 over a tensor-parallel weight (_StridedShard(0) + Shard(0), or Shard(0) + Shard(1)), "
+              "with Replicate() on any other mesh dims")
+
+
+def _layout(p, where: str = "q3r") -> _Layout:
+    """The _Layout of the DTensor p; a split q3r cannot handle raises NotImplementedError naming
+    the placements (when AdamQ3R or Q3R is built: check_sharding)."""
+    placements, mesh = tuple(p.placements), p.device_mesh
+    split = [(i, on) for i, on in enumerate(placements) if not isinstance(on, Replicate)]
+
+    def refuse(why: str = ""):
+        return NotImplementedError(f"{where}: q3r handles a sharded 2-D target with {_SUPPORTED}; got placements "
+                                   f"{placements} on a {mesh.ndim}-D mesh{why}")
+
+    # (mesh dim, 0 / 1 / "strided", placement)
+    kinds = [(i, "strided" if isinstance(on, _StridedShard) else on.dim % 2, on) for i, on in split
+             if isinstance(on, _StridedShard) or type(on) is Shard]
+    if p.dim() != 2 or len(kinds) != len(split) or not 1 <= len(split) <= 2:
+        raise refuse()
+    if len(split) == 1:
+        (dim, kind, _), = kinds
+        if kind == "strided":
+            raise refuse()
+        axis, row_dims, col_dim = kind, (dim,), None
+    elif [k for _, k, _ in kinds] == ["strided", 0]:
+        # FSDP2 (an earlier mesh dim) splits each tensor-parallel row chunk: the chunks first
+        (inner, _, strided), (outer, _, _) = kinds
+        if strided.dim % 2 != 0 or getattr(strided, "split_factor", None) != mesh.size(outer):
+            raise refuse(" (a _StridedShard(0) must split the chunks of the Shard(0) on a later mesh dim)")
+        axis, row_dims, col_dim = 0, (outer, inner), None
+    elif sorted(str(k) for _, k, _ in kinds) == ["0", "1"]:  # (either order of the mesh dims)
+        axis, row_dims, col_dim = 0, tuple(i for i, k, _ in kinds if k == 0), next(i for i, k, _ in kinds if k == 1)
+    else:
+        raise refuse()
+    local = p.to_local().shape
+    rows = _nested_chunk(p.shape[axis], [(mesh.size(d), mesh.get_local_rank(d)) for d in row_dims])
+    cols = None if col_dim is None else _nested_chunk(p.shape[1], [(mesh.size(col_dim), mesh.get_local_rank(col_dim))])
+    held = (local[axis], local[1] if cols else None)
+    if held != (rows[1] - rows[0], cols[1] - cols[0] if cols else None):
+        what = ("rows", "columns")[axis]
+        raise NotImplementedError(f"{where}: a sharded target's {what} must be split as FSDP2 and DTensor split them "
+                                  f"(torch.chunk: {what} {rows[0]}..{rows[1]} here), got {held[0]} local {what} of a "
+                                  f"{tuple(p.shape)} target (placements {placements})")
+    return _Layout(axis, row_dims, col_dim, rows, cols)
+
+
+def _nested_chunk(n: int, splits: list[tuple[int, int]]) -> tuple[int, int]:
+    """[start, stop) of range(n) after torch.chunk over each (size, index) of splits in turn."""
+    start, stop = 0, n
+    for size, me in splits:
+        chunk = -(-(stop - start) // size)
+        start, stop = min(start + me * chunk, stop), min(start + (me + 1) * chunk, stop)
+    return start, stop
 
 
 def shard_axis(p, where: str = "q3r") -> int:
-    """0 where the DTensor p's rows are sharded (Shard(0)), 1 where its columns are (Shard(1))."""
-    return _sharding(p, where)[1]
+    """0 where the DTensor p's rows are sharded (Shard(0), also with its columns), 1 where only
+    its columns are (Shard(1): handled as its transpose)."""
+    return _layout(p, where).axis
 
 
 def _oriented(t: Tensor, axis: int) -> Tensor:
@@ -163,19 +222,42 @@ def _oriented_operator(op: tuple, axis: int) -> tuple:
 
 
 def _factor_placements(p) -> tuple:
-    """The placements of the sharded factor of p (its rows: p's sharded dim): p's, with Shard(0)
-    where p has its Shard."""
+    """The placements of the sharded factor of p, in p's handled rows: split like them (p's,
+    with a Shard(1) of a transposed target as Shard(0)); replicated over the mesh dim that
+    splits a block's columns."""
+    layout = _layout(p)
+    if layout.col_dim is not None:
+        return tuple(Replicate() if i == layout.col_dim else on for i, on in enumerate(p.placements))
     return tuple(Shard(0) if type(on) is Shard else on for on in p.placements)
 
 
 def check_sharding(p, where: str) -> None:
     """Refuse, when the optimizer or regularizer is built, a DTensor target q3r cannot handle."""
     if is_sharded(p):
-        row_range(p, where)  # (its placements, then its rows: refused here, not at a later step)
+        _layout(p, where)  # (its placements, then its rows: refused here, not at a later step)
 
 
-def _group(p):
-    return p.device_mesh.get_group(shard_mesh_dim(p))
+def _groups(p) -> tuple:
+    """The process groups over which p's handled rows are split (a sum over its rows is an
+    all-reduce over each in turn)."""
+    return tuple(p.device_mesh.get_group(d) for d in _layout(p).row_dims)
+
+
+def _col_group(p):
+    """The process group over which a block target's columns are split (None: not a block)."""
+    layout = _layout(p)
+    return None if layout.col_dim is None else p.device_mesh.get_group(layout.col_dim)
+
+
+def _key(groups: tuple) -> tuple:
+    return tuple(id(g) for g in groups)
+
+
+def _all_reduce_over_(t: Tensor, groups: tuple) -> Tensor:
+    """Sum t over every rank of the groups (in place): one all-reduce per group, in turn."""
+    for group in groups:
+        comm.all_reduce_(t, group)
+    return t
 
 
 def _leads(p) -> bool:
@@ -187,18 +269,7 @@ def row_range(p, where: str = "q3r") -> tuple[int, int]:
     """Rows [start, stop) of the parameter p held by this rank, or its columns for Shard(1)
     (torch.chunk layout, FSDP2's and DTensor's; another split, a DTensor built by hand, is
     refused)."""
-    mesh, (dim, axis) = p.device_mesh, _sharding(p, where)
-    n, world, me = p.shape[axis], mesh.size(dim), mesh.get_local_rank(dim)
-    chunk = -(-n // world)
-    start = min(me * chunk, n)
-    stop = min(start + chunk, n)
-    held = p.to_local().shape[axis]
-    if held != stop - start:
-        what = ("rows", "columns")[axis]
-        raise NotImplementedError(f"{where}: a sharded target's {what} must be split as FSDP2 and DTensor split them "
-                                  f"(torch.chunk: {what} {start}..{stop} here), got {held} local {what} of a "
-                                  f"{tuple(p.shape)} target (placements {tuple(p.placements)})")
-    return start, stop
+    return _layout(p, where).rows
 
 
 def local_slices(local: Tensor, start: int, slice_dim: int, slices) -> list[tuple[Tensor, int, int]]:
@@ -246,18 +317,20 @@ def refresh_sharded_(
 
 def _refresh_sharded(params, slicings, states, configs, warned) -> None:
     _resync_replicas_(params, [cfgs[0].name.split("[")[0] for cfgs in configs])
-    by_group: dict[int, list] = {}
+    by_group: dict[tuple, list] = {}
     for p, (slice_dim, slices), sts, cfgs in zip(params, slicings, states, configs):
-        start, _ = row_range(p)
-        axis = shard_axis(p)  # (a Shard(1) target as its transpose: x, shape and s all transposed)
-        local = _oriented(p.to_local().detach(), axis)
+        layout = _layout(p)
+        axis = layout.axis  # (a Shard(1) target as its transpose: x, shape and s all transposed)
+        # a block's rows whole: gathered over the columns' group, then refreshed like row shards
+        # (every rank of that group computes the same factors)
+        local = _oriented(p.to_local().detach() if layout.col_dim is None else _whole_rows(p), axis)
         shapes = slice_shapes(_oriented(p, axis).shape, _oriented_slicing(axis, slice_dim), slices)
-        views = local_slices(local, start, _oriented_slicing(axis, slice_dim), slices)
+        views = local_slices(local, layout.rows[0], _oriented_slicing(axis, slice_dim), slices)
         for (x, lo, hi), shape, s, cfg in zip(views, shapes, sts, cfgs):
-            by_group.setdefault(id(_group(p)), []).append((p, x, lo, hi, _oriented_state(s, axis), cfg, shape))
+            by_group.setdefault(_key(_groups(p)), []).append((p, x, lo, hi, _oriented_state(s, axis), cfg, shape))
     for items in by_group.values():
-        group = _group(items[0][0])
-        reduce = lambda t: comm.all_reduce_(t, group)  # noqa: E731
+        groups = _groups(items[0][0])
+        reduce = lambda t: _all_reduce_over_(t, groups)  # noqa: E731
         # agree on which slices are finite everywhere before any factorization
         bad = reduce(torch.stack([(~torch.isfinite(item[1])).any().to(torch.float32) for item in items]))
         live = []
@@ -281,6 +354,15 @@ def _refresh_sharded(params, slicings, states, configs, warned) -> None:
             if r_env > S.shape[0] - _margin() and S.shape[0] < min(shape) and _leads(p):
                 _warn_truncated(cfg.name, r_env, S.shape[0], warned)
             _commit_(s, cfg, before, p, lo, hi, U_loc[:, :keep], S[:keep], V[:, :keep], S_host, frob2)
+
+
+def _whole_rows(p) -> Tensor:
+    """This rank's rows of the block target p with all their columns: its block gathered over
+    the columns' group (torch.chunk's uneven last chunks padded for the collective)."""
+    local, group, (c0, c1) = p.to_local().detach(), _col_group(p), _layout(p).cols
+    chunk = -(-p.shape[1] // comm.world_size(group))
+    padded = torch.nn.functional.pad(local, (0, chunk - (c1 - c0)))
+    return torch.cat(comm.all_gather(padded, group), dim=1)[:, : p.shape[1]]
 
 
 def _margin() -> int:
@@ -392,21 +474,52 @@ def _commit_(s: dict, cfg: SliceConfig, prev: tuple, p, lo: int, hi: int, U_loc:
 
 @dataclasses.dataclass
 class _LocalSlice:
-    """One slice's part on this rank: the view x of its local rows, the rows [lo, hi) of the
-    local shard it covers, its local operator (U_r, V, sigma, eps) or (U_r, V, d) cut to the m
-    triplets above eps, and, when m > 0, A and the correction M (see ShardedTerms); all of the
-    target as handled (transposed for Shard(1))."""
+    """One slice's part on this rank, all of the target as handled (transposed for Shard(1)):
+    the view x of its local block; the rows [lo, hi) and columns [clo, chi) of the local shard
+    it covers; its local operator (U_r, V_c, sigma, eps) or (U_r, V_c, d) cut to the m triplets
+    above eps (V_c: the rows of V for its local columns, all of them unless the columns are
+    split too); when m > 0, A and the correction M, and for a block also B and N (see
+    ShardedTerms)."""
 
     x: Tensor
     lo: int
     hi: int
+    clo: int
+    chi: int
     operator: tuple
-    A: Tensor | None = None  # U_r^T X_r, then (after the all-reduce) U^T X
+    A: Tensor | None = None  # U_r^T X_r(c), then (after the all-reduce over the rows) U^T X (its columns c)
     M: Tensor | None = None
+    A_own: Tensor | None = None  # a block's A_rc, kept for its M
+    B: Tensor | None = None  # a block's X_rc V_c, then (after the all-reduce over the columns) X_r V
+    C: Tensor | None = None  # a block's U^T X V (after that all-reduce)
+    N: Tensor | None = None
+
+
+def _local_blocks(local: Tensor, layout: _Layout, slice_dim: int, slices) -> list[tuple]:
+    """Per slice: (this rank's part of it, a view of ``local``; its local rows [lo, hi) and
+    columns [clo, chi); the rows [v0, v1) of the slice's V that its columns are). Like
+    local_slices, also where a block's columns are split: a column slice is then cut at the
+    shard's column boundaries as a row slice is at its row boundaries."""
+    n, r0 = local.shape[0], layout.rows[0]
+    c0, c1 = layout.cols if layout.cols is not None else (0, local.shape[1])
+    if slices is None:
+        return [(local, 0, n, 0, c1 - c0, c0, c1)]
+    out = []
+    for a, b in slices:
+        if slice_dim == 1:
+            lo_c = min(max(a, c0), c1)
+            hi_c = max(min(b, c1), lo_c)
+            out.append((local.narrow(1, lo_c - c0, hi_c - lo_c), 0, n, lo_c - c0, hi_c - c0, lo_c - a, hi_c - a))
+        else:
+            lo = min(max(a - r0, 0), n)
+            hi = max(min(b - r0, n), lo)
+            out.append((local.narrow(0, lo, hi - lo), lo, hi, 0, c1 - c0, c0, c1))
+    return out
 
 
 class ShardedTerms:
-    """R(X) on the local rows of sharded targets, with one all-reduce for all of them.
+    """R(X) on the local shards of sharded targets, with one all-reduce for all of them (two
+    where a block's columns are split too).
 
     entries: (param DTensor, slice_dim, slices, operators per slice); an operator is (U, V, d)
     or (U, V, sigma, eps), U in parameter rows (see the module docstring). For a slice X the
@@ -418,81 +531,141 @@ class ShardedTerms:
     a block, fused Triton kernels included, with A_r = U_r^T X_r -- and A = U^T X = sum over
     ranks of A_r. Only the m triplets above eps enter (they lead: sigma is sorted), so A and M
     are m x d2. Construction computes every A_r and sums them in one collective per process
-    group. Everything is evaluated at the weights as they were at construction. A Shard(1)
-    target is held transposed (module docstring): x, the operators and the views of what the
-    term is added to are its transpose's; the local operators handed to q3r.ops (add_,
-    local_work) are turned back, so those see the local shard as it is.
+    group (each group in turn where rows are split over two mesh dims). Everything is
+    evaluated at the weights as they were at construction. A Shard(1) target is held
+    transposed (module docstring): x, the operators and the views of what the term is added to
+    are its transpose's; the local operators handed to q3r.ops (add_, local_work) are turned
+    back, so those see the local shard as it is.
+
+    A block (FSDP2 over a RowwiseParallel weight: rows r and columns c split) has, with V_c the
+    rows of V for its columns, A_c = U^T X_c (the A_rc = U_r^T X_rc summed over the rows' groups),
+    B_r = X_r V and C = U^T X V (B_rc = X_rc V_c and A_c V_c summed over the columns' group, one
+    more collective):
+
+        R(X)_rc = R_rc(X_rc) + U_r M + N V_c^T,
+        M = diag(d) (A_c - A_rc) + diag(d) (C - A_rc V_c) diag(d) V_c^T,   N = (B_r - B_rc) diag(d)
     """
 
     def __init__(self, entries):
         self._targets: dict[int, tuple] = {}
-        pending: dict[int, list] = {}
+        pending: dict[tuple, list] = {}
+        block_pending: dict[int, list] = {}
         flat = [op for entry in entries for op in entry[3] if op[0].shape[-1]]
         udv = reference.operator_udv
         counts = iter(torch.stack([(udv(op)[2] != 0).sum() for op in flat]).tolist() if flat else [])  # one sync
         for p, slice_dim, slices, ops in entries:
-            start, _ = row_range(p)
-            group, axis = _group(p), shard_axis(p)
+            layout, groups, col_group = _layout(p), _groups(p), _col_group(p)
+            axis = layout.axis
             slice_dim = _oriented_slicing(axis, slice_dim)
             parts = []
-            views = local_slices(_oriented(p.to_local().detach(), axis), start, slice_dim, slices)
-            for (x, lo, hi), op in zip(views, ops):
+            blocks = _local_blocks(_oriented(p.to_local().detach(), axis), layout, slice_dim, slices)
+            for (x, lo, hi, clo, chi, v0, v1), op in zip(blocks, ops):
                 op = _oriented_operator(op, axis)
                 m = int(next(counts)) if op[0].shape[-1] else 0
                 if m == 0:  # R = I; U may be the slice-shaped start of a slice never refreshed
                     empty = x.new_zeros(x.shape[0], 0, dtype=torch.float32)
-                    parts.append(_LocalSlice(x, lo, hi, (empty, op[1][:, :0], op[2][:0], *op[3:])))
+                    parts.append(_LocalSlice(x, lo, hi, clo, chi, (empty, op[1][v0:v1, :0], op[2][:0], *op[3:])))
                     continue
-                local = (_local_U(op[0], lo, hi)[:, :m], op[1][:, :m], op[2][:m], *op[3:])
-                part = _LocalSlice(x, lo, hi, local, A=local[0].transpose(0, 1) @ x.to(torch.float32))
+                local = (_local_U(op[0], lo, hi)[:, :m], op[1][v0:v1, :m], op[2][:m], *op[3:])
+                part = _LocalSlice(x, lo, hi, clo, chi, local, A=local[0].transpose(0, 1) @ x.to(torch.float32))
                 parts.append(part)
-                pending.setdefault(id(group), [group, []])[1].append(part)
-            self._targets[id(p)] = (slice_dim, slices, start, group, parts, axis)
-        for group, parts in pending.values():
+                pending.setdefault(_key(groups), [groups, []])[1].append(part)
+                if col_group is not None:
+                    part.B = x.to(torch.float32) @ local[1]
+                    block_pending.setdefault(id(col_group), [col_group, []])[1].append(part)
+            self._targets[id(p)] = (slice_dim, slices, layout, groups, col_group, parts)
+        for groups, parts in pending.values():
             local_A = [part.A for part in parts]
-            total = comm.all_reduce_(torch.cat([a.reshape(-1) for a in local_A]), group)
+            total = _all_reduce_over_(torch.cat([a.reshape(-1) for a in local_A]), groups)
             offset = 0
             for part, A_r in zip(parts, local_A):
                 part.A = total[offset : offset + A_r.numel()].view_as(A_r)
                 offset += A_r.numel()
-                _, V, d = udv(part.operator)
-                M = d[:, None] * (part.A - A_r)
-                part.M = M + ((M @ V) * d) @ V.transpose(0, 1)
+                if part.B is None:  # (rows split only; a block's M waits for its columns' sums)
+                    _, V, d = udv(part.operator)
+                    M = d[:, None] * (part.A - A_r)
+                    part.M = M + ((M @ V) * d) @ V.transpose(0, 1)
+                else:
+                    part.A_own = A_r
+        for col_group, parts in block_pending.values():
+            self._finish_blocks(parts, col_group)
+
+    @staticmethod
+    def _finish_blocks(parts: list, col_group) -> None:
+        """B_r and C of the block slices (one all-reduce over their columns' group), then M, N."""
+        udv = reference.operator_udv
+        local = []
+        for part in parts:
+            V_c = udv(part.operator)[1]
+            local += [part.B, part.A @ V_c]
+        total = comm.all_reduce_(torch.cat([t.reshape(-1) for t in local]), col_group)
+        offset = 0
+        for i, part in enumerate(parts):
+            B_rc, A_rc = local[2 * i], part.A_own
+            part.B = total[offset : offset + B_rc.numel()].view_as(B_rc)
+            offset += B_rc.numel()
+            m = local[2 * i + 1].shape[0]
+            part.C = total[offset : offset + m * m].view(m, m)
+            offset += m * m
+            _, V_c, d = udv(part.operator)
+            C_rc = A_rc @ V_c
+            part.M = d[:, None] * (part.A - A_rc) + ((d[:, None] * (part.C - C_rc)) * d) @ V_c.transpose(0, 1)
+            part.N = (part.B - B_rc) * d
 
     def penalty_value(self) -> Tensor:
         """The sum over the slices of <X, R(X)> (the closed form of reference.penalty_value):
-        the parts on local rows (||X||^2 and the B = X V term) summed over the ranks in one
-        all-reduce per process group, the parts of the all-reduced A and C = A V added once."""
-        local: dict[int, list] = {}
+        ||X||^2 and the B = X V term summed over the ranks that hold different rows (and
+        columns) of them, one all-reduce per process group; the parts of the all-reduced A and
+        C = A V added once (a block's A_c term once per column shard, its B_r term once per row
+        shard)."""
+        buckets: dict[tuple, list] = {}
         shared = []
-        for *_, group, parts, _ in self._targets.values():
-            sums = local.setdefault(id(group), [group, []])[1]
+
+        def add(groups: tuple, value: Tensor) -> None:
+            buckets.setdefault(_key(groups), [groups, []])[1].append(value)
+
+        for *_, groups, col_group, parts in self._targets.values():
             for part in parts:
                 X = part.x.to(torch.float32)
-                sums.append(X.square().sum())
-                if part.A is not None:
-                    _, V, d = reference.operator_udv(part.operator)
-                    sums.append(((X @ V).square().sum(0) * d).sum())
+                if part.A is None:
+                    add(groups + ((col_group,) if col_group is not None else ()), X.square().sum())
+                    continue
+                _, V, d = reference.operator_udv(part.operator)
+                A_term = (part.A.square().sum(1) * d).sum()
+                if col_group is None:
+                    add(groups, X.square().sum() + ((X @ V).square().sum(0) * d).sum())
                     C = part.A @ V
-                    shared.append((d[:, None] * d[None, :] * C.square()).sum() + (part.A.square().sum(1) * d).sum())
-        total = [comm.all_reduce_(torch.stack(sums).sum(), group) for group, sums in local.values()]
+                    shared.append((d[:, None] * d[None, :] * C.square()).sum() + A_term)
+                else:
+                    add(groups + (col_group,), X.square().sum())
+                    add(groups, (part.B.square().sum(0) * d).sum())
+                    add((col_group,), A_term)
+                    shared.append((d[:, None] * d[None, :] * part.C.square()).sum())
+        total = [_all_reduce_over_(torch.stack(sums).sum(), groups) for groups, sums in buckets.values()]
         return torch.stack(total + shared).sum()
 
     def _views(self, p, t: Tensor) -> list[Tensor]:
         """The slices' views of t, a tensor laid out like p's local shard, as the target is
         handled (transposed views for Shard(1))."""
-        slice_dim, slices, start, _, _, axis = self._targets[id(p)]
-        return [view for view, _, _ in local_slices(_oriented(t, axis), start, slice_dim, slices)]
+        slice_dim, slices, layout, *_ = self._targets[id(p)]
+        return [view for view, *_ in _local_blocks(_oriented(t, layout.axis), layout, slice_dim, slices)]
+
+    @staticmethod
+    def _correct(R: Tensor, part: _LocalSlice, alpha: float = 1.0) -> None:
+        """R += alpha (U_r M + N V_c^T), in place."""
+        if part.M is not None:
+            R.addmm_(part.operator[0], part.M, alpha=alpha)
+        if part.N is not None:
+            R.addmm_(part.N, part.operator[1].transpose(0, 1), alpha=alpha)
 
     def full_terms(self, p) -> list[Tensor]:
         """R(X)_r of every slice of p in float32, whole (for weights or gradients that are not
         float32: added in one rounding, as the reference path does; split, the small
         correction would be rounded away)."""
         out = []
-        for part in self._targets[id(p)][4]:
+        for part in self._targets[id(p)][-1]:
             R = reference.apply_reweighting(part.x, *reference.operator_udv(part.operator)).to(torch.float32)
-            if part.M is not None:
-                R.addmm_(part.operator[0], part.M)
+            self._correct(R, part)
             out.append(R)
         return out
 
@@ -500,18 +673,18 @@ class ShardedTerms:
         """The ParamWork of a float32 parameter on its local shard, with the local operators of
         the slices that have local rows: the AdamQ3R step of q3r.optim.functional (fused
         kernels where they run) takes it, and :meth:`correct_` then adds the rest."""
-        slice_dim, slices, _, _, parts, axis = self._targets[id(work.param)]
-        live = [(i, part) for i, part in enumerate(parts) if part.x.numel()]
+        slice_dim, slices, layout, *_, parts = self._targets[id(work.param)]
+        live = [part for part in parts if part.x.numel()]
         if slices is not None:  # the slices' ranges in the local shard (along work.slice_dim)
-            slices = [(part.lo, part.hi) if slice_dim == 0 else slices[i] for i, part in live]
-        return _localized(work, slices=slices, operators=[_oriented_operator(part.operator, axis) for _, part in live])
+            slices = [(part.lo, part.hi) if slice_dim == 0 else (part.clo, part.chi) for part in live]
+        return _localized(work, slices=slices, operators=[_oriented_operator(part.operator, layout.axis) for part in live])
 
     def correct_(self, p, t: Tensor, alpha: float) -> None:
-        """t[slice] += alpha * U_r M for every slice of p (t: float32, laid out like p's local
-        shard): one rank-m matmul per slice, in place."""
-        for part, view in zip(self._targets[id(p)][4], self._views(p, t)):
-            if part.M is not None and view.numel():
-                view.addmm_(part.operator[0], part.M, alpha=alpha)
+        """t[slice] += alpha * (U_r M + N V_c^T) for every slice of p (t: float32, laid out like
+        p's local shard): one or two rank-m matmuls per slice, in place."""
+        for part, view in zip(self._targets[id(p)][-1], self._views(p, t)):
+            if view.numel():
+                self._correct(view, part, alpha)
 
     def add_(self, pairs, alpha: float) -> None:
         """t[slice] += alpha * R(X)_r for every slice of p, for (p, t) in pairs (t laid out like
@@ -526,8 +699,8 @@ class ShardedTerms:
                 for view, R in zip(self._views(p, t), self.full_terms(p)):
                     view.add_(R.to(view.dtype), alpha=alpha)
                 continue
-            axis = self._targets[id(p)][5]
-            for view, part in zip(self._views(p, t), self._targets[id(p)][4]):
+            axis = self._targets[id(p)][2].axis
+            for view, part in zip(self._views(p, t), self._targets[id(p)][-1]):
                 if view.numel():  # (the local shard as it is: q3r.ops sees no transposed view)
                     outs.append(_oriented(view, axis))
                     xs.append(_oriented(part.x, axis))
