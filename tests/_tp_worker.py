@@ -20,8 +20,9 @@ import _distributed_worker as base
 from _distributed_worker import DEVICE, OPTIMIZERS, batches, diagnostics_of, full_state, train
 
 
-def tp_plan(depth: int) -> dict:
-    """ColwiseParallel / RowwiseParallel for attn.qkv, attn.proj, fc1, fc2 of every block.
+def tp_plan(depth: int, plain_mlps: tuple[int, ...] = ()) -> dict:
+    """ColwiseParallel / RowwiseParallel for attn.qkv, attn.proj, fc1, fc2 of every block
+    (but fc1 / fc2 of the blocks in plain_mlps).
 
     qkv's output is gathered (Replicate) because the attention views it by heads; proj then
     takes that replicated input. fc1 keeps its output a DTensor (Shard(-1)): handed on as a
@@ -33,9 +34,9 @@ def tp_plan(depth: int) -> dict:
     plan = {}
     for i in range(depth):
         plan.update({f"blocks.{i}.attn.qkv": ColwiseParallel(output_layouts=Replicate()),
-                     f"blocks.{i}.attn.proj": RowwiseParallel(input_layouts=Replicate()),
-                     f"blocks.{i}.fc1": ColwiseParallel(use_local_output=False),
-                     f"blocks.{i}.fc2": RowwiseParallel()})
+                     f"blocks.{i}.attn.proj": RowwiseParallel(input_layouts=Replicate())})
+        if i not in plain_mlps:
+            plan.update({f"blocks.{i}.fc1": ColwiseParallel(use_local_output=False), f"blocks.{i}.fc2": RowwiseParallel()})
     return plan
 
 
@@ -65,6 +66,8 @@ def tp_worker(rank, world, port, out_path, ckpt_dir, oversample):
         train(model, opt, data, 0, 1, logs)  # (rank 0 of a world of 1: every rank the whole batch)
         results[kind] = {"weights": full_state(model), "logs": logs, "penalties": getattr(opt, "penalty_values", []),
                          "diagnostics": diagnostics_of(opt), "layout": _layout(model, opt)}
+        if kind == "adamq3r":  # (this rank's state as torch.save would keep it: DTensor factors)
+            results[kind]["state_dict"] = opt.state_dict()
     results["resume_adamq3r"] = _resume_adamq3r(mesh, f"{ckpt_dir}/adamq3r")
     results["resume_penalty"] = _resume_regularizer(mesh, f"{ckpt_dir}/penalty")
     results["refused"] = _refused_layouts(world)
@@ -238,7 +241,8 @@ def tp_replicas_worker(rank, world, port, out_path, oversample):
     results = {}
     for kind in OPTIMIZERS:
         model = base.make_model()
-        parallelize_module(model, mesh["tp"], tp_plan(len(model.blocks)))
+        # (block 1's MLP left out of the plan: replicate makes its weights (Replicate(),) DTensors)
+        parallelize_module(model, mesh["tp"], tp_plan(len(model.blocks), plain_mlps=(1,)))
         for block in model.blocks:
             replicate(block, mesh=mesh["dp"])
         replicate(model, mesh=mesh["dp"])

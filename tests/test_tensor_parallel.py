@@ -71,10 +71,13 @@ def test_tensor_parallel_matches_single_process(runs, kind):
 @pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw", "q3r_penalty"])
 def test_replicas_of_a_tensor_parallel_group_match_single_process(runs, kind):
     """A (2, WORLD) mesh: tensor parallel on the second dim, replicas (torch's replicate) on the
-    first, each on half the global batch: placements (Replicate(), Shard(0 or 1))."""
+    first, each on half the global batch: placements (Replicate(), Shard(0 or 1)), and
+    (Replicate(),) for block 1's MLP, left out of the plan (each rank refreshes it whole)."""
     placements = runs["replicas"]["placements"]
     assert placements[FC2] == placements[PROJ] == "(Replicate(), Shard(dim=1))"
     assert placements[QKV] == "(Replicate(), Shard(dim=0))"
+    # a target left out of the plan: replicated on every mesh dim (refused before, "sharded")
+    assert placements["blocks.1.fc1.weight"] == placements["blocks.1.fc2.weight"] == "(Replicate(),)"
     assert _max_rel_diff(runs["replicas"][kind]["weights"], runs["single"][kind]) < 2e-5
     if kind == "q3r_penalty":
         got, ref = runs["replicas"][kind]["penalties"], runs["single_extras"][kind]["penalties"]
@@ -267,6 +270,17 @@ def test_factor_layout_of_row_sharded_targets_is_fsdp2s(runs, kind):
         assert U["type"] == "DTensor" and U["placements"] == entry["W_placements"]
         assert U["shape"][0] == 3 * worker.WIDTH and U["local_shape"][0] == entry["W_local_shape"][0]
         assert V["type"] == "Tensor" and V["shape"] == (worker.WIDTH, U["shape"][1]) and V["same_on_every_rank"]
+
+
+def test_one_ranks_state_is_refused_by_an_unsharded_run(runs):
+    """A rank's opt.state_dict() (torch.save'd: its factors DTensors holding that rank's shard)
+    loaded into an unsharded model of the same shapes: refused before anything changes (it was
+    accepted by shape and failed at the next step, mixing DTensor and Tensor)."""
+    model = worker.make_model()
+    opt = worker.make_adamq3r(model)
+    with pytest.raises(ValueError, match=r"is a DTensor \(placements \(Shard\(dim=0\),\)\), as a sharded run saves it"):
+        opt.load_state_dict(runs["tp"]["adamq3r"]["state_dict"])
+    assert not opt.state  # nothing loaded
 
 
 def test_checkpoint_resumes_identically(runs):

@@ -141,7 +141,7 @@ class _Layout:
 
 _SUPPORTED = ("Shard(0) or Shard(1) on one mesh dim (FSDP2 / HSDP fully_shard, ColwiseParallel / RowwiseParallel), "
               "or FSDP2 over a tensor-parallel weight (_StridedShard(0) + Shard(0), or Shard(0) + Shard(1)), "
-              "with Replicate() on any other mesh dims")
+              "with Replicate() on any other mesh dims (or on all of them)")
 
 
 def _layout(p, where: str = "q3r") -> _Layout:
@@ -157,9 +157,11 @@ def _layout(p, where: str = "q3r") -> _Layout:
     # (mesh dim, 0 / 1 / "strided", placement)
     kinds = [(i, "strided" if isinstance(on, _StridedShard) else on.dim % 2, on) for i, on in split
              if isinstance(on, _StridedShard) or type(on) is Shard]
-    if p.dim() != 2 or len(kinds) != len(split) or not 1 <= len(split) <= 2:
+    if p.dim() != 2 or len(kinds) != len(split) or len(split) > 2:
         raise refuse()
-    if len(split) == 1:
+    if not split:  # replicated on every mesh dim (torch's FSDP2-based replicate): whole on every rank
+        axis, row_dims, col_dim = 0, (), None
+    elif len(split) == 1:
         (dim, kind, _), = kinds
         if kind == "strided":
             raise refuse()
@@ -751,21 +753,37 @@ def new_target_states(p, slice_dim: int, slices) -> list[dict]:
 def factor_rows(p, s: dict, d1: int, d2: int) -> tuple[int, int]:
     """The rows a loaded slice state s of a d1 x d2 slice of p must give its factors (U, V):
     the slice's, except for the factor sharded like p, which has the parameter's rows (U of a
-    Shard(0) target) or columns (V of a Shard(1) one), see the module docstring. A sharded p
-    whose factor is plain and non-empty (a checkpoint of an unsharded run) is refused: its rows
-    would be misread."""
+    Shard(0) target) or columns (V of a Shard(1) one), see the module docstring. Refused (a
+    ValueError): a sharded p whose factor is plain and non-empty (a checkpoint of an unsharded
+    run: its rows would be misread), and a DTensor factor placed otherwise than this p keeps it
+    (a state saved by a run sharded otherwise, or one rank's sharded state loaded unsharded:
+    accepted by shape, it failed at the next step)."""
     rows = {"U": d1, "V": d2}
+    key = None
     if is_sharded(p):
         axis = shard_axis(p)
         key = ("U", "V")[axis]
         if is_sharded(s[key]):
             rows[key] = p.shape[axis]
+            if tuple(s[key].placements) != _factor_placements(p):
+                raise ValueError(
+                    f"the factor {key} of a sharded {tuple(p.shape)} parameter (placements {tuple(p.placements)}) "
+                    f"is placed {tuple(s[key].placements)}, where this run keeps it {_factor_placements(p)}: a state "
+                    "saved by a run sharded otherwise; save and load sharded runs with torch.distributed.checkpoint "
+                    "(docs/distributed.md)")
         elif s[key].shape[-1] > 0:
             raise ValueError(
                 f"the factor {key} {tuple(s[key].shape)} of a sharded {tuple(p.shape)} parameter (placements "
                 f"{tuple(p.placements)}) was saved unsharded; save and load sharded runs with "
                 "torch.distributed.checkpoint (docs/distributed.md)"
             )
+    for other in ("U", "V"):
+        if other != key and is_sharded(s[other]):
+            where = "an unsharded" if key is None else f"a sharded {tuple(p.placements)}"
+            raise ValueError(
+                f"the factor {other} {tuple(s[other].shape)} is a DTensor (placements {tuple(s[other].placements)}), "
+                f"as a sharded run saves it, but {where} {tuple(p.shape)} parameter keeps {other} a plain tensor: "
+                "a state saved by a run sharded otherwise (one rank's shards, if saved with torch.save)")
     return rows["U"], rows["V"]
 
 
