@@ -68,6 +68,15 @@ def tp_worker(rank, world, port, out_path, ckpt_dir, oversample):
                          "diagnostics": diagnostics_of(opt), "layout": _layout(model, opt)}
         if kind == "adamq3r":  # (this rank's state as torch.save would keep it: DTensor factors)
             results[kind]["state_dict"] = opt.state_dict()
+    # the default (narrow) sketch: the Shard(1) targets' range finder on transposed views
+    from q3r.distributed.sharded import SketchOptions
+
+    q3r.distributed.configure(oversample=SketchOptions().oversample)
+    model = tp_model(mesh)
+    opt = base.make_adamq3r(model)
+    train(model, opt, data, 0, 1)
+    results["narrow_sketch"] = {"weights": full_state(model), "widths": _layout(model, opt)}
+    q3r.distributed.configure(oversample=oversample)
     results["resume_adamq3r"] = _resume_adamq3r(mesh, f"{ckpt_dir}/adamq3r")
     results["resume_penalty"] = _resume_regularizer(mesh, f"{ckpt_dir}/penalty")
     results["refused"] = _refused_layouts(world)

@@ -180,6 +180,16 @@ def test_fsdp2_over_tensor_parallel_with_the_fused_kernels_matches_single_proces
     assert _max_rel_diff(res["weights"], runs["single"][kind]) < 2e-5
 
 
+def test_the_default_narrow_sketch_stays_close_to_the_exact_single_process_run(runs):
+    """With the default oversampling the sketches of these targets are narrower than the
+    matrices (randomized, warm-started range finding, on transposed views for the Shard(1)
+    targets): close to the exact single-process run, though not to rounding."""
+    res = runs["tp"]["narrow_sketch"]
+    widths = [s["V"]["shape"][1] for s in res["widths"][FC2]["slices"]]
+    assert all(k < min(worker.WIDTH, b - a) for k, (a, b) in zip(widths, [(0, 40), (40, worker.HIDDEN)]))
+    assert _max_rel_diff(res["weights"], runs["single"]["adamq3r"]) < 1e-4
+
+
 def test_penalty_value_matches_single_process(runs):
     """Q3R.penalty() on every rank is the whole model's value (summed over the Shard(0) row
     shards and the Shard(1) column shards)."""
