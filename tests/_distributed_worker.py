@@ -501,20 +501,26 @@ def _refused_layouts(mesh) -> dict[str, str]:
         return DTensor.from_local(torch.randn(rows, 6), mesh, [Replicate(), Shard(0)], run_check=False,
                                   shape=torch.Size((8, 6)), stride=(6, 1))
 
-    out = {}
     # (Replicate + Shard(1), tensor parallel's RowwiseParallel with replicas, and Shard(0) + Shard(1), FSDP2 over
     # it, are handled: tests/test_tensor_parallel.py)
-    for label, make in (("shard_cols_twice", lambda: distribute_tensor(torch.randn(8, 6), mesh, [Shard(1), Shard(1)])),
-                        ("shard_twice", lambda: distribute_tensor(torch.randn(8, 6), mesh, [Shard(0), Shard(0)])),
-                        ("uneven_rows", uneven)):
+    return refusals({"shard_cols_twice": lambda: distribute_tensor(torch.randn(8, 6), mesh, [Shard(1), Shard(1)]),
+                     "shard_twice": lambda: distribute_tensor(torch.randn(8, 6), mesh, [Shard(0), Shard(0)]),
+                     "uneven_rows": uneven})
+
+
+def refusals(makes: dict) -> dict[str, str]:
+    """For each label -> make() of a weight: "<error type>: <message>" (or "no error") of
+    building AdamQ3R, and a Q3R, with it as a target (keys "AdamQ3R <label>", "Q3R <label>")."""
+    out = {}
+    for label, make in makes.items():
         w = nn.Parameter(make())
         for who, build in (("AdamQ3R", lambda: q3r.AdamQ3R([{"params": [w], "q3r": True, "target_rank": 2}])),
                            ("Q3R", lambda: q3r.Q3R([q3r.Target("w", w, target_rank=2)]))):
             try:
                 build()
                 out[f"{who} {label}"] = "no error"
-            except NotImplementedError as err:
-                out[f"{who} {label}"] = str(err)
+            except Exception as err:  # (any error is reported to the test, which checks its type)
+                out[f"{who} {label}"] = f"{type(err).__name__}: {err}"
     return out
 
 
@@ -549,15 +555,24 @@ def hsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, saved_ckpt, r
 def fsdp_kernels_worker(rank, world, port, out_path, oversample):
     """FSDP2 training with the Triton kernels forced (on CPU tensors: under TRITON_INTERPRET=1,
     which the test environment sets), with what the fused plans took."""
-    from q3r import ops
-
     _init(rank, world, port)
     os.environ["Q3R_BACKEND"] = "triton"
     q3r.distributed.configure(oversample=oversample)
+    results = forced_kernel_runs(_fsdp_model, rank, world)
+    if rank == 0:
+        torch.save(results, out_path)
+    dist.destroy_process_group()
+
+
+def forced_kernel_runs(build, rank, world) -> dict:
+    """Each optimizer kind trained on build() (with Q3R_BACKEND=triton set by the caller): the
+    final weights and what the fused plans took."""
+    from q3r import ops
+
     results = {}
     for kind in OPTIMIZERS:
         ops._PLANS.clear()
-        model = _fsdp_model()
+        model = build()
         opt = OPTIMIZERS[kind](model)
         train(model, opt, batches(), rank, world)
         plans = {key[0]: entry for key, entry in ops._PLANS.items()}  # the last of each kind
@@ -567,9 +582,7 @@ def fsdp_kernels_worker(rank, world, port, out_path, oversample):
             "q3r_regions": 0 if adam is None else sum(j is not None for _, j, _ in adam.region_map),
             "rejected": None if adam is None else len(adam.rejected),
         }
-    if rank == 0:
-        torch.save(results, out_path)
-    dist.destroy_process_group()
+    return results
 
 
 def sharded_refresh_worker(rank, world, port, cases_path, out_path, ckpt_dir, mesh_shape=None):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 import q3r
 import _distributed_worker as base
@@ -221,17 +220,7 @@ def _refused_layouts(world) -> dict[str, str]:
              "(_StridedShard(0), Shard(0))": strided_other_factor}
     if world == 2:
         makes["uneven_columns"] = uneven_columns
-    out = {}
-    for label, make in makes.items():
-        w = nn.Parameter(make())
-        for who, build in (("AdamQ3R", lambda: q3r.AdamQ3R([{"params": [w], "q3r": True, "target_rank": 2}])),
-                           ("Q3R", lambda: q3r.Q3R([q3r.Target("w", w, target_rank=2)]))):
-            try:
-                build()
-                out[f"{who} {label}"] = "no error"
-            except Exception as err:  # (any other error is reported to the test, which fails on it)
-                out[f"{who} {label}"] = f"{type(err).__name__}: {err}"
-    return out
+    return base.refusals(makes)
 
 
 def tp_replicas_worker(rank, world, port, out_path, oversample):
@@ -274,25 +263,11 @@ def tp_kernels_worker(rank, world, port, out_path, oversample):
 
     from torch.distributed.device_mesh import init_device_mesh
 
-    from q3r import ops
-
     base._init(rank, world, port)
     os.environ["Q3R_BACKEND"] = "triton"
     q3r.distributed.configure(oversample=oversample)
     mesh = init_device_mesh(DEVICE, (world,))
-    results = {}
-    for kind in OPTIMIZERS:
-        ops._PLANS.clear()
-        model = tp_model(mesh)
-        opt = OPTIMIZERS[kind](model)
-        train(model, opt, batches(), 0, 1)
-        plans = {key[0]: entry for key, entry in ops._PLANS.items()}  # the last of each kind
-        adam = plans.get("adam")
-        results[kind] = {
-            "weights": full_state(model), "plans": sorted(plans),
-            "q3r_regions": 0 if adam is None else sum(j is not None for _, j, _ in adam.region_map),
-            "rejected": None if adam is None else len(adam.rejected),
-        }
+    results = base.forced_kernel_runs(lambda: tp_model(mesh), 0, 1)  # (every rank the whole batch)
     if rank == 0:
         torch.save(results, out_path)
     dist.destroy_process_group()
