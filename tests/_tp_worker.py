@@ -39,11 +39,11 @@ def tp_plan(depth: int, plain_mlps: tuple[int, ...] = ()) -> dict:
     return plan
 
 
-def tp_model(mesh):
+def tp_model(mesh, dtype=torch.float32):
     """The test model (same initialization as base.make_model) with tp_plan on ``mesh``."""
     from torch.distributed.tensor.parallel import parallelize_module
 
-    model = base.make_model()
+    model = base.make_model().to(dtype)
     return parallelize_module(model, mesh, tp_plan(len(model.blocks)))
 
 
@@ -76,12 +76,31 @@ def tp_worker(rank, world, port, out_path, ckpt_dir, oversample):
     train(model, opt, data, 0, 1)
     results["narrow_sketch"] = {"weights": full_state(model), "widths": _layout(model, opt)}
     q3r.distributed.configure(oversample=oversample)
+    # bfloat16 weights: the sharded step's float32 update and one rounding
+    results["bf16"] = steps_in_bf16(tp_model(mesh, torch.bfloat16), lmbda=0.05)
     results["resume_adamq3r"] = _resume_adamq3r(mesh, f"{ckpt_dir}/adamq3r")
     results["resume_penalty"] = _resume_regularizer(mesh, f"{ckpt_dir}/penalty")
     results["refused"] = _refused_layouts(world)
     if rank == 0:
         torch.save(results, out_path)
     dist.destroy_process_group()
+
+
+def steps_in_bf16(model, lmbda: float, steps: int = 3) -> dict[str, torch.Tensor]:
+    """``steps`` AdamQ3R steps of the bfloat16 model on fixed random gradients (the same whole
+    tensors on every rank, placed like each parameter: no forward pass whose rounding would
+    differ between a sharded and an unsharded model): the full weights after."""
+    from torch.distributed.tensor import distribute_tensor
+
+    groups = q3r.param_groups(model, base.make_targets(model), lmbda=lmbda, steps=base.PERIOD, refresh="exact")
+    opt = q3r.AdamQ3R(groups, lr=3e-3)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        for p in model.parameters():
+            g = (1e-2 * torch.randn(p.shape, generator=gen)).to(torch.bfloat16)
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements) if hasattr(p, "placements") else g
+        opt.step()
+    return full_state(model)
 
 
 def _forward_diff(mesh) -> float:

@@ -837,12 +837,18 @@ def sharded_adamq3r_step_(works) -> None:
     for w in q3r_works:
         if w.param.dtype == torch.float32:
             continue
-        # bf16 / fp16: the whole term at the weights before the step, then one rounding
+        # bf16 / fp16: the whole term at the weights before the step, the update of a float32
+        # copy and one rounding, as adamq3r_reference_ does (rounded after Adam and again after
+        # the term, a term below half an ulp of W was lost: most of it at typical lr * 2 lambda)
         todo = terms.full_terms(w.param)
         local = _localized(w, operators=[])
-        adam_update_(local)
-        for view, R in zip(terms._views(w.param, local.param), todo):
+        low = local.param.dtype in (torch.bfloat16, torch.float16)
+        target = local.param.float() if low else local.param
+        adam_update_(local, target)
+        for view, R in zip(terms._views(w.param, target), todo):
             view.sub_(R.to(view.dtype), alpha=w.lr * 2.0 * w.lmbda)
+        if low:
+            local.param.copy_(target)
 
 
 def sharded_add_grad_(entries, grads) -> None:
