@@ -137,6 +137,8 @@ class _Layout:
     col_dim: int | None
     rows: tuple[int, int]
     cols: tuple[int, int] | None
+    row_groups: tuple  # the process groups of row_dims: a sum over the rows is an all-reduce over each in turn
+    col_group: object  # the process group of col_dim, or None
 
 
 _SUPPORTED = ("Shard(0) or Shard(1) on one mesh dim (FSDP2 / HSDP fully_shard, ColwiseParallel / RowwiseParallel), "
@@ -185,7 +187,8 @@ def _layout(p, where: str = "q3r") -> _Layout:
         raise NotImplementedError(f"{where}: a sharded target's {what} must be split as FSDP2 and DTensor split them "
                                   f"(torch.chunk: {what} {rows[0]}..{rows[1]} here), got {held[0]} local {what} of a "
                                   f"{tuple(p.shape)} target (placements {placements})")
-    return _Layout(axis, row_dims, col_dim, rows, cols)
+    return _Layout(axis, row_dims, col_dim, rows, cols, tuple(mesh.get_group(d) for d in row_dims),
+                   None if col_dim is None else mesh.get_group(col_dim))
 
 
 def _nested_chunk(n: int, splits: list[tuple[int, int]]) -> tuple[int, int]:
@@ -237,18 +240,6 @@ def check_sharding(p, where: str) -> None:
     """Refuse, when the optimizer or regularizer is built, a DTensor target q3r cannot handle."""
     if is_sharded(p):
         _layout(p, where)  # (its placements, then its rows: refused here, not at a later step)
-
-
-def _groups(p) -> tuple:
-    """The process groups over which p's handled rows are split (a sum over its rows is an
-    all-reduce over each in turn)."""
-    return tuple(p.device_mesh.get_group(d) for d in _layout(p).row_dims)
-
-
-def _col_group(p):
-    """The process group over which a block target's columns are split (None: not a block)."""
-    layout = _layout(p)
-    return None if layout.col_dim is None else p.device_mesh.get_group(layout.col_dim)
 
 
 def _key(groups: tuple) -> tuple:
@@ -329,9 +320,9 @@ def _refresh_sharded(params, slicings, states, configs, warned) -> None:
         shapes = slice_shapes(_oriented(p, axis).shape, _oriented_slicing(axis, slice_dim), slices)
         views = local_slices(local, layout.rows[0], _oriented_slicing(axis, slice_dim), slices)
         for (x, lo, hi), shape, s, cfg in zip(views, shapes, sts, cfgs):
-            by_group.setdefault(_key(_groups(p)), []).append((p, x, lo, hi, _oriented_state(s, axis), cfg, shape))
+            by_group.setdefault(_key(layout.row_groups), []).append((p, x, lo, hi, _oriented_state(s, axis), cfg, shape))
     for items in by_group.values():
-        groups = _groups(items[0][0])
+        groups = _layout(items[0][0]).row_groups
         reduce = lambda t: _all_reduce_over_(t, groups)  # noqa: E731
         # agree on which slices are finite everywhere before any factorization
         bad = reduce(torch.stack([(~torch.isfinite(item[1])).any().to(torch.float32) for item in items]))
@@ -361,7 +352,8 @@ def _refresh_sharded(params, slicings, states, configs, warned) -> None:
 def _whole_rows(p) -> Tensor:
     """This rank's rows of the block target p with all their columns: its block gathered over
     the columns' group (torch.chunk's uneven last chunks padded for the collective)."""
-    local, group, (c0, c1) = p.to_local().detach(), _col_group(p), _layout(p).cols
+    layout = _layout(p)
+    local, group, (c0, c1) = p.to_local().detach(), layout.col_group, layout.cols
     chunk = -(-p.shape[1] // comm.world_size(group))
     padded = torch.nn.functional.pad(local, (0, chunk - (c1 - c0)))
     return torch.cat(comm.all_gather(padded, group), dim=1)[:, : p.shape[1]]
@@ -556,7 +548,8 @@ class ShardedTerms:
         udv = reference.operator_udv
         counts = iter(torch.stack([(udv(op)[2] != 0).sum() for op in flat]).tolist() if flat else [])  # one sync
         for p, slice_dim, slices, ops in entries:
-            layout, groups, col_group = _layout(p), _groups(p), _col_group(p)
+            layout = _layout(p)
+            groups, col_group = layout.row_groups, layout.col_group
             axis = layout.axis
             slice_dim = _oriented_slicing(axis, slice_dim)
             parts = []
