@@ -738,6 +738,38 @@ def test_a_zero_initialized_target_is_reported_once_as_inert_under_min(refresh, 
     assert len(_inert_warnings(low_rank, 1, "min", refresh, mode)) == 1
 
 
+def test_the_inert_warnings_advice_gives_a_zero_initialized_target_a_term():
+    """The warning (and the README) advise `track` or `constant` for a zero-initialized target:
+    with either, eps is well above 0 from the second refresh on. `geometric` with an eps_floor,
+    which they advised before, climbs from eps_0 ~ 1e-38 to the floor over num_refreshes
+    refreshes: 3.2e-7 at the 10th of 10 with a floor of 1e-3, so the term stays about 0."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Linear(10, 12, bias=False))
+    model[1].weight.data.zero_()
+    (message,) = _inert_warnings(model, 1, "min", "exact", "adamq3r")
+    assert "eps_schedule='track'" in message and "'constant' with an eps_value" in message
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 12, generator=gen), torch.randn(16, 12, generator=gen)
+    options = {"track": {}, "constant": {"eps_value": 1e-3},
+               "geometric": {"eps_floor": 1e-3, "num_refreshes": 10}}
+    eps = {}
+    for schedule, extra in options.items():
+        model[1].weight.data.zero_()
+        targets = q3r.find_targets(model, ["1"], target_rank=3)
+        opt = q3r.AdamQ3R(q3r.param_groups(model, targets, lmbda=0.1, steps=1, eps_schedule=schedule, **extra), lr=1e-2)
+        history = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(10):  # refreshes 1..10
+                opt.zero_grad()
+                (model(x) - y).square().mean().backward()
+                opt.step()
+                history.append(opt.diagnostics()["1.weight/eps"])
+        eps[schedule] = history
+    assert min(eps["track"][1:]) > 1e-4 and min(eps["constant"]) == pytest.approx(1e-3)
+    assert max(eps["geometric"]) < 1e-6 and eps["geometric"][-1] == pytest.approx(3.2e-7, rel=0.05)
+
+
 @pytest.mark.parametrize("method", ["exact", "randomized"])
 def test_a_weight_that_stays_of_rank_r_is_reported_at_its_first_refresh_only(method):
     """Later refreshes of a weight already at eps ~ 0 say nothing more (a weight trained down to

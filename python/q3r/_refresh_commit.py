@@ -200,7 +200,8 @@ def warn_inert(names: list[str], stacklevel: int) -> None:
                       f"refresh, {shown}: zero-initialized weights, or weights of rank <= r. Under "
                       "eps_schedule='min' eps never rises again, so their Q3R term stays about 0 for the rest of "
                       "training. Start them from nonzero weights, or give them eps_schedule='track' (eps = "
-                      "sigma_{r+1} at every refresh) or 'geometric' with an eps_floor", UserWarning,
+                      "sigma_{r+1} at every refresh) or 'constant' with an eps_value ('geometric' climbs from "
+                      "about 0 to its eps_floor only over num_refreshes refreshes)", UserWarning,
                       stacklevel=stacklevel)
 
 
