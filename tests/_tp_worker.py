@@ -404,6 +404,53 @@ def fsdp_tp_model(mesh):
     return model
 
 
+def _block_refresh_checks(mesh, data, dp) -> dict:
+    """AdamQ3R on the 2-D layout with the range finder's input perturbed on tp rank 1 only
+    (noise of 1e-3 of its largest entry: as if that rank's reductions had rounded otherwise).
+    Per rank: which block targets it refreshed (its rows gathered to it), and whether every
+    block slice's factors (U's local rows, V, sigma, eps) are bitwise the same on the tp ranks
+    of each row shard. Every rank must take part (collectives): call it on all of them."""
+    from q3r.distributed import block_refresh, sharded
+
+    model = fsdp_tp_model(mesh)
+    opt = base.make_adamq3r(model)
+    names = {id(p): name for name, p in model.named_parameters()}
+    tp, owned = mesh.get_local_rank("tp"), set()
+    gather_rows, enveloping_svd = block_refresh.gather_rows, sharded.enveloping_svd
+
+    def gathered(p, layout, owner):
+        rows = gather_rows(p, layout, owner)
+        if rows is not None:
+            owned.add(names[id(p)])
+        return rows
+
+    def perturbed(xs, *args):
+        if tp == 1:
+            gen = torch.Generator().manual_seed(len(xs))
+            xs = [x + 1e-3 * x.abs().max() * torch.randn(x.shape, generator=gen).to(x) if x.numel() else x for x in xs]
+        return enveloping_svd(xs, *args)
+
+    block_refresh.gather_rows, sharded.enveloping_svd = gathered, perturbed
+    try:
+        train(model, opt, data, dp, 2)
+    finally:
+        block_refresh.gather_rows, sharded.enveloping_svd = gather_rows, enveloping_svd
+    fingerprints = []  # one float64 row per block slice: a disagreement in any bit shows (almost surely)
+    for name in sorted(n for n, p in model.named_parameters() if n.endswith(("proj.weight", "fc2.weight"))):
+        for s in _slice_states(opt, model, name):
+            parts = [s["U"].to_local(), s["V"], s["sigma"], s["eps"]]
+            fingerprints.append(torch.tensor([float(t.numel()) for t in parts] + [
+                float((t.double().reshape(-1) * torch.linspace(1, 2, t.numel(), dtype=torch.float64)).sum())
+                for t in parts], dtype=torch.float64))
+    mine = torch.stack(fingerprints)
+    tp_group = mesh["tp"].get_group()
+    agree = all(torch.equal(other, mine) for other in q3r.distributed.comm.all_gather(mine, tp_group))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {"dp": dp, "tp": tp, "owned": sorted(owned), "agree": agree,
+                                      "refreshes": base.refresh_count(opt)})
+    return {"ranks": everyone, "slices": mine.shape[0]}
+
+
 def fsdp_tp_worker(rank, world, port, out_path, ckpt_dir, oversample):
     """On a (2, world // 2) ("dp", "tp") mesh: training with each optimizer kind (each dp rank
     its half of the global batch), the factor layout and diagnostics, a DCP save / resume of
@@ -446,6 +493,7 @@ def fsdp_tp_worker(rank, world, port, out_path, ckpt_dir, oversample):
     train(model, opt, data[3:], dp, 2)
     resume["resumed"] = full_state(model)
     results["resume"] = resume
+    results["block_refresh"] = _block_refresh_checks(mesh, data, dp)
     os.environ["Q3R_BACKEND"] = "triton"
     for kind in ("adamq3r", "q3r_adamw"):
         ops._PLANS.clear()

@@ -153,7 +153,7 @@ def test_fsdp2_over_tensor_parallel_matches_single_process(runs, kind):
 @pytest.mark.parametrize("kind", ["adamq3r", "q3r_adamw"])
 def test_fsdp2_over_tensor_parallel_factor_layout(runs, kind):
     """U of a block target (fc2) in the parameter's rows, split like them over dp and
-    replicated over tp (every tp rank of a row shard refreshes the same gathered rows); U of a
+    replicated over tp (one tp rank of a row shard refreshes it and broadcasts); U of a
     row target split over both dims (qkv) placed like the weight; V plain."""
     layout = runs["fsdp_tp"][kind]["layout"]
     for s in layout[FC2]["slices"]:
@@ -163,6 +163,30 @@ def test_fsdp2_over_tensor_parallel_factor_layout(runs, kind):
     for s in layout[QKV]["slices"]:
         assert s["U"]["placements"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
         assert s["U"]["local_shape"][0] == layout[QKV]["W_local_shape"][0]
+
+
+def test_each_block_target_is_refreshed_by_one_tensor_parallel_rank(runs):
+    """The tp ranks of a row shard divide the block targets (proj, fc2) between them, by size:
+    each refreshes one proj and one fc2, not all four (q3r.distributed.block_refresh)."""
+    ranks = runs["fsdp_tp"]["block_refresh"]["ranks"]
+    blocks = {f"blocks.{b}.{n}.weight" for b in range(2) for n in ("attn.proj", "fc2")}
+    for dp in range(2):
+        shares = [set(r["owned"]) for r in ranks if r["dp"] == dp]
+        assert len(shares) == WORLD and set().union(*shares) == blocks
+        assert sum(len(share) for share in shares) == len(blocks)  # (disjoint)
+        for share in shares:
+            assert sorted(name.split(".")[-2] for name in share) == ["fc2", "proj"]
+
+
+def test_block_factors_agree_bitwise_even_where_ranks_would_compute_otherwise(runs):
+    """Each block target's factors come from its owner: the tp ranks of a row shard hold the
+    same bits even when their range finders disagree (tp rank 1's input perturbed). Had each
+    computed its own, a different count of triplets above eps would make the per-step
+    all-reduce over the columns differ in size between them (gloo aborts, NCCL may hang)."""
+    res = runs["fsdp_tp"]["block_refresh"]
+    assert res["slices"] == 6  # (proj whole, fc2 in two column slices, in 2 blocks)
+    for r in res["ranks"]:
+        assert r["refreshes"] > 0 and r["agree"], r
 
 
 def test_fsdp2_over_tensor_parallel_checkpoint_resumes_identically(runs):

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["CommLog", "counting", "world_size", "rank", "all_reduce_", "all_gather", "broadcast_"]
+__all__ = ["CommLog", "counting", "world_size", "rank", "all_reduce_", "all_gather", "gather", "broadcast_"]
 
 
 @dataclass
@@ -83,6 +83,18 @@ def all_gather(t: Tensor, group=None) -> list[Tensor]:
     _record("all_gather", t)
     out = [torch.empty_like(t) for _ in range(n)]
     dist.all_gather(out, t.contiguous(), group=group)
+    return out
+
+
+def gather(t: Tensor, dst: int, group=None) -> list[Tensor] | None:
+    """Every rank's t (all the same shape), in rank order, on rank dst of group; None on the
+    other ranks."""
+    n = world_size(group)
+    if n == 1:
+        return [t]
+    _record("gather", t)
+    out = [torch.empty_like(t) for _ in range(n)] if rank(group) == dst else None
+    dist.gather(t.contiguous(), out, dst=dist.get_global_rank(group, dst) if group is not None else dst, group=group)
     return out
 
 

@@ -60,7 +60,7 @@ from .._precision import no_autocast, refresh_precision
 from .._refresh_commit import inert_under_min, warn_inert
 from ..refresh import SliceConfig, _warn_nonfinite, new_slice_state, warn_once
 from ..targets import slice_shapes, slice_views
-from . import comm
+from . import block_refresh, comm
 from .rangefinder import cold_sketch_width, enveloping_svd, sketch_width
 
 try:  # DTensor is public since torch 2.4; keep `import q3r` working without it
@@ -232,7 +232,7 @@ def _factor_placements(p) -> tuple:
     splits a block's columns."""
     layout = _layout(p)
     if layout.col_dim is not None:
-        return tuple(Replicate() if i == layout.col_dim else on for i, on in enumerate(p.placements))
+        return block_refresh.factor_placements(p, layout)
     return tuple(Shard(0) if type(on) is Shard else on for on in p.placements)
 
 
@@ -253,9 +253,11 @@ def _all_reduce_over_(t: Tensor, groups: tuple) -> Tensor:
     return t
 
 
-def _leads(p) -> bool:
-    """True on the one rank of p's mesh that speaks for all (coordinate 0 on every mesh dim)."""
-    return all(c == 0 for c in p.device_mesh.get_coordinate())
+def _leads(p, col_owner: int | None = None) -> bool:
+    """True on the one rank of p's mesh that speaks for all: coordinate 0 on every mesh dim,
+    but col_owner on a block target's columns dim where that rank refreshed it."""
+    col_dim = None if col_owner is None else _layout(p).col_dim
+    return all(c == (col_owner if i == col_dim else 0) for i, c in enumerate(p.device_mesh.get_coordinate()))
 
 
 def row_range(p, where: str = "q3r") -> tuple[int, int]:
@@ -310,18 +312,29 @@ def refresh_sharded_(
 
 def _refresh_sharded(params, slicings, states, configs, warned) -> None:
     _resync_replicas_(params, [cfgs[0].name.split("[")[0] for cfgs in configs])
+    layouts = [_layout(p) for p in params]
+    owners = block_refresh.owners(params, layouts)  # (a block target is refreshed by one rank of its columns)
     by_group: dict[tuple, list] = {}
-    for p, (slice_dim, slices), sts, cfgs in zip(params, slicings, states, configs):
-        layout = _layout(p)
+    blocks = []
+    for p, layout, owner, (slice_dim, slices), sts, cfgs in zip(params, layouts, owners, slicings, states, configs):
         axis = layout.axis  # (a Shard(1) target as its transpose: x, shape and s all transposed)
-        # a block's rows whole: gathered over the columns' group, then refreshed like row shards
-        # (every rank of that group computes the same factors)
-        local = _oriented(p.to_local().detach() if layout.col_dim is None else _whole_rows(p), axis)
         shapes = slice_shapes(_oriented(p, axis).shape, _oriented_slicing(axis, slice_dim), slices)
-        views = local_slices(local, layout.rows[0], _oriented_slicing(axis, slice_dim), slices)
+        if owner is None:
+            local = p.to_local().detach()
+        else:  # a block's rows whole, on its owner only (block_refresh)
+            blocks.append((p, layout, sts, shapes, owner))
+            local = block_refresh.gather_rows(p, layout, owner)
+            if local is None:
+                continue
+        views = local_slices(_oriented(local, axis), layout.rows[0], _oriented_slicing(axis, slice_dim), slices)
         for (x, lo, hi), shape, s, cfg in zip(views, shapes, sts, cfgs):
-            by_group.setdefault(_key(layout.row_groups), []).append((p, x, lo, hi, _oriented_state(s, axis), cfg, shape))
-    for items in by_group.values():
+            # (blocks after the rest: their row groups' members share a column coordinate, and
+            # with it which blocks they own, which the other ranks' groups need not)
+            key = (owner is not None, _key(layout.row_groups))
+            by_group.setdefault(key, []).append((p, x, lo, hi, _oriented_state(s, axis), cfg, shape, owner))
+    refreshed: set[int] = set()
+    for key in sorted(by_group, key=lambda key: key[0]):  # (stable)
+        items = by_group[key]
         groups = _layout(items[0][0]).row_groups
         reduce = lambda t: _all_reduce_over_(t, groups)  # noqa: E731
         # agree on which slices are finite everywhere before any factorization
@@ -329,7 +342,7 @@ def _refresh_sharded(params, slicings, states, configs, warned) -> None:
         live = []
         for item, flag in zip(items, bad.tolist()):
             if flag > 0:
-                if _leads(item[0]):  # one warning, not one per rank
+                if _leads(item[0], item[7]):  # one warning, not one per rank
                     _warn_nonfinite(item[5].name, warned)
             else:
                 live.append(item)
@@ -342,21 +355,13 @@ def _refresh_sharded(params, slicings, states, configs, warned) -> None:
             SKETCH.power_iters, SKETCH.cold_power_iters, SKETCH.oversample, SKETCH.max_widenings,
             [r_env for *_, r_env in prev], SKETCH.max_envelope_growth, [eps for eps, *_ in prev], SKETCH.max_lag,
             SKETCH.flat_tolerance, [item[5].rank for item in live], SKETCH.max_residual)
-        for (p, x, lo, hi, s, cfg, shape), before, (U_loc, S, V, _, r_env, S_host, frob2) in zip(live, prev, results):
+        for (p, x, lo, hi, s, cfg, shape, owner), before, (U_loc, S, V, _, r_env, S_host, frob2) in zip(live, prev, results):
             keep = _kept_width(cfg.rank, shape, r_env, S.shape[0])
-            if r_env > S.shape[0] - _margin() and S.shape[0] < min(shape) and _leads(p):
+            if r_env > S.shape[0] - _margin() and S.shape[0] < min(shape) and _leads(p, owner):
                 _warn_truncated(cfg.name, r_env, S.shape[0], warned)
-            _commit_(s, cfg, before, p, lo, hi, U_loc[:, :keep], S[:keep], V[:, :keep], S_host, frob2)
-
-
-def _whole_rows(p) -> Tensor:
-    """This rank's rows of the block target p with all their columns: its block gathered over
-    the columns' group (torch.chunk's uneven last chunks padded for the collective)."""
-    layout = _layout(p)
-    local, group, (c0, c1) = p.to_local().detach(), layout.col_group, layout.cols
-    chunk = -(-p.shape[1] // comm.world_size(group))
-    padded = torch.nn.functional.pad(local, (0, chunk - (c1 - c0)))
-    return torch.cat(comm.all_gather(padded, group), dim=1)[:, : p.shape[1]]
+            _commit_(s, cfg, before, p, lo, hi, U_loc[:, :keep], S[:keep], V[:, :keep], S_host, frob2, owner)
+            refreshed.add(id(s))
+    block_refresh.share_(blocks, refreshed)
 
 
 def _margin() -> int:
@@ -439,13 +444,13 @@ def _resync_replicas_(params: list, names: list[str]) -> None:
 
 
 def _commit_(s: dict, cfg: SliceConfig, prev: tuple, p, lo: int, hi: int, U_loc: Tensor, S: Tensor, V: Tensor,
-             S_host: Tensor, frob2: float) -> None:
+             S_host: Tensor, frob2: float, owner: int | None = None) -> None:
     """Schedule eps and store the triplets (the ones at or below eps get d = 0); the scalars
     come from S_host, all Ritz values of the sketch on the host (sigma_{r+1} among them even
     where fewer are kept), and prev (see _previous)."""
     sigma_next = float(S_host[cfg.rank]) if cfg.rank < S_host.shape[0] else 0.0
     eps, eps0, _ = _envelope(prev, cfg, S_host)
-    if _leads(p) and inert_under_min(cfg, prev[2], float(S_host[0]) if S_host.numel() else 0.0, sigma_next):
+    if _leads(p, owner) and inert_under_min(cfg, prev[2], float(S_host[0]) if S_host.numel() else 0.0, sigma_next):
         warn_inert([cfg.name], stacklevel=5)
     head = float(S_host[: cfg.rank].double().square().sum())
     k = S.shape[0]
