@@ -81,6 +81,9 @@ def tp_worker(rank, world, port, out_path, ckpt_dir, oversample):
     results["resume_adamq3r"] = _resume_adamq3r(mesh, f"{ckpt_dir}/adamq3r")
     results["resume_penalty"] = _resume_regularizer(mesh, f"{ckpt_dir}/penalty")
     results["refused"] = _refused_layouts(world)
+    # the same dim split on both mesh dims of a (1, world) mesh (the size-1 split: nothing), and a
+    # block whose rows' mesh dim has size 1 (a column split only)
+    results["nested"] = nested_shard_runs(init_device_mesh(DEVICE, (1, world)), [(0, 0), (1, 1), (0, 1)])
     if rank == 0:
         torch.save(results, out_path)
     dist.destroy_process_group()
@@ -101,6 +104,28 @@ def steps_in_bf16(model, lmbda: float, steps: int = 3) -> dict[str, torch.Tensor
             p.grad = distribute_tensor(g, p.device_mesh, p.placements) if hasattr(p, "placements") else g
         opt.step()
     return full_state(model)
+
+
+def nested_shard_runs(mesh, cases: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """AdamQ3R (lmbda 0.05, period 2, target rank 5, sketches as wide as the matrix) on one
+    37 x 29 weight placed on the 2-D mesh as (Shard(a), Shard(b)) for each (a, b) of cases, on
+    fixed random gradients placed like it: its full value after 5 steps, keyed by the
+    placements; under "one process", the same run of the plain tensor."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    out = {}
+    for placements in [None, *([Shard(a), Shard(b)] for a, b in cases)]:
+        gen = torch.Generator().manual_seed(11)
+        place = (lambda t: t.to(DEVICE)) if placements is None else (lambda t: distribute_tensor(t, mesh, placements))  # noqa: E731
+        w = torch.nn.Parameter(place(torch.randn(37, 29, generator=gen)))
+        opt = q3r.AdamQ3R([{"params": [w], "q3r": True, "target_rank": 5, "lmbda": 0.05, "steps": 2,
+                            "refresh": "exact"}], lr=3e-2)
+        for _ in range(5):
+            w.grad = place(torch.randn(37, 29, generator=gen))
+            opt.step()
+        full = w.full_tensor() if placements is not None else w
+        out["one process" if placements is None else repr(tuple(placements))] = full.detach().cpu().clone()
+    return out
 
 
 def _forward_diff(mesh) -> float:
@@ -216,7 +241,7 @@ def _refused_layouts(world) -> dict[str, str]:
     mesh dims (a (1, world) mesh: the placements are what counts), and a Shard(1) weight whose
     columns are not split as torch.chunk splits them."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard
 
     mesh2 = init_device_mesh(DEVICE, (1, world), mesh_dim_names=("a", "b"))
     mesh1 = init_device_mesh(DEVICE, (world,))
@@ -233,10 +258,9 @@ def _refused_layouts(world) -> dict[str, str]:
         return DTensor.from_local(torch.randn(8 // world, 10), mesh2, [_StridedShard(0, split_factor=3), Shard(0)],
                                   run_check=False, shape=torch.Size((8, 10)), stride=(10, 1))
 
-    # ((Shard(0), Shard(1)) and (Shard(1), Shard(0)) are blocks, handled: test_fsdp2_over_tensor_parallel_*)
-    makes = {"(Shard(0), Shard(0))": lambda: distribute_tensor(torch.randn(8, 10), mesh2, [Shard(0), Shard(0)]),
-             "(Shard(1), Shard(1))": lambda: distribute_tensor(torch.randn(8, 10), mesh2, [Shard(1), Shard(1)]),
-             "(_StridedShard(0), Shard(0))": strided_other_factor}
+    # ((Shard(0), Shard(1)) and (Shard(1), Shard(0)) are blocks, handled: test_fsdp2_over_tensor_parallel_*;
+    # the same Shard on two mesh dims is handled too: nested_shard_runs)
+    makes = {"(_StridedShard(0), Shard(0))": strided_other_factor}
     if world == 2:
         makes["uneven_columns"] = uneven_columns
     return base.refusals(makes)
@@ -494,6 +518,14 @@ def fsdp_tp_worker(rank, world, port, out_path, ckpt_dir, oversample):
     resume["resumed"] = full_state(model)
     results["resume"] = resume
     results["block_refresh"] = _block_refresh_checks(mesh, data, dp)
+    results["nested"] = nested_shard_runs(mesh, [(0, 0), (1, 1)])
+    # FSDP2 over a tensor-parallel dim of size 1: torch places qkv / fc1 (Shard(0), Shard(0))
+    thin = init_device_mesh(DEVICE, (world, 1), mesh_dim_names=("dp", "tp"))
+    model = fsdp_tp_model(thin)
+    opt = base.make_adamq3r(model)
+    train(model, opt, data, thin.get_local_rank("dp"), world)
+    results["tp_of_one"] = {"placements": _placements(model), "weights": full_state(model),
+                            "layout": _layout(model, opt)}
     os.environ["Q3R_BACKEND"] = "triton"
     for kind in ("adamq3r", "q3r_adamw"):
         ops._PLANS.clear()

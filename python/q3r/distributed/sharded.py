@@ -142,15 +142,19 @@ class _Layout:
 
 
 _SUPPORTED = ("Shard(0) or Shard(1) on one mesh dim (FSDP2 / HSDP fully_shard, ColwiseParallel / RowwiseParallel), "
-              "or FSDP2 over a tensor-parallel weight (_StridedShard(0) + Shard(0), or Shard(0) + Shard(1)), "
-              "with Replicate() on any other mesh dims (or on all of them)")
+              "or on two (FSDP2 over a tensor-parallel weight: _StridedShard(0) + Shard(0), Shard(0) + Shard(1); "
+              "or the same Shard twice), with Replicate() (or a Shard on a mesh dim of size 1) on any other mesh "
+              "dims (or on all of them)")
 
 
 def _layout(p, where: str = "q3r") -> _Layout:
     """The _Layout of the DTensor p; a split q3r cannot handle raises NotImplementedError naming
     the placements (when AdamQ3R or Q3R is built: check_sharding)."""
     placements, mesh = tuple(p.placements), p.device_mesh
-    split = [(i, on) for i, on in enumerate(placements) if not isinstance(on, Replicate)]
+    # (a Shard on a mesh dim of size 1 splits nothing: as Replicate, e.g. FSDP2 over a tensor-
+    # parallel dim of size 1, where torch places a ColwiseParallel weight (Shard(0), Shard(0)))
+    split = [(i, on) for i, on in enumerate(placements)
+             if not isinstance(on, Replicate) and not (type(on) is Shard and mesh.size(i) == 1)]
 
     def refuse(why: str = ""):
         return NotImplementedError(f"{where}: q3r handles a sharded 2-D target with {_SUPPORTED}; got placements "
@@ -176,6 +180,9 @@ def _layout(p, where: str = "q3r") -> _Layout:
         axis, row_dims, col_dim = 0, (outer, inner), None
     elif sorted(str(k) for _, k, _ in kinds) == ["0", "1"]:  # (either order of the mesh dims)
         axis, row_dims, col_dim = 0, tuple(i for i, k, _ in kinds if k == 0), next(i for i, k, _ in kinds if k == 1)
+    elif kinds[0][1] == kinds[1][1] != "strided":
+        # the same dim split on two mesh dims: DTensor splits each chunk of the first again
+        axis, row_dims, col_dim = kinds[0][1], (kinds[0][0], kinds[1][0]), None
     else:
         raise refuse()
     local = p.to_local().shape
