@@ -40,9 +40,18 @@ def test_a_qkv_laid_out_per_head_is_left_whole_with_a_warning():
     # thirds would mix Q, K and V of different heads (a review found half the "q" slice was not Q)
     model = TinyViT(dim=24)
     model.blocks[0].attn.key_dim = 4
-    with pytest.warns(UserWarning, match="laid out per head"):
+    with pytest.warns(UserWarning, match="laid out per head") as caught:
         (t,) = q3r.find_targets(model, ["blocks.0.attn.qkv"])
     assert t.slices is None
+    # one warning naming the module, at the caller's line
+    (w,) = [w for w in caught if "per head" in str(w.message)]
+    assert str(w.message).startswith("blocks.0.attn.qkv (") and w.filename == __file__
+    for block in model.blocks:
+        block.attn.key_dim = 4
+    with pytest.warns(UserWarning, match="laid out per head") as caught:
+        targets = q3r.find_targets(model, ["attn.qkv"])
+    assert all(t.slices is None for t in targets) and len(targets) == len(model.blocks)
+    assert len([w for w in caught if "per head" in str(w.message)]) == 1
     (t,) = q3r.find_targets(model, ["blocks.0.attn.qkv"], slices={"qkv": (0, [(0, 24), (24, 48)])})
     assert t.slices == [(0, 24), (24, 48)]  # (the user's layout, no warning needed)
 

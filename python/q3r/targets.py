@@ -194,12 +194,13 @@ def uncompiled(model: nn.Module):
                 parent._modules[name] = wrapper
 
 
-def _auto_fused(parent: nn.Module | None, child_name: str, module: nn.Module):
+def _auto_fused(parent: nn.Module | None, child_name: str, module: nn.Module, name: str, per_head: list[str]):
     """(slice_dim, slices, labels) for fused QKV weights we recognize, else None.
 
     timm Attention: ``qkv`` Linear of an attention block (it has ``num_heads``), weight (3d, d):
     row slices. Hugging Face GPT-2: ``c_attn`` Conv1D (weight (d, 3d), ``nf`` attribute):
-    column slices.
+    column slices. A qkv laid out per head (its block has ``key_dim``) is left whole: its
+    module name goes into per_head, for one warning naming them all (find_targets).
     """
     weight = getattr(module, "weight", None)
     if weight is None or weight.dim() != 2:
@@ -209,9 +210,7 @@ def _auto_fused(parent: nn.Module | None, child_name: str, module: nn.Module):
             # timm's TinyViT, EfficientFormer (and kin) lay qkv's rows out per head, [q_h k_h v_h]
             # for each head h (view(B, N, heads, -1).split(...)): thirds of the rows would mix
             # Q, K and V of different heads (half of the "q" slice of tiny_vit_5m_224 was K and V)
-            warnings.warn(f"{type(parent).__name__}.{child_name} has key_dim, as attention blocks whose qkv rows "
-                          "are laid out per head do: left whole, not cut into Q, K, V thirds; pass "
-                          "slices={...} to find_targets for the layout it has", stacklevel=3)
+            per_head.append(f"{name} ({type(parent).__name__}.{child_name})")
             return None
         third = weight.shape[0] // 3
         return 0, [(0, third), (third, 2 * third), (2 * third, 3 * third)], ["q", "k", "v"]
@@ -272,7 +271,7 @@ def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, s
         unmatched = [p for p in patterns if not any(_matches(p, name) for name in parents if name)]
         if unmatched:
             raise ValueError(f"{option} patterns {unmatched!r} match no module of the model")
-    targets, used = [], set()
+    targets, used, per_head = [], set(), []
     for name, module in modules:
         if not name or not any(_matches(p, name) for p in include) or any(_matches(p, name) for p in exclude):
             continue
@@ -301,7 +300,7 @@ def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, s
         labels: list[str] = []
         if spec is not None:
             slice_dim, cuts = spec
-        elif fused == "auto" and (auto := _auto_fused(parents.get(parent_name), child, module)) is not None:
+        elif fused == "auto" and (auto := _auto_fused(parents.get(parent_name), child, module, name, per_head)) is not None:
             slice_dim, cuts, labels = auto
         else:
             slice_dim, cuts = 0, None
@@ -312,6 +311,11 @@ def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, s
         targets.append(Target(pname, weight, slice_dim, cuts, rank, labels))
     if not targets:
         raise ValueError(f"include patterns {include!r} matched no module with a 2-D weight")
+    if per_head:
+        shown = ", ".join(per_head[:4]) + (f" and {len(per_head) - 4} more" if len(per_head) > 4 else "")
+        warnings.warn(f"{shown}: their attention blocks have key_dim, as blocks whose qkv rows are laid out per head "
+                      "do: left whole, not cut into Q, K, V thirds; pass slices={...} to find_targets for the "
+                      "layout they have", stacklevel=3)
     chosen = [t.name[: -len(".weight")] for t in targets]
     for option, patterns in (("rank_overrides", rank_overrides), ("slices", slices)):
         idle = [p for p in patterns if not any(_matches(p, name) for name in chosen)]
