@@ -6,7 +6,8 @@ import torch
 
 from q3r import ops
 from q3r.diagnostics import slice_diagnostics
-from q3r.refresh import SliceConfig, new_slice_state, refresh_slices_
+from q3r.reference import penalty_value
+from q3r.refresh import SliceConfig, new_slice_state, operator_of, refresh_slices_
 
 
 def _factors(gen):
@@ -55,6 +56,18 @@ def test_the_diagnostics_penalty_scales_with_lambda():
     refresh_slices_([W], [state], [SliceConfig("t", 3)])
     half, whole = slice_diagnostics(W, state, 3, 0.5)["penalty"], slice_diagnostics(W, state, 3, 1.0)["penalty"]
     assert whole > 0 and abs(half - whole / 2) <= 1e-6 * whole
+
+
+def test_the_diagnostics_penalty_is_never_below_zero():
+    """<W, R(W)> = sum min(sigma_i, eps)^2 (SPEC fact 5): about 0 for a rank-3 W with eps 1e-20.
+    Its closed form cancels ||W||^2 (about 1e7 here) and lands a few ulp below 0 for this
+    seed; diagnostics report 0, not a negative penalty (h38 saw -6e-06)."""
+    gen = torch.Generator().manual_seed(0)
+    W = (torch.randn(40, 3, generator=gen) @ torch.randn(3, 30, generator=gen)) * 100
+    state = new_slice_state(40, 30)
+    refresh_slices_([W], [state], [SliceConfig("t", 5, schedule="constant", eps_value=1e-20)])
+    assert float(penalty_value(W, *operator_of(state))) < 0  # (the premise: the closed form's rounding)
+    assert slice_diagnostics(W, state, 5, 1.0)["penalty"] == 0.0
 
 
 def test_factors_on_another_device_are_refused_by_name():

@@ -42,5 +42,7 @@ def slice_diagnostics(W: Tensor, state: dict[str, Tensor], rank: int, lmbda: flo
         "sigma_next": float(sv[rank]) if sv.numel() > rank else 0.0,
         "effective_rank": float(entropy.exp()) if total > 0 else 0.0,  # (a zero matrix has rank 0, not exp(0))
         "tail_energy": 0.0 if total == 0 else float(energy[rank:].sum()) / total,
-        "penalty": float(lmbda * reference.penalty_value(W32, U, V, d)),
+        # (<W, R(W)> >= 0, R being positive definite; its closed form cancels where eps is tiny
+        # and lands a few ulp of ||W||^2 below 0: -6e-06 was reported, h38)
+        "penalty": max(float(lmbda * reference.penalty_value(W32, U, V, d)), 0.0),
     }
