@@ -494,17 +494,22 @@ def _replica_drift(mesh_shape, rank, world) -> dict[str, bool]:
 
 def _refused_layouts(mesh) -> dict[str, str]:
     """Layouts q3r does not handle must be refused when the optimizer / regularizer is built."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     def uneven():  # Shard(0) rows split 5 / 3 over the shard dim, where FSDP2 (torch.chunk) gives 4 / 4
         rows = 5 if mesh.get_local_rank(1) == 0 else 3
         return DTensor.from_local(torch.randn(rows, 6), mesh, [Replicate(), Shard(0)], run_check=False,
                                   shape=torch.Size((8, 6)), stride=(6, 1))
 
-    # (Replicate + Shard(1), tensor parallel's RowwiseParallel with replicas, and Shard(0) + Shard(1), FSDP2 over
-    # it, are handled: tests/test_tensor_parallel.py)
-    return refusals({"shard_cols_twice": lambda: distribute_tensor(torch.randn(8, 6), mesh, [Shard(1), Shard(1)]),
-                     "shard_twice": lambda: distribute_tensor(torch.randn(8, 6), mesh, [Shard(0), Shard(0)]),
+    def strided(placements):  # FSDP2's _StridedShard, but not of a later mesh dim's row chunks
+        return lambda: DTensor.from_local(torch.randn(4, 3), mesh, placements, run_check=False,
+                                          shape=torch.Size((8, 6)), stride=(6, 1))
+
+    # (Replicate + Shard(1), tensor parallel's RowwiseParallel with replicas, Shard(0) + Shard(1), FSDP2 over
+    # it, and the same Shard twice are handled: tests/test_tensor_parallel.py)
+    return refusals({"strided_columns": strided([_StridedShard(1, split_factor=2), Shard(1)]),
+                     "strided_later": strided([Shard(0), _StridedShard(0, split_factor=2)]),
                      "uneven_rows": uneven})
 
 

@@ -232,8 +232,8 @@ def test_hsdp_refuses_layouts_it_cannot_handle_when_built(runs):
     refused = runs["hsdp"]["refused"]
     assert len(refused) == 6
     for who, message in refused.items():
-        assert "placements" in message and ("(Shard(dim=1), Shard(dim=1))" in message
-                                            or "(Shard(dim=0), Shard(dim=0))" in message
+        assert "placements" in message and ("(_StridedShard(dim=1, sf=2), Shard(dim=1))" in message
+                                            or "(Shard(dim=0), _StridedShard(dim=0, sf=2))" in message
                                             or "must be split as FSDP2 and DTensor split them" in message), who
         assert message.startswith("NotImplementedError: " + ("AdamQ3R param group 0" if who.startswith("AdamQ3R")
                                                              else "Q3R target w")), who

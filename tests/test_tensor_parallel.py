@@ -44,7 +44,7 @@ def runs(tmp_path_factory):
     single = {kind: worker.single_process(kind, extras[kind]) for kind in worker.OPTIMIZERS}
     load = lambda path: torch.load(path, weights_only=False)  # noqa: E731  (our own file)
     return {"tp": load(tmp / "tp.pt"), "replicas": load(tmp / "replicas.pt"), "fsdp_tp": load(tmp / "fsdp_tp.pt"),
-            "single": single, "single_extras": extras}
+            "single": single, "single_extras": extras, "fsdp_tp_ckpt": str(tmp / "fsdp_tp_ckpt")}
 
 
 def _max_rel_diff(got: dict, ref: dict) -> float:
@@ -187,6 +187,25 @@ def test_block_factors_agree_bitwise_even_where_ranks_would_compute_otherwise(ru
     assert res["slices"] == 6  # (proj whole, fc2 in two column slices, in 2 blocks)
     for r in res["ranks"]:
         assert r["refreshes"] > 0 and r["agree"], r
+
+
+def test_a_checkpoint_of_another_layout_is_refused_by_q3r_naming_the_factor(runs):
+    """The 2 x 2 run's DCP checkpoint loaded in one process: qkv's row slices keep U in the
+    parameter's 96 rows there, in the slice's 32 here. FactorLoadPlanner refuses it with a q3r
+    message naming the factor, not DCP's size mismatch (which it was before)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = worker.make_model()
+    opt = worker.make_adamq3r(model)
+    worker.train(model, opt, worker.batches()[:1])
+    msd, osd = get_state_dict(model, opt)
+    with pytest.raises(BaseException) as err:  # (DCP's CheckpointException is a BaseException)
+        dcp.load({"model": msd, "optim": osd}, checkpoint_id=runs["fsdp_tp_ckpt"],
+                 planner=q3r.distributed.FactorLoadPlanner())
+    message = str(err.value)
+    assert "q3r: the checkpoint's Q3R factor optim.state.blocks.0.attn.qkv.weight.q3r.0.U is (96, " in message
+    assert "saved with another layout" in message
 
 
 def test_fsdp2_over_tensor_parallel_checkpoint_resumes_identically(runs):

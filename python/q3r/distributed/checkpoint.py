@@ -27,8 +27,10 @@ class FactorLoadPlanner(DefaultLoadPlanner):
     and tail of every slice state: AdamQ3R's under a "q3r" key, a Q3R regularizer's under
     "targets") are replaced by zero tensors of the width the checkpoint saved them with before
     anything is read (in the dict passed to ``dcp.load``, which then holds the loaded
-    factors). Only the last dimension may differ: any other size mismatch is left to DCP,
-    which refuses it::
+    factors). Only the last dimension may differ: a factor whose other sizes differ was saved
+    with another layout of its target (which factor of a sliced target is kept in the
+    parameter's rows or columns depends on how the target is sharded) and is refused with a
+    ValueError naming it (DCP gathers it into its CheckpointException)::
 
         dcp.load(sd, checkpoint_id=path, planner=q3r.distributed.FactorLoadPlanner())
     """
@@ -37,8 +39,18 @@ class FactorLoadPlanner(DefaultLoadPlanner):
         if metadata is not None:
             for path, container, key, tensor in _q3r_tensors(state_dict):
                 saved = metadata.state_dict_metadata.get(".".join(map(str, path)))
-                if isinstance(saved, TensorStorageMetadata) and _only_width_differs(saved.size, tensor.shape):
+                if not isinstance(saved, TensorStorageMetadata):
+                    continue
+                if _only_width_differs(saved.size, tensor.shape):
                     container[key] = _zeros_like_with_width(tensor, saved.size[-1])
+                elif tuple(saved.size) != tuple(tensor.shape):
+                    raise ValueError(
+                        f"q3r: the checkpoint's Q3R factor {'.'.join(map(str, path))} is {tuple(saved.size)}, this run's "
+                        f"is {tuple(tensor.shape)}: it was saved with another layout of its target. A sliced target "
+                        "keeps U or V in its parameter's rows or columns, sharded or not, as its sharding (FSDP2, "
+                        "tensor parallel, FSDP2 over tensor parallel, one process) requires, so its factors do not "
+                        "load across layouts; resume on the layout the checkpoint was saved with (whole-weight "
+                        "targets' factors load on any)")
         super().set_up_planner(state_dict, metadata, is_coordinator)
 
 
