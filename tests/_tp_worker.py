@@ -128,6 +128,32 @@ def nested_shard_runs(mesh, cases: list[tuple[int, int]]) -> dict[str, torch.Ten
     return out
 
 
+def uneven_block_runs(mesh) -> dict[str, torch.Tensor]:
+    """AdamQ3R (lmbda 0.05, period 2, target rank 3, sketches as wide as the matrix) on a 12 x 16
+    and a 13 x 16 weight (in that order; the second cut into column slices (0, 5), (5, 16), the
+    first crossing the columns' shard boundary) placed (Shard(0), Shard(1)) on the 2-D mesh, on
+    fixed random gradients: their full values after 5 steps; under "one process" the same run of
+    the plain tensors. 13 rows split 7 / 6: by its local rows the 13 x 16 block is the larger
+    on dp rank 0 and ties with the 12 x 16 one on dp rank 1."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    shapes, out = [(12, 16), (13, 16)], {}
+    for placements in (None, [Shard(0), Shard(1)]):
+        gen = torch.Generator().manual_seed(13)
+        place = (lambda t: t.to(DEVICE)) if placements is None else (lambda t: distribute_tensor(t, mesh, placements))  # noqa: E731
+        ws = [torch.nn.Parameter(place(torch.randn(*shape, generator=gen))) for shape in shapes]
+        opt = q3r.AdamQ3R([{"params": [ws[0]], "q3r": True},
+                           {"params": [ws[1]], "q3r": True, "slice_dim": 1, "slices": [(0, 5), (5, 16)]}],
+                          lr=3e-2, target_rank=3, lmbda=0.05, steps=2, refresh="exact")
+        for _ in range(5):
+            for w, shape in zip(ws, shapes):
+                w.grad = place(torch.randn(*shape, generator=gen))
+            opt.step()
+        key = "one process" if placements is None else repr(tuple(placements))
+        out[key] = [(w.full_tensor() if placements is not None else w).detach().cpu().clone() for w in ws]
+    return out
+
+
 def _forward_diff(mesh) -> float:
     """Largest difference of the logits of the parallelized model from the plain one's."""
     tokens = batches(1)[0][:, :-1].to(DEVICE)
@@ -519,6 +545,7 @@ def fsdp_tp_worker(rank, world, port, out_path, ckpt_dir, oversample):
     results["resume"] = resume
     results["block_refresh"] = _block_refresh_checks(mesh, data, dp)
     results["nested"] = nested_shard_runs(mesh, [(0, 0), (1, 1)])
+    results["uneven_blocks"] = uneven_block_runs(mesh)
     # FSDP2 over a tensor-parallel dim of size 1: torch places qkv / fc1 (Shard(0), Shard(0))
     thin = init_device_mesh(DEVICE, (world, 1), mesh_dim_names=("dp", "tp"))
     model = fsdp_tp_model(thin)

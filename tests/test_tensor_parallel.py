@@ -405,6 +405,21 @@ def test_the_same_dim_split_on_two_mesh_dims_matches_single_process(runs, where)
         assert float((w - ref).abs().max() / ref.abs().max()) < 2e-5, placements
 
 
+def test_block_targets_whose_rows_split_unevenly_match_single_process(runs):
+    """Two block targets (Shard(0), Shard(1)), 12 x 16 and 13 x 16 (column slices, one crossing
+    the columns' shard boundary) on the 2 x 2 mesh: 13 rows split 7 / 6, so by its local rows
+    the second is the larger block on dp rank 0 and ties with the first on dp rank 1. The
+    owners of the block refreshes must be the same on both dp ranks (the members of a row group
+    run the range finder together): dealt out by local rows they were not, and the run aborted
+    (gloo: a collective of another size) or hung. AdamQ3R on fixed gradients: one process's
+    weights (relative 2e-5)."""
+    runs_ = dict(runs["fsdp_tp"]["uneven_blocks"])
+    ref = runs_.pop("one process")
+    (placements, got), = runs_.items()
+    for w, r in zip(got, ref):
+        assert float((w - r).abs().max() / r.abs().max()) < 2e-5, placements
+
+
 def test_fsdp2_over_a_tensor_parallel_dim_of_size_one_matches_single_process(runs):
     """A (4, 1) (dp, tp) mesh: torch places qkv / fc1 (Shard(0), Shard(0)) and proj / fc2
     (Shard(0), Shard(1)), the tp splits being of one; q3r handles them as FSDP2's row shards

@@ -39,16 +39,20 @@ _SCALARS = ("eps", "eps0", "sigma_next", "tail_energy")
 
 def owners(params: list, layouts: list) -> list[int | None]:
     """Per target (a DTensor and its _Layout): the rank of its column group that refreshes it,
-    None for a target that is not a block. Largest first to the least loaded rank, per column
-    group."""
+    None for a target that is not a block. Largest first (by global size: the same choice in
+    every column group) to the least loaded rank, per column group."""
     out: list[int | None] = [None] * len(layouts)
     by_group: dict[int, list[int]] = {}
     for i, layout in enumerate(layouts):
         if layout.col_dim is not None:
             by_group.setdefault(id(layout.col_group), []).append(i)
     for members in by_group.values():
-        # the gathered rows a refresh factors: rows x all columns
-        size = {i: (layouts[i].rows[1] - layouts[i].rows[0]) * params[i].shape[1] for i in members}
+        # by the whole target's size, not this rank's rows of it: the owners of a block must be
+        # the same in every column group (the members of a row group run the range finder
+        # together, so must own the same blocks), and torch.chunk gives the row shards of a
+        # target whose rows do not divide evenly different sizes (even none), which could
+        # order the targets differently from one row shard to the next
+        size = {i: params[i].shape[0] * params[i].shape[1] for i in members}
         load = [0] * comm.world_size(layouts[members[0]].col_group)
         for i in sorted(members, key=lambda i: -size[i]):  # (stable: ties keep their order)
             owner = min(range(len(load)), key=lambda o: (load[o], o))
