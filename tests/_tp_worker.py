@@ -154,6 +154,48 @@ def uneven_block_runs(mesh) -> dict[str, torch.Tensor]:
     return out
 
 
+def nonfinite_block_run(mesh) -> dict:
+    """AdamQ3R on a 12 x 16 (row slices (0, 3), (3, 12)) and a 13 x 16 (column slices (0, 5),
+    (5, 16)) weight placed (Shard(0), Shard(1)) on the 2 x 2 mesh; before the refresh of step 2
+    rank 1 (dp 0, tp 1) writes a NaN into its first local entry of the first and an inf into its
+    last local entry of the second: row 0, column 8 (row slice 0) and row 6, column 15 (column
+    slice 1). Per rank: the non-finite warnings it gave, and each slice's refresh count and a
+    fingerprint of its factors after that step (the same on the tp ranks of a row shard?).
+    Every rank must take part (collectives)."""
+    import warnings
+
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    shapes, placements = [(12, 16), (13, 16)], [Shard(0), Shard(1)]
+    gen = torch.Generator().manual_seed(17)
+    ws = [torch.nn.Parameter(distribute_tensor(torch.randn(*shape, generator=gen), mesh, placements))
+          for shape in shapes]
+    opt = q3r.AdamQ3R([{"params": [ws[0]], "q3r": True, "slices": [(0, 3), (3, 12)], "names": ["w0.a", "w0.b"]},
+                       {"params": [ws[1]], "q3r": True, "slice_dim": 1, "slices": [(0, 5), (5, 16)], "names": ["w1.a", "w1.b"]}],
+                      lr=3e-2, target_rank=2, lmbda=0.05, steps=2, refresh="exact")
+    warned = []
+    for step in range(3):
+        for w, shape in zip(ws, shapes):
+            w.grad = distribute_tensor(torch.randn(*shape, generator=gen), mesh, placements)
+        if step == 2 and dist.get_rank() == 1:
+            with torch.no_grad():
+                ws[0].to_local()[0, 0] = float("nan")
+                ws[1].to_local()[-1, -1] = float("inf")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        warned += [str(w.message) for w in caught if "finite" in str(w.message)]
+    states = [s for w in ws for s in opt.state[w]["q3r"]]
+    fingerprint = torch.tensor([float((t.double().reshape(-1) * torch.linspace(1, 2, t.numel(), dtype=torch.float64)).sum())
+                                for s in states for t in (s["U"].to_local(), s["V"], s["sigma"], s["eps"])],
+                               dtype=torch.float64)
+    same = all(torch.equal(f, fingerprint) for f in q3r.distributed.comm.all_gather(fingerprint, mesh["tp"].get_group()))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {"warned": warned, "refreshes": [int(s["refreshes"]) for s in states],
+                                      "same_on_tp": same})
+    return everyone
+
+
 def _forward_diff(mesh) -> float:
     """Largest difference of the logits of the parallelized model from the plain one's."""
     tokens = batches(1)[0][:, :-1].to(DEVICE)
@@ -545,6 +587,7 @@ def fsdp_tp_worker(rank, world, port, out_path, ckpt_dir, oversample):
     results["resume"] = resume
     results["block_refresh"] = _block_refresh_checks(mesh, data, dp)
     results["nested"] = nested_shard_runs(mesh, [(0, 0), (1, 1)])
+    results["nonfinite_blocks"] = nonfinite_block_run(mesh)
     results["uneven_blocks"] = uneven_block_runs(mesh)
     # FSDP2 over a tensor-parallel dim of size 1: torch places qkv / fc1 (Shard(0), Shard(0))
     thin = init_device_mesh(DEVICE, (world, 1), mesh_dim_names=("dp", "tp"))

@@ -420,6 +420,18 @@ def test_block_targets_whose_rows_split_unevenly_match_single_process(runs):
         assert float((w - r).abs().max() / r.abs().max()) < 2e-5, placements
 
 
+def test_a_block_slice_with_non_finite_weights_is_left_as_it_was_on_every_rank(runs):
+    """A NaN in one row slice and an inf in one column slice of two block targets, on one rank,
+    at a refresh: those two slices keep their factors (refresh count 1, not 2) on every rank,
+    the others refresh; the tp ranks of each row shard hold the same factors; each slice is
+    warned about once, by one rank (its owner's lead), not once per rank or not at all."""
+    ranks = runs["fsdp_tp"]["nonfinite_blocks"]
+    for r in ranks:
+        assert r["refreshes"] == [1, 2, 2, 1] and r["same_on_tp"], r
+    warned = [m for r in ranks for m in r["warned"]]
+    assert len(warned) == 2 and any("w0.a" in m for m in warned) and any("w1.b" in m for m in warned), warned
+
+
 def test_fsdp2_over_a_tensor_parallel_dim_of_size_one_matches_single_process(runs):
     """A (4, 1) (dp, tp) mesh: torch places qkv / fc1 (Shard(0), Shard(0)) and proj / fc2
     (Shard(0), Shard(1)), the tp splits being of one; q3r handles them as FSDP2's row shards
