@@ -355,6 +355,7 @@ def fsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, init=True, me
     if mesh_shape is not None:
         results["refused"] = _refused_layouts(qkv.device_mesh)
         results["drift"] = _replica_drift(mesh_shape, rank, world)
+        results["replica_shares"] = _replica_shares(mesh_shape, rank, world)
     else:
         results["term_paths"] = _term_paths(model, opt)
         results["unsharded_factors"] = _load_unsharded_factors(opt)
@@ -490,6 +491,38 @@ def _replica_drift(mesh_shape, rank, world) -> dict[str, bool]:
     out["equal_after_refresh"] = equal()
     out["warned"] = any("had drifted apart" in str(w.message) for w in caught)
     return out
+
+
+def _replica_shares(mesh_shape, rank, world) -> list[dict]:
+    """AdamQ3R on HSDP, counting on each rank the slices its range finder factors (the calls of
+    sharded.enveloping_svd) over the run; then per rank its mesh coordinate, that count, and
+    whether the factors of every slice are bitwise those of the other replica. Every rank must
+    take part (collectives)."""
+    from q3r.distributed import sharded
+
+    model = _fsdp_model(mesh_shape)
+    opt = make_adamq3r(model)
+    factored, enveloping_svd = [0], sharded.enveloping_svd
+
+    def counted(xs, *args):
+        factored[0] += len(xs)
+        return enveloping_svd(xs, *args)
+
+    sharded.enveloping_svd = counted
+    try:
+        train(model, opt, batches(), rank, world)
+    finally:
+        sharded.enveloping_svd = enveloping_svd
+    mesh = model.blocks[0].attn.qkv.weight.device_mesh
+    states = [s for p in model.parameters() for s in opt.state.get(p, {}).get("q3r", [])]
+    fingerprint = torch.tensor([float((t.double().reshape(-1) * torch.linspace(1, 2, t.numel(), dtype=torch.float64)).sum())
+                                for s in states for t in (s["U"].to_local(), s["V"], s["sigma"], s["eps"])],
+                               dtype=torch.float64)
+    same = all(torch.equal(f, fingerprint) for f in comm.all_gather(fingerprint, mesh.get_group(0)))
+    everyone = [None] * world
+    dist.all_gather_object(everyone, {"coordinate": mesh.get_coordinate(), "factored": factored[0],
+                                      "slices": len(states), "refreshes": refresh_count(opt), "same": same})
+    return everyone
 
 
 def _refused_layouts(mesh) -> dict[str, str]:

@@ -502,13 +502,13 @@ def _block_refresh_checks(mesh, data, dp) -> dict:
     Per rank: which block targets it refreshed (its rows gathered to it), and whether every
     block slice's factors (U's local rows, V, sigma, eps) are bitwise the same on the tp ranks
     of each row shard. Every rank must take part (collectives): call it on all of them."""
-    from q3r.distributed import block_refresh, sharded
+    from q3r.distributed import refresh_owners, sharded
 
     model = fsdp_tp_model(mesh)
     opt = base.make_adamq3r(model)
     names = {id(p): name for name, p in model.named_parameters()}
     tp, owned = mesh.get_local_rank("tp"), set()
-    gather_rows, enveloping_svd = block_refresh.gather_rows, sharded.enveloping_svd
+    gather_rows, enveloping_svd = refresh_owners.gather_rows, sharded.enveloping_svd
 
     def gathered(p, layout, owner):
         rows = gather_rows(p, layout, owner)
@@ -522,11 +522,11 @@ def _block_refresh_checks(mesh, data, dp) -> dict:
             xs = [x + 1e-3 * x.abs().max() * torch.randn(x.shape, generator=gen).to(x) if x.numel() else x for x in xs]
         return enveloping_svd(xs, *args)
 
-    block_refresh.gather_rows, sharded.enveloping_svd = gathered, perturbed
+    refresh_owners.gather_rows, sharded.enveloping_svd = gathered, perturbed
     try:
         train(model, opt, data, dp, 2)
     finally:
-        block_refresh.gather_rows, sharded.enveloping_svd = gather_rows, enveloping_svd
+        refresh_owners.gather_rows, sharded.enveloping_svd = gather_rows, enveloping_svd
     fingerprints = []  # one float64 row per block slice: a disagreement in any bit shows (almost surely)
     for name in sorted(n for n, p in model.named_parameters() if n.endswith(("proj.weight", "fc2.weight"))):
         for s in _slice_states(opt, model, name):

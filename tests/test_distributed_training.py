@@ -185,18 +185,22 @@ def test_fsdp_collectives(runs, engine, kind):
     assert logs[0]["refreshed"] and not logs[1]["refreshed"]
     for log in logs:
         assert log["all_calls"] == log["q3r_calls"]  # no hidden DTensor redistribution / gather
-        # HSDP: a refresh also compares the replicas' shards (one all_gather over the replicate dim)
+        # HSDP: a refresh also compares the replicas' shards (one all_gather over the replicate dim),
+        # and each of the 2 replicas, having refreshed its share of the targets, broadcasts their
+        # factors' widths and the factors over the replicate dim (refresh_owners)
         checks = int(engine == "hsdp" and log["refreshed"])
-        assert log["ops"].count("all_gather") == checks and log["ops"].count("all_reduce") == log["q3r_calls"] - checks
+        shares = 2 * 2 * checks
+        assert log["ops"].count("all_gather") == checks and log["ops"].count("broadcast") == shares
+        assert log["ops"].count("all_reduce") == log["q3r_calls"] - checks - shares
         if not log["refreshed"]:
             # one collective for all targets, of the r_env x d2 matrices A = U^T W: right after
             # the first refresh r_env = r (min schedule), later r <= r_env <= k
             assert log["q3r_calls"] == 1
             assert (log["q3r_bytes"] == r_bytes) if log["step"] == 1 else (r_bytes <= log["q3r_bytes"] <= a_bytes)
         elif log["first_refresh"]:
-            assert log["q3r_calls"] == refresh_calls(SKETCH.cold_power_iters) + 1 + checks  # + the step's A = U^T W
+            assert log["q3r_calls"] == refresh_calls(SKETCH.cold_power_iters) + 1 + checks + shares  # + the step's A = U^T W
         else:
-            assert log["q3r_calls"] == refresh_calls(SKETCH.power_iters) + 1 + checks  # warm start
+            assert log["q3r_calls"] == refresh_calls(SKETCH.power_iters) + 1 + checks + shares  # warm start
 
 
 @pytest.mark.parametrize("engine", ["fsdp", "hsdp"])
@@ -226,6 +230,21 @@ def test_hsdp_replicas_that_drifted_apart_are_made_equal_at_the_next_refresh(run
     assert not drift["equal_after_perturbing"]  # the test's perturbation of one replica
     assert not drift["equal_before_refresh"]  # a plain step does not undo it
     assert drift["equal_after_refresh"] and drift["warned"]
+
+
+def test_hsdp_replicas_divide_the_refresh_and_hold_the_same_factors(runs):
+    """Each slice is factored by one replica group (refresh_owners) and its factors broadcast
+    over the replicate dim: the two replicas of a shard together factor every slice once per
+    refresh, each a part of them, and hold bitwise the same factors (before, each replica
+    factored every slice)."""
+    ranks = runs["hsdp"]["replica_shares"]
+    for shard in range(WORLD):
+        pair = [r for r in ranks if r["coordinate"][1] == shard]
+        assert len(pair) == 2 and all(r["same"] for r in pair), pair
+        slices, refreshes = pair[0]["slices"], pair[0]["refreshes"] // pair[0]["slices"]
+        assert refreshes == 3  # (5 steps, period 2)
+        assert sum(r["factored"] for r in pair) == slices * refreshes
+        assert all(0 < r["factored"] < slices * refreshes for r in pair)
 
 
 def test_hsdp_refuses_layouts_it_cannot_handle_when_built(runs):

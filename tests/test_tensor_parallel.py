@@ -167,7 +167,7 @@ def test_fsdp2_over_tensor_parallel_factor_layout(runs, kind):
 
 def test_each_block_target_is_refreshed_by_one_tensor_parallel_rank(runs):
     """The tp ranks of a row shard divide the block targets (proj, fc2) between them, by size:
-    each refreshes one proj and one fc2, not all four (q3r.distributed.block_refresh)."""
+    each refreshes one proj and one fc2, not all four (q3r.distributed.refresh_owners)."""
     ranks = runs["fsdp_tp"]["block_refresh"]["ranks"]
     blocks = {f"blocks.{b}.{n}.weight" for b in range(2) for n in ("attn.proj", "fc2")}
     for dp in range(2):

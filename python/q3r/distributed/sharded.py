@@ -13,8 +13,9 @@ factors in the parameter's orientation. "Rows" below are the rows of the target 
 On a 1-D mesh that is plain FSDP2; on a 2-D mesh (HSDP: ``fully_shard(mesh=init_device_mesh(..,
 (replicas, shards)))``, placements ``(Replicate(), Shard(0))``) every collective below runs over
 the shard dim's process group only. The replica groups hold the same weights and factors and
-compute the same thing (sketch seeds depend only on the slice name and refresh count), so
-between refreshes nothing is exchanged between them; a refresh checks that they still agree.
+compute the same per-step term, so between refreshes nothing is exchanged between them; a
+refresh checks that their weights still agree, divides the targets among them and broadcasts
+each one's new factors (refresh_owners).
 
 No training step gathers a full weight (diagnostic_slices does). Each rank holds rows
 [start, stop) of a target W (torch.chunk layout). For a slice with factors U (d1 x k,
@@ -60,7 +61,7 @@ from .._precision import no_autocast, refresh_precision
 from .._refresh_commit import inert_under_min, warn_inert
 from ..refresh import SliceConfig, _warn_nonfinite, new_slice_state, warn_once
 from ..targets import slice_shapes, slice_views
-from . import block_refresh, comm
+from . import comm, refresh_owners
 from .rangefinder import cold_sketch_width, enveloping_svd, sketch_width
 
 try:  # DTensor is public since torch 2.4; keep `import q3r` working without it
@@ -239,7 +240,7 @@ def _factor_placements(p) -> tuple:
     splits a block's columns."""
     layout = _layout(p)
     if layout.col_dim is not None:
-        return block_refresh.factor_placements(p, layout)
+        return refresh_owners.factor_placements(p, layout)
     return tuple(Shard(0) if type(on) is Shard else on for on in p.placements)
 
 
@@ -260,11 +261,12 @@ def _all_reduce_over_(t: Tensor, groups: tuple) -> Tensor:
     return t
 
 
-def _leads(p, col_owner: int | None = None) -> bool:
+def _leads(p, owner=None) -> bool:
     """True on the one rank of p's mesh that speaks for all: coordinate 0 on every mesh dim,
-    but col_owner on a block target's columns dim where that rank refreshed it."""
-    col_dim = None if col_owner is None else _layout(p).col_dim
-    return all(c == (col_owner if i == col_dim else 0) for i, c in enumerate(p.device_mesh.get_coordinate()))
+    but the owner's on the dim whose ranks share p's refresh (refresh_owners.Owner), where one
+    of them refreshed it."""
+    return all(c == (owner.rank if owner is not None and i == owner.dim else 0)
+               for i, c in enumerate(p.device_mesh.get_coordinate()))
 
 
 def row_range(p, where: str = "q3r") -> tuple[int, int]:
@@ -320,25 +322,28 @@ def refresh_sharded_(
 def _refresh_sharded(params, slicings, states, configs, warned) -> None:
     _resync_replicas_(params, [cfgs[0].name.split("[")[0] for cfgs in configs])
     layouts = [_layout(p) for p in params]
-    owners = block_refresh.owners(params, layouts)  # (a block target is refreshed by one rank of its columns)
+    # (a block target, or a replicated one, is refreshed by one rank of the ranks holding the
+    # same rows, and its factors broadcast: refresh_owners)
+    owners = refresh_owners.owners(params, layouts)
     by_group: dict[tuple, list] = {}
-    blocks = []
+    shared = []
     for p, layout, owner, (slice_dim, slices), sts, cfgs in zip(params, layouts, owners, slicings, states, configs):
         axis = layout.axis  # (a Shard(1) target as its transpose: x, shape and s all transposed)
         shapes = slice_shapes(_oriented(p, axis).shape, _oriented_slicing(axis, slice_dim), slices)
-        if owner is None:
-            local = p.to_local().detach()
-        else:  # a block's rows whole, on its owner only (block_refresh)
-            blocks.append((p, layout, sts, shapes, owner))
-            local = block_refresh.gather_rows(p, layout, owner)
-            if local is None:
-                continue
+        if owner is not None:
+            shared.append((p, layout, [_oriented_state(s, axis) for s in sts], [id(s) for s in sts], shapes, owner))
+        if layout.col_dim is not None:  # a block's rows whole, on its owner only
+            local = refresh_owners.gather_rows(p, layout, owner)
+        else:
+            local = p.to_local().detach() if owner is None or owner.rank == comm.rank(owner.group) else None
+        if local is None:
+            continue
         views = local_slices(_oriented(local, axis), layout.rows[0], _oriented_slicing(axis, slice_dim), slices)
         for (x, lo, hi), shape, s, cfg in zip(views, shapes, sts, cfgs):
-            # (blocks after the rest: their row groups' members share a column coordinate, and
-            # with it which blocks they own, which the other ranks' groups need not)
+            # (shared targets after the rest: their row groups' members share a coordinate on
+            # the sharing dim, and with it which targets they own, which other groups need not)
             key = (owner is not None, _key(layout.row_groups))
-            by_group.setdefault(key, []).append((p, x, lo, hi, _oriented_state(s, axis), cfg, shape, owner))
+            by_group.setdefault(key, []).append((p, x, lo, hi, _oriented_state(s, axis), cfg, shape, owner, id(s)))
     refreshed: set[int] = set()
     for key in sorted(by_group, key=lambda key: key[0]):  # (stable)
         items = by_group[key]
@@ -362,13 +367,14 @@ def _refresh_sharded(params, slicings, states, configs, warned) -> None:
             SKETCH.power_iters, SKETCH.cold_power_iters, SKETCH.oversample, SKETCH.max_widenings,
             [r_env for *_, r_env in prev], SKETCH.max_envelope_growth, [eps for eps, *_ in prev], SKETCH.max_lag,
             SKETCH.flat_tolerance, [item[5].rank for item in live], SKETCH.max_residual)
-        for (p, x, lo, hi, s, cfg, shape, owner), before, (U_loc, S, V, _, r_env, S_host, frob2) in zip(live, prev, results):
+        for (p, x, lo, hi, s, cfg, shape, owner, key), before, (U_loc, S, V, _, r_env, S_host, frob2) in zip(
+                live, prev, results):
             keep = _kept_width(cfg.rank, shape, r_env, S.shape[0])
             if r_env > S.shape[0] - _margin() and S.shape[0] < min(shape) and _leads(p, owner):
                 _warn_truncated(cfg.name, r_env, S.shape[0], warned)
             _commit_(s, cfg, before, p, lo, hi, U_loc[:, :keep], S[:keep], V[:, :keep], S_host, frob2, owner)
-            refreshed.add(id(s))
-    block_refresh.share_(blocks, refreshed)
+            refreshed.add(key)
+    refresh_owners.share_(shared, refreshed, _factor_placements)
 
 
 def _margin() -> int:
@@ -451,7 +457,7 @@ def _resync_replicas_(params: list, names: list[str]) -> None:
 
 
 def _commit_(s: dict, cfg: SliceConfig, prev: tuple, p, lo: int, hi: int, U_loc: Tensor, S: Tensor, V: Tensor,
-             S_host: Tensor, frob2: float, owner: int | None = None) -> None:
+             S_host: Tensor, frob2: float, owner=None) -> None:
     """Schedule eps and store the triplets (the ones at or below eps get d = 0); the scalars
     come from S_host, all Ritz values of the sketch on the host (sigma_{r+1} among them even
     where fewer are kept), and prev (see _previous)."""
