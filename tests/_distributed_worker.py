@@ -356,6 +356,7 @@ def fsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, init=True, me
         results["refused"] = _refused_layouts(qkv.device_mesh)
         results["drift"] = _replica_drift(mesh_shape, rank, world)
         results["replica_shares"] = _replica_shares(mesh_shape, rank, world)
+        results["shared_warnings"] = _shared_target_warnings(qkv.device_mesh, rank, world)
     else:
         results["term_paths"] = _term_paths(model, opt)
         results["unsharded_factors"] = _load_unsharded_factors(opt)
@@ -523,6 +524,40 @@ def _replica_shares(mesh_shape, rank, world) -> list[dict]:
     dist.all_gather_object(everyone, {"coordinate": mesh.get_coordinate(), "factored": factored[0],
                                       "slices": len(states), "refreshes": refresh_count(opt), "same": same})
     return everyone
+
+
+def _shared_target_warnings(mesh, rank, world) -> dict[str, list]:
+    """Targets whose refresh one rank of a group does (refresh_owners: replicas, (Replicate(),
+    Shard(0)), and blocks, (Shard(0), Shard(1)), on the 2-D mesh), of 12, 10 and 4 rows, the
+    first refreshed every 3 steps, the others every 2: the 10-row one is dealt to the second
+    rank of its group at step 0 (with the 12-row one due) and to the first at steps 2 and 4.
+    Its weights are non-finite from step 0 on, on every rank. Per placement, the q3r warnings
+    each rank gave over 6 steps (a single process warns once). Every rank must take part."""
+    import warnings
+
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    out = {}
+    for name, placements in (("replicas", [Replicate(), Shard(0)]), ("blocks", [Shard(0), Shard(1)])):
+        gen = torch.Generator().manual_seed(3)
+        shapes = [(12, 16), (10, 16), (4, 16)]
+        weights = [nn.Parameter(distribute_tensor(torch.randn(*shape, generator=gen).to(DEVICE), mesh, placements))
+                   for shape in shapes]
+        with torch.no_grad():
+            weights[1].to_local().fill_(float("nan"))
+        opt = q3r.AdamQ3R([{"params": [w], "q3r": True, "target_rank": 2, "lmbda": 0.05, "steps": steps,
+                            "refresh": "exact"} for w, steps in zip(weights, (3, 2, 2))], lr=1e-2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(6):
+                for w, shape in zip(weights, shapes):
+                    w.grad = distribute_tensor(torch.randn(*shape, generator=gen).to(DEVICE), mesh, placements)
+                opt.step()
+        mine = [str(w.message) for w in caught if str(w.message).startswith("q3r")]
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+        out[name] = [m for ms in everyone for m in ms]
+    return out
 
 
 def _refused_layouts(mesh) -> dict[str, str]:

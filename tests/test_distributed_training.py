@@ -247,6 +247,15 @@ def test_hsdp_replicas_divide_the_refresh_and_hold_the_same_factors(runs):
         assert all(0 < r["factored"] < slices * refreshes for r in pair)
 
 
+@pytest.mark.parametrize("layout", ["replicas", "blocks"])
+def test_a_shared_target_is_warned_about_once_whichever_rank_refreshes_it(runs, layout):
+    """A target's owner (refresh_owners) depends on which targets are due with it: the warning
+    about its non-finite weights comes from one rank of the mesh, not from each rank that was
+    its owner at some refresh (that gave it twice here)."""
+    warned = runs["hsdp"]["shared_warnings"][layout]
+    assert len(warned) == 1 and "'AdamQ3R param group 1 param 0' has non-finite weights" in warned[0], warned
+
+
 def test_hsdp_refuses_layouts_it_cannot_handle_when_built(runs):
     refused = runs["hsdp"]["refused"]
     assert len(refused) == 6

@@ -109,15 +109,24 @@ def factor_placements(p, layout) -> tuple:
 
 
 @torch.no_grad()
-def share_(shared: list[tuple], refreshed: set[int], placements_of) -> None:
+def share_(shared: list[tuple], refreshed: set[int], placements_of, notes: dict | None = None) -> dict[int, tuple]:
     """Broadcast each shared target's new factors from its owner to its group.
 
     shared: (p, layout, slice states as the target is handled (sharded._oriented_state), their
     ids in the optimizer's state, slice shapes as handled, Owner) of every shared target of the
     refresh, in the same order on every rank; refreshed: the ids of the slice states this rank
     refreshed (a slice with non-finite weights is left as it was, on every rank);
-    placements_of(p): the placements of p's sharded factor. Per group and owner: one broadcast
-    of the factor widths, one of the factors, all slices packed."""
+    placements_of(p): the placements of p's sharded factor; notes: per id of a slice state this
+    rank refreshed, what the refresh has to warn about, (inert, r_env of a truncated envelope or
+    -1, the sketch's width). Per group and owner: one broadcast of the factor widths (with those
+    notes), one of the factors, all slices packed.
+
+    Returns, on every rank of the group, per id of a shared slice state: (width, or -1 where not
+    refreshed; inert; r_env or -1; sketch width): the owner of a target depends on which targets
+    a refresh has (a staggered one, periods differing between param groups), so its warnings
+    are given by a rank that does not (sharded._leads without an owner)."""
+    notes = {} if notes is None else notes
+    told: dict[int, tuple] = {}
     by_group: dict[int, list[tuple]] = {}
     for target in shared:
         by_group.setdefault(id(target[-1].group), []).append(target)
@@ -128,15 +137,21 @@ def share_(shared: list[tuple], refreshed: set[int], placements_of) -> None:
             mine = [(p, layout, s, key, shape) for p, layout, states, keys, shapes, owner in members
                     if owner.rank == rank for s, key, shape in zip(states, keys, shapes)]
             if mine:
-                _share_from_(rank, me, group, mine, refreshed, placements_of)
+                _share_from_(rank, me, group, mine, refreshed, placements_of, notes, told)
+    return told
 
 
-def _share_from_(owner: int, me: int, group, slices: list[tuple], refreshed: set[int], placements_of) -> None:
+def _share_from_(owner: int, me: int, group, slices: list[tuple], refreshed: set[int], placements_of,
+                 notes: dict, told: dict) -> None:
     device = slices[0][0].to_local().device
-    # (-1: a slice its owner did not refresh: non-finite weights, left as they were everywhere)
-    widths = torch.tensor([s["sigma"].shape[0] if key in refreshed else -1 for _, _, s, key, _ in slices]
-                          if me == owner else [0] * len(slices), dtype=torch.int64, device=device)
-    widths = comm.broadcast_(widths, owner, group).tolist()
+    # (width -1: a slice its owner did not refresh: non-finite weights, left as they were
+    # everywhere; then its notes, see share_)
+    header = torch.tensor([[s["sigma"].shape[0], *notes.get(key, (0, -1, 0))] if key in refreshed else [-1, 0, -1, 0]
+                           for _, _, s, key, _ in slices] if me == owner else [[0] * 4] * len(slices),
+                          dtype=torch.int64, device=device)
+    header = comm.broadcast_(header, owner, group).tolist()
+    told.update((key, tuple(row)) for (_, _, _, key, _), row in zip(slices, header))
+    widths = [row[0] for row in header]
     if all(k < 0 for k in widths):
         return
     if me == owner:

@@ -261,12 +261,11 @@ def _all_reduce_over_(t: Tensor, groups: tuple) -> Tensor:
     return t
 
 
-def _leads(p, owner=None) -> bool:
-    """True on the one rank of p's mesh that speaks for all: coordinate 0 on every mesh dim,
-    but the owner's on the dim whose ranks share p's refresh (refresh_owners.Owner), where one
-    of them refreshed it."""
-    return all(c == (owner.rank if owner is not None and i == owner.dim else 0)
-               for i, c in enumerate(p.device_mesh.get_coordinate()))
+def _leads(p) -> bool:
+    """True on the one rank of p's mesh that speaks for all: coordinate 0 on every mesh dim.
+    (Not the owner of a shared target's refresh, refresh_owners: which rank that is depends on
+    the targets due with it, so its warnings would come once from each rank it was dealt to.)"""
+    return all(c == 0 for c in p.device_mesh.get_coordinate())
 
 
 def row_range(p, where: str = "q3r") -> tuple[int, int]:
@@ -345,6 +344,8 @@ def _refresh_sharded(params, slicings, states, configs, warned) -> None:
             key = (owner is not None, _key(layout.row_groups))
             by_group.setdefault(key, []).append((p, x, lo, hi, _oriented_state(s, axis), cfg, shape, owner, id(s)))
     refreshed: set[int] = set()
+    notes: dict[int, tuple] = {}  # (refresh_owners.share_)
+    names = {id(s): cfg.name for sts, cfgs in zip(states, configs) for s, cfg in zip(sts, cfgs)}
     for key in sorted(by_group, key=lambda key: key[0]):  # (stable)
         items = by_group[key]
         groups = _layout(items[0][0]).row_groups
@@ -354,7 +355,8 @@ def _refresh_sharded(params, slicings, states, configs, warned) -> None:
         live = []
         for item, flag in zip(items, bad.tolist()):
             if flag > 0:
-                if _leads(item[0], item[7]):  # one warning, not one per rank
+                # one warning, not one per rank (a shared target's: after refresh_owners.share_)
+                if item[7] is None and _leads(item[0]):
                     _warn_nonfinite(item[5].name, warned)
             else:
                 live.append(item)
@@ -370,11 +372,27 @@ def _refresh_sharded(params, slicings, states, configs, warned) -> None:
         for (p, x, lo, hi, s, cfg, shape, owner, key), before, (U_loc, S, V, _, r_env, S_host, frob2) in zip(
                 live, prev, results):
             keep = _kept_width(cfg.rank, shape, r_env, S.shape[0])
-            if r_env > S.shape[0] - _margin() and S.shape[0] < min(shape) and _leads(p, owner):
+            truncated = r_env > S.shape[0] - _margin() and S.shape[0] < min(shape)
+            if truncated and owner is None and _leads(p):
                 _warn_truncated(cfg.name, r_env, S.shape[0], warned)
-            _commit_(s, cfg, before, p, lo, hi, U_loc[:, :keep], S[:keep], V[:, :keep], S_host, frob2, owner)
+            inert = _commit_(s, cfg, before, p, lo, hi, U_loc[:, :keep], S[:keep], V[:, :keep], S_host, frob2, owner)
             refreshed.add(key)
-    refresh_owners.share_(shared, refreshed, _factor_placements)
+            notes[key] = (int(inert), r_env if truncated else -1, S.shape[0])
+    told = refresh_owners.share_(shared, refreshed, _factor_placements, notes)
+    # a shared target's warnings: from the same rank whichever rank refreshed it (its owner
+    # depends on the targets due with it), once (warned)
+    for p, _, _, keys, _, _ in shared:
+        if _leads(p):
+            for key in keys:
+                width, inert, r_env, found = told[key]
+                name = names[key]
+                if width < 0:
+                    _warn_nonfinite(name, warned)
+                    continue
+                if r_env >= 0:
+                    _warn_truncated(name, r_env, found, warned)
+                if inert:
+                    warn_inert([name], stacklevel=4)
 
 
 def _margin() -> int:
@@ -457,13 +475,15 @@ def _resync_replicas_(params: list, names: list[str]) -> None:
 
 
 def _commit_(s: dict, cfg: SliceConfig, prev: tuple, p, lo: int, hi: int, U_loc: Tensor, S: Tensor, V: Tensor,
-             S_host: Tensor, frob2: float, owner=None) -> None:
+             S_host: Tensor, frob2: float, owner=None) -> bool:
     """Schedule eps and store the triplets (the ones at or below eps get d = 0); the scalars
     come from S_host, all Ritz values of the sketch on the host (sigma_{r+1} among them even
-    where fewer are kept), and prev (see _previous)."""
+    where fewer are kept), and prev (see _previous). Returns whether the target is inert
+    (inert_under_min), which it warns about here unless the target is shared (owner)."""
     sigma_next = float(S_host[cfg.rank]) if cfg.rank < S_host.shape[0] else 0.0
     eps, eps0, _ = _envelope(prev, cfg, S_host)
-    if _leads(p, owner) and inert_under_min(cfg, prev[2], float(S_host[0]) if S_host.numel() else 0.0, sigma_next):
+    inert = inert_under_min(cfg, prev[2], float(S_host[0]) if S_host.numel() else 0.0, sigma_next)
+    if inert and owner is None and _leads(p):  # (a shared target's: see _refresh_sharded)
         warn_inert([cfg.name], stacklevel=5)
     head = float(S_host[: cfg.rank].double().square().sum())
     k = S.shape[0]
@@ -482,6 +502,7 @@ def _commit_(s: dict, cfg: SliceConfig, prev: tuple, p, lo: int, hi: int, U_loc:
     s["sigma_next"] = torch.tensor(sigma_next, **scalar)
     s["tail_energy"] = torch.tensor(0.0 if frob2 == 0 else max(frob2 - head, 0.0) / frob2, **scalar)
     s["refreshes"] = s["refreshes"] + 1
+    return inert
 
 
 @dataclasses.dataclass
