@@ -230,6 +230,8 @@ def test_hsdp_replicas_that_drifted_apart_are_made_equal_at_the_next_refresh(run
     assert not drift["equal_after_perturbing"]  # the test's perturbation of one replica
     assert not drift["equal_before_refresh"]  # a plain step does not undo it
     assert drift["equal_after_refresh"] and drift["warned"]
+    # the replicas of another shard than the first rank's: repaired and warned about, once
+    assert drift["other_shard"] == {"equal_after_refresh": True, "warnings": 1}
 
 
 def test_hsdp_replicas_divide_the_refresh_and_hold_the_same_factors(runs):

@@ -468,7 +468,9 @@ def _resync_replicas_(params: list, names: list[str]) -> None:
             drifted = [i for i, ok in enumerate(same.tolist()) if not ok]
             for i in drifted:
                 comm.broadcast_(local[i], 0, group)
-            if drifted and _leads(members[0][0]):
+            # (by this group's first replica: the group that drifted need not be the mesh's first
+            # rank's, which would not know of it; one warning per group that drifted)
+            if drifted and mesh.get_local_rank(dim) == 0:
                 warnings.warn(f"q3r: the HSDP replicas of {[members[i][1] for i in drifted]} had drifted apart "
                               "(their Q3R terms were not computed bit for bit alike); copied from the first replica",
                               RuntimeWarning, stacklevel=3)
