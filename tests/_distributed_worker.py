@@ -507,6 +507,19 @@ def _replica_drift(mesh_shape, rank, world) -> dict[str, bool]:
     return out
 
 
+def same_factors(states: list[dict], group) -> bool:
+    """Whether every rank of group holds bitwise the same factors (U's local rows, V, sigma,
+    eps) in these slice states: per slice a float64 fingerprint (the sizes, and sums weighted
+    by position, so a difference in any bit shows, almost surely), compared over the group."""
+    def fingerprint(t: torch.Tensor) -> float:
+        return float((t.double().reshape(-1) * torch.linspace(1, 2, t.numel(), dtype=torch.float64)).sum())
+
+    parts = [[s["U"].to_local(), s["V"], s["sigma"], s["eps"]] for s in states]
+    mine = torch.tensor([[float(t.numel()) for t in ts] + [fingerprint(t) for t in ts] for ts in parts],
+                        dtype=torch.float64)
+    return all(torch.equal(other, mine) for other in comm.all_gather(mine, group))
+
+
 def _replica_shares(mesh_shape, rank, world) -> list[dict]:
     """AdamQ3R on HSDP, counting on each rank the slices its range finder factors (the calls of
     sharded.enveloping_svd) over the run; then per rank its mesh coordinate, that count, and
@@ -529,10 +542,7 @@ def _replica_shares(mesh_shape, rank, world) -> list[dict]:
         sharded.enveloping_svd = enveloping_svd
     mesh = model.blocks[0].attn.qkv.weight.device_mesh
     states = [s for p in model.parameters() for s in opt.state.get(p, {}).get("q3r", [])]
-    fingerprint = torch.tensor([float((t.double().reshape(-1) * torch.linspace(1, 2, t.numel(), dtype=torch.float64)).sum())
-                                for s in states for t in (s["U"].to_local(), s["V"], s["sigma"], s["eps"])],
-                               dtype=torch.float64)
-    same = all(torch.equal(f, fingerprint) for f in comm.all_gather(fingerprint, mesh.get_group(0)))
+    same = same_factors(states, mesh.get_group(0))
     everyone = [None] * world
     dist.all_gather_object(everyone, {"coordinate": mesh.get_coordinate(), "factored": factored[0],
                                       "slices": len(states), "refreshes": refresh_count(opt), "same": same})

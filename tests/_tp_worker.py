@@ -186,10 +186,7 @@ def nonfinite_block_run(mesh) -> dict:
             opt.step()
         warned += [str(w.message) for w in caught if "finite" in str(w.message)]
     states = [s for w in ws for s in opt.state[w]["q3r"]]
-    fingerprint = torch.tensor([float((t.double().reshape(-1) * torch.linspace(1, 2, t.numel(), dtype=torch.float64)).sum())
-                                for s in states for t in (s["U"].to_local(), s["V"], s["sigma"], s["eps"])],
-                               dtype=torch.float64)
-    same = all(torch.equal(f, fingerprint) for f in q3r.distributed.comm.all_gather(fingerprint, mesh["tp"].get_group()))
+    same = base.same_factors(states, mesh["tp"].get_group())
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, {"warned": warned, "refreshes": [int(s["refreshes"]) for s in states],
                                       "same_on_tp": same})
@@ -527,20 +524,13 @@ def _block_refresh_checks(mesh, data, dp) -> dict:
         train(model, opt, data, dp, 2)
     finally:
         refresh_owners.gather_rows, sharded.enveloping_svd = gather_rows, enveloping_svd
-    fingerprints = []  # one float64 row per block slice: a disagreement in any bit shows (almost surely)
-    for name in sorted(n for n, p in model.named_parameters() if n.endswith(("proj.weight", "fc2.weight"))):
-        for s in _slice_states(opt, model, name):
-            parts = [s["U"].to_local(), s["V"], s["sigma"], s["eps"]]
-            fingerprints.append(torch.tensor([float(t.numel()) for t in parts] + [
-                float((t.double().reshape(-1) * torch.linspace(1, 2, t.numel(), dtype=torch.float64)).sum())
-                for t in parts], dtype=torch.float64))
-    mine = torch.stack(fingerprints)
-    tp_group = mesh["tp"].get_group()
-    agree = all(torch.equal(other, mine) for other in q3r.distributed.comm.all_gather(mine, tp_group))
+    blocks = sorted(n for n, p in model.named_parameters() if n.endswith(("proj.weight", "fc2.weight")))
+    states = [s for name in blocks for s in _slice_states(opt, model, name)]
+    agree = base.same_factors(states, mesh["tp"].get_group())
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, {"dp": dp, "tp": tp, "owned": sorted(owned), "agree": agree,
                                       "refreshes": base.refresh_count(opt)})
-    return {"ranks": everyone, "slices": mine.shape[0]}
+    return {"ranks": everyone, "slices": len(states)}
 
 
 def fsdp_tp_worker(rank, world, port, out_path, ckpt_dir, oversample):
