@@ -33,6 +33,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from ..stagger import balance_by_cost
 from . import comm
 
 try:
@@ -82,13 +83,10 @@ def owners(params: list, layouts: list) -> list[Owner | None]:
         # so must own the same targets), and torch.chunk gives the row shards of a target whose
         # rows do not divide evenly different sizes (even none), which could order the targets
         # differently from one row shard to the next
-        size = {i: params[i].shape[0] * params[i].shape[1] for i, _ in members}
         group = params[members[0][0]].device_mesh.get_group(members[0][1])
-        load = [0] * comm.world_size(group)
-        for i, dim in sorted(members, key=lambda member: -size[member[0]]):  # (stable: ties keep their order)
-            rank = min(range(len(load)), key=lambda o: (load[o], o))
+        sizes = [params[i].shape[0] * params[i].shape[1] for i, _ in members]
+        for (i, dim), rank in zip(members, balance_by_cost(sizes, comm.world_size(group))):
             out[i] = Owner(dim, group, rank)
-            load[rank] += size[i]
     return out
 
 
