@@ -357,6 +357,7 @@ def fsdp_worker(rank, world, port, out_path, ckpt_dir, oversample, init=True, me
         results["drift"] = _replica_drift(mesh_shape, rank, world)
         results["replica_shares"] = _replica_shares(mesh_shape, rank, world)
         results["shared_warnings"] = _shared_target_warnings(qkv.device_mesh, rank, world)
+        results["shared_truncated"] = _shared_truncated_warnings(qkv.device_mesh, rank, world)
     else:
         results["term_paths"] = _term_paths(model, opt)
         results["unsharded_factors"] = _load_unsharded_factors(opt)
@@ -580,6 +581,50 @@ def _shared_target_warnings(mesh, rank, world) -> dict[str, list]:
         everyone = [None] * world
         dist.all_gather_object(everyone, mine)
         out[name] = [m for ms in everyone for m in ms]
+    return out
+
+
+def _shared_truncated_warnings(mesh, rank, world) -> dict[str, list]:
+    """A shared target (replicas, (Replicate(), Shard(0)), and blocks, (Shard(0), Shard(1)))
+    whose envelope outgrows its sketch with no widening allowed: 96 x 96, rank 8, 8 leading
+    singular values over a bulk of 1e-3 at the first refresh (eps = sigma_9, about 1e-3), the
+    bulk raised to 0.5 by the second, so that all 96 lie above eps and fill the warm sketch of
+    24. A larger target (128 x 96, refreshed with it) is dealt to the first rank of each group,
+    so the truncated one is refreshed by the second while the mesh's first rank warns: through
+    refresh_owners.share_'s header. Per placement, the q3r warnings each rank gave over 3
+    steps (a single process warns once). Every rank must take part."""
+    import warnings
+
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    gen = torch.Generator().manual_seed(5)
+    left, right = (torch.linalg.qr(torch.randn(96, 96, dtype=torch.float64, generator=gen)).Q for _ in range(2))
+    sequence = [((left * torch.cat([torch.linspace(1.0, 0.5, 8, dtype=torch.float64),
+                                    torch.full((88,), bulk, dtype=torch.float64)])) @ right.T).float()
+                for bulk in (1e-3, 0.5, 0.5)]
+    big = torch.randn(128, 96, generator=gen)
+    out, defaults = {}, dataclasses.asdict(q3r.distributed.SKETCH)
+    # (the rules that would sketch it wider or exactly off; the oversampling the widths above assume)
+    q3r.distributed.configure(oversample=16, max_widenings=0, max_envelope_growth=10**9, max_lag=1.0, max_residual=1.0,
+                              flat_tolerance=-1.0)
+    try:
+        for name, placements in (("replicas", [Replicate(), Shard(0)]), ("blocks", [Shard(0), Shard(1)])):
+            weights = [nn.Parameter(distribute_tensor(t.to(DEVICE), mesh, placements)) for t in (big, sequence[0])]
+            opt = q3r.AdamQ3R([{"params": weights, "q3r": True, "target_rank": 8, "lmbda": 0.05, "steps": 1}], lr=1e-2)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for W in sequence:
+                    with torch.no_grad():
+                        weights[1].copy_(distribute_tensor(W.to(DEVICE), mesh, placements))
+                    for w in weights:
+                        w.grad = torch.zeros_like(w)
+                    opt.step()
+            mine = [str(w.message) for w in caught if str(w.message).startswith("q3r")]
+            everyone = [None] * world
+            dist.all_gather_object(everyone, mine)
+            out[name] = [m for ms in everyone for m in ms]
+    finally:
+        q3r.distributed.configure(**defaults)
     return out
 
 

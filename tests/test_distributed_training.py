@@ -258,6 +258,17 @@ def test_a_shared_target_is_warned_about_once_whichever_rank_refreshes_it(runs, 
     assert len(warned) == 1 and "'AdamQ3R param group 1 param 0' has non-finite weights" in warned[0], warned
 
 
+@pytest.mark.parametrize("layout", ["replicas", "blocks"])
+def test_a_shared_targets_envelope_left_filling_its_sketch_is_warned_about_once(runs, layout):
+    """The truncated-envelope warning of a target that another rank of its group refreshed
+    reaches the mesh's first rank through refresh_owners.share_'s header (r_env of a truncated
+    envelope): one warning over all ranks, as one process gives."""
+    warned = runs["hsdp"]["shared_truncated"][layout]
+    assert len(warned) == 1, warned
+    assert ("'AdamQ3R param group 0 param 1' (24 singular values above eps) still filled its sketch of 24 after 0 "
+            "widenings") in warned[0], warned
+
+
 def test_hsdp_refuses_layouts_it_cannot_handle_when_built(runs):
     refused = runs["hsdp"]["refused"]
     assert len(refused) == 6

@@ -250,9 +250,11 @@ def flat_beyond(sigma: list[float], total: float, n: int, eps: float, tolerance:
     a few learned directions on top), many members above eps lie outside it, and the Ritz
     values, which fall short of them all alike, undercount them (256 x 256, rank 24,
     orthogonal init drifting by 3e-3 per refresh: R(X) off by up to 4.6e-3).  Random-init
-    spectra stay far from it (0.49 to 0.73 at 20% ranks, 256 to 2048 wide, aspect 1 to 4)."""
+    spectra stay far from it (0.49 to 0.73 at 20% ranks, 256 to 2048 wide, aspect 1 to 4).
+    A negative tolerance turns the rule off (q3r.distributed.configure documents it so; with
+    it read as a fraction, -1 still fired on a bulk at twice eps)."""
     rest = n - len(sigma)
-    if rest <= 0 or not math.isfinite(eps):
+    if tolerance < 0 or rest <= 0 or not math.isfinite(eps):
         return False
     uncaptured = total - math.fsum(value * value for value in sigma)
     return uncaptured > 0 and uncaptured / rest >= ((1.0 - tolerance) * eps) ** 2
