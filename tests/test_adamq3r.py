@@ -433,6 +433,33 @@ def test_stagger_a_step_with_no_gradient_does_not_move_the_clock():
     assert _refreshed_per_step(resumed_model, resumed, "abcd", 8) == _refreshed_per_step(model, opt, "abcd", 8)
 
 
+def test_stagger_resumes_on_the_same_steps_when_no_target_steps_every_time():
+    """Targets trained in turns (no parameter has a gradient at every step): the staggered clock
+    counts the optimizer's steps, which no step count holds; rebuilt from the largest step count
+    after a load (or in a copy), it fell behind and the resumed run refreshed on other steps."""
+    def in_turns(model):
+        def between(s):  # a and b at even steps, c and d at odd ones
+            for n in "abcd":
+                model[n].weight.requires_grad_((n in "ab") == (s % 2 == 0))
+        return between
+
+    model, opt = _four_staggered_targets()
+    _refreshed_per_step(model, opt, "abcd", 7, in_turns(model))
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    checkpoint = copy.deepcopy(model.state_dict()), torch.load(buf, weights_only=True)
+    copied_model, copied = copy.deepcopy((model, opt))
+    resumed_model, resumed = _four_staggered_targets()
+    resumed_model.load_state_dict(checkpoint[0])
+    resumed.load_state_dict(checkpoint[1])
+    expected = _refreshed_per_step(model, opt, "abcd", 9, in_turns(model))
+    assert _refreshed_per_step(resumed_model, resumed, "abcd", 9, in_turns(resumed_model)) == expected
+    assert _refreshed_per_step(copied_model, copied, "abcd", 9, in_turns(copied_model)) == expected
+    for n in "abcd":
+        assert torch.equal(resumed_model[n].weight, model[n].weight)
+
+
 def test_stagger_looks_up_the_phase_table_once_per_step():
     """The phase table's cache check walks every staggered group's parameters; it was looked up
     once per target at every step, quadratic host time in the number of targets (measured on a

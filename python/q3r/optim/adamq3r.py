@@ -287,11 +287,16 @@ class AdamQ3R(Optimizer):
         """The step the staggered phases count on: one clock for all targets. (Each parameter's
         own step count would not do: a target added later, or one whose gradient was None at
         some steps, counts behind the others, and its phase would land on the others'.) Kept
-        as the optimizer steps; after a load, unpickling or states written in by a wrapper, the
-        largest step count of any parameter, which is the steps since the first."""
+        as the optimizer steps, and in each staggered group as ``"stagger_clock"`` (so a state
+        dict, a copy or a pickle of the optimizer carries it); after a load, unpickling or
+        states written in by a wrapper, the largest of those and of any parameter's step count.
+        (The step counts alone fell behind where no parameter had a gradient at every step,
+        targets trained in turns: a resumed run's refreshes then fell on other steps.)"""
         clock = self.__dict__.get("_clock")
         if clock is None:
-            clock = max((int(st["step"]) for st in self.state.values() if isinstance(st, dict) and "step" in st),
+            saved = (g.get("stagger_clock") for g in self.param_groups)
+            clock = max([*(int(st["step"]) for st in self.state.values() if isinstance(st, dict) and "step" in st),
+                         *(int(c) for c in saved if isinstance(c, numbers.Integral) and not isinstance(c, bool))],
                         default=0)
         return clock
 
@@ -369,6 +374,9 @@ class AdamQ3R(Optimizer):
                 works.append(work)
         if clock is not None and works:  # (a step with no gradient at all steps nothing: a
             self._clock = clock + 1       # clock rebuilt from the step counts after a load skips it too)
+            for group in self.param_groups:  # (kept where state_dict, copies and pickles carry it)
+                if group["q3r"] and group.get("stagger"):
+                    group["stagger_clock"] = clock + 1
         if any(distributed.is_sharded(w.param) for w in works):
             self.refresh(due)
             self._set_operators(q3r_works)
