@@ -397,6 +397,10 @@ def test_param_groups_leave_frozen_parameters_out():
         ({"stagger": "yes"}, "stagger must be True or False"),
         ({"slices": [(0, 5), (5, 10)], "target_rank": 2, "names": ["only_one"]}, "one name per slice"),
         ({"slices": [(False, 5)], "target_rank": 2}, "pairs of ints"),
+        # (True == 1 passed and failed at the first refresh, in narrow(), after the state was made)
+        ({"slices": [(0, 5)], "slice_dim": True, "target_rank": 2}, r"slice_dim of .* got True"),
+        # (failed with "too many values to unpack", naming neither option nor value)
+        ({"slices": [(0, 5, 1)], "target_rank": 2}, r"slices of .*pairs of ints, got \(0, 5, 1\)"),
     ],
 )
 def test_more_bad_q3r_options_raise_and_change_nothing(options, message):
@@ -410,3 +414,18 @@ def test_more_bad_q3r_options_raise_and_change_nothing(options, message):
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"][0] is q
     with pytest.raises((ValueError, TypeError), match=message):
         q3r.AdamQ3R([{"params": [p], "q3r": True, **options}])
+
+
+def test_numpy_integer_options_are_taken_as_ints():
+    """A rank or a period from a NumPy sweep (np.arange) was refused as "must be an int" while a
+    NumPy float lambda was taken; kept as plain ints (a weights_only checkpoint needs them)."""
+    np = pytest.importorskip("numpy")
+    p = torch.nn.Parameter(torch.randn(10, 8))
+    opt = q3r.AdamQ3R([{"params": [p], "q3r": True, "target_rank": np.int64(2), "steps": np.int64(3)}], lr=1e-3)
+    assert type(opt.param_groups[0]["target_rank"]) is int and type(opt.param_groups[0]["steps"]) is int
+    p.grad = torch.ones_like(p)
+    opt.step()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 10))
+    reg = q3r.Q3R(q3r.find_targets(model, ["0"], target_rank=np.int64(2)), steps=np.int64(3))
+    assert type(reg.options["steps"]) is int
+    reg.penalty().backward()

@@ -199,8 +199,10 @@ def resolve_rank(target_rank, d1: int, d2: int, rule: str = "params", name: str 
     """
     if rule not in RANK_RULES:
         raise ValueError(f"rank_rule must be one of {RANK_RULES}, got {rule!r}")
-    if isinstance(target_rank, bool) or not isinstance(target_rank, (int, float)):
+    if isinstance(target_rank, bool) or not isinstance(target_rank, (numbers.Integral, float)):
         raise TypeError(f"target_rank of {name} must be an int or a float, got {target_rank!r}")
+    if not isinstance(target_rank, float):
+        target_rank = int(target_rank)  # (a NumPy integer, from a sweep)
     lo, hi = min(d1, d2), max(d1, d2)
     if isinstance(target_rank, float):
         if not (0.0 < target_rank < 1.0):

@@ -56,7 +56,7 @@ class Q3R:
         unknown = set(options) - set(_SCALAR_OPTIONS)
         if unknown:
             raise TypeError(f"Q3R got unknown arguments {sorted(unknown)}")
-        self.options = {key: options.get(key, Q3R_DEFAULTS[key]) for key in _SCALAR_OPTIONS}
+        self.options = plain_values({key: options.get(key, Q3R_DEFAULTS[key]) for key in _SCALAR_OPTIONS})
         validate_q3r_options({**Q3R_DEFAULTS, **self.options}, "Q3R")
         if self.options["refresh_options"] is not None:  # a copy: the caller's dict may change later
             self.options["refresh_options"] = dict(self.options["refresh_options"])

@@ -48,7 +48,9 @@ class Target:
 
 def validate_slices(shape, slice_dim, slices, name: str) -> list[tuple[int, int]] | None:
     """Check slices of a 2-D weight: in bounds, non-empty, non-overlapping (SPEC section 5)."""
-    if slice_dim not in (0, 1):
+    # (True is == 1: it passed here and failed at the first refresh, in narrow(), after the
+    # optimizer had made the target's state)
+    if isinstance(slice_dim, bool) or slice_dim not in (0, 1):
         raise ValueError(f"slice_dim of {name} must be 0 (rows) or 1 (columns), got {slice_dim!r}")
     if slices is None:
         return None

@@ -121,7 +121,11 @@ class AdamQ3R(Optimizer):
         # torch >= 2.6 takes (name, parameter) pairs; its add_param_group splits them below
         param_names = [q[0] for q in params] if params and all(isinstance(q, tuple) for q in params) else None
         params = [q[1] for q in params] if param_names is not None else params
-        merged = {**self.defaults, **param_group, "params": params}
+        # (checked as they will be kept, plain values: a NumPy integer, target_rank=np.int64(2) or
+        # steps from an np.arange sweep, was refused as "must be an int", while a NumPy float passed)
+        merged = {**self.defaults, **param_group, **plain_values({key: param_group[key] for key in
+                                                                  Q3R_DEFAULTS.keys() & param_group.keys()}),
+                  "params": params}
         if param_names is not None:
             merged["param_names"] = param_names
         _check_adam_flags(merged, where)
@@ -135,7 +139,10 @@ class AdamQ3R(Optimizer):
                 raise ValueError(f"{where}: parameter {twice} of the group is listed twice (a Q3R target is "
                                  "regularized once: list each parameter once)")
             names = []
-            for p in params:
+            for index, p in enumerate(params):
+                if p.dim() == 2:  # (before _names counts the slices: a (start, stop, step) slice failed there
+                    # with "too many values to unpack", naming neither the option nor the value)
+                    validate_slices(p.shape, merged["slice_dim"], merged["slices"], f"{where} param {index}")
                 p_names = self._names(merged, params, p, where)
                 slice_configs(p.shape, merged, p_names)
                 distributed.check_sharding(p, where)
