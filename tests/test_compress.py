@@ -494,6 +494,31 @@ def test_a_strict_load_refuses_a_file_with_tensors_the_model_lacks(tmp_path):
     assert isinstance(load_compressed(model, tmp_path / "small.safetensors", strict=False)[0], LowRankLinear)
 
 
+def test_a_non_strict_load_refuses_a_file_that_lacks_the_tensors_of_a_factored_module(tmp_path):
+    # strict=False loads what matches by name, but a factored module the file's layout puts in
+    # place of a dense layer has only the random init of its factors: a file without its
+    # tensors swapped a trained layer for noise, silently
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    small, _ = compress(_mlp(), ["0", "2"], rank=3)
+    save_compressed(small, tmp_path / "small.safetensors")
+    with safe_open(tmp_path / "small.safetensors", framework="pt") as f:
+        meta = f.metadata()
+    head_only = {k: v for k, v in load_file(tmp_path / "small.safetensors").items() if k.startswith("2.")}
+    save_file(head_only, tmp_path / "partial.safetensors", metadata=meta)
+    model = _mlp()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"0\.(up|down|bias): missing from the file, which lists its module as factored"):
+        load_compressed(model, tmp_path / "partial.safetensors", strict=False)
+    _assert_unchanged(model, before)
+    # (a model with extra tensors of its own still loads non-strictly, and its factors are the file's)
+    model = _mlp()
+    model.extra = nn.Linear(2, 2)
+    load_compressed(model, tmp_path / "small.safetensors", strict=False)
+    assert torch.equal(model[0].up, small[0].up) and torch.equal(model[2].down, small[2].down)
+
+
 def test_save_and_load_without_safetensors_say_how_to_get_it(tmp_path, monkeypatch, model_and_input):
     model, _ = model_and_input
     small, _ = compress(copy.deepcopy(model), PATTERNS, fraction=0.3)

@@ -763,9 +763,12 @@ def _rebuilt_embedding(old: nn.Module, name: str, spec: dict, path) -> LowRankEm
     return new
 
 
-def _load_state(model: nn.Module, path, strict: bool) -> None:
+def _load_state(model: nn.Module, path, strict: bool, rebuilt: tuple[str, ...] = ()) -> None:
     """safetensors' load_model, except that every name and shape is checked before the first
-    tensor is copied (load_model copies what fits, then raises, leaving the model half-loaded)."""
+    tensor is copied (load_model copies what fits, then raises, leaving the model half-loaded).
+    ``rebuilt``: names of the factored modules the load put in place of dense ones; their
+    tensors must be in the file even when ``strict`` is False (they hold only their random
+    init: a file that lacks them would silently swap a trained layer for noise)."""
     from safetensors.torch import load_file
 
     state, own = load_file(str(path)), model.state_dict()
@@ -775,12 +778,15 @@ def _load_state(model: nn.Module, path, strict: bool) -> None:
                          "(materialize it first, e.g. model.to_empty(device='cpu'))")
     problems = [f"{k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
                 for k, v in state.items() if k in own and v.shape != own[k].shape]
+    # save_model stores a tensor shared by several names (tied weights) under one of them:
+    # a tensor the file lacks is covered where it is the same view of memory as one it holds
+    loaded = {_view_key(own[k]) for k in state if k in own}
+    required = {k for k in own if any(k.startswith(f"{name}.") for name in rebuilt)}
+    problems += [f"{k}: missing from the file, which lists its module as factored" for k in own
+                 if k in required and k not in state and _view_key(own[k]) not in loaded]
     if strict:
-        # save_model stores a tensor shared by several names (tied weights) under one of them:
-        # a tensor the file lacks is covered where it is the same view of memory as one it holds
-        loaded = {_view_key(own[k]) for k in state if k in own}
         problems += [f"{k}: missing from the file" for k, v in own.items()
-                     if k not in state and _view_key(v) not in loaded]
+                     if k not in state and _view_key(v) not in loaded and k not in required]
         problems += [f"{k}: not in the model" for k in state if k not in own]
     if problems:
         raise ValueError(f"{path} does not fit the model ({len(problems)} problems): " + "; ".join(problems[:10]))
@@ -800,7 +806,9 @@ def load_compressed(model: nn.Module, path: str, strict: bool = True) -> nn.Modu
     compiled submodules: names are matched as in the uncompiled model; a compiled layer that
     is replaced by factors is left uncompiled. ``strict`` (default True): every tensor of the
     model must be in the file and every tensor of the file in the model; False loads those
-    that match by name (shapes are checked either way). Returns ``model``."""
+    that match by name (shapes are checked either way), except that the tensors of every
+    factored module the file's layout puts in place of a dense one must be in it (else that
+    layer would be left with the random init of its factors). Returns ``model``."""
     with uncompiled(model) as plain:
         _load_compressed(plain, path, strict)
     return model
@@ -830,7 +838,7 @@ def _load_compressed(model: nn.Module, path: str, strict: bool) -> None:
     if not isinstance(layout, dict):
         raise ValueError(f"{path}: damaged {_METADATA_KEY!r} metadata (not a mapping of module names)")
     # every replacement is built and checked before the first one is swapped in
-    swaps = []
+    swaps, rebuilt = [], []
     for name, spec in layout.items():
         new = _rebuilt_module(model, name, spec, path)
         old = model.get_submodule(name)
@@ -843,10 +851,11 @@ def _load_compressed(model: nn.Module, path: str, strict: bool) -> None:
                 parent_name, _, child = alias.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
                 swaps.append((parent, child, old, new))
+                rebuilt.append(alias)
     for parent, child, _, new in swaps:
         setattr(parent, child, new)
     try:
-        _load_state(model, path, strict)
+        _load_state(model, path, strict, tuple(rebuilt))
     except BaseException:  # (put the dense modules back: the model is left unchanged)
         for parent, child, old, _ in swaps:
             setattr(parent, child, old)
