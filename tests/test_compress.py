@@ -453,6 +453,25 @@ def test_rank_rule_is_checked_when_fraction_or_rank_is_given(fn, kwargs):
     _assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("fn", [compress, truncate_weights_])
+def test_rank_rule_reference_applies_to_fraction_and_rank_as_in_training(fn):
+    """fraction=f / rank=r under rank_rule="reference" cut where target_rank=f / r trained under
+    it (int(f max), int(r max / min)); they were cut by the "params" rule, without a word."""
+    model = nn.Sequential(nn.Linear(128, 32))  # a 32 x 128 weight
+    for kwargs, expected in ((dict(fraction=0.2), 25), (dict(rank=2), 8)):  # int(0.2 * 128), int(2 * 128 / 32)
+        trained = q3r.find_targets(model, ["0"], rank_rule="reference", target_rank=[*kwargs.values()][0])[0]
+        assert q3r.reference.resolve_rank(trained.target_rank, 32, 128, "reference") == expected
+        out = fn(model, ["0"], rank_rule="reference", **kwargs, **({"copy": True} if fn is compress else {}))
+        if fn is compress:
+            assert out[0][0].up.shape == (32, expected) and out[1].slices[0].rank == expected
+        else:
+            assert torch.linalg.matrix_rank(out[0].weight.double(), rtol=1e-5) == expected
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"resolves to rank 32 for a 32x128 matrix"):  # int(0.25 * 128) = min
+        fn(model, ["0"], fraction=0.25, rank_rule="reference")
+    _assert_unchanged(model, before)
+
+
 def test_unclear_inputs_get_errors_naming_the_parameter_or_file(tmp_path):
     from safetensors.torch import load_file, save_file
 

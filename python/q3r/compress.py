@@ -348,6 +348,8 @@ def _slice_ranks(t: Target, fraction, rank, rank_rule: str) -> list[int | None]:
             raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
         if fraction == 1.0:
             return [None] * len(shapes)
+        if rank_rule == "reference":  # (as training resolves target_rank=f under it)
+            return [reference.resolve_rank(float(fraction), d1, d2, rank_rule, t.name) for d1, d2 in shapes]
         ranks = [reference.fraction_rank(fraction, d1, d2) for d1, d2 in shapes]  # (resolve_rank's rule)
         for r, (d1, d2) in zip(ranks, shapes):
             if r < 1:
@@ -357,6 +359,8 @@ def _slice_ranks(t: Target, fraction, rank, rank_rule: str) -> list[int | None]:
     if rank is not None:
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise TypeError(f"rank must be an int, got {rank!r}")
+        if rank_rule == "reference":
+            return [reference.resolve_rank(rank, d1, d2, rank_rule, t.name) for d1, d2 in shapes]
         for d1, d2 in shapes:
             if not (1 <= rank <= min(d1, d2)):
                 raise ValueError(f"rank={rank} is out of range for a {d1}x{d2} slice of {t.name}: need 1 <= rank <= {min(d1, d2)}")
@@ -559,6 +563,10 @@ def compress(model: nn.Module, targets, *, fraction=None, rank=None, rank_rule: 
     fraction: f in (0, 1) keeps r = floor(f d1 d2 / (d1 + d2)) per slice; 1.0 keeps targets dense.
     rank: one int rank for every slice (min(d1, d2) is allowed and is exact).
     Neither: each target's ``target_rank`` under ``rank_rule``.
+    rank_rule="reference" (the published code's rule, SPEC section 3) applies to fraction and
+    rank too, as training applies it to target_rank: f -> int(f max(d1, d2)), r ->
+    int(r max(d1, d2) / min(d1, d2)), below min(d1, d2): a run trained with target_rank=f
+    under it is cut where it was pushed by fraction=f with it.
     copy: compress a deep copy and leave ``model`` untouched (default: in place).
 
     Returns (compressed model, :class:`CompressionReport`).
