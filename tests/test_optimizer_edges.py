@@ -492,6 +492,70 @@ def test_a_step_refused_for_a_switched_on_group_leaves_no_state_behind():
     assert all(int(opt.state[p]["q3r"][0]["refreshes"]) == 1 for p in (a, b))
 
 
+@pytest.mark.parametrize("group, change, message", [
+    (0, {"lmbda": -1.0}, r"param group 0: lmbda must be a finite number >= 0, got -1.0"),
+    (0, {"lmbda": float("nan")}, r"param group 0: lmbda must be a finite number >= 0, got nan"),
+    (0, {"steps": 0}, r"param group 0: steps \(the refresh period\) must be an int >= 1, got 0"),
+    (1, {"slices": [(0, 20), (20, 37)], "target_rank": [2, 3]},
+     r"param group 1: slice_dim=0, slices=\[\(0, 20\), \(20, 37\)\] cut parameter 0 \(37, 53\) into 2 slices"),
+    (1, {"slice_dim": 1}, r"param group 1: slice_dim=1, .* its Q3R state, made by earlier steps, is for 3 other ones"),
+    # (a list changed in place: compared with a copy of the last options seen, not with itself)
+    (1, "target_rank[2] = 100", r"target_rank of AdamQ3R param group 1 param 0 resolves to rank 100 for a 13x53"),
+])
+def test_options_changed_in_param_groups_after_steps_are_checked_before_any_update(group, change, message):
+    """param_groups is where torch's schedulers write (lr; a lambda schedule writes lmbda the
+    same way): a Q3R option changed there was used unchecked (lmbda=nan: NaN weights; -1: used;
+    steps=0: ZeroDivisionError), and new slices failed inside the update with some parameters
+    updated. Now refused before any update, naming the group, and usable again once put back."""
+    torch.manual_seed(1)
+    B, A, b = (torch.nn.Parameter(torch.randn(*shape)) for shape in ((20, 16), (37, 53), (5,)))
+    opt = q3r.AdamQ3R([{"params": [B], "q3r": True, "target_rank": 2, "steps": 3},
+                       {"params": [A], "q3r": True, "target_rank": [2, 3, 4], "slices": [(0, 11), (11, 24), (24, 37)],
+                        "steps": 3},
+                       {"params": [b]}], lr=1e-2)
+
+    def step():
+        for p in (B, A, b):
+            p.grad = torch.full_like(p, 0.1)
+        opt.step()
+
+    step(), step()
+    saved = copy.deepcopy({key: opt.param_groups[group][key] for key in
+                           (["target_rank"] if isinstance(change, str) else change)})
+    before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in (B, A, b)]
+    if isinstance(change, str):
+        opt.param_groups[group]["target_rank"][2] = 100
+    else:
+        opt.param_groups[group].update(change)
+    with pytest.raises(ValueError, match=message):
+        step()
+    after = opt.state_dict()
+    assert all(torch.equal(p, q) for p, q in zip(before[1], (B, A, b)))
+    assert all(torch.equal(before[0]["state"][i]["step"], after["state"][i]["step"]) for i in after["state"])
+    assert all(torch.equal(before[0]["state"][i]["exp_avg"], after["state"][i]["exp_avg"]) for i in after["state"])
+    opt.param_groups[group].update(saved)
+    step()  # (refreshes: step 3)
+    assert all(torch.isfinite(p).all() for p in (B, A, b))
+
+
+def test_a_lambda_schedule_in_param_groups_is_followed():
+    """lmbda written into param_groups each step, as a scheduler writes lr, is the lmbda used:
+    a step at lmbda 0 is Adam's own (the Q3R term leaves the weight alone), one at 0.5 is not."""
+    torch.manual_seed(2)
+    W = torch.nn.Parameter(torch.randn(12, 10))
+    twin = torch.nn.Parameter(W.detach().clone())
+    opt = q3r.AdamQ3R([{"params": [W], "q3r": True, "target_rank": 2, "lmbda": 0.5}], lr=1e-2)
+    adam = torch.optim.Adam([twin], lr=1e-2)
+    for lmbda, same in ((0.0, True), (0.5, False)):
+        opt.param_groups[0]["lmbda"] = lmbda
+        grad = torch.randn(12, 10)
+        W.grad, twin.grad = grad.clone(), grad.clone()
+        opt.step(), adam.step()
+        assert torch.equal(W, twin) is same
+        with torch.no_grad():
+            twin.copy_(W)
+
+
 def test_building_an_optimizer_of_many_targets_is_not_quadratic(monkeypatch):
     """q3r.param_groups makes one group per target: checking each new group's slice names
     against all earlier groups' again was quadratic (1000 targets: 1.33 s against 0.22 s)."""

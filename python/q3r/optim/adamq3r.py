@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
+import operator
 import warnings
 from collections.abc import Mapping
 from typing import Callable
@@ -28,6 +30,7 @@ __all__ = ["AdamQ3R"]
 # torch.optim.Adam options AdamQ3R does not have (refused as constructor arguments too): in a
 # param group they would be ignored, and amsgrad / maximize change the update rule
 _ADAM_ONLY_FLAGS = ("amsgrad", "maximize", "foreach", "fused", "capturable", "differentiable")
+_Q3R_OPTIONS_OF = operator.itemgetter(*Q3R_DEFAULTS)  # a group's Q3R options, as a tuple
 
 
 def _check_adam_flags(group: dict, where: str, flags: tuple[str, ...] = _ADAM_ONLY_FLAGS) -> None:
@@ -223,6 +226,50 @@ class AdamQ3R(Optimizer):
         validate_q3r_options(group, f"AdamQ3R param group {index}")
         self._group_configs(group, p)
 
+    # the options that decide the targets' slices and their Q3R state (the others are read afresh
+    # at every step or refresh)
+    _STRUCTURAL_OPTIONS = ("slices", "slice_dim", "names", "target_rank", "rank_rule")
+
+    def _check_changed_options(self, gi: int, group: dict) -> None:
+        """A Q3R group's options where they changed since the last step (a scheduler writing
+        ``lmbda`` into param_groups, as torch's schedulers write ``lr``; a hand edit): checked as
+        add_param_group checks them, and slices that no longer fit the Q3R state the group's
+        parameters hold are refused, all before any update. (Unchecked, lmbda=nan turned the
+        weights to NaN, a negative lmbda was used, steps=0 raised ZeroDivisionError, and new
+        slices failed inside the update with some parameters updated.) Compared by value with
+        the last options seen; a step where nothing changed costs one tuple comparison."""
+        seen = self.__dict__.setdefault("_options_seen", {})
+        try:
+            now = _Q3R_OPTIONS_OF(group)
+        except KeyError:  # (a group loaded from an older checkpoint may lack later options)
+            now = tuple(group.get(key) for key in Q3R_DEFAULTS)
+        last = seen.get(id(group))
+        try:
+            if last is not None and last[0] is group and last[1] == now:
+                return
+        except RuntimeError:  # (a tensor of several elements written into an option: refused below)
+            pass
+        where = f"AdamQ3R param group {gi}"
+        validate_q3r_options(group, where)
+        structural = last is None or last[0] is not group or any(
+            a != b for key, a, b in zip(Q3R_DEFAULTS, last[1], now) if key in self._STRUCTURAL_OPTIONS)
+        if structural:
+            for p in group["params"]:
+                self._group_configs(group, p)  # (slices in bounds, one name per slice, ranks in range)
+                slices = (self.state.get(p) or {}).get("q3r")
+                if slices is None:
+                    continue
+                shapes = slice_shapes(p.shape, group["slice_dim"], group["slices"])
+                problems = [why for s, (d1, d2) in zip(slices, shapes) if (why := slice_state_problem(p, s, d1, d2))]
+                if len(slices) != len(shapes) or problems:
+                    index = next(i for i, q in enumerate(group["params"]) if q is p)
+                    raise ValueError(
+                        f"{where}: slice_dim={group['slice_dim']!r}, slices={group['slices']!r} cut parameter {index} "
+                        f"{tuple(p.shape)} into {len(shapes)} slices of {shapes}, but its Q3R state, made by earlier "
+                        f"steps, is for {len(slices)} other ones{': ' + problems[0] if problems else ''}; put the "
+                        "slicing back, or build a new optimizer for the new one")
+        seen[id(group)] = (group, copy.deepcopy(now))
+
     def refresh(self, due: list[tuple[torch.Tensor, dict]], before_wait: Callable[[], None] | None = None) -> None:
         """Refresh the factors of the given (parameter, group) pairs from their current weights.
 
@@ -345,7 +392,9 @@ class AdamQ3R(Optimizer):
             warnings.warn("AdamQ3R has no q3r=True param group, so it steps as AdamW with no Q3R term; build the "
                           "groups with q3r.param_groups(model, q3r.find_targets(model, ...))", stacklevel=4)
         # (every check before any update; this loop runs every step, so each attribute is read once)
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
+            if group["q3r"]:
+                self._check_changed_options(gi, group)
             for p in group["params"]:
                 g = p.grad
                 if g is None:
