@@ -271,6 +271,36 @@ def test_save_load_resume_is_bitwise_identical():
         assert torch.equal(p, q), n
 
 
+def test_loading_a_checkpoint_whose_options_cut_the_targets_otherwise_warns():
+    """The saved options win, as in torch (the Q3R state is made for them), but a checkpoint
+    whose slices or ranks differ from the optimizer's own replaced them without a word: a run
+    resumed after a change of target_rank trained at the old one. A resume with the same
+    options says nothing."""
+    import warnings
+
+    def build(slices, rank):
+        torch.manual_seed(1)
+        A = torch.nn.Parameter(torch.randn(37, 53))
+        return A, q3r.AdamQ3R([{"params": [A], "q3r": True, "target_rank": rank, "slices": slices}], lr=1e-2)
+
+    A, opt = build([(0, 11), (11, 24), (24, 37)], [2, 3, 4])
+    A.grad = torch.ones_like(A)
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    same = build([(0, 11), (11, 24), (24, 37)], [2, 3, 4])[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        buf.seek(0)
+        same.load_state_dict(torch.load(buf, weights_only=True))
+    other = build([(0, 20), (20, 37)], [5, 5])[1]
+    buf.seek(0)
+    with pytest.warns(RuntimeWarning, match=r"group 0: slices \[\(0, 20\), \(20, 37\)\] -> \[\(0, 11\), \(11, 24\), "
+                                            r"\(24, 37\)\]; group 0: target_rank \[5, 5\] -> \[2, 3, 4\]"):
+        other.load_state_dict(torch.load(buf, weights_only=True))
+    assert other.param_groups[0]["target_rank"] == [2, 3, 4] and len(other.state[other.param_groups[0]["params"][0]]["q3r"]) == 3
+
+
 def test_state_dict_keeps_fp32_factors_for_bf16_weights():
     model, opt = _build(dtype=torch.bfloat16)
     for i in range(2):

@@ -31,6 +31,9 @@ __all__ = ["AdamQ3R"]
 # param group they would be ignored, and amsgrad / maximize change the update rule
 _ADAM_ONLY_FLAGS = ("amsgrad", "maximize", "foreach", "fused", "capturable", "differentiable")
 _Q3R_OPTIONS_OF = operator.itemgetter(*Q3R_DEFAULTS)  # a group's Q3R options, as a tuple
+# the options that cut a group's targets into slices of some rank, which its Q3R state is made
+# for (the others are read afresh at every step or refresh)
+_CUT_OPTIONS = ("slices", "slice_dim", "target_rank", "rank_rule")
 
 
 def _check_adam_flags(group: dict, where: str, flags: tuple[str, ...] = _ADAM_ONLY_FLAGS) -> None:
@@ -226,9 +229,6 @@ class AdamQ3R(Optimizer):
         validate_q3r_options(group, f"AdamQ3R param group {index}")
         self._group_configs(group, p)
 
-    # the options that decide the targets' slices and their Q3R state (the others are read afresh
-    # at every step or refresh)
-    _STRUCTURAL_OPTIONS = ("slices", "slice_dim", "names", "target_rank", "rank_rule")
 
     def _check_changed_options(self, gi: int, group: dict) -> None:
         """A Q3R group's options where they changed since the last step (a scheduler writing
@@ -252,7 +252,7 @@ class AdamQ3R(Optimizer):
         where = f"AdamQ3R param group {gi}"
         validate_q3r_options(group, where)
         structural = last is None or last[0] is not group or any(
-            a != b for key, a, b in zip(Q3R_DEFAULTS, last[1], now) if key in self._STRUCTURAL_OPTIONS)
+            a != b for key, a, b in zip(Q3R_DEFAULTS, last[1], now) if key in (*_CUT_OPTIONS, "names"))
         if structural:
             for p in group["params"]:
                 self._group_configs(group, p)  # (slices in bounds, one name per slice, ranks in range)
@@ -537,7 +537,13 @@ class AdamQ3R(Optimizer):
         each target is refreshed at its next step.  (A method, not load hooks: hooks are not
         kept by copy.deepcopy or pickling of an optimizer.)"""
         state_dict, stash = self._checked_for_load(state_dict)
+        replaced = _replaced_options(self.param_groups, state_dict["param_groups"])
         super().load_state_dict(state_dict)
+        if replaced:  # (torch's rule: the saved options win; said where they cut the targets otherwise)
+            warnings.warn("AdamQ3R.load_state_dict: the checkpoint's options replace this optimizer's, as torch's "
+                          "optimizers do, and these cut the targets otherwise: " + "; ".join(replaced) + ". The Q3R "
+                          "state is the checkpoint's, for its options; to train with new ones, build a new optimizer",
+                          RuntimeWarning, stacklevel=2)
         self.__dict__.pop("_names_taken", None)  # (the saved groups' names replace these)
         self.__dict__.pop("_clock", None)  # (counted again from the loaded step counts)
         for p, slices, shapes in stash:
@@ -661,6 +667,19 @@ class AdamQ3R(Optimizer):
         for s, (d1, d2) in zip(slices, shapes):
             if (why := slice_state_problem(p, s, d1, d2)) is not None:
                 raise ValueError(f"state_dict {where}: {why}: it comes from a different model or is damaged")
+
+
+def _replaced_options(groups: list[dict], saved_groups: list[dict]) -> list[str]:
+    """'group i: key this -> saved' for each option of a Q3R group that decides its targets'
+    slices and ranks and that a loaded group replaces with another value (slices compared as
+    pairs: a checkpoint may hold them as lists)."""
+    def plain(key, value):
+        return [tuple(pair) for pair in value] if key == "slices" and value is not None else value
+
+    return [f"group {gi}: {key} {group.get(key)!r} -> {saved.get(key)!r}"
+            for gi, (group, saved) in enumerate(zip(groups, saved_groups)) if group.get("q3r") and saved.get("q3r")
+            for key in _CUT_OPTIONS
+            if key in saved and plain(key, group.get(key)) != plain(key, saved[key])]
 
 
 def _step_problem(step) -> str | None:
