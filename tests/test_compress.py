@@ -443,6 +443,34 @@ def test_save_compressed_refuses_the_reserved_metadata_key(tmp_path):
     assert not (tmp_path / "small.safetensors").exists()
 
 
+def test_a_folder_given_for_the_file_is_named_and_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    """A folder (a save_pretrained folder, say) got safetensors' "No such device (os error 19)"
+    on load and "Is a directory" on save, naming no path. A save cut short (here: the writer
+    raising after writing part of the file) must leave the previous file whole and no stray
+    file behind, whatever the installed safetensors does."""
+    import safetensors.torch
+
+    small, _ = compress(_mlp(), ["0"], rank=3)
+    with pytest.raises(ValueError, match=rf"save_compressed: {tmp_path} is a folder; give the path of the "):
+        save_compressed(small, tmp_path)
+    with pytest.raises(ValueError, match=rf"load_compressed: {tmp_path} is a folder"):
+        load_compressed(_mlp(), tmp_path)
+    assert not list(tmp_path.iterdir())
+    path = tmp_path / "small.safetensors"
+    save_compressed(small, path)
+    good = path.read_bytes()
+
+    def cut_short(model, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(good[: len(good) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        save_compressed(compress(_mlp(seed=1), ["0"], rank=3)[0], path)
+    assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["small.safetensors"]
+
+
 @pytest.mark.parametrize("fn", [compress, truncate_weights_])
 @pytest.mark.parametrize("kwargs", [dict(fraction=0.3), dict(rank=2)])
 def test_rank_rule_is_checked_when_fraction_or_rank_is_given(fn, kwargs):

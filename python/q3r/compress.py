@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy as copy_module
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
+from ._files import atomic_path
 from ._precision import autocast_off
 from .distributed import is_sharded
 from .targets import (Target, _find_targets, resolve_slice_ranks, slice_shapes, slice_views, uncompiled,
@@ -697,7 +699,20 @@ def save_compressed(model: nn.Module, path: str, metadata: dict | None = None) -
     with uncompiled(model) as plain:
         plain = plain.module if _is_ddp(plain) else plain  # (the names of the model DDP wraps, as load wants them)
         _refuse_sharded(plain, "save_compressed")
-        save_model(plain, str(path), metadata={_METADATA_KEY: json.dumps(_layout(plain)), **extra})
+        _refuse_directory(path, "save_compressed")
+        layout = json.dumps(_layout(plain))
+        # (written next to it and moved over it: a save cut short leaves the previous file whole,
+        # whether or not the installed safetensors writes atomically itself)
+        with atomic_path(path) as tmp:
+            save_model(plain, str(tmp), metadata={_METADATA_KEY: layout, **extra})
+
+
+def _refuse_directory(path, where: str) -> None:
+    """A folder given for the file (a save_pretrained folder, say) gets an error naming it;
+    safetensors said only "No such device (os error 19)" or "Is a directory"."""
+    if os.path.isdir(path):
+        raise ValueError(f"{where}: {path} is a folder; give the path of the .safetensors file "
+                         "(save_compressed writes one file, e.g. small.safetensors)")
 
 
 def _dense_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -832,6 +847,7 @@ def _load_compressed(model: nn.Module, path: str, strict: bool) -> None:
     # (safetensors' error type: top-level in the versions we test; any error of an older one)
     SafetensorError = getattr(safetensors, "SafetensorError", Exception)
 
+    _refuse_directory(path, "load_compressed")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
