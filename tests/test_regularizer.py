@@ -68,6 +68,30 @@ def test_in_place_mode_equals_autograd_mode():
     assert reg_a.num_steps == reg_b.num_steps == 5
 
 
+def test_lambda_can_be_set_between_steps_and_is_checked():
+    """A warm-up of the term: reg.lmbda set between steps is the lambda the next term uses
+    (penalty and add_grad_), checked as the constructor checks it; a refused value changes
+    nothing."""
+    torch.manual_seed(3)
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.7, steps=5)
+    qkv = model.blocks[0].attn.qkv.weight
+    first = reg.penalty()
+    for bad in (-1.0, float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match=r"Q3R: lmbda must be a finite number >= 0, got"):
+            reg.lmbda = bad
+        assert reg.lmbda == 0.7
+    reg.lmbda = 0.35
+    torch.testing.assert_close(reg.penalty(), first / 2)  # (same factors: no refresh at step 1)
+    reg.lmbda = 0.0
+    qkv.grad = torch.zeros_like(qkv)
+    reg.add_grad_()
+    assert not qkv.grad.any()
+    np = pytest.importorskip("numpy")
+    reg.lmbda = np.float32(0.25)  # (kept as a plain float: a state dict with it loads weights_only)
+    assert type(reg.state_dict()["options"]["lmbda"]) is float
+
+
 def test_attach_adds_gradient_inside_step_and_refreshes_every_T():
     torch.manual_seed(2)
     model = TinyViT()

@@ -82,7 +82,14 @@ class Q3R:
 
     @property
     def lmbda(self) -> float:
+        """lambda; may be set between steps (a warm-up of the term, as AdamQ3R's groups take a
+        new ``lmbda`` written into param_groups), checked as the constructor checks it."""
         return self.options["lmbda"]
+
+    @lmbda.setter
+    def lmbda(self, value) -> None:
+        validate_q3r_options({**Q3R_DEFAULTS, **self.options, "lmbda": value}, "Q3R")
+        self.options["lmbda"] = plain_values(value)
 
     def _target_options(self, t: Target) -> dict:
         return {**Q3R_DEFAULTS, **self.options, "slices": t.slices, "slice_dim": t.slice_dim, "target_rank": t.target_rank}
