@@ -56,6 +56,26 @@ def test_a_qkv_laid_out_per_head_is_left_whole_with_a_warning():
     assert t.slices == [(0, 24), (24, 48)]  # (the user's layout, no warning needed)
 
 
+def test_a_qkv_that_is_not_three_heads_times_head_dim_is_left_whole_with_a_warning():
+    # timm's GCViT global attention: its qkv holds K and V only (2 x heads x head_dim rows), in a
+    # block with num_heads; at gcvit_small's widths (dim 96, 3 heads) 192 rows divide by 3, and
+    # fused="auto" cut them into "q, k, v" thirds that straddle K and V
+    class Attention(torch.nn.Module):
+        def __init__(self, dim, heads, kv_only):
+            super().__init__()
+            self.num_heads, self.head_dim = heads, dim // heads
+            self.qkv = torch.nn.Linear(dim, (2 if kv_only else 3) * dim)
+
+    model = torch.nn.Module()
+    model.glob, model.local = Attention(12, 3, kv_only=True), Attention(12, 3, kv_only=False)
+    with pytest.warns(UserWarning, match="not a Q, K, V triple") as caught:
+        targets = {t.name: t for t in q3r.find_targets(model, ["qkv"], target_rank=2)}
+    assert targets["glob.qkv.weight"].slices is None
+    assert targets["local.qkv.weight"].slices == [(0, 12), (12, 24), (24, 36)]  # (a Q, K, V triple: cut as before)
+    (w,) = [w for w in caught if "triple" in str(w.message)]
+    assert str(w.message).startswith("glob.qkv (Attention.qkv: 24 rows, not 3 x 3 heads x 4)") and w.filename == __file__
+
+
 def test_rank_overrides_and_per_slice_ranks():
     model = TinyViT(dim=24)
     targets = q3r.find_targets(model, ["attn.qkv", "mlp.fc1"], target_rank=0.25, rank_overrides={"mlp.fc1": 5})

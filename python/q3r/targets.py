@@ -196,13 +196,15 @@ def uncompiled(model: nn.Module):
                 parent._modules[name] = wrapper
 
 
-def _auto_fused(parent: nn.Module | None, child_name: str, module: nn.Module, name: str, per_head: list[str]):
+def _auto_fused(parent: nn.Module | None, child_name: str, module: nn.Module, name: str, per_head: list[str],
+                not_three: list[str] | None = None):
     """(slice_dim, slices, labels) for fused QKV weights we recognize, else None.
 
     timm Attention: ``qkv`` Linear of an attention block (it has ``num_heads``), weight (3d, d):
     row slices. Hugging Face GPT-2: ``c_attn`` Conv1D (weight (d, 3d), ``nf`` attribute):
     column slices. A qkv laid out per head (its block has ``key_dim``) is left whole: its
-    module name goes into per_head, for one warning naming them all (find_targets).
+    module name goes into per_head, for one warning naming them all (find_targets). So is a
+    qkv whose rows are not 3 x num_heads x head_dim where its block says both (``not_three``).
     """
     weight = getattr(module, "weight", None)
     if weight is None or weight.dim() != 2:
@@ -213,6 +215,16 @@ def _auto_fused(parent: nn.Module | None, child_name: str, module: nn.Module, na
             # for each head h (view(B, N, heads, -1).split(...)): thirds of the rows would mix
             # Q, K and V of different heads (half of the "q" slice of tiny_vit_5m_224 was K and V)
             per_head.append(f"{name} ({type(parent).__name__}.{child_name})")
+            return None
+        heads, head_dim = getattr(parent, "num_heads", None), getattr(parent, "head_dim", None)
+        if (isinstance(heads, int) and isinstance(head_dim, int) and not isinstance(heads, bool)
+                and weight.shape[0] != 3 * heads * head_dim):
+            # timm's GCViT global attention: its qkv holds K and V only (2 x heads x head_dim rows,
+            # kv.reshape(B, N, 2, heads, head_dim)), which divide by 3 at gcvit_small's widths:
+            # thirds would straddle K and V
+            if not_three is not None:
+                not_three.append(f"{name} ({type(parent).__name__}.{child_name}: {weight.shape[0]} rows, "
+                                 f"not 3 x {heads} heads x {head_dim})")
             return None
         third = weight.shape[0] // 3
         return 0, [(0, third), (third, 2 * third), (2 * third, 3 * third)], ["q", "k", "v"]
@@ -273,7 +285,7 @@ def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, s
         unmatched = [p for p in patterns if not any(_matches(p, name) for name in parents if name)]
         if unmatched:
             raise ValueError(f"{option} patterns {unmatched!r} match no module of the model")
-    targets, used, per_head = [], set(), []
+    targets, used, per_head, not_three = [], set(), [], []
     for name, module in modules:
         if not name or not any(_matches(p, name) for p in include) or any(_matches(p, name) for p in exclude):
             continue
@@ -302,7 +314,8 @@ def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, s
         labels: list[str] = []
         if spec is not None:
             slice_dim, cuts = spec
-        elif fused == "auto" and (auto := _auto_fused(parents.get(parent_name), child, module, name, per_head)) is not None:
+        elif fused == "auto" and (auto := _auto_fused(parents.get(parent_name), child, module, name,
+                                                              per_head, not_three)) is not None:
             slice_dim, cuts, labels = auto
         else:
             slice_dim, cuts = 0, None
@@ -318,6 +331,10 @@ def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, s
         warnings.warn(f"{shown}: their attention blocks have key_dim, as blocks whose qkv rows are laid out per head "
                       "do: left whole, not cut into Q, K, V thirds; pass slices={...} to find_targets for the "
                       "layout they have", stacklevel=3)
+    if not_three:
+        shown = ", ".join(not_three[:4]) + (f" and {len(not_three) - 4} more" if len(not_three) > 4 else "")
+        warnings.warn(f"{shown}: not a Q, K, V triple by its block's num_heads and head_dim: left whole, not "
+                      "cut into thirds; pass slices={...} to find_targets for the layout it has", stacklevel=3)
     chosen = [t.name[: -len(".weight")] for t in targets]
     for option, patterns in (("rank_overrides", rank_overrides), ("slices", slices)):
         idle = [p for p in patterns if not any(_matches(p, name) for name in chosen)]
