@@ -122,9 +122,12 @@ def test_non_2d_target_is_rejected():
         ({"lmbda": float("nan")}, "lmbda"),
         ({"steps": 0}, "steps .* got 0"),
         ({"steps": 2.5}, "steps .* got 2.5"),
-        ({"eps_schedule": "cosine"}, "eps_schedule .* got 'cosine'"),
+        ({"eps_schedule": "cosine"}, r"(AdamQ3R param group [01]|Q3R): eps_schedule .* got 'cosine'"),
         ({"eps_schedule": "constant"}, "eps_value"),
         ({"eps_schedule": "geometric", "eps_floor": 1e-3}, "num_refreshes"),
+        # (an alias is named as given: the error named 'geometric', which the user never wrote)
+        ({"eps_schedule": "linear"}, r"eps_schedule='linear' \(the reference's name of 'geometric'\) needs a finite "
+                                     r"eps_floor > 0, got eps_floor=None"),
         ({"target_rank": 8}, "target_rank .* rank 8 for a 10x8 matrix"),
         ({"target_rank": 1.5}, r"target_rank .* \(0, 1\), got 1.5"),
         ({"rank_rule": "max"}, "rank_rule"),

@@ -56,7 +56,10 @@ def validate_q3r_options(opts: dict, where: str = "Q3R") -> None:
     steps = opts["steps"]
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"{where}: steps (the refresh period) must be an int >= 1, got {steps!r}")
-    schedule = reference.canonical_schedule(opts["eps_schedule"])
+    try:
+        reference.canonical_schedule(opts["eps_schedule"])
+    except ValueError as e:  # (naming where: the group or regularizer)
+        raise ValueError(f"{where}: {e}") from None
     if opts["rank_rule"] not in reference.RANK_RULES:
         raise ValueError(f"{where}: rank_rule must be one of {reference.RANK_RULES}, got {opts['rank_rule']!r}")
     if opts["refresh"] not in REFRESH_METHODS:
@@ -64,7 +67,7 @@ def validate_q3r_options(opts: dict, where: str = "Q3R") -> None:
     sketch_options(opts.get("refresh_options"), f"{where}: refresh_options")
     if not isinstance(opts.get("stagger", False), bool):
         raise ValueError(f"{where}: stagger must be True or False, got {opts['stagger']!r}")
-    if (why := reference.schedule_problem(schedule, opts["eps_value"], opts["eps_floor"], opts["num_refreshes"])):
+    if (why := reference.schedule_problem(opts["eps_schedule"], opts["eps_value"], opts["eps_floor"], opts["num_refreshes"])):
         raise ValueError(f"{where}: {why}")
 
 

@@ -246,14 +246,16 @@ def schedule_problem(schedule: str, eps_value=None, eps_floor=None, num_refreshe
     def positive(x) -> bool:
         return isinstance(x, numbers.Real) and not isinstance(x, bool) and 0 < x < math.inf
 
-    schedule = canonical_schedule(schedule)
+    given, schedule = schedule, canonical_schedule(schedule)
+    # (named as the caller gave it: an alias named by our name read as another schedule's error)
+    named = f"eps_schedule={given!r}" + (f" (the reference's name of {schedule!r})" if given != schedule else "")
     if schedule == "constant" and not positive(eps_value):
-        return f"eps_schedule='constant' needs a finite eps_value > 0, got eps_value={eps_value!r}"
+        return f"{named} needs a finite eps_value > 0, got eps_value={eps_value!r}"
     if schedule == "geometric":
         if not positive(eps_floor):
-            return f"eps_schedule='geometric' needs a finite eps_floor > 0, got eps_floor={eps_floor!r}"
+            return f"{named} needs a finite eps_floor > 0, got eps_floor={eps_floor!r}"
         if isinstance(num_refreshes, bool) or not isinstance(num_refreshes, int) or num_refreshes < 1:
-            return f"eps_schedule='geometric' needs num_refreshes >= 1, got num_refreshes={num_refreshes!r}"
+            return f"{named} needs num_refreshes >= 1, got num_refreshes={num_refreshes!r}"
     return None
 
 
