@@ -1,6 +1,7 @@
 """Pre-train a small GPT-style character model with AdamQ3R under FSDP2.
 
     torchrun --nproc_per_node=2 examples/fsdp2_gpt_pretrain.py --steps 200
+    python examples/fsdp2_gpt_pretrain.py --steps 200      (one process: a 1-rank mesh)
 
 CPU + gloo by default, NCCL when CUDA is available (one GPU per rank). Every Linear of the
 blocks is a Q3R target; the fused qkv weight is split into its Q, K and V row slices, each
@@ -137,12 +138,22 @@ def parse_args():
     ap.add_argument("--compress", type=float, default=None, metavar="FRACTION",
                     help="at the end, on rank 0: compress the gathered model to this parameter fraction of its "
                          "targets and print the validation loss before and after")
-    return ap.parse_args()
+    args = ap.parse_args()
+    # (checked here: 0 steps failed with a KeyError at the end, --log-every 0 divided by zero)
+    for name in ("steps", "batch", "seq", "width", "depth", "heads", "period", "log_every", "replicas"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lmbda < 0 or args.lr <= 0:
+        ap.error(f"--lmbda must be >= 0 and --lr > 0, got {args.lmbda} and {args.lr}")
+    return args
 
 
 def main():
     args = parse_args()
     cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:  # run with plain python: one process (torchrun sets these)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:

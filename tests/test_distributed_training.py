@@ -314,6 +314,26 @@ def test_ddp_factor_exchange_paths_agree(runs):
                 torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0, equal_nan=True)
 
 
+def test_the_fsdp2_example_runs_as_one_process_and_checks_its_arguments():
+    """Run with plain python it trains on a 1-rank mesh (it asked for torchrun's RANK); a count
+    below 1 is refused by name (--steps 0 failed with a KeyError at the end, --log-every 0
+    divided by zero)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parents[1] / "examples" / "fsdp2_gpt_pretrain.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", MASTER_PORT=str(worker.free_port()))
+    done = subprocess.run([sys.executable, script, "--steps", "2", "--log-every", "1", "--period", "2", "--width", "32",
+                           "--depth", "1", "--seq", "16", "--batch", "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mesh (1,)" in done.stdout and "validation loss" in done.stdout
+    for flag in ("--steps", "--log-every"):
+        refused = subprocess.run([sys.executable, script, flag, "0"], capture_output=True, text=True, timeout=300, env=env)
+        assert refused.returncode == 2 and f"error: {flag} must be >= 1, got 0" in refused.stderr, refused.stderr
+
+
 @pytest.mark.parametrize("world,replicas,tensor_parallel", [(2, 1, None), (4, 2, None), (2, 1, ""), (4, 1, "2")])
 def test_the_fsdp2_example_runs(world, replicas, tensor_parallel):
     """examples/fsdp2_gpt_pretrain.py under torchrun: FSDP2, HSDP with --replicas, tensor

@@ -19,7 +19,9 @@ def _demo(args) -> int:
         if args.json:  # (checked before the run, not found wanting after it)
             _check_writable(args.json)
     except (ValueError, TypeError) as err:
-        print(f"q3r demo: error: {err}", file=sys.stderr)
+        # (the demo's checks name its config fields; the optimizer's name its param groups)
+        print(f"q3r demo: error: {err} (from --epochs {args.epochs} --lmbda {args.lmbda} "
+              f"--target-rank {args.target_rank} --seed {args.seed})", file=sys.stderr)
         return 2
     result = run_demo(cfg)
     if args.json:
@@ -48,11 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="q3r", description="Q3R: low-rank training with a reweighted rank regularizer")
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = __import__("q3r.demo", fromlist=["DemoConfig"]).DemoConfig()
-    demo = sub.add_parser("demo", help="train a small MLP on bundled digits with AdamW and AdamQ3R, truncate, compare")
-    demo.add_argument("--epochs", type=int, default=defaults.epochs)
+    demo = sub.add_parser("demo", help="train a small MLP on bundled digits with AdamW and AdamQ3R, truncate, compare",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training digits")
     demo.add_argument("--lmbda", type=float, default=defaults.lmbda, help="Q3R strength lambda")
-    demo.add_argument("--target-rank", type=float, default=defaults.target_rank, help="parameter fraction to train towards")
-    demo.add_argument("--seed", type=int, default=defaults.seed)
+    demo.add_argument("--target-rank", type=float, default=defaults.target_rank,
+                      help="parameter fraction to train towards (rank floor(f d1 d2 / (d1 + d2)) per weight)")
+    demo.add_argument("--seed", type=int, default=defaults.seed, help="seed of the split, the init and the batches")
     demo.add_argument("--json", help="also write the result table to this JSON file")
     demo.set_defaults(func=_demo)
     info = sub.add_parser("info", help="which backends (Triton, native extension) are available and why not")
