@@ -136,3 +136,16 @@ def test_truncate_weights_on_a_ddp_wrapper_cuts_the_wrapped_weights(one_process_
         for k, v in reference.state_dict().items():
             torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0, msg=f"{how}: {k}")
         assert not torch.equal(model[0].weight, _model()[0].weight)  # (cut, not left as it was)
+
+
+def test_a_pattern_with_a_wrappers_prefix_is_refused_with_the_reason(one_process_group):
+    """docs/distributed.md says patterns that start with "module." match nothing there and say
+    so: the error said only that they match no module."""
+    ddp = DDP(_model())
+    with pytest.raises(ValueError, match=r"include patterns \['module\.0'\] match no module of the model; targets are "
+                                         r"named as in the model a wrapper wraps .*drop the prefix from \['module\.0'\]"):
+        q3r.find_targets(ddp, ["module.0", "2"], target_rank=2)
+    with pytest.raises(ValueError, match=r"match no module of the model; targets .*\['_orig_mod\.2'\]"):
+        q3r.find_targets(torch.compile(_model()), ["0", "_orig_mod.2"], target_rank=2)
+    with pytest.raises(ValueError, match=r"match no module of the model$"):  # (no hint where no prefix is at fault)
+        q3r.find_targets(ddp, ["9"], target_rank=2)

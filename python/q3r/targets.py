@@ -284,7 +284,11 @@ def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, s
     for option, patterns in (("include", include), ("exclude", exclude)):  # (a typo must not pass silently)
         unmatched = [p for p in patterns if not any(_matches(p, name) for name in parents if name)]
         if unmatched:
-            raise ValueError(f"{option} patterns {unmatched!r} match no module of the model")
+            # (names are the wrapped model's: a DDP / torch.compile prefix in a pattern matches nothing)
+            prefixed = [p for p in unmatched if p.startswith(("module.", "_orig_mod."))]
+            hint = (f"; targets are named as in the model a wrapper wraps (DDP's module., torch.compile's "
+                    f"_orig_mod.): drop the prefix from {prefixed!r}" if prefixed else "")
+            raise ValueError(f"{option} patterns {unmatched!r} match no module of the model{hint}")
     targets, used, per_head, not_three = [], set(), [], []
     for name, module in modules:
         if not name or not any(_matches(p, name) for p in include) or any(_matches(p, name) for p in exclude):
