@@ -348,3 +348,26 @@ def test_add_grad_adds_the_terms_of_targets_not_being_refreshed_before_the_refre
     for step, (a, b) in enumerate(zip(grads, plain)):
         for x, y in zip(a, b):
             assert torch.equal(x, y), step
+
+
+@pytest.mark.parametrize("mode", ["add_grad_", "attach"])
+def test_a_float16_gradient_takes_the_term_scaled_before_it_is_rounded(mode):
+    """2 lambda R(W) fits in float16 where R(W) itself does not: R(W) reaches 5/3 max|W| for
+    W = 60000 (2 I - J) (8 x 8, rank 1: R(W) = W + 40000 J, diagonal 100000 > 65504). The term
+    was rounded to float16 first and scaled there, so the gradient became inf (and the SGD step
+    after attach made the weights inf) while penalty() gave 2 lambda R(W) = 20000 finite."""
+    n = 8
+    W = 60000.0 * (2 * torch.eye(n) - torch.ones(n, n))
+    p = torch.nn.Parameter(W.to(torch.float16))
+    reg = q3r.Q3R([q3r.Target("w", p, target_rank=1)], lmbda=0.1, refresh="exact")
+    p.grad = torch.zeros_like(p)
+    if mode == "add_grad_":
+        reg.add_grad_()
+    else:
+        opt = torch.optim.SGD([p], lr=1e-9)  # (lr 0 on zero gradients is a state-creating step)
+        reg.attach(opt)
+        opt.step()
+    expected = 0.2 * (W + 40000.0 * torch.ones(n, n))  # 2 lambda R(W): 20000 on the diagonal, -4000 off it
+    assert torch.isfinite(p.grad).all()
+    torch.testing.assert_close(p.grad.float(), expected, rtol=2e-3, atol=1.0)
+    assert torch.isfinite(p).all()

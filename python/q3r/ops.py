@@ -171,11 +171,23 @@ def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tu
             # rounded to its dtype): a block-sized temporary, not R(W) written out (three
             # full-size ones); W may be out (a block reads only its rows)
             for a, b, R in reference.reweighting_row_blocks(W, U, V, d):
-                out[a:b].add_(R.to(out.dtype), alpha=alpha)
+                add_scaled_(out[a:b], R, alpha)
         else:  # (factors with batch dimensions)
-            out.add_(reference.apply_reweighting(W, U, V, d).to(out.dtype), alpha=alpha)
+            add_scaled_(out, reference.apply_reweighting(W, U, V, d), alpha)
     if plan is not None:
         plan.run([outs[i] for i in fast], [alpha] * len(fast))
+
+
+def add_scaled_(out: Tensor, R: Tensor, alpha: float) -> None:
+    """out += alpha * R, R in its compute dtype (a new tensor, scaled in place). An out of a
+    narrower dtype takes alpha * R rounded once to it: R rounded first and scaled there
+    overflowed where R(W) lies beyond the dtype's range while alpha R does not (float16
+    weights up to 60000: R(W) reaches about 1.7 max|W|, the term 2 lambda R(W) a fifth of
+    that at lambda 0.1, and the gradient became inf), and rounded twice besides."""
+    if torch.finfo(out.dtype).bits >= torch.finfo(R.dtype).bits:
+        out.add_(R.to(out.dtype), alpha=alpha)
+    else:
+        out.add_(R.mul_(alpha).to(out.dtype))
 
 
 def _unaliased(outs: list[Tensor], weights: list[Tensor]) -> list[Tensor]:

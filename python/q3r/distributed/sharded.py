@@ -727,13 +727,13 @@ class ShardedTerms:
         p's local shard): for float32 t the local operators of all of them in one call of
         q3r.ops.add_reweighting_ (grouped Triton launches where they run, no full-size
         temporary), then the corrections."""
-        from ..ops import add_reweighting_
+        from ..ops import add_reweighting_, add_scaled_
 
         outs, xs, operators, corrected = [], [], [], []
         for p, t in pairs:
             if t.dtype != torch.float32:
                 for view, R in zip(self._views(p, t), self.full_terms(p)):
-                    view.add_(R.to(view.dtype), alpha=alpha)
+                    add_scaled_(view, R, alpha)  # (R: a new float32 tensor)
                 continue
             axis = self._targets[id(p)][2].axis
             for view, part in zip(self._views(p, t), self._targets[id(p)][-1]):
