@@ -110,7 +110,7 @@ def commit_sketch(energy, members, states, configs, U, S, V, opts: SketchOptions
     scheduled = [_scheduled(row, k, configs[i]) for i, row in zip(members, rows)]
     checked = residuals and not (final or opts.max_residual >= 1)  # (>= 1: the check is off)
     residual = _residual_errors(host, k, scheduled, members, configs, U, V) if checked else [0.0] * len(members)
-    short = _eps_shortfalls(host, k, scheduled, members, configs) if checked else [0.0] * len(members)
+    short = _eps_shortfalls(rows, k, scheduled, members, configs) if checked else [0.0] * len(members)
     for j, (i, row, plan) in enumerate(zip(members, rows, scheduled)):
         if not isinstance(plan, tuple):
             retry[i] = plan
@@ -250,7 +250,7 @@ def _residual_errors(host: Tensor, k: int, scheduled: list, members, configs, U,
 MAX_EPS_SHORTFALL = 2e-3
 
 
-def _eps_shortfalls(host: Tensor, k: int, scheduled: list, members, configs) -> list[float]:
+def _eps_shortfalls(rows: list[list[float]], k: int, scheduled: list, members, configs) -> list[float]:
     """Per member, the estimated relative shortfall rho^2 a / 2 of its Ritz value sigma_{r+1}
     (randomized.residual_error's delta) where its new eps was set from it, else 0.  The
     residual estimate weighs that shortfall by (eps / sigma_i)^2, nearly 0 for a deep tail, so
@@ -258,7 +258,7 @@ def _eps_shortfalls(host: Tensor, k: int, scheduled: list, members, configs) -> 
     that moved, noise above a Q3R-trained tail: 128 x 128, rank 8, tail at 2e-3 sigma_1) was
     committed with eps 12% to 16% low, and under `min` eps never rises again."""
     out = []
-    for row, plan, i in zip(host.tolist(), scheduled, members):
+    for row, plan, i in zip(rows, scheduled, members):  # (rows: the stack's commit_columns, as Python floats)
         r = configs[i].rank
         if not isinstance(plan, tuple) or r >= k - 1 or plan[0] != row[r] or row[r] <= 0:
             out.append(0.0)
