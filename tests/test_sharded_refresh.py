@@ -54,6 +54,10 @@ def _cases() -> dict:
                            3e-3, flat_gen)
     zero_init = [torch.zeros(N, N)] + _drifting(torch.randn(N, N, generator=gen) / math.sqrt(N), 1e-3, gen)[1:]
     return {
+        # a rank-8 signal over a noise tail at 2e-3 sigma_1 drawn anew at each refresh (bf16
+        # rounding of a weight that moved, noise above a Q3R-trained tail): a warm sketch's
+        # sigma_{r+1} comes from the old tail's directions (see test_tail_drawn_anew_...)
+        "tail_drawn_anew": (8, _tail_drawn_anew(128, 8), {}),
         "random_init": (RANK, random_init, {}),
         # zero at the first refresh: eps = sigma_{r+1} = 0 for good under `min` (warned once)
         "zero_init": (RANK, zero_init, {}),
@@ -82,6 +86,14 @@ def _cases() -> dict:
         # it by about 75 members; R(X) errs by about as much as eps does
         "cold_eps_above_a_flat_bulk": (24, lifted, {}),
     }
+
+
+def _tail_drawn_anew(d: int, r: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    U, V = (torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))[0] for _ in range(2))
+    signal = (U * torch.linspace(3, 1, r, dtype=torch.float64)) @ V.T
+    return [(signal * (1 + 0.01 * t) + 3e-3 * torch.randn(d, d, generator=torch.Generator().manual_seed(100 + t),
+                                                          dtype=torch.float64) / d**0.5).float() for t in range(REFRESHES)]
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +143,23 @@ def test_hsdp_refresh_meets_the_accuracy_contract(hsdp, case):
     _check_case(*hsdp, case)
     assert not hsdp[1][case]["warnings"]
     assert hsdp[1][case]["checkpoint"]["equal"]
+
+
+def test_tail_drawn_anew_does_not_leave_sigma_next_and_eps_short(sharded):
+    """The Ritz value sigma_{r+1} of a warm sketch whose tail moved on falls short (its residual
+    says so, but residual_error weighs the shortfall by (eps / sigma_i)^2, about 0 for a deep
+    tail): committed, eps was set 12% to 16% low in the single-process refresh, and under `min`
+    stays low. Held to the contract's 1% here as there."""
+    cases, out = sharded
+    rank, sequence, _ = cases["tail_drawn_anew"]
+    eps = math.inf
+    for state, W in zip(out["tail_drawn_anew"]["history"], sequence):
+        sigma_next = float(torch.linalg.svdvals(W.double())[rank])
+        eps = min(eps, sigma_next)
+        assert float(state["sigma_next"]) == pytest.approx(sigma_next, rel=1e-2)
+        assert float(state["eps"]) == pytest.approx(eps, rel=1e-2)
+    assert not out["tail_drawn_anew"]["warnings"]
+    _check_case(cases, out, "tail_drawn_anew")
 
 
 def test_without_the_flat_rule_a_flat_spectrum_misses_the_contract(sharded):

@@ -260,14 +260,24 @@ def _eps_shortfalls(rows: list[list[float]], k: int, scheduled: list, members, c
     out = []
     for row, plan, i in zip(rows, scheduled, members):  # (rows: the stack's commit_columns, as Python floats)
         r = configs[i].rank
-        if not isinstance(plan, tuple) or r >= k - 1 or plan[0] != row[r] or row[r] <= 0:
+        if not isinstance(plan, tuple) or r >= k - 1 or plan[0] != row[r]:
             out.append(0.0)
             continue
-        rho = min(row[k + 7 + r], 1.0)
-        sig2, last2 = row[r] ** 2, row[k - 1] ** 2
-        amp = sig2 / (sig2 - last2) if sig2 > last2 else math.inf
-        out.append(min(rho * rho * amp / 2, 1.0) if rho > 0 else 0.0)
+        out.append(sigma_next_shortfall(row[r], row[k - 1], row[k + 7 + r]))
     return out
+
+
+def sigma_next_shortfall(sigma_next: float, sigma_last: float, rho: float) -> float:
+    """How far (relative) a Ritz value sigma_{r+1} with relative Ritz residual rho may fall
+    short of the singular value, as randomized.residual_error estimates it (rho^2 a / 2, a =
+    sigma^2 / (sigma^2 - sigma_last^2), sigma_last the sketch's last Ritz value), at most 1; 0
+    where sigma_{r+1} is 0 or rho is 0 or unknown. The sharded range finder asks it too."""
+    if not (sigma_next > 0 and rho > 0):
+        return 0.0
+    rho = min(rho, 1.0)
+    sig2, last2 = sigma_next ** 2, sigma_last ** 2
+    amp = sig2 / (sig2 - last2) if sig2 > last2 else math.inf
+    return min(rho * rho * amp / 2, 1.0)
 
 
 def flat_beyond(sigma: list[float], total: float, n: int, eps: float, tolerance: float) -> bool:

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .._refresh_commit import flat_beyond
+from .._refresh_commit import MAX_EPS_SHORTFALL, flat_beyond, sigma_next_shortfall
 from ..randomized import residual_error, weighted_lag
 
 __all__ = ["sketch_width", "cold_sketch_width", "gaussian_sketch", "cholesky_qr", "range_finder_svd", "enveloping_svd"]
@@ -267,15 +267,21 @@ def _residuals_squared(Xs: list[Tensor], found: list[tuple], all_reduce: AllRedu
 def _far(S: Tensor, r2: Tensor, eps: float, rank: int, shape: tuple[int, int], max_residual: float,
          resolvable_ratio: float) -> bool:
     """Whether a slice's Ritz triplets are far from its weights' own (on the host): the
-    residual estimate of q3r.randomized.residual_error over max_residual, judged only where the
-    Ritz values resolve sigma_{r+1} and eps."""
+    residual estimate of q3r.randomized.residual_error over max_residual, or the shortfall of a
+    sigma_{r+1} that eps was set from over q3r._refresh_commit.MAX_EPS_SHORTFALL; judged only
+    where the Ritz values resolve sigma_{r+1} and eps."""
     S64 = S.double()
     sigma_next = float(S64[rank]) if rank < S64.shape[0] else 0.0
     if S64.shape[0] < 2 or min(sigma_next, eps) < resolvable_ratio * float(S64[0]):
         return False
     rho = (r2.double().clamp_min(0).sqrt() / S64.clamp_min(torch.finfo(torch.float64).tiny)).nan_to_num(1.0, 1.0, 1.0)
     est = residual_error(S64[None], rho[None], torch.tensor([eps], dtype=torch.float64), torch.tensor([rank]), *shape)
-    return float(est[0]) > max_residual
+    # an eps set from sigma_{r+1} whose Ritz value may fall short of it by more than the contract
+    # allows: residual_error weighs that by (eps / sigma_i)^2, about 0 for a deep tail, and a warm
+    # sketch of a tail drawn anew since the last refresh left eps 2.7% low (q3r._refresh_commit)
+    short = (rank < S64.shape[0] - 1 and eps == sigma_next
+             and sigma_next_shortfall(sigma_next, float(S64[-1]), float(rho[rank])) > MAX_EPS_SHORTFALL)
+    return short or float(est[0]) > max_residual
 
 
 def _inside(start: Tensor, V: Tensor) -> Tensor:
