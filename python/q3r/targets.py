@@ -149,6 +149,18 @@ def _is_compile_wrapper(module) -> bool:
     return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
 
 
+def _adapter_base(module: nn.Module, weight: Tensor) -> nn.Module | None:
+    """The layer that ``module`` wraps when it is an adapter layer whose ``weight`` is that
+    layer's (peft's tuner layers: a ``base_layer`` submodule, ``weight`` a property reading
+    ``base_layer.weight``, through nested wrappers); else None."""
+    base, seen = module, 0
+    while isinstance(getattr(base, "base_layer", None), nn.Module) and seen < 8:
+        base, seen = base.base_layer, seen + 1
+    if base is module or "weight" in module._parameters:
+        return None
+    return base if getattr(base, "weight", None) is weight else None
+
+
 def unwrapped_root(model: nn.Module) -> nn.Module:
     """``model`` without the wrappers that torch.compile and DistributedDataParallel put around
     it, in any order and number: torch.compile(DDP(m)) (accelerate's prepare with a dynamo
@@ -298,6 +310,17 @@ def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, s
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor):
             continue
+        base = _adapter_base(module, weight)
+        if base is not None:
+            # (peft's LoRA layers and kin: their .weight is the wrapped layer's frozen weight,
+            # without the adapter's update; it was found, whole (a wrapped GPT-2 c_attn was not
+            # cut into Q, K, V), and AdamQ3R and penalty() then did nothing, without a word)
+            raise ValueError(
+                f"target {name} is an adapter layer ({type(module).__module__}.{type(module).__name__}, e.g. peft's "
+                f"LoRA) wrapping a {type(base).__name__}: its .weight is the wrapped layer's weight"
+                f"{' (frozen)' if not weight.requires_grad else ''}, without the adapter's update, so Q3R would "
+                "regularize a weight that does not train. Merge the adapters into the model first (peft's "
+                "merge_and_unload()) and find the targets there, or exclude this layer")
         if not isinstance(weight, nn.Parameter):
             raise TypeError(
                 f"target {name}.weight is not a parameter but computed ({type(weight).__name__}, e.g. by "
