@@ -68,3 +68,20 @@ def test_peft_lora_on_gpt2_is_refused():
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
     with pytest.raises(ValueError, match=r"c_attn is an adapter layer .*wrapping a Conv1D.*\(frozen\)"):
         q3r.find_targets(model, ["attn.c_attn", "mlp.c_fc"], target_rank=0.3)
+
+
+def test_frozen_targets_are_named_by_param_groups_and_q3r(recwarn):
+    # a frozen target gets no gradient, so no term: with peft every weight but the adapters' is
+    # frozen, and AdamQ3R over q3r.param_groups (or penalty()) regularized nothing, without a word
+    model = _model()
+    model[0].requires_grad_(False)
+    targets = q3r.find_targets(model, ["0", "4"], target_rank=2)
+    with pytest.warns(UserWarning, match=r"q3r.param_groups: 1 of 2 targets are frozen \(requires_grad=False\): "
+                                         r"0.weight; .*no Q3R term until they are unfrozen"):
+        q3r.param_groups(model, targets)
+    with pytest.warns(UserWarning, match=r"Q3R: 1 of 2 targets are frozen .*0.weight"):
+        q3r.Q3R(targets)
+    model[0].requires_grad_(True)
+    recwarn.clear()
+    q3r.param_groups(model, targets), q3r.Q3R(targets)
+    assert not [w for w in recwarn if "frozen" in str(w.message)]

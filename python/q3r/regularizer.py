@@ -32,7 +32,7 @@ from .diagnostics import slice_diagnostics
 from ._state_check import slice_state_problem
 from .refresh import operator_of, refresh_around, sketch_options, upgrade_state
 from .stagger import due_for_refresh, target_phases
-from .targets import Target, slice_shapes, slice_views
+from .targets import Target, slice_shapes, slice_views, warn_frozen
 
 __all__ = ["Q3R"]
 
@@ -74,6 +74,7 @@ class Q3R:
             raise ValueError(f"Q3R targets must be distinct parameters with distinct names, got {names}")
         for t in targets:
             distributed.check_sharding(t.param, f"Q3R target {t.name}")
+        warn_frozen(targets, "Q3R")
         self.targets = targets
         self.configs = [slice_configs(t.param.shape, self._target_options(t), t.slice_names()) for t in targets]
         self.state = {t.name: distributed.new_target_states(t.param, t.slice_dim, t.slices) for t in targets}

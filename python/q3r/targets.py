@@ -161,6 +161,19 @@ def _adapter_base(module: nn.Module, weight: Tensor) -> nn.Module | None:
     return base if getattr(base, "weight", None) is weight else None
 
 
+def warn_frozen(targets, where: str) -> None:
+    """One warning naming the targets that are frozen (requires_grad=False) now: they get no
+    gradient, so no update and no Q3R term while frozen (as torch's optimizers skip them). A
+    model whose weights are all frozen (peft freezes every weight but its adapters') was
+    regularized by nothing, without a word."""
+    frozen = [t.name for t in targets if not t.param.requires_grad]
+    if frozen:
+        shown = ", ".join(frozen[:4]) + (f" and {len(frozen) - 4} more" if len(frozen) > 4 else "")
+        warnings.warn(f"{where}: {len(frozen)} of {len(targets)} targets are frozen (requires_grad=False): {shown}; "
+                      "they get no gradient, so no Q3R term until they are unfrozen (peft freezes every weight "
+                      "but its adapters')", stacklevel=3)
+
+
 def unwrapped_root(model: nn.Module) -> nn.Module:
     """``model`` without the wrappers that torch.compile and DistributedDataParallel put around
     it, in any order and number: torch.compile(DDP(m)) (accelerate's prepare with a dynamo
@@ -387,6 +400,7 @@ def param_groups(model: nn.Module, targets: list[Target], weight_decay: float = 
     foreign = [t.name for t in targets if id(t.param) not in owned]
     if foreign:  # (found on a copy, say: the model's own weight would go unregularized, silently)
         raise ValueError(f"targets {foreign} are not parameters of this model (were they found on a copy of it?)")
+    warn_frozen(targets, "q3r.param_groups")
     target_ids = {id(t.param) for t in targets}
     rest = [p for p in model.parameters() if id(p) not in target_ids and p.requires_grad]
     groups = [{"params": rest, "weight_decay": weight_decay}] if rest else []
