@@ -452,3 +452,27 @@ def test_numpy_integer_options_are_taken_as_ints():
     reg = q3r.Q3R(q3r.find_targets(model, ["0"], target_rank=np.int64(2)), steps=np.int64(3))
     assert type(reg.options["steps"]) is int
     reg.penalty().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_an_inf_in_low_precision_weights_skips_the_exact_refresh_and_warns(dtype):
+    """An inf in a bf16 / fp16 target is non-finite like a NaN: the exact refresh (also taken by
+    "auto" for small targets) skips it with one warning. Its check compared in the weight's dtype, where float32's max
+    rounds to inf, so inf passed and the SVD raised (a LinAlgError out of AdamQ3R.step)."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(24, 20, generator=gen).to(dtype))
+    opt = q3r.AdamQ3R([{"params": [p], "q3r": True, "target_rank": 2, "lmbda": 0.1, "steps": 1, "refresh": "exact"}],
+                      lr=1e-2)
+    p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+    opt.step()
+    good = {k: v.clone() for k, v in opt.state[p]["q3r"][0].items()}
+    with torch.no_grad():
+        p[::2] = float("inf")  # (as Adam's fp16 overflow makes them; with one inf LAPACK's SVD returned NaN,
+        # which the commit refuses, with many it raised)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+        opt.step()
+    assert sum("non-finite" in str(w.message) for w in caught) == 1
+    for key in ("U", "V", "sigma", "eps"):
+        assert torch.equal(opt.state[p]["q3r"][0][key], good[key]), key

@@ -426,8 +426,9 @@ def _refresh_exact_groups(weights, states, configs, groups: list[list[int]],
         return set()
     if before_wait is not None:
         before_wait()
-    # (a float64 weight beyond float32's range counts as non-finite: its float32 SVD would be)
-    flags = [randomized.max_abs(weights.stack(idx))[0] <= torch.finfo(torch.float32).max for idx in groups]
+    # (a float64 weight beyond float32's range counts as non-finite: its float32 SVD would be;
+    # compared in float32, as in a bf16 / fp16 one float32's max rounds to inf, and inf <= inf)
+    flags = [randomized.max_abs(weights.stack(idx))[0].float() <= torch.finfo(torch.float32).max for idx in groups]
     flags = torch.cat(flags).cpu() if len({f.device for f in flags}) == 1 else torch.cat([f.cpu() for f in flags])
     finite = dict(zip((i for idx in groups for i in idx), flags.tolist()))
     refused = set()
