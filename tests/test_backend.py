@@ -275,3 +275,26 @@ def test_info_says_when_a_forced_triton_cannot_run(monkeypatch):
     assert "cannot run here" in info.report()
     monkeypatch.setattr(_backend, "triton_status", lambda device_type="cuda": (True, "fine"))
     assert "cannot run here" not in info.report()
+
+
+@pytest.mark.skipif(K is None, reason="triton not importable")
+def test_forced_triton_refuses_a_fused_step_whose_factors_the_kernels_cannot_take(monkeypatch):
+    """The fused AdamQ3R op, like project / apply_reweighting / add_reweighting_, raises under
+    Q3R_BACKEND=triton for float64 factors (or eps not a float32 tensor) instead of handing the
+    work back to the reference path unasked; nothing is updated."""
+    from q3r.optim import functional as F
+
+    monkeypatch.setenv("Q3R_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(3)
+    U, V, d = factors(20, 30, 4, gen)
+    sigma = torch.linspace(3.0, 0.1, 4).to(DEVICE)
+    for op in [(U.double(), V.double(), d.double()), (U, V, sigma, 1.0), (U, V, sigma, torch.tensor(1.0, dtype=torch.float64))]:
+        p = torch.randn(20, 30, generator=gen).to(DEVICE)
+        keep = p.clone()
+        work = F.ParamWork(p, torch.randn_like(p), torch.zeros_like(p), torch.zeros_like(p), torch.tensor(0.0),
+                           1e-2, 0.9, 0.999, 1e-8, 0.0, lmbda=0.1, operators=[op])
+        with tile_settings(True), pytest.raises(_backend.BackendUnavailableError, match="float32 factors"):
+            ops.adamq3r_fused_([work])
+        assert torch.equal(p, keep) and float(work.step) == 0.0
+    monkeypatch.delenv("Q3R_BACKEND")  # automatic: the reference path takes it, as before
+    assert ops.adamq3r_fused_([work]) == [work]

@@ -400,8 +400,13 @@ def adamq3r_fused_(works: list) -> list:
         if where not in verdict:
             verdict[where] = backend_for(p.device, p.dtype) == "triton"
         # (operators as the optimizer keeps them: float32 factors, eps a tensor)
-        if (verdict[where] and all(op[0].dtype == op[1].dtype == torch.float32 and (len(op) == 3 or _float32_tensor(op[3]))
-                                   for op in work.operators) and _width_ok(work.operators, limit)):
+        fits = all(op[0].dtype == op[1].dtype == torch.float32 and (len(op) == 3 or _float32_tensor(op[3]))
+                   for op in work.operators)
+        if verdict[where] and not fits:  # (forced: an error, as in project / add_reweighting_)
+            _refuse_forced(f"the fused AdamQ3R step takes float32 factors and eps as a float32 tensor, got "
+                           + ", ".join(f"({', '.join(str(getattr(t, 'dtype', type(t).__name__)) for t in op)})"
+                                       for op in work.operators))
+        if verdict[where] and fits and _width_ok(work.operators, limit):
             taken.append(work)
         else:
             rest.append(work)
