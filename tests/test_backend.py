@@ -298,3 +298,13 @@ def test_forced_triton_refuses_a_fused_step_whose_factors_the_kernels_cannot_tak
         assert torch.equal(p, keep) and float(work.step) == 0.0
     monkeypatch.delenv("Q3R_BACKEND")  # automatic: the reference path takes it, as before
     assert ops.adamq3r_fused_([work]) == [work]
+
+
+def test_info_blames_q3r_kernels_not_triton_when_only_the_kernels_fail_to_import(monkeypatch):
+    pytest.importorskip("triton")
+    from q3r import info
+
+    monkeypatch.setitem(sys.modules, "q3r_kernels", None)  # import of q3r_kernels fails, triton's works
+    lines = info.report().splitlines()
+    assert not any(line.startswith("triton: not importable") for line in lines), lines
+    assert any(line.startswith("q3r_kernels: not importable") for line in lines), lines

@@ -32,13 +32,17 @@ def report() -> str:
         import triton
 
         lines.append(f"triton: {triton.__version__}")
-        import q3r_kernels
-
-        lines.append(f"fp32 dots in the kernels on CUDA: {q3r_kernels.gpu_dot_precision()}"
-                     f" (q3r_kernels.CONFIG.precision={q3r_kernels.CONFIG.precision!r}, "
-                     f"TF32 allowed by torch's fp32 matmul settings: {q3r_kernels.torch_allows_tf32()})")
     except Exception as exc:
         lines.append(f"triton: not importable ({type(exc).__name__}: {exc})")
+    else:  # (a q3r_kernels that fails to import was reported as "triton: not importable" under the version)
+        try:
+            import q3r_kernels
+
+            lines.append(f"fp32 dots in the kernels on CUDA: {q3r_kernels.gpu_dot_precision()}"
+                         f" (q3r_kernels.CONFIG.precision={q3r_kernels.CONFIG.precision!r}, "
+                         f"TF32 allowed by torch's fp32 matmul settings: {q3r_kernels.torch_allows_tf32()})")
+        except Exception as exc:
+            lines.append(f"q3r_kernels: not importable ({type(exc).__name__}: {exc})")
     for device_type in ("cuda", "cpu"):
         ok, why = _backend.triton_status(device_type)
         lines.append(f"Triton kernels on {device_type} tensors: {'yes' if ok else 'no'} -- {why}")
