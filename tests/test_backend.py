@@ -34,8 +34,10 @@ def test_forced_reference_and_invalid_value(monkeypatch):
     monkeypatch.setenv("Q3R_BACKEND", "reference")
     assert _backend.backend_for(DEVICE) == "reference"
     monkeypatch.setenv("Q3R_BACKEND", "cuda-please")
-    with pytest.raises(ValueError, match="Q3R_BACKEND"):
+    with pytest.raises(ValueError, match=r"Q3R_BACKEND must be one of .*, or 'auto' or unset .*got 'cuda-please'"):
         _backend.backend_for(DEVICE)
+    monkeypatch.setenv("Q3R_BACKEND", "auto")  # (accepted, as the message says)
+    assert _backend.requested() is None
 
 
 def test_forced_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):

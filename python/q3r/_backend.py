@@ -33,7 +33,7 @@ def requested() -> str | None:
     if value in ("", "auto"):
         return None
     if value not in BACKENDS:
-        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS} (or unset), got {value!r}")
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, or 'auto' or unset (either picks per tensor), got {value!r}")
     return value
 
 
