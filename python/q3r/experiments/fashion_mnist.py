@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +39,20 @@ def data_dir(path: str | os.PathLike | None = None) -> Path:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An IDX file: magic (0, 0, dtype 0x08 = uint8, ndim), ndim big-endian int32 sizes, data."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    if raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+    """An IDX file: magic (0, 0, dtype 0x08 = uint8, ndim), ndim big-endian int32 sizes, data.
+
+    Any damage (not gzip, cut short, wrong magic, wrong size) is a ValueError naming the file.
+    """
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError; a cut-short file an EOFError
+        raise ValueError(f"{path} is not a readable gzip file ({type(err).__name__}: {err})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {raw[:4]!r})")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: IDX header cut short ({len(raw)} bytes)")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
@@ -52,12 +61,30 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def counts(path=None) -> dict[str, int]:
-    """Number of items in each file, read from the IDX headers only (cheap: no full decompression)."""
+    """Number of items in each file, read from the IDX headers only (cheap: no full decompression,
+    so a file damaged past its header passes: :func:`check` reads everything)."""
     folder = data_dir(path)
     out = {}
     for key, name in FILES.items():
         with gzip.open(folder / name, "rb") as f:
             out[key] = int.from_bytes(f.read(8)[4:8], "big")  # magic, then the first dimension
+    return out
+
+
+def check(path=None) -> dict[str, int]:
+    """Read and check all four files (gzip, magic, shape, size; images and labels of equal
+    count) and return the number of items in each; a ValueError names a damaged file."""
+    folder = data_dir(path)
+    ndims = dict(train_images=3, train_labels=1, test_images=3, test_labels=1)
+    out = {}
+    for key, name in FILES.items():
+        shape = read_idx(folder / name).shape
+        if len(shape) != ndims[key] or (ndims[key] == 3 and shape[1:] != (28, 28)):
+            raise ValueError(f"{folder / name}: expected {'(N, 28, 28) images' if ndims[key] == 3 else '(N,) labels'}, got shape {shape}")
+        out[key] = shape[0]
+    for part in ("train", "test"):
+        if out[f"{part}_images"] != out[f"{part}_labels"]:
+            raise ValueError(f"{folder}: {out[f'{part}_images']} {part} images but {out[f'{part}_labels']} {part} labels")
     return out
 
 

@@ -167,8 +167,13 @@ def check_out_dir(out: Path, cfg: dict, fresh: bool) -> None:
 
 
 def check_data_size(cfg: dict, data_dir) -> None:
-    """Enough training and test images for the size's splits (read from the IDX headers)."""
-    have = fashion_mnist.counts(data_dir)
+    """Readable data with enough training and test images for the size's splits. Every file is
+    read in full here, before --out is touched: a damaged file found later (after --fresh has
+    deleted the finished runs) would cost those runs."""
+    try:
+        have = fashion_mnist.check(data_dir)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     need_train = cfg["n_train"] + cfg["n_val"]
     if need_train > have["train_labels"] or cfg["n_test"] > have["test_labels"]:
         raise UsageError(f"size {cfg['size']!r} needs {need_train} training and {cfg['n_test']} test images; "

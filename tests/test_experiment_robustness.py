@@ -1,0 +1,57 @@
+"""Damaged inputs of the vit-fmnist harness (found in review h48): a damaged data file is a
+user error found before --out is touched, and a run file or checkpoint that parses but is not
+what this version writes is trained again with a warning, as an unreadable one is."""
+
+import gzip
+import json
+
+import pytest
+import torch
+
+from test_experiment_smoke import _cli, _fake_fmnist, _tiny_config, _tree
+
+from q3r.experiments import fashion_mnist
+from q3r.experiments.harness import UsageError, plan, run_experiment
+
+LABELS = fashion_mnist.FILES["test_labels"]
+
+
+def _damage(folder, how):
+    path = folder / LABELS
+    if how == "wrong magic":
+        raw = gzip.open(path).read()
+        with gzip.open(path, "wb") as f:
+            f.write(b"\x00\x00\x0d\x01" + raw[4:])
+    elif how == "gzip cut short":
+        comp = path.read_bytes()
+        path.write_bytes(comp[: len(comp) // 2])
+    elif how == "not gzip":
+        path.write_bytes(gzip.open(path).read())
+    elif how == "data cut short":
+        raw = gzip.open(path).read()
+        with gzip.open(path, "wb") as f:
+            f.write(raw[:-5])
+    return path
+
+
+@pytest.mark.parametrize("how", ["wrong magic", "gzip cut short", "not gzip", "data cut short"])
+def test_damaged_data_is_refused_before_fresh_deletes_anything(how, tmp_path, capsys):
+    data, out = _fake_fmnist(tmp_path / "data", n_train=3584, n_test=1000), tmp_path / "out"
+    bad = _damage(data, how)
+    (out / "runs").mkdir(parents=True)
+    (out / "checkpoints").mkdir()
+    (out / "runs" / "dense-wd0.05.json").write_text("{}")
+    (out / "checkpoints" / "q3r-qkv-f0.2-lmbda0.5.pt").write_bytes(b"x")
+    before = _tree(out)
+    rc, err = _cli(["vit-fmnist", "--out", str(out), "--data-dir", str(data), "--device", "cpu", "--fresh"], capsys)
+    assert rc == 2 and err.startswith("q3r experiment: error: ") and str(bad) in err, err
+    assert _tree(out) == before  # the finished run and the checkpoint are still there
+
+
+def test_read_idx_names_the_file(tmp_path):
+    data = _fake_fmnist(tmp_path / "data", n_train=8, n_test=8)
+    bad = _damage(data, "not gzip")
+    with pytest.raises(ValueError, match=str(bad)):
+        fashion_mnist.load(data)
+    with pytest.raises(UsageError, match=str(bad)):
+        run_experiment(_tiny_config(), tmp_path / "out", data_dir=data, device="cpu", log=lambda *a: None)
