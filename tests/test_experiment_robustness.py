@@ -55,3 +55,23 @@ def test_read_idx_names_the_file(tmp_path):
         fashion_mnist.load(data)
     with pytest.raises(UsageError, match=str(bad)):
         run_experiment(_tiny_config(), tmp_path / "out", data_dir=data, device="cpu", log=lambda *a: None)
+
+
+def test_run_files_and_checkpoints_that_parse_but_do_not_fit_are_trained_again(tmp_path):
+    data, out = _fake_fmnist(tmp_path / "data"), tmp_path / "out"
+    cfg = _tiny_config()
+    run_experiment(cfg, out, data_dir=data, device="cpu", log=lambda *a: None)
+    runs = sorted((out / "runs").glob("*.json"))
+    expected = {p.stem: json.loads(p.read_text())["evals"] for p in runs}
+    empty, other, lost = runs[0], runs[1], runs[2]
+    empty.write_text("{}")  # valid JSON, not a run file
+    other.write_text(runs[3].read_text())  # another run's result under this name
+    lost.unlink()
+    torch.save({"model": {}, "epoch": 1}, out / "checkpoints" / f"{lost.stem}.pt")  # loads, does not fit
+    with pytest.warns(UserWarning) as caught:
+        summary = run_experiment(cfg, out, data_dir=data, device="cpu", log=lambda *a: None)
+    messages = " ".join(str(w.message) for w in caught)
+    assert str(empty) in messages and str(other) in messages and f"{lost.stem}.pt" in messages
+    assert summary["meta"]["runs_trained"] == 3 and len(summary["runs"]) == len(plan(cfg))
+    for p in (empty, other, lost):  # trained again from scratch: the same result as the first time
+        assert json.loads(p.read_text())["evals"] == expected[p.stem]

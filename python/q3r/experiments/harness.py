@@ -180,15 +180,34 @@ def check_data_size(cfg: dict, data_dir) -> None:
                          f"{fashion_mnist.data_dir(data_dir)} holds {have['train_labels']} and {have['test_labels']}")
 
 
+_EVAL_KEYS = ("target_set", "fraction", "val_acc", "test_acc", "model_params", "target_params",
+              "target_params_dense", "rel_trunc_error")
+
+
+def _check_run(result, run_id: str) -> None:
+    """Raise ValueError unless ``result`` is a run file of this version for ``run_id``."""
+    if not isinstance(result, dict) or result.get("run") != run_id:
+        raise ValueError(f"not a result of run {run_id}")
+    spec, evals = result.get("spec"), result.get("evals")
+    if not (isinstance(spec, dict) and isinstance(spec.get("method"), str) and isinstance(spec.get("hparams"), dict)):
+        raise ValueError("no valid 'spec'")
+    if not (isinstance(evals, list) and evals and all(isinstance(e, dict) and all(k in e for k in _EVAL_KEYS) for e in evals)):
+        raise ValueError("no valid 'evals'")
+
+
 def _read_runs(runs_dir: Path) -> dict:
-    """Finished runs by id; a file that does not parse (cut short by an older version) is
-    treated as not finished, so its run is trained again and the file rewritten."""
+    """Finished runs by id; a file that does not parse (cut short by an older version) or does
+    not hold what this version writes is treated as not finished, so its run is trained
+    again and the file rewritten."""
     results = {}
     for p in runs_dir.glob("*.json"):
         try:
-            results[p.stem] = json.loads(p.read_text())
+            result = json.loads(p.read_text())
+            _check_run(result, p.stem)
         except ValueError as err:
             warnings.warn(f"{p} is unreadable ({err}); its run will be trained again")
+            continue
+        results[p.stem] = result
     return results
 
 

@@ -169,19 +169,32 @@ def _lora_target_params(targets, fraction: float) -> int:
 def train_run(cfg: dict, spec: RunSpec, data: dict, device, checkpoint_dir: Path, progress=None) -> dict:
     """Train one run (resuming from its epoch checkpoint if any) and evaluate it."""
     checkpoint = Path(checkpoint_dir) / f"{spec.run_id}.pt"
-    model, targets = build_model(cfg, spec, device)
-    opt = build_optimizer(cfg, spec, model, targets)
     n_train, bs, epochs = len(data["train_labels"]), cfg["batch_size"], cfg["epochs"]
     steps_per_epoch = n_train // bs  # drop the ragged last batch: every step has the same size
     total = steps_per_epoch * epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, max(1, int(cfg["warmup"] * total))))
+
+    def build():
+        model, targets = build_model(cfg, spec, device)
+        opt = build_optimizer(cfg, spec, model, targets)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, max(1, int(cfg["warmup"] * total))))
+        return model, targets, opt, sched
+
+    model, targets, opt, sched = build()
     start_epoch, seconds = 0, 0.0
     state = _read_checkpoint(checkpoint, device)
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, seconds = int(state["epoch"]), float(state["seconds"])
+        try:  # a checkpoint that loads but does not fit (another version's model or optimizer)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start_epoch, seconds = int(state["epoch"]), float(state["seconds"])
+            if not 0 <= start_epoch <= epochs:
+                raise ValueError(f"epoch {start_epoch} outside 0..{epochs}")
+        except Exception as err:  # noqa: BLE001 -- as for an unreadable file: start over, with a warning
+            warnings.warn(f"checkpoint {checkpoint} does not fit this run ({type(err).__name__}: {str(err)[:200]}); "
+                          "training the run from epoch 0")
+            model, targets, opt, sched = build()  # load_state_dict may have loaded part of it
+            start_epoch, seconds = 0, 0.0
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         model.train()
