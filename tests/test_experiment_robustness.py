@@ -75,3 +75,43 @@ def test_run_files_and_checkpoints_that_parse_but_do_not_fit_are_trained_again(t
     assert summary["meta"]["runs_trained"] == 3 and len(summary["runs"]) == len(plan(cfg))
     for p in (empty, other, lost):  # trained again from scratch: the same result as the first time
         assert json.loads(p.read_text())["evals"] == expected[p.stem]
+
+
+def test_a_partial_report_says_which_runs_are_missing(tmp_path, capsys, monkeypatch):
+    data, out = _fake_fmnist(tmp_path / "data"), tmp_path / "out"
+    cfg = _tiny_config(lora_fractions=[0.2])
+    cfg["grid"]["lora"]["lr"] = [float("nan")]  # AdamW refuses it: both LoRA runs fail in their worker
+    lines = []
+    summary = run_experiment(cfg, out, data_dir=data, device="cpu", workers=2, log=lines.append)
+    failed = sorted(s.run_id for s in plan(cfg) if s.method == "lora")
+    assert sum("failed" in line for line in lines) == 2
+    assert sorted(summary["meta"]["runs_missing"]) == failed and summary["meta"]["runs_planned"] == len(plan(cfg))
+    md = (out / "results.md").read_text()
+    assert f"{len(plan(cfg)) - 2} of {len(plan(cfg))} planned runs finished" in md and all(f in md for f in failed)
+    assert json.loads((out / "results.json").read_text())["meta"]["runs_missing"] == summary["meta"]["runs_missing"]
+
+    # the command line exits non-zero on such a summary
+    from q3r.experiments import cli, harness
+    monkeypatch.setattr(harness, "run_experiment", lambda *a, **k: summary)
+    rc, err = _cli(["vit-fmnist", "--out", str(out), "--data-dir", str(data)], capsys)
+    assert rc == 1 and all(f in err for f in failed)
+
+
+def test_fresh_does_not_leave_the_deleted_runs_report(tmp_path, monkeypatch):
+    from q3r.experiments import harness
+
+    data, out = _fake_fmnist(tmp_path / "data"), tmp_path / "out"
+    cfg = _tiny_config()
+    run_experiment(cfg, out, data_dir=data, device="cpu", log=lambda *a: None)
+    assert (out / "results.png").exists()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "train_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, out, data_dir=data, device="cpu", fresh=True, log=lambda *a: None)
+    assert not list((out / "runs").glob("*.json"))
+    assert json.loads((out / "results.json").read_text())["table"] == []
+    assert f"0 of {len(plan(cfg))} planned runs finished" in (out / "results.md").read_text()
+    assert not (out / "results.png").exists()

@@ -69,10 +69,15 @@ def run_vit_fmnist(args) -> int:
                 commit=os.environ.get("Q3R_COMMIT") or _git_commit())  # a copied tree has no .git
     try:
         cfg = make_config(args.size, epochs=args.epochs, seed=args.seed)
-        run_experiment(cfg, out, data_dir=args.data_dir, device=args.device, workers=args.workers, fresh=args.fresh, meta=meta)
+        summary = run_experiment(cfg, out, data_dir=args.data_dir, device=args.device, workers=args.workers, fresh=args.fresh, meta=meta)
     except (UsageError, FileNotFoundError) as err:  # the user's mistake: a message, not a traceback
         print(f"q3r experiment: error: {err}", file=sys.stderr)
         return 2
+    missing = summary["meta"].get("runs_missing")
+    if missing:  # runs that failed in a worker (logged above): partial results are not success
+        print(f"q3r experiment: {len(missing)} run(s) did not finish: {', '.join(missing)}; partial results in {out}/results.md "
+              "(the same command again trains them)", file=sys.stderr)
+        return 1
     print(f"results in {out}/results.md, results.csv, results.json, results.png")
     return 0
 

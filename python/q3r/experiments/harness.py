@@ -239,12 +239,21 @@ def run_experiment(cfg: dict, out_dir, data_dir=None, device="auto", workers=1, 
 
     trained = []  # runs finished by this command
 
+    def progress_meta(extra=None):
+        # which planned runs have no result yet: the report says so rather than passing a
+        # table chosen among some of the tuning runs off as the experiment's
+        return dict(meta, **(extra or {}), runs_planned=len(specs),
+                    runs_missing=[s.run_id for s in specs if s.run_id not in results])
+
+    if fresh:  # the previous outputs describe the runs just deleted
+        report.write_outputs(out, cfg, [], progress_meta())
+
     def finished(result):
         trained.append(result["run"])
         write_text(runs_dir / f"{result['run']}.json", json.dumps(result, indent=1))
         results[result["run"]] = result
         (ckpt_dir / f"{result['run']}.pt").unlink(missing_ok=True)
-        report.write_outputs(out, cfg, [results[s.run_id] for s in specs if s.run_id in results], meta)
+        report.write_outputs(out, cfg, [results[s.run_id] for s in specs if s.run_id in results], progress_meta())
         best = max(e["test_acc"] for e in result["evals"])
         log(f"finished {result['run']} in {result['train_seconds']:.0f}s (best test acc {best:.4f})")
 
@@ -271,8 +280,8 @@ def run_experiment(cfg: dict, out_dir, data_dir=None, device="auto", workers=1, 
     ordered = [results[s.run_id] for s in specs if s.run_id in results]
     # (the wall time of this command only: a command that resumes finished runs trains none of
     # them, so it says how many it trained)
-    summary = report.write_outputs(out, cfg, ordered, dict(meta, wall_seconds=round(time.perf_counter() - start, 1),
-                                                           runs_trained=len(trained)))
+    summary = report.write_outputs(out, cfg, ordered, progress_meta(dict(wall_seconds=round(time.perf_counter() - start, 1),
+                                                                         runs_trained=len(trained))))
     log(summary["markdown"])
     return summary
 

@@ -113,7 +113,15 @@ def _verdict(c: dict) -> str:
 
 def markdown(cells, checks, meta) -> str:
     lines = []
+    missing = meta.get("runs_missing")
+    if missing:
+        lines += [f"**Partial results: {meta['runs_planned'] - len(missing)} of {meta['runs_planned']} planned runs "
+                  f"finished.** Missing: {', '.join(missing)}. Each cell is chosen among the finished runs only, "
+                  "so the tables and claim checks below are not the experiment's.", ""]
     for s, rows in cells.items():
+        if not rows:
+            lines += [f"### Targets: {TARGET_SET_TITLES[s]}", "", "(no finished run yet)", ""]
+            continue
         fr = sorted({f for row in rows.values() for f in row}, reverse=True)
         lines += [f"### Targets: {TARGET_SET_TITLES[s]}", "",
                   "| method | " + " | ".join(f"{f:.0%} kept" for f in fr) + " |",
@@ -189,4 +197,6 @@ def write_outputs(out_dir, cfg, results, meta) -> dict:
     if flat:
         with atomic_path(out / "results.png") as tmp:
             plot(cells, tmp)
+    else:  # a plot of earlier runs (before --fresh) would not match the other files
+        (out / "results.png").unlink(missing_ok=True)
     return summary
