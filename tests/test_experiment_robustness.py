@@ -115,3 +115,17 @@ def test_fresh_does_not_leave_the_deleted_runs_report(tmp_path, monkeypatch):
     assert json.loads((out / "results.json").read_text())["table"] == []
     assert f"0 of {len(plan(cfg))} planned runs finished" in (out / "results.md").read_text()
     assert not (out / "results.png").exists()
+
+
+def test_each_run_records_who_trained_it_and_a_mixed_report_says_so(tmp_path):
+    data, out = _fake_fmnist(tmp_path / "data"), tmp_path / "out"
+    cfg = _tiny_config()
+    a = dict(commit="aaaaaaa", command="q3r experiment vit-fmnist --device cuda")
+    run_experiment(cfg, out, data_dir=data, device="cpu", meta=a, log=lambda *x: None)
+    runs = sorted((out / "runs").glob("*.json"))
+    runs[0].unlink()  # trained again by a later command at another commit
+    summary = run_experiment(cfg, out, data_dir=data, device="cpu", meta=dict(commit="bbbbbbb"), log=lambda *x: None)
+    by_run = {r["run"]: r["trained_with"]["commit"] for r in summary["runs"]}
+    assert by_run[runs[0].stem] == "bbbbbbb" and sum(c == "aaaaaaa" for c in by_run.values()) == len(runs) - 1
+    md = (out / "results.md").read_text()
+    assert "trained by 2 different setups" in md and "aaaaaaa" in md and "bbbbbbb" in md

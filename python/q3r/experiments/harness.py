@@ -250,6 +250,9 @@ def run_experiment(cfg: dict, out_dir, data_dir=None, device="auto", workers=1, 
 
     def finished(result):
         trained.append(result["run"])
+        # who trained it: a later command that resumes (another commit, another device) must
+        # not pass this run off as its own (results.json's meta is the last command's)
+        result["trained_with"] = {k: meta.get(k) for k in ("commit", "device", "torch", "command")}
         write_text(runs_dir / f"{result['run']}.json", json.dumps(result, indent=1))
         results[result["run"]] = result
         (ckpt_dir / f"{result['run']}.pt").unlink(missing_ok=True)

@@ -141,8 +141,25 @@ def markdown(cells, checks, meta) -> str:
         lines += [f"| {c['target_set']} | {c['claim']} | {c['value']:+.2f} | "
                   f"{'—' if c.get('two_se') is None else format(c['two_se'], '.2f')} | {_verdict(c)} |" for c in checks]
         lines.append("")
-    lines.append("Device: {device}; torch {torch}; size {size}.".format(**{k: meta.get(k, "?") for k in ("device", "torch", "size")}))
+    lines.append("Device: {device}; torch {torch}; size {size}; commit {commit}.".format(
+        **{k: meta.get(k) or "?" for k in ("device", "torch", "size", "commit")}))
+    setups = meta.get("trained_with") or []
+    if len(setups) > 1:
+        lines.append("")
+        lines.append(f"**The runs were trained by {len(setups)} different setups** (results.json: `runs[].trained_with`):")
+        lines += ["- {n} run(s): commit {commit}, device {device}, torch {torch}".format(
+            **{k: s.get(k) or "?" for k in ("n", "commit", "device", "torch")}) for s in setups]
     return "\n".join(lines)
+
+
+def _setups(results) -> list[dict]:
+    """The distinct (commit, device, torch) that trained the runs, with how many runs each."""
+    counts = {}
+    for r in results:
+        w = r.get("trained_with") or {}
+        key = tuple(w.get(k) for k in ("commit", "device", "torch"))
+        counts[key] = counts.get(key, 0) + 1
+    return [dict(commit=c, device=d, torch=t, n=n) for (c, d, t), n in counts.items()]
 
 
 def plot(cells, path: Path) -> None:
@@ -174,6 +191,7 @@ def plot(cells, path: Path) -> None:
 
 def write_outputs(out_dir, cfg, results, meta) -> dict:
     out = Path(out_dir)
+    meta = dict(meta, trained_with=_setups(results))
     cells = select_cells(results, cfg)
     checks = check_claims(cells, cfg.get("n_test"))
     md = markdown(cells, checks, meta)
