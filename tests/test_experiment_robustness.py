@@ -91,7 +91,7 @@ def test_a_partial_report_says_which_runs_are_missing(tmp_path, capsys, monkeypa
     assert json.loads((out / "results.json").read_text())["meta"]["runs_missing"] == summary["meta"]["runs_missing"]
 
     # the command line exits non-zero on such a summary
-    from q3r.experiments import cli, harness
+    from q3r.experiments import harness
     monkeypatch.setattr(harness, "run_experiment", lambda *a, **k: summary)
     rc, err = _cli(["vit-fmnist", "--out", str(out), "--data-dir", str(data)], capsys)
     assert rc == 1 and all(f in err for f in failed)

@@ -403,7 +403,7 @@ def adamq3r_fused_(works: list) -> list:
         fits = all(op[0].dtype == op[1].dtype == torch.float32 and (len(op) == 3 or _float32_tensor(op[3]))
                    for op in work.operators)
         if verdict[where] and not fits:  # (forced: an error, as in project / add_reweighting_)
-            _refuse_forced(f"the fused AdamQ3R step takes float32 factors and eps as a float32 tensor, got "
+            _refuse_forced("the fused AdamQ3R step takes float32 factors and eps as a float32 tensor, got "
                            + ", ".join(f"({', '.join(str(getattr(t, 'dtype', type(t).__name__)) for t in op)})"
                                        for op in work.operators))
         if verdict[where] and fits and _width_ok(work.operators, limit):
