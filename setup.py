@@ -19,7 +19,8 @@ Switches (environment variables):
                                       with no GPU visible it defaults to "8.0;9.0+PTX".
 Q3R_BUILD_NATIVE=0, or a build that fails, removes python/q3r/_C*.so left by an earlier build
 (an editable install would load it), and so does an editable install without torch at build time.
-`python -m q3r.info` reports what the installed package holds.
+A build that fails leaves q3r/_C_build_failed.txt where the module would have gone, saying why;
+`python -m q3r.info` reports what the installed package holds, and that reason.
 """
 
 import os
@@ -54,6 +55,9 @@ def _log(msg: str) -> None:
 
 HEADERS = ["csrc/jacobi_common.h", "csrc/jacobi_cpu.h", "csrc/jacobi_cuda.h"]  # a change rebuilds
 IN_PLACE = os.path.join("python", "q3r", "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+# why the last build of q3r._C failed, written where the module would have gone (and so
+# packaged with it, or read in place by an editable install): q3r._native.status() reports it
+FAILURE_NOTE = "_C_build_failed.txt"
 # only an editable install loads IN_PLACE: an sdist or a wheel leaves a developer's build there
 EDITABLE = any(command in sys.argv for command in ("editable_wheel", "develop"))
 
@@ -64,6 +68,9 @@ def _remove_in_place_module(why: str) -> None:
     if os.path.exists(IN_PLACE):
         os.remove(IN_PLACE)
         _log(f"removed {IN_PLACE} left by an earlier build ({why})")
+    note = os.path.join(os.path.dirname(IN_PLACE), FAILURE_NOTE)
+    if os.path.exists(note):  # (an earlier failure's reason is not this build's)
+        os.remove(note)
 
 
 def _nvcc_major(cuda_home: str) -> str | None:
@@ -140,6 +147,7 @@ def _native_extension():
         was what failed, else pure Python; never with a module from an earlier build."""
 
         def build_extensions(self):
+            self._note(None)
             error = self._attempt()
             if error is None:
                 return
@@ -156,8 +164,30 @@ def _native_extension():
                 if error is None:
                     return
             _log(f"building q3r._C failed, continuing without it: {error}")
-            self.extensions = []  # (so an editable install does not look for its output)
             _remove_in_place_module("this build failed")
+            self._note(f"its build failed ({type(error).__name__}: {error}; `pip install -v` shows the compiler's output)")
+            self.extensions = []  # (so an editable install does not look for its output)
+
+        def run(self):
+            # (setuptools builds into build_lib with inplace off, then copies to the sources)
+            self._in_place = bool(self.inplace) or EDITABLE
+            super().run()
+
+        def _note(self, text: str | None) -> None:
+            """Write (or, with None, remove) the failure note next to where q3r._C goes: the
+            build directory, and the sources for an in-place or editable build."""
+            dirs = {os.path.dirname(self.get_ext_fullpath("q3r._C"))}
+            if getattr(self, "_in_place", False):
+                dirs.add(os.path.dirname(IN_PLACE))
+            for folder in dirs:
+                path = os.path.join(folder, FAILURE_NOTE)
+                if text is None:
+                    if os.path.exists(path):
+                        os.remove(path)
+                    continue
+                os.makedirs(folder, exist_ok=True)
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(" ".join(text.split()) + "\n")
 
         def _attempt(self) -> Exception | None:
             """One build of self.extensions; on failure the compiler is as before and no output

@@ -63,7 +63,16 @@ def test_a_failed_compile_installs_pure_python_and_removes_an_earlier_module(tre
     assert out.returncode == 0, out.stderr[-3000:]
     assert "building q3r._C failed, continuing without it" in out.stderr
     assert not (tree / "python" / "q3r" / f"_C{SUFFIX}").exists()  # (the stale one is gone)
-    assert not list((tree / "out").rglob("_C*"))
+    assert not list((tree / "out").rglob("_C.*"))
+    # the reason is left where the module would have gone, for q3r._native.status() to report
+    note = (tree / "out" / "q3r" / "_C_build_failed.txt").read_text()
+    assert note.startswith("its build failed (") and "\n" not in note.strip()
+    # in place (as an editable install builds) the note goes next to the sources' q3r too
+    out = _setup(tree, "build_ext", "--inplace", CC="/nonexistent/cc", CXX="/nonexistent/c++")
+    assert out.returncode == 0 and (tree / "python" / "q3r" / "_C_build_failed.txt").exists(), out.stderr[-2000:]
+    # and a build that does not try (Q3R_BUILD_NATIVE=0) removes it: no longer this build's reason
+    assert _setup(tree, "--name", Q3R_BUILD_NATIVE="0").returncode == 0
+    assert not (tree / "python" / "q3r" / "_C_build_failed.txt").exists()
     # Q3R_BUILD_NATIVE=1: the same failure fails the build
     assert _build_ext(tree, CC="/nonexistent/cc", CXX="/nonexistent/c++", Q3R_BUILD_NATIVE="1").returncode != 0
 

@@ -274,3 +274,18 @@ def test_a_native_extension_that_fails_to_import_warns_once_and_a_missing_one_do
         assert [str(w.message).startswith("q3r: native extension q3r._C failed to import") for w in caught] == (
             [True] if warns else [])
         assert not _native.available("cpu")
+
+
+def test_status_says_why_a_failed_build_left_no_module(monkeypatch, tmp_path):
+    """After a build that failed (setup.py leaves its reason next to where q3r._C would be),
+    status() says the build failed, not to run the install that was just run."""
+    import importlib
+
+    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setattr(importlib, "import_module", lambda name: (_ for _ in ()).throw(
+        ImportError("No module named 'q3r._C'")))
+    monkeypatch.setattr(_native, "__file__", str(tmp_path / "_native.py"))
+    assert "install with" in _native.status()
+    (tmp_path / _native.BUILD_FAILURE_NOTE).write_text("its build failed (CompileError: no c++)\n")
+    text = _native.status()
+    assert "not built: its build failed (CompileError: no c++)" in text and "\n" not in text

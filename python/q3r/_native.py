@@ -15,6 +15,7 @@ Build: `pip install --no-build-isolation -e .` (see setup.py for the switches).
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 
 import torch
@@ -24,6 +25,8 @@ from . import reference
 
 DEFAULT_MAX_SWEEPS = 30
 DEFAULT_TOL = 1e-7  # relative: rotate while |a_pq| > tol * sqrt(a_pp a_qq)
+
+BUILD_FAILURE_NOTE = "_C_build_failed.txt"  # (written by setup.py when the build fails)
 
 _state: dict = {}
 
@@ -65,7 +68,9 @@ def status() -> str:
     if module is None:
         reason = _state["error"] or "not imported"
         if "No module named" in reason:
-            reason = ("not built (install with `pip install --no-build-isolation -e .` "
+            failed = _build_failure()
+            reason = (f"not built: {failed}" if failed else
+                      "not built (install with `pip install --no-build-isolation -e .` "
                       "where torch is importable at build time)")
         return f"q3r._C unavailable: {reason}; refreshes use torch.linalg.eigh"
     info = build_info()
@@ -78,6 +83,15 @@ def status() -> str:
         cuda = ("CUDA part: not built (at build time: no nvcc / CUDA_HOME, an nvcc of another CUDA major "
                 "version than torch's, Q3R_BUILD_CUDA=0, or its compile failed and the CPU part was built alone)")
     return f"q3r._C loaded; CPU part: built; {cuda}"
+
+
+def _build_failure() -> str | None:
+    """The reason setup.py left next to where q3r._C would be when its build failed, or None."""
+    try:
+        with open(os.path.join(os.path.dirname(__file__), BUILD_FAILURE_NOTE), encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def batched_eigh(G: Tensor, max_sweeps: int = DEFAULT_MAX_SWEEPS, tol: float = DEFAULT_TOL,
