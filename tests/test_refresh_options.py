@@ -115,6 +115,9 @@ def test_the_options_are_copied_and_saved_as_plain_values():
     ("cold_power_iters", -1, "cold_power_iters must be an int >= 0"),
     ("max_stack_bytes", 0, "max_stack_bytes must be an int > 0"),
     ("tol", 0.0, "tol must be a finite number > 0"),
+    # (the Jacobi solver then returns its input unrotated: R(X) 7.6e-3 off exact, unwarned)
+    ("tol", 1.0, r"tol must be a finite number > 0 and < 1"),
+    ("max_sweeps", 0, "max_sweeps must be an int > 0"),
     ("exact_fraction", float("nan"), "exact_fraction must be a finite number"),
     ("max_widenings", True, "max_widenings must be an int"),
 ])

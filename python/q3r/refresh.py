@@ -188,7 +188,7 @@ class SketchOptions:
 
 def _check_sketch_option(name: str, value, default, where: str):
     """A SketchOptions field's value: an integer where the default is an int, else a finite real
-    number; >= 0 (> 0 for max_stack_bytes and tol). Returns it as a plain Python int or float
+    number; >= 0 (> 0 for max_stack_bytes, max_sweeps and tol; tol < 1 too). Returns it as a plain Python int or float
     (a numpy number from a sweep is taken, and stored as what a weights_only load reads).
     Raises ValueError naming it."""
     whole = type(default) is int
@@ -196,10 +196,14 @@ def _check_sketch_option(name: str, value, default, where: str):
     if ok:
         value = int(value) if whole else (int(value) if isinstance(value, numbers.Integral) else float(value))
         ok = whole or math.isfinite(value)
-    positive = name in ("max_stack_bytes", "tol")
+    # (max_sweeps 0 and a tol of 1 or more leave the Jacobi solver's input as it is, which
+    # |a_pq| <= sqrt(a_pp a_qq) makes converged: R(X) 7.6e-3 off the exact operator, unwarned)
+    positive = name in ("max_stack_bytes", "tol", "max_sweeps")
     if not ok or value < 0 or (positive and value == 0):
         raise ValueError(f"{where}: {name} must be a{'n int' if whole else ' finite number'} "
                          f"{'> 0' if positive else '>= 0'}, got {value!r}")
+    if name == "tol" and value >= 1:
+        raise ValueError(f"{where}: tol must be a finite number > 0 and < 1 (relative to sqrt(a_pp a_qq)), got {value!r}")
     return value
 
 
