@@ -66,7 +66,7 @@ def ddp_refresh_bytes(shapes, P):
     all_gather + factor exchange (padded all_gather, or one broadcast per owner when padding
     would more than double it), as in replicated.py."""
     keys = replicated._state_keys()
-    header = (2 + len(shapes) * 3 * len(keys) + len(shapes)) * F64
+    header = (2 + len(shapes) * 3 * len(keys) + len(shapes) + 1) * F64  # (+1: whether the rank's refresh failed)
     owner = replicated.assign_by_cost([replicated.refresh_cost(s, rank_of(*s)) for s in shapes], P)
     sizes = [0] * P
     for (d1, d2), o in zip(shapes, owner):

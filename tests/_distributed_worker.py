@@ -911,6 +911,48 @@ def unequal_svd_worker(rank, world, port, out_path):
     dist.destroy_process_group()
 
 
+def failing_refresh_worker(rank, world, port, out_path):
+    """A replicated (DDP) refresh whose local part raises on the last rank (as out of memory on
+    the owner of the largest target would): every rank must raise at once, none changing its
+    factors, and the next refresh must run normally. Each rank writes its error, how long the
+    failed refresh took, whether its states stayed as they were, and the states of the next one."""
+    import time
+
+    from q3r.distributed import replicated
+    from q3r.refresh import SliceConfig, new_slice_state
+
+    # (a short timeout: before, the other ranks waited in the header's all_gather for all of it)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(3)
+    ws = [torch.randn(*shape, generator=gen) for shape in [(24, 16), (16, 20), (18, 18)]]
+    cfgs = [SliceConfig(f"w{i}", 3) for i in range(len(ws))]
+    states = [new_slice_state(*w.shape) for w in ws]
+    before = [{k: v.clone() for k, v in st.items()} for st in states]
+    real = replicated._refresh_local_
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("injected failure of the local refresh")
+
+    if rank == world - 1:
+        replicated._refresh_local_ = failing
+    start = time.monotonic()
+    try:
+        replicated.refresh_slices_replicated_(ws, states, cfgs)
+        error = None
+    except RuntimeError as err:
+        error = str(err)
+    finally:
+        replicated._refresh_local_ = real
+    elapsed = time.monotonic() - start
+    unchanged = all(_same(st[k], b[k]) for st, b in zip(states, before) for k in b)
+    replicated.refresh_slices_replicated_(ws, states, cfgs)
+    torch.save({"error": error, "elapsed": elapsed, "unchanged": unchanged,
+                "states": [{k: v.cpu() for k, v in st.items()} for st in states]}, f"{out_path}.{rank}")
+    dist.destroy_process_group()
+
+
 def _whole(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 

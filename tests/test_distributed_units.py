@@ -169,3 +169,26 @@ def test_a_penalty_gradient_is_added_after_callbacks_queued_later_in_the_backwar
     (other + early).backward()
     assert order[:2] == ["early node", "later hook"]  # the setting of concern: theirs is queued after
     assert order[2:] == ["theirs", "ours"]
+
+
+def test_a_refresh_that_fails_on_one_rank_raises_on_every_rank_at_once(tmp_path):
+    """DDP: the local part of a refresh raising on one rank (out of memory on the owner of the
+    largest target) left the other ranks waiting in the factor exchange until the process
+    group timed out (gloo's 30 minutes by default), with gloo's message, not q3r's; and the
+    ranks that had refreshed their share kept the new factors. Now every rank raises at once,
+    no rank changes its factors, and the next refresh runs normally."""
+    import _distributed_worker as worker
+
+    world = 2
+    worker.spawn(worker.failing_refresh_worker, world, str(tmp_path / "out"))
+    outs = [torch.load(tmp_path / f"out.{rank}") for rank in range(world)]
+    assert outs[-1]["error"] == "injected failure of the local refresh"
+    for out in outs[:-1]:
+        assert "refresh failed on rank(s) [1]" in out["error"]
+        assert out["elapsed"] < 30  # (the process group's timeout is 60 s)
+    assert all(out["unchanged"] for out in outs)
+    for out in outs[1:]:
+        for got, ref in zip(out["states"], outs[0]["states"]):
+            for key in ref:
+                torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0, equal_nan=True)
+    assert all(int(st["refreshes"]) == 1 for st in outs[0]["states"])

@@ -11,7 +11,8 @@ and shapes: the other two have sizes that depend on them):
 1. an all_gather of a small header per rank: the shapes of every state entry of each slice
    it refreshed (the widths k vary per slice and refresh) and a float64 checksum of every slice's weights, which
    must agree across ranks (else the ranks do not hold replicas, and splitting the work
-   would be wrong: we raise instead of silently mixing factors);
+   would be wrong: we raise instead of silently mixing factors), and whether its own refresh
+   raised (then every rank raises, none changing its factors: each refreshes into copies);
 2. an all_gather of one flat float32 buffer per rank holding its slices' state entries
    (U, V, sigma, eps, ... -- whatever refresh.py keeps), padded to the largest rank's buffer -- unless the padding would more than double
    the bytes (many more ranks than slices, or one slice much larger than the rest): then one
@@ -145,21 +146,41 @@ def refresh_slices_replicated_(
     _check_same_targets(configs, shapes, weights[0].device, group)
     owner = assign_by_cost([refresh_cost(s, c.rank, method) for s, c in zip(shapes, configs)], world)
     mine = [i for i in range(len(weights)) if owner[i] == me]
-    done_mine = _refresh_local_(
-        [weights[i] for i in mine], [states[i] for i in mine], [configs[i] for i in mine], method=method, warned=warned,
-        options=options,
-    )
+    # this rank's share is refreshed into copies of its states, committed once every rank has
+    # refreshed its own: a failure on one rank (out of memory on the owner of the largest
+    # target, an SVD that does not converge) then reaches the others through the header below,
+    # instead of leaving them waiting in its all_gather until the process group times out, and
+    # leaves every rank's factors as they were (the replicas stay equal)
+    drafts = [dict(states[i]) for i in mine]
+    failure = None
+    try:
+        done_mine = _refresh_local_(
+            [weights[i] for i in mine], drafts, [configs[i] for i in mine], method=method, warned=warned,
+            options=options,
+        )
+    except Exception as error:
+        failure, done_mine = error, [False] * len(mine)
     device = weights[0].device if weights else torch.device("cpu")
     n, keys = len(weights), _state_keys()
     width = 3 * len(keys)
-    # per slice: the shapes of its new state (owner) or -2 (not refreshed here); then checksums
-    header = torch.full((n * width + n,), -2.0, dtype=torch.float64, device=device)
-    for i, ok in zip(mine, done_mine):
+    # per slice: the shapes of its new state (owner) or -2 (not refreshed here); then checksums;
+    # then whether this rank's refresh failed
+    header = torch.full((n * width + n + 1,), -2.0, dtype=torch.float64, device=device)
+    for draft, i, ok in zip(drafts, mine, done_mine):
         if ok:
-            header[i * width : (i + 1) * width] = torch.tensor(_shapes_row(states[i], keys), dtype=torch.float64)
-    header[n * width :] = torch.stack([torch.sum(w.detach(), dtype=torch.float64) for w in weights])
+            header[i * width : (i + 1) * width] = torch.tensor(_shapes_row(draft, keys), dtype=torch.float64)
+    header[n * width : n * width + n] = torch.stack([torch.sum(w.detach(), dtype=torch.float64) for w in weights])
+    header[-1] = float(failure is not None)
     headers = torch.stack(comm.all_gather(header, group)).cpu()
-    sums = headers[:, n * width :]
+    failed = [r for r in range(world) if headers[r, -1] != 0]
+    if failure is not None:
+        raise failure
+    if failed:
+        raise RuntimeError(
+            f"q3r: the refresh failed on rank(s) {failed} of the replicas' group (see its error there); no rank "
+            "changed its factors"
+        )
+    sums = headers[:, n * width : n * width + n]
     same = (sums == sums[0]) | (torch.isnan(sums) & torch.isnan(sums[0]))
     if not bool(same.all()):
         bad = [configs[i].name for i in range(n) if not bool(same[:, i].all())]
@@ -168,6 +189,8 @@ def refresh_slices_replicated_(
             "a distributed refresh needs identical weights (wrap the model in DDP), or call "
             "q3r.distributed.configure(replicated=False) to refresh on every rank independently"
         )
+    for draft, i in zip(drafts, mine):
+        states[i].update(draft)
     rows = [[int(v) for v in headers[owner[i], i * width : (i + 1) * width].tolist()] for i in range(n)]
     done = [row[0] != -2 for row in rows]
     sizes = [0] * world
