@@ -129,3 +129,32 @@ def test_each_run_records_who_trained_it_and_a_mixed_report_says_so(tmp_path):
     assert by_run[runs[0].stem] == "bbbbbbb" and sum(c == "aaaaaaa" for c in by_run.values()) == len(runs) - 1
     md = (out / "results.md").read_text()
     assert "trained by 2 different setups" in md and "aaaaaaa" in md and "bbbbbbb" in md
+
+
+def test_one_command_per_out_folder_at_a_time(tmp_path):
+    """Two commands on one --out trained every run twice, and a --fresh in one deleted the
+    other's finished runs (h48): the second is refused, naming the holder, with nothing touched;
+    a lock left by a command that died on this host is taken over, and a finished command
+    leaves none behind."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from q3r.experiments.harness import LOCK_NAME
+
+    data, out = _fake_fmnist(tmp_path / "data"), tmp_path / "out"
+    cfg = _tiny_config()
+    run_experiment(cfg, out, data_dir=data, device="cpu", log=lambda *a: None)
+    assert not (out / LOCK_NAME).exists()
+    lock = out / LOCK_NAME
+    for holder in (f"{socket.gethostname()} {os.getpid()}", "another-host 123"):  # (alive here; another host's)
+        lock.write_text(holder)
+        before = _tree(out)
+        with pytest.raises(UsageError, match=rf"is in use by another q3r experiment command \({holder}\).*remove {lock}"):
+            run_experiment(cfg, out, data_dir=data, device="cpu", fresh=True, log=lambda *a: None)
+        assert _tree(out) == before  # (--fresh deleted nothing)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(f"{socket.gethostname()} {int(gone.stdout)}")  # (its command was killed: stale)
+    summary = run_experiment(cfg, out, data_dir=data, device="cpu", log=lambda *a: None)
+    assert summary["meta"]["runs_missing"] == [] and not lock.exists()

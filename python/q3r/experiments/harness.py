@@ -17,9 +17,11 @@ from __future__ import annotations
 import copy
 import json
 import os
+import socket
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -221,6 +223,55 @@ def run_experiment(cfg: dict, out_dir, data_dir=None, device="auto", workers=1, 
     out = Path(out_dir)
     check_out_dir(out, cfg, fresh)
     check_data_size(cfg, data_dir)  # also fails, with the install hint, if the data is missing
+    out.mkdir(parents=True, exist_ok=True)
+    with _sole_user(out):
+        return _run_experiment(cfg, out, data_dir, device, workers, fresh, meta, log)
+
+
+LOCK_NAME = ".q3r-experiment.lock"
+
+
+@contextmanager
+def _sole_user(out: Path):
+    """One command per --out at a time. Two on one folder trained every run twice, and a
+    --fresh in one deleted the other's finished runs (h48). The lock file holds the host and
+    process id of its command; one left by a command that died on this host (kill -9) is taken
+    over, one from another host (a shared file system) is refused with its path."""
+    path, me = out / LOCK_NAME, f"{socket.gethostname()} {os.getpid()}"
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = path.read_text().strip()
+            except OSError:
+                holder = ""
+            host, _, pid = holder.partition(" ")
+            if attempt == 0 and host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)  # (its command is gone: stale)
+                continue
+            raise UsageError(f"{out} is in use by another q3r experiment command ({holder or 'unknown'}); wait for it "
+                             f"to finish or use another --out (if that command is gone, remove {path})") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's process)
+        return True
+    return True
+
+
+def _run_experiment(cfg: dict, out: Path, data_dir, device: str, workers: int, fresh: bool, meta, log) -> dict:
     runs_dir, ckpt_dir = out / "runs", out / "checkpoints"
     runs_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
