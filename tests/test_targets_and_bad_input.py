@@ -56,6 +56,41 @@ def test_a_qkv_laid_out_per_head_is_left_whole_with_a_warning():
     assert t.slices == [(0, 24), (24, 48)]  # (the user's layout, no warning needed)
 
 
+def test_a_head_first_qkv_of_timm_maxvit_is_left_whole_with_a_warning():
+    # timm's MaxViT AttentionCl (maxvit_rmlp_*, maxxvit_*): num_heads and dim_head (no head_dim, no
+    # key_dim), and with head_first=True, its default, rows [q_h k_h v_h] per head h; its "q" third
+    # was Q and K of heads 0..heads/3 (a review found it on maxvit_rmlp_nano_rw_256)
+    class AttentionCl(torch.nn.Module):
+        def __init__(self, dim=24, dim_head=4, head_first=True):
+            super().__init__()
+            self.num_heads, self.dim_head, self.head_first = dim // dim_head, dim_head, head_first
+            self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+        def forward(self, x):  # (as timm's, up to the attention itself)
+            B = x.shape[0]
+            if self.head_first:
+                return self.qkv(x).view(B, -1, self.num_heads, self.dim_head * 3).transpose(1, 2).chunk(3, dim=3)
+            return self.qkv(x).reshape(B, -1, 3, self.num_heads, self.dim_head).transpose(1, 3).unbind(2)
+
+    model = torch.nn.Sequential(AttentionCl())
+    with pytest.warns(UserWarning, match="laid out per head"):
+        (t,) = q3r.find_targets(model, ["0.qkv"])
+    assert t.slices is None
+    # head_first=False (maxvit_*_tf_*): heads after Q, K, V; thirds are Q, K and V, as they were
+    model = torch.nn.Sequential(AttentionCl(head_first=False))
+    (t,) = q3r.find_targets(model, ["0.qkv"])
+    x = torch.randn(2, 5, 24)
+    base = model(x)
+    saved = t.param.detach().clone()
+    for i, (a, b) in enumerate(t.slices):
+        with torch.no_grad():
+            t.param[a:b] += 1.0
+        changed = [j for j, (u, v) in enumerate(zip(base, model(x))) if not torch.equal(u, v)]
+        with torch.no_grad():
+            t.param.copy_(saved)
+        assert changed == [i], (t.slice_labels[i], changed)
+
+
 def test_a_qkv_that_is_not_three_heads_times_head_dim_is_left_whole_with_a_warning():
     # timm's GCViT global attention: its qkv holds K and V only (2 x heads x head_dim rows), in a
     # block with num_heads; at gcvit_small's widths (dim 96, 3 heads) 192 rows divide by 3, and

@@ -227,7 +227,7 @@ def _auto_fused(parent: nn.Module | None, child_name: str, module: nn.Module, na
 
     timm Attention: ``qkv`` Linear of an attention block (it has ``num_heads``), weight (3d, d):
     row slices. Hugging Face GPT-2: ``c_attn`` Conv1D (weight (d, 3d), ``nf`` attribute):
-    column slices. A qkv laid out per head (its block has ``key_dim``) is left whole: its
+    column slices. A qkv laid out per head (its block has ``key_dim``, or ``head_first=True``) is left whole: its
     module name goes into per_head, for one warning naming them all (find_targets). So is a
     qkv whose rows are not 3 x num_heads x head_dim where its block says both (``not_three``).
     """
@@ -235,10 +235,12 @@ def _auto_fused(parent: nn.Module | None, child_name: str, module: nn.Module, na
     if weight is None or weight.dim() != 2:
         return None
     if child_name == "qkv" and parent is not None and hasattr(parent, "num_heads") and weight.shape[0] % 3 == 0:
-        if hasattr(parent, "key_dim"):
+        if hasattr(parent, "key_dim") or getattr(parent, "head_first", False) is True:
             # timm's TinyViT, EfficientFormer (and kin) lay qkv's rows out per head, [q_h k_h v_h]
             # for each head h (view(B, N, heads, -1).split(...)): thirds of the rows would mix
-            # Q, K and V of different heads (half of the "q" slice of tiny_vit_5m_224 was K and V)
+            # Q, K and V of different heads (half of the "q" slice of tiny_vit_5m_224 was K and V).
+            # So does timm's MaxViT AttentionCl with head_first=True, its default (maxvit_rmlp_*,
+            # maxxvit_*: view(B, -1, heads, dim_head * 3).chunk(3)): its "q" third was Q and K
             per_head.append(f"{name} ({type(parent).__name__}.{child_name})")
             return None
         heads, head_dim = getattr(parent, "num_heads", None), getattr(parent, "head_dim", None)
@@ -368,9 +370,9 @@ def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, s
         raise ValueError(f"include patterns {include!r} matched no module with a 2-D weight")
     if per_head:
         shown = ", ".join(per_head[:4]) + (f" and {len(per_head) - 4} more" if len(per_head) > 4 else "")
-        warnings.warn(f"{shown}: their attention blocks have key_dim, as blocks whose qkv rows are laid out per head "
-                      "do: left whole, not cut into Q, K, V thirds; pass slices={...} to find_targets for the "
-                      "layout they have", stacklevel=3)
+        warnings.warn(f"{shown}: their attention blocks have key_dim (or head_first=True), as blocks whose qkv rows are "
+                      "laid out per head do: left whole, not cut into Q, K, V thirds; pass slices={...} to find_targets "
+                      "for the layout they have", stacklevel=3)
     if not_three:
         shown = ", ".join(not_three[:4]) + (f" and {len(not_three) - 4} more" if len(not_three) > 4 else "")
         warnings.warn(f"{shown}: not a Q, K, V triple by its block's num_heads and head_dim: left whole, not "
