@@ -1079,3 +1079,12 @@ def test_an_nn_linear_subclass_with_its_own_forward_is_compressed_with_a_warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compress(nn.Sequential(nn.Linear(8, 12)), ["0"], rank=3)  # (a plain nn.Linear: quiet)
+
+
+def test_finding_targets_on_a_compressed_model_says_its_layers_are_factored():
+    # (the factored layers match the patterns but are skipped: the error said only "matched no
+    # module with a 2-D weight"; h50)
+    small, _ = compress(_mlp(), ["0", "2"], rank=3)
+    with pytest.raises(ValueError, match=r"matched no module with a 2-D weight; the modules they match are factored by "
+                                         r"q3r.compress \(0, 2\): find the targets on the dense model"):
+        q3r.find_targets(small, ["0", "2"], target_rank=2)

@@ -316,11 +316,12 @@ def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, s
             hint = (f"; targets are named as in the model a wrapper wraps (DDP's module., torch.compile's "
                     f"_orig_mod.): drop the prefix from {prefixed!r}" if prefixed else "")
             raise ValueError(f"{option} patterns {unmatched!r} match no module of the model{hint}")
-    targets, used, per_head, not_three = [], set(), [], []
+    targets, used, per_head, not_three, factored = [], set(), [], [], []
     for name, module in modules:
         if not name or not any(_matches(p, name) for p in include) or any(_matches(p, name) for p in exclude):
             continue
         if getattr(type(module), "_q3r_factored", False):  # (already factored: its weight is computed)
+            factored.append(name)
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor):
@@ -367,7 +368,10 @@ def _find_targets(model, include, exclude, target_rank, rank_overrides, fused, s
             resolve_slice_ranks(weight.shape, slice_dim, cuts, rank, rank_rule, pname)
         targets.append(Target(pname, weight, slice_dim, cuts, rank, labels))
     if not targets:
-        raise ValueError(f"include patterns {include!r} matched no module with a 2-D weight")
+        # (a compressed model's factored layers match the patterns but are skipped: say so)
+        why = (f"; the modules they match are factored by q3r.compress ({', '.join(factored[:3])}"
+               f"{', ...' if len(factored) > 3 else ''}): find the targets on the dense model") if factored else ""
+        raise ValueError(f"include patterns {include!r} matched no module with a 2-D weight{why}")
     if per_head:
         shown = ", ".join(per_head[:4]) + (f" and {len(per_head) - 4} more" if len(per_head) > 4 else "")
         warnings.warn(f"{shown}: their attention blocks have key_dim (or head_first=True), as blocks whose qkv rows are "
