@@ -126,7 +126,11 @@ class SketchOptions:
                       float64 for the refined targets); 1 or more: never, and not computed --
                       and then a sketch that
                       is only too narrow is widened in one pass, which left a cold random-init
-                      400 x 300 sketch under a low constant eps off by 2.8e-3
+                      400 x 300 sketch under a low constant eps off by 2.8e-3.  A sketch whose
+                      sigma_{r+1}, where eps is set from it, may fall short by more than
+                      q3r._refresh_commit.MAX_EPS_SHORTFALL (2e-3) is sketched again the same
+                      way (the estimate weighs that shortfall by (eps / sigma_i)^2, about 0
+                      for a deep tail); off with this check, at 1 or more
     resolvable_ratio  the k x k Gram matrix holds sigma^2 in fp32, so it resolves sigma_{r+1}
                       only down to about sqrt(fp32 eps) sigma_1; a target whose estimated
                       sigma_{r+1} / sigma_1 is below this ratio has its Rayleigh-Ritz step
@@ -136,12 +140,15 @@ class SketchOptions:
                       sketches (W @ P), which resolve tail directions to 1% down to about
                       3e-5 sigma_1 (tests/test_randomized_refresh.py); below this ratio a
                       target gets an exact SVD
-    flat_tolerance    a sketch whose uncaptured part has an rms singular value within this
-                      fraction of eps gets an exact SVD: the spectrum is flat around eps beyond
-                      it, and its Ritz values undercount the members above eps (orthogonal
+    flat_tolerance    a sketch whose uncaptured part has an rms singular value of at least
+                      (1 - flat_tolerance) eps gets an exact SVD (>= 0 here;
+                      q3r.distributed.configure takes a negative one as never): the
+                      spectrum is flat around eps beyond it, and its Ritz values
+                      undercount the members above eps (orthogonal
                       init, 256 x 256, rank 24: R(X) off by up to 4.6e-3 before this; see
                       q3r._refresh_commit.flat_beyond)
-    max_sweeps, tol   of the native Jacobi solver
+    max_sweeps, tol   of the native Jacobi solver: max_sweeps >= 1, 0 < tol < 1 (either
+                      outside left its input unrotated, which looks converged)
     native_max_k      "native" uses the Jacobi solver only for sketches up to this width and
                       torch.linalg.eigh above: one thread block per matrix wins for many
                       small matrices (H100, 48 x 169^2 warm: 4.4 ms vs 45 ms) and loses

@@ -50,6 +50,8 @@ class Q3R:
     steps (5: refresh period), rank_rule, eps_schedule ("min"), eps_value, eps_floor,
     num_refreshes, refresh ("auto"), refresh_options (SketchOptions fields), stagger (False).
     Each target's rank is its ``target_rank`` (set by find_targets), not an option here.
+    ``lmbda`` may be set between steps (``reg.lmbda = value``, checked as the constructor
+    checks it). Targets frozen when it is built are named in one warning.
     """
 
     def __init__(self, targets: list[Target], **options):
@@ -158,7 +160,11 @@ class Q3R:
 
         FSDP2-sharded targets: the value is the same on every rank; its gradient 2 lambda R(W)
         reaches the sharded ``.grad`` at the end of the backward pass, after FSDP2's gradient
-        reduction (see q3r.distributed.sharded_penalty)."""
+        reduction (see q3r.distributed.sharded_penalty).
+
+        DDP with ``find_unused_parameters=True`` refuses the penalty's gradient on a target the
+        forward did not use at that step ("marked as ready twice"): use attach there
+        (docs/distributed.md)."""
         self._begin_step()
         self._penalty_since_step = True  # (read by attach's hook: both modes in one step, see there)
         total = None
@@ -181,7 +187,8 @@ class Q3R:
         """Add 2 lambda R(W) to each target's ``.grad`` slice in place (targets without a
         gradient are skipped, as optimizers skip them). ``grad_scale``: the loss scale still in
         the gradients, by which the term is multiplied too (torch.amp.GradScaler's, where the
-        optimizer unscales them itself; attach passes it)."""
+        optimizer unscales them itself; attach passes it). A bf16 / fp16 gradient takes the
+        term scaled in float32 and rounded once."""
         if not (isinstance(grad_scale, (int, float)) and not isinstance(grad_scale, bool)
                 and 0 < grad_scale < math.inf):
             raise ValueError(f"Q3R.add_grad_: grad_scale must be a finite number > 0, got {grad_scale!r}")

@@ -283,7 +283,11 @@ def find_targets(
     slices: {module pattern: (slice_dim, [(start, stop), ...])} for anything else; wins over auto.
     A pattern of include, exclude, rank_overrides or slices that matches nothing is an error (a typo
     would leave a layer silently unregularized).  The weights must be parameters (nn.Parameter):
-    a parametrized module's computed weight cannot be trained against.
+    a parametrized module's computed weight cannot be trained against; an adapter-wrapped
+    layer (peft's LoRA: its ``weight`` is the wrapped layer's frozen one) is refused, merge the
+    adapters first (``merge_and_unload()``) or exclude it. A timm ``qkv`` laid out per head (its
+    block has ``key_dim`` or ``head_first=True``) or whose rows are not 3 x num_heads x
+    head_dim of its block is left whole, with a warning: pass ``slices`` for its layout.
     rank_rule: the rule the ranks are checked by, as the optimizer or regularizer will resolve
     them (see q3r.reference.resolve_rank).
     """
@@ -394,7 +398,8 @@ def param_groups(model: nn.Module, targets: list[Target], weight_decay: float = 
 
     q3r_options (lmbda, steps, eps_schedule, rank_rule, refresh, ...) go into every Q3R group.
     weight_decay applies to the non-target parameters only: on targets the Q3R term is the
-    (reweighted) decay.
+    (reweighted) decay. Targets frozen now (requires_grad=False) are named in one warning:
+    they get no gradient, so no Q3R term.
     """
     from .config import Q3R_DEFAULTS  # (config imports this module)
 

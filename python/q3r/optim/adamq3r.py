@@ -86,7 +86,11 @@ class AdamQ3R(Optimizer):
     refresh), stagger (False: refresh every target at once every ``steps`` steps; True: a
     1/steps share at each step), slices + slice_dim (one slicing for every parameter of the
     group), names (one per slice, for diagnostics and errors). Any of them given to the
-    constructor becomes the default of every group.
+    constructor becomes the default of every group. An option written into ``param_groups``
+    later (``lmbda`` by a schedule, as torch's schedulers write ``lr``) is checked at the next
+    step, before any update: a bad value, or slices that no longer fit a target's Q3R state,
+    raise ValueError. With ``stagger=True`` each group keeps the phases' clock as
+    ``"stagger_clock"``, so state dicts, copies and pickles resume on the same steps.
     """
 
     def __init__(
@@ -534,8 +538,11 @@ class AdamQ3R(Optimizer):
 
         A state dict of ``torch.optim.Adam`` / ``AdamW`` (same groups and parameters) loads
         too: its groups keep this optimizer's Q3R options, the Adam moments carry over, and
-        each target is refreshed at its next step.  (A method, not load hooks: hooks are not
-        kept by copy.deepcopy or pickling of an optimizer.)"""
+        each target is refreshed at its next step.  Where the checkpoint's slices, slice_dim,
+        target_rank or rank_rule differ from this optimizer's it warns, naming group, option
+        and both values: the checkpoint's options win, as in torch, and the Q3R state is theirs.
+        (A method, not load hooks: hooks are not kept by copy.deepcopy or pickling of an
+        optimizer.)"""
         state_dict, stash = self._checked_for_load(state_dict)
         replaced = _replaced_options(self.param_groups, state_dict["param_groups"])
         super().load_state_dict(state_dict)
