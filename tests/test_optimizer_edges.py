@@ -919,3 +919,29 @@ def test_a_compiled_training_step_runs_the_refresh_and_the_update_eagerly(monkey
         for a, b in zip(eager, compiled):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_a_numpy_lambda_written_into_param_groups_is_kept_as_a_plain_float():
+    """A lambda warm-up from a NumPy sweep (np.linspace) written into param_groups, as the README
+    says to change lambda: the group kept the np.float64, and torch.load(weights_only=True) (the
+    Hugging Face Trainer's load) refused the optimizer's checkpoint, as add_param_group's
+    plain values prevent for the constructor's options. A list the caller holds stays the group's."""
+    np = pytest.importorskip("numpy")
+
+    torch.manual_seed(4)
+    W = torch.nn.Parameter(torch.randn(12, 10))
+    ranks = [2]
+    opt = q3r.AdamQ3R([{"params": [W], "q3r": True, "target_rank": 2, "lmbda": 0.0, "slices": None}], lr=1e-2)
+    for lmbda in np.linspace(0.0, 0.1, 3):
+        opt.param_groups[0]["lmbda"] = lmbda
+        W.grad = torch.randn(12, 10)
+        opt.step()
+    assert type(opt.param_groups[0]["lmbda"]) is float and opt.param_groups[0]["lmbda"] == pytest.approx(0.1)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)
+    opt.param_groups[0]["target_rank"] = ranks  # (plain already: not replaced by a copy)
+    W.grad = torch.randn(12, 10)
+    opt.step()
+    assert opt.param_groups[0]["target_rank"] is ranks

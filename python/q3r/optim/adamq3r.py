@@ -272,7 +272,11 @@ class AdamQ3R(Optimizer):
                         f"{tuple(p.shape)} into {len(shapes)} slices of {shapes}, but its Q3R state, made by earlier "
                         f"steps, is for {len(slices)} other ones{': ' + problems[0] if problems else ''}; put the "
                         "slicing back, or build a new optimizer for the new one")
-        seen[id(group)] = (group, copy.deepcopy(now))
+        # kept as plain values, as add_param_group keeps them: a NumPy lambda from a warm-up sweep
+        # (np.linspace) left in the group made torch.load(weights_only=True) refuse the checkpoint
+        # (only those that are not: a list the caller still holds stays the group's)
+        group.update({key: plain_values(group[key]) for key in Q3R_DEFAULTS if key in group and not _plain(group[key])})
+        seen[id(group)] = (group, copy.deepcopy(tuple(group.get(key) for key in Q3R_DEFAULTS)))
 
     def refresh(self, due: list[tuple[torch.Tensor, dict]], before_wait: Callable[[], None] | None = None) -> None:
         """Refresh the factors of the given (parameter, group) pairs from their current weights.
@@ -674,6 +678,15 @@ class AdamQ3R(Optimizer):
         for s, (d1, d2) in zip(slices, shapes):
             if (why := slice_state_problem(p, s, d1, d2)) is not None:
                 raise ValueError(f"state_dict {where}: {why}: it comes from a different model or is damaged")
+
+
+def _plain(value) -> bool:
+    """Whether an option holds only plain Python values (what plain_values would keep as is)."""
+    if isinstance(value, dict):
+        return all(_plain(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return not isinstance(value, numbers.Number) or type(value) in (int, float, bool)
 
 
 def _replaced_options(groups: list[dict], saved_groups: list[dict]) -> list[str]:
