@@ -158,3 +158,40 @@ def test_one_command_per_out_folder_at_a_time(tmp_path):
     lock.write_text(f"{socket.gethostname()} {int(gone.stdout)}")  # (its command was killed: stale)
     summary = run_experiment(cfg, out, data_dir=data, device="cpu", log=lambda *a: None)
     assert summary["meta"]["runs_missing"] == [] and not lock.exists()
+
+
+def test_two_commands_that_find_one_stale_lock_do_not_both_take_it_over(tmp_path, monkeypatch):
+    """Both read the dead holder before either takes it over (held open by a slow liveness
+    check): each removed the lock file and made its own, the second removing the first's, and
+    both ran on one --out. Now one takes it over, the other is refused naming it."""
+    import socket
+    import threading
+    import time
+
+    from q3r.experiments import harness
+
+    (tmp_path / harness.LOCK_NAME).write_text(f"{socket.gethostname()} 999999999")  # (no such process)
+    real_alive = harness._alive
+
+    def slow_alive(pid):
+        time.sleep(0.5)
+        return real_alive(pid)
+
+    monkeypatch.setattr(harness, "_alive", slow_alive)
+    inside, refused = [], []
+
+    def command(name):
+        try:
+            with harness._sole_user(tmp_path):
+                inside.append(name)
+                time.sleep(1.5)
+        except UsageError:
+            refused.append(name)
+
+    threads = [threading.Thread(target=command, args=(name,)) for name in "AB"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(inside) == 1 and len(refused) == 1, (inside, refused)
+    assert not (tmp_path / harness.LOCK_NAME).exists()

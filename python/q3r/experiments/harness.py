@@ -238,6 +238,37 @@ def _sole_user(out: Path):
     process id of its command; one left by a command that died on this host (kill -9) is taken
     over, one from another host (a shared file system) is refused with its path."""
     path, me = out / LOCK_NAME, f"{socket.gethostname()} {os.getpid()}"
+    with _takeover_guard(out):
+        _take_lock(out, path, me)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _takeover_guard(out: Path):
+    """Commands on this host take the lock one at a time (a flock on the folder, released by the
+    kernel if the command dies): two that found the same stale lock both removed it, the second
+    removing the lock the first had just made, and both ran."""
+    try:
+        import fcntl
+
+        fd = os.open(out, os.O_RDONLY)
+    except (ImportError, OSError):  # (no flock here: the lock file alone)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # (a file system without flock)
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+def _take_lock(out: Path, path: Path, me: str) -> None:
     for attempt in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -255,10 +286,6 @@ def _sole_user(out: Path):
         with os.fdopen(fd, "w") as f:
             f.write(me)
         break
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
