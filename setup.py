@@ -23,6 +23,7 @@ A build that fails leaves q3r/_C_build_failed.txt where the module would have go
 `python -m q3r.info` reports what the installed package holds, and that reason.
 """
 
+import glob
 import os
 import re
 import subprocess
@@ -68,9 +69,12 @@ def _remove_in_place_module(why: str) -> None:
     if os.path.exists(IN_PLACE):
         os.remove(IN_PLACE)
         _log(f"removed {IN_PLACE} left by an earlier build ({why})")
-    note = os.path.join(os.path.dirname(IN_PLACE), FAILURE_NOTE)
-    if os.path.exists(note):  # (an earlier failure's reason is not this build's)
-        os.remove(note)
+    # an earlier failure's reason is not this build's: in place, and in setuptools' default build
+    # folders, whose q3r/ a wheel built from this tree would package (h51)
+    for note in [os.path.join(os.path.dirname(IN_PLACE), FAILURE_NOTE),
+                 *glob.glob(os.path.join("build", "lib*", "q3r", FAILURE_NOTE))]:
+        if os.path.exists(note):
+            os.remove(note)
 
 
 def _nvcc_major(cuda_home: str) -> str | None:

@@ -932,7 +932,8 @@ def failing_refresh_worker(rank, world, port, out_path):
     before = [{k: v.clone() for k, v in st.items()} for st in states]
     real = replicated._refresh_local_
 
-    def failing(*args, **kwargs):
+    def failing(*args, **kwargs):  # (after the refresh wrote its drafts: they must not reach the states)
+        real(*args, **kwargs)
         raise RuntimeError("injected failure of the local refresh")
 
     if rank == world - 1:

@@ -71,8 +71,12 @@ def test_a_failed_compile_installs_pure_python_and_removes_an_earlier_module(tre
     out = _setup(tree, "build_ext", "--inplace", CC="/nonexistent/cc", CXX="/nonexistent/c++")
     assert out.returncode == 0 and (tree / "python" / "q3r" / "_C_build_failed.txt").exists(), out.stderr[-2000:]
     # and a build that does not try (Q3R_BUILD_NATIVE=0) removes it: no longer this build's reason
+    # (in setuptools' default build folder too, whose q3r/ a wheel from this tree would package)
+    stale = tree / "build" / "lib.linux-x86_64-cpython-311" / "q3r" / "_C_build_failed.txt"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("its build failed (an earlier one)\n")
     assert _setup(tree, "--name", Q3R_BUILD_NATIVE="0").returncode == 0
-    assert not (tree / "python" / "q3r" / "_C_build_failed.txt").exists()
+    assert not (tree / "python" / "q3r" / "_C_build_failed.txt").exists() and not stale.exists()
     # Q3R_BUILD_NATIVE=1: the same failure fails the build
     assert _build_ext(tree, CC="/nonexistent/cc", CXX="/nonexistent/c++", Q3R_BUILD_NATIVE="1").returncode != 0
 

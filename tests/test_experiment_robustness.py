@@ -195,3 +195,50 @@ def test_two_commands_that_find_one_stale_lock_do_not_both_take_it_over(tmp_path
         t.join()
     assert len(inside) == 1 and len(refused) == 1, (inside, refused)
     assert not (tmp_path / harness.LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("where", ["reading", "loading"])
+def test_a_checkpoint_that_fails_for_want_of_memory_is_not_trained_over(where, tmp_path, monkeypatch):
+    """Out of memory while reading or loading a good checkpoint is the device's state, not the
+    file's: it was caught as a damaged checkpoint, the run started again from epoch 0, and the
+    checkpoint was overwritten after one epoch (h51). It is raised, the checkpoint kept."""
+    from q3r.experiments import training
+
+    data, out = _fake_fmnist(tmp_path / "data"), tmp_path / "out"
+    cfg = _tiny_config()
+    run_experiment(cfg, out, data_dir=data, device="cpu", log=lambda *a: None)
+    run = sorted((out / "runs").glob("*.json"))[0]
+    run.unlink()
+    checkpoint = out / "checkpoints" / f"{run.stem}.pt"
+    torch.save({"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 1, "seconds": 0.0}, checkpoint)
+    kept = checkpoint.read_bytes()
+
+    def out_of_memory(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    if where == "reading":
+        monkeypatch.setattr(training.torch, "load", out_of_memory)
+    else:
+        monkeypatch.setattr(torch.nn.Module, "load_state_dict", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        run_experiment(cfg, out, data_dir=data, device="cpu", log=lambda *a: None)
+    assert checkpoint.read_bytes() == kept
+
+
+def test_the_out_folders_configuration_is_checked_again_under_the_lock(tmp_path, monkeypatch):
+    """A command of another configuration that held the lock may have written config.json after
+    this command's first check: checked again once the lock is taken (h51)."""
+    from q3r.experiments import harness
+
+    data, out = _fake_fmnist(tmp_path / "data"), tmp_path / "out"
+    cfg = _tiny_config()
+    take = harness._take_lock
+
+    def after_the_other_command(out_dir, path, me):  # (it ran with another configuration meanwhile)
+        (out_dir / "config.json").write_text(json.dumps({**cfg, "seed": cfg["seed"] + 1}))
+        take(out_dir, path, me)
+
+    monkeypatch.setattr(harness, "_take_lock", after_the_other_command)
+    with pytest.raises(UsageError, match="holds runs of a different configuration"):
+        run_experiment(cfg, out, data_dir=data, device="cpu", log=lambda *a: None)
+    assert not (out / "runs").exists()

@@ -538,6 +538,18 @@ def test_options_changed_in_param_groups_after_steps_are_checked_before_any_upda
     assert all(torch.isfinite(p).all() for p in (B, A, b))
 
 
+def test_the_options_last_seen_are_kept_per_group_index_not_per_group_object():
+    """load_state_dict replaces the group dicts: keyed by the group object, the options last
+    seen kept every replaced group alive and grew with every load (h51)."""
+    W = torch.nn.Parameter(torch.randn(12, 10))
+    opt = q3r.AdamQ3R([{"params": [W], "q3r": True, "target_rank": 2}], lr=1e-2)
+    for _ in range(3):
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        W.grad = torch.randn(12, 10)
+        opt.step()
+    assert list(opt._options_seen) == [0] and opt._options_seen[0][0] is opt.param_groups[0]
+
+
 def test_a_lambda_schedule_in_param_groups_is_followed():
     """lmbda written into param_groups each step, as a scheduler writes lr, is the lmbda used:
     a step at lmbda 0 is Adam's own (the Q3R term leaves the weight alone), one at 0.5 is not."""

@@ -299,6 +299,9 @@ def _alive(pid: int) -> bool:
 
 
 def _run_experiment(cfg: dict, out: Path, data_dir, device: str, workers: int, fresh: bool, meta, log) -> dict:
+    # again under the lock: a command of another configuration that held it may have written
+    # config.json since the check before it (h51)
+    check_out_dir(out, cfg, fresh)
     runs_dir, ckpt_dir = out / "runs", out / "checkpoints"
     runs_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -190,6 +190,8 @@ def train_run(cfg: dict, spec: RunSpec, data: dict, device, checkpoint_dir: Path
             start_epoch, seconds = int(state["epoch"]), float(state["seconds"])
             if not 0 <= start_epoch <= epochs:
                 raise ValueError(f"epoch {start_epoch} outside 0..{epochs}")
+        except torch.OutOfMemoryError:  # (a good checkpoint on a full device: not a reason to start over)
+            raise
         except Exception as err:  # noqa: BLE001 -- as for an unreadable file: start over, with a warning
             warnings.warn(f"checkpoint {checkpoint} does not fit this run ({type(err).__name__}: {str(err)[:200]}); "
                           "training the run from epoch 0")
@@ -234,6 +236,8 @@ def _read_checkpoint(path: Path, device):
         return None
     try:
         return torch.load(path, map_location=device, weights_only=True)
+    except torch.OutOfMemoryError:  # (a good checkpoint on a full device: not a reason to start over)
+        raise
     except Exception as err:  # a damaged file fails in many ways (EOFError, RuntimeError, KeyError, ...)
         warnings.warn(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); training the run from epoch 0")
         return None

@@ -247,7 +247,7 @@ class AdamQ3R(Optimizer):
             now = _Q3R_OPTIONS_OF(group)
         except KeyError:  # (a group loaded from an older checkpoint may lack later options)
             now = tuple(group.get(key) for key in Q3R_DEFAULTS)
-        last = seen.get(id(group))
+        last = seen.get(gi)  # (by index: a load replaces the groups, and old ones must not be kept alive)
         try:
             if last is not None and last[0] is group and last[1] == now:
                 return
@@ -276,7 +276,7 @@ class AdamQ3R(Optimizer):
         # (np.linspace) left in the group made torch.load(weights_only=True) refuse the checkpoint
         # (only those that are not: a list the caller still holds stays the group's)
         group.update({key: plain_values(group[key]) for key in Q3R_DEFAULTS if key in group and not _plain(group[key])})
-        seen[id(group)] = (group, copy.deepcopy(tuple(group.get(key) for key in Q3R_DEFAULTS)))
+        seen[gi] = (group, copy.deepcopy(tuple(group.get(key) for key in Q3R_DEFAULTS)))
 
     def refresh(self, due: list[tuple[torch.Tensor, dict]], before_wait: Callable[[], None] | None = None) -> None:
         """Refresh the factors of the given (parameter, group) pairs from their current weights.
