@@ -371,3 +371,22 @@ def test_a_float16_gradient_takes_the_term_scaled_before_it_is_rounded(mode):
     assert torch.isfinite(p.grad).all()
     torch.testing.assert_close(p.grad.float(), expected, rtol=2e-3, atol=1.0)
     assert torch.isfinite(p).all()
+
+
+def test_a_target_with_a_sparse_gradient_is_refused_by_name_before_the_step_counts():
+    # (an nn.Embedding(sparse=True) target stepped by SparseAdam failed with "outs[0] has internal
+    # overlap" after the step had been counted and refreshed)
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(30, 8, sparse=True)
+    reg = q3r.Q3R(q3r.find_targets(torch.nn.ModuleDict({"emb": emb}), ["emb"], target_rank=2), lmbda=0.1)
+    opt = torch.optim.SparseAdam(list(emb.parameters()), lr=1e-2)
+    reg.attach(opt)
+    emb(torch.tensor([1, 2, 5])).sum().backward()
+    grad, weight = emb.weight.grad.to_dense(), emb.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"\['emb.weight'\] have sparse gradients"):
+        opt.step()
+    assert reg.num_steps == 0 and torch.equal(emb.weight.grad.to_dense(), grad) and torch.equal(emb.weight, weight)
+    assert all(s["U"].shape[1] == 0 for s in reg.state["emb.weight"])  # (not refreshed)
+    with pytest.raises(ValueError, match="sparse gradients"):
+        reg.add_grad_()
+    assert reg.num_steps == 0

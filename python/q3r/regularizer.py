@@ -193,6 +193,7 @@ class Q3R:
                 and 0 < grad_scale < math.inf):
             raise ValueError(f"Q3R.add_grad_: grad_scale must be a finite number > 0, got {grad_scale!r}")
         with_grad = [t for t in self.targets if t.param.grad is not None]
+        _check_dense_grads(with_grad)  # (before the step is counted)
         if self.lmbda == 0 or any(distributed.is_sharded(t.param) for t in with_grad):
             self._begin_step()
             if self.lmbda != 0:
@@ -411,8 +412,10 @@ class Q3R:
     @autocast_off
     @torch.no_grad()
     def _add_grad_after_closure_(self) -> None:
+        with_grad = [t for t in self.targets if t.param.grad is not None]
+        _check_dense_grads(with_grad)
         if self.lmbda != 0:
-            self._add_grad_targets_([t for t in self.targets if t.param.grad is not None])
+            self._add_grad_targets_(with_grad)
 
     # ------------------------------------------------------------- inspection
     def diagnostics(self) -> dict[str, float]:
@@ -484,6 +487,17 @@ def _saved_targets(state_dict, names) -> dict | None:
         if set(stripped) == set(names):
             return stripped
     return None
+
+
+def _check_dense_grads(targets: list[Target]) -> None:
+    """The term 2 lambda R(W) is dense: a target whose gradient is sparse (an
+    ``nn.Embedding(sparse=True)`` stepped by SparseAdam) cannot take it in place. It failed with
+    "outs[0] has internal overlap", after the step had been counted and refreshed."""
+    sparse = [t.name for t in targets if t.param.grad.layout != torch.strided]
+    if sparse:
+        raise ValueError(f"Q3R targets {sparse} have sparse gradients (an nn.Embedding(sparse=True)?): the Q3R term "
+                         "2 lambda R(W) is dense and cannot be added to them; build the layer with sparse=False "
+                         "(and a dense optimizer), or leave it out of the targets")
 
 
 def _amp_grad_scale(optimizer) -> float | None:
