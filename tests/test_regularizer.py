@@ -92,6 +92,24 @@ def test_lambda_can_be_set_between_steps_and_is_checked():
     assert type(reg.state_dict()["options"]["lmbda"]) is float
 
 
+def test_a_state_saved_with_other_options_loads_with_a_warning_naming_them():
+    """The options stay the loading regularizer's (its factors and step count are the
+    checkpoint's); a checkpoint of a steps=5 run loaded into steps=3 said nothing (h53)."""
+    torch.manual_seed(4)
+    model = TinyViT()
+    targets = q3r.find_targets(model, INCLUDE, target_rank=3)
+    reg = q3r.Q3R(targets, lmbda=0.7, steps=5)
+    reg.penalty()
+    saved = reg.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q3r.Q3R(targets, lmbda=0.7, steps=5).load_state_dict(saved)
+    other = q3r.Q3R(targets, lmbda=0.7, steps=3)
+    with pytest.warns(RuntimeWarning, match=r"saved with other options \(steps 5 -> 3\); this regularizer's are used"):
+        other.load_state_dict(saved)
+    assert other.options["steps"] == 3 and other.num_steps == 1
+
+
 def test_attach_adds_gradient_inside_step_and_refreshes_every_T():
     torch.manual_seed(2)
     model = TinyViT()

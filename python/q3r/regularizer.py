@@ -440,9 +440,19 @@ class Q3R:
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore factors and the step count; validates everything before changing anything."""
+        """Restore factors and the step count; validates everything before changing anything.
+        The options stay this regularizer's; where the checkpoint was saved with others, a
+        warning names them (a checkpoint of a steps=5 run loaded into steps=3 said nothing)."""
         self._check_state_dict(state_dict)
         self._commit_state_dict(state_dict)
+        saved = state_dict.get("options")
+        if isinstance(saved, dict):
+            differ = [f"{key} {saved[key]!r} -> {value!r}" for key, value in plain_values(self.options).items()
+                      if key in saved and saved[key] != value]
+            if differ:
+                warnings.warn("Q3R.load_state_dict: the checkpoint was saved with other options (" + ", ".join(differ)
+                              + "); this regularizer's are used, with the checkpoint's factors and step count",
+                              RuntimeWarning, stacklevel=2)
 
     def _check_state_dict(self, state_dict: dict) -> None:
         saved = _saved_targets(state_dict, self.state)
