@@ -532,9 +532,9 @@ def _replica_shares(mesh_shape, rank, world) -> list[dict]:
     opt = make_adamq3r(model)
     factored, enveloping_svd = [0], sharded.enveloping_svd
 
-    def counted(xs, *args):
+    def counted(xs, *args, **kwargs):
         factored[0] += len(xs)
-        return enveloping_svd(xs, *args)
+        return enveloping_svd(xs, *args, **kwargs)
 
     sharded.enveloping_svd = counted
     try:
@@ -908,6 +908,39 @@ def unequal_svd_worker(rank, world, port, out_path):
     grad = torch.zeros_like(p)
     sharded_add_grad_([(p, 0, None, [(state["U"], state["V"], state["sigma"], state["eps"])], 1.0)], [grad])
     torch.save({"sigma": state["sigma"].cpu(), "term": True}, f"{out_path}.{rank}")
+    dist.destroy_process_group()
+
+
+def huge_weights_worker(rank, world, port, out_path):
+    """A sharded refresh of finite weights whose squares overflow float32 (entries at 1e22,
+    and one entry at 1e25 on the last rank's rows among O(1) ones): the single-process refresh
+    scales its products and commits factors; the range finder's X^T X V overflowed, and its
+    Cholesky-QR raised on every rank. Rank 0 writes, per case, the error or the committed
+    sigma and V, and the exact singular values (float64)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from q3r.distributed.sharded import refresh_sharded_
+    from q3r.refresh import SliceConfig, new_slice_state
+
+    _init(rank, world, port)
+    mesh = init_device_mesh(DEVICE, (world,))
+    gen = torch.Generator().manual_seed(3)
+    spread = torch.randn(12, 10, generator=gen) * 1e22
+    spike = torch.randn(12, 10, generator=gen)
+    spike[-1, 0] = 1e25
+    out = {}
+    for name, W in {"spread": spread, "spike": spike}.items():
+        p = distribute_tensor(W.to(DEVICE), mesh, [Shard(0)])
+        state = new_slice_state(12, 10, DEVICE)
+        try:
+            refresh_sharded_([p], [(0, None)], [[state]], [[SliceConfig("w", 3)]], warned=set())
+            out[name] = {"sigma": state["sigma"].cpu(), "V": state["V"].cpu(), "refreshes": int(state["refreshes"]),
+                         "exact": torch.linalg.svdvals(W.double())}
+        except Exception as e:  # (every rank raised alike)
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    if rank == 0:
+        torch.save(out, out_path)
     dist.destroy_process_group()
 
 

@@ -513,11 +513,11 @@ def _block_refresh_checks(mesh, data, dp) -> dict:
             owned.add(names[id(p)])
         return rows
 
-    def perturbed(xs, *args):
+    def perturbed(xs, *args, **kwargs):
         if tp == 1:
             gen = torch.Generator().manual_seed(len(xs))
             xs = [x + 1e-3 * x.abs().max() * torch.randn(x.shape, generator=gen).to(x) if x.numel() else x for x in xs]
-        return enveloping_svd(xs, *args)
+        return enveloping_svd(xs, *args, **kwargs)
 
     refresh_owners.gather_rows, sharded.enveloping_svd = gathered, perturbed
     try:

@@ -252,3 +252,20 @@ def test_ranks_whose_small_svd_differs_in_the_last_bit_commit_the_same_sigma(tmp
     outs = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
     assert all(out["term"] for out in outs)
     assert torch.equal(outs[0]["sigma"], outs[1]["sigma"])
+
+
+def test_finite_weights_whose_squares_overflow_float32_are_refreshed(tmp_path):
+    # entries at 1e22 (or one at 1e25): X^T X V overflows float32; the single-process refresh
+    # scales its products and commits factors, the sharded one raised LinAlgError (Cholesky-QR
+    # of an overflowed Gram) on every rank, from AdamQ3R.step and an attached Q3R alike
+    worker.spawn(worker.huge_weights_worker, 2, str(tmp_path / "out.pt"))
+    out = torch.load(tmp_path / "out.pt")
+    for name, case in out.items():
+        assert "error" not in case, (name, case.get("error"))
+        assert case["refreshes"] == 1
+        assert bool(torch.isfinite(case["sigma"]).all()) and bool(torch.isfinite(case["V"]).all())
+    spread = out["spread"]
+    k = spread["sigma"].shape[0]
+    assert torch.allclose(spread["sigma"].double(), spread["exact"][:k], rtol=1e-4)
+    spike = out["spike"]
+    assert math.isclose(float(spike["sigma"][0]), float(spike["exact"][0]), rel_tol=1e-5)

@@ -24,6 +24,8 @@ result is the exact SVD up to rounding.
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable
 
 import torch
@@ -98,32 +100,51 @@ def _shifted(g: Tensor) -> Tensor:
     return g + shift * torch.eye(k, dtype=g.dtype, device=g.device)
 
 
+def power_of_two_scale(bound: float) -> float:
+    """A power of two near ``bound`` (an upper bound of max |X| over the ranks, the same on
+    every rank) to divide a slice's products by, or 1 where they cannot overflow or underflow
+    float32 (|X| within 2^-32 .. 2^32): X^T X V of a weight with entries at 1e20 overflows
+    float32, where the single-process refresh scales its products (q3r.randomized) and commits
+    factors. A power of two scales exactly, so results are unchanged wherever nothing overflows."""
+    if not math.isfinite(bound) or bound <= 0 or 2.0 ** -32 <= bound <= 2.0 ** 32:
+        return 1.0
+    return 2.0 ** math.floor(math.log2(bound))
+
+
 def range_finder_svd(
-    Xs: list[Tensor], omegas: list[Tensor], all_reduce: AllReduce, power_iters: int = 2
+    Xs: list[Tensor], omegas: list[Tensor], all_reduce: AllReduce, power_iters: int = 2,
+    scales: list[float] | None = None,
 ) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Leading k triplets of each row-sharded X (local rows Xs[i], float32; Omega d2 x k).
 
     Returns per slice (U_local (rows x k), S (k,), V (d2 x k), frob2 ()) where frob2 is
-    ||X||_F^2 of the whole slice (summed over ranks, for the tail energy).
+    ||X / scales[i]||_F^2 of the whole slice (summed over ranks, for the tail energy; scales:
+    power_of_two_scale of each slice, the same on every rank, by which every product is
+    divided so that none overflows float32; S is returned unscaled, frob2 scaled).
     """
     Xs = [x.to(torch.float32) for x in Xs]
-    Ys = [x @ om for x, om in zip(Xs, omegas)]
+    inv = [1.0 / c for c in scales] if scales is not None else [1.0] * len(Xs)
+    sc = lambda t, i: t if inv[i] == 1.0 else t.mul_(inv[i])  # noqa: E731 (exact: a power of two)
+    Ys = [sc(x @ om, i) for i, (x, om) in enumerate(zip(Xs, omegas))]
     for _ in range(power_iters):
         # Z = X^T Y is replicated after its all-reduce, so orthonormalizing it is a local QR
         # and costs no collective; Y itself is orthonormalized only once, at the end (its
         # condition number is that of X on an orthonormal Z, so Cholesky-QR copes)
-        Zs = _flat_sum([x.transpose(0, 1) @ y for x, y in zip(Xs, Ys)], all_reduce)
-        Ys = [x @ torch.linalg.qr(z)[0] for x, z in zip(Xs, Zs)]
+        Zs = _flat_sum([sc(x.transpose(0, 1) @ y, i) for i, (x, y) in enumerate(zip(Xs, Ys))], all_reduce)
+        Ys = [sc(x @ torch.linalg.qr(z)[0], i) for i, (x, z) in enumerate(zip(Xs, Zs))]
     Q = cholesky_qr(Ys, all_reduce, passes=2)
     # B = Q^T X and ||X||^2 in one collective
     parts = []
-    for x, q in zip(Xs, Q):
-        parts += [q.transpose(0, 1) @ x, torch.linalg.vector_norm(x).square().reshape(1)]  # (no x.square() temporary)
+    for i, (x, q) in enumerate(zip(Xs, Q)):
+        parts += [sc(q.transpose(0, 1) @ x, i),
+                  sc(torch.linalg.vector_norm(x).reshape(1), i).square()]  # (no x.square() temporary)
     sums = _flat_sum(parts, all_reduce)
     out = []
     for i, q in enumerate(Q):
         B, frob2 = sums[2 * i], sums[2 * i + 1]
         Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
+        if inv[i] != 1.0:
+            S = S * (1.0 / inv[i])
         out.append((q @ Ub, S, Vh.transpose(0, 1).contiguous(), frob2.reshape(())))
     return out
 
@@ -148,6 +169,7 @@ def enveloping_svd(
     ranks: list[int] | None = None,
     max_residual: float = 1.0,
     resolvable_ratio: float = 1e-4,
+    scales: list[float] | None = None,
 ) -> list[tuple]:
     """range_finder_svd of each row-sharded slice i (whole shape shapes[i]), sketched
     widths[i] wide from starts[i] (its previous V, or None: cold), and widened while the
@@ -180,8 +202,11 @@ def enveloping_svd(
     reproducible across ranks would let them differ (_agreed). ``seeds(i, attempt)``: the sketch's seed;
     ``envelope(i, S)`` -> (eps, r_env) gets S on the host (all slices' S cross in one transfer
     per attempt).
-    Returns per slice (U_local, S, V, frob2, r_env, S and frob2 on the host) of its last sketch.
+    ``scales``: power_of_two_scale of each slice (see range_finder_svd; None: 1).
+    Returns per slice (U_local, S, V, frob2, r_env, S and frob2 on the host) of its last sketch
+    (the tensor frob2 divided by scales[i]^2, the host one, a Python float, not).
     """
+    scales = list(scales) if scales is not None else [1.0] * len(Xs)
     results: list = [None] * len(Xs)
     widths, starts = list(widths), list(starts)
     widened = [0] * len(Xs)
@@ -195,7 +220,8 @@ def enveloping_svd(
             break
         omegas = [gaussian_sketch(shapes[i][1], widths[i], seeds(i, attempt), Xs[i].device, starts[i]) for i in todo]
         warm = [attempt == 0 and starts[i] is not None and starts[i].shape[-1] > 0 for i in todo]
-        found = range_finder_svd([Xs[i] for i in todo], omegas, all_reduce, power_iters if all(warm) else cold_power_iters)
+        found = range_finder_svd([Xs[i] for i in todo], omegas, all_reduce, power_iters if all(warm) else cold_power_iters,
+                                 [scales[i] for i in todo])
         # (no collective where every sketch spans its matrix: the SVD up to rounding, nothing to judge)
         judged = ranks is not None and max_residual < 1 and any(widths[i] < min(shapes[i]) for i in todo)
         residuals = _residuals_squared([Xs[i] for i in todo], found, all_reduce) if judged else None
@@ -217,7 +243,8 @@ def enveloping_svd(
                    and _far(S_host, hosts[4 * n + 3], eps, ranks[i], shapes[i], max_residual, resolvable_ratio))
             if short and not exact and widened[i] < max_widenings:
                 wanted.append((r_env, min(max(r_env + oversample, 2 * widths[i]), min(shapes[i]))))
-            elif not exact and flat_beyond(S_host.tolist(), float(hosts[4 * n + 1]), min(shapes[i]), eps, flat_tolerance):
+            elif not exact and flat_beyond(S_host.tolist(), float(hosts[4 * n + 1]) * scales[i] ** 2, min(shapes[i]), eps,
+                                           flat_tolerance):
                 wanted.append((r_env, min(shapes[i])))
             elif far:  # (a warm first sketch: more iterations at its width; else the SVD up to rounding)
                 wanted.append((r_env, widths[i] if warm[n] else min(shapes[i])))
@@ -230,7 +257,7 @@ def enveloping_svd(
             # commits the same sigma and eps, so the same number of triplets above eps, which
             # sizes the per-step all-reduce
             S_host = spectra[n]
-            results[i] = (U, S_host.to(S.device, S.dtype), V, frob2, r_env, S_host, float(hosts[4 * n + 1]))
+            results[i] = (U, S_host.to(S.device, S.dtype), V, frob2, r_env, S_host, float(hosts[4 * n + 1]) * scales[i] ** 2)
             if wider:
                 widened[i] += wider > widths[i]
                 widths[i], starts[i] = wider, V

@@ -62,7 +62,7 @@ from .._refresh_commit import inert_under_min, warn_inert
 from ..refresh import SliceConfig, _warn_nonfinite, new_slice_state, warn_once
 from ..targets import slice_shapes, slice_views
 from . import comm, refresh_owners
-from .rangefinder import cold_sketch_width, enveloping_svd, sketch_width
+from .rangefinder import cold_sketch_width, enveloping_svd, power_of_two_scale, sketch_width
 
 try:  # DTensor is public since torch 2.4; keep `import q3r` working without it
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -350,16 +350,26 @@ def _refresh_sharded(params, slicings, states, configs, warned) -> None:
         items = by_group[key]
         groups = _layout(items[0][0]).row_groups
         reduce = lambda t: _all_reduce_over_(t, groups)  # noqa: E731
-        # agree on which slices are finite everywhere before any factorization
-        bad = reduce(torch.stack([(~torch.isfinite(item[1])).any().to(torch.float32) for item in items]))
-        live = []
-        for item, flag in zip(items, bad.tolist()):
+        # agree on which slices are finite everywhere before any factorization, and on a bound
+        # of each one's largest |entry| (the sum of the ranks' own, in the same collective), by
+        # which the range finder scales its products (rangefinder.power_of_two_scale)
+        finite = [torch.isfinite(item[1]).all() for item in items]
+        amax = [torch.where(ok, torch.linalg.vector_norm(item[1], float("inf")), 0.0) if item[1].numel()
+                else ok.new_zeros((), dtype=torch.float32)
+                for ok, item in zip(finite, items)]
+        checks = reduce(torch.cat([torch.stack([(~ok).to(torch.float64) for ok in finite]),
+                                   torch.stack([a.to(torch.float64) for a in amax])]))
+        checks = checks.tolist()
+        bad, bounds = checks[: len(items)], checks[len(items):]
+        live, scales = [], []
+        for item, flag, bound in zip(items, bad, bounds):
             if flag > 0:
                 # one warning, not one per rank (a shared target's: after refresh_owners.share_)
                 if item[7] is None and _leads(item[0]):
                     _warn_nonfinite(item[5].name, warned)
             else:
                 live.append(item)
+                scales.append(power_of_two_scale(bound))
         prev = _previous([item[4] for item in live])
         results = enveloping_svd(
             [item[1] for item in live], [item[6] for item in live], [_width(item) for item in live],
@@ -368,7 +378,7 @@ def _refresh_sharded(params, slicings, states, configs, warned) -> None:
             lambda j, S: _envelope(prev[j], live[j][5], S)[::2], reduce,
             SKETCH.power_iters, SKETCH.cold_power_iters, SKETCH.oversample, SKETCH.max_widenings,
             [r_env for *_, r_env in prev], SKETCH.max_envelope_growth, [eps for eps, *_ in prev], SKETCH.max_lag,
-            SKETCH.flat_tolerance, [item[5].rank for item in live], SKETCH.max_residual)
+            SKETCH.flat_tolerance, [item[5].rank for item in live], SKETCH.max_residual, scales=scales)
         for (p, x, lo, hi, s, cfg, shape, owner, key), before, (U_loc, S, V, _, r_env, S_host, frob2) in zip(
                 live, prev, results):
             keep = _kept_width(cfg.rank, shape, r_env, S.shape[0])
