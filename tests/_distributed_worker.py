@@ -505,7 +505,32 @@ def _replica_drift(mesh_shape, rank, world) -> dict[str, bool]:
     everyone = [None] * world
     dist.all_gather_object(everyone, sum("had drifted apart" in str(w.message) for w in caught))
     out["other_shard"] = {"equal_after_refresh": equal(), "warnings": sum(everyone)}
+    out["non_finite"] = _replica_non_finite(qkv.device_mesh, world)
     return out
+
+
+def _replica_non_finite(mesh, world) -> list[str]:
+    """A NaN on the second replica of a (Replicate(), Shard(0)) target's first shard: the resync
+    before a refresh copies the first replica's rows over it and says the cause was non-finite
+    weights (it said only 'drifted apart'). Every rank's q3r warnings."""
+    import warnings
+
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from q3r.distributed.sharded import _resync_replicas_
+
+    w = distribute_tensor(torch.randn(8, 6, generator=torch.Generator().manual_seed(2)).to(DEVICE), mesh,
+                          [Replicate(), Shard(0)])
+    with torch.no_grad():
+        if list(mesh.get_coordinate()) == [1, 0]:
+            w.to_local()[0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _resync_replicas_([w], ["w"])
+    everyone = [None] * world
+    dist.all_gather_object(everyone, [str(m.message) for m in caught if str(m.message).startswith("q3r")]
+                           + ([] if torch.isfinite(w.to_local()).all() else ["still non-finite"]))
+    return [m for ms in everyone for m in ms]
 
 
 def same_factors(states: list[dict], group) -> bool:

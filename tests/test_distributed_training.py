@@ -232,6 +232,9 @@ def test_hsdp_replicas_that_drifted_apart_are_made_equal_at_the_next_refresh(run
     assert drift["equal_after_refresh"] and drift["warned"]
     # the replicas of another shard than the first rank's: repaired and warned about, once
     assert drift["other_shard"] == {"equal_after_refresh": True, "warnings": 1}
+    # a non-finite replica is named as the cause, and repaired from the first
+    (message,) = drift["non_finite"]
+    assert "had drifted apart (w: replica(s) [1] of this group held non-finite weights); copied from the" in message
 
 
 def test_hsdp_replicas_divide_the_refresh_and_hold_the_same_factors(runs):

@@ -481,9 +481,15 @@ def _resync_replicas_(params: list, names: list[str]) -> None:
             # (by this group's first replica: the group that drifted need not be the mesh's first
             # rank's, which would not know of it; one warning per group that drifted)
             if drifted and mesh.get_local_rank(dim) == 0:
+                # (a replica with non-finite weights is not a rounding drift: said so, h54)
+                bad = (~torch.isfinite(everyone)).any(dim=2)  # (replica, target)
+                why = "; ".join(
+                    f"{members[i][1]}: replica(s) {[r for r in range(bad.shape[0]) if bad[r, i]]} of this group held "
+                    f"non-finite weights" + (", the first replica's too, so the refresh skips it" if bad[0, i] else "")
+                    for i in drifted if bad[:, i].any())
                 warnings.warn(f"q3r: the HSDP replicas of {[members[i][1] for i in drifted]} had drifted apart "
-                              "(their Q3R terms were not computed bit for bit alike); copied from the first replica",
-                              RuntimeWarning, stacklevel=3)
+                              + (f"({why})" if why else "(their Q3R terms were not computed bit for bit alike)")
+                              + "; copied from the first replica", RuntimeWarning, stacklevel=3)
 
 
 def _commit_(s: dict, cfg: SliceConfig, prev: tuple, p, lo: int, hi: int, U_loc: Tensor, S: Tensor, V: Tensor,
