@@ -497,8 +497,10 @@ def test_a_step_refused_for_a_switched_on_group_leaves_no_state_behind():
     (0, {"lmbda": float("nan")}, r"param group 0: lmbda must be a finite number >= 0, got nan"),
     (0, {"steps": 0}, r"param group 0: steps \(the refresh period\) must be an int >= 1, got 0"),
     (1, {"slices": [(0, 20), (20, 37)], "target_rank": [2, 3]},
-     r"param group 1: slice_dim=0, slices=\[\(0, 20\), \(20, 37\)\] cut parameter 0 \(37, 53\) into 2 slices"),
-    (1, {"slice_dim": 1}, r"param group 1: slice_dim=1, .* its Q3R state, made by earlier steps, is for 3 other ones"),
+     r"param group 1: slice_dim=0, slices=\[\(0, 20\), \(20, 37\)\] do not fit the Q3R state that earlier steps "
+     r"made for parameter 0 \(37, 53\) \(3 Q3R slice states for 2 slices"),
+    (1, {"slice_dim": 1}, r"param group 1: slice_dim=1, .* do not fit the Q3R state that earlier steps made for "
+                          r"parameter 0 \(37, 53\) \(.+\); put the slicing back"),
     # (a list changed in place: compared with a copy of the last options seen, not with itself)
     (1, "target_rank[2] = 100", r"target_rank of AdamQ3R param group 1 param 0 resolves to rank 100 for a 13x53"),
 ])

@@ -44,6 +44,15 @@ def plain_values(value):
     return value
 
 
+def is_plain(value) -> bool:
+    """Whether an option holds only plain Python values (what plain_values keeps as is)."""
+    if isinstance(value, dict):
+        return all(is_plain(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(v) for v in value)
+    return not isinstance(value, numbers.Number) or type(value) in (int, float, bool)
+
+
 def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 

@@ -21,7 +21,7 @@ import socket
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -259,10 +259,8 @@ def _takeover_guard(out: Path):
         yield
         return
     try:
-        try:
+        with suppress(OSError):  # (a file system without flock: the lock file alone)
             fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # (a file system without flock)
-            pass
         yield
     finally:
         os.close(fd)

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from .._compile import eager_under_compile
 from .. import distributed
 from .._precision import no_autocast
-from ..config import Q3R_DEFAULTS, default_names, plain_values, slice_configs, validate_q3r_options
+from ..config import Q3R_DEFAULTS, default_names, is_plain, plain_values, slice_configs, validate_q3r_options
 from ..diagnostics import slice_diagnostics
 from .._state_check import slice_state_problem
 from ..refresh import _Once, refresh_around, sketch_options, upgrade_state
@@ -248,11 +248,8 @@ class AdamQ3R(Optimizer):
         except KeyError:  # (a group loaded from an older checkpoint may lack later options)
             now = tuple(group.get(key) for key in Q3R_DEFAULTS)
         last = seen.get(gi)  # (by index: a load replaces the groups, and old ones must not be kept alive)
-        try:
-            if last is not None and last[0] is group and last[1] == now:
-                return
-        except RuntimeError:  # (a tensor of several elements written into an option: refused below)
-            pass
+        if last is not None and last[0] is group and _same_options(last[1], now):
+            return
         where = f"AdamQ3R param group {gi}"
         validate_q3r_options(group, where)
         structural = last is None or last[0] is not group or any(
@@ -261,21 +258,16 @@ class AdamQ3R(Optimizer):
             for p in group["params"]:
                 self._group_configs(group, p)  # (slices in bounds, one name per slice, ranks in range)
                 slices = (self.state.get(p) or {}).get("q3r")
-                if slices is None:
-                    continue
-                shapes = slice_shapes(p.shape, group["slice_dim"], group["slices"])
-                problems = [why for s, (d1, d2) in zip(slices, shapes) if (why := slice_state_problem(p, s, d1, d2))]
-                if len(slices) != len(shapes) or problems:
+                if slices is not None and (why := _slice_states_misfit(p, group, slices)):
                     index = next(i for i, q in enumerate(group["params"]) if q is p)
                     raise ValueError(
-                        f"{where}: slice_dim={group['slice_dim']!r}, slices={group['slices']!r} cut parameter {index} "
-                        f"{tuple(p.shape)} into {len(shapes)} slices of {shapes}, but its Q3R state, made by earlier "
-                        f"steps, is for {len(slices)} other ones{': ' + problems[0] if problems else ''}; put the "
+                        f"{where}: slice_dim={group['slice_dim']!r}, slices={group['slices']!r} do not fit the Q3R "
+                        f"state that earlier steps made for parameter {index} {tuple(p.shape)} ({why}); put the "
                         "slicing back, or build a new optimizer for the new one")
         # kept as plain values, as add_param_group keeps them: a NumPy lambda from a warm-up sweep
         # (np.linspace) left in the group made torch.load(weights_only=True) refuse the checkpoint
         # (only those that are not: a list the caller still holds stays the group's)
-        group.update({key: plain_values(group[key]) for key in Q3R_DEFAULTS if key in group and not _plain(group[key])})
+        group.update({key: plain_values(group[key]) for key in Q3R_DEFAULTS if key in group and not is_plain(group[key])})
         seen[gi] = (group, copy.deepcopy(tuple(group.get(key) for key in Q3R_DEFAULTS)))
 
     def refresh(self, due: list[tuple[torch.Tensor, dict]], before_wait: Callable[[], None] | None = None) -> None:
@@ -669,24 +661,30 @@ class AdamQ3R(Optimizer):
             label = f"state_dict {where} param {tuple(p.shape)}"
             slice_configs(p.shape, group, default_names(label, validate_slices(p.shape, group["slice_dim"],
                                                                               group["slices"], label)))
-        shapes = slice_shapes(p.shape, group["slice_dim"], group["slices"])
         slices = st.get("q3r", [])
         if not isinstance(slices, (list, tuple)):
             raise ValueError(f"state_dict {where}: the Q3R state must be a list of slice states, got {type(slices).__name__}")
-        if "q3r" in st and len(slices) != len(shapes):
-            raise ValueError(f"state_dict {where}: {len(slices)} Q3R slice states for {len(shapes)} slices")
-        for s, (d1, d2) in zip(slices, shapes):
-            if (why := slice_state_problem(p, s, d1, d2)) is not None:
-                raise ValueError(f"state_dict {where}: {why}: it comes from a different model or is damaged")
+        if "q3r" in st and (why := _slice_states_misfit(p, group, slices)):
+            raise ValueError(f"state_dict {where}: {why}: it comes from a different model or is damaged")
 
 
-def _plain(value) -> bool:
-    """Whether an option holds only plain Python values (what plain_values would keep as is)."""
-    if isinstance(value, dict):
-        return all(_plain(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    return not isinstance(value, numbers.Number) or type(value) in (int, float, bool)
+def _same_options(a: tuple, b: tuple) -> bool:
+    """Whether two snapshots of a group's options are equal; False where they cannot be compared
+    (a tensor of several elements written into an option, which the check then refuses)."""
+    try:
+        return bool(a == b)
+    except RuntimeError:
+        return False
+
+
+def _slice_states_misfit(p, group: dict, slices) -> str | None:
+    """Why the slice states ``slices`` do not fit parameter p cut as ``group`` cuts it (their
+    count, or slice_state_problem of one), or None. Asked of a loaded state and of a live one
+    whose group's slicing was changed after steps."""
+    shapes = slice_shapes(p.shape, group["slice_dim"], group["slices"])
+    if len(slices) != len(shapes):
+        return f"{len(slices)} Q3R slice states for {len(shapes)} slices of {shapes}"
+    return next((why for s, (d1, d2) in zip(slices, shapes) if (why := slice_state_problem(p, s, d1, d2))), None)
 
 
 def _replaced_options(groups: list[dict], saved_groups: list[dict]) -> list[str]:
