@@ -23,7 +23,7 @@ import subprocess
 
 from q3r.distributed import replicated
 from q3r.distributed.rangefinder import cold_sketch_width, sketch_width
-from q3r.distributed.sharded import SketchOptions
+from q3r.distributed.sharded_refresh import SketchOptions
 
 PERIOD = 5
 RANKS = (8, 64, 512)

@@ -517,7 +517,7 @@ def _replica_non_finite(mesh, world) -> list[str]:
 
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    from q3r.distributed.sharded import _resync_replicas_
+    from q3r.distributed.sharded_refresh import _resync_replicas_
 
     w = distribute_tensor(torch.randn(8, 6, generator=torch.Generator().manual_seed(2)).to(DEVICE), mesh,
                           [Replicate(), Shard(0)])
@@ -548,10 +548,10 @@ def same_factors(states: list[dict], group) -> bool:
 
 def _replica_shares(mesh_shape, rank, world) -> list[dict]:
     """AdamQ3R on HSDP, counting on each rank the slices its range finder factors (the calls of
-    sharded.enveloping_svd) over the run; then per rank its mesh coordinate, that count, and
+    sharded_refresh.enveloping_svd) over the run; then per rank its mesh coordinate, that count, and
     whether the factors of every slice are bitwise those of the other replica. Every rank must
     take part (collectives)."""
-    from q3r.distributed import sharded
+    from q3r.distributed import sharded_refresh as sharded
 
     model = _fsdp_model(mesh_shape)
     opt = make_adamq3r(model)
@@ -763,7 +763,7 @@ def sharded_refresh_worker(rank, world, port, cases_path, out_path, ckpt_dir, me
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    from q3r.distributed.sharded import refresh_sharded_
+    from q3r.distributed.sharded_refresh import refresh_sharded_
     from q3r.refresh import SliceConfig, new_slice_state
 
     _init(rank, world, port)
@@ -910,7 +910,8 @@ def unequal_svd_worker(rank, world, port, out_path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from q3r.distributed.sharded import refresh_sharded_, sharded_add_grad_
+    from q3r.distributed.sharded_refresh import refresh_sharded_
+    from q3r.distributed.sharded_step import sharded_add_grad_
     from q3r.refresh import SliceConfig, new_slice_state
 
     _init(rank, world, port)
@@ -945,7 +946,7 @@ def huge_weights_worker(rank, world, port, out_path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from q3r.distributed.sharded import refresh_sharded_
+    from q3r.distributed.sharded_refresh import refresh_sharded_
     from q3r.refresh import SliceConfig, new_slice_state
 
     _init(rank, world, port)

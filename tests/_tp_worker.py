@@ -68,7 +68,7 @@ def tp_worker(rank, world, port, out_path, ckpt_dir, oversample):
         if kind == "adamq3r":  # (this rank's state as torch.save would keep it: DTensor factors)
             results[kind]["state_dict"] = opt.state_dict()
     # the default (narrow) sketch: the Shard(1) targets' range finder on transposed views
-    from q3r.distributed.sharded import SketchOptions
+    from q3r.distributed.sharded_refresh import SketchOptions
 
     q3r.distributed.configure(oversample=SketchOptions().oversample)
     model = tp_model(mesh)
@@ -499,7 +499,8 @@ def _block_refresh_checks(mesh, data, dp) -> dict:
     Per rank: which block targets it refreshed (its rows gathered to it), and whether every
     block slice's factors (U's local rows, V, sigma, eps) are bitwise the same on the tp ranks
     of each row shard. Every rank must take part (collectives): call it on all of them."""
-    from q3r.distributed import refresh_owners, sharded
+    from q3r.distributed import refresh_owners
+    from q3r.distributed import sharded_refresh as sharded
 
     model = fsdp_tp_model(mesh)
     opt = base.make_adamq3r(model)

@@ -18,7 +18,7 @@ import torch
 
 import q3r
 from q3r.distributed.rangefinder import sketch_width
-from q3r.distributed.sharded import SKETCH
+from q3r.distributed.sharded_refresh import SKETCH
 
 import _distributed_worker as worker
 from _kernel_utils import needs_kernels
@@ -67,7 +67,7 @@ def test_matches_single_process(runs, engine, kind):
 
 def _local_slice_count(rank, world) -> int:
     """Target slices with rows on this rank of the test model under FSDP2 (torch.chunk rows)."""
-    from q3r.distributed.sharded import local_slices
+    from q3r.distributed.placement import local_slices
 
     count = 0
     for t in worker.make_targets(worker.make_model()):

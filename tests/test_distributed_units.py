@@ -12,7 +12,7 @@ import q3r
 from q3r import reference
 from q3r.distributed import assign_by_cost, comm, refresh_cost
 from q3r.distributed.rangefinder import cholesky_qr, gaussian_sketch, range_finder_svd, sketch_width
-from q3r.distributed.sharded import SKETCH
+from q3r.distributed.sharded_refresh import SKETCH
 from q3r.refresh import SliceConfig, new_slice_state, refresh_slices_
 
 
@@ -142,7 +142,7 @@ def test_configure_validates():
 def test_a_penalty_gradient_is_added_after_callbacks_queued_later_in_the_backward_pass():
     """Q3R.penalty() on FSDP2 shards adds its gradient in a final callback, which must run after
     FSDP2's (queued while the backward pass runs, maybe after the penalty's node)."""
-    from q3r.distributed.sharded import queue_after_backward_callbacks
+    from q3r.distributed.sharded_step import queue_after_backward_callbacks
 
     order = []
     engine = torch.autograd.Variable._execution_engine

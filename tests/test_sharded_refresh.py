@@ -1,4 +1,4 @@
-"""The refresh of FSDP2-sharded targets (q3r.distributed.sharded, the range finder of
+"""The refresh of FSDP2-sharded targets (q3r.distributed.sharded_refresh, the range finder of
 q3r.distributed.rangefinder) against the exact SVD, held to the accuracy contract of the
 single-process fast refresh (tests/test_randomized_refresh.py): R(X) within 1e-3 and
 sigma_{r+1} within 1% after every refresh, cold and warm on drifting weights.

@@ -10,7 +10,7 @@ import torch
 import q3r
 from helpers import train_to_first_warm_refresh
 from q3r import reference
-from q3r.distributed import sharded
+from q3r.distributed import sharded_refresh as sharded
 from q3r.distributed.rangefinder import enveloping_svd, sketch_width
 from q3r.targets import slice_views
 
@@ -40,7 +40,7 @@ def _vit_at_its_first_warm_refresh():
 
 
 def _sharded_error(W, state, cfg, max_residual, gen):
-    """R(X) error of enveloping_svd's triplets (as sharded.py calls it) against an exact SVD's."""
+    """R(X) error of enveloping_svd's triplets (as sharded_refresh.py calls it) against an exact SVD's."""
     S_ = sharded.SKETCH
     d1, d2 = W.shape
     prev = (float(state["eps"]), float(state["eps0"]), int(state["refreshes"]), int((state["sigma"] > state["eps"]).sum()))

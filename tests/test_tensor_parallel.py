@@ -89,7 +89,7 @@ def _local_slice_count(rank: int) -> int:
     """Target slices of the tensor-parallel test model with a part on this rank: per block on
     rank 0, Q and part of K of the Shard(0) qkv (rows 0..47 of 96), the whole fc1 and proj, and
     of fc2's column slices (0, 40), (40, 75) only the first (columns 0..37 of 75): 5."""
-    from q3r.distributed.sharded import local_slices
+    from q3r.distributed.placement import local_slices
 
     count = 0
     for t in worker.make_targets(worker.make_model()):
@@ -270,7 +270,7 @@ def test_collectives_are_fsdp2s_with_shard1_targets_transposed(runs, kind):
     """As under FSDP2 (test_fsdp_collectives): one all-reduce per step for all targets, of the
     r_env x d matrices A of the targets as handled (a Shard(1) target's A = V^T X^T is r_env x
     d1), and 1 + q + 4 per refresh plus the step's."""
-    from q3r.distributed.sharded import SKETCH
+    from q3r.distributed.sharded_refresh import SKETCH
 
     oriented_d2 = []
     for t in worker.make_targets(worker.make_model()):

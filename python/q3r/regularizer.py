@@ -104,7 +104,7 @@ class Q3R:
         weights (done automatically).  ``before_wait``: see q3r.refresh.refresh_slices_."""
         chosen = [(t, cfgs) for t, cfgs in zip(self.targets, self.configs) if names is None or t.name in names]
         sharded = [(t, cfgs) for t, cfgs in chosen if distributed.is_sharded(t.param)]
-        if sharded:  # FSDP2: a randomized refresh on the local rows (q3r.distributed.sharded)
+        if sharded:  # FSDP2: a randomized refresh on the local rows (q3r.distributed.sharded_refresh)
             distributed.refresh_sharded_(
                 [t.param for t, _ in sharded], [(t.slice_dim, t.slices) for t, _ in sharded],
                 [self.state[t.name] for t, _ in sharded], [cfgs for _, cfgs in sharded], warned=self._nonfinite_warned,

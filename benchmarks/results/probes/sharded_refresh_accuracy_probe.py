@@ -1,4 +1,4 @@
-"""The refresh of FSDP2-sharded targets (q3r.distributed.sharded.refresh_sharded_) against the
+"""The refresh of FSDP2-sharded targets (q3r.distributed.sharded_refresh.refresh_sharded_) against the
 exact SVD at ViT-B size (768 x 768, rank 153), on the spectra and drifts of
 refresh_accuracy_probe.py, with the accuracy contract of issue 4 (R(X) within 1e-3,
 sigma_{r+1} within 1%).
@@ -33,7 +33,7 @@ def worst_errors(kind: str, n: int, rank: int, refreshes: int, drift: float, see
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from q3r.distributed.sharded import refresh_sharded_
+    from q3r.distributed.sharded_refresh import refresh_sharded_
 
     mesh = init_device_mesh("cpu", (1,))
 
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
         port = s.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     import q3r.distributed
-    from q3r.distributed.sharded import SKETCH
+    from q3r.distributed.sharded_refresh import SKETCH
 
     q3r.distributed.configure(**eval(f"dict({args.configure})", {}))
 

@@ -8,7 +8,7 @@ Usage: OMP_NUM_THREADS=1 python benchmarks/results/probes/sharded_spike_probe.py
 import os, sys, torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "tests"))
 import test_sharded_residual as T
-from q3r.distributed import sharded
+from q3r.distributed import sharded_refresh as sharded
 import q3r.distributed.rangefinder as rf
 calls = []
 judge = rf._far

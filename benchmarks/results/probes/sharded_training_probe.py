@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import residual_estimate_probe as E  # noqa: E402
 
 from q3r import reference  # noqa: E402
-from q3r.distributed import sharded  # noqa: E402
+from q3r.distributed import sharded_refresh as sharded  # noqa: E402
 import q3r.distributed.rangefinder as rangefinder  # noqa: E402
 from q3r.distributed.rangefinder import enveloping_svd, sketch_width  # noqa: E402
 
@@ -42,7 +42,7 @@ rangefinder.range_finder_svd = _counted
 
 
 def RESIDUAL(cfg):
-    """enveloping_svd's residual-check arguments as sharded.py passes them (none before the
+    """enveloping_svd's residual-check arguments as sharded_refresh.py passes them (none before the
     check existed: this probe's first results, at 159d2fb, ran without them)."""
     return [cfg.rank], sharded.SKETCH.max_residual
 

@@ -24,20 +24,10 @@ import torch.distributed as dist
 from .._precision import refresh_precision
 from . import comm
 from .replicated import assign_by_cost, refresh_cost, refresh_slices_replicated_, same_on_every_rank
-from .sharded import (
-    SKETCH,
-    ShardedTerms,
-    SketchOptions,
-    check_sharding,
-    diagnostic_slices,
-    factor_rows,
-    is_sharded,
-    new_target_states,
-    refresh_sharded_,
-    sharded_add_grad_,
-    sharded_adamq3r_step_,
-    sharded_penalty,
-)
+from .placement import check_sharding, diagnostic_slices, factor_rows, is_sharded, new_target_states
+from .sharded import ShardedTerms
+from .sharded_refresh import SKETCH, SketchOptions, refresh_sharded_
+from .sharded_step import sharded_add_grad_, sharded_adamq3r_step_, sharded_penalty
 
 __all__ = [
     "FactorLoadPlanner",

@@ -17,7 +17,7 @@ import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from .sharded import is_sharded
+from .placement import is_sharded
 
 __all__ = ["FactorLoadPlanner"]
 

@@ -110,7 +110,7 @@ def factor_placements(p, layout) -> tuple:
 def share_(shared: list[tuple], refreshed: set[int], placements_of, notes: dict | None = None) -> dict[int, tuple]:
     """Broadcast each shared target's new factors from its owner to its group.
 
-    shared: (p, layout, slice states as the target is handled (sharded._oriented_state), their
+    shared: (p, layout, slice states as the target is handled (placement.oriented_state), their
     ids in the optimizer's state, slice shapes as handled, Owner) of every shared target of the
     refresh, in the same order on every rank; refreshed: the ids of the slice states this rank
     refreshed (a slice with non-finite weights is left as it was, on every rank);
@@ -122,7 +122,7 @@ def share_(shared: list[tuple], refreshed: set[int], placements_of, notes: dict 
     Returns, on every rank of the group, per id of a shared slice state: (width, or -1 where not
     refreshed; inert; r_env or -1; sketch width): the owner of a target depends on which targets
     a refresh has (a staggered one, periods differing between param groups), so its warnings
-    are given by a rank that does not (sharded._leads without an owner)."""
+    are given by a rank that does not (placement.leads without an owner)."""
     notes = {} if notes is None else notes
     told: dict[int, tuple] = {}
     by_group: dict[int, list[tuple]] = {}

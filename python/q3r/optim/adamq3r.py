@@ -277,7 +277,7 @@ class AdamQ3R(Optimizer):
         device (see q3r.refresh.refresh_slices_); under DDP after the refresh."""
         before_wait = _Once(before_wait)
         sharded = [(p, group) for p, group in due if distributed.is_sharded(p)]
-        if sharded:  # FSDP2: a randomized refresh on the local rows (q3r.distributed.sharded)
+        if sharded:  # FSDP2: a randomized refresh on the local rows (q3r.distributed.sharded_refresh)
             distributed.refresh_sharded_(
                 [p for p, _ in sharded], [(g["slice_dim"], g["slices"]) for _, g in sharded],
                 [self.state[p]["q3r"] for p, _ in sharded], [self._group_configs(g, p) for p, g in sharded],
