@@ -678,6 +678,18 @@ def test_param_groups_refuses_targets_of_another_model():
         q3r.param_groups(model, _targets(copy.deepcopy(model)))
 
 
+@pytest.mark.parametrize("given", ["patterns", "a pattern", "weights", "the model"])
+def test_param_groups_of_something_other_than_targets_names_what_it_needs(given):
+    # (patterns, weights or the model itself, where find_targets' result belongs, failed with
+    # "'str' object has no attribute 'param'", which named neither the argument nor the fix)
+    model = TinyViT()
+    wrong = {"patterns": ["attn.qkv"], "a pattern": "attn.qkv", "weights": [model.head.weight],
+             "the model": model}[given]
+    kind = {"patterns": "str", "a pattern": "str", "weights": "Parameter", "the model": "TinyViT"}[given]
+    with pytest.raises(TypeError, match=f"param_groups targets must be q3r.Target objects .*find_targets.*got a {kind}"):
+        q3r.param_groups(model, wrong)
+
+
 def test_param_groups_refuses_unknown_options():
     model = TinyViT()
     with pytest.raises(TypeError, match=r"unknown options \['lmbd', 'step'\]"):

@@ -32,7 +32,7 @@ from .diagnostics import slice_diagnostics
 from ._state_check import slice_state_problem
 from .refresh import operator_of, refresh_around, sketch_options, upgrade_state
 from .stagger import due_for_refresh, target_phases
-from .targets import Target, slice_shapes, slice_views, warn_frozen
+from .targets import Target, slice_shapes, slice_views, target_list, warn_frozen
 
 __all__ = ["Q3R"]
 
@@ -62,15 +62,11 @@ class Q3R:
         validate_q3r_options({**Q3R_DEFAULTS, **self.options}, "Q3R")
         if self.options["refresh_options"] is not None:  # a copy: the caller's dict may change later
             self.options["refresh_options"] = dict(self.options["refresh_options"])
-        targets = list(targets)
-        if not targets:
-            raise ValueError("Q3R needs at least one target, got an empty list")
         # (Q3R(model.parameters()) or Q3R([layer.weight]) failed with "'Parameter' object has no
         # attribute 'param'", or with "distinct names, got [None, None]", which said neither)
-        wrong = next((t for t in targets if not isinstance(t, Target)), None)
-        if wrong is not None:
-            raise TypeError(f"Q3R targets must be q3r.Target objects (from q3r.find_targets(model, patterns, "
-                            f"target_rank=...)), got a {type(wrong).__name__}")
+        targets = target_list(targets, "Q3R")
+        if not targets:
+            raise ValueError("Q3R needs at least one target, got an empty list")
         names = [t.name for t in targets]
         if len(set(names)) != len(names) or len({id(t.param) for t in targets}) != len(targets):
             raise ValueError(f"Q3R targets must be distinct parameters with distinct names, got {names}")

@@ -161,6 +161,19 @@ def _adapter_base(module: nn.Module, weight: Tensor) -> nn.Module | None:
     return base if getattr(base, "weight", None) is weight else None
 
 
+def target_list(targets, where: str) -> list:
+    """targets as a list, refused unless each is a Target: patterns, weights or the model
+    itself, given where find_targets' result belongs, failed later with "'str' object has no
+    attribute 'param'", which said neither what was wrong nor what to pass."""
+    # (a single pattern, weight or model is one wrong thing, not a list to look inside)
+    items = [targets] if isinstance(targets, (str, Tensor, nn.Module)) else list(targets)
+    wrong = next((t for t in items if not isinstance(t, Target)), None)
+    if wrong is not None:
+        raise TypeError(f"{where} targets must be q3r.Target objects (from q3r.find_targets(model, patterns, "
+                        f"target_rank=...)), got a {type(wrong).__name__}")
+    return items
+
+
 def warn_frozen(targets, where: str) -> None:
     """One warning naming the targets that are frozen (requires_grad=False) now: they get no
     gradient, so no update and no Q3R term while frozen (as torch's optimizers skip them). A
@@ -407,6 +420,7 @@ def param_groups(model: nn.Module, targets: list[Target], weight_decay: float = 
     if unknown:  # (a typo would leave its option at the default, silently)
         raise TypeError(f"param_groups got unknown options {unknown}; Q3R options are {sorted(Q3R_DEFAULTS)}, "
                         "and lr, betas, eps")
+    targets = target_list(targets, "param_groups")
     owned = {id(p) for p in model.parameters()}
     foreign = [t.name for t in targets if id(t.param) not in owned]
     if foreign:  # (found on a copy, say: the model's own weight would go unregularized, silently)
