@@ -37,6 +37,8 @@ def test_cli_rejects_unknown_command():
 @pytest.mark.parametrize("option, message", [
     (["--target-rank", "5"], "target_rank"), (["--lmbda", "-1"], "lmbda"), (["--epochs", "0"], "epochs"),
     (["--seed", "99999999999999999999"], "seed"), (["--json", "/no/such/dir/out.json"], "--json"),
+    # (an empty --json, as from an unset shell variable, trained and wrote nothing, exit status 0)
+    (["--json", ""], "--json: got an empty path"),
 ])
 def test_cli_demo_refuses_bad_options_before_training(option, message, capsys, monkeypatch):
     import q3r.demo

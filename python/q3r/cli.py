@@ -16,7 +16,7 @@ def _demo(args) -> int:
     cfg = DemoConfig(epochs=args.epochs, lmbda=args.lmbda, target_rank=args.target_rank, seed=args.seed)
     try:
         check_config(cfg)
-        if args.json:  # (checked before the run, not found wanting after it)
+        if args.json is not None:  # (checked before the run, not found wanting after it)
             _check_writable(args.json)
     except (ValueError, TypeError) as err:
         # (the demo's checks name its config fields; the optimizer's name its param groups)
@@ -24,12 +24,14 @@ def _demo(args) -> int:
               f"--target-rank {args.target_rank} --seed {args.seed})", file=sys.stderr)
         return 2
     result = run_demo(cfg)
-    if args.json:
+    if args.json is not None:
         write_text(args.json, json.dumps(result, indent=2))
     return 0
 
 
 def _check_writable(path: str) -> None:
+    if not path:  # (`--json "$UNSET"`: asked for a file, so not quietly none)
+        raise ValueError("--json: got an empty path")
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ValueError(f"--json: {path} is a directory")
