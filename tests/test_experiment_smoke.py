@@ -109,6 +109,22 @@ def test_fresh_with_a_bad_device_deletes_nothing(tmp_path, capsys):
     assert _tree(out) == before
 
 
+@pytest.mark.parametrize("option", ["--out", "--data-dir"])
+def test_an_empty_out_or_data_dir_is_refused_not_replaced_by_the_default(option, tmp_path, capsys, monkeypatch):
+    # (`--out "$DIR" --fresh` with DIR unset ran on the default runs/vit-fmnist-<size>, whose
+    # finished runs --fresh deletes; an empty --data-dir read $Q3R_FMNIST_DIR or Debian's folder)
+    monkeypatch.chdir(tmp_path)
+    default_runs = tmp_path / "runs" / "vit-fmnist-smoke" / "runs"
+    default_runs.mkdir(parents=True)
+    (default_runs / "dense-wd0.05.json").write_text("{}")
+    values = {"--out": str(tmp_path / "out"), "--data-dir": str(_fake_fmnist(tmp_path / "data")), option: ""}
+    # (a bad --device too: without the check the command stops there, before training)
+    rc, err = _cli(["vit-fmnist", "--out", values["--out"], "--data-dir", values["--data-dir"], "--fresh",
+                    "--device", "cdua"], capsys)
+    assert rc == 2 and f"argument {option}: must not be empty" in err
+    assert (default_runs / "dense-wd0.05.json").exists()
+
+
 def test_cuda_requested_without_cuda_is_refused(monkeypatch):
     from q3r.experiments.harness import resolve_device
 

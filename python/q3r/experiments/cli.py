@@ -28,8 +28,8 @@ def _add_experiments(parser: argparse.ArgumentParser) -> None:
     )
     vit.add_argument("--size", choices=["smoke", "cpu", "full"], default="smoke",
                      help="smoke: tiny CI check; cpu: reduced CPU run; full: ViT-Tiny on one GPU (default: smoke)")
-    vit.add_argument("--out", default=None, help="output folder (default: runs/vit-fmnist-<size>)")
-    vit.add_argument("--data-dir", default=None,
+    vit.add_argument("--out", type=_nonempty, default=None, help="output folder (default: runs/vit-fmnist-<size>)")
+    vit.add_argument("--data-dir", type=_nonempty, default=None,
                      help="folder with the four Fashion-MNIST IDX .gz files (default: $Q3R_FMNIST_DIR or /usr/share/datasets/fashion-mnist)")
     vit.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
     vit.add_argument("--workers", type=_positive_int, default=1,
@@ -49,6 +49,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return value
+
+
+def _nonempty(text: str) -> str:
+    # (an empty --out, as from `--out "$DIR"` with DIR unset, counted as not given: the command
+    # ran on the default folder, and with --fresh deleted the finished runs there)
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def _git_commit() -> str:
