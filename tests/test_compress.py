@@ -500,6 +500,22 @@ def test_rank_rule_reference_applies_to_fraction_and_rank_as_in_training(fn):
     _assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("fn", [compress, truncate_weights_])
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(fraction=0.005), r"fraction of 0\.weight resolves to rank 0 .*\(got fraction=0\.005, rank_rule='reference'\)"),
+    (dict(rank=8), r"rank of 0\.weight resolves to rank 32 .*\(got rank=8, rank_rule='reference'\)"),
+    (dict(rank=-1), r"rank of 0\.weight must be >= 1, got -1")])
+def test_rank_rule_reference_errors_name_the_fraction_or_rank_given(fn, kwargs, match):
+    """Under rank_rule="reference" a fraction= / rank= out of range was refused as
+    "target_rank of 0.weight ... (got target_rank=0.01 ...)": a parameter the caller never gave."""
+    model = nn.Sequential(nn.Linear(128, 32))  # a 32 x 128 weight: int(0.005 * 128) = 0, int(8 * 128 / 32) = 32
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=match) as err:
+        fn(model, ["0"], rank_rule="reference", **kwargs)
+    assert "target_rank" not in str(err.value)
+    _assert_unchanged(model, before)
+
+
 def test_unclear_inputs_get_errors_naming_the_parameter_or_file(tmp_path):
     from safetensors.torch import load_file, save_file
 

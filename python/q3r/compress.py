@@ -351,7 +351,8 @@ def _slice_ranks(t: Target, fraction, rank, rank_rule: str) -> list[int | None]:
         if fraction == 1.0:
             return [None] * len(shapes)
         if rank_rule == "reference":  # (as training resolves target_rank=f under it)
-            return [reference.resolve_rank(float(fraction), d1, d2, rank_rule, t.name) for d1, d2 in shapes]
+            return [reference.resolve_rank(float(fraction), d1, d2, rank_rule, t.name, param="fraction")
+                    for d1, d2 in shapes]
         ranks = [reference.fraction_rank(fraction, d1, d2) for d1, d2 in shapes]  # (resolve_rank's rule)
         for r, (d1, d2) in zip(ranks, shapes):
             if r < 1:
@@ -362,7 +363,7 @@ def _slice_ranks(t: Target, fraction, rank, rank_rule: str) -> list[int | None]:
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise TypeError(f"rank must be an int, got {rank!r}")
         if rank_rule == "reference":
-            return [reference.resolve_rank(rank, d1, d2, rank_rule, t.name) for d1, d2 in shapes]
+            return [reference.resolve_rank(rank, d1, d2, rank_rule, t.name, param="rank") for d1, d2 in shapes]
         for d1, d2 in shapes:
             if not (1 <= rank <= min(d1, d2)):
                 raise ValueError(f"rank={rank} is out of range for a {d1}x{d2} slice of {t.name}: need 1 <= rank <= {min(d1, d2)}")

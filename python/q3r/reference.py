@@ -188,35 +188,37 @@ def fraction_rank(fraction: float, d1: int, d2: int) -> int:
     return math.floor(fraction * d1 * d2 / (d1 + d2) * (1 + 8 * sys.float_info.epsilon))
 
 
-def resolve_rank(target_rank, d1: int, d2: int, rule: str = "params", name: str = "target") -> int:
+def resolve_rank(target_rank, d1: int, d2: int, rule: str = "params", name: str = "target", *,
+                 param: str = "target_rank") -> int:
     """The integer target rank of a d1 x d2 target (SPEC section 3).
 
     rule "params": an int r is r; a float f in (0, 1) is floor(f d1 d2 / (d1 + d2)), the rank
     at which the factors d1 x r + r x d2 keep a fraction f of the parameters.
     rule "reference" (the published code): float f -> int(f max(d1, d2)),
     int r -> int(r max(d1, d2) / min(d1, d2)).
-    The result must satisfy 1 <= r < min(d1, d2).
+    The result must satisfy 1 <= r < min(d1, d2). ``param``: the argument the errors name
+    (compress passes "fraction" / "rank": its caller gave no target_rank).
     """
     if rule not in RANK_RULES:
         raise ValueError(f"rank_rule must be one of {RANK_RULES}, got {rule!r}")
     if isinstance(target_rank, bool) or not isinstance(target_rank, (numbers.Integral, float)):
-        raise TypeError(f"target_rank of {name} must be an int or a float, got {target_rank!r}")
+        raise TypeError(f"{param} of {name} must be an int or a float, got {target_rank!r}")
     if not isinstance(target_rank, float):
         target_rank = int(target_rank)  # (a NumPy integer, from a sweep)
     lo, hi = min(d1, d2), max(d1, d2)
     if isinstance(target_rank, float):
         if not (0.0 < target_rank < 1.0):
-            raise ValueError(f"target_rank of {name} as a fraction must lie in (0, 1), got {target_rank!r}")
+            raise ValueError(f"{param} of {name} as a fraction must lie in (0, 1), got {target_rank!r}")
         # ("reference" keeps the published code's float arithmetic)
         rank = int(target_rank * hi) if rule == "reference" else fraction_rank(target_rank, d1, d2)
     else:
         if target_rank < 1:
-            raise ValueError(f"target_rank of {name} must be >= 1, got {target_rank!r}")
+            raise ValueError(f"{param} of {name} must be >= 1, got {target_rank!r}")
         rank = int(target_rank * hi / lo) if rule == "reference" else target_rank
     if not (1 <= rank < lo):
         raise ValueError(
-            f"target_rank of {name} resolves to rank {rank} for a {d1}x{d2} matrix; "
-            f"it must satisfy 1 <= rank < {lo} (got target_rank={target_rank!r}, rank_rule={rule!r})"
+            f"{param} of {name} resolves to rank {rank} for a {d1}x{d2} matrix; "
+            f"it must satisfy 1 <= rank < {lo} (got {param}={target_rank!r}, rank_rule={rule!r})"
         )
     return rank
 
