@@ -516,6 +516,19 @@ def test_rank_rule_reference_errors_name_the_fraction_or_rank_given(fn, kwargs, 
     _assert_unchanged(model, before)
 
 
+def test_a_numpy_integer_rank_is_taken_as_training_takes_one(tmp_path):
+    """rank=np.int64(3) (a sweep over np.arange) was refused, "rank must be an int", where
+    find_targets' target_rank takes NumPy integers; it cuts as rank=3 does and saves and loads."""
+    np = pytest.importorskip("numpy")
+    model = _mlp()
+    small, report = compress(model, ["0"], rank=np.int64(3), copy=True)
+    assert type(small[0].rank) is int and small[0].up.shape == (16, 3) and report.slices[0].rank == 3
+    torch.testing.assert_close(small[0].dense_weight(), compress(model, ["0"], rank=3, copy=True)[0][0].dense_weight())
+    save_compressed(small, tmp_path / "small.safetensors")
+    assert load_compressed(_mlp(), tmp_path / "small.safetensors")[0].rank == 3
+    assert torch.linalg.matrix_rank(truncate_weights_(_mlp(), ["0"], rank=np.int32(2))[0].weight) == 2
+
+
 def test_unclear_inputs_get_errors_naming_the_parameter_or_file(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy as copy_module
 import json
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -360,8 +361,9 @@ def _slice_ranks(t: Target, fraction, rank, rank_rule: str) -> list[int | None]:
                                  f"(floor(f d1 d2 / (d1 + d2)) = {r}); use a larger fraction or rank=")
         return ranks  # (below min(d1, d2) for any f < 1)
     if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, int):
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
             raise TypeError(f"rank must be an int, got {rank!r}")
+        rank = int(rank)  # (a NumPy integer, from a sweep, as training's target_rank takes one)
         if rank_rule == "reference":
             return [reference.resolve_rank(rank, d1, d2, rank_rule, t.name, param="rank") for d1, d2 in shapes]
         for d1, d2 in shapes:
