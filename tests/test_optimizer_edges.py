@@ -648,6 +648,23 @@ def test_torch_adam_flags_in_a_param_group_are_refused_not_ignored(flag):
     q3r.AdamQ3R([{"params": list(model.parameters()), flag: False}])  # (False, as torch writes them: fine)
 
 
+@pytest.mark.filterwarnings("ignore:AdamQ3R has no q3r=True param group")
+def test_a_complex_parameter_steps_as_torchs_adamw_does():
+    # torch's Adam / AdamW step a complex parameter as its real and imaginary parts; AdamQ3R
+    # put the complex square g * g (not |g|^2) into exp_avg_sq and drifted from AdamW, silently
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 4, dtype=torch.complex64, generator=g)
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opts = [q3r.AdamQ3R([ours], lr=1e-2, weight_decay=0.1),
+            torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.1, foreach=False)]
+    for _ in range(5):
+        grad = torch.randn(3, 4, dtype=torch.complex64, generator=g)
+        for p, opt in zip((ours, theirs), opts):
+            p.grad = grad.clone()
+            opt.step()
+    assert torch.equal(ours, theirs)
+
+
 @pytest.mark.parametrize("option", [dict(lr="1e-3"), dict(eps="1e-8"), dict(weight_decay="0.01"), dict(betas=("0.9", 0.99))])
 def test_a_hyperparameter_given_as_a_string_is_refused_naming_it(option):
     # (lr="1e-3" read from a config file failed with "'<=' not supported between instances of

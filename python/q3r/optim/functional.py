@@ -60,6 +60,9 @@ def adam_update_(work: ParamWork, param: Tensor | None = None, decay: bool = Tru
     work.step += 1
     if decay and work.weight_decay != 0:
         param.mul_(1 - work.lr * work.weight_decay)
+    if param.is_complex():  # (as torch's Adam: real and imaginary parts as two reals; on the
+        # complex tensors exp_avg_sq took g * g, not |g|^2, and the update drifted from AdamW's)
+        param, grad, exp_avg, exp_avg_sq = (torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq))
     exp_avg.lerp_(grad, 1 - work.beta1)
     exp_avg_sq.mul_(work.beta2).addcmul_(grad, grad, value=1 - work.beta2)
     step = float(work.step)
