@@ -665,6 +665,22 @@ def test_a_complex_parameter_steps_as_torchs_adamw_does():
     assert torch.equal(ours, theirs)
 
 
+def test_a_complex_q3r_target_is_refused_naming_it():
+    # (it was taken, and its first step failed in the refresh with '"aminmax_cpu" not implemented
+    # for 'ComplexFloat'', after the group's other parameters had been updated)
+    linear = torch.nn.Linear(6, 8, dtype=torch.complex64)
+    with pytest.raises(TypeError, match=r"param group 0: parameter 0 \(8, 6\) is torch.complex64; Q3R targets must be"):
+        q3r.AdamQ3R([{"params": [linear.weight], "q3r": True, "target_rank": 2}])
+    # a group switched to q3r=True after it was added: refused at the step, before any update
+    opt = q3r.AdamQ3R([{"params": [linear.weight], "target_rank": 2}, {"params": [linear.bias]}], lr=1e-2)
+    opt.param_groups[0]["q3r"] = True
+    linear(torch.randn(3, 6, dtype=torch.complex64)).abs().sum().backward()
+    before = [p.detach().clone() for p in linear.parameters()]
+    with pytest.raises(TypeError, match=r"param group 0: parameter 0 \(8, 6\) is torch.complex64"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, linear.parameters())) and not opt.state
+
+
 @pytest.mark.parametrize("option", [dict(lr="1e-3"), dict(eps="1e-8"), dict(weight_decay="0.01"), dict(betas=("0.9", 0.99))])
 def test_a_hyperparameter_given_as_a_string_is_refused_naming_it(option):
     # (lr="1e-3" read from a config file failed with "'<=' not supported between instances of

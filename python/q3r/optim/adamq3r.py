@@ -48,6 +48,16 @@ def _check_adam_flags(group: dict, where: str, flags: tuple[str, ...] = _ADAM_ON
                          "L2 decay, added to the gradient); AdamQ3R's weight decay is decoupled, as AdamW's")
 
 
+def _check_target_dtype(p, index: int, where: str) -> None:
+    """A Q3R target is a real floating-point weight. (A complex one was taken, and its first step
+    failed inside the refresh, '"aminmax_cpu" not implemented for 'ComplexFloat'', after the
+    parameters not being refreshed had been updated.)"""
+    if not p.is_floating_point():
+        raise TypeError(f"{where}: parameter {index} {tuple(p.shape)} is {p.dtype}; Q3R targets must be real "
+                        "floating-point weights (the refresh's SVD and the term are real): leave it out of the "
+                        "q3r=True groups")
+
+
 def _check_hyperparameters(group: dict, where: str) -> None:
     lr, eps, wd, betas = group["lr"], group["eps"], group["weight_decay"], group["betas"]
     # (a string, lr="1e-3" from a config file, failed with "'<=' not supported between instances
@@ -150,6 +160,7 @@ class AdamQ3R(Optimizer):
                                  "regularized once: list each parameter once)")
             names = []
             for index, p in enumerate(params):
+                _check_target_dtype(p, index, where)
                 if p.dim() == 2:  # (before _names counts the slices: a (start, stop, step) slice failed there
                     # with "too many values to unpack", naming neither the option nor the value)
                     validate_slices(p.shape, merged["slice_dim"], merged["slices"], f"{where} param {index}")
@@ -231,6 +242,7 @@ class AdamQ3R(Optimizer):
         q3r=True later was not checked when it was added)."""
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
         validate_q3r_options(group, f"AdamQ3R param group {index}")
+        _check_target_dtype(p, next(i for i, q in enumerate(group["params"]) if q is p), f"AdamQ3R param group {index}")
         self._group_configs(group, p)
 
 
