@@ -646,6 +646,26 @@ def test_torch_adam_flags_in_a_param_group_are_refused_not_ignored(flag):
         opt.add_param_group({"params": list(model.blocks.parameters()), flag: True})
     assert len(opt.param_groups) == 1
     q3r.AdamQ3R([{"params": list(model.parameters()), flag: False}])  # (False, as torch writes them: fine)
+    # as constructor arguments: the same (False was refused as an "unknown argument")
+    with pytest.raises(ValueError, match=f"AdamQ3R: {flag}=True, which AdamQ3R does not have"):
+        q3r.AdamQ3R(model.parameters(), **{flag: True})
+    q3r.AdamQ3R(model.parameters(), **{flag: False})
+
+
+@pytest.mark.filterwarnings("ignore:AdamQ3R has no q3r=True param group")
+def test_adamw_keyword_arguments_build_an_adamq3r_that_steps_as_adamw():
+    """AdamQ3R(params, **kwargs) with the kwargs of the AdamW it replaces, its defaults included
+    (foreach=False, fused=None, amsgrad=False, decoupled_weight_decay=True, ...)."""
+    torch.manual_seed(0)
+    model = TinyViT()
+    twin = copy.deepcopy(model)
+    theirs = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    ours = q3r.AdamQ3R(model.parameters(), **theirs.defaults)
+    _steps(model, ours, 3)
+    _steps(twin, theirs, 3)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False with weight_decay=0.1"):
+        q3r.AdamQ3R(model.parameters(), **{**theirs.defaults, "decoupled_weight_decay": False})
 
 
 @pytest.mark.filterwarnings("ignore:AdamQ3R has no q3r=True param group")

@@ -27,8 +27,8 @@ from .functional import ParamWork, adamq3r_step_
 __all__ = ["AdamQ3R"]
 
 
-# torch.optim.Adam options AdamQ3R does not have (refused as constructor arguments too): in a
-# param group they would be ignored, and amsgrad / maximize change the update rule
+# torch.optim.Adam options AdamQ3R does not have (refused where true, as constructor arguments
+# too): in a param group they would be ignored, and amsgrad / maximize change the update rule
 _ADAM_ONLY_FLAGS = ("amsgrad", "maximize", "foreach", "fused", "capturable", "differentiable")
 _Q3R_OPTIONS_OF = operator.itemgetter(*Q3R_DEFAULTS)  # a group's Q3R options, as a tuple
 # the options that cut a group's targets into slices of some rank, which its Q3R state is made
@@ -112,6 +112,12 @@ class AdamQ3R(Optimizer):
         weight_decay: float = 0.0,
         **q3r_defaults,
     ):
+        # torch.optim.AdamW's own flags, as its kwargs or its .defaults carry them (foreach=None,
+        # amsgrad=False, ...): taken where they ask for AdamQ3R's update, refused naming the flag
+        # where they do not, as in a param group (all of them, even False, were "unknown arguments")
+        adam_flags = {key: q3r_defaults.pop(key) for key in (*_ADAM_ONLY_FLAGS, "decoupled_weight_decay")
+                      if key in q3r_defaults}
+        _check_adam_flags({**adam_flags, "weight_decay": weight_decay}, "AdamQ3R")
         unknown = set(q3r_defaults) - set(Q3R_DEFAULTS) - {"q3r"}
         if unknown:
             raise TypeError(f"AdamQ3R got unknown arguments {sorted(unknown)}")
