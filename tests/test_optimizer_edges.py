@@ -770,6 +770,24 @@ def test_a_model_cast_after_steps_is_refused_before_any_update(change):
         assert fresh.state[model.blocks[0].mlp.fc1.weight]["exp_avg"].dtype == torch.bfloat16
 
 
+def test_a_sparse_gradient_is_refused_naming_its_parameter_before_any_update():
+    # (as by an nn.Embedding(sparse=True); the message named no parameter)
+    torch.manual_seed(0)
+    model = TinyViT()
+    opt = q3r.AdamQ3R(q3r.param_groups(model, _targets(model), lmbda=0.5, steps=2), lr=1e-2)
+    _steps(model, opt, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    _loss(model, 3).backward()
+    head = model.head.weight
+    head.grad = head.grad.to_sparse()
+    index = next(i for i, p in enumerate(opt.param_groups[0]["params"]) if p is head)
+    with pytest.raises(RuntimeError, match=rf"param group 0, parameter {index} \(3, 24\): its gradient is sparse; "
+                                           "AdamQ3R, as torch.optim.Adam, takes dense gradients only"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 @pytest.mark.parametrize("change", ["grad_dtype", "shape"])
 def test_a_gradient_that_does_not_fit_its_parameter_is_refused_before_any_update(change):
     # a bf16 model whose parameters keep float32 gradients (torch's grad_dtype), or a gradient

@@ -418,7 +418,7 @@ class AdamQ3R(Optimizer):
                 if g is None:
                     continue
                 if g.is_sparse:
-                    raise RuntimeError("AdamQ3R does not support sparse gradients")
+                    self._refuse_sparse_grad(p, g, group)
                 if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                     self._refuse_grad(p, g, group)
                 state = self.state.get(p)
@@ -472,6 +472,16 @@ class AdamQ3R(Optimizer):
         self._set_operators([(w, st) for w, st in q3r_works if id(w.param) in refreshed])
         if later:
             adamq3r_step_(later)
+
+    def _refuse_sparse_grad(self, p, g, group: dict) -> None:
+        """A sparse gradient (nn.Embedding(sparse=True)), refused naming its parameter (the message
+        named none: in a model of several embeddings, which one?)."""
+        gi = next(i for i, q in enumerate(self.param_groups) if q is group)
+        index = next(i for i, q in enumerate(group["params"]) if q is p)
+        raise RuntimeError(
+            f"AdamQ3R param group {gi}, parameter {index} {tuple(p.shape)}: its gradient is sparse; AdamQ3R, as "
+            "torch.optim.Adam, takes dense gradients only: build the layer with sparse=False, or step that parameter "
+            "with torch.optim.SparseAdam")
 
     def _refuse_grad(self, p, g, group: dict) -> None:
         """p's gradient g lacks p's shape, dtype or device (torch's ``.grad`` setter refuses
