@@ -1042,3 +1042,14 @@ def test_a_numpy_lambda_written_into_param_groups_is_kept_as_a_plain_float():
     W.grad = torch.randn(12, 10)
     opt.step()
     assert opt.param_groups[0]["target_rank"] is ranks
+
+
+def test_a_complex_target_is_refused_by_q3r_and_param_groups_naming_it():
+    # (find_targets takes a complex nn.Linear; Q3R took it too, and penalty() failed inside the
+    # refresh with '"aminmax_cpu" not implemented for 'ComplexFloat'')
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8, dtype=torch.complex64))
+    targets = q3r.find_targets(model, ["0"], target_rank=2)
+    with pytest.raises(TypeError, match=r"Q3R: target 0.weight \(8, 6\) is torch.complex64; Q3R targets must be real"):
+        q3r.Q3R(targets, lmbda=0.1)
+    with pytest.raises(TypeError, match=r"param_groups: target 0.weight \(8, 6\) is torch.complex64"):
+        q3r.param_groups(model, targets)

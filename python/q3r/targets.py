@@ -171,6 +171,12 @@ def target_list(targets, where: str) -> list:
     if wrong is not None:
         raise TypeError(f"{where} targets must be q3r.Target objects (from q3r.find_targets(model, patterns, "
                         f"target_rank=...)), got a {type(wrong).__name__}")
+    # (a complex weight was taken, and penalty() / the first refresh failed inside torch with
+    # '"aminmax_cpu" not implemented for 'ComplexFloat''; AdamQ3R refuses it the same way)
+    odd = next((t for t in items if not t.param.is_floating_point()), None)
+    if odd is not None:
+        raise TypeError(f"{where}: target {odd.name} {tuple(odd.param.shape)} is {odd.param.dtype}; Q3R targets must be "
+                        "real floating-point weights (the refresh's SVD and the term are real): exclude it")
     return items
 
 
