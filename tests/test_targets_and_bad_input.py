@@ -111,6 +111,59 @@ def test_a_qkv_that_is_not_three_heads_times_head_dim_is_left_whole_with_a_warni
     assert str(w.message).startswith("glob.qkv (Attention.qkv: 24 rows, not 3 x 3 heads x 4)") and w.filename == __file__
 
 
+def test_the_slices_of_a_timm_davit_channel_attention_are_named_by_the_role_they_play():
+    # timm's DaViT ChannelAttention unbinds its qkv thirds as q, k, v but computes
+    # softmax(k^T v) @ q (attention over channels): its first third is the values. Labelled
+    # q, k, v in row order, zeroing the "v" slice of davit_tiny left the block's output almost
+    # whole, and zeroing "q" silenced it (a sweep over timm with a zero-V oracle found this)
+    class ChannelAttention(torch.nn.Module):  # (timm.models.davit's, up to names)
+        def __init__(self, dim, num_heads):
+            super().__init__()
+            self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+            self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+        def forward(self, x):  # the attention only: the output the projection reads
+            B, N, C = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+            attn = ((k * self.scale).transpose(-1, -2) @ v).softmax(dim=-1)
+            return (attn @ q.transpose(-1, -2)).transpose(-1, -2).transpose(1, 2).reshape(B, N, C)
+
+    ChannelAttention.__module__ = "timm.models.davit"
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.attn = ChannelAttention(12, 3)
+    (t,) = q3r.find_targets(model, ["attn.qkv"], target_rank=2)
+    assert t.slices == [(0, 12), (12, 24), (24, 36)]  # (still three projections, each regularized on its own)
+    assert t.slice_names() == [f"attn.qkv.weight[{x}]" for x in "vqk"]
+    x = torch.randn(2, 5, 12)
+
+    def out_with(label, change):
+        a, b = t.slices[t.slice_labels.index(label)]
+        with torch.no_grad():
+            saved = model.attn.qkv.weight.clone(), model.attn.qkv.bias.clone()
+            change(model.attn.qkv.weight[a:b], model.attn.qkv.bias[a:b])
+            y = model.attn(x)
+            model.attn.qkv.weight.copy_(saved[0]), model.attn.qkv.bias.copy_(saved[1])
+        return y
+
+    def zero(w, b):
+        w.zero_()
+        b.zero_()
+
+    def shift(w, b):  # one value per token added to every key channel: the softmax over keys ignores it
+        w.add_(torch.randn(1, w.shape[1]))
+        b.add_(1.0)
+
+    base = model.attn(x).detach()
+    assert out_with("v", zero).abs().max() == 0  # V: no values, no output
+    torch.testing.assert_close(out_with("k", shift), base)  # K: what the softmax runs over
+    assert not torch.allclose(out_with("q", shift), base)
+    # (timm's other blocks keep q, k, v: only DaViT's channel attention swaps them)
+    ChannelAttention.__module__ = __name__
+    (t,) = q3r.find_targets(model, ["attn.qkv"], target_rank=2)
+    assert t.slice_labels == ["q", "k", "v"]
+
+
 def test_rank_overrides_and_per_slice_ranks():
     model = TinyViT(dim=24)
     targets = q3r.find_targets(model, ["attn.qkv", "mlp.fc1"], target_rank=0.25, rank_overrides={"mlp.fc1": 5})

@@ -240,6 +240,19 @@ def uncompiled(model: nn.Module):
                 parent._modules[name] = wrapper
 
 
+def _qkv_roles(parent: nn.Module) -> list[str]:
+    """The labels of a timm qkv's row thirds, in row order: the role each third plays.
+
+    timm's DaViT ChannelAttention (davit_*) unbinds its thirds as q, k, v but computes
+    softmax(k^T v) @ q: the first third is the values, the second the queries (the rows of the
+    softmax), the third the keys (the softmax runs over them). Labelled q, k, v in row order,
+    zeroing the "v" slice left the block's output almost whole and zeroing "q" silenced it.
+    """
+    if type(parent).__name__ == "ChannelAttention" and type(parent).__module__.startswith("timm.models.davit"):
+        return ["v", "q", "k"]
+    return ["q", "k", "v"]
+
+
 def _auto_fused(parent: nn.Module | None, child_name: str, module: nn.Module, name: str, per_head: list[str],
                 not_three: list[str] | None = None):
     """(slice_dim, slices, labels) for fused QKV weights we recognize, else None.
@@ -273,7 +286,7 @@ def _auto_fused(parent: nn.Module | None, child_name: str, module: nn.Module, na
                                  f"not 3 x {heads} heads x {head_dim})")
             return None
         third = weight.shape[0] // 3
-        return 0, [(0, third), (third, 2 * third), (2 * third, 3 * third)], ["q", "k", "v"]
+        return 0, [(0, third), (third, 2 * third), (2 * third, 3 * third)], _qkv_roles(parent)
     # (a cross-attention c_attn holds K and V only: (d, 2d), which may also divide by 3)
     if (child_name == "c_attn" and type(module).__name__ == "Conv1D" and weight.shape[1] % 3 == 0
             and not getattr(parent, "is_cross_attention", False)):
@@ -306,7 +319,9 @@ def find_targets(
     layer (peft's LoRA: its ``weight`` is the wrapped layer's frozen one) is refused, merge the
     adapters first (``merge_and_unload()``) or exclude it. A timm ``qkv`` laid out per head (its
     block has ``key_dim`` or ``head_first=True``) or whose rows are not 3 x num_heads x
-    head_dim of its block is left whole, with a warning: pass ``slices`` for its layout.
+    head_dim of its block is left whole, with a warning: pass ``slices`` for its layout. The
+    slices are labelled by the role they play: timm DaViT's ChannelAttention, whose first third
+    is the values (softmax(k^T v) @ q), gets ``[v]``, ``[q]``, ``[k]`` in row order.
     rank_rule: the rule the ranks are checked by, as the optimizer or regularizer will resolve
     them (see q3r.reference.resolve_rank).
     """
