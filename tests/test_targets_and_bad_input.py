@@ -111,6 +111,44 @@ def test_a_qkv_that_is_not_three_heads_times_head_dim_is_left_whole_with_a_warni
     assert str(w.message).startswith("glob.qkv (Attention.qkv: 24 rows, not 3 x 3 heads x 4)") and w.filename == __file__
 
 
+def test_a_timm_differential_attention_qkv_is_cut_into_q_k_v():
+    # timm's DiffAttention (vit_*_diff, attn_layer="diff") sets head_dim to half a head (each
+    # head's Q and K are split in two for its two softmaxes), so its qkv (3 x dim rows, chunk(3))
+    # was "not 3 x num_heads x head_dim" and left whole, with a warning saying it was not a Q, K,
+    # V triple: it is one (a sweep over timm with a zero-V oracle found the thirds are Q, K, V)
+    class DiffAttention(torch.nn.Module):  # (timm.layers.diff_attention's, up to names and norms)
+        def __init__(self, dim, num_heads):
+            super().__init__()
+            self.num_heads, self.head_dim = num_heads, dim // num_heads // 2
+            self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+        def forward(self, x):  # the attention only: the output the projection reads
+            B, N, C = x.shape
+            q, k, v = self.qkv(x).chunk(3, dim=2)
+            q = q.reshape(B, N, self.num_heads, 2, self.head_dim).permute(3, 0, 2, 1, 4)
+            k = k.reshape(B, N, self.num_heads, 2, self.head_dim).permute(3, 0, 2, 1, 4)
+            v = v.reshape(B, N, self.num_heads, 2 * self.head_dim).transpose(1, 2)
+            a1, a2 = ((q @ k.transpose(-1, -2)) * self.head_dim ** -0.5).softmax(dim=-1)
+            return (a1 @ v - 0.5 * (a2 @ v)).transpose(1, 2).reshape(B, N, C)
+
+    DiffAttention.__module__ = "timm.layers.diff_attention"
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.attn = DiffAttention(16, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "not a Q, K, V triple" warning)
+        (t,) = q3r.find_targets(model, ["attn.qkv"], target_rank=2)
+    assert t.slices == [(0, 16), (16, 32), (32, 48)] and t.slice_labels == ["q", "k", "v"]
+    x = torch.randn(2, 5, 16)
+    zeroed, shifted = copy.deepcopy(model.attn), copy.deepcopy(model.attn)
+    with torch.no_grad():
+        zeroed.qkv.weight[32:].zero_()
+        zeroed.qkv.bias[32:].zero_()
+        shifted.qkv.bias[16:32] += torch.randn(16)  # one vector added to every key: the softmaxes ignore it
+    assert zeroed(x).abs().max() == 0  # the slice named v is V
+    torch.testing.assert_close(shifted(x), model.attn(x))  # the slice named k is K
+
+
 def test_the_slices_of_a_timm_davit_channel_attention_are_named_by_the_role_they_play():
     # timm's DaViT ChannelAttention unbinds its qkv thirds as q, k, v but computes
     # softmax(k^T v) @ q (attention over channels): its first third is the values. Labelled

@@ -253,6 +253,10 @@ def _qkv_roles(parent: nn.Module) -> list[str]:
     return ["q", "k", "v"]
 
 
+def _is_timm_diff_attention(parent: nn.Module) -> bool:
+    return type(parent).__name__ == "DiffAttention" and type(parent).__module__.startswith("timm.")
+
+
 def _auto_fused(parent: nn.Module | None, child_name: str, module: nn.Module, name: str, per_head: list[str],
                 not_three: list[str] | None = None):
     """(slice_dim, slices, labels) for fused QKV weights we recognize, else None.
@@ -276,6 +280,12 @@ def _auto_fused(parent: nn.Module | None, child_name: str, module: nn.Module, na
             per_head.append(f"{name} ({type(parent).__name__}.{child_name})")
             return None
         heads, head_dim = getattr(parent, "num_heads", None), getattr(parent, "head_dim", None)
+        if _is_timm_diff_attention(parent) and isinstance(head_dim, int):
+            # timm's differential attention (vit_*_diff, attn_layer="diff") halves head_dim (each
+            # head's Q and K split in two for its two softmaxes) but its qkv is chunk(3) of
+            # heads x 2 head_dim each: a Q, K, V triple, which the check below left whole
+            # with a warning saying it was not one
+            head_dim = 2 * head_dim
         if (isinstance(heads, int) and isinstance(head_dim, int) and not isinstance(heads, bool)
                 and weight.shape[0] != 3 * heads * head_dim):
             # timm's GCViT global attention: its qkv holds K and V only (2 x heads x head_dim rows,
