@@ -408,3 +408,33 @@ def test_a_target_with_a_sparse_gradient_is_refused_by_name_before_the_step_coun
     with pytest.raises(ValueError, match="sparse gradients"):
         reg.add_grad_()
     assert reg.num_steps == 0
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_a_checkpointed_loss_with_the_penalty_counts_each_step_once(use_reentrant):
+    # (torch.utils.checkpoint recomputes the forward, penalty() included, during the backward
+    # pass: each step was counted twice, refreshing at twice the rate, and the weights drifted)
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(3)
+    plain = TinyViT()
+    checkpointed = copy.deepcopy(plain)
+    runs = []
+    for model, wrap in ((plain, False), (checkpointed, True)):
+        reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.5, steps=2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+        def loss_of(x, y, model=model, reg=reg):
+            return torch.nn.functional.cross_entropy(model(x), y) + reg.penalty()
+
+        for step in range(5):
+            x, y = _batch(step)
+            x.requires_grad_(use_reentrant)  # (a reentrant checkpoint needs an input that requires grad)
+            opt.zero_grad()
+            loss = checkpoint(loss_of, x, y, use_reentrant=use_reentrant) if wrap else loss_of(x, y)
+            loss.backward()
+            opt.step()
+        runs.append((reg.num_steps, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0] == 5
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

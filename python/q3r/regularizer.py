@@ -136,6 +136,16 @@ class Q3R:
             before_wait()
         self.num_steps += 1
 
+    @eager_under_compile  # (see _begin_step)
+    def _begin_penalty_step(self) -> None:
+        """penalty()'s step, except while the autograd engine runs a backward pass: a penalty()
+        called there is activation checkpointing recomputing the forward that held it, not a
+        new training step. Counted there, a checkpointed loss with the penalty in it counted
+        every step twice (refreshing at twice the rate), and a refresh due at the recompute
+        gave the gradient other factors than the forward's value."""
+        if torch._C._current_graph_task_id() == -1:
+            self._begin_step()
+
     def _stagger_phases(self) -> dict[str, int]:
         """Refresh phase of each target, balancing the refresh cost over the period's steps with
         the targets of one stack kept together where that costs little (stagger.stagger_phases)."""
@@ -160,8 +170,12 @@ class Q3R:
 
         DDP with ``find_unused_parameters=True`` refuses the penalty's gradient on a target the
         forward did not use at that step ("marked as ready twice"): use attach there
-        (docs/distributed.md)."""
-        self._begin_step()
+        (docs/distributed.md).
+
+        Activation checkpointing that recomputes a forward holding the penalty
+        (``torch.utils.checkpoint`` of a loss function) calls it again during the backward pass:
+        that call is not counted and never refreshes."""
+        self._begin_penalty_step()
         self._penalty_since_step = True  # (read by attach's hook: both modes in one step, see there)
         total = None
         sharded = [t for t in self.targets if distributed.is_sharded(t.param)]
