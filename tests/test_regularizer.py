@@ -280,6 +280,22 @@ def test_a_negative_step_count_is_refused_and_loaded_factors_are_copies():
         assert all(torch.equal(s["U"], u) for s, u in zip(slices, loaded[name]))
 
 
+def test_a_state_dict_of_the_wrong_type_is_refused_naming_what_it_must_be():
+    # (None or a list failed with AttributeError "'NoneType' object has no attribute 'get'", a
+    # non-dict "targets" or per-target entry with "'int' object is not iterable" / "has no len()")
+    reg = q3r.Q3R(q3r.find_targets(TinyViT(), ["attn.proj"], target_rank=3))
+    names = list(reg.state)
+    with pytest.raises(TypeError, match="state_dict must be a dict .* got NoneType"):
+        reg.load_state_dict(None)
+    with pytest.raises(TypeError, match="state_dict must be a dict .* got list"):
+        reg.load_state_dict([reg.state_dict()])
+    with pytest.raises(ValueError, match="'targets' must be a dict .* got int"):
+        reg.load_state_dict({"targets": 3, "num_steps": 0})
+    with pytest.raises(ValueError, match=f"entry of {names[0]} must be a list of slice states, got int"):
+        reg.load_state_dict({"targets": {n: 5 for n in names}, "num_steps": 0})
+    assert reg.num_steps == 0
+
+
 def test_one_parameter_under_two_names_is_refused():
     model = TinyViT()
     t = q3r.find_targets(model, ["blocks.0.mlp.fc1"], target_rank=3)[0]

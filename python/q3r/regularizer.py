@@ -465,14 +465,25 @@ class Q3R:
                               RuntimeWarning, stacklevel=2)
 
     def _check_state_dict(self, state_dict: dict) -> None:
+        # (None, a list or a "targets" that is no dict failed with AttributeError "'NoneType' object
+        # has no attribute 'get'" or "'int' object is not iterable", naming no parameter)
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"Q3R.load_state_dict: state_dict must be a dict (from Q3R.state_dict()), got "
+                            f"{type(state_dict).__name__}")
+        if not isinstance(state_dict.get("targets", {}), dict):
+            raise ValueError(f"Q3R state_dict 'targets' must be a dict of per-target slice states, got "
+                             f"{type(state_dict['targets']).__name__}")
         saved = _saved_targets(state_dict, self.state)
         if saved is None:
             saved = state_dict.get("targets", {})
             raise ValueError(
-                f"Q3R state_dict targets {sorted(saved)} do not match this regularizer's {sorted(self.state)}: "
-                "it comes from a different model"
+                f"Q3R state_dict targets {sorted(map(str, saved))} do not match this regularizer's "
+                f"{sorted(self.state)}: it comes from a different model"
             )
         for t in self.targets:
+            if not isinstance(saved[t.name], (list, tuple)):
+                raise ValueError(f"Q3R state_dict entry of {t.name} must be a list of slice states, got "
+                                 f"{type(saved[t.name]).__name__}")
             shapes = slice_shapes(t.param.shape, t.slice_dim, t.slices)
             if len(saved[t.name]) != len(shapes):
                 raise ValueError(f"Q3R state_dict has {len(saved[t.name])} slices for {t.name}, expected {len(shapes)}")
