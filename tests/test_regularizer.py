@@ -296,6 +296,27 @@ def test_a_state_dict_of_the_wrong_type_is_refused_naming_what_it_must_be():
     assert reg.num_steps == 0
 
 
+@pytest.mark.parametrize("through", ["q3r", "optimizer"])
+def test_a_state_loaded_in_inference_mode_trains_on(through):
+    # (the loaded copies were inference tensors: the next penalty().backward() failed with
+    # "Inference tensors cannot be saved for backward" until a refresh replaced them)
+    torch.manual_seed(6)
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.2, steps=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    reg.attach(opt)
+    reg.penalty()
+    saved = reg.state_dict() if through == "q3r" else opt.state_dict()
+    twin = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.2, steps=4)
+    twin_opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    twin.attach(twin_opt)
+    with torch.inference_mode():
+        (twin if through == "q3r" else twin_opt).load_state_dict(saved)
+    assert not any(v.is_inference() for slices in twin.state.values() for s in slices for v in s.values())
+    twin.penalty().backward()  # (step 1 of 4: no refresh, the loaded factors are used)
+    assert twin.num_steps == 2 and model.blocks[0].attn.proj.weight.grad is not None
+
+
 def test_one_parameter_under_two_names_is_refused():
     model = TinyViT()
     t = q3r.find_targets(model, ["blocks.0.mlp.fc1"], target_rank=3)[0]

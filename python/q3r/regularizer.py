@@ -26,7 +26,7 @@ from torch import Tensor
 from ._compile import eager_under_compile
 from . import ops, reference
 from . import distributed
-from ._precision import autocast_off
+from ._precision import autocast_off, normal_tensors
 from .config import Q3R_DEFAULTS, plain_values, slice_configs, validate_q3r_options
 from .diagnostics import slice_diagnostics
 from ._state_check import slice_state_problem
@@ -494,6 +494,10 @@ class Q3R:
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
             raise ValueError(f"Q3R state_dict num_steps must be an int >= 0, got {num_steps!r}")
 
+    # (normal tensors: copies made in a caller's inference_mode were inference tensors, which the
+    # next training step's penalty() could not save for backward, "Inference tensors cannot be
+    # saved for backward", until the next refresh replaced them)
+    @normal_tensors()
     def _commit_state_dict(self, state_dict: dict) -> None:
         saved = _saved_targets(state_dict, self.state)
         self.state = {
