@@ -143,7 +143,7 @@ class Q3R:
         new training step. Counted there, a checkpointed loss with the penalty in it counted
         every step twice (refreshing at twice the rate), and a refresh due at the recompute
         gave the gradient other factors than the forward's value."""
-        if torch._C._current_graph_task_id() == -1:
+        if _current_graph_task_id() == -1:
             self._begin_step()
 
     def _stagger_phases(self) -> dict[str, int]:
@@ -506,6 +506,14 @@ class Q3R:
             for t in self.targets
         }
         self.num_steps = state_dict["num_steps"]
+
+
+def _current_graph_task_id() -> int:
+    """The id of the backward pass the autograd engine is running on this thread, -1 outside
+    one (torch.utils.checkpoint asks the same private function; a torch without it: -1, so
+    penalty() counts every call, as before this check existed)."""
+    probe = getattr(torch._C, "_current_graph_task_id", None)
+    return -1 if probe is None else probe()
 
 
 def _saved_targets(state_dict, names) -> dict | None:
