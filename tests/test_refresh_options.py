@@ -153,3 +153,17 @@ def test_numpy_numbers_from_a_sweep_are_taken_and_kept_as_plain_python_numbers(s
         torch.load(buffer, weights_only=True)
     with pytest.raises(ValueError, match="oversampling must be an int >= 0, got np.float64"):
         q3r.refresh.SketchOptions(oversampling=np.float64(4))
+
+
+@pytest.mark.parametrize("seed", [2**64 - 1, 2**64, 2**70])
+def test_a_large_seed_taken_when_built_does_not_fail_a_sketched_refresh(seed):
+    # (any int >= 0 passes SketchOptions' check; the sketch's generator takes seeds below 2**64,
+    # and seed + 7919 * attempt raised "Overflow when unpacking long long" inside a step)
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(60, 50))  # (its warm refreshes are sketched)
+    opt = q3r.AdamQ3R([{"params": [weight], "q3r": True, "target_rank": 3, "steps": 1, "refresh": "randomized",
+                        "refresh_options": {"seed": seed}}], lr=1e-3)
+    for _ in range(2):
+        weight.grad = torch.randn_like(weight)
+        opt.step()
+    assert int(opt.state[weight]["q3r"][0]["refreshes"]) == 2

@@ -177,7 +177,9 @@ def _align_native_widths(stacks: list[_Stack], weights, opts: SketchOptions) -> 
 def _sketch_stack_(weights, st: _Stack, attempt: int, opts: SketchOptions) -> None:
     """Range finder and Gram matrices of the stack; what remains is its eigensolve."""
     stack = weights.stack(st.members)  # refresh_slices_ runs under no_grad
-    gen = torch.Generator(device=stack.device).manual_seed(opts.seed + 7919 * attempt)
+    # (modulo 2**64, what manual_seed takes: any seed >= 0 is a valid option, and one near the
+    # top raised "Overflow when unpacking long long" at the first refresh, after the build took it)
+    gen = torch.Generator(device=stack.device).manual_seed((opts.seed + 7919 * attempt) % 2**64)
     # first attempt: the one-pass orthonormalization's check rides on the commit's transfer;
     # members that fail it are sketched again, checked at once (see C.UNTRUSTED)
     st.sketch = randomized.sketch(stack, st.k, st.starts, cold_power_iters=opts.cold_power_iters,
