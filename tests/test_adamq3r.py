@@ -388,10 +388,11 @@ def test_stagger_spreads_refreshes_across_per_target_groups():
     assert all(int(opt.state[p]["q3r"][0]["refreshes"]) in (2, 3) for p in targets)
 
 
-def _refreshed_per_step(model, opt, names, steps, between=None):
-    """Which of the named targets each step refreshed (a string of their names)."""
+def _refreshed_per_step(model, opt, names, steps, between=None, start=0):
+    """Which of the named targets each step refreshed (a string of their names); ``between(s)``
+    runs before step s (counted from ``start``)."""
     log = []
-    for s in range(steps):
+    for s in range(start, start + steps):
         if between is not None:
             between(s)
         weights = {n: model[n].weight for n in names}
@@ -488,6 +489,31 @@ def test_stagger_resumes_on_the_same_steps_when_no_target_steps_every_time():
     assert _refreshed_per_step(copied_model, copied, "abcd", 9, in_turns(copied_model)) == expected
     for n in "abcd":
         assert torch.equal(resumed_model[n].weight, model[n].weight)
+
+
+def test_stagger_refreshes_targets_trained_in_turns_at_least_once_per_period():
+    """A staggered target is refreshed at its phase of the optimizer's clock, and only where it
+    has a gradient: trained in turns (a and b at even steps, c and d at odd ones, period 4), a
+    target whose phase fell on the other turn's steps was never refreshed after step 0, and kept
+    its first operator for the rest of training. It now catches up at its first step a period
+    or more after its last refresh; a checkpoint carries when that was."""
+    def in_turns(model):
+        def between(s):
+            for n in "abcd":
+                model[n].weight.requires_grad_((n in "ab") == (s % 2 == 0))
+        return between
+
+    model, opt = _four_staggered_targets()
+    log = _refreshed_per_step(model, opt, "abcd", 6, in_turns(model))
+    checkpoint = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    log += _refreshed_per_step(model, opt, "abcd", 14, in_turns(model), start=6)
+    for n in "abcd":
+        at = [s for s, who in enumerate(log) if n in who]
+        assert at[0] in (0, 1) and all(b - a <= 4 for a, b in zip(at, at[1:] + [len(log)])), (n, log)
+    resumed_model, resumed = _four_staggered_targets()
+    resumed_model.load_state_dict(checkpoint[0])
+    resumed.load_state_dict(checkpoint[1])
+    assert _refreshed_per_step(resumed_model, resumed, "abcd", 14, in_turns(resumed_model), start=6) == log[6:]
 
 
 def test_stagger_looks_up_the_phase_table_once_per_step():

@@ -100,7 +100,8 @@ class AdamQ3R(Optimizer):
     later (``lmbda`` by a schedule, as torch's schedulers write ``lr``) is checked at the next
     step, before any update: a bad value, or slices that no longer fit a target's Q3R state,
     raise ValueError. With ``stagger=True`` each group keeps the phases' clock as
-    ``"stagger_clock"``, so state dicts, copies and pickles resume on the same steps.
+    ``"stagger_clock"`` (and the clock of each parameter's last refresh as
+    ``"stagger_refreshed"``), so state dicts, copies and pickles resume on the same steps.
     """
 
     def __init__(
@@ -341,7 +342,8 @@ class AdamQ3R(Optimizer):
                    for gi, g in enumerate(self.param_groups) if g["q3r"] for j, p in enumerate(g["params"])]
         self._replicas = distributed.same_targets_on_every_rank(targets)
 
-    def _refresh_due(self, p, group: dict, step: int, clock: int | None, phases: dict[int, int] | None) -> bool:
+    def _refresh_due(self, p, group: dict, step: int, clock: int | None, phases: dict[int, int] | None,
+                     index: int) -> bool:
         """Every ``steps`` of the parameter's steps; with ``stagger=True`` each parameter at its
         own phase of the period on the optimizer's clock (see _stagger_clock), balanced by
         refresh cost over all staggered groups with the same period, with the targets of one
@@ -350,10 +352,17 @@ class AdamQ3R(Optimizer):
         leave every target at phase 0), so no step pays all refreshes. ``phases``: the
         step's _stagger_phase_table(), looked up once per step by the caller (its signature
         walks every staggered group's parameters: looked up per target, a step cost
-        quadratic host time in the number of targets)."""
+        quadratic host time in the number of targets). A staggered target is also due where a
+        period or more of the clock has passed since its last refresh (``index``: its place in
+        the group, see _note_staggered_refresh): the clock counts the optimizer's steps, and a
+        target without a gradient at its phase (targets trained in turns, period 4: half of
+        them never) was not refreshed again until it happened to have one there."""
         if not group.get("stagger"):
             return step % group["steps"] == 0
-        return due_for_refresh(clock, group["steps"], phases[id(p)])
+        if due_for_refresh(clock, group["steps"], phases[id(p)]):
+            return True
+        last = _last_staggered_refresh(group, index)
+        return last is not None and clock - last >= group["steps"]
 
     def _stagger_clock(self) -> int:
         """The step the staggered phases count on: one clock for all targets. (Each parameter's
@@ -427,12 +436,12 @@ class AdamQ3R(Optimizer):
                 if state:
                     self._check_state_follows(p, state)
         self._decide_replicas()
-        works, due, q3r_works = [], [], []
+        works, due, q3r_works, noted = [], [], [], {}
         clock = self._stagger_clock() if any(g["q3r"] and g.get("stagger") for g in self.param_groups) else None
         phases = self._stagger_phase_table() if clock is not None else None  # (once per step, see _refresh_due)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
+            for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 state = self.state[p] or self._init_state(p, group)
@@ -441,8 +450,11 @@ class AdamQ3R(Optimizer):
                     group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
                 )
                 if group["q3r"]:
-                    if self._new_q3r_state(p, group, state) or self._refresh_due(p, group, int(state["step"]), clock, phases):
+                    if (self._new_q3r_state(p, group, state)
+                            or self._refresh_due(p, group, int(state["step"]), clock, phases, index)):
                         due.append((p, group))
+                        if clock is not None and group.get("stagger"):
+                            noted.setdefault(id(group), (group, []))[1].append(index)
                     work.lmbda, work.slice_dim, work.slices = group["lmbda"], group["slice_dim"], group["slices"]
                     q3r_works.append((work, state))
                 works.append(work)
@@ -451,6 +463,8 @@ class AdamQ3R(Optimizer):
             for group in self.param_groups:  # (kept where state_dict, copies and pickles carry it)
                 if group["q3r"] and group.get("stagger"):
                     group["stagger_clock"] = clock + 1
+        for group, indices in noted.values():
+            _note_staggered_refreshes(group, indices, clock)
         if any(distributed.is_sharded(w.param) for w in works):
             self.refresh(due)
             self._set_operators(q3r_works)
@@ -740,6 +754,32 @@ def _step_problem(step) -> str | None:
     if not (math.isfinite(step) and step >= 0 and step == int(step)):
         return f"must be a whole number >= 0, got {step!r}"
     return None
+
+
+def _note_staggered_refreshes(group: dict, indices: list[int], clock: int) -> None:
+    """Record in a staggered group, as ``"stagger_refreshed"`` (the clock of each of its
+    parameters' last refresh, -1 where none was seen), that its parameters ``indices`` are
+    refreshed at ``clock``: plain ints in the group, so that state dicts, copies and pickles carry
+    them with the clock (a tensor in the parameter's state would be cast to a bf16 parameter's
+    dtype on load, and read back from the device at every step). A new list, not changed in
+    place: torch's state_dict() copies a group's dict, not its values, and an earlier state
+    dict kept in memory must not move on with the optimizer."""
+    seen = group.get("stagger_refreshed")
+    fits = isinstance(seen, list) and len(seen) == len(group["params"])  # (else new, or the params changed)
+    seen = list(seen) if fits else [-1] * len(group["params"])
+    for index in indices:
+        seen[index] = clock
+    group["stagger_refreshed"] = seen
+
+
+def _last_staggered_refresh(group: dict, index: int) -> int | None:
+    """The clock of the parameter's last staggered refresh, or None where it is not known (a
+    checkpoint from before it was kept, or a group whose parameters changed since)."""
+    seen = group.get("stagger_refreshed")
+    if not isinstance(seen, list) or len(seen) != len(group["params"]):
+        return None
+    last = seen[index]
+    return last if isinstance(last, int) and not isinstance(last, bool) and last >= 0 else None
 
 
 def _live_slice_states(p, slices, shapes) -> list[dict]:
