@@ -110,6 +110,24 @@ def test_a_state_saved_with_other_options_loads_with_a_warning_naming_them():
     assert other.options["steps"] == 3 and other.num_steps == 1
 
 
+
+def test_a_state_saved_with_other_target_ranks_loads_with_a_warning_naming_them():
+    """The ranks are the targets' (find_targets' target_rank), not Q3R options: a checkpoint of
+    a rank-3 run loaded into a rank-4 regularizer said nothing (h60), and its next refreshes set
+    eps from sigma_5 instead of sigma_4."""
+    torch.manual_seed(4)
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, ["blocks.0.mlp.fc1"], target_rank=3), lmbda=0.7, steps=5)
+    reg.penalty()
+    saved = reg.state_dict()
+    other = q3r.Q3R(q3r.find_targets(model, ["blocks.0.mlp.fc1"], target_rank=4), lmbda=0.7, steps=5)
+    with pytest.warns(RuntimeWarning, match=r"other options \(target_rank of blocks.0.mlp.fc1.weight \[3\] -> \[4\]\)"):
+        other.load_state_dict(saved)
+    saved.pop("ranks")  # (a checkpoint from before the ranks were saved: nothing to compare)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other.load_state_dict(saved)
+
 def test_attach_adds_gradient_inside_step_and_refreshes_every_T():
     torch.manual_seed(2)
     model = TinyViT()

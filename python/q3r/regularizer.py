@@ -447,7 +447,12 @@ class Q3R:
             "num_steps": self.num_steps,
             "options": plain_values(self.options),  # (numpy scalars would need weights_only=False)
             "targets": {name: [dict(s) for s in slices] for name, slices in self.state.items()},
+            "ranks": self._slice_ranks(),
         }
+
+    def _slice_ranks(self) -> dict[str, list[int]]:
+        """Each target's resolved rank per slice (its name: a list), as the options say which."""
+        return {t.name: [cfg.rank for cfg in cfgs] for t, cfgs in zip(self.targets, self.configs)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore factors and the step count; validates everything before changing anything.
@@ -455,14 +460,11 @@ class Q3R:
         warning names them (a checkpoint of a steps=5 run loaded into steps=3 said nothing)."""
         self._check_state_dict(state_dict)
         self._commit_state_dict(state_dict)
-        saved = state_dict.get("options")
-        if isinstance(saved, dict):
-            differ = [f"{key} {saved[key]!r} -> {value!r}" for key, value in plain_values(self.options).items()
-                      if key in saved and saved[key] != value]
-            if differ:
-                warnings.warn("Q3R.load_state_dict: the checkpoint was saved with other options (" + ", ".join(differ)
-                              + "); this regularizer's are used, with the checkpoint's factors and step count",
-                              RuntimeWarning, stacklevel=2)
+        differ = _changed_since_saved(state_dict, plain_values(self.options), self._slice_ranks())
+        if differ:
+            warnings.warn("Q3R.load_state_dict: the checkpoint was saved with other options (" + ", ".join(differ)
+                          + "); this regularizer's are used, with the checkpoint's factors and step count",
+                          RuntimeWarning, stacklevel=2)
 
     def _check_state_dict(self, state_dict: dict) -> None:
         # (None, a list or a "targets" that is no dict failed with AttributeError "'NoneType' object
@@ -506,6 +508,19 @@ class Q3R:
             for t in self.targets
         }
         self.num_steps = state_dict["num_steps"]
+
+
+def _changed_since_saved(state_dict: dict, options: dict, ranks: dict[str, list[int]]) -> list[str]:
+    """'key saved -> now' for each option, and each target's per-slice ranks, that differ from a
+    Q3R state dict's. (The ranks are the targets', not options: a rank-3 checkpoint loaded into a
+    rank-5 regularizer said nothing, and its next refreshes set eps from the new rank.)"""
+    saved = state_dict.get("options")
+    saved = saved if isinstance(saved, dict) else {}
+    differ = [f"{key} {saved[key]!r} -> {value!r}" for key, value in options.items() if key in saved and saved[key] != value]
+    saved_ranks = state_dict.get("ranks")
+    saved_ranks = saved_ranks if isinstance(saved_ranks, dict) else {}
+    return differ + [f"target_rank of {name} {saved_ranks[name]!r} -> {now!r}" for name, now in ranks.items()
+                     if isinstance(saved_ranks.get(name), (list, tuple)) and list(saved_ranks[name]) != now]
 
 
 def _current_graph_task_id() -> int:
