@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 import operator
 import warnings
-from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -18,68 +15,23 @@ from .. import distributed
 from .._precision import no_autocast
 from ..config import Q3R_DEFAULTS, default_names, is_plain, plain_values, slice_configs, validate_q3r_options
 from ..diagnostics import slice_diagnostics
-from .._state_check import slice_state_problem
-from ..refresh import _Once, refresh_around, sketch_options, upgrade_state
-from ..stagger import due_for_refresh, target_phases
+from ..refresh import _Once, refresh_around, sketch_options
 from ..targets import slice_shapes, slice_views, validate_slices
+from ._checkpointing import CheckpointMixin
+from ._group_checks import (
+    ADAM_ONLY_FLAGS, CUT_OPTIONS, check_adam_flags, check_hyperparameters, check_target_dtype, same_options,
+    slice_states_misfit,
+)
+from ._stagger_schedule import StaggerMixin, note_staggered_refreshes
 from .functional import ParamWork, adamq3r_step_
 
 __all__ = ["AdamQ3R"]
 
 
-# torch.optim.Adam options AdamQ3R does not have (refused where true, as constructor arguments
-# too): in a param group they would be ignored, and amsgrad / maximize change the update rule
-_ADAM_ONLY_FLAGS = ("amsgrad", "maximize", "foreach", "fused", "capturable", "differentiable")
 _Q3R_OPTIONS_OF = operator.itemgetter(*Q3R_DEFAULTS)  # a group's Q3R options, as a tuple
-# the options that cut a group's targets into slices of some rank, which its Q3R state is made
-# for (the others are read afresh at every step or refresh)
-_CUT_OPTIONS = ("slices", "slice_dim", "target_rank", "rank_rule")
 
 
-def _check_adam_flags(group: dict, where: str, flags: tuple[str, ...] = _ADAM_ONLY_FLAGS) -> None:
-    """A group's torch.optim.Adam options that AdamQ3R does not have, and Adam's L2 decay.
-    (A loaded checkpoint of torch's Adam / AdamW is checked for the update-changing ones only,
-    amsgrad and maximize: foreach / fused there do not change its update.)"""
-    for flag in flags:
-        if group.get(flag):
-            raise ValueError(f"{where}: {flag}={group[flag]!r}, which AdamQ3R does not have")
-    if group.get("decoupled_weight_decay") is False and group.get("weight_decay"):
-        raise ValueError(f"{where}: decoupled_weight_decay=False with weight_decay={group['weight_decay']} (Adam's "
-                         "L2 decay, added to the gradient); AdamQ3R's weight decay is decoupled, as AdamW's")
-
-
-def _check_target_dtype(p, index: int, where: str) -> None:
-    """A Q3R target is a real floating-point weight. (A complex one was taken, and its first step
-    failed inside the refresh, '"aminmax_cpu" not implemented for 'ComplexFloat'', after the
-    parameters not being refreshed had been updated.)"""
-    if not p.is_floating_point():
-        raise TypeError(f"{where}: parameter {index} {tuple(p.shape)} is {p.dtype}; Q3R targets must be real "
-                        "floating-point weights (the refresh's SVD and the term are real): leave it out of the "
-                        "q3r=True groups")
-
-
-def _check_hyperparameters(group: dict, where: str) -> None:
-    lr, eps, wd, betas = group["lr"], group["eps"], group["weight_decay"], group["betas"]
-    # (a string, lr="1e-3" from a config file, failed with "'<=' not supported between instances
-    # of 'float' and 'str'", naming no option)
-    for key, value in (("lr", lr), ("eps", eps), ("weight_decay", wd)):
-        if isinstance(value, (bool, str)) or not isinstance(value, (numbers.Real, torch.Tensor)):
-            raise TypeError(f"{where}: {key} must be a number, got {value!r}")
-    if isinstance(lr, torch.Tensor):  # (torch's Adam takes one for capturable / compiled steps; AdamQ3R has neither)
-        raise TypeError(f"{where}: lr must be a Python number, got a Tensor ({lr!r}); AdamQ3R has no capturable or "
-                        "compiled step that a tensor lr is for: pass float(lr)")
-    if not (0.0 <= lr < math.inf):
-        raise ValueError(f"{where}: invalid learning rate lr={lr!r}")
-    if not 0.0 <= eps:
-        raise ValueError(f"{where}: invalid epsilon eps={eps!r}")
-    if not 0.0 <= wd:
-        raise ValueError(f"{where}: invalid weight_decay={wd!r}")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-            and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)):
-        raise ValueError(f"{where}: invalid betas={betas!r}; need two values in [0, 1)")
-
-
-class AdamQ3R(Optimizer):
+class AdamQ3R(StaggerMixin, CheckpointMixin, Optimizer):
     """Adam whose ``q3r=True`` param groups are pushed towards low rank by Q3R.
 
     One step (SPEC section 3): every ``steps`` steps (starting with the first) each target's
@@ -116,9 +68,9 @@ class AdamQ3R(Optimizer):
         # torch.optim.AdamW's own flags, as its kwargs or its .defaults carry them (foreach=None,
         # amsgrad=False, ...): taken where they ask for AdamQ3R's update, refused naming the flag
         # where they do not, as in a param group (all of them, even False, were "unknown arguments")
-        adam_flags = {key: q3r_defaults.pop(key) for key in (*_ADAM_ONLY_FLAGS, "decoupled_weight_decay")
+        adam_flags = {key: q3r_defaults.pop(key) for key in (*ADAM_ONLY_FLAGS, "decoupled_weight_decay")
                       if key in q3r_defaults}
-        _check_adam_flags({**adam_flags, "weight_decay": weight_decay}, "AdamQ3R")
+        check_adam_flags({**adam_flags, "weight_decay": weight_decay}, "AdamQ3R")
         unknown = set(q3r_defaults) - set(Q3R_DEFAULTS) - {"q3r"}
         if unknown:
             raise TypeError(f"AdamQ3R got unknown arguments {sorted(unknown)}")
@@ -155,8 +107,8 @@ class AdamQ3R(Optimizer):
                   "params": params}
         if param_names is not None:
             merged["param_names"] = param_names
-        _check_adam_flags(merged, where)
-        _check_hyperparameters(merged, where)
+        check_adam_flags(merged, where)
+        check_hyperparameters(merged, where)
         if merged.get("q3r"):
             validate_q3r_options(merged, where)
             # (a parameter listed twice was refused as "slice names [...] are used twice",
@@ -167,7 +119,7 @@ class AdamQ3R(Optimizer):
                                  "regularized once: list each parameter once)")
             names = []
             for index, p in enumerate(params):
-                _check_target_dtype(p, index, where)
+                check_target_dtype(p, index, where)
                 if p.dim() == 2:  # (before _names counts the slices: a (start, stop, step) slice failed there
                     # with "too many values to unpack", naming neither the option nor the value)
                     validate_slices(p.shape, merged["slice_dim"], merged["slices"], f"{where} param {index}")
@@ -249,9 +201,8 @@ class AdamQ3R(Optimizer):
         q3r=True later was not checked when it was added)."""
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
         validate_q3r_options(group, f"AdamQ3R param group {index}")
-        _check_target_dtype(p, next(i for i, q in enumerate(group["params"]) if q is p), f"AdamQ3R param group {index}")
+        check_target_dtype(p, next(i for i, q in enumerate(group["params"]) if q is p), f"AdamQ3R param group {index}")
         self._group_configs(group, p)
-
 
     def _check_changed_options(self, gi: int, group: dict) -> None:
         """A Q3R group's options where they changed since the last step (a scheduler writing
@@ -267,17 +218,17 @@ class AdamQ3R(Optimizer):
         except KeyError:  # (a group loaded from an older checkpoint may lack later options)
             now = tuple(group.get(key) for key in Q3R_DEFAULTS)
         last = seen.get(gi)  # (by index: a load replaces the groups, and old ones must not be kept alive)
-        if last is not None and last[0] is group and _same_options(last[1], now):
+        if last is not None and last[0] is group and same_options(last[1], now):
             return
         where = f"AdamQ3R param group {gi}"
         validate_q3r_options(group, where)
         structural = last is None or last[0] is not group or any(
-            a != b for key, a, b in zip(Q3R_DEFAULTS, last[1], now) if key in (*_CUT_OPTIONS, "names"))
+            a != b for key, a, b in zip(Q3R_DEFAULTS, last[1], now) if key in (*CUT_OPTIONS, "names"))
         if structural:
             for p in group["params"]:
                 self._group_configs(group, p)  # (slices in bounds, one name per slice, ranks in range)
                 slices = (self.state.get(p) or {}).get("q3r")
-                if slices is not None and (why := _slice_states_misfit(p, group, slices)):
+                if slices is not None and (why := slice_states_misfit(p, group, slices)):
                     index = next(i for i, q in enumerate(group["params"]) if q is p)
                     raise ValueError(
                         f"{where}: slice_dim={group['slice_dim']!r}, slices={group['slices']!r} do not fit the Q3R "
@@ -341,62 +292,6 @@ class AdamQ3R(Optimizer):
         targets = [(f"{gi}.{j}:{','.join(self._names(g, g['params'], p, 'AdamQ3R'))}", tuple(p.shape))
                    for gi, g in enumerate(self.param_groups) if g["q3r"] for j, p in enumerate(g["params"])]
         self._replicas = distributed.same_targets_on_every_rank(targets)
-
-    def _refresh_due(self, p, group: dict, step: int, clock: int | None, phases: dict[int, int] | None,
-                     index: int) -> bool:
-        """Every ``steps`` of the parameter's steps; with ``stagger=True`` each parameter at its
-        own phase of the period on the optimizer's clock (see _stagger_clock), balanced by
-        refresh cost over all staggered groups with the same period, with the targets of one
-        stack kept in as few phases as the balance allows (stagger.stagger_phases)
-        (q3r.param_groups makes one group per target, so balancing within a group would
-        leave every target at phase 0), so no step pays all refreshes. ``phases``: the
-        step's _stagger_phase_table(), looked up once per step by the caller (its signature
-        walks every staggered group's parameters: looked up per target, a step cost
-        quadratic host time in the number of targets). A staggered target is also due where a
-        period or more of the clock has passed since its last refresh (``index``: its place in
-        the group, see _note_staggered_refresh): the clock counts the optimizer's steps, and a
-        target without a gradient at its phase (targets trained in turns, period 4: half of
-        them never) was not refreshed again until it happened to have one there."""
-        if not group.get("stagger"):
-            return step % group["steps"] == 0
-        if due_for_refresh(clock, group["steps"], phases[id(p)]):
-            return True
-        last = _last_staggered_refresh(group, index)
-        return last is not None and clock - last >= group["steps"]
-
-    def _stagger_clock(self) -> int:
-        """The step the staggered phases count on: one clock for all targets. (Each parameter's
-        own step count would not do: a target added later, or one whose gradient was None at
-        some steps, counts behind the others, and its phase would land on the others'.) Kept
-        as the optimizer steps, and in each staggered group as ``"stagger_clock"`` (so a state
-        dict, a copy or a pickle of the optimizer carries it); after a load, unpickling or
-        states written in by a wrapper, the largest of those and of any parameter's step count.
-        (The step counts alone fell behind where no parameter had a gradient at every step,
-        targets trained in turns: a resumed run's refreshes then fell on other steps.)"""
-        clock = self.__dict__.get("_clock")
-        if clock is None:
-            saved = (g.get("stagger_clock") for g in self.param_groups)
-            clock = max([*(int(st["step"]) for st in self.state.values() if isinstance(st, dict) and "step" in st),
-                         *(int(c) for c in saved if isinstance(c, numbers.Integral) and not isinstance(c, bool))],
-                        default=0)
-        return clock
-
-    def _stagger_phase_table(self) -> dict[int, int]:
-        """{id(param): phase}, recomputed only when the staggered groups change."""
-        staggered = [g for g in self.param_groups if g["q3r"] and g.get("stagger")]
-        signature = tuple((id(g), g["steps"], tuple(id(q) for q in g["params"])) for g in staggered)
-        cached = self.__dict__.get("_stagger_cache")
-        if cached is not None and cached[0] == signature:
-            return cached[1]
-        table: dict[int, int] = {}
-        for period in {g["steps"] for g in staggered}:
-            members = [(q, g) for g in staggered if g["steps"] == period for q in g["params"]]
-            targets = [[(d1, d2, cfg.rank) for (d1, d2), cfg in
-                        zip(slice_shapes(q.shape, g["slice_dim"], g["slices"]), self._group_configs(g, q))]
-                       for q, g in members]
-            table.update({id(q): phase for (q, _), phase in zip(members, target_phases(targets, period))})
-        self._stagger_cache = (signature, table)
-        return table
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -464,7 +359,7 @@ class AdamQ3R(Optimizer):
                 if group["q3r"] and group.get("stagger"):
                     group["stagger_clock"] = clock + 1
         for group, indices in noted.values():
-            _note_staggered_refreshes(group, indices, clock)
+            note_staggered_refreshes(group, indices, clock)
         if any(distributed.is_sharded(w.param) for w in works):
             self.refresh(due)
             self._set_operators(q3r_works)
@@ -559,242 +454,4 @@ class AdamQ3R(Optimizer):
                         out[f"{cfg.name}/{key}"] = value
         return out
 
-    # ------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
-        """torch's, with each target's slice states as a dict keyed "0", "1", ... rather than a
-        list: torch.distributed.checkpoint's flatten_optimizer_state_dict (torchtitan,
-        OLMo-core) takes nested dicts, not lists. load_state_dict takes either layout."""
-        sd = super().state_dict()
-        sd["state"] = {pid: {**st, "q3r": {str(j): s for j, s in enumerate(st["q3r"])}}
-                       if isinstance(st.get("q3r"), list) else st for pid, st in sd["state"].items()}
-        return sd
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load_state_dict, after checks that refuse a state dict from another model,
-        or a damaged one, before anything changes, and with the float32 factors kept out of
-        torch's cast of the state to the parameters' dtype.
-
-        A state dict of ``torch.optim.Adam`` / ``AdamW`` (same groups and parameters) loads
-        too: its groups keep this optimizer's Q3R options, the Adam moments carry over, and
-        each target is refreshed at its next step.  Where the checkpoint's slices, slice_dim,
-        target_rank or rank_rule differ from this optimizer's it warns, naming group, option
-        and both values: the checkpoint's options win, as in torch, and the Q3R state is theirs.
-        (A method, not load hooks: hooks are not kept by copy.deepcopy or pickling of an
-        optimizer.)"""
-        state_dict, stash = self._checked_for_load(state_dict)
-        replaced = _replaced_options(self.param_groups, state_dict["param_groups"])
-        super().load_state_dict(state_dict)
-        if replaced:  # (torch's rule: the saved options win; said where they cut the targets otherwise)
-            warnings.warn("AdamQ3R.load_state_dict: the checkpoint's options replace this optimizer's, as torch's "
-                          "optimizers do, and these cut the targets otherwise: " + "; ".join(replaced) + ". The Q3R "
-                          "state is the checkpoint's, for its options; to train with new ones, build a new optimizer",
-                          RuntimeWarning, stacklevel=2)
-        self.__dict__.pop("_names_taken", None)  # (the saved groups' names replace these)
-        self.__dict__.pop("_clock", None)  # (counted again from the loaded step counts)
-        for p, slices, shapes in stash:
-            self.state[p]["q3r"] = _live_slice_states(p, slices, shapes)
-
-    def _adopt_written_states(self) -> None:
-        """Slice states that a wrapper wrote into ``self.state`` in the saved layout, bypassing
-        load_state_dict: ZeroRedundancyOptimizer.load_state_dict copies each rank's share of
-        the saved state straight in (and moves 0-dim tensors to the CPU). They are checked as
-        load_state_dict checks them, all before any is changed, then put in the live layout on
-        their parameter's device."""
-        found = []
-        for gi, group in enumerate(self.param_groups):
-            if not group["q3r"]:  # (no slice states there; this runs at every step)
-                continue
-            for p in group["params"]:
-                st = self.state.get(p)
-                if isinstance(st, dict) and isinstance(st.get("q3r"), Mapping):
-                    listed = _listed(st, f"AdamQ3R param group {gi}")
-                    self._check_saved_param_state(listed, p, {**self.defaults, **group}, f"group {gi}")
-                    found.append((p, listed["q3r"], slice_shapes(p.shape, group["slice_dim"], group["slices"])))
-        for p, slices, shapes in found:
-            self.state[p]["q3r"] = _live_slice_states(p, slices, shapes)
-        if found:
-            self.__dict__.pop("_clock", None)  # (the written states carry their step counts)
-
-    def _checked_for_load(self, state_dict: dict) -> tuple[dict, list]:
-        """(the state dict to hand to torch's load: groups of torch's Adam / AdamW given this
-        optimizer's Q3R options, the Q3R states taken out; [(param, slice states, slice shapes)]
-        to put back after it), or a ValueError before anything changes."""
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"state_dict has {len(saved_groups)} param groups but this optimizer has "
-                f"{len(self.param_groups)}: it comes from a different model or optimizer"
-            )
-        groups, mapping = [], {}
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"state_dict param group {gi} has {len(saved['params'])} parameters, this optimizer's has "
-                    f"{len(group['params'])}: it comes from a different model or optimizer"
-                )
-            if "q3r" not in saved:  # torch.optim.Adam / AdamW
-                saved = self._adopted_group(saved, group, f"state_dict param group {gi}")
-            missing = [key for key in ("lr", "betas", "eps", "weight_decay") if key not in saved]
-            if missing:  # (torch's load took such a group and its next step failed with a KeyError)
-                raise ValueError(f"state_dict param group {gi} lacks {missing}: it is damaged")
-            if saved.get("q3r"):
-                # a Q3R option the saved group lacks (a checkpoint from before the option existed,
-                # or an edited one) keeps this optimizer's value: torch's load, then __setstate__,
-                # gave it the library default instead, e.g. lmbda 0.1 where the run was built with 0.5
-                saved = {**{key: group[key] for key in Q3R_DEFAULTS if key not in saved}, **saved}
-            groups.append(saved)
-            merged = {**self.defaults, **saved}
-            _check_hyperparameters(merged, f"state_dict param group {gi}")
-            for pid, p in zip(saved["params"], group["params"]):
-                mapping[pid] = (p, merged)
-        states = {pid: _listed(st, f"state_dict param {pid}") for pid, st in state_dict["state"].items()}
-        for pid, (p, merged) in mapping.items():
-            gi = next(i for i, g in enumerate(groups) if pid in g["params"])
-            self._check_saved_param_state(states.get(pid), p, merged, f"group {gi}")
-        stash, new_state = [], {}
-        for pid, st in states.items():
-            if isinstance(st, dict) and "q3r" in st:
-                st = dict(st)
-                p, merged = mapping[pid]
-                stash.append((p, st.pop("q3r"), slice_shapes(p.shape, merged["slice_dim"], merged["slices"])))
-            new_state[pid] = st
-        return {**state_dict, "param_groups": groups, "state": new_state}, stash
-
-    @staticmethod
-    def _adopted_group(saved: dict, group: dict, where: str) -> dict:
-        """A saved group of torch's Adam / AdamW with this group's Q3R options, where its
-        update is the one AdamQ3R makes (no amsgrad, no maximize, decoupled weight decay)."""
-        _check_adam_flags(saved, where, flags=("amsgrad", "maximize"))
-        if saved.get("weight_decay") and "decoupled_weight_decay" not in saved:  # (torch < 2.8 does not say)
-            warnings.warn(f"{where}: a torch.optim checkpoint with weight_decay={saved['weight_decay']} that does not "
-                          "say whether it was Adam's L2 decay or AdamW's decoupled one; AdamQ3R applies it decoupled",
-                          RuntimeWarning, stacklevel=4)
-        return {**{key: group[key] for key in ("q3r", *Q3R_DEFAULTS)}, **saved}
-
-    @staticmethod
-    def _check_saved_param_state(st, p, group: dict, where: str) -> None:
-        if st is None:
-            return
-        if not isinstance(st, dict):
-            raise ValueError(f"state_dict {where}: a parameter's state must be a dict, got {type(st).__name__}")
-        # Adam's own entries: a state without one loaded and failed at the next step with a
-        # KeyError; a negative step count failed inside the update, after the parameters before
-        # it had been updated (a complex bias correction)
-        missing = [key for key in ("step", "exp_avg", "exp_avg_sq") if key not in st]
-        if st and missing:
-            raise ValueError(f"state_dict {where}: a parameter's state lacks {missing} (keys: {sorted(st)}): it is damaged")
-        if st and (why := _step_problem(st["step"])):
-            raise ValueError(f"state_dict {where}: the step count {why}: it is damaged")
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in st and (not isinstance(st[key], torch.Tensor) or tuple(st[key].shape) != tuple(p.shape)):
-                got = tuple(st[key].shape) if isinstance(st[key], torch.Tensor) else type(st[key]).__name__
-                raise ValueError(
-                    f"state_dict {where}: {key} is {got} but the parameter has shape "
-                    f"{tuple(p.shape)}: it comes from a different model"
-                )
-        if not group.get("q3r"):
-            if "q3r" in st:
-                raise ValueError(f"state_dict {where}: Q3R state for a parameter of a non-Q3R group")
-            return
-        validate_q3r_options(group, f"state_dict {where}")
-        # the saved group's slices and target_rank must fit the parameter (a target_rank of 100
-        # for a 16x8 weight loaded, and the next refresh or diagnostics() raised)
-        if p.dim() == 2:
-            label = f"state_dict {where} param {tuple(p.shape)}"
-            slice_configs(p.shape, group, default_names(label, validate_slices(p.shape, group["slice_dim"],
-                                                                              group["slices"], label)))
-        slices = st.get("q3r", [])
-        if not isinstance(slices, (list, tuple)):
-            raise ValueError(f"state_dict {where}: the Q3R state must be a list of slice states, got {type(slices).__name__}")
-        if "q3r" in st and (why := _slice_states_misfit(p, group, slices)):
-            raise ValueError(f"state_dict {where}: {why}: it comes from a different model or is damaged")
-
-
-def _same_options(a: tuple, b: tuple) -> bool:
-    """Whether two snapshots of a group's options are equal; False where they cannot be compared
-    (a tensor of several elements written into an option, which the check then refuses)."""
-    try:
-        return bool(a == b)
-    except RuntimeError:
-        return False
-
-
-def _slice_states_misfit(p, group: dict, slices) -> str | None:
-    """Why the slice states ``slices`` do not fit parameter p cut as ``group`` cuts it (their
-    count, or slice_state_problem of one), or None. Asked of a loaded state and of a live one
-    whose group's slicing was changed after steps."""
-    shapes = slice_shapes(p.shape, group["slice_dim"], group["slices"])
-    if len(slices) != len(shapes):
-        return f"{len(slices)} Q3R slice states for {len(shapes)} slices of {shapes}"
-    return next((why for s, (d1, d2) in zip(slices, shapes) if (why := slice_state_problem(p, s, d1, d2))), None)
-
-
-def _replaced_options(groups: list[dict], saved_groups: list[dict]) -> list[str]:
-    """'group i: key this -> saved' for each option of a Q3R group that decides its targets'
-    slices and ranks and that a loaded group replaces with another value (slices compared as
-    pairs: a checkpoint may hold them as lists)."""
-    def plain(key, value):
-        return [tuple(pair) for pair in value] if key == "slices" and value is not None else value
-
-    return [f"group {gi}: {key} {group.get(key)!r} -> {saved.get(key)!r}"
-            for gi, (group, saved) in enumerate(zip(groups, saved_groups)) if group.get("q3r") and saved.get("q3r")
-            for key in _CUT_OPTIONS
-            if key in saved and plain(key, group.get(key)) != plain(key, saved[key])]
-
-
-def _step_problem(step) -> str | None:
-    """Why a saved Adam step count is not one (None: it is): a finite whole number >= 0, as a
-    number or a one-element real tensor."""
-    if isinstance(step, torch.Tensor):
-        if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
-            return f"must be a one-element real tensor, got {step.dtype} of shape {tuple(step.shape)}"
-        step = step.item()
-    if isinstance(step, bool) or not isinstance(step, (int, float)):
-        return f"must be a number, got {type(step).__name__}"
-    if not (math.isfinite(step) and step >= 0 and step == int(step)):
-        return f"must be a whole number >= 0, got {step!r}"
-    return None
-
-
-def _note_staggered_refreshes(group: dict, indices: list[int], clock: int) -> None:
-    """Record in a staggered group, as ``"stagger_refreshed"`` (the clock of each of its
-    parameters' last refresh, -1 where none was seen), that its parameters ``indices`` are
-    refreshed at ``clock``: plain ints in the group, so that state dicts, copies and pickles carry
-    them with the clock (a tensor in the parameter's state would be cast to a bf16 parameter's
-    dtype on load, and read back from the device at every step). A new list, not changed in
-    place: torch's state_dict() copies a group's dict, not its values, and an earlier state
-    dict kept in memory must not move on with the optimizer."""
-    seen = group.get("stagger_refreshed")
-    fits = isinstance(seen, list) and len(seen) == len(group["params"])  # (else new, or the params changed)
-    seen = list(seen) if fits else [-1] * len(group["params"])
-    for index in indices:
-        seen[index] = clock
-    group["stagger_refreshed"] = seen
-
-
-def _last_staggered_refresh(group: dict, index: int) -> int | None:
-    """The clock of the parameter's last staggered refresh, or None where it is not known (a
-    checkpoint from before it was kept, or a group whose parameters changed since)."""
-    seen = group.get("stagger_refreshed")
-    if not isinstance(seen, list) or len(seen) != len(group["params"]):
-        return None
-    last = seen[index]
-    return last if isinstance(last, int) and not isinstance(last, bool) and last >= 0 else None
-
-
-def _live_slice_states(p, slices, shapes) -> list[dict]:
-    """Saved slice states as the optimizer keeps them: copies on p's device, upgraded from
-    older layouts."""
-    return [upgrade_state({key: value.detach().clone().to(device=p.device) for key, value in s.items()}, d1, d2)
-            for s, (d1, d2) in zip(slices, shapes)]
-
-
-def _listed(st, where: str):
-    """A saved parameter state with its slice states as a list: state_dict writes them as a
-    dict keyed "0", "1", ... (earlier versions, and callers, may give the list itself)."""
-    slices = st.get("q3r") if isinstance(st, dict) else None
-    if not isinstance(slices, Mapping):
-        return st
-    if set(slices) != {str(j) for j in range(len(slices))}:
-        raise ValueError(f"{where}: the Q3R slice states must be keyed '0' .. 'n-1', got keys {sorted(slices, key=str)}")
-    return {**st, "q3r": [slices[str(j)] for j in range(len(slices))]}
