@@ -285,3 +285,16 @@ def test_params_rank_rule_is_the_floor_of_the_exact_value():
             want = exact.numerator // exact.denominator
             if 1 <= want < min(d1, d2):
                 assert ref.resolve_rank(f, d1, d2) == want, (f, d1, d2)
+
+
+def test_resolve_rank_takes_numpy_numbers_of_either_kind():
+    """A NumPy fraction (np.float32 from a sweep) is the float it stands for, as a NumPy integer
+    is the int: AdamQ3R's groups converted theirs, a Target's reached resolve_rank and was
+    refused with a TypeError."""
+    np = pytest.importorskip("numpy")
+    assert ref.resolve_rank(np.float32(0.5), 100, 300) == ref.resolve_rank(float(np.float32(0.5)), 100, 300) == 37
+    assert ref.resolve_rank(np.int64(16), 64, 128, "reference") == 32
+    from q3r import Q3R, Target
+
+    reg = Q3R([Target("w", torch.nn.Parameter(torch.randn(20, 20)), target_rank=np.float32(0.2))])
+    assert reg.configs[0][0].rank == 2

@@ -201,10 +201,11 @@ def resolve_rank(target_rank, d1: int, d2: int, rule: str = "params", name: str 
     """
     if rule not in RANK_RULES:
         raise ValueError(f"rank_rule must be one of {RANK_RULES}, got {rule!r}")
-    if isinstance(target_rank, bool) or not isinstance(target_rank, (numbers.Integral, float)):
+    if isinstance(target_rank, bool) or not isinstance(target_rank, numbers.Real):
         raise TypeError(f"{param} of {name} must be an int or a float, got {target_rank!r}")
-    if not isinstance(target_rank, float):
-        target_rank = int(target_rank)  # (a NumPy integer, from a sweep)
+    # a NumPy number from a sweep as the plain one it stands for: AdamQ3R's groups convert
+    # theirs (config.plain_values), and a Target's np.float32 fraction was refused here
+    target_rank = int(target_rank) if isinstance(target_rank, numbers.Integral) else float(target_rank)
     lo, hi = min(d1, d2), max(d1, d2)
     if isinstance(target_rank, float):
         if not (0.0 < target_rank < 1.0):
