@@ -273,6 +273,15 @@ def test_schedule_values_out_of_range_are_named(schedule, kwargs, named):
     assert ref.schedule_problem("geometric", eps_floor=0.5, num_refreshes=1) is None
 
 
+def test_schedule_values_may_be_numpy_numbers():
+    """refresh_slices_ checks a SliceConfig with schedule_problem: a NumPy num_refreshes of 3
+    was refused as not >= 1, while NumPy eps_value / eps_floor were taken."""
+    np = pytest.importorskip("numpy")
+    assert ref.schedule_problem("geometric", eps_floor=np.float32(0.5), num_refreshes=np.int64(3)) is None
+    assert ref.schedule_problem("constant", eps_value=np.float64(0.5)) is None
+    assert "num_refreshes" in ref.schedule_problem("geometric", eps_floor=0.5, num_refreshes=np.int64(0))
+
+
 def test_params_rank_rule_is_the_floor_of_the_exact_value():
     """floor(f d1 d2 / (d1 + d2)) of the decimal f, not of its float product, which may land
     a few ulp below an integer (0.58 x 100 x 100 / 200 = 28.999999999999996)."""

@@ -257,7 +257,9 @@ def schedule_problem(schedule: str, eps_value=None, eps_floor=None, num_refreshe
     if schedule == "geometric":
         if not positive(eps_floor):
             return f"{named} needs a finite eps_floor > 0, got eps_floor={eps_floor!r}"
-        if isinstance(num_refreshes, bool) or not isinstance(num_refreshes, int) or num_refreshes < 1:
+        # (numbers.Integral: a NumPy integer was refused as "needs num_refreshes >= 1, got
+        # np.int64(3)"; eps_value and eps_floor took NumPy numbers already)
+        if isinstance(num_refreshes, bool) or not isinstance(num_refreshes, numbers.Integral) or num_refreshes < 1:
             return f"{named} needs num_refreshes >= 1, got num_refreshes={num_refreshes!r}"
     return None
 
