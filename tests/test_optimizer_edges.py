@@ -502,7 +502,7 @@ def test_a_step_refused_for_a_switched_on_group_leaves_no_state_behind():
     (1, {"slice_dim": 1}, r"param group 1: slice_dim=1, .* do not fit the Q3R state that earlier steps made for "
                           r"parameter 0 \(37, 53\) \(.+\); put the slicing back"),
     # (a list changed in place: compared with a copy of the last options seen, not with itself)
-    (1, "target_rank[2] = 100", r"target_rank of AdamQ3R param group 1 param 0 resolves to rank 100 for a 13x53"),
+    (1, "target_rank[2] = 100", r"target_rank of AdamQ3R param group 1 param 0 slice 2 \(rows 24:37\) resolves to rank 100 for a 13x53"),
 ])
 def test_options_changed_in_param_groups_after_steps_are_checked_before_any_update(group, change, message):
     """param_groups is where torch's schedulers write (lr; a lambda schedule writes lmbda the

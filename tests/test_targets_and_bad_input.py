@@ -602,3 +602,13 @@ def test_an_inf_in_low_precision_weights_skips_the_exact_refresh_and_warns(dtype
     assert sum("non-finite" in str(w.message) for w in caught) == 1
     for key in ("U", "V", "sigma", "eps"):
         assert torch.equal(opt.state[p]["q3r"][0][key], good[key]), key
+
+
+def test_a_target_or_slice_with_one_row_is_refused_naming_it_and_why():
+    # (a 1 x N weight, or a one-row slice, was refused as "must satisfy 1 <= rank < 1", naming
+    # the weight and not the slice, which read as a bug rather than as a target no rank fits)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 1), torch.nn.Linear(8, 5))
+    with pytest.raises(ValueError, match=r"0.weight is a 1x8 matrix: no rank r with 1 <= r < min\(d1, d2\) = 1 exists"):
+        q3r.find_targets(model, ["0"], target_rank=1)
+    with pytest.raises(ValueError, match=r"1.weight slice 1 \(rows 4:5\) is a 1x8 matrix: no rank r"):
+        q3r.find_targets(model, ["1"], target_rank=1, slices={"1": (0, [(0, 4), (4, 5)])})

@@ -216,6 +216,9 @@ def resolve_rank(target_rank, d1: int, d2: int, rule: str = "params", name: str 
         if target_rank < 1:
             raise ValueError(f"{param} of {name} must be >= 1, got {target_rank!r}")
         rank = int(target_rank * hi / lo) if rule == "reference" else target_rank
+    if lo < 2:  # (said as "must satisfy 1 <= rank < 1", which read as a bug of ours)
+        raise ValueError(f"{name} is a {d1}x{d2} matrix: no rank r with 1 <= r < min(d1, d2) = {lo} exists, so it "
+                         "cannot be a Q3R target (or slice); exclude it")
     if not (1 <= rank < lo):
         raise ValueError(
             f"{param} of {name} resolves to rank {rank} for a {d1}x{d2} matrix; "

@@ -116,7 +116,10 @@ def resolve_slice_ranks(shape, slice_dim, slices, target_rank, rank_rule, name) 
         specs = list(target_rank)
     else:
         specs = [target_rank] * len(shapes)
-    return [reference.resolve_rank(s, d1, d2, rank_rule, name) for s, (d1, d2) in zip(specs, shapes)]
+    # (a slice's error names the slice: "qkv.weight slice 1 (rows 4:5)")
+    names = [name] if slices is None else [f"{name} slice {i} ({('rows', 'columns')[slice_dim]} {a}:{b})"
+                                           for i, (a, b) in enumerate(slices)]
+    return [reference.resolve_rank(s, d1, d2, rank_rule, n) for s, (d1, d2), n in zip(specs, shapes, names)]
 
 
 def _matches(pattern: str, name: str) -> bool:
