@@ -24,6 +24,7 @@ A build that fails leaves q3r/_C_build_failed.txt where the module would have go
 """
 
 import glob
+import hashlib
 import os
 import re
 import subprocess
@@ -75,6 +76,17 @@ def _remove_in_place_module(why: str) -> None:
                  *glob.glob(os.path.join("build", "lib*", "q3r", FAILURE_NOTE))]:
         if os.path.exists(note):
             os.remove(note)
+
+
+def _source_digest() -> str:
+    """q3r._native.source_digest("csrc") (that module imports torch and q3r): compiled into q3r._C,
+    which q3r._native refuses where it runs from a tree whose csrc/ no longer matches."""
+    names = sorted(n for n in os.listdir("csrc") if n.endswith((".cpp", ".cu", ".h")))
+    listing = ""
+    for name in names:
+        with open(os.path.join("csrc", name), "rb") as f:
+            listing += f"{name}:{hashlib.sha256(f.read()).hexdigest()};"
+    return "h" + hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 
 def _nvcc_major(cuda_home: str) -> str | None:
@@ -134,13 +146,16 @@ def _native_extension():
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # at::parallel_for over the batch
     cxx = ["-O3", *openmp]  # the C++ standard is torch's choice
 
+    digest = [("Q3R_SOURCE_DIGEST", _source_digest())]
+
     def extension(cuda: bool):
         sources = ["csrc/binding.cpp", "csrc/jacobi_cpu.cpp"]
         if not cuda:
-            return cpp_extension.CppExtension("q3r._C", sources, depends=HEADERS, extra_compile_args=cxx,
-                                              extra_link_args=openmp)
+            return cpp_extension.CppExtension("q3r._C", sources, depends=HEADERS, define_macros=digest,
+                                              extra_compile_args=cxx, extra_link_args=openmp)
         return cpp_extension.CUDAExtension(
-            "q3r._C", [*sources, "csrc/jacobi_cuda.cu"], depends=HEADERS, define_macros=[("Q3R_WITH_CUDA", "1")],
+            "q3r._C", [*sources, "csrc/jacobi_cuda.cu"], depends=HEADERS,
+            define_macros=[*digest, ("Q3R_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=openmp)
 
     _log(f"building q3r._C (cpu{' + cuda' if with_cuda else ''})")

@@ -2,7 +2,8 @@
 //
 // batched_eigh(G, max_sweeps, tol) -> (evals, evecs, sweeps) dispatches on G's device.  The
 // CUDA part is compiled only when setup.py / CMake define Q3R_WITH_CUDA; build_info() says
-// which parts this binary holds.
+// which parts this binary holds, and source_digest the csrc/ sources it was built from (setup.py
+// and CMakeLists.txt pass Q3R_SOURCE_DIGEST; q3r._native compares it with a source tree's csrc/).
 
 #include <torch/extension.h>
 
@@ -18,6 +19,12 @@
 
 #include "jacobi_cuda.h"
 #endif
+
+#ifndef Q3R_SOURCE_DIGEST
+#define Q3R_SOURCE_DIGEST unknown
+#endif
+#define Q3R_STRINGIFY_(x) #x
+#define Q3R_STRINGIFY(x) Q3R_STRINGIFY_(x)
 
 namespace {
 
@@ -99,4 +106,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Eigen-decomposition of a batch of symmetric float32 matrices (batch, k, k): returns "
         "(evals (batch, k) descending, evecs (batch, k, k) with eigenvectors as columns, sweeps (batch,) int32)");
   m.def("build_info", &build_info, "Which parts (cpu, cuda) this binary was built with");
+  m.attr("source_digest") = Q3R_STRINGIFY(Q3R_SOURCE_DIGEST);
 }

@@ -150,3 +150,22 @@ def test_a_failed_cuda_part_retries_with_the_cpu_part(tree):
              "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(dict(m.build_info()))")
     info = subprocess.run([sys.executable, "-c", probe, str(module)], capture_output=True, text=True, timeout=120)
     assert info.stdout.strip() == "{'cpu': True, 'cuda': False}", info.stderr[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+def test_cmake_and_setup_py_compile_the_source_digest_q3r_native_checks(tree):
+    """q3r._native refuses a q3r._C in a source tree whose digest is not its csrc/'s (an earlier
+    build): CMakeLists.txt and setup.py must compute that digest as q3r._native does, or every
+    fresh build would be refused."""
+    from q3r import _native
+
+    expected = _native.source_digest(str(tree / "csrc"))
+    out = subprocess.run(["cmake", "-S", str(tree), "-B", str(tree / "cmake"), "-DQ3R_BUILD_CUDA=OFF",
+                          f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DPython3_EXECUTABLE={sys.executable}"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"sources {expected}" in out.stdout, out.stdout[-2000:]
+    (tree / "digest.py").write_text("import runpy, sys\nsys.argv = ['setup.py', '--name']\n"
+                                    "print(runpy.run_path('setup.py')['_source_digest']())\n")
+    out = _setup(tree, script="digest.py")
+    assert out.returncode == 0 and out.stdout.split()[-1] == expected, out.stderr[-2000:]

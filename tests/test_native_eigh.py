@@ -289,3 +289,52 @@ def test_status_says_why_a_failed_build_left_no_module(monkeypatch, tmp_path):
     (tmp_path / _native.BUILD_FAILURE_NOTE).write_text("its build failed (CompileError: no c++)\n")
     text = _native.status()
     assert "not built: its build failed (CompileError: no c++)" in text and "\n" not in text
+
+
+def test_a_module_built_from_other_sources_than_the_trees_csrc_is_not_used(monkeypatch, tmp_path):
+    """A q3r._C in a source tree's python/q3r/ (an editable install, the CMake build) left from
+    before a `git pull` that changed csrc/ was loaded, and status() said 'loaded': the old
+    solver ran (one without the max_sweeps fix returned G's diagonal for max_sweeps=2**32)."""
+    import importlib
+    import types
+    import warnings
+
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "binding.cpp").write_text("// this tree's binding\n")
+    (tmp_path / "csrc" / "README.md").write_text("not a source\n")
+    monkeypatch.setattr(_native, "__file__", str(tmp_path / "python" / "q3r" / "_native.py"))
+    current = _native.source_digest(str(tmp_path / "csrc"))
+
+    def module(digest):
+        fake = types.SimpleNamespace(build_info=lambda: {"cpu": True, "cuda": False})
+        if digest is not None:  # (a module built before the digest was recorded has none)
+            fake.source_digest = digest
+        return fake
+
+    for digest, used in [(None, False), ("h0123456789abcdef", False), (current, True)]:
+        monkeypatch.setattr(_native, "_state", {})
+        monkeypatch.setattr(importlib, "import_module", lambda name, m=module(digest): m)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert (_native.load() is not None) == used and _native.available("cpu") == used
+        assert len(caught) == (0 if used else 1)
+        if not used:
+            assert "is an earlier build" in _native.status() and "rebuild it" in _native.status()
+    # an installed package has no csrc/ beside it: nothing to compare with
+    (tmp_path / "csrc" / "binding.cpp").unlink()
+    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setattr(importlib, "import_module", lambda name: module(None))
+    assert _native.load() is not None
+
+
+def test_a_module_built_in_this_tree_is_a_build_of_its_sources():
+    """setup.py and CMakeLists.txt compile the digest q3r._native computes: a module they built
+    here is used (where csrc/ was edited since, this says to rebuild)."""
+    import glob
+    import os
+
+    package = os.path.dirname(os.path.abspath(_native.__file__))
+    tree = os.path.dirname(os.path.dirname(package))
+    if not (glob.glob(os.path.join(package, "_C.*")) and os.path.isfile(os.path.join(tree, "csrc", "binding.cpp"))):
+        pytest.skip("no q3r._C built in a source tree")
+    assert _native.load() is not None, _native.status()

@@ -1,7 +1,9 @@
 """Lazy, memoized access to the optional compiled extension q3r._C (csrc/).
 
 `import q3r` never loads it.  The first call of `load()` tries once; if the module is missing
-or fails to import, one RuntimeWarning says so and every caller takes the pure-PyTorch path.
+or fails to import, or sits in a source tree whose csrc/ it was not built from (`_stale`),
+one RuntimeWarning says so (none for a plain missing module) and every caller takes the
+pure-PyTorch path.
 
     batched_eigh(G, max_sweeps=..., tol=...) -> (evals, evecs)
         eigenvalues descending (b, k) and eigenvectors as columns (b, k, k) of a batch of
@@ -14,6 +16,7 @@ Build: `pip install --no-build-isolation -e .` (see setup.py for the switches).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import warnings
@@ -27,6 +30,7 @@ DEFAULT_MAX_SWEEPS = 30
 DEFAULT_TOL = 1e-7  # relative: rotate while |a_pq| > tol * sqrt(a_pp a_qq)
 
 BUILD_FAILURE_NOTE = "_C_build_failed.txt"  # (written by setup.py when the build fails)
+NATIVE_SUFFIXES = (".cpp", ".cu", ".h")  # the files of csrc/ that q3r._C's source_digest covers
 
 _state: dict = {}
 
@@ -39,8 +43,11 @@ def load():
     """The compiled module, or None (memoized; warns once when it cannot be imported)."""
     if "module" not in _state:
         try:
-            _state["module"] = importlib.import_module("q3r._C")
-            _state["error"] = None
+            module = importlib.import_module("q3r._C")
+            _state["module"], _state["error"] = module, _stale(module)
+            if _state["error"] is not None:
+                _state["module"] = None
+                warnings.warn(f"q3r: {_state['error']}; refreshes use torch.linalg.eigh", RuntimeWarning, stacklevel=2)
         except ImportError as exc:  # missing, or built against another torch
             _state["module"] = None
             _state["error"] = f"{type(exc).__name__}: {exc}"
@@ -48,6 +55,36 @@ def load():
                 warnings.warn(f"q3r: native extension q3r._C failed to import ({exc}); "
                               "refreshes use torch.linalg.eigh", RuntimeWarning, stacklevel=2)
     return _state["module"]
+
+
+def source_digest(csrc: str) -> str:
+    """A digest of the native sources in the folder csrc (each .cpp, .cu and .h file's name and
+    SHA-256, in name order); setup.py and CMakeLists.txt compile the same digest into q3r._C."""
+    names = sorted(n for n in os.listdir(csrc) if n.endswith(NATIVE_SUFFIXES))
+    listing = ""
+    for name in names:
+        with open(os.path.join(csrc, name), "rb") as f:
+            listing += f"{name}:{hashlib.sha256(f.read()).hexdigest()};"
+    return "h" + hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
+def _stale(module) -> str | None:
+    """Why a q3r._C running from a source tree (an editable install, or the CMake build, puts it
+    in python/q3r/) is not a build of that tree's csrc/, or None.  A `git pull` that changes
+    csrc/ without a rebuild left the earlier module loaded, silently running the old code."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    csrc = os.path.join(os.path.dirname(os.path.dirname(package)), "csrc")
+    if not os.path.isfile(os.path.join(csrc, "binding.cpp")):
+        return None  # (an installed wheel: no sources to compare with)
+    built = getattr(module, "source_digest", None)
+    try:
+        if built == source_digest(csrc):
+            return None
+    except OSError:  # (an unreadable tree: keep the module rather than fail every refresh)
+        return None
+    return (f"q3r._C in {package} is an earlier build: it was built from other sources than {csrc} holds now "
+            f"({'no source digest recorded' if built is None else 'source digest ' + built}); rebuild it with "
+            "`pip install --no-build-isolation -e .` (or the CMake build in csrc/README.md)")
 
 
 def build_info() -> dict:
