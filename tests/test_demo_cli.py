@@ -73,3 +73,31 @@ def test_dev_script_resolves_a_relative_venv_against_where_it_was_called(tmp_pat
     dev = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(dev)
     assert dev.VENV == tmp_path / "rel"
+
+
+def test_dev_script_installs_pip_into_a_venv_without_it_and_says_what_is_missing(tmp_path, monkeypatch):
+    """A venv left without pip (its ensurepip failed: Debian's python3 without python3-venv) was
+    taken as ready: every later run failed in `python -m pip` with 'No module named pip'."""
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    monkeypatch.setenv("Q3R_VENV", str(tmp_path / "env"))
+    spec = importlib.util.spec_from_file_location("dev_script", Path(__file__).parent.parent / "tools" / "dev.py")
+    dev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev)
+    dev.PY.parent.mkdir(parents=True)
+    dev.PY.touch()  # (the venv's python is there)
+    ran = []
+
+    def sh(*cmd, env=None):
+        ran.append(cmd[1:3])
+        if cmd[1:3] == ("-m", "ensurepip"):
+            raise subprocess.CalledProcessError(1, cmd)
+        pytest.fail(f"ran {cmd} in a venv without pip")
+
+    monkeypatch.setattr(dev, "has_module", lambda name: False)
+    monkeypatch.setattr(dev, "sh", sh)
+    with pytest.raises(SystemExit, match="python3-venv"):
+        dev.setup("demo")
+    assert ran == [("-m", "ensurepip")]

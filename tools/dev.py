@@ -36,7 +36,16 @@ def has_module(name: str) -> bool:
 def setup(job: str) -> None:
     if not PY.exists():
         print(f"creating virtual environment {VENV}", flush=True)
-        venv.EnvBuilder(with_pip=True).create(VENV)
+        venv.EnvBuilder().create(VENV)
+    # pip apart from the venv: where ensurepip fails (Debian's python3 without python3-venv) the
+    # venv had its python but no pip, and every later run went on to fail in `python -m pip`
+    # with "No module named pip"
+    if not has_module("pip"):
+        try:
+            sh(PY, "-m", "ensurepip", "--upgrade", "--default-pip")
+        except subprocess.CalledProcessError as exc:
+            raise SystemExit(f"could not install pip into {VENV}: this Python's ensurepip failed "
+                             "(on Debian/Ubuntu: apt-get install python3-venv); then run this again") from exc
     pip = [PY, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     if not has_module("torch"):
         index = os.environ.get("Q3R_TORCH_INDEX")
