@@ -101,3 +101,29 @@ def test_dev_script_installs_pip_into_a_venv_without_it_and_says_what_is_missing
     with pytest.raises(SystemExit, match="python3-venv"):
         dev.setup("demo")
     assert ran == [("-m", "ensurepip")]
+
+
+@pytest.mark.parametrize("built", [False, True])
+def test_dev_script_demo_keeps_a_built_native_module(tmp_path, monkeypatch, built):
+    """`dev.py demo` installed with Q3R_BUILD_NATIVE=0, which deletes python/q3r/_C*: a module
+    that `dev.py test` or the CMake build had made was removed by the next demo (h61)."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("Q3R_VENV", str(tmp_path / "env"))
+    monkeypatch.delenv("Q3R_BUILD_NATIVE", raising=False)
+    spec = importlib.util.spec_from_file_location("dev_script", Path(__file__).parent.parent / "tools" / "dev.py")
+    dev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev)
+    root = tmp_path / "root"
+    (root / "python" / "q3r").mkdir(parents=True)
+    if built:
+        (root / "python" / "q3r" / "_C.cpython-311-x86_64-linux-gnu.so").touch()
+    envs = []
+    monkeypatch.setattr(dev, "ROOT", root)
+    (tmp_path / "python").touch()  # (the venv's python, there)
+    monkeypatch.setattr(dev, "PY", tmp_path / "python")
+    monkeypatch.setattr(dev, "has_module", lambda name: True)
+    monkeypatch.setattr(dev, "sh", lambda *cmd, env=None: envs.append(env))
+    dev.setup("demo")
+    assert envs[-1].get("Q3R_BUILD_NATIVE") == (None if built else "0")
