@@ -82,3 +82,18 @@ def slice_states_misfit(p, group: dict, slices) -> str | None:
     if len(slices) != len(shapes):
         return f"{len(slices)} Q3R slice states for {len(shapes)} slices of {shapes}"
     return next((why for s, (d1, d2) in zip(slices, shapes) if (why := slice_state_problem(p, s, d1, d2))), None)
+
+
+class GroupPlaces:
+    """Where groups and their parameters sit in param_groups, found once for many lookups: (group
+    index, position in the group) of a parameter. Only the groups given are indexed by parameter."""
+
+    def __init__(self, param_groups: list[dict], groups):
+        self._group_index = {id(g): gi for gi, g in enumerate(param_groups)}
+        self._param_index: dict[int, dict[int, int]] = {}
+        for g in groups:  # (each group once: a refresh names a group once per parameter due)
+            if id(g) not in self._param_index:  # (reversed: a parameter listed twice is at its first place)
+                self._param_index[id(g)] = {id(q): j for j, q in reversed(list(enumerate(g["params"])))}
+
+    def of(self, group: dict, p) -> tuple[int, int]:
+        return self._group_index[id(group)], self._param_index[id(group)][id(p)]

@@ -9,6 +9,7 @@ import numbers
 
 from ..stagger import due_for_refresh, target_phases
 from ..targets import slice_shapes
+from ._group_checks import GroupPlaces
 
 
 class StaggerMixin:
@@ -61,10 +62,11 @@ class StaggerMixin:
         if cached is not None and cached[0] == signature:
             return cached[1]
         table: dict[int, int] = {}
+        places = GroupPlaces(self.param_groups, staggered)
         for period in {g["steps"] for g in staggered}:
             members = [(q, g) for g in staggered if g["steps"] == period for q in g["params"]]
             targets = [[(d1, d2, cfg.rank) for (d1, d2), cfg in
-                        zip(slice_shapes(q.shape, g["slice_dim"], g["slices"]), self._group_configs(g, q))]
+                        zip(slice_shapes(q.shape, g["slice_dim"], g["slices"]), self._group_configs(g, q, places))]
                        for q, g in members]
             table.update({id(q): phase for (q, _), phase in zip(members, target_phases(targets, period))})
         self._stagger_cache = (signature, table)

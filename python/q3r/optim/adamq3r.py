@@ -19,7 +19,7 @@ from ..refresh import _Once, refresh_around, sketch_options
 from ..targets import slice_shapes, slice_views, validate_slices
 from ._checkpointing import CheckpointMixin
 from ._group_checks import (
-    ADAM_ONLY_FLAGS, CUT_OPTIONS, check_adam_flags, check_hyperparameters, check_target_dtype, same_options,
+    ADAM_ONLY_FLAGS, CUT_OPTIONS, GroupPlaces, check_adam_flags, check_hyperparameters, check_target_dtype, same_options,
     slice_states_misfit,
 )
 from ._stagger_schedule import StaggerMixin, note_staggered_refreshes
@@ -136,10 +136,12 @@ class AdamQ3R(StaggerMixin, CheckpointMixin, Optimizer):
             self._names_taken = (len(self.param_groups), taken | set(names))
 
     @staticmethod
-    def _names(group: dict, params, p, where: str) -> list[str]:
+    def _names(group: dict, params, p, where: str, index: int | None = None) -> list[str]:
         """Slice names of parameter p: from the group's ``names`` (flat, per slice), else from
-        its parameter name (groups of (name, parameter) pairs), else made up."""
-        index = next(i for i, q in enumerate(params) if q is p)
+        its parameter name (groups of (name, parameter) pairs), else made up. ``index``: p's
+        place in ``params``, where the caller knows it."""
+        if index is None:
+            index = next(i for i, q in enumerate(params) if q is p)
         n_slices = len(slice_shapes(p.shape, group["slice_dim"], group["slices"])) if p.dim() == 2 else 1
         if group.get("names"):
             return list(group["names"][index * n_slices : (index + 1) * n_slices])
@@ -172,10 +174,15 @@ class AdamQ3R(StaggerMixin, CheckpointMixin, Optimizer):
             cached = self._names_taken = (len(self.param_groups), names)
         return cached[1]
 
-    def _group_configs(self, group: dict, p):
-        index = next(i for i, g in enumerate(self.param_groups) if g is group)
-        where = f"AdamQ3R param group {index}"
-        return slice_configs(p.shape, group, self._names(group, group["params"], p, where))
+    def _group_configs(self, group: dict, p, places: GroupPlaces | None = None):
+        """p's SliceConfigs. ``places``: where the caller asks for many targets (a refresh, the
+        stagger table): looked up there, each lookup was a scan of the groups and of the
+        group's parameters, quadratic in the number of targets."""
+        if places is None:
+            gi, index = next(i for i, g in enumerate(self.param_groups) if g is group), None
+        else:
+            gi, index = places.of(group, p)
+        return slice_configs(p.shape, group, self._names(group, group["params"], p, f"AdamQ3R param group {gi}", index))
 
     # ------------------------------------------------------------------- step
     def _init_state(self, p, group) -> dict:
@@ -225,8 +232,9 @@ class AdamQ3R(StaggerMixin, CheckpointMixin, Optimizer):
         structural = last is None or last[0] is not group or any(
             a != b for key, a, b in zip(Q3R_DEFAULTS, last[1], now) if key in (*CUT_OPTIONS, "names"))
         if structural:
+            places = GroupPlaces(self.param_groups, [group])
             for p in group["params"]:
-                self._group_configs(group, p)  # (slices in bounds, one name per slice, ranks in range)
+                self._group_configs(group, p, places)  # (slices in bounds, one name per slice, ranks in range)
                 slices = (self.state.get(p) or {}).get("q3r")
                 if slices is not None and (why := slice_states_misfit(p, group, slices)):
                     index = next(i for i, q in enumerate(group["params"]) if q is p)
@@ -246,11 +254,12 @@ class AdamQ3R(StaggerMixin, CheckpointMixin, Optimizer):
         ``before_wait`` (called once) is queued where the refresh would first wait for the
         device (see q3r.refresh.refresh_slices_); under DDP after the refresh."""
         before_wait = _Once(before_wait)
+        places = GroupPlaces(self.param_groups, [group for _, group in due])
         sharded = [(p, group) for p, group in due if distributed.is_sharded(p)]
         if sharded:  # FSDP2: a randomized refresh on the local rows (q3r.distributed.sharded_refresh)
             distributed.refresh_sharded_(
                 [p for p, _ in sharded], [(g["slice_dim"], g["slices"]) for _, g in sharded],
-                [self.state[p]["q3r"] for p, _ in sharded], [self._group_configs(g, p) for p, g in sharded],
+                [self.state[p]["q3r"] for p, _ in sharded], [self._group_configs(g, p, places) for p, g in sharded],
                 warned=self._nonfinite_warned,
             )
             due = [(p, group) for p, group in due if not distributed.is_sharded(p)]
@@ -262,7 +271,7 @@ class AdamQ3R(StaggerMixin, CheckpointMixin, Optimizer):
             bucket = by_method.setdefault(key, ([], [], []))
             bucket[0].extend(views)
             bucket[1].extend(self.state[p]["q3r"])
-            bucket[2].extend(self._group_configs(group, p))
+            bucket[2].extend(self._group_configs(group, p, places))
         for (method, options), (weights, states, configs) in by_method.items():
             # divided across ranks under DDP, plain refresh_slices_ otherwise
             distributed.refresh_slices_(weights, states, configs, method=method, warned=self._nonfinite_warned,
@@ -439,6 +448,7 @@ class AdamQ3R(StaggerMixin, CheckpointMixin, Optimizer):
         at a time."""
         self._adopt_written_states()
         out: dict[str, float] = {}
+        places = GroupPlaces(self.param_groups, [g for g in self.param_groups if g["q3r"]])
         for group in self.param_groups:
             if not group["q3r"]:
                 continue
@@ -449,9 +459,8 @@ class AdamQ3R(StaggerMixin, CheckpointMixin, Optimizer):
                 slices = (state["q3r"] if state and "q3r" in state
                           else distributed.new_target_states(p, group["slice_dim"], group["slices"]))
                 pairs = distributed.diagnostic_slices(p, group["slice_dim"], group["slices"], slices)
-                for (view, s), cfg in zip(pairs, self._group_configs(group, p)):
+                for (view, s), cfg in zip(pairs, self._group_configs(group, p, places)):
                     for key, value in slice_diagnostics(view, s, cfg.rank, group["lmbda"]).items():
                         out[f"{cfg.name}/{key}"] = value
         return out
-
 
