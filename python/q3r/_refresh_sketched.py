@@ -255,6 +255,7 @@ def _first_pass_lag(st: _Stack, V, S, eps):
 
 def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, opts: SketchOptions) -> None:
     g, members, k = st.group, st.members, st.k
+    place = {i: j for j, i in enumerate(members)}  # (a list.index per retried member was quadratic in N)
     final = k >= g.n
     retry = C.commit_sketch(st.energy, members, states, configs, U, S, V, opts, final=final,
                            finite=st.sketch.finite, host=host, grown=g.grown, iterated=g.iterated,
@@ -262,7 +263,7 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
     refined_V = {}  # a widened retry of a refined member starts from its refined V
     refine = [i for i, width in retry.items() if width == C.REFINE]
     if refine:  # the same subspace, its k x k problem in float64 (see SketchOptions)
-        rows = to_device([members.index(i) for i in refine], torch.int64, U.device)
+        rows = to_device([place[i] for i in refine], torch.int64, U.device)
         sub, Q2 = weights.stack(refine).double(), U.index_select(0, rows).double()
         energy = torch.linalg.vector_norm(sub, dim=(-1, -2)).square()  # (exact: its Ritz values are too)
         B2, G2 = randomized.gram(sub, Q2)
@@ -285,7 +286,7 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
         g.stepped.add(i)
         if iters is not None:
             g.iterated[i] = iters
-        g.pending[i] = (min(width, g.n), refined_V[i] if i in refined_V else V[members.index(i)])
+        g.pending[i] = (min(width, g.n), refined_V[i] if i in refined_V else V[place[i]])
 
     for i, width in retry.items():
         if width is None:
@@ -293,7 +294,7 @@ def _finish_stack(weights, states, configs, st: _Stack, U, S, V, host, solvers, 
         elif width == C.NONFINITE:
             g.nonfinite.append(i)
         elif width == C.UNTRUSTED:  # the same sketch again, its basis checked this time
-            g.pending[i] = (k, st.starts[members.index(i)])
+            g.pending[i] = (k, st.starts[place[i]])
         elif width == C.LAGGING:  # more steps of subspace iteration
             again_from_new_V(i, k, opts.lag_power_iters)
         elif isinstance(width, C.Grown):  # wider and iterated (SketchOptions.max_envelope_growth)
