@@ -66,6 +66,26 @@ def test_optimizer_checkpoint_alone_resumes_the_regularizer_bit_for_bit():
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), model3.parameters()))
 
 
+def test_a_carried_state_saved_with_other_options_loads_with_the_warning_q3r_load_state_dict_gives():
+    """A Trainer resuming a steps=5 run's optimizer.pt into a steps=3 attached Q3R (h64's probe)
+    loaded it without a word, where Q3R.load_state_dict of the same state warns."""
+    torch.manual_seed(0)
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.5, steps=5)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    reg.attach(opt)
+    _train(model, opt, 2, 0)
+    saved = _round_trip(opt.state_dict())
+
+    reg2, opt2, _ = _setup(TinyViT())  # (steps=3)
+    with pytest.warns(RuntimeWarning, match=r"attached Q3R\): the checkpoint was saved with other options \(steps 5 -> 3\)"):
+        opt2.load_state_dict(saved)
+    assert reg2.num_steps == 2 and reg2.options["steps"] == 3
+    with warnings.catch_warnings():  # (the same options: quiet)
+        warnings.simplefilter("error")
+        _setup(TinyViT())[1].load_state_dict(_round_trip(opt2.state_dict()))
+
+
 def test_a_damaged_carried_state_is_refused_before_the_optimizer_or_regularizer_changes():
     torch.manual_seed(1)
     model = TinyViT()

@@ -341,7 +341,12 @@ class Q3R:
 
     def _commit_optimizer_state(self, pending: list) -> None:
         if pending:
-            self._commit_state_dict(pending.pop())
+            state_dict = pending.pop()
+            self._commit_state_dict(state_dict)
+            # (as Q3R.load_state_dict warns: a Trainer's optimizer.pt of a steps=5 run, resumed
+            # into an attached steps=3 Q3R, loaded without a word)
+            self._warn_if_saved_with_other_options(
+                state_dict, "optimizer.load_state_dict (the state of an attached Q3R)", stacklevel=4)
 
     def _check_descends(self, optimizer) -> None:
         """The optimizer descends along .grad for every target: with maximize=True it would
@@ -460,11 +465,14 @@ class Q3R:
         warning names them (a checkpoint of a steps=5 run loaded into steps=3 said nothing)."""
         self._check_state_dict(state_dict)
         self._commit_state_dict(state_dict)
+        self._warn_if_saved_with_other_options(state_dict, "Q3R.load_state_dict", stacklevel=3)
+
+    def _warn_if_saved_with_other_options(self, state_dict: dict, where: str, stacklevel: int) -> None:
         differ = _changed_since_saved(state_dict, plain_values(self.options), self._slice_ranks())
         if differ:
-            warnings.warn("Q3R.load_state_dict: the checkpoint was saved with other options (" + ", ".join(differ)
+            warnings.warn(f"{where}: the checkpoint was saved with other options (" + ", ".join(differ)
                           + "); this regularizer's are used, with the checkpoint's factors and step count",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=stacklevel)
 
     def _check_state_dict(self, state_dict: dict) -> None:
         # (None, a list or a "targets" that is no dict failed with AttributeError "'NoneType' object
