@@ -145,6 +145,12 @@ def parse_args():
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.lmbda < 0 or args.lr <= 0:
         ap.error(f"--lmbda must be >= 0 and --lr > 0, got {args.lmbda} and {args.lr}")
+    # (checked here too: a width the heads do not divide failed in the first forward pass, and
+    # a --compress fraction that q3r.compress refuses only after the whole run had trained)
+    if args.width % args.heads:
+        ap.error(f"--heads must divide --width, got {args.heads} and {args.width}")
+    if args.compress is not None and not 0 < args.compress <= 1:
+        ap.error(f"--compress must lie in (0, 1], got {args.compress}")
     return args
 
 
@@ -168,6 +174,8 @@ def main():
     lookup = {c: i for i, c in enumerate(chars)}
     data = torch.tensor([lookup[c] for c in text], dtype=torch.long)
     split = int(0.95 * len(data))
+    if len(data) - split <= args.seq + 1:  # (the validation batches, after training, failed in torch.randint)
+        raise SystemExit(f"--seq {args.seq} is longer than the validation text ({len(data) - split} characters)")
 
     torch.manual_seed(0)  # the same initial weights on every rank before sharding
     model = GPT(len(chars), args.width, args.depth, args.heads, args.seq).to(device)

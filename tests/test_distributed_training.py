@@ -335,6 +335,16 @@ def test_the_fsdp2_example_runs_as_one_process_and_checks_its_arguments():
     for flag in ("--steps", "--log-every"):
         refused = subprocess.run([sys.executable, script, flag, "0"], capture_output=True, text=True, timeout=300, env=env)
         assert refused.returncode == 2 and f"error: {flag} must be >= 1, got 0" in refused.stderr, refused.stderr
+    # refused before training: 3 heads of a width of 128 failed in the first forward pass, a
+    # --compress fraction q3r.compress refuses and a --seq longer than the validation text only
+    # after the whole run had trained
+    for args, code, message in [(["--heads", "3"], 2, "error: --heads must divide --width, got 3 and 128"),
+                                (["--compress", "1.5"], 2, "error: --compress must lie in (0, 1], got 1.5"),
+                                (["--compress", "0"], 2, "error: --compress must lie in (0, 1], got 0.0"),
+                                (["--seq", "20000", "--width", "32", "--depth", "1", "--batch", "1"], 1,
+                                 "--seq 20000 is longer than the validation text")]:
+        refused = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300, env=env)
+        assert refused.returncode == code and message in refused.stderr, (args, refused.stderr[-2000:])
 
 
 @pytest.mark.parametrize("world,replicas,tensor_parallel", [(2, 1, None), (4, 2, None), (2, 1, ""), (4, 1, "2")])
