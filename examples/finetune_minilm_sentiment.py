@@ -316,6 +316,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model_dir) if args.model_dir else default_model_dir()
+    if not (model_dir / "config.json").is_file():  # (transformers took a missing folder for a hub repo id)
+        raise SystemExit(f"--model-dir {str(model_dir)!r} is not a model folder (no config.json); {MODEL_HINT}")
     splits = split(read_ratings(args.data), args.n_test, args.n_val, args.seed)
     if args.max_train is not None:
         splits["train"] = (splits["train"][0][: args.max_train], splits["train"][1][: args.max_train])

@@ -165,6 +165,16 @@ def test_duplicates_in_the_grid_are_run_once():
     assert args.fractions == [0.4] and args.lambdas == [3.0, 1.0]
 
 
+def test_a_model_dir_that_is_no_model_folder_is_refused_by_name(tmp_path):
+    """(before, transformers took a missing folder for a hub repo id: "Repo id must use
+    alphanumeric chars", or, offline, a hub error; an empty one raised after the data was read)"""
+    archive = _archive(tmp_path, _sentences(40))
+    for folder in (tmp_path / "missing", tmp_path):
+        with pytest.raises(SystemExit, match="is not a model folder .no config.json.; the pretrained model"):
+            ex.main(["--data", str(archive), "--model-dir", str(folder), "--out", str(tmp_path / "out"),
+                     "--n-test", "4", "--n-val", "4", "--batch-size", "4"])
+
+
 def test_too_few_training_sentences_for_one_batch_is_an_error(tiny_model_dir):
     model, tok = ex.load_pretrained(tiny_model_dir, seed=0)
     opt = ex.make_optimizer(model, "dense", lr=1e-3, fraction=None, lmbda=None, weight_decay=0.0)
