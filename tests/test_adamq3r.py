@@ -516,6 +516,29 @@ def test_stagger_refreshes_targets_trained_in_turns_at_least_once_per_period():
     assert _refreshed_per_step(resumed_model, resumed, "abcd", 14, in_turns(resumed_model), start=6) == log[6:]
 
 
+def test_stagger_resumed_from_a_checkpoint_without_refresh_clocks_still_refreshes_every_target():
+    """A checkpoint from before "stagger_refreshed" was kept (or a group whose params changed)
+    does not say when a target was last refreshed: the targets trained in turns whose phase
+    falls on the other turn's steps were then never refreshed again, as before the catch-up
+    rule. Their period is counted from their first step after the load."""
+    def between(s):
+        for n in "abcd":
+            model[n].weight.requires_grad_((n in "ab") == (s % 2 == 0))
+
+    model, opt = _four_staggered_targets()
+    _refreshed_per_step(model, opt, "abcd", 6, between)
+    checkpoint = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    for g in checkpoint[1]["param_groups"]:
+        del g["stagger_refreshed"]
+    model, opt = _four_staggered_targets()
+    model.load_state_dict(checkpoint[0])
+    opt.load_state_dict(checkpoint[1])
+    log = _refreshed_per_step(model, opt, "abcd", 14, between, start=6)
+    for n in "abcd":
+        at = [s for s, who in enumerate(log) if n in who]
+        assert at and at[0] <= 5 and all(b - a <= 5 for a, b in zip(at, at[1:] + [len(log)])), (n, log)
+
+
 def test_stagger_looks_up_the_phase_table_once_per_step():
     """The phase table's cache check walks every staggered group's parameters; it was looked up
     once per target at every step, quadratic host time in the number of targets (measured on a

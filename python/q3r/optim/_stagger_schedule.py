@@ -27,14 +27,14 @@ class StaggerMixin:
         walks every staggered group's parameters: looked up per target, a step cost
         quadratic host time in the number of targets). A staggered target is also due where a
         period or more of the clock has passed since its last refresh (``index``: its place in
-        the group, see _note_staggered_refresh): the clock counts the optimizer's steps, and a
+        the group, see note_staggered_refreshes): the clock counts the optimizer's steps, and a
         target without a gradient at its phase (targets trained in turns, period 4: half of
         them never) was not refreshed again until it happened to have one there."""
         if not group.get("stagger"):
             return step % group["steps"] == 0
         if due_for_refresh(clock, group["steps"], phases[id(p)]):
             return True
-        last = _last_staggered_refresh(group, index)
+        last = last_staggered_refresh(group, index)
         return last is not None and clock - last >= group["steps"]
 
     def _stagger_clock(self) -> int:
@@ -76,7 +76,7 @@ class StaggerMixin:
 def note_staggered_refreshes(group: dict, indices: list[int], clock: int) -> None:
     """Record in a staggered group, as ``"stagger_refreshed"`` (the clock of each of its
     parameters' last refresh, -1 where none was seen), that its parameters ``indices`` are
-    refreshed at ``clock``: plain ints in the group, so that state dicts, copies and pickles carry
+    refreshed at ``clock`` (or, where their last refresh was not known, are counted from it): plain ints in the group, so that state dicts, copies and pickles carry
     them with the clock (a tensor in the parameter's state would be cast to a bf16 parameter's
     dtype on load, and read back from the device at every step). A new list, not changed in
     place: torch's state_dict() copies a group's dict, not its values, and an earlier state
@@ -89,7 +89,7 @@ def note_staggered_refreshes(group: dict, indices: list[int], clock: int) -> Non
     group["stagger_refreshed"] = seen
 
 
-def _last_staggered_refresh(group: dict, index: int) -> int | None:
+def last_staggered_refresh(group: dict, index: int) -> int | None:
     """The clock of the parameter's last staggered refresh, or None where it is not known (a
     checkpoint from before it was kept, or a group whose parameters changed since)."""
     seen = group.get("stagger_refreshed")

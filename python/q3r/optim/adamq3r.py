@@ -22,7 +22,7 @@ from ._group_checks import (
     ADAM_ONLY_FLAGS, CUT_OPTIONS, GroupPlaces, check_adam_flags, check_hyperparameters, check_target_dtype, same_options,
     slice_states_misfit,
 )
-from ._stagger_schedule import StaggerMixin, note_staggered_refreshes
+from ._stagger_schedule import StaggerMixin, last_staggered_refresh, note_staggered_refreshes
 from .functional import ParamWork, adamq3r_step_
 
 __all__ = ["AdamQ3R"]
@@ -359,6 +359,11 @@ class AdamQ3R(StaggerMixin, CheckpointMixin, Optimizer):
                         due.append((p, group))
                         if clock is not None and group.get("stagger"):
                             noted.setdefault(id(group), (group, []))[1].append(index)
+                    elif clock is not None and group.get("stagger") and last_staggered_refresh(group, index) is None:
+                        # (last refresh not known: a checkpoint from before it was kept, or the group's
+                        # params changed. Counted from now, else a target never stepped at its phase
+                        # would never be refreshed again)
+                        noted.setdefault(id(group), (group, []))[1].append(index)
                     work.lmbda, work.slice_dim, work.slices = group["lmbda"], group["slice_dim"], group["slices"]
                     q3r_works.append((work, state))
                 works.append(work)
