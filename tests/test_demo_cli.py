@@ -103,10 +103,11 @@ def test_dev_script_installs_pip_into_a_venv_without_it_and_says_what_is_missing
     assert ran == [("-m", "ensurepip")]
 
 
-@pytest.mark.parametrize("built", [False, True])
+@pytest.mark.parametrize("built", [False, True, "failed"])
 def test_dev_script_demo_keeps_a_built_native_module(tmp_path, monkeypatch, built):
     """`dev.py demo` installed with Q3R_BUILD_NATIVE=0, which deletes python/q3r/_C*: a module
-    that `dev.py test` or the CMake build had made was removed by the next demo (h61)."""
+    that `dev.py test` or the CMake build had made was removed by the next demo (h61). The note
+    a failed build leaves (_C_build_failed.txt) is no module: the demo does not try the build again."""
     import importlib.util
     from pathlib import Path
 
@@ -117,7 +118,9 @@ def test_dev_script_demo_keeps_a_built_native_module(tmp_path, monkeypatch, buil
     spec.loader.exec_module(dev)
     root = tmp_path / "root"
     (root / "python" / "q3r").mkdir(parents=True)
-    if built:
+    if built == "failed":
+        (root / "python" / "q3r" / "_C_build_failed.txt").touch()
+    elif built:
         (root / "python" / "q3r" / "_C.cpython-311-x86_64-linux-gnu.so").touch()
     envs = []
     monkeypatch.setattr(dev, "ROOT", root)
@@ -126,4 +129,4 @@ def test_dev_script_demo_keeps_a_built_native_module(tmp_path, monkeypatch, buil
     monkeypatch.setattr(dev, "has_module", lambda name: True)
     monkeypatch.setattr(dev, "sh", lambda *cmd, env=None: envs.append(env))
     dev.setup("demo")
-    assert envs[-1].get("Q3R_BUILD_NATIVE") == (None if built else "0")
+    assert envs[-1].get("Q3R_BUILD_NATIVE") == (None if built is True else "0")

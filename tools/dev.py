@@ -54,7 +54,7 @@ def setup(job: str) -> None:
     # --no-build-isolation: the build sees the torch above, so the native CPU solver (csrc/)
     # is compiled for the tests; without it a build would fetch another torch.
     env = dict(os.environ)
-    if job == "demo" and not any((ROOT / "python" / "q3r").glob("_C*")):
+    if job == "demo" and not any((ROOT / "python" / "q3r").glob("_C.*")):  # (not _C_build_failed.txt)
         # the demo does not need the compiled solver; where `dev.py test` or CMake built one,
         # the install rebuilds it rather than delete it (Q3R_BUILD_NATIVE=0 removes it)
         env.setdefault("Q3R_BUILD_NATIVE", "0")
