@@ -604,6 +604,17 @@ def test_an_inf_in_low_precision_weights_skips_the_exact_refresh_and_warns(dtype
         assert torch.equal(opt.state[p]["q3r"][0][key], good[key]), key
 
 
+@pytest.mark.parametrize("rank_rule,target_rank", [("reference", 2), ("params", 0.5), ("reference", 0.5)])
+def test_a_zero_size_target_is_refused_naming_it_not_with_a_division_by_zero(rank_rule, target_rank):
+    # (the rank's arithmetic divides by min(d1, d2) or d1 + d2, and ran before the check that no
+    # rank fits: an nn.Linear(8, 0) failed with a bare ZeroDivisionError naming nothing)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 0))
+    with pytest.raises(ValueError, match=r"0.weight is a 0x8 matrix: no rank r"):
+        q3r.find_targets(model, ["0"], target_rank=target_rank, rank_rule=rank_rule)
+    with pytest.raises(ValueError, match=r"no rank r"):
+        q3r.reference.resolve_rank(target_rank, 0, 0, rank_rule)
+
+
 def test_a_target_or_slice_with_one_row_is_refused_naming_it_and_why():
     # (a 1 x N weight, or a one-row slice, was refused as "must satisfy 1 <= rank < 1", naming
     # the weight and not the slice, which read as a bug rather than as a target no rank fits)

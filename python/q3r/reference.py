@@ -210,15 +210,18 @@ def resolve_rank(target_rank, d1: int, d2: int, rule: str = "params", name: str 
     if isinstance(target_rank, float):
         if not (0.0 < target_rank < 1.0):
             raise ValueError(f"{param} of {name} as a fraction must lie in (0, 1), got {target_rank!r}")
-        # ("reference" keeps the published code's float arithmetic)
-        rank = int(target_rank * hi) if rule == "reference" else fraction_rank(target_rank, d1, d2)
-    else:
-        if target_rank < 1:
-            raise ValueError(f"{param} of {name} must be >= 1, got {target_rank!r}")
-        rank = int(target_rank * hi / lo) if rule == "reference" else target_rank
+    elif target_rank < 1:
+        raise ValueError(f"{param} of {name} must be >= 1, got {target_rank!r}")
+    # (before the rank's arithmetic, which divides by min(d1, d2) or d1 + d2: a zero-size weight
+    # failed there with a bare ZeroDivisionError)
     if lo < 2:  # (said as "must satisfy 1 <= rank < 1", which read as a bug of ours)
         raise ValueError(f"{name} is a {d1}x{d2} matrix: no rank r with 1 <= r < min(d1, d2) = {lo} exists, so it "
                          "cannot be a Q3R target (or slice); exclude it")
+    if isinstance(target_rank, float):
+        # ("reference" keeps the published code's float arithmetic)
+        rank = int(target_rank * hi) if rule == "reference" else fraction_rank(target_rank, d1, d2)
+    else:
+        rank = int(target_rank * hi / lo) if rule == "reference" else target_rank
     if not (1 <= rank < lo):
         raise ValueError(
             f"{param} of {name} resolves to rank {rank} for a {d1}x{d2} matrix; "
