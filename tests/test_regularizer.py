@@ -314,6 +314,33 @@ def test_a_state_dict_of_the_wrong_type_is_refused_naming_what_it_must_be():
     assert reg.num_steps == 0
 
 
+@pytest.mark.parametrize("entry", [{"tail": 5}, {"foo": 3}, {"V_tail": None}])
+def test_a_slice_state_entry_that_is_no_tensor_is_refused_naming_it(entry):
+    # (it passed the checks and failed in the copy with AttributeError "'int' object has no
+    # attribute 'detach'" / "... 'dim'", naming nothing; AdamQ3R's load shares the check)
+    torch.manual_seed(7)
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, ["attn.proj"], target_rank=3))
+    reg.penalty()
+    saved = reg.state_dict()
+    name = next(iter(saved["targets"]))
+    saved["targets"][name] = [{**s, **entry} for s in saved["targets"][name]]
+    key = next(iter(entry))
+    twin = q3r.Q3R(q3r.find_targets(model, ["attn.proj"], target_rank=3))
+    with pytest.raises(ValueError, match=f"slice state '{key}' must be a tensor, got {type(entry[key]).__name__}"):
+        twin.load_state_dict(saved)
+    assert twin.num_steps == 0
+    opt = q3r.AdamQ3R(q3r.param_groups(model, q3r.find_targets(model, ["attn.proj"], target_rank=3)), lr=0.01)
+    reg.penalty().backward()
+    opt.step()
+    state = opt.state_dict()
+    slices = next(s["q3r"] for s in state["state"].values() if "q3r" in s)
+    next(iter(slices.values())).update(entry)  # (slices by index, as strings)
+    with pytest.raises(ValueError, match=f"slice state '{key}' must be a tensor"):
+        q3r.AdamQ3R(q3r.param_groups(model, q3r.find_targets(model, ["attn.proj"], target_rank=3)),
+                    lr=0.01).load_state_dict(state)
+
+
 @pytest.mark.parametrize("through", ["q3r", "optimizer"])
 def test_a_state_loaded_in_inference_mode_trains_on(through):
     # (the loaded copies were inference tensors: the next penalty().backward() failed with

@@ -36,6 +36,12 @@ def slice_state_problem(p, s, d1: int, d2: int) -> str | None:
             # (the library keeps every state in float32, for float64 weights too: a float64 U
             # loaded and stayed float64, and a float16 one would have rounded the operator)
             return f"slice state {key!r} must be a float32 tensor, as q3r stores it, got {t.dtype}"
+    # (any other entry, the warm-start tail included, is copied as a tensor when it loads: a
+    # non-tensor one passed every check and failed there with "'int' object has no attribute
+    # 'detach'" or "... 'dim'", an AttributeError naming nothing)
+    other = next((key for key, value in s.items() if not isinstance(value, Tensor)), None)
+    if other is not None:
+        return f"slice state {other!r} must be a tensor, got {type(s[other]).__name__}"
     tail = s.get("tail")
     if isinstance(tail, Tensor) and tail.dtype != torch.float32:
         return f"slice state 'tail' must be a float32 tensor, as q3r stores it, got {tail.dtype}"
