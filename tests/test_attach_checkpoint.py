@@ -86,6 +86,33 @@ def test_a_carried_state_saved_with_other_options_loads_with_the_warning_q3r_loa
         _setup(TinyViT())[1].load_state_dict(_round_trip(opt2.state_dict()))
 
 
+class _OwnLoad(torch.optim.AdamW):
+    def load_state_dict(self, state_dict):  # (a class that overrides it: attach checks first)
+        return super().load_state_dict(state_dict)
+
+
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, _OwnLoad])
+def test_the_warnings_of_a_carried_states_load_name_the_line_that_loads_it(cls):
+    """They named torch's eval_frame.py (no Q3R state) and optimizer.py (other options): a fixed
+    stacklevel=4 under Optimizer.load_state_dict and its torch._disable_dynamo wrapper."""
+    torch.manual_seed(0)
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.5, steps=5)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    reg.attach(opt)
+    _train(model, opt, 2, 0)
+    saved = _round_trip(opt.state_dict())
+    plain = {k: v for k, v in saved.items() if k != "q3r"}
+    for state, message in [(saved, "saved with other options"), (plain, "holds no Q3R state")]:
+        model2 = TinyViT()
+        reg2 = q3r.Q3R(q3r.find_targets(model2, INCLUDE, target_rank=3), lmbda=0.5, steps=3)
+        opt2 = cls(model2.parameters(), lr=3e-3)
+        reg2.attach(opt2)
+        with pytest.warns(RuntimeWarning if "options" in message else UserWarning, match=message) as record:
+            opt2.load_state_dict(state)
+        assert [w.filename for w in record] == [__file__], message
+
+
 def test_a_damaged_carried_state_is_refused_before_the_optimizer_or_regularizer_changes():
     torch.manual_seed(1)
     model = TinyViT()

@@ -5,6 +5,8 @@ pre-hook), and its ``state_dict()`` / ``load_state_dict()`` carry the regularize
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Callable
 
@@ -112,7 +114,8 @@ class AttachMixin:
         if not mine:
             warnings.warn(f"the optimizer state_dict being loaded holds no Q3R state for targets {sorted(self.state)}"
                           f": this attached Q3R keeps its own (step {self.num_steps}); load it with "
-                          "Q3R.load_state_dict, or attach with carry_state=False to silence this", stacklevel=4)
+                          "Q3R.load_state_dict, or attach with carry_state=False to silence this",
+                          stacklevel=_outside_stacklevel())
             return
         if len(mine) > 1:
             raise ValueError(f"the optimizer state_dict holds {len(mine)} Q3R states for targets {sorted(self.state)}")
@@ -126,7 +129,8 @@ class AttachMixin:
             # (as Q3R.load_state_dict warns: a Trainer's optimizer.pt of a steps=5 run, resumed
             # into an attached steps=3 Q3R, loaded without a word)
             self._warn_if_saved_with_other_options(
-                state_dict, "optimizer.load_state_dict (the state of an attached Q3R)", stacklevel=4)
+                state_dict, "optimizer.load_state_dict (the state of an attached Q3R)",
+                stacklevel=_outside_stacklevel() + 1)
 
     def _check_descends(self, optimizer) -> None:
         """The optimizer descends along .grad for every target: with maximize=True it would
@@ -227,6 +231,21 @@ def saved_targets(state_dict, names) -> dict | None:
         if set(stripped) == set(names):
             return stripped
     return None
+
+
+_INSIDE = tuple(os.path.dirname(m.__file__) + os.sep for m in (sys.modules[__package__], torch))
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` at which a warning issued by the caller of this function names the
+    first frame outside q3r and torch: the line that loaded the optimizer's state (or the
+    framework's, a Trainer's). A load hook runs under torch's Optimizer.load_state_dict and its
+    wrappers (torch._disable_dynamo's), as many frames deep as the torch version has: a fixed
+    stacklevel=4 named torch's eval_frame.py or optimizer.py."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _amp_grad_scale(optimizer) -> float | None:
