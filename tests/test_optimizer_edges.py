@@ -1044,6 +1044,18 @@ def test_a_numpy_lambda_written_into_param_groups_is_kept_as_a_plain_float():
     assert opt.param_groups[0]["target_rank"] is ranks
 
 
+@pytest.mark.parametrize("given", ["a Target", "None", "a number"])
+def test_targets_that_are_no_list_are_refused_naming_what_to_pass(given):
+    # (they failed with "'Target' object is not iterable", "'NoneType' object is not iterable")
+    model = TinyViT()
+    wrong = {"a Target": q3r.find_targets(model, ["attn.qkv"], target_rank=2)[0], "None": None, "a number": 3}[given]
+    kind = {"a Target": "Target: pass \\[target\\]", "None": "NoneType", "a number": "int"}[given]
+    for where, build in [("Q3R", q3r.Q3R), ("param_groups", lambda t: q3r.param_groups(model, t))]:
+        with pytest.raises(TypeError, match=f"{where} targets must be a list of q3r.Target objects .*find_targets.*"
+                                            f"got a {kind}"):
+            build(wrong)
+
+
 def test_a_complex_target_is_refused_by_q3r_and_param_groups_naming_it():
     # (find_targets takes a complex nn.Linear; Q3R took it too, and penalty() failed inside the
     # refresh with '"aminmax_cpu" not implemented for 'ComplexFloat'')

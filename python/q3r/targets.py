@@ -169,7 +169,16 @@ def target_list(targets, where: str) -> list:
     itself, given where find_targets' result belongs, failed later with "'str' object has no
     attribute 'param'", which said neither what was wrong nor what to pass."""
     # (a single pattern, weight or model is one wrong thing, not a list to look inside)
-    items = [targets] if isinstance(targets, (str, Tensor, nn.Module)) else list(targets)
+    if isinstance(targets, (str, Tensor, nn.Module)):
+        items = [targets]
+    elif isinstance(targets, Target) or not hasattr(targets, "__iter__"):
+        # (a single Target, None or a number failed with "'Target' object is not iterable",
+        # which said neither what was wrong nor what to pass)
+        raise TypeError(f"{where} targets must be a list of q3r.Target objects (from q3r.find_targets(model, "
+                        f"patterns, target_rank=...)), got a {type(targets).__name__}"
+                        + (": pass [target]" if isinstance(targets, Target) else ""))
+    else:
+        items = list(targets)
     wrong = next((t for t in items if not isinstance(t, Target)), None)
     if wrong is not None:
         raise TypeError(f"{where} targets must be q3r.Target objects (from q3r.find_targets(model, patterns, "
