@@ -175,7 +175,8 @@ def main():
     data = torch.tensor([lookup[c] for c in text], dtype=torch.long)
     split = int(0.95 * len(data))
     if len(data) - split <= args.seq + 1:  # (the validation batches, after training, failed in torch.randint)
-        raise SystemExit(f"--seq {args.seq} is longer than the validation text ({len(data) - split} characters)")
+        raise SystemExit(f"--seq {args.seq} is too long for the validation text ({len(data) - split} characters; "
+                         f"a batch drawn from it needs more than --seq + 1)")
 
     torch.manual_seed(0)  # the same initial weights on every rank before sharding
     model = GPT(len(chars), args.width, args.depth, args.heads, args.seq).to(device)

@@ -342,7 +342,9 @@ def test_the_fsdp2_example_runs_as_one_process_and_checks_its_arguments():
                                 (["--compress", "1.5"], 2, "error: --compress must lie in (0, 1], got 1.5"),
                                 (["--compress", "0"], 2, "error: --compress must lie in (0, 1], got 0.0"),
                                 (["--seq", "20000", "--width", "32", "--depth", "1", "--batch", "1"], 1,
-                                 "--seq 20000 is longer than the validation text")]:
+                                 "--seq 20000 is too long for the validation text"),
+                                (["--seq", "10001", "--width", "32", "--depth", "1", "--batch", "1"], 1,
+                                 "--seq 10001 is too long for the validation text (10002 characters")]:
         refused = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300, env=env)
         assert refused.returncode == code and message in refused.stderr, (args, refused.stderr[-2000:])
 
