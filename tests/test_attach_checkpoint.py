@@ -66,16 +66,21 @@ def test_optimizer_checkpoint_alone_resumes_the_regularizer_bit_for_bit():
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), model3.parameters()))
 
 
-def test_a_carried_state_saved_with_other_options_loads_with_the_warning_q3r_load_state_dict_gives():
-    """A Trainer resuming a steps=5 run's optimizer.pt into a steps=3 attached Q3R (h64's probe)
-    loaded it without a word, where Q3R.load_state_dict of the same state warns."""
+def _steps5_checkpoint() -> dict:
+    """The optimizer state_dict of AdamW with a steps=5 Q3R attached, after 2 steps (round-tripped)."""
     torch.manual_seed(0)
     model = TinyViT()
     reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.5, steps=5)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     reg.attach(opt)
     _train(model, opt, 2, 0)
-    saved = _round_trip(opt.state_dict())
+    return _round_trip(opt.state_dict())
+
+
+def test_a_carried_state_saved_with_other_options_loads_with_the_warning_q3r_load_state_dict_gives():
+    """A Trainer resuming a steps=5 run's optimizer.pt into a steps=3 attached Q3R (h64's probe)
+    loaded it without a word, where Q3R.load_state_dict of the same state warns."""
+    saved = _steps5_checkpoint()
 
     reg2, opt2, _ = _setup(TinyViT())  # (steps=3)
     with pytest.warns(RuntimeWarning, match=r"attached Q3R\): the checkpoint was saved with other options \(steps 5 -> 3\)"):
@@ -95,13 +100,7 @@ class _OwnLoad(torch.optim.AdamW):
 def test_the_warnings_of_a_carried_states_load_name_the_line_that_loads_it(cls):
     """They named torch's eval_frame.py (no Q3R state) and optimizer.py (other options): a fixed
     stacklevel=4 under Optimizer.load_state_dict and its torch._disable_dynamo wrapper."""
-    torch.manual_seed(0)
-    model = TinyViT()
-    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.5, steps=5)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    reg.attach(opt)
-    _train(model, opt, 2, 0)
-    saved = _round_trip(opt.state_dict())
+    saved = _steps5_checkpoint()
     plain = {k: v for k, v in saved.items() if k != "q3r"}
     for state, message in [(saved, "saved with other options"), (plain, "holds no Q3R state")]:
         model2 = TinyViT()
