@@ -169,3 +169,30 @@ def test_cmake_and_setup_py_compile_the_source_digest_q3r_native_checks(tree):
                                     "print(runpy.run_path('setup.py')['_source_digest']())\n")
     out = _setup(tree, script="digest.py")
     assert out.returncode == 0 and out.stdout.split()[-1] == expected, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or NVCC is None, reason="needs cmake and an nvcc (CUDA code "
+                    "compiles on this machine, nothing runs)")
+def test_cmake_auto_with_another_nvcc_major_configures_the_cpu_part_only(tree):
+    """CMake's AUTO mode makes setup.py's check: torch's CUDA headers and an nvcc of another
+    major version do not build together, so AUTO leaves the CUDA part out and says why, and ON
+    stops at configure time naming both versions (before, AUTO enabled CUDA and failed in the
+    compile). torch here poses as a CUDA 7.5 build, through a sitecustomize on PYTHONPATH."""
+    fake = tree / "fake_site"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text("import torch\ntorch.version.cuda = '7.5'\n")
+
+    def configure(mode):
+        return subprocess.run(["cmake", "-S", str(tree), "-B", str(tree / f"cmake_{mode}"), f"-DQ3R_BUILD_CUDA={mode}",
+                               f"-DCMAKE_CUDA_COMPILER={NVCC}",
+                               f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+                               f"-DPython3_EXECUTABLE={sys.executable}"],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(fake)})
+
+    out = configure("AUTO")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "CPU part only: nvcc" in out.stdout and "torch was built with CUDA 7.5" in out.stdout, out.stdout[-2000:]
+    assert "CUDA part OFF (torch CUDA '7.5')" in out.stdout
+    out = configure("ON")
+    assert out.returncode != 0
+    assert "Q3R_BUILD_CUDA=ON but the CUDA part cannot be built" in out.stderr and "7.5" in out.stderr, out.stderr[-2000:]
