@@ -17,8 +17,9 @@ Switches (environment variables):
                                       0: CPU part only.
     TORCH_CUDA_ARCH_LIST               forwarded to torch's extension builder (e.g. "9.0");
                                       with no GPU visible it defaults to "8.0;9.0+PTX".
-Q3R_BUILD_NATIVE=0, or a build that fails, removes python/q3r/_C*.so left by an earlier build
-(an editable install would load it), and so does an editable install without torch at build time.
+Q3R_BUILD_NATIVE=0, an editable or in-place build that fails, and an editable install without
+torch at build time remove python/q3r/_C*.so left by an earlier build (an editable install would
+load it); a failed wheel or sdist build leaves it (it is not what that package holds).
 A build that fails leaves q3r/_C_build_failed.txt where the module would have gone, saying why;
 `python -m q3r.info` reports what the installed package holds, and that reason.
 """
@@ -184,7 +185,8 @@ def _native_extension():
                 if error is None:
                     return
             _log(f"building q3r._C failed, continuing without it: {error}")
-            _remove_in_place_module("this build failed")
+            if self._in_place:  # (a wheel's build leaves a developer's in-tree module alone)
+                _remove_in_place_module("this build failed")
             self._note(f"its build failed ({type(error).__name__}: {error}; `pip install -v` shows the compiler's output)")
             self.extensions = []  # (so an editable install does not look for its output)
 

@@ -62,7 +62,8 @@ def test_a_failed_compile_installs_pure_python_and_removes_an_earlier_module(tre
     out = _build_ext(tree, CC="/nonexistent/cc", CXX="/nonexistent/c++")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "building q3r._C failed, continuing without it" in out.stderr
-    assert not (tree / "python" / "q3r" / f"_C{SUFFIX}").exists()  # (the stale one is gone)
+    # a build for a wheel leaves the in-tree module alone: an editable install's, not this package's
+    assert (tree / "python" / "q3r" / f"_C{SUFFIX}").exists()
     assert not list((tree / "out").rglob("_C.*"))
     # the reason is left where the module would have gone, for q3r._native.status() to report
     note = (tree / "out" / "q3r" / "_C_build_failed.txt").read_text()
@@ -70,6 +71,7 @@ def test_a_failed_compile_installs_pure_python_and_removes_an_earlier_module(tre
     # in place (as an editable install builds) the note goes next to the sources' q3r too
     out = _setup(tree, "build_ext", "--inplace", CC="/nonexistent/cc", CXX="/nonexistent/c++")
     assert out.returncode == 0 and (tree / "python" / "q3r" / "_C_build_failed.txt").exists(), out.stderr[-2000:]
+    assert not (tree / "python" / "q3r" / f"_C{SUFFIX}").exists()  # (the stale one, in place, is gone)
     # and a build that does not try (Q3R_BUILD_NATIVE=0) removes it: no longer this build's reason
     # (in setuptools' default build folder too, whose q3r/ a wheel from this tree would package)
     stale = tree / "build" / "lib.linux-x86_64-cpython-311" / "q3r" / "_C_build_failed.txt"
