@@ -111,3 +111,36 @@ def test_add_grad_passes_the_scale_to_the_sharded_term(monkeypatch):
     reg.add_grad_()
     reg.add_grad_(grad_scale=8.0)
     assert alphas == [[1.0, 1.0], [8.0, 8.0]]  # (2 lambda, times the scale)
+
+
+def _fp16_layer_step(init_scale, device):
+    # h53's case: float16 parameters (not the usual AMP setup's float32 ones), fc2 scaled x8 so
+    # that 2 lambda R(W) at the loss scale 65536 passes float16's 65504 after the scaler's check
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(8)
+    model = model.to(device, torch.float16)
+    reg = q3r.Q3R(q3r.find_targets(model, ["2"], target_rank=4), lmbda=0.5, steps=3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    reg.attach(opt)
+    sc = torch.amp.GradScaler(device, init_scale=init_scale)
+    x, y = _batches(device, 1)[0]
+    sc.scale(nn.functional.cross_entropy(model(x.half()).float(), y)).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    return model, opt, sc, before
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_float16_term_that_overflows_at_the_loss_scale_is_refused_before_the_fused_step(device):
+    model, opt, sc, before = _fp16_layer_step(2.0 ** 16, device)
+    with pytest.raises(RuntimeError, match=r"overflowed the float16 gradients of targets \['2.weight'\]"):
+        sc.step(opt)  # (the fused step wrote NaN into 267 of fc2's 1024 weights on the CPU, without a word)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert not opt.state
+    # at a scale where the term fits, the same step is taken, as before
+    model, opt, sc, before = _fp16_layer_step(2.0 ** 8, device)
+    sc.step(opt)
+    sc.update()
+    assert sc.get_scale() == 2.0 ** 8 and torch.isfinite(model[2].weight).all()
+    assert not torch.equal(model[2].weight, before[2])

@@ -42,7 +42,8 @@ class AttachMixin:
         ValueError before anything loads (load it before attaching to keep this Q3R's state).
         Under ``torch.amp.GradScaler`` a step the scaler skips is not counted; with an
         optimizer that unscales its gradients itself (``fused=True``) the term is added at
-        their loss scale.
+        their loss scale, and a step where that overflows a float16 gradient is refused with a
+        RuntimeError before any weight changes (see ``_refuse_overflowed_fp16_term``).
         (An optimizer class that overrides ``load_state_dict`` may change its state before
         ``Optimizer.load_state_dict`` runs the hooks, as ZeroRedundancyOptimizer does: for such
         an optimizer the check runs first, through a wrapper set on the instance that
@@ -175,6 +176,7 @@ class AttachMixin:
             grad_scale = _amp_grad_scale(optimizer)
             if grad_scale is not None and not self._creates_state_only(optimizer):
                 self.add_grad_(grad_scale=grad_scale)
+                _refuse_overflowed_fp16_term(optimizer, self.targets, grad_scale)
             return None
         self._begin_step()
 
@@ -262,6 +264,41 @@ def _amp_grad_scale(optimizer) -> float | None:
         return None
     grad_scale = getattr(optimizer, "grad_scale", None)
     return 1.0 if grad_scale is None else float(grad_scale)
+
+
+def _refuse_overflowed_fp16_term(optimizer, targets: list[Target], grad_scale: float) -> None:
+    """Under torch.amp.GradScaler with an optimizer that unscales its gradients itself
+    (``fused=True``), the term goes into the gradients after the scaler checked them for inf, at
+    the loss scale: a float16 gradient (float16 parameters) where ``scale * 2 lambda R(W)`` passes
+    65504 became inf unseen and the fused step wrote NaN weights (h53: an fp16 layer scaled x8 at
+    lambda 0.5, scale 65536). Refused here, before the step changes any weight or moment (the
+    gradients were finite before the term: found_inf was 0). Skipping the step instead, as the
+    scaler skips an overflow in the backward pass, would take the scaler's own inf flags:
+    ``optimizer.found_inf`` is a sum of them made for the step, which ``scaler.update()`` does not
+    read, so the scale would not back off and every later step would overflow again
+    (benchmarks/results/probes/amp_fp16_term_cpu_e6c5109.txt). bfloat16 and float32 gradients
+    reach 3.4e38 and are not looked at: float16 targets cost one more device sync per step, the
+    usual AMP setup (float32 parameters) nothing. FSDP2-sharded targets are left out: a rank sees
+    only its shards, and one rank raising alone would leave the others waiting in a collective."""
+    if not isinstance(getattr(optimizer, "found_inf", None), Tensor):
+        return
+    fp16 = [t for t in targets if t.param.grad is not None and t.param.grad.dtype == torch.float16
+            and not distributed.is_sharded(t.param)]
+    if not fp16:
+        return
+    device = fp16[0].param.grad.device  # (one sync for all targets, wherever each lives)
+    finite = torch.stack([torch.isfinite(t.param.grad).all().to(device) for t in fp16])
+    if bool(finite.all()):
+        return
+    names = [t.name for t, ok in zip(fp16, finite.tolist()) if not ok]
+    raise RuntimeError(
+        f"the Q3R term 2 lambda R(W), added at GradScaler's loss scale {grad_scale:g} (the fused optimizer unscales "
+        f"the gradients itself, after this hook), overflowed the float16 gradients of targets {names}: the scaler "
+        "had already checked them, and the fused step would write NaN weights. The step was not taken (weights and "
+        "optimizer state unchanged; this Q3R counted it, and the gradients hold inf). Restart from a checkpoint with "
+        "the targets' parameters in float32 (the usual AMP setup, torch.autocast over float32 weights), or with a "
+        "GradScaler whose scale keeps scale * 2 lambda R(W) below 65504 (a lower init_scale; growth_factor=1.0 "
+        "keeps it there)")
 
 
 def _hookable(optimizer):
