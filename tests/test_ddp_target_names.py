@@ -6,6 +6,7 @@ unwrapped (plain ``python``: accelerate does not wrap), and compress(model.modul
 failed with "the model has no module 'module....'"; states saved that way still load."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -149,3 +150,29 @@ def test_a_pattern_with_a_wrappers_prefix_is_refused_with_the_reason(one_process
         q3r.find_targets(torch.compile(_model()), ["0", "_orig_mod.2"], target_rank=2)
     with pytest.raises(ValueError, match=r"match no module of the model$"):  # (no hint where no prefix is at fault)
         q3r.find_targets(ddp, ["9"], target_rank=2)
+
+
+def test_a_state_saved_with_ddps_prefix_and_other_ranks_loads_with_the_rank_warning():
+    """The saved per-slice ranks are compared by target name: those of a state saved under DDP's
+    "module." names (which loads, above) were looked up by the unprefixed names and never
+    compared, so a rank-2 state loaded into a rank-3 regularizer without the warning an
+    unprefixed one gives."""
+    model = _model()
+    found = q3r.find_targets(model, PATTERNS, target_rank=2)
+    reg = q3r.Q3R([dataclasses.replace(t, name=f"module.{t.name}") for t in found], lmbda=0.5, steps=2)
+    reg.penalty()
+    saved = reg.state_dict()
+    assert sorted(saved["ranks"]) == ["module.0.weight", "module.2.weight"]
+    other = q3r.Q3R(q3r.find_targets(model, PATTERNS, target_rank=3), lmbda=0.5, steps=2)
+    with pytest.warns(RuntimeWarning, match=r"target_rank of 0.weight \[2\] -> \[3\], target_rank of 2.weight"):
+        other.load_state_dict(saved)
+    assert other.num_steps == 1
+    # through the optimizer's carried copy too
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sd = opt.state_dict()
+    sd["q3r"] = [saved]
+    resumed = q3r.Q3R(q3r.find_targets(model, PATTERNS, target_rank=3), lmbda=0.5, steps=2)
+    resumed.attach(opt)
+    with pytest.warns(RuntimeWarning, match=r"target_rank of 0.weight \[2\] -> \[3\]"):
+        opt.load_state_dict(sd)
+    assert resumed.num_steps == 1

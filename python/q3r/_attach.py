@@ -223,7 +223,13 @@ def saved_targets(state_dict, names) -> dict | None:
     """A saved Q3R state's per-target entries keyed by ``names`` (None: other targets). A state
     saved before find_targets named the targets of a DistributedDataParallel wrapper as in the
     model it wraps has every name with DDP's "module." prefix: it loads too."""
-    saved = state_dict.get("targets", {}) if isinstance(state_dict, dict) else {}
+    return keyed_by_names(state_dict.get("targets", {}) if isinstance(state_dict, dict) else {}, names)
+
+
+def keyed_by_names(saved, names) -> dict | None:
+    """A dict of a saved Q3R state keyed by target name ("targets", "ranks"), keyed by ``names``
+    as saved_targets matches them (DDP's "module." taken off where that makes them ``names``),
+    or None where they are other names."""
     if not isinstance(saved, dict):
         return None
     if set(saved) == set(names):

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._attach import AttachMixin, check_dense_grads, saved_targets
+from ._attach import AttachMixin, check_dense_grads, keyed_by_names, saved_targets
 from ._compile import eager_under_compile
 from . import ops, reference
 from . import distributed
@@ -336,7 +336,9 @@ def _changed_since_saved(state_dict: dict, options: dict, ranks: dict[str, list[
     saved = saved if isinstance(saved, dict) else {}
     differ = [f"{key} {saved[key]!r} -> {value!r}" for key, value in options.items() if key in saved and saved[key] != value]
     saved_ranks = state_dict.get("ranks")
-    saved_ranks = saved_ranks if isinstance(saved_ranks, dict) else {}
+    # (keyed as the targets are matched: a state saved under DDP's "module." names loads, and
+    # its ranks, looked up by the unprefixed names, were never compared)
+    saved_ranks = keyed_by_names(saved_ranks, ranks) or (saved_ranks if isinstance(saved_ranks, dict) else {})
     return differ + [f"target_rank of {name} {saved_ranks[name]!r} -> {now!r}" for name, now in ranks.items()
                      if isinstance(saved_ranks.get(name), (list, tuple)) and list(saved_ranks[name]) != now]
 
