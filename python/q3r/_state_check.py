@@ -10,17 +10,25 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .refresh import tail_mismatch
+from .refresh import new_slice_state, tail_mismatch
 
 # every key of refresh.new_slice_state but the warm-start tail (optional: see upgrade_state),
 # with the number of dims it must have
 _REQUIRED_DIMS = {"U": 2, "V": 2, "sigma": 1, "eps": 0, "eps0": 0, "sigma_next": 0, "tail_energy": 0, "refreshes": 0}
+# every key a slice state has: this version's, and the warm-start tail's name before 49887cd
+_KNOWN_KEYS = frozenset(new_slice_state(1, 1)) | {"V_tail"}
 
 
 def slice_state_problem(p, s, d1: int, d2: int) -> str | None:
     """Why ``s`` is not a usable state of a d1 x d2 slice of parameter p (None: it is)."""
     if not isinstance(s, dict):
         return f"a slice state must be a dict of tensors, got {type(s).__name__}"
+    # (an entry no q3r version writes loaded silently where it was a tensor, and was kept and
+    # saved again with every checkpoint: a state of another library or version, or an edited one)
+    unknown = sorted(str(key) for key in s if key not in _KNOWN_KEYS)
+    if unknown:
+        return (f"slice state has entries {unknown} that q3r does not keep (its entries: {sorted(_REQUIRED_DIMS)} "
+                "and the optional 'tail')")
     for key, dims in _REQUIRED_DIMS.items():
         t = s.get(key)
         if t is None:

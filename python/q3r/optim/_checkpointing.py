@@ -111,7 +111,7 @@ class CheckpointMixin:
         states = {pid: _listed(st, f"state_dict param {pid}") for pid, st in state_dict["state"].items()}
         for pid, (p, merged) in mapping.items():
             gi = next(i for i, g in enumerate(groups) if pid in g["params"])
-            self._check_saved_param_state(states.get(pid), p, merged, f"group {gi}")
+            self._check_saved_param_state(states.get(pid), p, merged, f"group {gi}", pid)
         stash, new_state = [], {}
         for pid, st in states.items():
             if isinstance(st, dict) and "q3r" in st:
@@ -133,7 +133,7 @@ class CheckpointMixin:
         return {**{key: group[key] for key in ("q3r", *Q3R_DEFAULTS)}, **saved}
 
     @staticmethod
-    def _check_saved_param_state(st, p, group: dict, where: str) -> None:
+    def _check_saved_param_state(st, p, group: dict, where: str, pid=None) -> None:
         if st is None:
             return
         if not isinstance(st, dict):
@@ -168,7 +168,8 @@ class CheckpointMixin:
         if not isinstance(slices, (list, tuple)):
             raise ValueError(f"state_dict {where}: the Q3R state must be a list of slice states, got {type(slices).__name__}")
         if "q3r" in st and (why := slice_states_misfit(p, group, slices)):
-            raise ValueError(f"state_dict {where}: {why}: it comes from a different model or is damaged")
+            param = "" if pid is None else f" param {pid!r} {tuple(p.shape)}"  # (its key in the state dict's "state")
+            raise ValueError(f"state_dict {where}{param}: {why}: it comes from a different model or is damaged")
 
 
 def _replaced_options(groups: list[dict], saved_groups: list[dict]) -> list[str]:
