@@ -462,3 +462,35 @@ def test_attach_to_something_that_is_no_optimizer_says_so():
     reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3))
     with pytest.raises(TypeError, match="needs a torch.optim.Optimizer"):
         reg.attach(model)
+
+
+def test_attaching_after_the_optimizer_loaded_a_checkpoint_warns_that_its_q3r_state_was_dropped():
+    """torch's load_state_dict keeps only "state" and "param_groups": a checkpoint's carried
+    "q3r" entry that no attached Q3R claims is dropped, and nothing keeps it for a Q3R attached
+    afterwards (a Trainer callback attaching at on_train_begin, after the resume loaded
+    optimizer.pt). That Q3R started again at step 0, and the next checkpoint carried that,
+    without a word. attach now warns, and its advice restores the run."""
+    torch.manual_seed(0)
+    model = TinyViT()
+    reg, opt, _ = _setup(model)
+    _train(model, opt, 5, 0)
+    opt_state = _round_trip(opt.state_dict())
+    assert opt_state["q3r"][0]["num_steps"] == 5
+
+    late = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    late.load_state_dict(opt_state)  # (before any Q3R is attached: "q3r" is dropped here)
+    reg2 = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.5, steps=3)
+    with pytest.warns(UserWarning, match=r"already holds state for targets \['blocks.0.attn.qkv.weight'.*dropped"):
+        reg2.attach(late)
+    assert reg2.num_steps == 0
+
+    # the advice: restore the Q3R first (then attach says nothing), or attach before loading
+    late = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    late.load_state_dict(opt_state)
+    reg3 = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.5, steps=3)
+    reg3.load_state_dict(opt_state["q3r"][0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg3.attach(late)
+        _setup(TinyViT())  # (a fresh optimizer holds no state: nothing to say)
+    assert reg3.num_steps == 5

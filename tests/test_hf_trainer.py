@@ -2,6 +2,7 @@
 from the Trainer's own checkpoints bit for bit (tiny random BERT, CPU)."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -81,3 +82,30 @@ def test_trainer_resumes_q3r_from_its_own_checkpoint_bit_for_bit(tmp_path, make,
         assert reg2.num_steps == 8
     for k, v in resumed.state_dict().items():
         assert torch.equal(v, straight[k]), k
+
+
+def test_a_q3r_attached_from_on_train_begin_of_a_resumed_run_warns_that_its_state_was_dropped(tmp_path):
+    """README: attached after the Trainer loaded optimizer.pt (a callback's on_train_begin), the
+    Q3R's state in it is dropped and the resumed run restarts its refresh clock at step 0. That
+    happened without a word; attach now warns there, and not in a run that starts afresh."""
+    class AttachAtBegin(transformers.TrainerCallback):
+        def __init__(self, reg):
+            self.reg = reg
+
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            self.reg.attach(optimizer)  # (the Trainer's AcceleratedOptimizer: attached through the one it wraps)
+
+    runs = []
+    for resume in (None, os.path.join(tmp_path, "checkpoint-5")):
+        model = _model()
+        reg = q3r.Q3R(q3r.find_targets(model, LINEARS, target_rank=0.3), lmbda=0.5, steps=3)
+        trainer = _trainer(model, torch.optim.AdamW(model.parameters(), lr=2e-3), tmp_path, 1)
+        trainer.add_callback(AttachAtBegin(reg))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train(resume_from_checkpoint=resume)
+        runs.append((reg.num_steps, [str(w.message) for w in caught if "Q3R.attach" in str(w.message)]))
+    assert runs[0] == (8, [])
+    steps, said = runs[1]
+    assert steps == 3  # (counted from 0 at the resume: the carried step count 5 was dropped)
+    assert len(said) == 1 and "dropped by that load" in said[0]

@@ -40,6 +40,9 @@ class AttachMixin:
         ``param_groups``) leaves the regularizer as it is, with a warning; one that holds Q3R
         states for other targets only (another model or choice of targets) is refused with a
         ValueError before anything loads (load it before attaching to keep this Q3R's state).
+        Attached after the optimizer loaded a checkpoint, it cannot get that checkpoint's Q3R
+        state back (torch's load dropped it): where the optimizer holds state for the targets
+        and this Q3R has counted no step, attach warns so.
         Under ``torch.amp.GradScaler`` a step the scaler skips is not counted; with an
         optimizer that unscales its gradients itself (``fused=True``) the term is added at
         their loss scale, and a step where that overflows a float16 gradient is refused with a
@@ -75,6 +78,8 @@ class AttachMixin:
             raise ValueError("another Q3R over the same targets already carries its state in this optimizer's "
                              "state_dict (their states could not be told apart): attach this one with carry_state=False "
                              "and checkpoint it with Q3R.state_dict()")
+        if carry_state and self.num_steps == 0:
+            _warn_if_loaded_before(optimizer, self.targets)
         self.__dict__.pop("_penalty_since_step", None)  # (penalties before attaching are not this step's)
         handles = [optimizer.register_step_pre_hook(self._before_step)]
         if carry_state:
@@ -322,6 +327,24 @@ def _hookable(optimizer):
                             "attach to the optimizer it wraps")
         optimizer = inner
     return optimizer
+
+
+def _warn_if_loaded_before(optimizer, targets: list[Target]) -> None:
+    """A warning where the optimizer already holds state for targets of a Q3R that has counted no
+    step: loaded from a checkpoint, the Q3R state it carried was dropped by that load (torch's
+    load_state_dict keeps "state" and "param_groups" only; no hook claimed "q3r"), and nothing
+    keeps it for a Q3R attached later. Resumed so (a Trainer callback attaching at
+    on_train_begin), Q3R started again at step 0 and the next checkpoint carried that, without a
+    word. (It sees an optimizer that has stepped before a Q3R was attached on purpose too.)"""
+    held = [t.name for t in targets if optimizer.state.get(t.param)]
+    if held:
+        warnings.warn(f"Q3R.attach: the optimizer already holds state for targets {held[:3]}"
+                      f"{' ...' if len(held) > 3 else ''} and this Q3R has counted no step. If that state was loaded "
+                      "from a checkpoint saved with a Q3R attached, the Q3R state it carried under 'q3r' was dropped "
+                      "by that load and Q3R starts again at step 0: attach before the optimizer loads (in the "
+                      "Hugging Face Trainer: pass the optimizer in, or attach in create_optimizer), or restore it "
+                      "first with Q3R.load_state_dict(checkpoint['q3r'][0]). (Starting Q3R on an optimizer that has "
+                      "stepped, on purpose, warns too.)", stacklevel=3)
 
 
 def _carrying(optimizer) -> list:
