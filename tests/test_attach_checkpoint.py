@@ -494,3 +494,55 @@ def test_attaching_after_the_optimizer_loaded_a_checkpoint_warns_that_its_q3r_st
         reg3.attach(late)
         _setup(TinyViT())  # (a fresh optimizer holds no state: nothing to say)
     assert reg3.num_steps == 5
+
+
+def _train_with_penalty(model, reg, opt, steps, first_seed):
+    for seed in range(first_seed, first_seed + steps):
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(6, 4, 5, generator=g), torch.randint(0, 3, (6,), generator=g)
+        opt.zero_grad()
+        (torch.nn.functional.cross_entropy(model(x), y) + reg.penalty()).backward()
+        opt.step()
+
+
+def test_add_term_false_carries_a_penalty_only_regularizer_in_the_optimizer_state_and_adds_nothing():
+    """A Q3R used through penalty() only was in no optimizer checkpoint (the Trainer's
+    optimizer.pt): a resume restarted its clock. attach(optimizer, add_term=False) carries its
+    state there; the step adds no term and counts no step (penalty() counts them)."""
+    def build(model, attached):
+        reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.5, steps=3)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        if attached:
+            reg.attach(opt, add_term=False)
+        return reg, opt
+
+    torch.manual_seed(0)
+    model = TinyViT()
+    plain = copy.deepcopy(model)
+    reg, opt = build(model, True)
+    reg_plain, opt_plain = build(plain, False)
+    _train_with_penalty(model, reg, opt, 5, 0)
+    _train_with_penalty(plain, reg_plain, opt_plain, 5, 0)
+    assert reg.num_steps == reg_plain.num_steps == 5
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(a, b)  # (the step added nothing to what the penalty gave)
+    model_state, opt_state = _round_trip(copy.deepcopy(model.state_dict())), _round_trip(opt.state_dict())
+    assert "q3r" not in opt_plain.state_dict() and opt_state["q3r"][0]["num_steps"] == 5
+    _train_with_penalty(model, reg, opt, 6, 100)
+
+    resumed = TinyViT()
+    resumed.load_state_dict(model_state)
+    reg2, opt2 = build(resumed, True)
+    opt2.load_state_dict(opt_state)
+    assert reg2.num_steps == 5
+    _train_with_penalty(resumed, reg2, opt2, 6, 100)
+    assert reg2.num_steps == reg.num_steps == 11
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+    with pytest.raises(ValueError, match="this Q3R already carries its state"):
+        reg2.attach(opt2, add_term=False)
+    with pytest.raises(ValueError, match="would do nothing"):
+        reg2.attach(opt2, add_term=False, carry_state=False)
+    with pytest.raises(TypeError, match="add_term must be a bool"):
+        reg2.attach(opt2, add_term=None)

@@ -47,12 +47,12 @@ def _adamw_attached(model):
     return opt, reg
 
 
-def _trainer(model, opt, out, accumulation):
+def _trainer(model, opt, out, accumulation, cls=None):
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=8, per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
         save_strategy="steps", save_steps=5, logging_steps=100, report_to=[], use_cpu=True, seed=0, data_seed=0,
         dataloader_num_workers=0, disable_tqdm=True)
-    return transformers.Trainer(model=model, args=args, train_dataset=_Sentences(), optimizers=(opt, None))
+    return (cls or transformers.Trainer)(model=model, args=args, train_dataset=_Sentences(), optimizers=(opt, None))
 
 
 @pytest.mark.parametrize("make, accumulation", [(_adamq3r, 1), (_adamq3r, 2), (_adamw_attached, 2)],
@@ -109,3 +109,29 @@ def test_a_q3r_attached_from_on_train_begin_of_a_resumed_run_warns_that_its_stat
     steps, said = runs[1]
     assert steps == 3  # (counted from 0 at the resume: the carried step count 5 was dropped)
     assert len(said) == 1 and "dropped by that load" in said[0]
+
+
+def test_a_penalty_only_q3r_carried_with_add_term_false_resumes_bit_for_bit(tmp_path):
+    """A Q3R used through penalty() in compute_loss is in no checkpoint of the Trainer unless the
+    optimizer carries it: attach(optimizer, add_term=False) does, adding no term of its own."""
+    class WithPenalty(transformers.Trainer):
+        def compute_loss(self, model, inputs, **kwargs):
+            loss = super().compute_loss(model, inputs, **kwargs)
+            return loss + self.reg.penalty() if model.training else loss
+
+    def run(resume):
+        model = _model()
+        reg = q3r.Q3R(q3r.find_targets(model, LINEARS, target_rank=0.3), lmbda=0.5, steps=3)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+        reg.attach(opt, add_term=False)
+        trainer = _trainer(model, opt, tmp_path, 1, cls=WithPenalty)
+        trainer.reg = reg
+        trainer.train(resume_from_checkpoint=resume)
+        return model, reg
+
+    straight, reg = run(None)
+    assert reg.num_steps == 8
+    resumed, reg2 = run(os.path.join(tmp_path, "checkpoint-5"))
+    assert reg2.num_steps == 8  # (not carried: 3, the clock restarted at the resume)
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, straight.state_dict()[k]), k

@@ -22,7 +22,8 @@ from .targets import Target
 class AttachMixin:
     """attach() and the optimizer hooks of Q3R (see there)."""
 
-    def attach(self, optimizer: torch.optim.Optimizer, carry_state: bool = True) -> "AttachHandle":
+    def attach(self, optimizer: torch.optim.Optimizer, carry_state: bool = True,
+               add_term: bool = True) -> "AttachHandle":
         """Make ``optimizer.step()`` call :meth:`add_grad_` first. Returns a handle whose
         ``remove()`` detaches it again.
 
@@ -47,6 +48,10 @@ class AttachMixin:
         optimizer that unscales its gradients itself (``fused=True``) the term is added at
         their loss scale, and a step where that overflows a float16 gradient is refused with a
         RuntimeError before any weight changes (see ``_refuse_overflowed_fp16_term``).
+
+        ``add_term=False``: the step adds nothing and counts nothing; only the state is carried
+        (``carry_state``), for a Q3R used through :meth:`penalty`, which counts its own steps, in
+        a loop or framework that checkpoints only the optimizer (the Trainer's ``optimizer.pt``).
         (An optimizer class that overrides ``load_state_dict`` may change its state before
         ``Optimizer.load_state_dict`` runs the hooks, as ZeroRedundancyOptimizer does: for such
         an optimizer the check runs first, through a wrapper set on the instance that
@@ -54,6 +59,10 @@ class AttachMixin:
         too.)"""
         if not isinstance(carry_state, bool):
             raise TypeError(f"Q3R.attach carry_state must be a bool, got {carry_state!r}")
+        if not isinstance(add_term, bool):
+            raise TypeError(f"Q3R.attach add_term must be a bool, got {add_term!r}")
+        if not (add_term or carry_state):
+            raise ValueError("Q3R.attach with add_term=False and carry_state=False would do nothing")
         optimizer = _hookable(optimizer)
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for t in self.targets:
@@ -75,13 +84,16 @@ class AttachMixin:
                              "to attach again)")
         if carry_state and any(isinstance(other, AttachMixin) and set(other.state) == set(self.state)
                                for other in _carrying(optimizer)):
+            if self in _carrying(optimizer):  # (a second add_term=False attach: no step hook to find above)
+                raise ValueError("this Q3R already carries its state in this optimizer's state_dict (remove the "
+                                 "first handle to attach again)")
             raise ValueError("another Q3R over the same targets already carries its state in this optimizer's "
                              "state_dict (their states could not be told apart): attach this one with carry_state=False "
                              "and checkpoint it with Q3R.state_dict()")
         if carry_state and self.num_steps == 0:
             _warn_if_loaded_before(optimizer, self.targets)
         self.__dict__.pop("_penalty_since_step", None)  # (penalties before attaching are not this step's)
-        handles = [optimizer.register_step_pre_hook(self._before_step)]
+        handles = [optimizer.register_step_pre_hook(self._before_step)] if add_term else []
         if carry_state:
             pending: list[dict] = []  # the checked state between the load's pre- and post-hook
             early = _CheckFirst(optimizer, lambda sd: self._check_optimizer_state(sd, pending))
