@@ -61,15 +61,17 @@ class CheckpointMixin:
         the saved state straight in (and moves 0-dim tensors to the CPU). They are checked as
         load_state_dict checks them, all before any is changed, then put in the live layout on
         their parameter's device."""
-        found = []
+        found, first = [], 0
         for gi, group in enumerate(self.param_groups):
+            first, pids = first + len(group["params"]), range(first, first + len(group["params"]))
             if not group["q3r"]:  # (no slice states there; this runs at every step)
                 continue
-            for p in group["params"]:
+            for pid, p in zip(pids, group["params"]):
                 st = self.state.get(p)
                 if isinstance(st, dict) and isinstance(st.get("q3r"), Mapping):
                     listed = _listed(st, f"AdamQ3R param group {gi}")
-                    self._check_saved_param_state(listed, p, {**self.defaults, **group}, f"group {gi}")
+                    # (pid: the parameter's key in this optimizer's state_dict()["state"])
+                    self._check_saved_param_state(listed, p, {**self.defaults, **group}, f"group {gi}", pid)
                     found.append((p, listed["q3r"], slice_shapes(p.shape, group["slice_dim"], group["slices"])))
         for p, slices, shapes in found:
             self.state[p]["q3r"] = _live_slice_states(p, slices, shapes)
