@@ -47,6 +47,25 @@ def test_forced_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
         _backend.backend_for("cpu")
 
 
+def test_cuda_tensors_under_the_interpreter_take_the_reference_path(monkeypatch):
+    """The interpreter copies a kernel's tensor arguments to the host, but the kernels reach
+    their blocks through raw addresses in a table: CUDA addresses read on the host crashed the
+    process. A GPU is simulated by the probe; automatic dispatch falls back, forcing is an error."""
+    monkeypatch.setattr(_backend, "_cuda_probe", lambda: (True, "CUDA device with a triton driver"))
+    monkeypatch.setattr(_backend, "_triton_import", lambda: (True, "triton"))
+    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.delenv("Q3R_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _backend.backend_for("cuda") == "triton"  # (the simulated GPU, compiled kernels)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.backend_for("cuda") == "reference"
+    assert _backend.backend_for("cpu") == "reference"  # (automatic dispatch keeps CPU tensors there)
+    monkeypatch.setenv("Q3R_BACKEND", "triton")
+    assert _backend.backend_for("cpu") == "triton"
+    with pytest.raises(_backend.BackendUnavailableError, match="TRITON_INTERPRET=1.*cpu tensors only"):
+        _backend.backend_for("cuda")
+
+
 def test_forced_triton_rejects_float64(monkeypatch):
     monkeypatch.setenv("Q3R_BACKEND", "triton")
     with pytest.raises(_backend.BackendUnavailableError, match="float64"):

@@ -4,8 +4,9 @@ Rules (issue 3): CUDA tensors with Triton available -> "triton"; anything else -
 "reference". ``Q3R_BACKEND=reference|triton`` forces one; forcing one that cannot run the
 given tensors is an error (BackendUnavailableError), never a silent fallback. CPU tensors
 can run the Triton kernels only under the interpreter (TRITON_INTERPRET=1), which is how
-the test-suite exercises them. Nothing here imports triton or touches CUDA until a probe
-is first needed, so ``import q3r`` stays free of both.
+the test-suite exercises them; CUDA tensors cannot (the reference path takes them then).
+Nothing here imports triton or touches CUDA until a probe is first needed, so ``import q3r``
+stays free of both.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def triton_status(device_type: str = "cuda") -> tuple[bool, str]:
     if not ok:
         return ok, why
     if device_type == "cuda":
+        if _interpreting():  # (the interpreter copies tensor arguments to the host, but the kernels
+            # read their blocks through raw addresses in a table: on the host a CUDA address is a crash)
+            return False, "TRITON_INTERPRET=1: Triton's interpreter runs the kernels on cpu tensors only, not cuda ones"
         return _cuda_probe()
     if _interpreting() and device_type == "cpu":
         return True, "TRITON_INTERPRET=1: Triton's interpreter runs the kernels on CPU tensors (slow; for tests)"
