@@ -310,10 +310,16 @@ def new_table(n: int) -> list[list[int]]:
     return [[0] * int(NF) for _ in range(n)]
 
 
+def fits_int32(t: torch.Tensor) -> bool:
+    """Whether the kernels' int32 offsets within a block reach every element of t: the offset
+    of its last element is below 2**31."""
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) < 2**31
+
+
 def put_matrix(row: list[int], fields: tuple[int, int, int], t: torch.Tensor) -> None:
     """Address and the two strides of a 2-D tensor (a view is fine: no copy is made)."""
     f_ptr, f_s0, f_s1 = fields
-    if (t.shape[0] - 1) * abs(t.stride(0)) + (t.shape[1] - 1) * abs(t.stride(1)) >= 2**31:
+    if not fits_int32(t):
         raise ValueError(f"q3r_kernels: a block of shape {tuple(t.shape)} spans 2**31 elements or more; "
                          "the kernels index within a block in int32")
     row[f_ptr], row[f_s0], row[f_s1] = t.data_ptr(), t.stride(0), t.stride(1)

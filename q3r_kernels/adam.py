@@ -145,7 +145,10 @@ def check_region(reg: AdamRegion) -> bool:
         return False
     if p.dim() == 1:  # int32 indexing inside a block
         return p.numel() < 2**31 and all(t.is_contiguous() for t in tensors)
-    return p.dim() == 2 and reg.exp_avg.stride() == p.stride() and reg.exp_avg_sq.stride() == p.stride()
+    # (the kernel's linear bound holds the element count in int32 too: 2**31 itself wrapped to
+    # -2**31 there and masked every element, so the region was silently left as it was)
+    return (p.dim() == 2 and reg.exp_avg.stride() == p.stride() and reg.exp_avg_sq.stride() == p.stride()
+            and p.numel() < 2**31 and all(m.fits_int32(t) for t in tensors))
 
 
 class AdamQ3RPlan(BlockPlan):

@@ -289,3 +289,20 @@ def test_a_gradient_that_moves_off_16_byte_alignment_gets_its_own_plan(monkeypat
     second = _fused_and_reference_step(works, refs, gen)
     assert second is not first and len(ops._PLANS) == 2
     assert not any(g["aligned"] for g in second.plan.groups if 0 in g["idx"])
+
+
+def test_regions_beyond_the_kernels_int32_offsets_are_left_to_the_reference_path():
+    """The fused kernel indexes within a region, and bounds it by its element count, in int32.
+    A region of exactly 2**31 elements was taken, and its count wrapped to -2**31 in the
+    kernel, masking every element: the parameter was silently not updated. A larger one (here
+    transposed, or with a gradient of padded rows) was taken too, and building the plan raised
+    ValueError. (Meta tensors: nothing is allocated.)"""
+    def region(shape, stride=None, grad_stride=None):
+        make = lambda s: torch.empty_strided(shape, s or torch.empty(shape, device="meta").stride(), device="meta")  # noqa: E731
+        p = make(stride)
+        return K.AdamRegion(p, make(grad_stride or stride), make(stride), make(stride), [])
+    assert K.check_region(region((1, 2**31 - 1)))  # the last element's offset and the count fit
+    assert not K.check_region(region((2**16, 2**15)))  # 2**31 elements
+    assert not K.check_region(region((2**15 + 1, 2**16), stride=(1, 2**15 + 1)))  # transposed, more
+    assert not K.check_region(region((2, 2**30 - 1), grad_stride=(3 * 2**29, 1)))  # the gradient's last offset
+    assert K.check_region(region((2, 2**30 - 1), grad_stride=(2**30, 1)))

@@ -197,3 +197,22 @@ def test_update_factors_refuses_a_float64_eps_and_a_negative_block_index():
         with pytest.raises(ValueError, match="block -1 of this plan has no Q3R term"):
             plan.update_factors({-1: ops_[-1]})
     assert all(torch.equal(g["host"], b) for g, b in zip(plan.groups, before))
+
+
+def test_a_block_beyond_the_kernels_int32_offsets_takes_the_reference_path(monkeypatch):
+    """A weight whose last element lies 2**31 or more past its first was given to the kernels,
+    whose plan raised ValueError (they index within a block in int32): automatic dispatch sends
+    it to the reference path, and a forced Triton backend refuses it. (Meta tensors, on which
+    the kernels are made to look available: nothing is allocated or launched.)"""
+    monkeypatch.setattr(ops, "backend_for", lambda device, dtype=None: "triton")
+    monkeypatch.setattr(ops, "_PLANS", type(ops._PLANS)())
+    monkeypatch.delenv("Q3R_BACKEND", raising=False)
+    built = []
+    monkeypatch.setattr(K, "ReweightPlan", lambda *a, **k: built.append(1))
+    W = torch.empty(2, 2**30 + 1, device="meta")
+    U, V, d = torch.empty(2, 1, device="meta"), torch.empty(2**30 + 1, 1, device="meta"), torch.empty(1, device="meta")
+    ops.add_reweighting_([torch.empty_like(W)], [W], [(U, V, d)], 0.2)
+    assert built == []
+    monkeypatch.setenv("Q3R_BACKEND", "triton")
+    with pytest.raises(ops.BackendUnavailableError, match=r"within 2\*\*31 elements.*\(2, 1073741825\)"):
+        ops.add_reweighting_([torch.empty_like(W)], [W], [(U, V, d)], 0.2)

@@ -144,11 +144,14 @@ def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tu
         U, V = f[0], f[1]
         # (V too: the kernels refuse a factor of another dtype with a TypeError, where the
         # reference path takes it)
+        # (and one the kernels' int32 offsets reach: theirs raised ValueError for a larger one)
         ok = (verdict[where] and W.dim() == 2 and out.dtype in _FAST_OUT_DTYPES
-              and U.dtype == V.dtype == torch.float32 and (limit is None or U.shape[-1] <= limit))
+              and U.dtype == V.dtype == torch.float32 and (limit is None or U.shape[-1] <= limit)
+              and _kernels()._meta.fits_int32(W) and _kernels()._meta.fits_int32(out))
         if verdict[where] and not ok:
             _refuse_forced(f"block {i} does not fit the kernels (a 2-D weight, an out of dtype float32, bfloat16 "
-                           f"or float16 and float32 factors; got {W.dim()}-D, {out.dtype}, U {U.dtype}, V {V.dtype})")
+                           f"or float16, float32 factors, and weight and out each within 2**31 elements of their "
+                           f"first; got {W.dim()}-D {tuple(W.shape)}, {out.dtype}, U {U.dtype}, V {V.dtype})")
         (fast if ok else slow).append(i)
     for i in slow:  # all of them before the first is applied
         _check(weights[i], factors[i][0], factors[i][1], factors[i][2])
