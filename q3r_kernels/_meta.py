@@ -311,9 +311,9 @@ def new_table(n: int) -> list[list[int]]:
 
 
 def fits_int32(t: torch.Tensor) -> bool:
-    """Whether the kernels' int32 offsets within a block reach every element of t: the offset
-    of its last element is below 2**31."""
-    return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) < 2**31
+    """Whether the kernels' int32 offsets within a block reach every element of each matrix of
+    t (its last two dimensions): the offset of its last element is below 2**31."""
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape[-2:], t.stride()[-2:])) < 2**31
 
 
 def put_matrix(row: list[int], fields: tuple[int, int, int], t: torch.Tensor) -> None:

@@ -216,3 +216,20 @@ def test_a_block_beyond_the_kernels_int32_offsets_takes_the_reference_path(monke
     monkeypatch.setenv("Q3R_BACKEND", "triton")
     with pytest.raises(ops.BackendUnavailableError, match=r"within 2\*\*31 elements.*\(2, 1073741825\)"):
         ops.add_reweighting_([torch.empty_like(W)], [W], [(U, V, d)], 0.2)
+
+
+def test_project_and_apply_of_a_matrix_beyond_the_kernels_int32_offsets_take_the_reference_path(monkeypatch):
+    """As add_reweighting_: ops.project and ops.apply_reweighting gave such a matrix to the
+    kernels, which raised ValueError. (Meta tensors, the kernels made to look available.)"""
+    monkeypatch.setattr(ops, "backend_for", lambda device, dtype=None: "triton")
+    monkeypatch.delenv("Q3R_BACKEND", raising=False)
+    monkeypatch.setattr(K, "project", lambda *a: pytest.fail("the kernels were called"))
+    monkeypatch.setattr(K, "apply_reweighting", lambda *a: pytest.fail("the kernels were called"))
+    X = torch.empty(3, 2, 2**30 + 1, device="meta")  # each matrix's last element 2**31 + 1 past its first
+    U, V, d = torch.empty(2, 1, device="meta"), torch.empty(2**30 + 1, 1, device="meta"), torch.empty(1, device="meta")
+    A, B = ops.project(X, U, V)
+    assert A.shape == (3, 1, 2**30 + 1) and B.shape == (3, 2, 1)
+    assert ops.apply_reweighting(X, U, V, d).shape == X.shape
+    monkeypatch.setenv("Q3R_BACKEND", "triton")
+    with pytest.raises(ops.BackendUnavailableError, match=r"2\*\*31 elements or more"):
+        ops.project(X, U, V)

@@ -90,10 +90,17 @@ def _fast(X: Tensor, U: Tensor, V: Tensor) -> bool:
     limit = _width_limit()  # (checked on every path: a bad setting is an error wherever it is read)
     if backend_for(X.device, X.dtype) != "triton":
         return False
-    if U.dtype == V.dtype == torch.float32:
-        return _width_ok([(U,)], limit)
-    _refuse_forced(f"the kernels take float32 factors, got U {U.dtype} and V {V.dtype}")
-    return False
+    if U.dtype != torch.float32 or V.dtype != torch.float32:
+        _refuse_forced(f"the kernels take float32 factors, got U {U.dtype} and V {V.dtype}")
+        return False
+    if not _width_ok([(U,)], limit):
+        return False
+    # (the kernels index within a matrix in int32; theirs raised ValueError for a larger one)
+    fits = _kernels()._meta.fits_int32
+    if not all(fits(t) for t in (X, U, V)):
+        _refuse_forced(f"a matrix of X {tuple(X.shape)}, U or V lies 2**31 elements or more past its first")
+        return False
+    return True
 
 
 def _refuse_forced(why: str) -> None:
