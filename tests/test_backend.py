@@ -329,3 +329,26 @@ def test_info_blames_q3r_kernels_not_triton_when_only_the_kernels_fail_to_import
     lines = info.report().splitlines()
     assert not any(line.startswith("triton: not importable") for line in lines), lines
     assert any(line.startswith("q3r_kernels: not importable") for line in lines), lines
+
+
+@pytest.mark.skipif(K is None, reason="triton not importable")
+def test_automatic_dispatch_leaves_a_fused_step_with_another_d_to_the_reference(monkeypatch):
+    """A (U, V, d) operator whose d is float64, or a strided view, reached the kernels' plan,
+    which raised ValueError (it reads d as contiguous float32): automatic dispatch now hands the
+    work to the reference path, as add_reweighting_ converts such a d, and forcing refuses it."""
+    from q3r.optim import functional as F
+
+    monkeypatch.setattr(ops, "backend_for", lambda device, dtype: "triton")  # as on a GPU, automatic
+    monkeypatch.delenv("Q3R_BACKEND", raising=False)
+    gen = torch.Generator().manual_seed(4)
+    U, V, d = factors(20, 30, 4, gen)
+    for bad in (d.double(), torch.stack([d, d], 1)[:, 0]):
+        p = torch.randn(20, 30, generator=gen).to(DEVICE)
+        work = F.ParamWork(p, torch.randn_like(p), torch.zeros_like(p), torch.zeros_like(p), torch.tensor(0.0),
+                           1e-2, 0.9, 0.999, 1e-8, 0.0, lmbda=0.1, operators=[(U, V, bad)])
+        with tile_settings(True):
+            assert ops.adamq3r_fused_([work]) == [work]
+        monkeypatch.setenv("Q3R_BACKEND", "triton")
+        with tile_settings(True), pytest.raises(_backend.BackendUnavailableError, match="d or sigma as contiguous"):
+            ops.adamq3r_fused_([work])
+        monkeypatch.delenv("Q3R_BACKEND")

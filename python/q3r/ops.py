@@ -411,11 +411,13 @@ def adamq3r_fused_(works: list) -> list:
         where = (p.device, p.dtype)
         if where not in verdict:
             verdict[where] = backend_for(p.device, p.dtype) == "triton"
-        # (operators as the optimizer keeps them: float32 factors, eps a tensor)
-        fits = all(op[0].dtype == op[1].dtype == torch.float32 and (len(op) == 3 or _float32_tensor(op[3]))
-                   for op in work.operators)
+        # (operators as the optimizer keeps them: float32 factors, d or sigma contiguous float32,
+        # eps a tensor; another d raised ValueError in the kernels' plan, not taking this path)
+        fits = all(op[0].dtype == op[1].dtype == torch.float32 and _float32_tensor(op[2]) and op[2].is_contiguous()
+                   and (len(op) == 3 or _float32_tensor(op[3])) for op in work.operators)
         if verdict[where] and not fits:  # (forced: an error, as in project / add_reweighting_)
-            _refuse_forced("the fused AdamQ3R step takes float32 factors and eps as a float32 tensor, got "
+            _refuse_forced("the fused AdamQ3R step takes float32 factors, d or sigma as contiguous float32 and eps "
+                           "as a float32 tensor, got "
                            + ", ".join(f"({', '.join(str(getattr(t, 'dtype', type(t).__name__)) for t in op)})"
                                        for op in work.operators))
         if verdict[where] and fits and _width_ok(work.operators, limit):
