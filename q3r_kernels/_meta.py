@@ -20,6 +20,7 @@ This module imports torch and triton only, never q3r.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -323,6 +324,24 @@ def put_matrix(row: list[int], fields: tuple[int, int, int], t: torch.Tensor) ->
         raise ValueError(f"q3r_kernels: a block of shape {tuple(t.shape)} spans 2**31 elements or more; "
                          "the kernels index within a block in int32")
     row[f_ptr], row[f_s0], row[f_s1] = t.data_ptr(), t.stride(0), t.stride(1)
+
+
+def on_device(device):
+    """The context every launch of a plan runs in: Triton launches on torch's current CUDA
+    device (and its current stream), whatever device the tables' addresses point into, so a
+    model on cuda:1 while cuda:0 is current (no torch.cuda.set_device in a DDP script; a
+    model split over GPUs) would have its kernels run on the wrong GPU. A no-op off CUDA."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def check_one_device(tensors, device, what: str) -> None:
+    """A plan's tables are sent to, and its kernels launched on, one device: refuse others."""
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            raise ValueError(f"q3r_kernels: {what} {i} is on {t.device}, the plan's first on {device}: "
+                             "a plan serves one device (q3r.ops groups blocks by device)")
 
 
 def to_device_table(rows, dtype: torch.dtype, device) -> torch.Tensor:

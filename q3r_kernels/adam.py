@@ -162,6 +162,7 @@ class AdamQ3RPlan(BlockPlan):
 
     def __init__(self, regions: list[AdamRegion]):
         super().__init__(regions[0].param.device if regions else None)
+        m.check_one_device([reg.param for reg in regions], self.device, "region")
         cfg = m.CONFIG
         self.config = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, m.dot_precision())
         self.plain_config = (cfg.plain_block_m, cfg.block_n, cfg.plain_num_warps, cfg.plain_num_stages)
@@ -197,6 +198,10 @@ class AdamQ3RPlan(BlockPlan):
         stays put, so only that column of the table is set again (and sent if it changed).
         """
         self.check_settings()
+        with m.on_device(self.device):
+            self._run(hypers, grad_ptrs)
+
+    def _run(self, hypers: list[list], grad_ptrs: list[int] | None) -> None:
         block_m, block_n, block_k, num_warps, num_stages, precision = self.config
         plain_m, plain_n, plain_warps, plain_stages = self.plain_config
         for g in self.groups:

@@ -173,6 +173,7 @@ class ReweightPlan(BlockPlan):
         cfg = m.CONFIG
         self.config = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, m.dot_precision())
         self.accumulate = accumulate
+        m.check_one_device(Xs, self.device, "block")
         by_key: dict[tuple, list[int]] = {}
         for i, (X, Y, f) in enumerate(zip(Xs, outs, factors)):
             if tuple(Y.shape) != tuple(X.shape) or Y.dim() != 2 or Y.device != X.device:
@@ -199,6 +200,10 @@ class ReweightPlan(BlockPlan):
     def run(self, outs, alphas) -> None:
         """outs[i] (+)= alphas[i] * R_i(X_i); outs laid out as at build (the caller's promise)."""
         self.check_settings()
+        with m.on_device(self.device):
+            self._run(outs, alphas)
+
+    def _run(self, outs, alphas) -> None:
         block_m, block_n, block_k, num_warps, num_stages, precision = self.config
         for g in self.groups:
             table, workspace = self.run_table(g, {int(F_Y): [outs[i].data_ptr() for i in g["idx"]]})

@@ -180,6 +180,7 @@ def project_blocks(Xs: list[torch.Tensor], Us: list[torch.Tensor], Vs: list[torc
     for X, U, V in zip(Xs, Us, Vs):
         m.check_factors(X, U, V)
     device = Xs[0].device
+    m.check_one_device(Xs, device, "block")
     shapes = [(X.shape[0], X.shape[1], U.shape[1]) for X, U in zip(Xs, Us)]
     ws = m.Workspace(shapes, device)
     by_dtype: dict[torch.dtype, list[int]] = {}
@@ -189,7 +190,8 @@ def project_blocks(Xs: list[torch.Tensor], Us: list[torch.Tensor], Vs: list[torc
         rows = m.new_table(len(idx))
         for row, i in zip(rows, idx):
             fill_factor_fields(row, Xs[i], Us[i], Vs[i], ws, i)
-        launch_project(m.to_device_table(rows, torch.int64, device), [shapes[i] for i in idx], dtype, device)
+        with m.on_device(device):
+            launch_project(m.to_device_table(rows, torch.int64, device), [shapes[i] for i in idx], dtype, device)
     out = []
     for i, (_, _, k) in enumerate(shapes):
         out.append((ws.view(i, 0)[:, :k].t(), ws.view(i, 1)[:, :k]))

@@ -170,8 +170,11 @@ def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tu
     # the kernels read d (or sigma) as contiguous float32 and eps as a float32 tensor on the
     # weight's device (the reference path also takes a Python number); these stay referenced
     # until run()
-    fast_factors = [_kernel_operator(factors[i], weights[i].device) for i in fast]
-    plan = _reweight_plan_for([outs[i] for i in fast], [weights[i] for i in fast], fast_factors)
+    # one plan per device: a plan's tables live on, and its kernels launch on, one device
+    plans = []
+    for idx in _by_device(fast, lambda i: weights[i].device):
+        fast_factors = [_kernel_operator(factors[i], weights[i].device) for i in idx]
+        plans.append((_reweight_plan_for([outs[i] for i in idx], [weights[i] for i in idx], fast_factors), idx))
     for i in slow:
         U, V, *rest = factors[i]
         d = rest[0] if len(rest) == 1 else reference.reweighting_coefficients(*rest)
@@ -184,8 +187,16 @@ def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tu
                 add_scaled_(out[a:b], R, alpha)
         else:  # (factors with batch dimensions)
             add_scaled_(out, reference.apply_reweighting(W, U, V, d), alpha)
-    if plan is not None:
-        plan.run([outs[i] for i in fast], [alpha] * len(fast))
+    for plan, idx in plans:
+        plan.run([outs[i] for i in idx], [alpha] * len(idx))
+
+
+def _by_device(items: list, device_of) -> list[list]:
+    """``items`` split by device_of(item), in order of first appearance (one list for one device)."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(device_of(item), []).append(item)
+    return list(groups.values())
 
 
 def add_scaled_(out: Tensor, R: Tensor, alpha: float) -> None:
@@ -424,9 +435,14 @@ def adamq3r_fused_(works: list) -> list:
             taken.append(work)
         else:
             rest.append(work)
-    if not taken:
-        return rest
-    entry = _plan_for(taken)
+    # one plan per device (see add_reweighting_), every one built and checked before any runs
+    planned = [(_plan_for(group), group) for group in _by_device(taken, lambda w: w.param.device)]
+    return rest + [w for entry, group in planned for w in _fused_step(entry, group)]
+
+
+def _fused_step(entry: "_CachedPlan", taken: list) -> list:
+    """Run a plan of adamq3r_fused_ for its works (on one device); returns those the plan
+    rejected (a layout the kernels cannot read)."""
     region_map, rejected = entry.region_map, entry.rejected
     K = _kernels()
     hypers, memo = [], {}
@@ -442,4 +458,4 @@ def adamq3r_fused_(works: list) -> list:
     done = [w for i, w in enumerate(taken) if i not in skipped]
     if done:  # (the plan may reject all: a channels_last conv weight alone, say)
         torch._foreach_add_([w.step for w in done], 1.0)  # the reference increments the same counter
-    return rest + [taken[i] for i in rejected]
+    return [taken[i] for i in rejected]
