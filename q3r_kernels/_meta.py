@@ -277,7 +277,9 @@ def tile_schedule(counts: list[int], device) -> tuple[torch.Tensor, int]:
     return _tile_schedule(tuple(counts), torch.device(device))
 
 
-@functools.lru_cache(maxsize=256)
+# (sized with q3r.ops._MAX_PLANS, 256 plans: a plan's main launch and its five preparation
+# stages each have one; a staggered step's 2 T + 1 plans must not push each other out)
+@functools.lru_cache(maxsize=1536)
 def _tile_schedule(counts: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, int]:
     blocks = [b for b, n in enumerate(counts) for _ in range(n)]
     tiles = [t for n in counts for t in range(n)]
@@ -293,7 +295,7 @@ def stage_schedules(shapes, device) -> dict[str, tuple[torch.Tensor, int]]:
     return _stage_schedules(tuple(shapes), torch.device(device), tiles)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)
 def _stage_schedules(shapes, device, tiles) -> dict[str, tuple[torch.Tensor, int]]:
     small_m, small_k, projt_n, proj_m, proj_k, _ = tiles  # block_k: padded_width reads it
     kps = [padded_width(k) for _, _, k in shapes]

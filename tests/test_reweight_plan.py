@@ -233,3 +233,43 @@ def test_project_and_apply_of_a_matrix_beyond_the_kernels_int32_offsets_take_the
     monkeypatch.setenv("Q3R_BACKEND", "triton")
     with pytest.raises(ops.BackendUnavailableError, match=r"2\*\*31 elements or more"):
         ops.project(X, U, V)
+
+
+def test_a_staggered_step_keeps_its_plans_across_cycles_at_long_periods(monkeypatch):
+    """A staggered AdamQ3R step runs two plans per phase of its period (the targets refreshed
+    now and the rest): 2 T + 1 layouts. The cache held 64, so at T >= 32 every step built its
+    plans again (h70: 79-80 builds per 40-step cycle at T = 40). Plans are counted here with a
+    stand-in that launches nothing (the layouts, not the arithmetic, are under test)."""
+    from collections import OrderedDict
+
+    import q3r
+
+    builds = []
+
+    class CountingPlan:
+        def __init__(self, regions):
+            builds.append(len(regions))
+
+        def run(self, *args):
+            pass
+
+        def update_factors(self, new):
+            pass
+
+    monkeypatch.setenv("Q3R_BACKEND", "triton")
+    monkeypatch.setattr(ops, "_PLANS", OrderedDict())
+    monkeypatch.setattr(K, "AdamQ3RPlan", CountingPlan)
+    T = 40
+    torch.manual_seed(0)
+    model = torch.nn.ModuleList(torch.nn.Linear(6, 8, bias=False) for _ in range(T)).to(DEVICE)
+    targets = q3r.find_targets(model, [str(i) for i in range(T)], target_rank=2)
+    opt = q3r.AdamQ3R(q3r.param_groups(model, targets, lmbda=0.5, steps=T, stagger=True), lr=1e-2)
+    x = torch.randn(3, 6, device=DEVICE)
+    for step in range(3 * T):
+        if step == 2 * T:  # (step 0 refreshes every target: phase 0's own split first comes at step T)
+            two_cycles = len(builds)
+        opt.zero_grad()
+        sum(layer(x).square().sum() for layer in model).backward()
+        opt.step()
+    assert two_cycles <= 2 * T + 1
+    assert len(builds) == two_cycles, f"{len(builds) - two_cycles} plans built again in the third cycle"

@@ -310,8 +310,10 @@ class _CachedPlan:
 # _layout_key or _reweight_layout_key -> _CachedPlan, least recently used first
 _PLANS: OrderedDict = OrderedDict()
 # (a staggered AdamQ3R step runs two plans per phase of its period, see AdamQ3R.step: 2 T + 1
-# plans in all; plans are small, their workspace is allocated per run)
-_MAX_PLANS = 64
+# plans in all, so 256 keeps periods up to 127 without rebuilding; 64 rebuilt every step at
+# T >= 32. Plans are small: their tables and tile schedules, a few hundred KB for all of
+# ViT-B/16's targets, less for a phase's share; the workspace is allocated per run)
+_MAX_PLANS = 256
 
 
 def _config_key() -> tuple:
