@@ -236,6 +236,13 @@ def _piece_elements(rows: int, cols: int, k: int) -> list[int]:
     return counts
 
 
+def workspace_fits_int32(rows: int, cols: int, k: int) -> bool:
+    """Whether the kernels' int32 offsets reach every element of each workspace piece of a
+    (rows, cols) block with factors of width k. X itself may fit while a piece does not: its
+    width kp (k padded) can exceed cols or rows where the factors are near full rank."""
+    return max(_piece_elements(rows, cols, k)) < 2**31
+
+
 # table fields that hold each piece's address (U^T shares B's piece)
 WORKSPACE_FIELDS = ((F_A,), (F_B, F_UT), (F_C,), (F_D,), (F_UP,), (F_VP,))
 WORKSPACE_COLUMNS = [int(f) for fields in WORKSPACE_FIELDS for f in fields]

@@ -273,3 +273,35 @@ def test_a_staggered_step_keeps_its_plans_across_cycles_at_long_periods(monkeypa
         opt.step()
     assert two_cycles <= 2 * T + 1
     assert len(builds) == two_cycles, f"{len(builds) - two_cycles} plans built again in the third cycle"
+
+
+def test_factors_whose_workspace_passes_the_kernels_int32_offsets_take_the_reference_path(monkeypatch):
+    """X of 2**22 x 500 fits the kernels' int32 offsets, but its factors at full rank (k = 500)
+    are packed 512 wide: the workspace piece B (rows, 512) holds 2**31 elements, past what the
+    kernels index (h70, by reading). Automatic dispatch sends such a block (and such a fused
+    step) to the reference path, a forced Triton backend refuses it. (Meta tensors, the kernels
+    made to look available: nothing is allocated or launched.)"""
+    from q3r.optim.functional import ParamWork
+
+    assert K._meta.fits_int32(torch.empty(2**22, 500, device="meta"))
+    assert not K._meta.workspace_fits_int32(2**22, 500, 500) and K._meta.workspace_fits_int32(2**22, 500, 400)
+    monkeypatch.setattr(ops, "backend_for", lambda device, dtype=None: "triton")
+    monkeypatch.setattr(ops, "_PLANS", type(ops._PLANS)())
+    monkeypatch.delenv("Q3R_BACKEND", raising=False)
+    built = []
+    monkeypatch.setattr(K, "ReweightPlan", lambda *a, **k: built.append(1))
+    W = torch.empty(2**22, 500, device="meta")
+    U, V, d = torch.empty(2**22, 500, device="meta"), torch.empty(500, 500, device="meta"), torch.empty(500, device="meta")
+    ops.add_reweighting_([torch.empty_like(W)], [W], [(U, V, d)], 0.2)
+    assert built == []
+    work = ParamWork(param=W, grad=torch.empty_like(W), exp_avg=torch.empty_like(W), exp_avg_sq=torch.empty_like(W),
+                     step=torch.zeros(()), lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, lmbda=0.1,
+                     operators=[(U, V, d)])
+    assert ops.adamq3r_fused_([work]) == [work]  # (left for the reference path)
+    monkeypatch.setenv("Q3R_BACKEND", "triton")
+    with pytest.raises(ops.BackendUnavailableError, match="workspace"):
+        ops.add_reweighting_([torch.empty_like(W)], [W], [(U, V, d)], 0.2)
+    with pytest.raises(ops.BackendUnavailableError, match="workspace"):
+        ops.adamq3r_fused_([work])
+    with pytest.raises(ops.BackendUnavailableError, match="workspace"):
+        ops.project(W, U, V)

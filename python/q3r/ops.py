@@ -96,9 +96,10 @@ def _fast(X: Tensor, U: Tensor, V: Tensor) -> bool:
     if not _width_ok([(U,)], limit):
         return False
     # (the kernels index within a matrix in int32; theirs raised ValueError for a larger one)
-    fits = _kernels()._meta.fits_int32
-    if not all(fits(t) for t in (X, U, V)):
-        _refuse_forced(f"a matrix of X {tuple(X.shape)}, U or V lies 2**31 elements or more past its first")
+    meta = _kernels()._meta
+    if not (all(meta.fits_int32(t) for t in (X, U, V)) and meta.workspace_fits_int32(*X.shape[-2:], U.shape[-1])):
+        _refuse_forced(f"a matrix of X {tuple(X.shape)}, U, V or the kernels' workspace for them lies 2**31 "
+                       "elements or more past its first")
         return False
     return True
 
@@ -154,11 +155,13 @@ def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tu
         # (and one the kernels' int32 offsets reach: theirs raised ValueError for a larger one)
         ok = (verdict[where] and W.dim() == 2 and out.dtype in _FAST_OUT_DTYPES
               and U.dtype == V.dtype == torch.float32 and (limit is None or U.shape[-1] <= limit)
-              and _kernels()._meta.fits_int32(W) and _kernels()._meta.fits_int32(out))
+              and _kernels()._meta.fits_int32(W) and _kernels()._meta.fits_int32(out)
+              and (W.dim() != 2 or _kernels()._meta.workspace_fits_int32(*W.shape, U.shape[-1])))
         if verdict[where] and not ok:
             _refuse_forced(f"block {i} does not fit the kernels (a 2-D weight, an out of dtype float32, bfloat16 "
-                           f"or float16, float32 factors, and weight and out each within 2**31 elements of their "
-                           f"first; got {W.dim()}-D {tuple(W.shape)}, {out.dtype}, U {U.dtype}, V {V.dtype})")
+                           f"or float16, float32 factors, and weight, out and the kernels' workspace each within "
+                           f"2**31 elements of their first; got {W.dim()}-D {tuple(W.shape)}, {out.dtype}, U {U.dtype} "
+                           f"{tuple(U.shape)}, V {V.dtype})")
         (fast if ok else slow).append(i)
     for i in slow:  # all of them before the first is applied
         _check(weights[i], factors[i][0], factors[i][1], factors[i][2])
@@ -433,6 +436,10 @@ def adamq3r_fused_(works: list) -> list:
                            "as a float32 tensor, got "
                            + ", ".join(f"({', '.join(str(getattr(t, 'dtype', type(t).__name__)) for t in op)})"
                                        for op in work.operators))
+        if verdict[where] and fits and not _workspaces_fit(work.operators):
+            _refuse_forced(f"the kernels' workspace for the factors of a {tuple(p.shape)} parameter lies 2**31 "
+                           "elements or more past its first")
+            fits = False
         if verdict[where] and fits and _width_ok(work.operators, limit):
             taken.append(work)
         else:
@@ -440,6 +447,13 @@ def adamq3r_fused_(works: list) -> list:
     # one plan per device (see add_reweighting_), every one built and checked before any runs
     planned = [(_plan_for(group), group) for group in _by_device(taken, lambda w: w.param.device)]
     return rest + [w for entry, group in planned for w in _fused_step(entry, group)]
+
+
+def _workspaces_fit(operators) -> bool:
+    """Whether the kernels' int32 offsets reach every workspace piece of these slices (U is a
+    slice's (rows, k), V its (cols, k))."""
+    fits = _kernels()._meta.workspace_fits_int32
+    return all(fits(op[0].shape[0], op[1].shape[0], op[0].shape[1]) for op in operators)
 
 
 def _fused_step(entry: "_CachedPlan", taken: list) -> list:
