@@ -305,3 +305,27 @@ def test_factors_whose_workspace_passes_the_kernels_int32_offsets_take_the_refer
         ops.adamq3r_fused_([work])
     with pytest.raises(ops.BackendUnavailableError, match="workspace"):
         ops.project(W, U, V)
+
+
+def test_moments_at_the_same_address_in_another_layout_do_not_reuse_the_plan(monkeypatch):
+    """The fused step's plan was keyed by the moments' addresses but not their strides: moments
+    at the same address laid out otherwise (transposed) reused a plan that reads them as the
+    parameter is laid out, where a new plan rejects them (they must match the parameter's
+    strides) and leaves the parameter to the reference path (h70)."""
+    from q3r.optim.functional import ParamWork
+
+    monkeypatch.setenv("Q3R_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(7)
+    p = torch.randn(12, 9, generator=gen).to(DEVICE)
+    U, V, d = factors(12, 9, 3, gen)
+    m_buf, v_buf = torch.zeros(108, device=DEVICE), torch.zeros(108, device=DEVICE)
+
+    def work(exp_avg, exp_avg_sq):
+        return ParamWork(param=p, grad=torch.randn(12, 9, generator=gen).to(DEVICE), exp_avg=exp_avg,
+                         exp_avg_sq=exp_avg_sq, step=torch.zeros(()), lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8,
+                         weight_decay=0.0, lmbda=0.5, operators=[(U, V, d)])
+
+    with tile_settings(small=True):
+        assert ops.adamq3r_fused_([work(m_buf.view(12, 9), v_buf.view(12, 9))]) == []
+        moved = work(m_buf.view(9, 12).t(), v_buf.view(9, 12).t())  # (the same addresses, transposed)
+        assert ops.adamq3r_fused_([moved]) == [moved]

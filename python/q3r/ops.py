@@ -332,7 +332,8 @@ def _layout_key(works: list) -> tuple:
     AdamQ3RPlan.run); so are the factors: see _operator_key."""
     return ("adam", _config_key()) + tuple(
         (w.param.data_ptr(), w.param.shape, w.param.stride(), w.param.dtype, w.grad.stride(),
-         w.grad.dtype, w.grad.data_ptr() % 16, w.exp_avg.data_ptr(), w.exp_avg_sq.data_ptr(), w.exp_avg.dtype, w.lmbda != 0, w.slice_dim,
+         w.grad.dtype, w.grad.data_ptr() % 16, w.exp_avg.data_ptr(), w.exp_avg_sq.data_ptr(), w.exp_avg.dtype,
+         w.exp_avg.stride(), w.exp_avg_sq.stride(), w.lmbda != 0, w.slice_dim,
          None if w.slices is None else tuple(map(tuple, w.slices)),
          tuple(len(op) for op in w.operators) if w.lmbda != 0 else ())
         for w in works
