@@ -43,7 +43,7 @@ if has tests; then
   $PY -m pytest -q -rs tests/test_kernels_project.py tests/test_kernels_apply.py tests/test_kernels_adam.py \
       tests/test_backend.py tests/test_native_eigh.py tests/test_randomized_refresh.py tests/test_auto_width.py \
       tests/test_reweight_plan.py tests/test_refresh_host_work.py tests/test_distributed_gpu.py \
-      tests/test_amp_scaler.py tests/test_reference_fallback.py \
+      tests/test_amp_scaler.py tests/test_reference_fallback.py tests/test_kernels_device.py \
       >"$OUT/gpu_tests.log" 2>&1
   echo "tests rc=$?"; tail -3 "$OUT/gpu_tests.log"
 fi
