@@ -250,6 +250,33 @@ def test_a_triplet_at_eps_is_outside_the_envelope():
     assert int(ref.envelope_rank(sigma, 0.5)) == 4 and int(ref.envelope_rank(sigma, 3.0)) == 0
 
 
+def test_the_geometric_schedule_climbs_from_a_zero_sigma_next_to_its_floor():
+    """Zero-initialized weights (sigma_{r+1} = 0 at refresh 0): eps0 is kept positive, so the
+    schedule's factor (eps_floor / eps0) ** (1 / N) is finite and eps rises to the floor in N
+    refreshes (with eps0 = 0 the second refresh divided by zero)."""
+    eps, eps0 = ref.next_eps("geometric", math.inf, 0.0, 0, eps_floor=0.5, num_refreshes=4)
+    assert eps0 > 0 and eps == eps0
+    seen = [eps]
+    for i in range(1, 7):
+        eps, eps0 = ref.next_eps("geometric", eps, 0.0, i, eps0, eps_floor=0.5, num_refreshes=4)
+        seen.append(eps)
+    assert all(b > a for a, b in zip(seen[:4], seen[1:5]))
+    assert math.isclose(seen[4], 0.5, rel_tol=1e-9) and seen[5] == seen[6] == 0.5
+
+
+def test_project_of_low_precision_input_runs_in_fp32():
+    """project is the ops' A = U^T X, B = X V for any X: a bfloat16 X is read in float32, as by
+    apply_reweighting, not the factors cast down to bfloat16."""
+    W, *_, eps, X = _random_case((16, 12), 15)
+    U, V, _ = (t.float() for t in _operator(W, eps, k=5))
+    Xb = X.to(torch.bfloat16)
+    A, B = ref.project(Xb, U, V)
+    assert A.dtype == B.dtype == torch.float32
+    A64, B64 = U.double().T @ Xb.double(), Xb.double() @ V.double()
+    assert float((A.double() - A64).norm() / A64.norm()) < 1e-5
+    assert float((B.double() - B64).norm() / B64.norm()) < 1e-5
+
+
 def test_the_geometric_schedule_starts_where_it_has_no_eps0():
     """A state without eps0 after its first refresh (refreshed under another schedule, or
     loaded from an older checkpoint) starts the geometric schedule there: eps0 = sigma_{r+1},
