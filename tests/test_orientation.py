@@ -176,3 +176,19 @@ def test_upgrade_state_keeps_a_square_targets_V_tail():
     square = {"V": torch.zeros(30, 3), "V_tail": torch.randn(30, 4)}
     kept = square["V_tail"]
     assert upgrade_state(square, 30, 30)["tail"] is kept and "V_tail" not in square
+
+
+def test_a_checkpoint_saved_before_the_first_refresh_loads_into_a_fresh_q3r():
+    """A fresh state's (empty) warm-start tail lies on the longer side like a refreshed one's,
+    so a checkpoint taken before the first refresh passes the loaders' tail check (fc1 is tall,
+    fc2 wide).  (Kills the mutant that made new_slice_state's tail (min(d1, d2), 0).)"""
+    torch.manual_seed(7)
+    model = TinyViT()
+    reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.2, steps=2)
+    buf = io.BytesIO()
+    torch.save(reg.state_dict(), buf)
+    buf.seek(0)
+    reg2 = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3), lmbda=0.2, steps=2)
+    reg2.load_state_dict(torch.load(buf, weights_only=True))
+    for _ in range(3):
+        assert torch.equal(reg.penalty(), reg2.penalty())

@@ -167,3 +167,43 @@ def test_a_large_seed_taken_when_built_does_not_fail_a_sketched_refresh(seed):
         weight.grad = torch.randn_like(weight)
         opt.step()
     assert int(opt.state[weight]["q3r"][0]["refreshes"]) == 2
+
+
+def test_auto_picks_native_only_on_a_cuda_device_where_it_is_built(monkeypatch):
+    """refresh method "auto": the native solver on CUDA tensors when its CUDA part is there,
+    the randomized one elsewhere (the device is only named, never touched)."""
+    from q3r import _native
+    monkeypatch.setattr(_native, "available", lambda device=None: True)
+    assert q3r.refresh.resolve_method("auto", torch.device("cuda", 0)) == "native"
+    assert q3r.refresh.resolve_method("auto", torch.device("cpu")) == "randomized"
+    monkeypatch.setattr(_native, "available", lambda device=None: False)
+    assert q3r.refresh.resolve_method("auto", torch.device("cuda", 0)) == "randomized"
+    assert q3r.refresh.resolve_method("exact", torch.device("cuda", 0)) == "exact"
+
+
+def test_before_wait_runs_once_even_with_no_targets():
+    calls = []
+    assert q3r.refresh.refresh_slices_([], [], [], method="randomized", before_wait=lambda: calls.append(1)) == []
+    assert calls == [1]
+
+
+def test_refresh_around_raises_an_error_of_the_early_work_as_it_is():
+    """Only a failure of the refresh after ``early`` ran is wrapped (as 'partly done'); an error
+    of ``early`` itself reaches the caller unchanged, and a refresh that never calls it gets it
+    run after."""
+    def early():
+        raise KeyError("early")
+
+    with pytest.raises(KeyError, match="early"):
+        q3r.refresh.refresh_around(lambda before_wait: before_wait(), early, "partly done")
+    calls = []
+
+    def failing(before_wait):
+        before_wait()
+        raise OSError("refresh")
+
+    with pytest.raises(RuntimeError, match="partly done") as info:
+        q3r.refresh.refresh_around(failing, lambda: calls.append(1), "partly done")
+    assert isinstance(info.value.__cause__, OSError) and calls == [1]
+    q3r.refresh.refresh_around(lambda before_wait: None, lambda: calls.append(2), "partly done")
+    assert calls == [1, 2]
