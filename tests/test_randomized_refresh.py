@@ -353,7 +353,7 @@ def test_random_init_is_not_taken_for_flat(method, exact_fallbacks):
     assert not exact_fallbacks
 
 
-@pytest.mark.parametrize("method", FAST)
+@pytest.mark.parametrize("method", ["exact", *FAST])
 @pytest.mark.parametrize("scale", [3e37, 1e38])
 def test_weights_beyond_what_float32_factors_hold_are_skipped_and_stay_unpoisoned(method, scale):
     """Their sketch's products overflow: NaN Ritz values must not be committed (a NaN warm
@@ -363,7 +363,9 @@ def test_weights_beyond_what_float32_factors_hold_are_skipped_and_stay_unpoisone
     W = spectrum_case("trained_decay", gen)
     state, cfg = new_slice_state(D1, D2), [SliceConfig("w", RANK)]
     with pytest.warns(RuntimeWarning, match="beyond float32's range"):
-        assert refresh_slices_([W * (scale / float(W.abs().max()))], [state], cfg, method=method) == [False]
+        big = W / W.abs().max() * scale
+        assert bool(big.isfinite().all())
+        assert refresh_slices_([big], [state], cfg, method=method) == [False]
     assert int(state["refreshes"]) == 0 and state["tail"].shape[-1] == 0
     assert refresh_slices_([W], [state], cfg, method=method) == [True]
     exact = new_slice_state(D1, D2)
@@ -928,3 +930,25 @@ def test_a_tail_that_moved_on_does_not_leave_eps_short(method, schedule):
         eps_exact = min(eps_exact, sigma_next) if schedule == "min" else sigma_next
         assert float(state["sigma_next"]) == pytest.approx(sigma_next, rel=1e-2), t
         assert float(state["eps"]) == pytest.approx(eps_exact, rel=1e-2), t
+
+
+def test_a_warm_sketch_whose_lag_exceeds_max_lag_is_sketched_again_not_committed():
+    """commit_sketch sends a warm member whose first pass lags its weights by more than
+    opts.max_lag back (LAGGING) and leaves its state alone; the same triplets with no lag are
+    committed."""
+    from q3r import _refresh_commit as Cm
+    gen = torch.Generator().manual_seed(9)
+    W = torch.randn(40, 30, generator=gen, dtype=torch.float64)
+    cfg = [SliceConfig("w", 2)]
+    U, S, V, spectrum = reference.anchor_factors(W[None], 20)
+    energy = spectrum.square().sum(dim=-1)
+    opts = SketchOptions()
+    for lag, committed in ((10 * opts.max_lag, False), (0.0, True)):
+        state = new_slice_state(40, 30)
+        refresh_slices_([W.float()], [state], cfg, method="exact")
+        before = int(state["refreshes"])
+        host, = Cm.to_host([Cm.commit_columns(energy, [0], [state], S, None, lag=lambda eps: torch.full_like(eps, lag))])
+        retry = Cm.commit_sketch(energy, [0], [state], cfg, U, S, V, opts, final=False, host=host)
+        assert (retry == {}) == committed and int(state["refreshes"]) == before + committed
+        if not committed:
+            assert retry == {0: Cm.LAGGING}
