@@ -437,11 +437,12 @@ def adamq3r_fused_(works: list) -> list:
                            "as a float32 tensor, got "
                            + ", ".join(f"({', '.join(str(getattr(t, 'dtype', type(t).__name__)) for t in op)})"
                                        for op in work.operators))
+        fits = fits and _width_ok(work.operators, limit)  # (before the workspace: that imports the kernels)
         if verdict[where] and fits and not _workspaces_fit(work.operators):
             _refuse_forced(f"the kernels' workspace for the factors of a {tuple(p.shape)} parameter lies 2**31 "
                            "elements or more past its first")
             fits = False
-        if verdict[where] and fits and _width_ok(work.operators, limit):
+        if verdict[where] and fits:
             taken.append(work)
         else:
             rest.append(work)
