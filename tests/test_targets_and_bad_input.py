@@ -261,6 +261,7 @@ def test_non_2d_target_is_rejected():
         ({"slices": [(0, 6), (5, 10)], "target_rank": 2}, "overlap"),
         ({"slices": [(0, 11)], "target_rank": 2}, "out of bounds"),
         ({"slices": [(4, 4)], "target_rank": 2}, "out of bounds"),
+        ({"slices": [(-2, 5)], "target_rank": 2}, "out of bounds"),  # (a negative start narrows from the end)
         ({"slice_dim": 2, "slices": [(0, 5)]}, "slice_dim"),
     ],
 )
@@ -282,11 +283,40 @@ def test_bad_q3r_options_raise_and_change_nothing(options, message):
 
 def test_bad_optimizer_hyperparameters():
     p = torch.nn.Parameter(torch.randn(4, 4))
-    for kwargs, message in [({"lr": -1.0}, "lr=-1.0"), ({"betas": (0.9, 1.0)}, "betas"), ({"eps": -1.0}, "eps=-1.0"), ({"weight_decay": -0.1}, "weight_decay")]:
+    for kwargs, message in [({"lr": -1.0}, "lr=-1.0"), ({"lr": float("inf")}, "lr=inf"), ({"betas": (0.9, 1.0)}, "betas"),
+                            ({"eps": -1.0}, "eps=-1.0"), ({"weight_decay": -0.1}, "weight_decay")]:
         with pytest.raises(ValueError, match=message):
             q3r.AdamQ3R([p], **kwargs)
     with pytest.raises(TypeError, match="unknown arguments"):
         q3r.AdamQ3R([p], lambda_=0.1)
+
+
+def test_a_zero_learning_rate_is_taken_as_torchs_adam_takes_it():
+    # (lr=0: a warm-up's first step, or how torch.distributed.checkpoint makes an optimizer's
+    # state; torch.optim.Adam takes it, and AdamQ3R's term lr * 2 lambda R(W) is then 0 too)
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(9, 7, generator=g)
+    W = torch.nn.Parameter(W0.clone())
+    opt = q3r.AdamQ3R([{"params": [W], "q3r": True, "target_rank": 2, "lmbda": 0.4}], lr=0.0, weight_decay=0.1)
+    for _ in range(2):
+        W.grad = torch.randn(9, 7, generator=g)
+        opt.step()
+    assert torch.equal(W.detach(), W0)
+    assert opt.state[W]["step"].item() == 2 and opt.state[W]["q3r"][0]["eps"].isfinite().all()
+
+
+def test_a_zero_adam_eps_is_taken_and_steps_as_torchs_adam():
+    g = torch.Generator().manual_seed(4)
+    W0 = torch.randn(5, 3, generator=g)
+    ours, theirs = torch.nn.Parameter(W0.clone()), torch.nn.Parameter(W0.clone())
+    opt = q3r.AdamQ3R([{"params": [ours], "q3r": True, "target_rank": 1, "lmbda": 0.0}], lr=1e-2, eps=0.0)
+    adam = torch.optim.Adam([theirs], lr=1e-2, eps=0.0, foreach=False)
+    for _ in range(3):
+        grad = torch.randn(5, 3, generator=g)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        opt.step()
+        adam.step()
+    assert torch.equal(ours, theirs)
 
 
 def test_bad_target_selection():
