@@ -328,6 +328,20 @@ def test_slice_names_must_be_one_per_slice_and_distinct():
         q3r.AdamQ3R([{"params": [a], "q3r": True, "target_rank": 3, "names": ["x", "y", "z"]}])
 
 
+def test_slice_names_taken_are_those_of_the_loaded_groups_after_a_load():
+    # (the checkpoint's group options win on load, names included: a group added after the
+    # load is checked against the loaded names, not those the optimizer was built with)
+    a, b = torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(7, 5))
+    saved = q3r.AdamQ3R([{"params": [a], "q3r": True, "target_rank": 2, "names": ["loaded"]}]).state_dict()
+    opt = q3r.AdamQ3R([{"params": [b], "q3r": True, "target_rank": 2, "names": ["built"]}])
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["names"] == ["loaded"]
+    c = torch.nn.Parameter(torch.randn(6, 4))
+    with pytest.raises(ValueError, match=r"slice names \['loaded'\] are used twice"):
+        opt.add_param_group({"params": [c], "q3r": True, "target_rank": 2, "names": ["loaded"]})
+    opt.add_param_group({"params": [c], "q3r": True, "target_rank": 2, "names": ["built"]})
+
+
 def test_a_group_switched_to_q3r_after_some_steps_is_refreshed_at_once():
     torch.manual_seed(0)
     model = TinyViT()
