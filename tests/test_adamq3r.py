@@ -539,6 +539,61 @@ def test_stagger_resumed_from_a_checkpoint_without_refresh_clocks_still_refreshe
         assert at and at[0] <= 5 and all(b - a <= 5 for a, b in zip(at, at[1:] + [len(log)])), (n, log)
 
 
+def test_stagger_resumed_from_a_checkpoint_without_its_clock_counts_it_from_the_step_counts():
+    """A checkpoint from before "stagger_clock" and "stagger_refreshed" were kept: the clock is
+    rebuilt from the parameters' step counts (6 here, not a multiple of the period 4), so the
+    resumed run refreshes on the steps the uninterrupted one does."""
+    model, opt = _four_staggered_targets()
+    _refreshed_per_step(model, opt, "abcd", 6)
+    checkpoint = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    for g in checkpoint[1]["param_groups"]:
+        del g["stagger_clock"], g["stagger_refreshed"]
+    resumed_model, resumed = _four_staggered_targets()
+    resumed_model.load_state_dict(checkpoint[0])
+    resumed.load_state_dict(checkpoint[1])
+    expected = _refreshed_per_step(model, opt, "abcd", 8)
+    assert sorted("".join(expected[:4])) == list("abcd")
+    assert _refreshed_per_step(resumed_model, resumed, "abcd", 8) == expected
+
+
+def test_stagger_states_written_in_by_a_wrapper_move_the_clock_to_theirs():
+    """ZeroRedundancyOptimizer.load_state_dict copies each saved parameter state straight into
+    its local optimizer, and the saved groups' options into that optimizer's groups: a local
+    optimizer that had stepped further counts its clock from the written states, so it
+    refreshes on the steps the run that saved them does."""
+    model, opt = _four_staggered_targets()
+    _refreshed_per_step(model, opt, "abcd", 3)
+    saved, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    other_model, other = _four_staggered_targets()
+    _refreshed_per_step(other_model, other, "abcd", 6)  # (its clock at 6)
+    other_model.load_state_dict(weights)
+    params = [p for g in other.param_groups for p in g["params"]]
+    for index, st in saved["state"].items():
+        other.state[params[index]] = copy.deepcopy(st)
+    for g, saved_group in zip(other.param_groups, saved["param_groups"]):
+        g.update({k: copy.deepcopy(v) for k, v in saved_group.items() if k != "params"})
+    for m, o in ((model, opt), (other_model, other)):  # (the step that takes the written states over)
+        sum(layer.weight.square().sum() for layer in m.values()).backward()
+        o.step()
+        o.zero_grad()
+    assert _refreshed_per_step(other_model, other, "abcd", 8) == _refreshed_per_step(model, opt, "abcd", 8)
+
+
+def test_stagger_a_period_changed_in_param_groups_gives_phases_of_the_new_period():
+    """steps written into param_groups after some steps (not a cut option: allowed): the
+    phases are recomputed for the new period, so each of its steps refreshes its share, as in
+    an optimizer built with it."""
+    model, opt = _four_staggered_targets()
+    _refreshed_per_step(model, opt, "abcd", 5)
+    for g in opt.param_groups:
+        g["steps"] = 2
+    log = _refreshed_per_step(model, opt, "abcd", 7)[1:]  # (the first: those a period overdue catch up)
+    assert all(len(who) == 2 for who in log), log
+    for n in "abcd":
+        at = [s for s, who in enumerate(log) if n in who]
+        assert [b - a for a, b in zip(at, at[1:])] == [2] * (len(at) - 1), (n, log)
+
+
 def test_stagger_looks_up_the_phase_table_once_per_step():
     """The phase table's cache check walks every staggered group's parameters; it was looked up
     once per target at every step, quadratic host time in the number of targets (measured on a
