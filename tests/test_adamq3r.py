@@ -594,6 +594,34 @@ def test_stagger_a_period_changed_in_param_groups_gives_phases_of_the_new_period
         assert [b - a for a, b in zip(at, at[1:])] == [2] * (len(at) - 1), (n, log)
 
 
+def test_stagger_balances_each_period_among_the_targets_of_that_period():
+    """Staggered groups of two periods (4 targets at 2 steps, 3 at 3): each period's targets are
+    balanced over that period's phases, so every step refreshes 2 of the first and 1 of the
+    second, each target exactly once a period."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({n: torch.nn.Linear(12, 12, bias=False) for n in "abcdxyz"})
+    groups = q3r.param_groups(model, q3r.find_targets(model, list("abcdxyz"), target_rank=2), stagger=True,
+                              refresh="exact")
+    for g in groups:
+        g["steps"] = 3 if g["names"][0][0] in "xyz" else 2
+    opt = q3r.AdamQ3R(groups, lr=1e-3)
+    log = _refreshed_per_step(model, opt, "abcdxyz", 13)[1:]
+    assert all(sum(n in who for n in "abcd") == 2 and sum(n in who for n in "xyz") == 1 for who in log), log
+
+
+def test_stagger_a_state_dict_taken_earlier_does_not_move_on_with_the_optimizer():
+    """torch's state_dict() copies each group's dict, not its values: the list of last
+    refreshes must be replaced, not changed in place, or a state dict kept in memory (a
+    checkpoint about to be written, an early-stopping copy) would record later refreshes."""
+    model, opt = _four_staggered_targets()
+    _refreshed_per_step(model, opt, "abcd", 3)
+    state = opt.state_dict()
+    kept = copy.deepcopy(state["param_groups"])
+    _refreshed_per_step(model, opt, "abcd", 5)
+    assert [g["stagger_refreshed"] for g in state["param_groups"]] == [g["stagger_refreshed"] for g in kept]
+    assert [g["stagger_refreshed"] for g in opt.state_dict()["param_groups"]] != [g["stagger_refreshed"] for g in kept]
+
+
 def test_stagger_looks_up_the_phase_table_once_per_step():
     """The phase table's cache check walks every staggered group's parameters; it was looked up
     once per target at every step, quadratic host time in the number of targets (measured on a
