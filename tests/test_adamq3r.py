@@ -464,6 +464,19 @@ def test_stagger_a_step_with_no_gradient_does_not_move_the_clock():
     assert _refreshed_per_step(resumed_model, resumed, "abcd", 8) == _refreshed_per_step(model, opt, "abcd", 8)
 
 
+def test_stagger_a_step_with_no_gradient_leaves_the_refresh_steps_as_they_were():
+    """A step with every .grad None steps nothing, the staggered clock included: the run
+    refreshes on the steps of a run without that call, and saves the same clock."""
+    model, opt = _four_staggered_targets()
+    twin_model, twin = _four_staggered_targets()
+    _refreshed_per_step(model, opt, "abcd", 3)
+    _refreshed_per_step(twin_model, twin, "abcd", 3)
+    opt.zero_grad(set_to_none=True)
+    opt.step()  # (nothing to step)
+    assert _refreshed_per_step(model, opt, "abcd", 6) == _refreshed_per_step(twin_model, twin, "abcd", 6)
+    assert [g["stagger_clock"] for g in opt.param_groups] == [g["stagger_clock"] for g in twin.param_groups]
+
+
 def test_stagger_resumes_on_the_same_steps_when_no_target_steps_every_time():
     """Targets trained in turns (no parameter has a gradient at every step): the staggered clock
     counts the optimizer's steps, which no step count holds; rebuilt from the largest step count
