@@ -635,6 +635,23 @@ def test_stagger_a_state_dict_taken_earlier_does_not_move_on_with_the_optimizer(
     assert [g["stagger_refreshed"] for g in opt.state_dict()["param_groups"]] != [g["stagger_refreshed"] for g in kept]
 
 
+def test_stagger_a_parameter_appended_to_a_group_after_steps_is_refreshed_on_its_period():
+    """A staggered group's parameters changed after steps: the kept clocks of last refreshes no
+    longer fit it and are dropped, not read or written at the wrong places."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({n: torch.nn.Linear(16, 16, bias=False) for n in "abc"})
+    opt = q3r.AdamQ3R([{"params": [model["a"].weight, model["b"].weight], "q3r": True, "target_rank": 3,
+                        "steps": 3, "stagger": True, "refresh": "exact"}], lr=1e-3)
+    _refreshed_per_step(model, opt, "ab", 4)
+    opt.param_groups[0]["params"].append(model["c"].weight)
+    log = _refreshed_per_step(model, opt, "abc", 9)
+    assert "c" in log[0]
+    for n in "abc":
+        at = [s for s, who in enumerate(log) if n in who]
+        assert at[0] <= 3 and all(b - a <= 3 for a, b in zip(at, at[1:] + [len(log)])), (n, log)
+    assert len(opt.param_groups[0]["stagger_refreshed"]) == 3
+
+
 def test_stagger_looks_up_the_phase_table_once_per_step():
     """The phase table's cache check walks every staggered group's parameters; it was looked up
     once per target at every step, quadratic host time in the number of targets (measured on a
