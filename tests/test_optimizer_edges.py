@@ -241,6 +241,8 @@ def test_a_damaged_checkpoint_is_refused_before_anything_changes(change, message
     (lambda g: g.update(target_rank=10**6), "resolves to rank 1000000"),
     (lambda g: g.update(slices=[(0, 10**6)]), "out of bounds"),
     (lambda g: g.pop("lr"), r"lacks \['lr'\]"),
+    # (a group edited to q3r=False whose parameters still hold Q3R states)
+    (lambda g: g.update(q3r=False), "Q3R state for a parameter of a non-Q3R group"),
 ])
 def test_a_checkpoint_whose_group_does_not_fit_is_refused_before_anything_changes(change, message):
     model, opt = _adamq3r()
