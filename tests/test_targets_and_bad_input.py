@@ -284,6 +284,7 @@ def test_bad_q3r_options_raise_and_change_nothing(options, message):
 def test_bad_optimizer_hyperparameters():
     p = torch.nn.Parameter(torch.randn(4, 4))
     for kwargs, message in [({"lr": -1.0}, "lr=-1.0"), ({"lr": float("inf")}, "lr=inf"), ({"betas": (0.9, 1.0)}, "betas"),
+                            ({"betas": (0.9, 0.99, 0.5)}, "betas"),
                             ({"eps": -1.0}, "eps=-1.0"), ({"weight_decay": -0.1}, "weight_decay")]:
         with pytest.raises(ValueError, match=message):
             q3r.AdamQ3R([p], **kwargs)
