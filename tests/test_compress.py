@@ -939,6 +939,31 @@ def test_an_embedding_table_is_compressed_to_factors_with_the_outputs_of_its_tru
         LowRankEmbedding(50, 24, 3, padding_idx=50)
 
 
+def test_a_low_rank_embedding_scales_the_gradient_of_up_by_the_lookup_counts():
+    # scale_grad_by_freq acts on ``up`` as nn.Embedding's acts on its table: the gradient of
+    # a row looked up k times in the batch is divided by k (float64 oracle below)
+    torch.manual_seed(0)
+    emb = LowRankEmbedding(11, 7, 3, scale_grad_by_freq=True, dtype=torch.float64)
+    indices = torch.tensor([[4, 1, 4], [9, 4, 1]])
+    upstream = torch.randn(2, 3, 7, dtype=torch.float64)
+    (emb(indices) * upstream).sum().backward()
+    expected = torch.zeros(11, 3, dtype=torch.float64)
+    counts = torch.bincount(indices.flatten(), minlength=11)
+    for index, g in zip(indices.flatten().tolist(), upstream.reshape(-1, 7)):
+        expected[index] += (g @ emb.down.detach().T) / counts[index]
+    torch.testing.assert_close(emb.up.grad, expected)
+
+
+def test_a_fresh_low_rank_linear_has_the_weight_scale_of_nn_linear():
+    # (its init: up @ down with nn.Linear's weight variance, 1 / (3 in_features), so a factored
+    # layer trained from scratch starts at a dense layer's output scale)
+    torch.manual_seed(0)
+    layer = LowRankLinear(300, 200, 40)
+    dense = nn.Linear(300, 200)
+    ratio = layer.dense_weight().detach().var() / dense.weight.detach().var()
+    assert 0.9 < float(ratio) < 1.1, float(ratio)
+
+
 def test_a_compressed_embedding_saves_and_loads_into_a_fresh_model_and_refuses_another(tmp_path):
     pytest.importorskip("safetensors")
     torch.manual_seed(1)
