@@ -299,6 +299,13 @@ def test_loading_a_checkpoint_whose_options_cut_the_targets_otherwise_warns():
                                             r"\(24, 37\)\]; group 0: target_rank \[5, 5\] -> \[2, 3, 4\]"):
         other.load_state_dict(torch.load(buf, weights_only=True))
     assert other.param_groups[0]["target_rank"] == [2, 3, 4] and len(other.state[other.param_groups[0]["params"][0]]["q3r"]) == 3
+    # the same cut saved as lists of lists (a checkpoint written through JSON or YAML) is the same cut: no warning
+    buf.seek(0)
+    as_lists = torch.load(buf, weights_only=True)
+    as_lists["param_groups"][0]["slices"] = [list(pair) for pair in as_lists["param_groups"][0]["slices"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build([(0, 11), (11, 24), (24, 37)], [2, 3, 4])[1].load_state_dict(as_lists)
 
 
 def test_state_dict_keeps_fp32_factors_for_bf16_weights():
