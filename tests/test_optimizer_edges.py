@@ -330,6 +330,22 @@ def test_slice_names_must_be_one_per_slice_and_distinct():
         q3r.AdamQ3R([{"params": [a], "q3r": True, "target_rank": 3, "names": ["x", "y", "z"]}])
 
 
+def test_a_group_of_several_sliced_targets_gives_each_its_own_names_in_order():
+    # names are given flat, one per slice: parameter i takes names [i * n_slices, (i + 1) * n_slices)
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(9, 5)), torch.nn.Parameter(torch.randn(9, 5))
+    names = ["a.q", "a.k", "a.v", "b.q", "b.k", "b.v"]
+    opt = q3r.AdamQ3R([{"params": [a, b], "q3r": True, "target_rank": 1, "slices": [(0, 3), (3, 6), (6, 9)],
+                        "names": names}], lr=1e-2)
+    a.grad, b.grad = torch.randn(9, 5), torch.randn(9, 5)
+    opt.step()
+    diagnostics = opt.diagnostics()
+    assert sorted({key.rsplit("/", 1)[0] for key in diagnostics}) == sorted(names)
+    # each name reports its own slice: b's middle rows for "b.k"
+    expected = q3r.AdamQ3R([{"params": [b], "q3r": True, "target_rank": 1, "slices": [(3, 6)], "names": ["x"]}])
+    assert diagnostics["b.k/sigma_next"] == expected.diagnostics()["x/sigma_next"]
+
+
 def test_slice_names_taken_are_those_of_the_loaded_groups_after_a_load():
     # (the checkpoint's group options win on load, names included: a group added after the
     # load is checked against the loaded names, not those the optimizer was built with)
