@@ -964,6 +964,13 @@ def test_a_fresh_low_rank_linear_has_the_weight_scale_of_nn_linear():
     assert 0.9 < float(ratio) < 1.1, float(ratio)
 
 
+def test_a_fresh_low_rank_embedding_has_the_unit_entries_of_nn_embedding():
+    # (its init: up @ down with nn.Embedding's N(0, 1) entries)
+    torch.manual_seed(0)
+    table = LowRankEmbedding(400, 300, 30).dense_weight().detach()
+    assert 0.9 < float(table.var()) < 1.1, float(table.var())
+
+
 def test_a_compressed_embedding_saves_and_loads_into_a_fresh_model_and_refuses_another(tmp_path):
     pytest.importorskip("safetensors")
     torch.manual_seed(1)
