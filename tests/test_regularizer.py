@@ -92,6 +92,20 @@ def test_lambda_can_be_set_between_steps_and_is_checked():
     assert type(reg.state_dict()["options"]["lmbda"]) is float
 
 
+def test_add_grad_with_lambda_zero_counts_its_steps_and_keeps_the_refresh_schedule():
+    # (a warm-up that starts the term at lambda 0: the steps still count, so the refreshes fall
+    # on steps 0, T, 2T, ... of the run, as with the term on, and R is fresh when lambda rises)
+    g = torch.Generator().manual_seed(5)
+    W = torch.nn.Parameter(torch.randn(10, 7, generator=g))
+    reg = q3r.Q3R([q3r.Target("w", W, target_rank=2)], lmbda=0.0, steps=2, refresh="exact")
+    grad = torch.randn(10, 7, generator=g)
+    for _ in range(5):
+        W.grad = grad.clone()
+        reg.add_grad_()
+        assert torch.equal(W.grad, grad)  # (no term at lambda 0)
+    assert reg.num_steps == 5 and int(reg.state["w"][0]["refreshes"]) == 3  # (steps 0, 2, 4)
+
+
 def test_a_state_saved_with_other_options_loads_with_a_warning_naming_them():
     """The options stay the loading regularizer's (its factors and step count are the
     checkpoint's); a checkpoint of a steps=5 run loaded into steps=3 said nothing (h53)."""
