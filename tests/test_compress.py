@@ -964,6 +964,13 @@ def test_a_fresh_low_rank_linear_has_the_weight_scale_of_nn_linear():
     assert 0.9 < float(ratio) < 1.1, float(ratio)
 
 
+def test_a_fused_low_rank_linear_needs_one_rank_per_slice():
+    # (two ranks for three slices: the third slice's block failed with a KeyError, four: one was dropped)
+    for ranks in ([1, 2], [1, 2, 1, 2]):
+        with pytest.raises(ValueError, match="one rank per slice"):
+            LowRankFusedLinear(5, 9, 0, [(0, 3), (3, 6), (6, 9)], ranks)
+
+
 def test_a_fresh_low_rank_embedding_has_the_unit_entries_of_nn_embedding():
     # (its init: up @ down with nn.Embedding's N(0, 1) entries)
     torch.manual_seed(0)
