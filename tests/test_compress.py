@@ -111,6 +111,7 @@ def test_compressed_outputs_equal_truncated_dense(model_and_input, fraction):
     assert report.model_params_after == count_parameters(small)
     assert report.model_params_before - report.model_params_after == report.target_params_before - report.target_params_after
     assert report.target_fraction_kept <= fraction
+    assert report.target_fraction_kept == report.target_params_after / report.target_params_before
     assert "whole model" in report.table() and "attn.qkv.weight[q]" in report.table()
 
 
@@ -969,6 +970,13 @@ def test_a_fused_low_rank_linear_needs_one_rank_per_slice():
     for ranks in ([1, 2], [1, 2, 1, 2]):
         with pytest.raises(ValueError, match="one rank per slice"):
             LowRankFusedLinear(5, 9, 0, [(0, 3), (3, 6), (6, 9)], ranks)
+
+
+def test_a_sparse_low_rank_embedding_gives_up_a_sparse_gradient():
+    # (sparse=True acts on ``up`` as nn.Embedding's acts on its table)
+    emb = LowRankEmbedding(13, 6, 2, sparse=True)
+    emb(torch.tensor([[3, 7, 3]])).sum().backward()
+    assert emb.sparse and emb.up.grad.is_sparse and not emb.down.grad.is_sparse
 
 
 def test_a_fresh_low_rank_embedding_has_the_unit_entries_of_nn_embedding():
