@@ -57,6 +57,24 @@ def test_adamq3r_groups_refresh_with_their_own_options(seen_options):
                           q3r.refresh.DEFAULT_SKETCH: [tuple(model.blocks[0].attn.proj.weight.shape)]}  # q, k, v
 
 
+def test_adamq3r_groups_refresh_with_their_own_method(monkeypatch):
+    seen = []
+    original = q3r.refresh.refresh_slices_
+
+    def spy(weights, states, configs, *args, **kwargs):
+        seen.append((kwargs.get("method"), sorted({tuple(w.shape) for w in weights})))
+        return original(weights, states, configs, *args, **kwargs)
+
+    monkeypatch.setattr(q3r.refresh, "refresh_slices_", spy)
+    model, targets = _model_and_targets()
+    groups = q3r.param_groups(model, targets, lmbda=0.1, refresh="randomized")
+    fc1 = next(g for g in groups if g.get("q3r") and g["params"][0] is model.blocks[0].mlp.fc1.weight)
+    fc1["refresh"] = "exact"
+    _step(model, q3r.AdamQ3R(groups, lr=1e-3))
+    assert sorted(method for method, _ in seen) == ["exact", "randomized"]  # (one call per method)
+    assert dict(seen)["exact"] == [tuple(model.blocks[0].mlp.fc1.weight.shape)]
+
+
 def test_q3r_refreshes_with_its_options(seen_options):
     model, targets = _model_and_targets()
     reg = q3r.Q3R(targets, lmbda=0.1, refresh="randomized", refresh_options={"oversampling": 2, "seed": 7})
