@@ -163,6 +163,21 @@ def test_attach_adds_gradient_inside_step_and_refreshes_every_T():
     assert refreshes == [1, 1, 1, 2, 2, 2, 3]
 
 
+def test_an_lr_zero_step_with_a_target_without_gradient_is_counted():
+    # (only a step with every target's gradient present and all zero is taken for
+    # torch.distributed.checkpoint's state creation and left uncounted)
+    a, b = torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(6, 5))
+    reg = q3r.Q3R([q3r.Target("a", a, target_rank=1), q3r.Target("b", b, target_rank=1)], lmbda=0.1)
+    opt = torch.optim.SGD([a, b], lr=0.0)
+    reg.attach(opt)
+    a.grad = torch.zeros_like(a)
+    opt.step()
+    assert reg.num_steps == 1
+    a.grad, b.grad = torch.zeros_like(a), torch.zeros_like(b)  # (a's holds the first step's term)
+    opt.step()
+    assert reg.num_steps == 1  # (both present and zero: a state-creating step)
+
+
 def test_attach_rejects_target_outside_optimizer():
     model = TinyViT()
     reg = q3r.Q3R(q3r.find_targets(model, INCLUDE, target_rank=3))
