@@ -239,8 +239,10 @@ def _piece_elements(rows: int, cols: int, k: int) -> list[int]:
 def workspace_fits_int32(rows: int, cols: int, k: int) -> bool:
     """Whether the kernels' int32 offsets reach every element of each workspace piece of a
     (rows, cols) block with factors of width k. X itself may fit while a piece does not: its
-    width kp (k padded) can exceed cols or rows where the factors are near full rank."""
-    return max(_piece_elements(rows, cols, k)) < 2**31
+    width kp (k padded) can exceed cols or rows where the factors are near full rank. (The
+    largest of _piece_elements, without building the list: this runs per slice per step.)"""
+    kp = padded_width(k)
+    return max(rows + (-rows) % 4, cols, kp) * kp < 2**31
 
 
 # table fields that hold each piece's address (U^T shares B's piece)
