@@ -329,3 +329,18 @@ def test_moments_at_the_same_address_in_another_layout_do_not_reuse_the_plan(mon
         assert ops.adamq3r_fused_([work(m_buf.view(12, 9), v_buf.view(12, 9))]) == []
         moved = work(m_buf.view(9, 12).t(), v_buf.view(9, 12).t())  # (the same addresses, transposed)
         assert ops.adamq3r_fused_([moved]) == [moved]
+
+
+def test_workspace_fits_int32_is_the_largest_workspace_piece_below_2_to_the_31():
+    """workspace_fits_int32 (per slice per step, so computed without building the pieces'
+    list) agrees with the pieces themselves, at the default tiles and at 16-wide ones."""
+    import itertools
+
+    def slow(rows, cols, k):
+        return max(K._meta._piece_elements(rows, cols, k)) < 2**31
+
+    for settings in (tile_settings(small=False), tile_settings(small=True)):
+        with settings:
+            for rows, cols, k in itertools.product([1, 3, 5, 1000, 2**21 - 1, 2**22, 2**22 + 1, 2**26],
+                                                   [1, 7, 500, 4096, 2**22], [0, 1, 31, 33, 400, 500, 512, 4096]):
+                assert K._meta.workspace_fits_int32(rows, cols, k) == slow(rows, cols, k), (rows, cols, k)
