@@ -828,6 +828,19 @@ def test_flat_beyond_compares_the_uncaptured_rms_with_eps_less_the_tolerance():
         total = 2.0**2 + 1.0**2 + 8 * rms**2
         assert flat_beyond([2.0, 1.0], total, 10, eps, 0.02) is flat
     assert not flat_beyond([2.0, 1.0], 1e9, 10, math.inf, 0.02)  # no eps yet: nothing to compare with
+    # the rms is compared with (1 - tolerance) eps, not its square with (1 - tolerance) eps^2:
+    # 0.985 eps is above 0.98 eps (0.970 eps^2 is below 0.98 eps^2)
+    assert flat_beyond([2.0, 1.0], 2.0**2 + 1.0**2 + 8 * (0.985 * eps) ** 2, 10, eps, 0.02)
+
+
+def test_a_negative_flat_tolerance_turns_the_flat_rule_off():
+    # (q3r.distributed.configure documents it so: read as a fraction, -1 fired on a bulk at twice eps)
+    from q3r._refresh_commit import flat_beyond
+
+    eps = 0.5
+    total = 2.0**2 + 1.0**2 + 8 * (2.5 * eps) ** 2  # uncaptured rms 2.5 eps: flat for any tolerance >= 0
+    assert flat_beyond([2.0, 1.0], total, 10, eps, 0.0)
+    assert not flat_beyond([2.0, 1.0], total, 10, eps, -1.0)
 
 
 def test_flat_beyond_a_sketch_as_wide_as_the_matrix_is_false_not_a_division_by_zero():
@@ -952,3 +965,29 @@ def test_a_warm_sketch_whose_lag_exceeds_max_lag_is_sketched_again_not_committed
         assert (retry == {}) == committed and int(state["refreshes"]) == before + committed
         if not committed:
             assert retry == {0: Cm.LAGGING}
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_a_grown_sketch_that_finds_more_new_members_than_max_sketched_growth_takes_the_exact_svd(
+        method, exact_fallbacks, sketch_calls):
+    # the 224 x 224 bulk above: its grown sketch (grown_power_iters, 80 wide) commits under the
+    # default max_sketched_growth (32); with 0 any new member it finds sends it to an exact SVD
+    gen = torch.Generator().manual_seed(11)
+    weights = [_flat_bulk_under_eps(gen, 224, 24) for _ in range(2)]
+    configs = [SliceConfig(f"t{j}", 24) for j in range(2)]
+    fast, _ = run_sequence(method, weights, configs, 2, drift=1e-3, gen=torch.Generator().manual_seed(12),
+                           options=SketchOptions(max_sketched_growth=0))
+    assert (80, SketchOptions().grown_power_iters) in sketch_calls  # the grown sketch was taken
+    assert sorted(i for idx in exact_fallbacks for i in idx) == [0, 1]  # and then left to the exact SVD
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_the_flat_rule_alone_sends_a_flat_spectrum_to_the_exact_svd(method, exact_fallbacks):
+    # the orthogonal init above with the residual check off (max_residual=1): only
+    # SketchOptions.flat_tolerance guards it, from the cold refresh on; without the rule the
+    # sketches were committed and R(X) missed the contract
+    gen = torch.Generator().manual_seed(3)
+    W = _orthonormal(256, 256, gen).float()
+    run_sequence(method, [W], [SliceConfig("w", 24)], refreshes=3, drift=3e-3, gen=gen,
+                 options=SketchOptions(max_residual=1.0))
+    assert exact_fallbacks == [[0]] * 3

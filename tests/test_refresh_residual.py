@@ -202,3 +202,31 @@ def test_no_oversampling_leaves_eps_without_a_shortfall_estimate():
     eps = sigma[:, 3].clone()
     assert float(randomized.residual_error(sigma, rho, eps, torch.tensor([3]), 30, 40)[0]) < 1e-5
     assert float(randomized.residual_error(sigma, rho, sigma[:, 2].clone(), torch.tensor([2]), 30, 40)[0]) < 1e-5
+
+
+def test_the_eps_shortfall_is_estimated_only_where_eps_was_set_from_sigma_next():
+    # k = 4, rank 1: the row's Ritz values (3, 2, 1.5, 1), then ||W||_F^2, the 5 scalars,
+    # the lag and the Ritz residuals (0, 0.3, 0, 0); sigma_{r+1} = 2 with rho 0.3 and
+    # a = 4 / (4 - 1) against the last Ritz value
+    from q3r import _refresh_commit as Cm
+    from q3r.refresh import SliceConfig
+
+    k, rank = 4, 1
+    row = [3.0, 2.0, 1.5, 1.0, 20.0, 2.0, 2.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.3, 0.0, 0.0]
+    configs = [SliceConfig("w", rank)]
+    short = 0.3**2 * (4 / 3) / 2
+    assert Cm.sigma_next_shortfall(2.0, 1.0, 0.3) == pytest.approx(short, rel=1e-12)
+    from_sigma_next = Cm._eps_shortfalls([row], k, [(2.0, 2.0, 2.0)], [0], configs)
+    assert from_sigma_next == [pytest.approx(short, rel=1e-12)]
+    # eps from elsewhere (a constant eps_value, a geometric step, the `min` schedule keeping a
+    # lower eps): sigma_{r+1}'s shortfall does not move it
+    assert Cm._eps_shortfalls([row], k, [(1.2, 2.0, 2.0)], [0], configs) == [0.0]
+
+
+def test_a_sigma_next_no_larger_than_the_last_ritz_value_may_fall_short_by_all_of_it():
+    # a = sigma^2 / (sigma^2 - sigma_last^2) has no gap to divide by: the largest shortfall, 1
+    from q3r._refresh_commit import sigma_next_shortfall
+
+    assert sigma_next_shortfall(1.0, 1.0, 0.1) == 1.0
+    assert sigma_next_shortfall(1.0, 1.0 + 1e-9, 0.1) == 1.0
+    assert sigma_next_shortfall(1.0, 1.0, 0.0) == 0.0  # (a converged value does not fall short)
