@@ -196,8 +196,21 @@ def test_a_failed_refresh_restores_the_settings(monkeypatch, fp32_precision_rese
     assert torch.get_float32_matmul_precision() == "high"
 
 
-def test_nested_pins_restore_once_and_the_caller_work_sees_the_outermost_settings(fp32_precision_reset):
-    torch.set_float32_matmul_precision("medium")
+def _generic_ieee_per_backend_tf32():
+    torch.backends.fp32_precision = "ieee"
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+
+
+@pytest.mark.parametrize("user", ["legacy medium", "generic ieee, per-backend tf32"])
+def test_nested_pins_restore_once_and_the_caller_work_sees_the_outermost_settings(user, fp32_precision_reset):
+    # (tf32 under an explicit IEEE parent: the inner pin reads the pinned "ieee" as "none",
+    # inherited, and must not take that for the caller's setting)
+    if user != "legacy medium" and not NEW_API:
+        pytest.skip("torch < 2.9: no per-backend fp32 precision settings")
+    if user == "legacy medium":
+        torch.set_float32_matmul_precision("medium")
+    else:
+        _generic_ieee_per_backend_tf32()
     before = _settings()
     seen = []
     with _precision.refresh_precision():
@@ -220,3 +233,16 @@ def test_inherited_settings_are_put_back_as_inherited(fp32_precision_reset):
     torch.backends.fp32_precision = "ieee"
     assert torch.backends.cuda.matmul.fp32_precision == "ieee"
     assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+
+
+def test_normal_tensors_leave_inference_mode_with_gradients_off_and_change_nothing_outside_it():
+    # (q3r._precision.normal_tensors: inference_mode(False) alone turns gradient mode on)
+    x = torch.ones(3, requires_grad=True)
+    with torch.inference_mode():
+        with _precision.normal_tensors():
+            made = x * 2
+            assert not torch.is_grad_enabled()
+    assert not made.is_inference() and not made.requires_grad
+    with _precision.normal_tensors():
+        assert torch.is_grad_enabled()
+        assert (x * 2).requires_grad

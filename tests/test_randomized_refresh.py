@@ -991,3 +991,23 @@ def test_the_flat_rule_alone_sends_a_flat_spectrum_to_the_exact_svd(method, exac
     run_sequence(method, [W], [SliceConfig("w", 24)], refreshes=3, drift=3e-3, gen=gen,
                  options=SketchOptions(max_residual=1.0))
     assert exact_fallbacks == [[0]] * 3
+
+
+def test_the_sketch_widths_follow_the_rank_and_the_previous_envelope(sketch_calls):
+    # (SketchOptions) a cold sketch takes r + max(2 oversampling, r) columns, a warm one
+    # max(r, previous r_env) + oversampling: rank 10 > 2 x 4, and a constant eps between
+    # sigma_15 and sigma_16 keeps an envelope of 15 > r
+    gen = torch.Generator().manual_seed(21)
+    W = spectrum_case("trained_decay", gen)[:72, :56].contiguous()
+    sigma = torch.linalg.svdvals(W.double())
+    eps = float(sigma[14] + sigma[15]) / 2
+    state, config = new_slice_state(72, 56), [SliceConfig("w", 10, schedule="constant", eps_value=eps)]
+    opts = SketchOptions(oversampling=4)
+    assert refresh_slices_([W], [state], config, method="randomized", options=opts) == [True]
+    assert sketch_calls[0][0] == 10 + 10
+    r_env = int(state["sigma"].shape[0])
+    assert r_env == 15
+    sketch_calls.clear()
+    assert refresh_slices_([W + 1e-4 * W.std() * torch.randn(W.shape, generator=gen)], [state], config,
+                           method="randomized", options=opts) == [True]
+    assert sketch_calls[0][0] == r_env + 4
