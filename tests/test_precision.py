@@ -246,3 +246,19 @@ def test_normal_tensors_leave_inference_mode_with_gradients_off_and_change_nothi
     with _precision.normal_tensors():
         assert torch.is_grad_enabled()
         assert (x * 2).requires_grad
+
+
+@pytest.mark.parametrize("method", ["randomized", "exact"])
+def test_refresh_slices_under_autocast_is_the_fp32_refresh(method):
+    # refresh_slices_ called directly (not through penalty(), which turns autocast off itself)
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(48, 40, generator=gen) * 0.8 ** torch.arange(40) for _ in range(2)]
+    configs = [SliceConfig(f"t{i}", 3) for i in range(2)]
+    states = [[new_slice_state(48, 40) for _ in weights] for _ in range(2)]
+    opts = SketchOptions(oversampling=4)  # (narrow enough to be sketched)
+    refresh_slices_(weights, states[0], configs, method=method, options=opts)
+    with torch.autocast(**BF16_AUTOCAST):
+        refresh_slices_(weights, states[1], configs, method=method, options=opts)
+    for a, b in zip(*states):
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, equal_nan=True)
