@@ -1011,3 +1011,16 @@ def test_the_sketch_widths_follow_the_rank_and_the_previous_envelope(sketch_call
     assert refresh_slices_([W + 1e-4 * W.std() * torch.randn(W.shape, generator=gen)], [state], config,
                            method="randomized", options=opts) == [True]
     assert sketch_calls[0][0] == r_env + 4
+
+
+@pytest.mark.skipif(not _native.available("cpu"), reason=_native.status())
+def test_native_width_alignment_stays_within_a_stacks_own_cap(sketch_calls):
+    # (_align_native_widths) a 24 x 20 target's cold sketch (rank 2, oversampling 4: 2 + 8
+    # columns) is within align_width of a 64 x 60 one's (rank 6: 14), but 14 is past its cap
+    # (exact_fraction x 20 = 10): it keeps its own width
+    gen = torch.Generator().manual_seed(5)
+    weights = [torch.randn(24, 20, generator=gen), torch.randn(64, 60, generator=gen)]
+    configs = [SliceConfig("small", 2), SliceConfig("large", 6)]
+    states = [new_slice_state(*w.shape) for w in weights]
+    assert refresh_slices_(weights, states, configs, method="native", options=SketchOptions(oversampling=4)) == [True, True]
+    assert sorted({k for k, _ in sketch_calls[:2]}) == [10, 14]
