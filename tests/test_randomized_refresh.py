@@ -738,6 +738,34 @@ def test_orthonormalize_takes_a_second_pass_for_an_ill_conditioned_basis():
     assert float(resid.norm() / Y64.norm()) < 1e-5
 
 
+def test_the_one_pass_check_fails_a_basis_far_from_orthonormal_unless_its_member_is_inactive():
+    # (randomized.orthonormalize: one pass is trusted where the Gram matrix's off-diagonal row
+    # sums stay below 1/2) member 0: orthonormal columns; member 1: two of its 5 columns at an
+    # angle of about 0.1 (row sum about 1): it fails, and passes only where it does not count
+    from q3r.randomized import orthonormalize_unchecked
+
+    gen = torch.Generator().manual_seed(8)
+    Y = torch.linalg.qr(torch.randn(2, 90, 5, generator=gen, dtype=torch.float64)).Q.float()
+    Y[1, :, 1] = Y[1, :, 0] + 0.1 * Y[1, :, 1]
+    _, good = orthonormalize_unchecked(Y)
+    assert good.tolist() == [True, False]
+    _, good = orthonormalize_unchecked(Y, active=torch.tensor([True, False]))
+    assert good.tolist() == [True, True]
+
+
+def test_a_negative_eigenvalue_of_the_gram_matrix_is_a_zero_singular_value():
+    # (randomized.ritz_from_eig) rounding leaves the Gram matrix of a rank-deficient weight
+    # eigenvalues slightly below 0: sigma = sqrt(max(lambda, 0)), not sqrt(|lambda|)
+    from q3r.randomized import ritz_from_eig
+
+    gen = torch.Generator().manual_seed(4)
+    Q = torch.linalg.qr(torch.randn(1, 30, 3, generator=gen)).Q
+    B = torch.randn(1, 3, 20, generator=gen)
+    lam = torch.tensor([[4.0, 1.0, -1e-6]])
+    _, sigma, _ = ritz_from_eig(Q, B, lam, torch.eye(3)[None])
+    assert sigma.tolist() == [[2.0, 1.0, 0.0]]
+
+
 def test_randomized_triplets_of_a_mixed_stack():
     # cold, warm and all-zero members in one call: each gets its own leading triplets
     from q3r.randomized import eigensolver, randomized_triplets

@@ -230,3 +230,15 @@ def test_a_sigma_next_no_larger_than_the_last_ritz_value_may_fall_short_by_all_o
     assert sigma_next_shortfall(1.0, 1.0, 0.1) == 1.0
     assert sigma_next_shortfall(1.0, 1.0 + 1e-9, 0.1) == 1.0
     assert sigma_next_shortfall(1.0, 1.0, 0.0) == 0.0  # (a converged value does not fall short)
+
+
+def test_the_last_ritz_values_residual_never_counts():
+    # (randomized.residual_error) the last Ritz value stands in for the uncaptured top, even
+    # where it lies above eps: its residual, however large, adds nothing
+    sigma = torch.tensor([[2.0, 1.5, 1.0]], dtype=torch.float64)
+    eps, ranks = torch.tensor([0.5], dtype=torch.float64), torch.tensor([1])
+    rho = torch.tensor([[0.1, 0.2, 0.0]], dtype=torch.float64)
+    base = float(randomized.residual_error(sigma, rho, eps, ranks, 30, 40)[0])
+    assert base > 0
+    rho[0, 2] = 0.5
+    assert float(randomized.residual_error(sigma, rho, eps, ranks, 30, 40)[0]) == base
