@@ -1052,3 +1052,20 @@ def test_native_width_alignment_stays_within_a_stacks_own_cap(sketch_calls):
     states = [new_slice_state(*w.shape) for w in weights]
     assert refresh_slices_(weights, states, configs, method="native", options=SketchOptions(oversampling=4)) == [True, True]
     assert sorted({k for k, _ in sketch_calls[:2]}) == [10, 14]
+
+
+@pytest.mark.parametrize("method", FAST)
+@pytest.mark.parametrize("kind, scale", [("trained_decay", 1e-20), ("trained_decay", 1e-30), ("deep_tail", 1.0)])
+def test_the_tail_energy_is_right_where_float32_squares_underflow_and_after_the_float64_step(method, kind, scale):
+    # 1e-20: float32 squares of the entries are subnormal (||W||_F^2 off by 1.4e-3), 1e-30:
+    # they are 0; a tail at 1e-3 sigma_1 takes the float64 Rayleigh-Ritz step, which brings
+    # its own ||W||_F^2.  tail_energy: the fraction of ||W||_F^2 beyond the leading r values
+    gen = torch.Generator().manual_seed(5)
+    W = (spectrum_case(kind, gen) if kind != "deep_tail" else _q3r_trained(1e-3, gen)) * scale
+    state = new_slice_state(D1, D2)
+    assert refresh_slices_([W], [state], [SliceConfig("w", RANK)], method=method) == [True]
+    s = torch.linalg.svdvals(W.double())
+    tail = float(s[RANK:].square().sum() / s.square().sum())
+    # (an absolute 1e-6 at least: the head's squares come from float32 Ritz values, about 1e-7
+    # of ||W||_F^2 apart; the deep tail's fraction is 4.4e-6)
+    assert abs(float(state["tail_energy"]) - tail) <= 1e-4 * max(tail, 1e-2)
