@@ -1069,3 +1069,19 @@ def test_the_tail_energy_is_right_where_float32_squares_underflow_and_after_the_
     # (an absolute 1e-6 at least: the head's squares come from float32 Ritz values, about 1e-7
     # of ||W||_F^2 apart; the deep tail's fraction is 4.4e-6)
     assert abs(float(state["tail_energy"]) - tail) <= 1e-4 * max(tail, 1e-2)
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_max_widenings_counts_every_widening_of_a_target(method, sketch_calls, exact_fallbacks):
+    # a constant eps under 61 singular values: the cold sketch (48 wide) shows all of its Ritz
+    # values above it and is widened to 48 + 16, which still shows too many: with one
+    # widening allowed, its second need leaves the target to an exact SVD
+    gen = torch.Generator().manual_seed(3)
+    W = spectrum_case("exp_decay", gen)
+    sigma = torch.linalg.svdvals(W.double())
+    cfg = [SliceConfig("t", RANK, schedule="constant", eps_value=float(sigma[60] + sigma[61]) / 2)]
+    state = [new_slice_state(D1, D2)]
+    assert all(refresh_slices_([W], state, cfg, method=method, options=SketchOptions(max_widenings=1, exact_fraction=1.5)))
+    assert [k for k, _ in sketch_calls] == [48, 64]
+    assert exact_fallbacks == [[0]]
+    assert state[0]["sigma"].shape[0] == 61
