@@ -242,3 +242,31 @@ def test_the_last_ritz_values_residual_never_counts():
     assert base > 0
     rho[0, 2] = 0.5
     assert float(randomized.residual_error(sigma, rho, eps, ranks, 30, 40)[0]) == base
+
+
+def test_an_unchecked_basis_that_failed_its_check_reaches_no_solver():
+    # (randomized.sketch, check_later) warm starts from W's right singular vectors; member
+    # 1's are made nearly dependent: its
+    # one-pass basis fails the check, may be garbage, and its Gram matrices are zeroed as a
+    # non-finite member's are; member 0's are kept
+    gen = torch.Generator().manual_seed(13)
+    W = torch.randn(2, 40, 30, generator=gen)
+    V = torch.linalg.svd(W, full_matrices=False).Vh[:, :6].mT.contiguous()  # (the warm case: W's own)
+    V[1, :, 1] = V[1, :, 0] + 1e-3 * V[1, :, 1]
+    sk = randomized.sketch(W, 6, [V[0], V[1]], warm_power_iters=0, generator=gen, check_later=True, residuals=True)
+    assert sk.trusted.tolist() == [True, False]
+    assert float(sk.G[1].abs().max()) == 0 and float(sk.H[1].abs().max()) == 0
+    assert float(sk.G[0].abs().max()) > 0
+
+
+def test_the_angle_of_a_large_residual_is_at_most_90_degrees():
+    # (randomized.residual_error) sigma = (2, 1.9, 1), residuals 0.9: rho a = 1.2 and 1.25,
+    # each angle clamped at 1; eps = 0.5 is not sigma_{r+1}, so only the values' own shortfalls
+    sigma = torch.tensor([[2.0, 1.9, 1.0]], dtype=torch.float64)
+    rho = torch.tensor([[0.9, 0.9, 0.0]], dtype=torch.float64)
+    a = [4 / 3, 3.61 / 2.61]
+    s = [0.5 / 2.0, 0.5 / 1.9]
+    angle = sum((si - 1) ** 2 for si in s) / 40
+    value = sum((si * min(0.81 * ai / 2, 1.0)) ** 2 for si, ai in zip(s, a)) * (30 + 40) / (30 * 40)
+    got = float(randomized.residual_error(sigma, rho, torch.tensor([0.5], dtype=torch.float64), torch.tensor([2]), 30, 40)[0])
+    assert got == pytest.approx(math.sqrt(angle + value), rel=1e-12)
