@@ -144,3 +144,20 @@ def test_a_float16_term_that_overflows_at_the_loss_scale_is_refused_before_the_f
     sc.update()
     assert sc.get_scale() == 2.0 ** 8 and torch.isfinite(model[2].weight).all()
     assert not torch.equal(model[2].weight, before[2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_refused_float16_term_leaves_no_loss_scale_on_the_optimizer(device):
+    """GradScaler sets optimizer.grad_scale and found_inf for a fused step and deletes them after
+    it; the refusal raises before that. Left on the optimizer, a later step without the scaler
+    read the stale 65536 as its loss scale: the hook added the term at it and refused again."""
+    model, opt, sc, before = _fp16_layer_step(2.0 ** 16, device)
+    with pytest.raises(RuntimeError, match="overflowed the float16 gradients"):
+        sc.step(opt)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    opt.zero_grad()
+    x, y = _batches(device, 1)[0]
+    nn.functional.cross_entropy(model(x.half()).float(), y).backward()  # (unscaled: no scaler now)
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(model[2].weight, before[2])

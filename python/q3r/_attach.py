@@ -314,6 +314,13 @@ def _refuse_overflowed_fp16_term(optimizer, targets: list[Target], grad_scale: f
     if bool(finite.all()):
         return
     names = [t.name for t, ok in zip(fp16, finite.tolist()) if not ok]
+    # GradScaler sets these two for the step and deletes them once the step returns, which a
+    # raise from this hook skips: left behind, a later step without the scaler (the same
+    # optimizer, or a GradScaler(enabled=False)) read them as its loss scale, so the fused
+    # optimizer divided unscaled gradients by it and this hook added the term at it again
+    # (refused again at once where it overflowed, as here)
+    for name in ("grad_scale", "found_inf"):
+        optimizer.__dict__.pop(name, None)
     raise RuntimeError(
         f"the Q3R term 2 lambda R(W), added at GradScaler's loss scale {grad_scale:g} (the fused optimizer unscales "
         f"the gradients itself, after this hook), overflowed the float16 gradients of targets {names}: the scaler "
