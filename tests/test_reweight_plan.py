@@ -344,3 +344,22 @@ def test_workspace_fits_int32_is_the_largest_workspace_piece_below_2_to_the_31()
             for rows, cols, k in itertools.product([1, 3, 5, 1000, 2**21 - 1, 2**22, 2**22 + 1, 2**26],
                                                    [1, 7, 500, 4096, 2**22], [0, 1, 31, 33, 400, 500, 512, 4096]):
                 assert K._meta.workspace_fits_int32(rows, cols, k) == slow(rows, cols, k), (rows, cols, k)
+
+
+def test_fits_int32_is_the_last_elements_offset_below_2_to_the_31():
+    """fits_int32 (asked per block per step by add_reweighting_, so written out) against the
+    offset of each matrix's last element, over shapes, views and batches (meta tensors)."""
+    def slow(t):
+        return sum((n - 1) * abs(s) for n, s in zip(t.shape[-2:], t.stride()[-2:])) < 2**31
+
+    seen = set()
+    for shape in [(), (0,), (5,), (2**31,), (2**31 + 1,), (0, 3), (3, 0), (7, 5), (2, 7, 5), (2**16, 2**15),
+                  (2**16, 2**15 + 1), (2**16 + 1, 2**15), (3, 2**16, 2**15), (2**31, 1), (1, 2**31)]:
+        x = torch.empty(shape, device="meta")
+        views = [x]
+        if x.dim() >= 2:
+            views += [x.transpose(-2, -1), x[..., ::2], x[..., ::3, :]]
+        for v in views:
+            assert K._meta.fits_int32(v) == slow(v), (tuple(v.shape), v.stride())
+            seen.add(slow(v))
+    assert seen == {True, False}

@@ -154,9 +154,10 @@ def add_reweighting_(outs: list[Tensor], weights: list[Tensor], factors: list[tu
         # reference path takes it)
         # (and one the kernels' int32 offsets reach: theirs raised ValueError for a larger one)
         ok = (verdict[where] and W.dim() == 2 and out.dtype in _FAST_OUT_DTYPES
-              and U.dtype == V.dtype == torch.float32 and (limit is None or U.shape[-1] <= limit)
-              and _kernels()._meta.fits_int32(W) and _kernels()._meta.fits_int32(out)
-              and (W.dim() != 2 or _kernels()._meta.workspace_fits_int32(*W.shape, U.shape[-1])))
+              and U.dtype == V.dtype == torch.float32 and (limit is None or U.shape[-1] <= limit))
+        if ok:  # (the kernels are imported only where they are chosen)
+            meta = _kernels()._meta
+            ok = meta.fits_int32(W) and meta.fits_int32(out) and meta.workspace_fits_int32(*W.shape, U.shape[-1])
         if verdict[where] and not ok:
             _refuse_forced(f"block {i} does not fit the kernels (a 2-D weight, an out of dtype float32, bfloat16 "
                            f"or float16, float32 factors, and weight, out and the kernels' workspace each within "
