@@ -198,3 +198,24 @@ def test_cmake_auto_with_another_nvcc_major_configures_the_cpu_part_only(tree):
     out = configure("ON")
     assert out.returncode != 0
     assert "Q3R_BUILD_CUDA=ON but the CUDA part cannot be built" in out.stderr and "7.5" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or NVCC is None, reason="needs cmake and an nvcc (CUDA code "
+                    "compiles on this machine, nothing runs)")
+def test_cmake_auto_leaves_a_cuda_compiler_that_is_not_nvcc_to_cmake(tree):
+    """The major-version check reads nvcc's "release N." line; a CUDA compiler without one (clang)
+    is not judged by it (h76: it was refused as CUDA ''). A wrapper around nvcc that prints no
+    such line stands in for it: ON configures the CUDA part, as before the check existed."""
+    fake = tree / "fake_site"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text("import torch\ntorch.version.cuda = '7.5'\n")
+    wrapper = tree / "cudacc"
+    wrapper.write_text(f"#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'some CUDA compiler 1.0'; exit 0; fi\n"
+                       f"exec {NVCC} \"$@\"\n")
+    wrapper.chmod(0o755)
+    out = subprocess.run(["cmake", "-S", str(tree), "-B", str(tree / "cmake_on"), "-DQ3R_BUILD_CUDA=ON",
+                          f"-DCMAKE_CUDA_COMPILER={wrapper}", f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+                          f"-DPython3_EXECUTABLE={sys.executable}"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(fake)})
+    assert "the CUDA part cannot be built" not in out.stderr, out.stderr[-2000:]
+    assert "CUDA part ON (torch CUDA '7.5')" in out.stdout, out.stdout[-2000:]
