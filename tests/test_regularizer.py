@@ -343,10 +343,9 @@ def test_a_state_dict_of_the_wrong_type_is_refused_naming_what_it_must_be():
     assert reg.num_steps == 0
 
 
-@pytest.mark.parametrize("entry", [{"tail": 5}, {"V_tail": None}])
-def test_a_slice_state_entry_that_is_no_tensor_is_refused_naming_it(entry):
-    # (it passed the checks and failed in the copy with AttributeError "'int' object has no
-    # attribute 'detach'" / "... 'dim'", naming nothing; AdamQ3R's load shares the check)
+def _saved_with_slice_entries(entry: dict):
+    """(model, a Q3R over its attn.proj after one penalty(), that Q3R's state_dict with
+    ``entry`` added to every slice state of its first target, that target's name)."""
     torch.manual_seed(7)
     model = TinyViT()
     reg = q3r.Q3R(q3r.find_targets(model, ["attn.proj"], target_rank=3))
@@ -354,6 +353,14 @@ def test_a_slice_state_entry_that_is_no_tensor_is_refused_naming_it(entry):
     saved = reg.state_dict()
     name = next(iter(saved["targets"]))
     saved["targets"][name] = [{**s, **entry} for s in saved["targets"][name]]
+    return model, reg, saved, name
+
+
+@pytest.mark.parametrize("entry", [{"tail": 5}, {"V_tail": None}])
+def test_a_slice_state_entry_that_is_no_tensor_is_refused_naming_it(entry):
+    # (it passed the checks and failed in the copy with AttributeError "'int' object has no
+    # attribute 'detach'" / "... 'dim'", naming nothing; AdamQ3R's load shares the check)
+    model, reg, saved, name = _saved_with_slice_entries(entry)
     key = next(iter(entry))
     twin = q3r.Q3R(q3r.find_targets(model, ["attn.proj"], target_rank=3))
     with pytest.raises(ValueError, match=f"slice state '{key}' must be a tensor, got {type(entry[key]).__name__}"):
@@ -378,13 +385,7 @@ def test_a_slice_state_entry_q3r_does_not_keep_is_refused_before_anything_loads(
     (and AdamQ3R's the parameter), before anything changes, by Q3R.load_state_dict, by
     AdamQ3R.load_state_dict and in the state an attached Q3R carries; the warm-start tail under
     its old name V_tail still loads."""
-    torch.manual_seed(7)
-    model = TinyViT()
-    reg = q3r.Q3R(q3r.find_targets(model, ["attn.proj"], target_rank=3))
-    reg.penalty()
-    saved = reg.state_dict()
-    name = next(iter(saved["targets"]))
-    saved["targets"][name] = [{**s, "sigma_hat": value} for s in saved["targets"][name]]
+    model, reg, saved, name = _saved_with_slice_entries({"sigma_hat": value})
     twin = q3r.Q3R(q3r.find_targets(model, ["attn.proj"], target_rank=3))
     with pytest.raises(ValueError, match=rf"Q3R state_dict {name}: slice state has entries \['sigma_hat'\] that q3r does not keep"):
         twin.load_state_dict(saved)
